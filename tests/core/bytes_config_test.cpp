@@ -1,0 +1,62 @@
+#include <kvx/core/bytes.hpp>
+#include <kvx/core/config.hpp>
+
+#include <gtest/gtest.h>
+
+namespace {
+
+using namespace kvx::literals;
+
+TEST(Bytes, ParsesBinaryMultiplesAndRejectsGarbage) {
+  EXPECT_EQ(*kvx::parse_size("4096"), 4096u);
+  EXPECT_EQ(*kvx::parse_size("4k"), 4_KiB);
+  EXPECT_EQ(*kvx::parse_size("64MiB"), 64_MiB);
+  EXPECT_EQ(*kvx::parse_size("2GB"), 2_GiB);
+  EXPECT_EQ(kvx::parse_size("").code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(kvx::parse_size("MiB").code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(kvx::parse_size("12 parsecs").code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(kvx::parse_size("99999999999999999999").code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(kvx::parse_size("17179869184T").code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(kvx::format_size(1536), "1.5 KiB");
+  EXPECT_EQ(kvx::format_size(12), "12 B");
+}
+
+TEST(Config, ReadsTypedFieldsWithDefaults) {
+  auto doc = kvx::config::parse(R"({"tcp": {"connections": 4, "slice": "1MiB", "nodelay": true, "name": "a"}})");
+  ASSERT_TRUE(doc);
+  kvx::config::view root(*doc);
+  auto tcp = root.child("tcp");
+  ASSERT_TRUE(tcp);
+  EXPECT_EQ(*tcp->required<unsigned>("connections"), 4u);
+  EXPECT_EQ(tcp->optional<kvx::config::bytes>("slice", {1})->value, 1_MiB);
+  EXPECT_EQ(*tcp->optional<bool>("nodelay", false), true);
+  EXPECT_EQ(*tcp->optional<int>("retries", 3), 3);
+  EXPECT_EQ(*tcp->required<std::string>("name"), "a");
+  EXPECT_TRUE(tcp->allow_only({"connections", "slice", "nodelay", "name"}));
+}
+
+TEST(Config, ErrorsNameTheBadField) {
+  auto doc = kvx::config::parse(R"({"tcp": {"connections": "four", "port": -1, "slice": "1 lightyear", "typo": 1}})");
+  kvx::config::view root(*doc);
+  auto tcp = *root.child("tcp");
+  auto n = tcp.required<unsigned>("connections");
+  EXPECT_EQ(n.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(n.error().context().find("'tcp.connections'"), std::string::npos) << n.error().context();
+  EXPECT_NE(tcp.required<std::uint16_t>("port").error().context().find("tcp.port"), std::string::npos);
+  EXPECT_NE(tcp.required<kvx::config::bytes>("slice").error().context().find("tcp.slice"), std::string::npos);
+  EXPECT_NE(tcp.required<int>("missing").error().context().find("'tcp.missing' is required"), std::string::npos);
+  auto strict = tcp.allow_only({"connections", "port", "slice"});
+  EXPECT_NE(strict.error().context().find("'tcp.typo'"), std::string::npos);
+  EXPECT_EQ(root.child("nope").code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(kvx::config::parse("{not json").code(), kvx::errc::invalid_argument);
+}
+
+TEST(Config, IntegerRangeIsChecked) {
+  auto doc = kvx::config::parse(R"({"small": 70000, "neg": -5})");
+  kvx::config::view root(*doc);
+  EXPECT_FALSE(root.required<std::uint16_t>("small"));
+  EXPECT_FALSE(root.required<unsigned>("neg"));
+  EXPECT_EQ(*root.required<int>("neg"), -5);
+}
+
+}  // namespace
