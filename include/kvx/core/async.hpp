@@ -31,7 +31,9 @@
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/system/error_code.hpp>
 
@@ -73,6 +75,15 @@ template <class Token>
 }
 
 namespace detail {
+
+//! Completes `handler` with `args` later, never inside the initiating
+//! function: posted through `ex` and run on the handler's associated executor.
+template <class Executor, class Handler, class... Args>
+void post_completion(const Executor& ex, Handler&& handler, Args&&... args) {
+  auto handler_ex = asio::get_associated_executor(handler, ex);
+  asio::post(ex, asio::bind_executor(handler_ex, [h = std::forward<Handler>(handler),
+                                                  ... a = std::forward<Args>(args)]() mutable { std::move(h)(std::move(a)...); }));
+}
 
 struct deadline_state {
   template <class Executor>
