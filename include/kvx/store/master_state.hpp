@@ -1,0 +1,506 @@
+#pragma once
+//! \file
+//! `master_state`: the store master's bookkeeping as a deterministic state
+//! machine (time is an argument, so tests replay exact schedules). The
+//! master service wraps it with a control-plane protocol and a lock.
+//!
+//! What it decides:
+//! - **Placement**: each put allocates `replicas` ranges on distinct nodes
+//!   through a `placement_policy`, carved by a `memory::allocator` per segment.
+//! - **Two-phase put**: `put_start` (allocate) -> the writer moves the bytes ->
+//!   `put_commit` (visible). A writer that dies leaves a pending object that
+//!   no reader sees; `tick` reclaims it when its put lease expires.
+//! - **Read leases**: `get` grants a lease; a leased object is neither
+//!   evicted nor removed until the lease ends, so a reader's transfer never
+//!   races a reuse of the bytes.
+//! - **Soft pin**: pinned objects (system prompts) are evicted only when
+//!   nothing unpinned is left.
+//! - **Eviction**: above the high watermark (or when a put does not fit), committed,
+//!   unleased objects leave in the order of a `kvx::cache` eviction policy
+//!   until usage is under the low watermark.
+//! - **Membership**: nodes heartbeat; a node silent past `node_timeout` is
+//!   dropped: its replicas are forgotten, objects left with none are lost
+//!   (reported), objects left with fewer than asked get re-replication tasks.
+//! - **Quotas** per tenant, in bytes.
+//!
+//! Not thread-safe: one owner serializes calls.
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <kvx/cache/eviction_policy.hpp>
+#include <kvx/core/metrics.hpp>
+#include <kvx/core/result.hpp>
+#include <kvx/memory/allocator.hpp>
+#include <kvx/memory/offset_allocator.hpp>
+#include <kvx/store/placement_policy.hpp>
+#include <kvx/store/types.hpp>
+
+namespace kvx::store {
+
+struct master_config {
+  clock::duration put_lease = std::chrono::seconds(30);   //!< a writer must commit within this
+  clock::duration read_lease = std::chrono::seconds(5);   //!< default lease a get grants
+  clock::duration node_timeout = std::chrono::seconds(5); //!< heartbeat silence that drops a node
+  double high_watermark = 0.95;  //!< evict when used/capacity exceeds this
+  double low_watermark = 0.85;   //!< ... down to this
+  std::uint64_t alignment = 64;  //!< replica offsets are multiples of this
+  std::uint64_t max_object_size = std::uint64_t{64} << 30;
+  std::map<std::string, std::uint64_t> tenant_quota;  //!< bytes per tenant; absent = unlimited
+};
+
+struct put_options {
+  unsigned replicas = 1;
+  std::string preferred_node;  //!< for locality-aware placement
+  bool soft_pin = false;
+};
+
+struct put_ticket {
+  std::uint64_t put_id = 0;
+  std::vector<replica_location> replicas;  //!< write the object to every one
+  clock::time_point deadline;              //!< commit before this
+};
+
+struct get_grant {
+  std::uint64_t size = 0;
+  std::vector<replica_location> replicas;  //!< any one serves; the reader's node first
+  clock::time_point lease_until;
+};
+
+//! Ask a node holding `source` to copy it into `target` (re-replication).
+struct replication_task {
+  object_key key;
+  replica_location source;
+  replica_location target;
+  std::uint64_t put_id = 0;  //!< commit with `replication_done(key, put_id, target)`
+};
+
+struct tick_report {
+  std::vector<std::string> dropped_nodes;
+  std::vector<object_key> reclaimed_puts;  //!< pending puts whose writer never committed
+  std::vector<object_key> lost_objects;    //!< every replica was on dropped nodes
+  std::vector<replication_task> replications;
+  std::size_t evicted = 0;
+};
+
+template <cache::eviction_policy Eviction, placement_policy Placement = placement::random_with_capacity,
+          memory::allocator Allocator = memory::offset_allocator>
+class master_state {
+  static_assert(cache::check_eviction_policy<Eviction>());
+  static_assert(check_placement_policy<Placement>());
+  static_assert(memory::check_allocator<Allocator>());
+
+ public:
+  explicit master_state(master_config config = {}, Placement placement = Placement{},
+                        metrics::registry& registry = metrics::default_registry())
+      : config_(std::move(config)),
+        placement_(std::move(placement)),
+        eviction_(1 << 20),
+        m_puts_(registry.counter("kvx_store_puts_total", "Committed puts")),
+        m_gets_(registry.counter("kvx_store_gets_total", "Gets served")),
+        m_misses_(registry.counter("kvx_store_get_misses_total", "Gets of absent objects")),
+        m_evictions_(registry.counter("kvx_store_evictions_total", "Objects evicted")),
+        m_lost_(registry.counter("kvx_store_lost_objects_total", "Objects lost with their nodes")),
+        m_used_(registry.gauge("kvx_store_used_bytes", "Bytes allocated to objects")),
+        m_capacity_(registry.gauge("kvx_store_capacity_bytes", "Bytes contributed by live segments")) {}
+
+  [[nodiscard]] const master_config& config() const noexcept { return config_; }
+
+  // --- membership --------------------------------------------------------
+
+  result<void> add_segment(const segment_info& s, clock::time_point now) {
+    if (s.name.empty() || s.node.empty()) return error{errc::invalid_argument, "segment needs a name and a node"};
+    if (s.capacity == 0) return error{errc::invalid_argument, "segment '" + s.name + "' has no capacity"};
+    if (s.tier != "dram" && s.tier != "ssd")
+      return error{errc::invalid_argument, "segment '" + s.name + "': tier must be dram or ssd, not '" + s.tier + "'"};
+    if (segments_.count(s.name)) return error{errc::already_exists, "segment '" + s.name + "'"};
+    segments_.emplace(s.name, segment_state{s, Allocator(s.capacity)});
+    nodes_[s.node].last_heartbeat = now;
+    nodes_[s.node].segments.insert(s.name);
+    capacity_ += s.capacity;
+    m_capacity_.set(static_cast<double>(capacity_));
+    return {};
+  }
+
+  result<void> heartbeat(const std::string& node, clock::time_point now) {
+    auto it = nodes_.find(node);
+    if (it == nodes_.end()) return error{errc::not_found, "heartbeat from unknown node '" + node + "'"};
+    it->second.last_heartbeat = now;
+    return {};
+  }
+
+  //! A node leaves (cleanly or declared dead): its replicas are forgotten.
+  result<tick_report> remove_node(const std::string& node) {
+    if (!nodes_.count(node)) return error{errc::not_found, "node '" + node + "'"};
+    tick_report report;
+    drop_node(node, report);
+    return report;
+  }
+
+  // --- objects -------------------------------------------------------------
+
+  result<put_ticket> put_start(const object_key& key, std::uint64_t size, const put_options& opt,
+                               clock::time_point now) {
+    if (key.key.empty()) return error{errc::invalid_argument, "put: empty key"};
+    if (size == 0) return error{errc::invalid_argument, "put '" + key.full() + "': size 0"};
+    if (size > config_.max_object_size)
+      return error{errc::invalid_argument, "put '" + key.full() + "': " + std::to_string(size) +
+                                               " bytes exceeds the maximum object size"};
+    if (opt.replicas == 0) return error{errc::invalid_argument, "put '" + key.full() + "': 0 replicas"};
+    if (objects_.count(key)) return error{errc::already_exists, "put '" + key.full() + "'"};
+    if (auto q = config_.tenant_quota.find(key.tenant); q != config_.tenant_quota.end()) {
+      const auto used = tenant_used_[key.tenant];
+      if (used + size * opt.replicas > q->second)
+        return error{errc::capacity_exceeded, "tenant '" + key.tenant + "' quota of " + std::to_string(q->second) +
+                                                  " bytes: " + std::to_string(used) + " used, put needs " +
+                                                  std::to_string(size * opt.replicas)};
+    }
+    auto replicas = place(size, opt.replicas, opt.preferred_node, {});
+    // Does not fit: evict one object at a time (unpinned first) and retry.
+    while (replicas.size() < opt.replicas && evict_one(now)) {
+      release(replicas);
+      replicas = place(size, opt.replicas, opt.preferred_node, {});
+    }
+    if (replicas.size() < opt.replicas) {
+      release(replicas);
+      return error{errc::capacity_exceeded, "put '" + key.full() + "': no room for " + std::to_string(opt.replicas) +
+                                                " replica(s) of " + std::to_string(size) +
+                                                " bytes on distinct nodes (leased and pinned objects stay)"};
+    }
+    object_state obj;
+    obj.size = size;
+    obj.replicas_wanted = opt.replicas;
+    obj.pinned = opt.soft_pin;
+    obj.put_id = ++next_put_id_;
+    obj.put_deadline = now + config_.put_lease;
+    obj.replicas = std::move(replicas);
+    put_ticket t{obj.put_id, {}, obj.put_deadline};
+    for (const auto& r : obj.replicas) t.replicas.push_back(r.location);
+    tenant_used_[key.tenant] += size * opt.replicas;
+    objects_.emplace(key, std::move(obj));
+    return t;
+  }
+
+  result<void> put_commit(const object_key& key, std::uint64_t put_id, clock::time_point now) {
+    auto it = objects_.find(key);
+    if (it == objects_.end() || it->second.put_id != put_id || it->second.committed)
+      return error{errc::not_found, "commit '" + key.full() + "' put " + std::to_string(put_id) +
+                                        ": no such pending put (expired or already committed)"};
+    if (now > it->second.put_deadline) {
+      erase_object(it);
+      return error{errc::timed_out, "commit '" + key.full() + "': put lease expired; space reclaimed"};
+    }
+    it->second.committed = true;
+    it->second.eviction_id = ++next_eviction_id_;
+    eviction_keys_.emplace(it->second.eviction_id, key);
+    eviction_.on_insert(evict_key(it->second.eviction_id), cache::access_context{tick_++, cache::never, it->second.size});
+    m_puts_.add();
+    evict_until(target_after_watermark(), now);
+    return {};
+  }
+
+  result<void> put_abort(const object_key& key, std::uint64_t put_id) {
+    auto it = objects_.find(key);
+    if (it == objects_.end() || it->second.put_id != put_id || it->second.committed)
+      return error{errc::not_found, "abort '" + key.full() + "': no such pending put"};
+    erase_object(it);
+    return {};
+  }
+
+  //! Grants a read lease of `lease` (default: config) on a committed object.
+  result<get_grant> get(const object_key& key, clock::time_point now, const std::string& reader_node = {},
+                        std::optional<clock::duration> lease = std::nullopt) {
+    auto it = objects_.find(key);
+    if (it == objects_.end() || !it->second.committed) {
+      m_misses_.add();
+      return error{errc::not_found, "get '" + key.full() + "'"};
+    }
+    auto& obj = it->second;
+    obj.lease_until = std::max(obj.lease_until, now + lease.value_or(config_.read_lease));
+    eviction_.on_hit(evict_key(obj.eviction_id), cache::access_context{tick_++, cache::never, obj.size});
+    get_grant g{obj.size, {}, obj.lease_until};
+    for (const auto& r : obj.replicas) g.replicas.push_back(r.location);
+    std::stable_partition(g.replicas.begin(), g.replicas.end(),
+                          [&](const replica_location& r) { return r.node == reader_node; });
+    m_gets_.add();
+    return g;
+  }
+
+  //! Ends a read lease early (the reader's transfer finished).
+  result<void> release_lease(const object_key& key, clock::time_point now) {
+    auto it = objects_.find(key);
+    if (it == objects_.end()) return error{errc::not_found, "release '" + key.full() + "'"};
+    it->second.lease_until = std::min(it->second.lease_until, now);
+    return {};
+  }
+
+  //! Removes a committed object; `errc::busy` while a read lease holds it.
+  result<void> remove(const object_key& key, clock::time_point now) {
+    auto it = objects_.find(key);
+    if (it == objects_.end() || !it->second.committed) return error{errc::not_found, "remove '" + key.full() + "'"};
+    if (it->second.lease_until > now) return error{errc::busy, "remove '" + key.full() + "': a read lease holds it"};
+    erase_object(it);
+    return {};
+  }
+
+  [[nodiscard]] bool exists(const object_key& key) const {
+    auto it = objects_.find(key);
+    return it != objects_.end() && it->second.committed;
+  }
+
+  //! How many leading `keys` (of `tenant`) are committed: the cached prefix.
+  [[nodiscard]] std::size_t longest_prefix(const std::string& tenant, std::span<const std::string> keys) const {
+    std::size_t n = 0;
+    while (n < keys.size() && exists(object_key{tenant, keys[n]})) ++n;
+    return n;
+  }
+
+  result<void> set_pin(const object_key& key, bool pinned) {
+    auto it = objects_.find(key);
+    if (it == objects_.end()) return error{errc::not_found, "pin '" + key.full() + "'"};
+    it->second.pinned = pinned;
+    return {};
+  }
+
+  //! A re-replication copy finished: the new replica becomes readable.
+  result<void> replication_done(const object_key& key, std::uint64_t put_id, const replica_location& target) {
+    auto it = objects_.find(key);
+    if (it == objects_.end()) return error{errc::not_found, "replication of '" + key.full() + "'"};
+    for (auto& r : it->second.pending_replicas)
+      if (r.location == target && r.put_id == put_id) {
+        it->second.replicas.push_back(r);
+        it->second.pending_replicas.erase(it->second.pending_replicas.begin() + (&r - it->second.pending_replicas.data()));
+        return {};
+      }
+    return error{errc::not_found, "replication of '" + key.full() + "': unknown target"};
+  }
+
+  //! Expires put leases, drops silent nodes, plans re-replication, evicts above the watermark.
+  tick_report tick(clock::time_point now) {
+    tick_report report;
+    std::vector<std::string> silent;
+    for (const auto& [name, n] : nodes_)
+      if (now - n.last_heartbeat > config_.node_timeout) silent.push_back(name);
+    for (const auto& name : silent) drop_node(name, report);
+    for (auto it = objects_.begin(); it != objects_.end();) {
+      if (!it->second.committed && now > it->second.put_deadline) {
+        report.reclaimed_puts.push_back(it->first);
+        it = erase_object(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto& [key, obj] : objects_) {
+      if (!obj.committed || obj.replicas.empty()) continue;
+      const auto have = obj.replicas.size() + obj.pending_replicas.size();
+      if (have >= obj.replicas_wanted) continue;
+      std::set<std::string> nodes;
+      for (const auto& r : obj.replicas) nodes.insert(r.location.node);
+      for (const auto& r : obj.pending_replicas) nodes.insert(r.location.node);
+      auto more = allocate_excluding(obj.size, static_cast<unsigned>(obj.replicas_wanted - have), nodes);
+      for (auto& r : more) {
+        r.put_id = ++next_put_id_;
+        report.replications.push_back({key, obj.replicas.front().location, r.location, r.put_id});
+        obj.pending_replicas.push_back(r);
+      }
+    }
+    report.evicted = evict_until(target_after_watermark(), now);
+    return report;
+  }
+
+  // --- introspection -------------------------------------------------------
+
+  [[nodiscard]] std::uint64_t used_bytes() const noexcept { return used_; }
+  [[nodiscard]] std::uint64_t capacity_bytes() const noexcept { return capacity_; }
+  [[nodiscard]] std::size_t object_count() const noexcept { return objects_.size(); }
+  [[nodiscard]] std::uint64_t tenant_used(const std::string& tenant) const {
+    auto it = tenant_used_.find(tenant);
+    return it == tenant_used_.end() ? 0 : it->second;
+  }
+  [[nodiscard]] std::vector<std::string> nodes() const {
+    std::vector<std::string> out;
+    for (const auto& [n, _] : nodes_) out.push_back(n);
+    return out;
+  }
+
+ private:
+  struct segment_state {
+    segment_info info;
+    Allocator allocator;
+  };
+  struct placed {
+    replica_location location;
+    memory::allocation alloc;
+    std::uint64_t put_id = 0;
+  };
+  struct object_state {
+    std::uint64_t size = 0;
+    unsigned replicas_wanted = 1;
+    bool committed = false;
+    bool pinned = false;
+    std::uint64_t put_id = 0;
+    std::uint64_t eviction_id = 0;
+    clock::time_point put_deadline{};
+    clock::time_point lease_until{};
+    std::vector<placed> replicas;
+    std::vector<placed> pending_replicas;
+  };
+  struct node_state {
+    clock::time_point last_heartbeat{};
+    std::set<std::string> segments;
+  };
+  using object_map = std::map<object_key, object_state>;
+
+  static cache::block_key evict_key(std::uint64_t id) noexcept { return {0, id}; }
+
+  std::vector<placement_candidate> candidates(const std::set<std::string>& exclude_nodes) const {
+    std::vector<placement_candidate> c;
+    for (const auto& [name, s] : segments_)
+      if (!exclude_nodes.count(s.info.node))
+        c.push_back({s.info.node, name, s.info.tier, s.allocator.free_bytes(), s.allocator.largest_free_block()});
+    return c;
+  }
+
+  std::vector<placed> place(std::uint64_t size, unsigned replicas, const std::string& preferred,
+                            const std::set<std::string>& exclude) {
+    auto c = candidates(exclude);
+    std::vector<placed> out;
+    for (auto i : placement_.choose(c, placement_request{size, replicas, preferred})) {
+      if (i >= c.size() || out.size() == replicas) break;
+      auto& seg = segments_.at(c[i].segment);
+      auto a = seg.allocator.allocate(size, config_.alignment);
+      if (!a) continue;
+      used_ += a->size;
+      out.push_back({replica_location{seg.info.node, seg.info.name, a->offset, size}, *a, 0});
+    }
+    m_used_.set(static_cast<double>(used_));
+    return out;
+  }
+
+  std::vector<placed> allocate_excluding(std::uint64_t size, unsigned n, const std::set<std::string>& exclude) {
+    return place(size, n, {}, exclude);
+  }
+
+  void release(std::vector<placed>& replicas) {
+    for (auto& r : replicas) {
+      if (auto s = segments_.find(r.location.segment); s != segments_.end()) {
+        s->second.allocator.deallocate(r.alloc);
+        used_ -= r.alloc.size;
+      }
+    }
+    replicas.clear();
+    m_used_.set(static_cast<double>(used_));
+  }
+
+  typename object_map::iterator erase_object(typename object_map::iterator it) {
+    auto& obj = it->second;
+    tenant_used_[it->first.tenant] -= obj.size * obj.replicas_wanted;
+    release(obj.replicas);
+    release(obj.pending_replicas);
+    if (obj.committed) {
+      eviction_.on_erase(evict_key(obj.eviction_id));
+      eviction_keys_.erase(obj.eviction_id);
+    }
+    return objects_.erase(it);
+  }
+
+  void drop_node(const std::string& node, tick_report& report) {
+    auto n = nodes_.find(node);
+    if (n == nodes_.end()) return;
+    for (auto it = objects_.begin(); it != objects_.end();) {
+      auto& obj = it->second;
+      auto on_node = [&](const placed& p) { return p.location.node == node; };
+      // Those replicas' memory is gone with the node: forget them without freeing.
+      std::erase_if(obj.replicas, on_node);
+      std::erase_if(obj.pending_replicas, on_node);
+      if (obj.committed && obj.replicas.empty()) {
+        report.lost_objects.push_back(it->first);
+        m_lost_.add();
+        it = erase_object(it);
+      } else {
+        ++it;
+      }
+    }
+    for (const auto& s : n->second.segments) {
+      auto seg = segments_.find(s);
+      if (seg == segments_.end()) continue;
+      used_ -= seg->second.allocator.capacity() - seg->second.allocator.free_bytes();
+      capacity_ -= seg->second.info.capacity;
+      segments_.erase(seg);
+    }
+    nodes_.erase(n);
+    report.dropped_nodes.push_back(node);
+    m_used_.set(static_cast<double>(used_));
+    m_capacity_.set(static_cast<double>(capacity_));
+  }
+
+  std::uint64_t target_after_watermark() const {
+    if (capacity_ == 0) return 0;
+    const auto high = static_cast<double>(capacity_) * config_.high_watermark;
+    return static_cast<double>(used_) > high ? static_cast<std::uint64_t>(static_cast<double>(capacity_) * config_.low_watermark)
+                                             : used_;
+  }
+
+  // Evicts the policy's victim among unleased objects, unpinned ones first.
+  bool evict_one(clock::time_point now) {
+    for (bool allow_pinned : {false, true}) {
+      auto victim = eviction_.victim([&](const cache::block_key& k) {
+        auto e = eviction_keys_.find(k.lo);
+        if (e == eviction_keys_.end()) return false;
+        const auto& obj = objects_.at(e->second);
+        return obj.lease_until <= now && (allow_pinned || !obj.pinned);
+      });
+      if (!victim) continue;
+      auto e = eviction_keys_.find(victim->lo);
+      auto it = objects_.find(e->second);
+      eviction_keys_.erase(e);
+      auto& obj = it->second;
+      tenant_used_[it->first.tenant] -= obj.size * obj.replicas_wanted;
+      release(obj.replicas);
+      release(obj.pending_replicas);
+      objects_.erase(it);  // the policy already stopped tracking it
+      m_evictions_.add();
+      return true;
+    }
+    return false;
+  }
+
+  std::size_t evict_until(std::uint64_t target, clock::time_point now) {
+    std::size_t evicted = 0;
+    while (used_ > target && evict_one(now)) ++evicted;
+    return evicted;
+  }
+
+  master_config config_;
+  Placement placement_;
+  Eviction eviction_;
+  std::map<std::string, segment_state> segments_;
+  std::map<std::string, node_state> nodes_;
+  object_map objects_;
+  std::unordered_map<std::uint64_t, object_key> eviction_keys_;
+  std::map<std::string, std::uint64_t> tenant_used_;
+  std::uint64_t used_ = 0;
+  std::uint64_t capacity_ = 0;
+  std::uint64_t next_put_id_ = 0;
+  std::uint64_t next_eviction_id_ = 0;
+  std::uint64_t tick_ = 0;
+  metrics::counter& m_puts_;
+  metrics::counter& m_gets_;
+  metrics::counter& m_misses_;
+  metrics::counter& m_evictions_;
+  metrics::counter& m_lost_;
+  metrics::gauge& m_used_;
+  metrics::gauge& m_capacity_;
+};
+
+}  // namespace kvx::store

@@ -1,0 +1,49 @@
+#pragma once
+//! \file
+//! Vocabulary of the distributed KV pool: object keys in tenant namespaces,
+//! replica locations, and the records the master keeps about segments.
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace kvx::store {
+
+using clock = std::chrono::steady_clock;
+
+//! An object's name: a tenant namespace and a key inside it. Tenants never
+//! see each other's objects; quotas are per tenant.
+struct object_key {
+  std::string tenant;
+  std::string key;
+  [[nodiscard]] std::string full() const { return tenant + "/" + key; }
+  friend bool operator==(const object_key&, const object_key&) = default;
+  friend auto operator<=>(const object_key&, const object_key&) = default;
+};
+
+//! Where one replica's bytes live: `size` bytes at `offset` of `segment`,
+//! owned by `node`. Readers fetch it with a transfer-engine read.
+struct replica_location {
+  std::string node;
+  std::string segment;
+  std::uint64_t offset = 0;
+  std::uint64_t size = 0;
+  friend bool operator==(const replica_location&, const replica_location&) = default;
+};
+
+inline void to_json(nlohmann::json& j, const replica_location& r) {
+  j = {{"node", r.node}, {"segment", r.segment}, {"offset", r.offset}, {"size", r.size}};
+}
+
+//! What a node contributes: a segment (DRAM or SSD) of `capacity` bytes.
+struct segment_info {
+  std::string name;
+  std::string node;
+  std::uint64_t capacity = 0;
+  std::string tier = "dram";  //!< "dram" or "ssd": placement prefers dram
+};
+
+}  // namespace kvx::store

@@ -1,0 +1,281 @@
+#include <kvx/store/master_state.hpp>
+
+#include <gtest/gtest.h>
+
+#include <list>
+#include <unordered_map>
+
+namespace {
+
+using namespace std::chrono_literals;
+using kvx::store::clock;
+using kvx::store::object_key;
+
+// A minimal LRU written against the eviction concept: the master accepts any policy.
+class test_lru {
+ public:
+  using eviction_policy_concept = kvx::cache::eviction_policy_tag;
+  explicit test_lru(std::size_t) {}
+  void on_insert(const kvx::cache::block_key& k, const kvx::cache::access_context&) {
+    order_.push_front(k);
+    where_[k] = order_.begin();
+  }
+  void on_hit(const kvx::cache::block_key& k, const kvx::cache::access_context&) {
+    order_.splice(order_.begin(), order_, where_.at(k));
+  }
+  void on_erase(const kvx::cache::block_key& k) {
+    order_.erase(where_.at(k));
+    where_.erase(k);
+  }
+  template <class Evictable>
+  std::optional<kvx::cache::block_key> victim(Evictable&& evictable) {
+    for (auto it = order_.rbegin(); it != order_.rend(); ++it)
+      if (evictable(*it)) {
+        auto k = *it;
+        on_erase(k);
+        return k;
+      }
+    return std::nullopt;
+  }
+  std::size_t size() const { return order_.size(); }
+
+ private:
+  std::list<kvx::cache::block_key> order_;
+  std::unordered_map<kvx::cache::block_key, std::list<kvx::cache::block_key>::iterator> where_;
+};
+
+using master = kvx::store::master_state<test_lru>;
+
+kvx::store::put_options reps(unsigned n) {
+  kvx::store::put_options o;
+  o.replicas = n;
+  return o;
+}
+kvx::store::put_options pinned(bool pin) {
+  kvx::store::put_options o;
+  o.soft_pin = pin;
+  return o;
+}
+
+struct MasterState : ::testing::Test {
+  kvx::metrics::registry registry;
+  clock::time_point t0 = clock::now();
+  kvx::store::master_config config = [] {
+    kvx::store::master_config c;
+    c.put_lease = 10s;
+    c.read_lease = 5s;
+    c.node_timeout = 3s;
+    c.high_watermark = 0.9;
+    c.low_watermark = 0.5;
+    return c;
+  }();
+
+  master make() {
+    master m(config, kvx::store::placement::random_with_capacity{}, registry);
+    for (int n = 0; n < 3; ++n)
+      EXPECT_TRUE(m.add_segment({"seg" + std::to_string(n), "node" + std::to_string(n), 1 << 20, "dram"}, t0));
+    return m;
+  }
+  static object_key key(const std::string& k) { return {"tenant", k}; }
+};
+
+TEST_F(MasterState, PutIsInvisibleUntilCommitted) {
+  auto m = make();
+  auto t = m.put_start(key("a"), 1000, reps(2), t0);
+  ASSERT_TRUE(t) << t.error().message();
+  ASSERT_EQ(t->replicas.size(), 2u);
+  EXPECT_NE(t->replicas[0].node, t->replicas[1].node);
+  EXPECT_FALSE(m.exists(key("a")));
+  EXPECT_EQ(m.get(key("a"), t0).code(), kvx::errc::not_found);
+  ASSERT_TRUE(m.put_commit(key("a"), t->put_id, t0 + 1s));
+  auto g = m.get(key("a"), t0 + 2s, t->replicas[1].node);
+  ASSERT_TRUE(g);
+  EXPECT_EQ(g->size, 1000u);
+  EXPECT_EQ(g->replicas.front(), t->replicas[1]) << "the reader's own node is listed first";
+  EXPECT_EQ(m.put_start(key("a"), 10, {}, t0).code(), kvx::errc::already_exists);
+}
+
+TEST_F(MasterState, DeadWriterSpaceIsReclaimedAfterItsLease) {
+  auto m = make();
+  auto t = m.put_start(key("half"), 4096, {}, t0);
+  ASSERT_TRUE(t);
+  const auto used = m.used_bytes();
+  EXPECT_GT(used, 0u);
+  auto beat = [&](clock::time_point at) {
+    for (int n = 0; n < 3; ++n) ASSERT_TRUE(m.heartbeat("node" + std::to_string(n), at));
+  };
+  beat(t0 + 3s);
+  auto early = m.tick(t0 + 5s);
+  EXPECT_TRUE(early.reclaimed_puts.empty());
+  EXPECT_TRUE(early.dropped_nodes.empty());
+  beat(t0 + 8s);
+  auto report = m.tick(t0 + 11s);
+  ASSERT_EQ(report.reclaimed_puts.size(), 1u);
+  EXPECT_EQ(report.reclaimed_puts[0], key("half"));
+  EXPECT_EQ(m.used_bytes(), 0u);
+  EXPECT_EQ(m.put_commit(key("half"), t->put_id, t0 + 12s).code(), kvx::errc::not_found);
+}
+
+TEST_F(MasterState, LateCommitFailsAndReclaims) {
+  auto m = make();
+  auto t = m.put_start(key("late"), 4096, {}, t0);
+  EXPECT_EQ(m.put_commit(key("late"), t->put_id, t0 + 11s).code(), kvx::errc::timed_out);
+  EXPECT_EQ(m.used_bytes(), 0u);
+}
+
+TEST_F(MasterState, WrongPutIdAndAbort) {
+  auto m = make();
+  auto t = m.put_start(key("x"), 100, {}, t0);
+  EXPECT_EQ(m.put_commit(key("x"), t->put_id + 1, t0).code(), kvx::errc::not_found);
+  EXPECT_TRUE(m.put_abort(key("x"), t->put_id));
+  EXPECT_EQ(m.used_bytes(), 0u);
+  EXPECT_EQ(m.put_abort(key("x"), t->put_id).code(), kvx::errc::not_found);
+}
+
+TEST_F(MasterState, ReadLeaseBlocksRemoveAndEviction) {
+  auto m = make();
+  auto t = m.put_start(key("leased"), 512 * 1024, {}, t0);
+  ASSERT_TRUE(m.put_commit(key("leased"), t->put_id, t0));
+  ASSERT_TRUE(m.get(key("leased"), t0 + 1s));  // lease until t0 + 6s
+  EXPECT_EQ(m.remove(key("leased"), t0 + 2s).code(), kvx::errc::busy);
+  // Fill the cluster: the leased object must survive the pressure.
+  for (int i = 0; i < 20; ++i) {
+    auto p = m.put_start(key("fill" + std::to_string(i)), 512 * 1024, {}, t0 + 2s);
+    if (p) {
+      ASSERT_TRUE(m.put_commit(key("fill" + std::to_string(i)), p->put_id, t0 + 2s));
+    }
+  }
+  EXPECT_TRUE(m.exists(key("leased")));
+  EXPECT_TRUE(m.release_lease(key("leased"), t0 + 3s));
+  EXPECT_TRUE(m.remove(key("leased"), t0 + 3s));
+  EXPECT_FALSE(m.exists(key("leased")));
+}
+
+TEST_F(MasterState, EvictionFollowsThePolicyAndRespectsSoftPins) {
+  auto m = make();
+  auto put = [&](const std::string& k, bool pin) {
+    auto t = m.put_start(key(k), 400 * 1024, pinned(pin), t0);
+    ASSERT_TRUE(t) << k << ": " << t.error().message();
+    ASSERT_TRUE(m.put_commit(key(k), t->put_id, t0));
+  };
+  put("system-prompt", true);
+  put("old", false);
+  put("newer", false);
+  ASSERT_TRUE(m.get(key("old"), t0 - 1h));  // touch "old" (lease already expired) so "newer" is LRU
+  for (int i = 0; i < 5; ++i) put("more" + std::to_string(i), false);
+  EXPECT_TRUE(m.exists(key("system-prompt")));
+  EXPECT_LE(m.used_bytes(), static_cast<std::uint64_t>(0.9 * 3 * (1 << 20)));
+  EXPECT_FALSE(m.exists(key("newer")));
+}
+
+TEST_F(MasterState, FullClusterOfLeasedObjectsRefusesAPutClearly) {
+  auto m = make();
+  for (int i = 0; i < 3; ++i) {
+    auto t = m.put_start(key("big" + std::to_string(i)), 900 * 1024, {}, t0);
+    ASSERT_TRUE(t);
+    ASSERT_TRUE(m.put_commit(key("big" + std::to_string(i)), t->put_id, t0));
+    ASSERT_TRUE(m.get(key("big" + std::to_string(i)), t0));
+  }
+  auto t = m.put_start(key("nope"), 900 * 1024, {}, t0 + 1s);
+  ASSERT_FALSE(t);
+  EXPECT_EQ(t.code(), kvx::errc::capacity_exceeded);
+  EXPECT_NE(t.error().context().find("no room"), std::string::npos);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(m.exists(key("big" + std::to_string(i))));
+}
+
+TEST_F(MasterState, ReplicasNeedDistinctNodes) {
+  auto m = make();
+  EXPECT_EQ(m.put_start(key("r4"), 10, reps(4), t0).code(), kvx::errc::capacity_exceeded);
+  EXPECT_EQ(m.used_bytes(), 0u) << "a refused put leaves nothing allocated";
+}
+
+TEST_F(MasterState, DeadNodeLosesOrReReplicates) {
+  auto m = make();
+  auto t1 = m.put_start(key("one-copy"), 1000, reps(1), t0);
+  ASSERT_TRUE(m.put_commit(key("one-copy"), t1->put_id, t0));
+  auto t2 = m.put_start(key("two-copies"), 1000, reps(2), t0);
+  ASSERT_TRUE(m.put_commit(key("two-copies"), t2->put_id, t0));
+  const auto victim_node = t1->replicas[0].node;
+  for (int n = 0; n < 3; ++n)
+    if ("node" + std::to_string(n) != victim_node) {
+      ASSERT_TRUE(m.heartbeat("node" + std::to_string(n), t0 + 4s));
+    }
+  auto report = m.tick(t0 + 4s);
+  ASSERT_EQ(report.dropped_nodes, std::vector<std::string>{victim_node});
+  EXPECT_FALSE(m.exists(key("one-copy")));
+  ASSERT_EQ(report.lost_objects.size(), 1u);
+  EXPECT_EQ(report.lost_objects[0], key("one-copy"));
+  EXPECT_TRUE(m.exists(key("two-copies")));
+  auto g = m.get(key("two-copies"), t0 + 4s);
+  ASSERT_TRUE(g);
+  for (const auto& r : g->replicas) EXPECT_NE(r.node, victim_node);
+  const bool lost_one = t2->replicas[0].node == victim_node || t2->replicas[1].node == victim_node;
+  if (lost_one) {
+    ASSERT_EQ(report.replications.size(), 1u);
+    const auto& task = report.replications[0];
+    EXPECT_NE(task.target.node, task.source.node);
+    EXPECT_NE(task.target.node, victim_node);
+    ASSERT_TRUE(m.replication_done(key("two-copies"), task.put_id, task.target));
+    EXPECT_EQ(m.get(key("two-copies"), t0 + 5s)->replicas.size(), 2u);
+  }
+  EXPECT_EQ(m.heartbeat(victim_node, t0 + 5s).code(), kvx::errc::not_found);
+}
+
+TEST_F(MasterState, TenantQuotaIsEnforced) {
+  config.tenant_quota["small"] = 10000;
+  auto m = make();
+  auto a = m.put_start({"small", "a"}, 6000, {}, t0);
+  ASSERT_TRUE(a);
+  auto b = m.put_start({"small", "b"}, 6000, {}, t0);
+  EXPECT_EQ(b.code(), kvx::errc::capacity_exceeded);
+  EXPECT_NE(b.error().context().find("quota"), std::string::npos);
+  EXPECT_TRUE(m.put_start({"other", "b"}, 6000, {}, t0));
+  EXPECT_FALSE(m.exists({"other", "a"}));
+}
+
+TEST_F(MasterState, LongestPrefixCountsLeadingCommittedKeys) {
+  auto m = make();
+  for (auto k : {"b0", "b1", "b3"}) {
+    auto t = m.put_start(key(k), 100, {}, t0);
+    ASSERT_TRUE(m.put_commit(key(k), t->put_id, t0));
+  }
+  std::vector<std::string> keys{"b0", "b1", "b2", "b3"};
+  EXPECT_EQ(m.longest_prefix("tenant", keys), 2u);
+  EXPECT_EQ(m.longest_prefix("another-tenant", keys), 0u);
+}
+
+TEST_F(MasterState, BadRequestsAreRefusedWithContext) {
+  auto m = make();
+  EXPECT_EQ(m.put_start(key(""), 10, {}, t0).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(m.put_start(key("z"), 0, {}, t0).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(m.put_start(key("z"), 10, reps(0), t0).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(m.put_start(key("z"), std::uint64_t{1} << 40, {}, t0).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(m.add_segment({"seg0", "node9", 100, "dram"}, t0).code(), kvx::errc::already_exists);
+  EXPECT_EQ(m.add_segment({"s", "n", 0, "dram"}, t0).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(m.add_segment({"s", "n", 10, "tape"}, t0).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(m.remove(key("absent"), t0).code(), kvx::errc::not_found);
+}
+
+TEST(Placement, LocalityAwarePrefersThePreferredNode) {
+  kvx::store::placement::locality_aware p;
+  std::vector<kvx::store::placement_candidate> c{
+      {"a", "sa", "dram", 1000, 1000}, {"b", "sb", "dram", 5000, 5000}, {"c", "sc", "dram", 100, 100}};
+  auto chosen = p.choose(c, {500, 2, "a"});
+  ASSERT_EQ(chosen.size(), 2u);
+  EXPECT_EQ(chosen[0], 0u);
+  EXPECT_EQ(chosen[1], 1u) << "c is too small for 500 bytes";
+}
+
+TEST(Placement, RandomWithCapacityPrefersDramAndSkipsFullSegments) {
+  kvx::store::placement::random_with_capacity p(7);
+  std::vector<kvx::store::placement_candidate> c{
+      {"a", "ssd-a", "ssd", 1 << 30, 1 << 30}, {"b", "dram-b", "dram", 1000, 1000}, {"c", "dram-c", "dram", 10, 10}};
+  for (int i = 0; i < 20; ++i) {
+    auto chosen = p.choose(c, {500, 2, {}});
+    ASSERT_EQ(chosen.size(), 2u);
+    EXPECT_EQ(chosen[0], 1u);
+    EXPECT_EQ(chosen[1], 0u);
+  }
+}
+
+}  // namespace
