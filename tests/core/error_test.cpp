@@ -84,3 +84,14 @@ TEST(ResultDeathTest, ValueOfAnErrorAbortsWithTheMessage) {
 }
 
 }  // namespace
+
+namespace {
+TEST(Error, NamesRoundTripForWireProtocols) {
+  for (int v = 1; v <= static_cast<int>(kvx::errc::internal); ++v) {
+    auto e = static_cast<kvx::errc>(v);
+    EXPECT_EQ(kvx::errc_from_string(kvx::to_string(e)), e);
+  }
+  EXPECT_EQ(kvx::errc_from_string("no_such_code"), kvx::errc::internal);
+  EXPECT_STREQ(kvx::to_string(kvx::errc::out_of_range), "out_of_range");
+}
+}  // namespace

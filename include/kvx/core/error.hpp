@@ -83,6 +83,30 @@ class error_category_impl final : public std::error_category {
 };
 }  // namespace detail
 
+//! The identifier of an `errc` value ("out_of_range"), for wire protocols and logs.
+inline const char* to_string(errc e) noexcept {
+  switch (e) {
+#define KVX_ERRC_NAME(x) \
+  case errc::x: return #x;
+    KVX_ERRC_NAME(invalid_argument) KVX_ERRC_NAME(out_of_range) KVX_ERRC_NAME(not_found)
+    KVX_ERRC_NAME(already_exists) KVX_ERRC_NAME(unknown_segment) KVX_ERRC_NAME(bad_key)
+    KVX_ERRC_NAME(malformed_message) KVX_ERRC_NAME(truncated_message) KVX_ERRC_NAME(connection_lost)
+    KVX_ERRC_NAME(unreachable) KVX_ERRC_NAME(timed_out) KVX_ERRC_NAME(cancelled)
+    KVX_ERRC_NAME(capacity_exceeded) KVX_ERRC_NAME(checksum_mismatch) KVX_ERRC_NAME(not_supported)
+    KVX_ERRC_NAME(stale) KVX_ERRC_NAME(busy) KVX_ERRC_NAME(io_error) KVX_ERRC_NAME(protocol_error)
+    KVX_ERRC_NAME(internal)
+#undef KVX_ERRC_NAME
+  }
+  return "unknown";
+}
+
+//! The `errc` named `name`, or `errc::internal` for a name this build does not know.
+inline errc errc_from_string(std::string_view name) noexcept {
+  for (int v = 1; v <= static_cast<int>(errc::internal); ++v)
+    if (name == to_string(static_cast<errc>(v))) return static_cast<errc>(v);
+  return errc::internal;
+}
+
 //! The category of `kvx::errc` codes.
 inline const std::error_category& error_category() noexcept {
   static const detail::error_category_impl category;

@@ -68,7 +68,8 @@ namespace placement {
 class random_with_capacity {
  public:
   using placement_policy_concept = placement_policy_tag;
-  explicit random_with_capacity(std::uint64_t seed = 0x6b7678) : rng_(seed) {}
+  random_with_capacity() : random_with_capacity(0x6b7678) {}
+  explicit random_with_capacity(std::uint64_t seed) : rng_(seed) {}
 
   std::vector<std::size_t> choose(std::span<const placement_candidate> c, const placement_request& r) {
     std::vector<std::size_t> out;
@@ -101,7 +102,8 @@ class random_with_capacity {
 class locality_aware {
  public:
   using placement_policy_concept = placement_policy_tag;
-  explicit locality_aware(std::uint64_t seed = 0x6b7678) : fallback_(seed) {}
+  locality_aware() : locality_aware(0x6b7678) {}
+  explicit locality_aware(std::uint64_t seed) : fallback_(seed) {}
 
   std::vector<std::size_t> choose(std::span<const placement_candidate> c, const placement_request& r) {
     std::vector<std::size_t> out;

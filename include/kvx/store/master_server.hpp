@@ -1,0 +1,155 @@
+#pragma once
+//! \file
+//! `master_server`: the store master behind a TCP socket. Sessions read
+//! length-prefixed JSON requests (`protocol.hpp`) and answer them through the
+//! `master_handler`; a timer runs the master's `tick` (lease expiry, dead
+//! nodes, re-replication planning, watermark eviction). Every session, the
+//! acceptor and the ticker run on one strand, so the master state is touched
+//! by one thread at a time however many threads run the io_context (its
+//! operations take microseconds; the data plane never passes through it).
+//! `start` and `stop` are called from outside the io_context's threads
+//! before it runs or after it stopped, or from the strand.
+//!
+//! \code
+//! asio::io_context io;
+//! kvx::store::master_state<kvx::cache::eviction::lru> state;
+//! kvx::store::master_server server(io.get_executor(), state, {.address = "127.0.0.1", .port = 0});
+//! server.start();                // listening on server.port()
+//! io.run();
+//! \endcode
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+
+#include <kvx/core/async.hpp>
+#include <kvx/core/log.hpp>
+#include <kvx/store/master_handler.hpp>
+
+namespace kvx::store {
+
+struct master_server_config {
+  std::string address = "127.0.0.1";
+  std::uint16_t port = 0;  //!< 0: an ephemeral port, read back with `port()`
+  std::chrono::milliseconds tick_interval{200};
+};
+
+template <class MasterState>
+class master_server {
+ public:
+  using executor_type = asio::any_io_executor;
+
+  master_server(executor_type ex, MasterState& state, master_server_config config = {})
+      : ex_(ex), strand_(asio::make_strand(ex)), handler_(state), config_(std::move(config)), acceptor_(ex),
+        ticker_(strand_) {}
+
+  master_server(const master_server&) = delete;
+  master_server& operator=(const master_server&) = delete;
+  ~master_server() { stop(); }
+
+  //! Binds and starts accepting; an error if the address cannot be bound.
+  result<void> start() {
+    boost::system::error_code ec;
+    auto addr = asio::ip::make_address(config_.address, ec);
+    if (ec) return error{errc::invalid_argument, "master address '" + config_.address + "': " + ec.message()};
+    asio::ip::tcp::endpoint ep(addr, config_.port);
+    acceptor_.open(ep.protocol(), ec);
+    if (!ec) acceptor_.set_option(asio::ip::tcp::acceptor::reuse_address(true), ec);
+    if (!ec) acceptor_.bind(ep, ec);
+    if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) return error{to_std(ec), "master listen on " + config_.address + ":" + std::to_string(config_.port)};
+    alive_ = std::make_shared<bool>(true);
+    asio::co_spawn(strand_, accept_loop(alive_), asio::detached);
+    asio::co_spawn(strand_, tick_loop(alive_), asio::detached);
+    return {};
+  }
+
+  //! Stops accepting and closes every session; in-flight requests are dropped.
+  void stop() {
+    if (alive_) *alive_ = false;
+    boost::system::error_code ignored;
+    acceptor_.close(ignored);
+    ticker_.cancel();
+    for (auto& s : sessions_) {
+      if (auto sock = s.lock()) sock->close(ignored);
+    }
+    sessions_.clear();
+  }
+
+  [[nodiscard]] std::uint16_t port() const { return acceptor_.local_endpoint().port(); }
+  [[nodiscard]] std::string endpoint() const { return config_.address + ":" + std::to_string(port()); }
+
+ private:
+  using socket_ptr = std::shared_ptr<asio::ip::tcp::socket>;
+
+  asio::awaitable<void> accept_loop(std::shared_ptr<bool> alive) {
+    while (*alive) {
+      auto [ec, sock] = co_await acceptor_.async_accept(asio::as_tuple(asio::use_awaitable));
+      if (ec) co_return;
+      sock.set_option(asio::ip::tcp::no_delay(true), ec);
+      auto s = std::make_shared<asio::ip::tcp::socket>(std::move(sock));
+      std::erase_if(sessions_, [](const std::weak_ptr<asio::ip::tcp::socket>& w) { return w.expired(); });
+      sessions_.push_back(s);
+      asio::co_spawn(strand_, session(s, alive), asio::detached);
+    }
+  }
+
+  asio::awaitable<void> session(socket_ptr sock, std::shared_ptr<bool> alive) {
+    protocol::frame_decoder decoder;
+    std::array<char, 64 * 1024> buf;
+    for (;;) {
+      auto [ec, n] = co_await sock->async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+      if (ec || !*alive) co_return;
+      decoder.feed(std::string_view(buf.data(), n));
+      for (;;) {
+        auto frame = decoder.next();
+        if (!frame) {
+          // The stream cannot be resynchronised: answer once, then close.
+          auto reply = protocol::encode_frame(protocol::error_response(0, frame.error()));
+          co_await asio::async_write(*sock, asio::buffer(reply), asio::as_tuple(asio::use_awaitable));
+          boost::system::error_code ignored;
+          sock->close(ignored);
+          co_return;
+        }
+        if (!*frame) break;
+        auto reply = protocol::encode_frame(handler_.handle(**frame, clock::now()));
+        auto [wec, wn] = co_await asio::async_write(*sock, asio::buffer(reply), asio::as_tuple(asio::use_awaitable));
+        if (wec) co_return;
+      }
+    }
+  }
+
+  asio::awaitable<void> tick_loop(std::shared_ptr<bool> alive) {
+    while (*alive) {
+      ticker_.expires_after(config_.tick_interval);
+      auto [ec] = co_await ticker_.async_wait(asio::as_tuple(asio::use_awaitable));
+      if (ec || !*alive) co_return;
+      auto report = handler_.tick(clock::now());
+      for (const auto& n : report.dropped_nodes) log(log_level::warn, "store master: node '", n, "' stopped heartbeating; dropped");
+      for (const auto& k : report.lost_objects) log(log_level::warn, "store master: object '", k.full(), "' lost with its nodes");
+    }
+  }
+
+  executor_type ex_;
+  asio::strand<executor_type> strand_;
+  master_handler<MasterState> handler_;
+  master_server_config config_;
+  asio::ip::tcp::acceptor acceptor_;
+  asio::steady_timer ticker_;
+  std::shared_ptr<bool> alive_;
+  std::vector<std::weak_ptr<asio::ip::tcp::socket>> sessions_;
+};
+
+}  // namespace kvx::store

@@ -1,0 +1,161 @@
+#pragma once
+//! \file
+//! The store's control-plane protocol: length-prefixed JSON frames between
+//! clients / nodes and the master.
+//!
+//! Frame: a 4-byte little-endian body length, then that many bytes of UTF-8
+//! JSON. Request: `{"id": <u64>, "op": "<name>", ...fields}`. Response:
+//! `{"id": <u64>, "ok": true, ...}` or `{"id": <u64>, "ok": false,
+//! "error": "<errc name>", "message": "<context>"}`.
+//!
+//! The data plane never passes through here: bytes move node to client with
+//! the transfer engine, zero-copy.
+//!
+//! | op | fields | response fields |
+//! | --- | --- | --- |
+//! | `register_segment` | `node, segment, capacity, tier` | |
+//! | `heartbeat` | `node` | `tasks` (replication tasks for this node) |
+//! | `put_start` | `tenant, key, size, replicas?, preferred_node?, soft_pin?` | `put_id, replicas, deadline_ms` |
+//! | `put_commit` / `put_abort` | `tenant, key, put_id` | |
+//! | `get` | `tenant, key, reader_node?, lease_ms?` | `size, replicas, lease_ms` |
+//! | `release` / `remove` / `exists` | `tenant, key` | `exists` for exists |
+//! | `longest_prefix` | `tenant, keys` | `count` |
+//! | `replication_done` | `tenant, key, put_id, target` | |
+//! | `stats` | | `used, capacity, objects, nodes` |
+//!
+//! Every field is validated; a malformed frame or request gets an error
+//! response naming the field (`malformed_message`), never a crash, and a
+//! frame over `max_frame_bytes` closes the connection.
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <kvx/core/config.hpp>
+#include <kvx/core/result.hpp>
+#include <kvx/store/types.hpp>
+
+namespace kvx::store::protocol {
+
+using json = nlohmann::json;
+
+inline constexpr std::uint32_t max_frame_bytes = 16u << 20;
+
+//! Prepends the length header to a JSON body.
+inline std::string encode_frame(const json& body) {
+  const std::string text = body.dump();
+  std::string out(4, '\0');
+  const auto n = static_cast<std::uint32_t>(text.size());
+  for (int i = 0; i < 4; ++i) out[static_cast<std::size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return out + text;
+}
+
+//! Incremental frame splitter: feed bytes as they arrive, take whole bodies out.
+class frame_decoder {
+ public:
+  explicit frame_decoder(std::uint32_t max_frame = max_frame_bytes) : max_(max_frame) {}
+
+  void feed(std::string_view bytes) { buffer_.append(bytes); }
+
+  //! The next whole body; nothing if more bytes are needed; an error when
+  //! the announced length exceeds the limit (the stream cannot be resynchronised).
+  result<std::optional<std::string>> next() {
+    if (buffer_.size() - pos_ < 4) return std::optional<std::string>{};
+    std::uint32_t n = 0;
+    for (int i = 0; i < 4; ++i) n |= static_cast<std::uint32_t>(static_cast<unsigned char>(buffer_[pos_ + static_cast<std::size_t>(i)])) << (8 * i);
+    if (n > max_) return error{errc::malformed_message, "frame of " + std::to_string(n) + " bytes exceeds the limit of " + std::to_string(max_)};
+    if (buffer_.size() - pos_ - 4 < n) return std::optional<std::string>{};
+    std::string body = buffer_.substr(pos_ + 4, n);
+    pos_ += 4 + n;
+    if (pos_ > 65536 && pos_ * 2 > buffer_.size()) {
+      buffer_.erase(0, pos_);
+      pos_ = 0;
+    }
+    return std::optional<std::string>{std::move(body)};
+  }
+  [[nodiscard]] std::size_t buffered() const noexcept { return buffer_.size() - pos_; }
+
+ private:
+  std::uint32_t max_;
+  std::string buffer_;
+  std::size_t pos_ = 0;
+};
+
+//! A validated request: its id, op, and the JSON it came in.
+struct request {
+  std::uint64_t id = 0;
+  std::string op;
+  json body;
+};
+
+inline const std::vector<std::string>& known_ops() {
+  static const std::vector<std::string> ops{"register_segment", "heartbeat", "put_start", "put_commit", "put_abort",
+                                            "get", "release", "remove", "exists", "longest_prefix",
+                                            "replication_done", "stats"};
+  return ops;
+}
+
+//! Parses and checks the envelope (id, op); the handler checks the op's fields.
+inline result<request> parse_request(std::string_view body) {
+  json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return error{errc::malformed_message, "request is not valid JSON"};
+  if (!j.is_object()) return error{errc::malformed_message, "request is not a JSON object"};
+  config::view v(j, "request");
+  auto id = v.required<std::uint64_t>("id");
+  if (!id) return error{errc::malformed_message, id.error().context()};
+  auto op = v.required<std::string>("op");
+  if (!op) return error{errc::malformed_message, op.error().context()};
+  bool known = false;
+  for (const auto& k : known_ops()) known = known || k == *op;
+  if (!known) return error{errc::malformed_message, "unknown op '" + *op + "'"};
+  return request{*id, std::move(*op), std::move(j)};
+}
+
+inline json error_response(std::uint64_t id, const kvx::error& e) {
+  const auto* name = e.code().category() == error_category() ? to_string(static_cast<errc>(e.code().value())) : "internal";
+  return {{"id", id}, {"ok", false}, {"error", name}, {"message", e.message()}};
+}
+
+//! Turns a response into the `kvx::error` it carries, if any.
+inline result<json> check_response(json response) {
+  if (!response.is_object() || !response.contains("ok") || !response["ok"].is_boolean())
+    return error{errc::protocol_error, "master response lacks 'ok'"};
+  if (response["ok"].get<bool>()) return response;
+  const auto code = response.value("error", std::string("internal"));
+  return error{errc_from_string(code), response.value("message", std::string())};
+}
+
+inline json to_json(const replica_location& r) {
+  return {{"node", r.node}, {"segment", r.segment}, {"offset", r.offset}, {"size", r.size}};
+}
+
+inline result<replica_location> replica_from_json(const json& j, const std::string& path) {
+  config::view v(j, path);
+  auto node = v.required<std::string>("node");
+  KVX_TRY(node);
+  auto segment = v.required<std::string>("segment");
+  KVX_TRY(segment);
+  auto offset = v.required<std::uint64_t>("offset");
+  KVX_TRY(offset);
+  auto size = v.required<std::uint64_t>("size");
+  KVX_TRY(size);
+  return replica_location{*node, *segment, *offset, *size};
+}
+
+inline result<std::vector<replica_location>> replicas_from_json(const json& j, const std::string& path) {
+  if (!j.is_array()) return error{errc::malformed_message, "field '" + path + "' is not an array"};
+  std::vector<replica_location> out;
+  for (std::size_t i = 0; i < j.size(); ++i) {
+    auto r = replica_from_json(j[i], path + "[" + std::to_string(i) + "]");
+    KVX_TRY(r);
+    out.push_back(std::move(*r));
+  }
+  return out;
+}
+
+}  // namespace kvx::store::protocol

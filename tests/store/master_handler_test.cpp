@@ -1,0 +1,128 @@
+#include <kvx/store/master_handler.hpp>
+
+#include <gtest/gtest.h>
+
+#include <list>
+
+namespace {
+
+using namespace std::chrono_literals;
+using json = nlohmann::json;
+
+class fifo_policy {
+ public:
+  using eviction_policy_concept = kvx::cache::eviction_policy_tag;
+  explicit fifo_policy(std::size_t) {}
+  void on_insert(const kvx::cache::block_key& k, const kvx::cache::access_context&) { keys_.push_back(k); }
+  void on_hit(const kvx::cache::block_key&, const kvx::cache::access_context&) {}
+  void on_erase(const kvx::cache::block_key& k) { keys_.remove(k); }
+  template <class F>
+  std::optional<kvx::cache::block_key> victim(F&& evictable) {
+    for (auto it = keys_.begin(); it != keys_.end(); ++it)
+      if (evictable(*it)) {
+        auto k = *it;
+        keys_.erase(it);
+        return k;
+      }
+    return std::nullopt;
+  }
+  std::size_t size() const { return keys_.size(); }
+
+ private:
+  std::list<kvx::cache::block_key> keys_;
+};
+
+struct MasterHandler : ::testing::Test {
+  kvx::metrics::registry registry;
+  kvx::store::master_state<fifo_policy> state{{}, {}, registry};
+  kvx::store::master_handler<kvx::store::master_state<fifo_policy>> handler{state};
+  kvx::store::clock::time_point now = kvx::store::clock::now();
+
+  json call(const json& request) { return handler.handle(request.dump(), now); }
+};
+
+TEST_F(MasterHandler, FullPutGetCycleOverTheProtocol) {
+  ASSERT_TRUE(call({{"id", 1}, {"op", "register_segment"}, {"node", "n0"}, {"segment", "s0"}, {"capacity", 1 << 20}})["ok"]);
+  ASSERT_TRUE(call({{"id", 2}, {"op", "register_segment"}, {"node", "n1"}, {"segment", "s1"}, {"capacity", 1 << 20}})["ok"]);
+  auto put = call({{"id", 3}, {"op", "put_start"}, {"tenant", "t"}, {"key", "k"}, {"size", 4096}, {"replicas", 2}});
+  ASSERT_TRUE(put["ok"]) << put.dump();
+  EXPECT_EQ(put["id"], 3);
+  EXPECT_EQ(put["replicas"].size(), 2u);
+  EXPECT_FALSE(call({{"id", 4}, {"op", "exists"}, {"tenant", "t"}, {"key", "k"}})["exists"]);
+  ASSERT_TRUE(call({{"id", 5}, {"op", "put_commit"}, {"tenant", "t"}, {"key", "k"}, {"put_id", put["put_id"]}})["ok"]);
+  auto get = call({{"id", 6}, {"op", "get"}, {"tenant", "t"}, {"key", "k"}, {"reader_node", "n1"}});
+  ASSERT_TRUE(get["ok"]) << get.dump();
+  EXPECT_EQ(get["size"], 4096);
+  EXPECT_EQ(get["replicas"][0]["node"], "n1");
+  EXPECT_EQ(call({{"id", 7}, {"op", "longest_prefix"}, {"tenant", "t"}, {"keys", {"k", "nope"}}})["count"], 1);
+  auto busy = call({{"id", 8}, {"op", "remove"}, {"tenant", "t"}, {"key", "k"}});
+  EXPECT_FALSE(busy["ok"]);
+  EXPECT_EQ(busy["error"], "busy");
+  ASSERT_TRUE(call({{"id", 9}, {"op", "release"}, {"tenant", "t"}, {"key", "k"}})["ok"]);
+  ASSERT_TRUE(call({{"id", 10}, {"op", "remove"}, {"tenant", "t"}, {"key", "k"}})["ok"]);
+  auto stats = call({{"id", 11}, {"op", "stats"}});
+  EXPECT_EQ(stats["objects"], 0);
+  EXPECT_EQ(stats["capacity"], 2 << 20);
+}
+
+TEST_F(MasterHandler, MalformedRequestsGetErrorsNamingTheField) {
+  auto check = [&](const std::string& body, const std::string& code, const std::string& fragment) {
+    auto r = handler.handle(body, now);
+    EXPECT_FALSE(r["ok"]) << body;
+    EXPECT_EQ(r["error"], code) << body << " -> " << r.dump();
+    EXPECT_NE(r["message"].get<std::string>().find(fragment), std::string::npos) << r.dump();
+  };
+  check("{nope", "malformed_message", "not valid JSON");
+  check("[1,2]", "malformed_message", "not a JSON object");
+  check(R"({"op":"get"})", "malformed_message", "request.id");
+  check(R"({"id":1,"op":"launch_missiles"})", "malformed_message", "unknown op");
+  check(R"({"id":1,"op":"get","tenant":"t"})", "invalid_argument", "get.key");
+  check(R"({"id":1,"op":"put_start","tenant":"t","key":"k","size":"big"})", "invalid_argument", "put_start.size");
+  check(R"({"id":1,"op":"put_start","tenant":"t","key":"k","size":-5})", "invalid_argument", "put_start.size");
+  check(R"({"id":1,"op":"longest_prefix","tenant":"t","keys":[1]})", "malformed_message", "non-string");
+  check(R"({"id":1,"op":"replication_done","tenant":"t","key":"k","put_id":1,"target":{"node":1}})", "invalid_argument",
+        "replication_done.target.node");
+  check(R"({"id":1,"op":"heartbeat","node":"ghost"})", "not_found", "ghost");
+}
+
+TEST_F(MasterHandler, ReplicationTasksRideOnTheSourceNodesHeartbeat) {
+  for (int n = 0; n < 3; ++n)
+    ASSERT_TRUE(call({{"id", n}, {"op", "register_segment"}, {"node", "n" + std::to_string(n)},
+                      {"segment", "s" + std::to_string(n)}, {"capacity", 1 << 20}})["ok"]);
+  auto put = call({{"id", 9}, {"op", "put_start"}, {"tenant", "t"}, {"key", "k"}, {"size", 100}, {"replicas", 2}});
+  ASSERT_TRUE(call({{"id", 10}, {"op", "put_commit"}, {"tenant", "t"}, {"key", "k"}, {"put_id", put["put_id"]}})["ok"]);
+  const std::string lost = put["replicas"][0]["node"], kept = put["replicas"][1]["node"];
+  now += 3s;
+  for (int n = 0; n < 3; ++n)
+    if ("n" + std::to_string(n) != lost) call({{"id", 11}, {"op", "heartbeat"}, {"node", "n" + std::to_string(n)}});
+  now += 3s;  // `lost` silent for 6 s > 5 s timeout; the others for 3 s
+  auto report = handler.tick(now);
+  ASSERT_EQ(report.dropped_nodes.size(), 1u);
+  auto hb = call({{"id", 12}, {"op", "heartbeat"}, {"node", kept}});
+  ASSERT_EQ(hb["tasks"].size(), 1u) << hb.dump();
+  const auto task = hb["tasks"][0];
+  EXPECT_EQ(task["source"]["node"], kept);
+  ASSERT_TRUE(call({{"id", 13}, {"op", "replication_done"}, {"tenant", "t"}, {"key", "k"}, {"put_id", task["put_id"]},
+                    {"target", task["target"]}})["ok"]);
+  EXPECT_EQ(call({{"id", 14}, {"op", "get"}, {"tenant", "t"}, {"key", "k"}})["replicas"].size(), 2u);
+  EXPECT_TRUE(call({{"id", 15}, {"op", "heartbeat"}, {"node", kept}})["tasks"].empty());
+}
+
+TEST(FrameDecoder, SplitsFramesAcrossArbitraryChunksAndRefusesOversize) {
+  std::string stream = kvx::store::protocol::encode_frame({{"a", 1}}) + kvx::store::protocol::encode_frame({{"b", 2}});
+  kvx::store::protocol::frame_decoder d;
+  std::vector<std::string> bodies;
+  for (char c : stream) {
+    d.feed(std::string_view(&c, 1));
+    auto f = d.next();
+    ASSERT_TRUE(f);
+    if (*f) bodies.push_back(**f);
+  }
+  ASSERT_EQ(bodies.size(), 2u);
+  EXPECT_EQ(bodies[1], R"({"b":2})");
+  kvx::store::protocol::frame_decoder small(8);
+  small.feed(std::string("\x09\x00\x00\x00", 4));
+  EXPECT_EQ(small.next().code(), kvx::errc::malformed_message);
+}
+
+}  // namespace
