@@ -1,0 +1,922 @@
+#pragma once
+//! \file
+//! `kv_connector<Layout, Engine, Mode, LoadPolicy>`: the interface an inference
+//! engine calls to move KV between prefill and decode instances and the pool,
+//! with the semantics of vLLM's KV connector (v1).
+//!
+//! | side | call | where the engine makes it | blocks? |
+//! | --- | --- | --- | --- |
+//! | scheduler | `get_num_new_matched_tokens(req)` | before allocating blocks for a new request: how many prompt tokens will be loaded (pull: the pool's longest cached prefix; push, decode side: every prompt token but the last, which the prefill instance sends) | pull: one pool round trip (up to `control_timeout`) |
+//! | scheduler | `update_state_after_alloc(req, blocks, n)` | after allocating: the request's block table and how many tokens it loads | no |
+//! | scheduler | `request_finished(id)` | when the request leaves the engine | no (`errc::busy` while transfers touch its blocks) |
+//! | worker | `start_load_kv(id)` | before the forward pass | no: loads run on the transfer engine's executor |
+//! | worker | `wait_for_layer_load(id, layer)` | before layer `layer` reads KV (`layer_hooks::before_layer`) | until that layer arrived, failed, or the load policy's deadline |
+//! | worker | `save_kv_layer(id, layer)` | right after layer `layer` wrote its KV (`layer_hooks::after_layer`): layer-wise streaming | no: the save runs while the next layer computes |
+//! | worker | `wait_for_save(id)` | after the forward pass, before the blocks are freed or reused | until every save finished (up to `save_timeout`) |
+//! | worker | `finish_load(id)` | after the forward pass of a loading request | until every layer resolved; its `load_report` names the blocks whose load failed (`failed_blocks`) and the prefix that is valid |
+//!
+//! **Modes** (`transfer_mode::push`, `transfer_mode::pull<Store>`,
+//! kvx/disagg/kv_transfer_mode.hpp) choose the data path; **load policies**
+//! (`load::wait_full`, `load::wait_until`, `load::best_effort`,
+//! kvx/disagg/load_policy.hpp) what a late or failed load means: an error
+//! (the step aborts, the router retries elsewhere) or blocks to recompute.
+//! A failed load marks exactly the source blocks whose bytes did not arrive;
+//! `load_report::valid_tokens` is the prefix before the first of them, from
+//! which the engine recomputes (keys chain, so later blocks depend on it).
+//! With `recompute`, saves of a layer computed over a failed load are skipped
+//! (nothing wrong ever reaches the pool) and are allowed again in the re-run.
+//!
+//! **Layouts, TP, block sizes.** Shards whose shape equals the producer's
+//! (`connector_config::source_tp`, `source_block_tokens`) are loaded in place
+//! (push: one-sided writes into the decode blocks; pull: zero-copy gets into
+//! them). Otherwise the bytes land in a `page_first` staging region shaped
+//! like the producer's shards and `wait_for_layer_load` converts that layer
+//! into the engine's layout (`convert`), so a TP=2 prefill feeds a TP=1
+//! decode with other block sizes and another layout. Layouts must lay a
+//! block's layer out as `[K|V][token][head][dim]` (every built-in one does).
+//! Recurrent (state) layers are not transferred by the connector yet:
+//! `make` refuses such shapes with `errc::not_supported`.
+//!
+//! **Threads.** Scheduler and worker calls may come from any threads but
+//! never from a thread running the transfer engine's executor (they wait for
+//! it). The executor must be single-threaded (an `io_context` run by one
+//! thread, or a strand), as the store client requires. Misuse (a load for an
+//! unknown request, two saves of one layer, a wait without a start) returns
+//! an error naming the request and the call.
+//!
+//! \code
+//! auto conn = kv_connector<layouts::layer_first, engine_type, transfer_mode::push, load::wait_until>::make(
+//!                 engine, {.name = "decode-0", .role = connector_role::consumer}, shards, {link}, {300ms}).value();
+//! conn->start().value();
+//! const std::uint32_t n = conn->get_num_new_matched_tokens(req).value();
+//! conn->update_state_after_alloc(req, blocks, n).value();
+//! conn->start_load_kv(req.id).value();
+//! auto first = model.prefill(req.tokens, {blocks}, n, conn->hooks(req.id));   // waits per layer
+//! auto report = conn->finish_load(req.id).value();
+//! \endcode
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <future>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/post.hpp>
+
+#include <kvx/cache/block_hasher.hpp>
+#include <kvx/core/async.hpp>
+#include <kvx/core/log.hpp>
+#include <kvx/core/result.hpp>
+#include <kvx/disagg/detail/kv_stream.hpp>
+#include <kvx/disagg/kv_layout.hpp>
+#include <kvx/disagg/kv_transfer_mode.hpp>
+#include <kvx/disagg/layout_convert.hpp>
+#include <kvx/disagg/layouts/page_first.hpp>
+#include <kvx/disagg/load_policy.hpp>
+#include <kvx/disagg/tiny_engine.hpp>
+#include <kvx/memory/memory_region.hpp>
+#include <kvx/store/types.hpp>
+#include <kvx/transfer/batch.hpp>
+
+namespace kvx::disagg {
+
+//! What a connector does: produce KV (a prefill instance), consume it (a
+//! decode instance), or both (an instance that loads cached prefixes from the
+//! pool and saves what it computes; pull mode only).
+enum class connector_role : std::uint8_t { producer, consumer, both };
+
+//! A request as the connector sees it: an id and its prompt.
+struct kv_request {
+  request_id id = 0;
+  std::span<const std::uint32_t> tokens{};
+};
+
+struct connector_config {
+  std::string name = "instance";  //!< segments are registered as "<name>/kv<rank>" and "<name>/stage"
+  connector_role role = connector_role::both;
+  std::uint32_t source_tp = 0;            //!< the producers' tensor-parallel size (0: same as this instance)
+  std::uint32_t source_block_tokens = 0;  //!< the producers' block size (0: same); pull: the pool's block size
+  std::uint32_t staging_blocks = 0;       //!< producer-shaped staging blocks (needed when shapes differ)
+  std::chrono::steady_clock::duration save_timeout = std::chrono::seconds(30);
+  std::chrono::steady_clock::duration control_timeout = std::chrono::seconds(5);  //!< registration, pool lookups
+};
+
+//! What a load delivered (`finish_load`).
+struct load_report {
+  std::uint32_t external_tokens = 0;         //!< tokens the load promised
+  std::uint32_t valid_tokens = 0;            //!< leading tokens whose KV is in memory; recompute from here
+  std::vector<std::uint32_t> failed_blocks;  //!< engine block ids whose load failed
+  std::uint64_t bytes = 0;                   //!< bytes that arrived
+  [[nodiscard]] bool complete() const noexcept { return valid_tokens == external_tokens; }
+};
+
+//! What the saves of one request did (`wait_for_save`).
+struct save_report {
+  std::uint64_t bytes = 0;
+  std::uint32_t layers = 0;                        //!< layers saved
+  double busy_s = 0;                               //!< sum of per-layer transfer times
+  std::chrono::steady_clock::time_point first_start{}, last_end{};
+};
+
+//! Counters over a connector's life.
+struct connector_stats {
+  std::uint64_t bytes_saved = 0;
+  std::uint64_t bytes_loaded = 0;
+  std::uint64_t layers_saved = 0;
+  std::uint64_t objects_put = 0;      //!< pull: objects written to the pool
+  std::uint64_t objects_got = 0;      //!< pull: objects read from the pool
+  std::uint64_t failed_blocks = 0;    //!< source blocks whose load failed
+  std::uint64_t stale_notices = 0;    //!< push notices for requests that moved on
+  std::uint64_t layers_converted = 0; //!< staged layers converted into the engine's layout
+};
+
+template <kv_layout Layout, class Engine, kv_transfer_mode Mode, load_policy Load = load::wait_full>
+class kv_connector {
+  static_assert(check_kv_layout<Layout>());
+  static_assert(check_kv_transfer_mode<Mode>());
+  static_assert(check_load_policy<Load>());
+
+ public:
+  using clock = std::chrono::steady_clock;
+  using layout_type = Layout;
+  using engine_type = Engine;
+  using mode_type = Mode;
+  using load_policy_type = Load;
+
+  //! Checks the shards (one per TP rank, equal shapes, enough memory), the
+  //! layout, the mode's configuration and the producer geometry; registers
+  //! nothing yet (`start`). `errc::invalid_argument` / `not_supported` with
+  //! the reason.
+  static result<std::unique_ptr<kv_connector>> make(Engine& engine, connector_config cfg,
+                                                    std::vector<kv_shard<Layout>> shards, Mode mode, Load load = {}) {
+    auto bad = [&](errc c, std::string why) { return error{c, "kv_connector '" + cfg.name + "': " + std::move(why)}; };
+    if (shards.empty()) return bad(errc::invalid_argument, "no shards");
+    const kv_shape shape = shards[0].layout.shape();
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      if (!(shards[i].layout.shape() == shape)) return bad(errc::invalid_argument, "shard " + std::to_string(i) + " has another shape");
+      if (shards[i].memory.size() < shards[i].layout.bytes_required())
+        return bad(errc::out_of_range, "shard " + std::to_string(i) + " memory is smaller than its layout");
+      if (shards[i].layout.num_blocks() != shards[0].layout.num_blocks())
+        return bad(errc::invalid_argument, "shards differ in num_blocks");
+    }
+    if (shape.recurrent_layers() > 0)
+      return bad(errc::not_supported, "recurrent (state) layers are not transferred by the connector yet");
+    KVX_TRY(detail::check_canonical_stream(shards[0].layout));
+    const auto tp = static_cast<std::uint32_t>(shards.size());
+    const std::uint32_t heads = shape.kv_heads * tp;
+    const std::uint32_t src_tp = cfg.source_tp ? cfg.source_tp : tp;
+    const std::uint32_t src_bt = cfg.source_block_tokens ? cfg.source_block_tokens : shape.block_tokens;
+    if (heads % src_tp != 0)
+      return bad(errc::invalid_argument, std::to_string(heads) + " KV heads do not split over source_tp = " + std::to_string(src_tp));
+    kv_shape src_shape = shape;
+    src_shape.kv_heads = heads / src_tp;
+    src_shape.block_tokens = src_bt;
+    const bool produces = cfg.role != connector_role::consumer;
+    const bool consumes = cfg.role != connector_role::producer;
+    std::optional<cache::block_hasher> hasher;
+    if constexpr (Mode::pooled) {
+      if (mode.store == nullptr) return bad(errc::invalid_argument, "pull mode needs a store client");
+      auto h = cache::block_hasher::make({.block_tokens = src_bt, .ns = {.model = mode.model, .tenant = mode.tenant, .adapter = {}, .salt = {}}});
+      if (!h) return bad(errc::invalid_argument, "pool block size: " + h.error().message());
+      hasher = std::move(*h);
+      if (produces && !(src_shape == shape))
+        return bad(errc::invalid_argument, "a pull producer writes the pool's format: its TP and block size must be "
+                                           "source_tp and source_block_tokens");
+      if (produces && !detail::contiguous(shards[0].layout.block_layer_ranges(0, first_attention(shape))))
+        return bad(errc::not_supported, "pull mode puts each block's layer from one contiguous range; layout '" +
+                                            std::string(shards[0].layout.name()) + "' splits it");
+    } else {
+      if (!mode.link) return bad(errc::invalid_argument, "push mode needs a push_link");
+      if (cfg.role == connector_role::both)
+        return bad(errc::invalid_argument, "in push mode an instance is a producer or a consumer, not both");
+    }
+    bool direct = src_shape == shape;
+    if constexpr (Mode::pooled)
+      direct = direct && detail::contiguous(shards[0].layout.block_layer_ranges(0, first_attention(shape)));
+    std::optional<layouts::page_first> stage;
+    if (consumes && !direct) {
+      if (cfg.staging_blocks == 0)
+        return bad(errc::invalid_argument, "the producers' shards (tp " + std::to_string(src_tp) + ", " + std::to_string(src_bt) +
+                                               "-token blocks) differ from this instance's; set staging_blocks");
+      auto s = layouts::page_first::make(src_shape, cfg.staging_blocks);
+      if (!s) return s.error();
+      stage = std::move(*s);
+    }
+    return std::unique_ptr<kv_connector>(new kv_connector(engine, std::move(cfg), std::move(shards), std::move(mode),
+                                                          std::move(load), src_tp, src_shape, direct, std::move(stage),
+                                                          std::move(hasher)));
+  }
+
+  kv_connector(const kv_connector&) = delete;
+  kv_connector& operator=(const kv_connector&) = delete;
+
+  //! Waits (up to 10 s) for transfers still touching this instance's memory,
+  //! then withdraws its segments.
+  ~kv_connector() {
+    {
+      std::unique_lock lock(st_->mu);
+      st_->cv.wait_for(lock, std::chrono::seconds(10), [&] { return st_->inflight == 0; });
+      if constexpr (!Mode::pooled)
+        for (auto& [id, r] : st_->requests)
+          if (r->published) mode_.link->withdraw(id, r->epoch);
+    }
+    for (const auto& name : registered_) {
+      auto done = std::make_shared<std::promise<void>>();
+      auto f = done->get_future();
+      asio::post(engine_.get_executor(), [this, name, done] {
+        engine_.async_deregister_memory(name, [done](std::error_code) { done->set_value(); });
+      });
+      f.wait_for(std::chrono::seconds(2));
+    }
+  }
+
+  //! Registers the shards ("<name>/kv<rank>") and the staging region
+  //! ("<name>/stage") with the transfer engine. Blocks up to `control_timeout`.
+  result<void> start() {
+    std::vector<std::pair<std::string, memory::memory_region>> regions;
+    for (std::size_t r = 0; r < shards_.size(); ++r)
+      regions.emplace_back(segment_name(r), memory::memory_region{shards_[r].memory.data(), shards_[r].memory.size()});
+    if (stage_) regions.emplace_back(cfg_.name + "/stage", memory::memory_region{stage_mem_.data(), stage_mem_.size()});
+    for (auto& [name, region] : regions) {
+      auto p = std::make_shared<std::promise<std::error_code>>();
+      auto f = p->get_future();
+      asio::post(engine_.get_executor(), [this, p, name = name, region = region] {
+        engine_.async_register_memory(region, name,
+                                      [p](std::error_code ec, const memory::segment_descriptor&) { p->set_value(ec); });
+      });
+      if (f.wait_for(cfg_.control_timeout) != std::future_status::ready)
+        return error{errc::timed_out, "kv_connector '" + cfg_.name + "': registering '" + name + "' (is the engine's executor running?)"};
+      if (auto ec = f.get()) return error{ec, "kv_connector '" + cfg_.name + "': registering '" + name + "'"};
+      registered_.push_back(name);
+    }
+    return {};
+  }
+
+  // ---- scheduler side ---------------------------------------------------------
+
+  //! Prompt tokens that will be loaded rather than computed: pull, the pool's
+  //! longest cached prefix (whole blocks, at most all tokens but the last);
+  //! push, on a consumer, all tokens but the last (the prefill instance sends
+  //! them), on a producer 0. A pool failure is an error: serve the request
+  //! without the pool (treat it as 0).
+  result<std::uint32_t> get_num_new_matched_tokens(const kv_request& req) {
+    const auto n = static_cast<std::uint32_t>(req.tokens.size());
+    if (n < 2) return 0U;
+    if constexpr (!Mode::pooled) {
+      return cfg_.role == connector_role::consumer ? n - 1 : 0U;
+    } else {
+      const auto keys = hasher_->keys(req.tokens);
+      if (keys.empty()) return 0U;
+      std::vector<std::string> names;
+      names.reserve(keys.size());
+      const std::uint32_t last = last_attention(shape_);
+      for (const auto& k : keys) names.push_back(object_name(k, last, src_tp_ - 1));
+      auto p = std::make_shared<std::promise<std::pair<std::error_code, std::size_t>>>();
+      auto f = p->get_future();
+      asio::post(engine_.get_executor(), [this, p, names = std::move(names)]() mutable {
+        mode_.store->async_longest_prefix(mode_.tenant, std::move(names),
+                                          [p](std::error_code ec, std::size_t count) { p->set_value({ec, count}); });
+      });
+      if (f.wait_for(cfg_.control_timeout) != std::future_status::ready)
+        return error{errc::timed_out, "kv_connector '" + cfg_.name + "': pool lookup for request " + std::to_string(req.id)};
+      auto [ec, count] = f.get();
+      if (ec) return error{ec, "kv_connector '" + cfg_.name + "': pool lookup for request " + std::to_string(req.id)};
+      return static_cast<std::uint32_t>(std::min<std::uint64_t>(std::uint64_t{count} * src_shape_.block_tokens, n - 1));
+    }
+  }
+
+  //! The engine allocated `blocks` (its block table, covering the prompt) and
+  //! will load `external_tokens` of them (from `get_num_new_matched_tokens`).
+  //! Push consumer: publishes the request's `push_target`; push producer:
+  //! takes it (the decode side allocates first).
+  result<void> update_state_after_alloc(const kv_request& req, std::span<const std::uint32_t> blocks,
+                                        std::uint32_t external_tokens) {
+    const auto n = static_cast<std::uint32_t>(req.tokens.size());
+    auto who = [&] { return "kv_connector '" + cfg_.name + "': update_state_after_alloc(request " + std::to_string(req.id) + ")"; };
+    if (n == 0) return error{errc::invalid_argument, who() + ": empty prompt"};
+    const std::uint32_t bt = shape_.block_tokens;
+    if (blocks.size() < (std::uint64_t{n} + bt - 1) / bt)
+      return error{errc::out_of_range, who() + ": " + std::to_string(blocks.size()) + " blocks cannot hold " + std::to_string(n) + " tokens"};
+    for (auto b : blocks)
+      if (b >= shards_[0].layout.num_blocks())
+        return error{errc::out_of_range, who() + ": block " + std::to_string(b) + " is past the pool's " +
+                                             std::to_string(shards_[0].layout.num_blocks())};
+    if (external_tokens >= n && external_tokens > 0)
+      return error{errc::invalid_argument, who() + ": " + std::to_string(external_tokens) + " external tokens leave nothing to compute of " +
+                                               std::to_string(n)};
+    if (external_tokens > 0 && cfg_.role == connector_role::producer)
+      return error{errc::invalid_argument, who() + ": a producer-only connector loads nothing"};
+
+    auto r = std::make_shared<request>();
+    r->id = req.id;
+    r->prompt = n;
+    r->blocks.assign(blocks.begin(), blocks.end());
+    r->external = external_tokens;
+    r->saved.assign(shape_.layers, 0);
+    r->pending.assign(shape_.layers, 0);
+    r->converted.assign(shape_.layers, 0);
+    if constexpr (Mode::pooled) r->keys = hasher_->keys(req.tokens);
+
+    std::unique_lock lock(st_->mu);
+    if (st_->requests.count(req.id)) return error{errc::already_exists, who() + ": the request is already known"};
+    r->epoch = ++st_->epochs;
+    if (external_tokens > 0) {
+      const std::uint32_t sbt = src_shape_.block_tokens;
+      const std::uint32_t covered = Mode::pooled ? external_tokens : n;  // push sends every block of the prompt
+      r->nsrc = (covered + sbt - 1) / sbt;
+      if constexpr (Mode::pooled)
+        if (r->nsrc > r->keys.size()) return error{errc::invalid_argument, who() + ": more external tokens than cached blocks"};
+      r->src_failed.assign(r->nsrc, 0);
+      if (!direct_) {
+        const std::size_t need = std::size_t{r->nsrc} * src_tp_;
+        if (stage_free_.size() < need)
+          return error{errc::capacity_exceeded, who() + ": needs " + std::to_string(need) + " staging blocks, " +
+                                                    std::to_string(stage_free_.size()) + " are free"};
+        r->stage.assign(stage_free_.end() - static_cast<std::ptrdiff_t>(need), stage_free_.end());
+        stage_free_.resize(stage_free_.size() - need);
+      }
+      for (std::uint32_t l = 0; l < shape_.layers; ++l)
+        if (shape_.is_attention(l)) r->pending[l] = Mode::pooled ? r->nsrc * src_tp_ : 1;
+      if constexpr (!Mode::pooled) {
+        auto t = make_target(*r);
+        if (auto ok = mode_.link->publish(t); !ok) {
+          release_stage(*r);
+          return ok.error();
+        }
+        r->published = true;
+      }
+    } else if constexpr (!Mode::pooled) {
+      if (cfg_.role == connector_role::producer) {
+        auto t = mode_.link->take(req.id);
+        if (!t) return t.error();
+        const auto& tg = **t;
+        if (tg.source_tp != tp_ || tg.source_block_tokens != bt || tg.layers != shape_.layers ||
+            tg.source_blocks != (n + bt - 1) / bt) {
+          tg.notify({req.id, tg.epoch, 0, make_error_code(errc::invalid_argument), "the prefill instance's geometry differs", {}, 0});
+          return error{errc::invalid_argument, who() + ": decode '" + tg.node + "' expects tp " + std::to_string(tg.source_tp) + ", " +
+                                                   std::to_string(tg.source_block_tokens) + "-token blocks, " +
+                                                   std::to_string(tg.source_blocks) + " blocks; this instance has tp " +
+                                                   std::to_string(tp_) + ", " + std::to_string(bt) + "-token blocks"};
+        }
+        r->target = std::move(*t);
+      }
+    }
+    r->save_skip = external_tokens / src_shape_.block_tokens;
+    st_->requests.emplace(req.id, std::move(r));
+    return {};
+  }
+
+  //! The request left the engine: forgets it and frees its staging blocks.
+  //! `errc::busy` while transfers still touch its blocks (wait for them first).
+  result<void> request_finished(request_id id) {
+    std::unique_lock lock(st_->mu);
+    auto r = find(id, "request_finished");
+    if (!r) return r.error();
+    if ((*r)->inflight > 0)
+      return error{errc::busy, "kv_connector '" + cfg_.name + "': request_finished(request " + std::to_string(id) + "): " +
+                                   std::to_string((*r)->inflight) + " transfers still touch its blocks"};
+    if constexpr (!Mode::pooled)
+      if ((*r)->published) mode_.link->withdraw(id, (*r)->epoch);
+    release_stage(**r);
+    st_->requests.erase(id);
+    return {};
+  }
+
+  // ---- worker side --------------------------------------------------------------
+
+  //! Starts loading the request's external tokens (pull: gets from the pool,
+  //! layer by layer; push: arms the wait for the prefill's notices). Returns at once.
+  result<void> start_load_kv(request_id id) {
+    std::unique_lock lock(st_->mu);
+    auto found = find(id, "start_load_kv");
+    if (!found) return found.error();
+    auto r = *found;
+    if (r->load_started)
+      return error{errc::invalid_argument, "kv_connector '" + cfg_.name + "': start_load_kv called twice for request " + std::to_string(id)};
+    r->load_started = true;
+    r->deadline = clock::now() + load_.max_wait();
+    if (r->external == 0) return {};
+    if constexpr (Mode::pooled) {
+      std::vector<get_op> ops;
+      for (std::uint32_t l = 0; l < shape_.layers; ++l) {
+        if (!shape_.is_attention(l)) continue;
+        for (std::uint32_t i = 0; i < r->nsrc; ++i)
+          for (std::uint32_t s = 0; s < src_tp_; ++s) {
+            std::byte* dst = direct_ ? shards_[s].memory.data() + shards_[s].layout.block_layer_ranges(r->blocks[i], l)[0].offset
+                                     : stage_mem_.data() + stage_->block_layer_ranges(r->stage[s * r->nsrc + i], l)[0].offset;
+            ops.push_back({l, i, object_name(r->keys[i], l, s), std::span<std::byte>(dst, src_shape_.block_layer_bytes()),
+                           std::make_shared<asio::cancellation_signal>()});
+          }
+      }
+      r->inflight += static_cast<std::uint32_t>(ops.size());
+      st_->inflight += ops.size();
+      for (auto& o : ops) r->cancels.push_back(o.cancel);
+      lock.unlock();
+      asio::post(engine_.get_executor(), [this, r, ops = std::move(ops)]() mutable {
+        for (auto& o : ops) {
+          auto sig = o.cancel;
+          mode_.store->async_get(store::object_key{mode_.tenant, o.name}, o.dst,
+                                 asio::bind_cancellation_slot(sig->slot(), [st = st_, r, o](std::error_code ec, std::uint64_t size) {
+                                   std::lock_guard g(st->mu);
+                                   if (!ec && size != o.dst.size()) ec = make_error_code(errc::truncated_message);
+                                   if (ec) {
+                                     mark_failed(*st, *r, o.layer, o.block, ec, "get '" + o.name + "'");
+                                   } else {
+                                     r->load_bytes += size;
+                                     st->stats.bytes_loaded += size;
+                                     ++st->stats.objects_got;
+                                   }
+                                   --r->pending[o.layer];
+                                   --r->inflight;
+                                   --st->inflight;
+                                   st->cv.notify_all();
+                                 }));
+        }
+      });
+    }
+    return {};
+  }
+
+  //! Blocks until layer `layer` of the request's external tokens is in the
+  //! engine's blocks (converted, when staged), a failure the load policy turns
+  //! into an error, or the policy's deadline. `errc::timed_out` (or the
+  //! transfer's error) under a `fail` policy; under `recompute` a missing
+  //! block is recorded for `finish_load` and the wait succeeds (push: a layer
+  //! still in flight at the deadline is an error even then, because a late
+  //! remote writer cannot be fenced off from blocks the engine recomputes).
+  result<void> wait_for_layer_load(request_id id, std::uint32_t layer) {
+    std::unique_lock lock(st_->mu);
+    auto found = find(id, "wait_for_layer_load");
+    if (!found) return found.error();
+    auto r = *found;
+    auto who = [&] { return "kv_connector '" + cfg_.name + "': request " + std::to_string(id) + " layer " + std::to_string(layer); };
+    if (!r->load_started)
+      return error{errc::invalid_argument, "kv_connector '" + cfg_.name + "': wait_for_layer_load without start_load_kv for request " +
+                                               std::to_string(id)};
+    if (layer >= shape_.layers) return error{errc::out_of_range, who() + ": the model has " + std::to_string(shape_.layers) + " layers"};
+    if (r->external == 0 || !shape_.is_attention(layer)) return {};
+    const bool fails = load_.on_missing() == missing_action::fail;
+    const bool arrived = st_->cv.wait_until(lock, r->deadline, [&] { return r->pending[layer] == 0 || (fails && r->load_code); });
+    if (!arrived) {
+      if constexpr (Mode::pooled) {
+        cancel_loads(lock, r);  // their failures are recorded as `cancelled`
+      } else {
+        for (std::uint32_t l = 0; l < shape_.layers; ++l)
+          if (r->pending[l] != 0) {
+            for (std::uint32_t i = 0; i < r->nsrc; ++i) mark_failed(*st_, *r, l, i, errc::timed_out, "");
+            r->pending[l] = 0;
+          }
+        r->load_code = make_error_code(errc::timed_out);
+        r->load_context = "the prefill instance did not deliver layer " + std::to_string(layer) + " in time";
+        return error{errc::timed_out, who() + ": " + r->load_context};
+      }
+      if (!r->load_code) {
+        r->load_code = make_error_code(errc::timed_out);
+        r->load_context = "layer " + std::to_string(layer) + " did not arrive in time";
+      }
+    }
+    if (fails && r->load_code) return error{r->load_code, who() + ": " + r->load_context};
+    if (!direct_ && !r->converted[layer]) {
+      r->converted[layer] = 1;
+      lock.unlock();
+      KVX_TRY(convert_layer(*r, layer));
+      std::lock_guard g(st_->mu);
+      ++st_->stats.layers_converted;
+    }
+    return {};
+  }
+
+  //! Waits for every layer (as `wait_for_layer_load` does) and reports what
+  //! the load delivered: `valid_tokens` (recompute from there) and the engine
+  //! blocks whose load failed. Under a `fail` policy a failure is an error.
+  result<load_report> finish_load(request_id id) {
+    for (std::uint32_t l = 0; l < shape_.layers; ++l) KVX_TRY(wait_for_layer_load(id, l));
+    std::unique_lock lock(st_->mu);
+    auto found = find(id, "finish_load");
+    if (!found) return found.error();
+    auto& r = **found;
+    load_report rep;
+    rep.external_tokens = r.external;
+    rep.valid_tokens = r.external;
+    rep.bytes = r.load_bytes;
+    const std::uint32_t sbt = src_shape_.block_tokens, bt = shape_.block_tokens;
+    for (std::uint32_t i = 0; i < r.nsrc; ++i) {
+      if (!r.src_failed[i]) continue;
+      const std::uint32_t begin = i * sbt;
+      if (begin >= r.external) continue;
+      rep.valid_tokens = std::min(rep.valid_tokens, begin);
+      const std::uint32_t end = std::min((i + 1) * sbt, r.external);
+      for (std::uint32_t b = begin / bt; b < (end + bt - 1) / bt; ++b)
+        if (rep.failed_blocks.empty() || rep.failed_blocks.back() != r.blocks[b]) rep.failed_blocks.push_back(r.blocks[b]);
+    }
+    r.load_resolved = true;
+    r.valid = rep.valid_tokens;
+    release_stage(r);
+    if (!rep.complete()) {
+      // The engine re-runs the step from `valid_tokens`: every layer may be
+      // saved again, from the first block that is not valid.
+      auto keep = *found;
+      st_->cv.wait_for(lock, cfg_.save_timeout, [&] { return keep->saves_inflight == 0; });
+      r.save_skip = std::min(r.save_skip, rep.valid_tokens / sbt);
+      std::fill(r.saved.begin(), r.saved.end(), std::uint8_t{0});
+    }
+    return rep;
+  }
+
+  //! Starts saving layer `layer` of the request (its new full blocks, pull;
+  //! every block into the decode side's target, push) and returns at once:
+  //! the transfer runs while the engine computes the next layer.
+  result<void> save_kv_layer(request_id id, std::uint32_t layer) {
+    std::unique_lock lock(st_->mu);
+    auto found = find(id, "save_kv_layer");
+    if (!found) return found.error();
+    auto r = *found;
+    auto who = [&] { return "kv_connector '" + cfg_.name + "': save_kv_layer(request " + std::to_string(id) + ", layer " + std::to_string(layer) + ")"; };
+    if (cfg_.role == connector_role::consumer) return error{errc::not_supported, who() + ": this connector is a consumer; it saves nothing"};
+    if (layer >= shape_.layers) return error{errc::out_of_range, who() + ": the model has " + std::to_string(shape_.layers) + " layers"};
+    if (r->saved[layer] == 1 || r->saved[layer] == 2) return error{errc::already_exists, who() + ": the layer was already saved"};
+    if (!shape_.is_attention(layer)) {
+      r->saved[layer] = 2;
+      return {};
+    }
+    if (r->load_started && !r->load_resolved && r->external > 0 && r->first_failed_layer <= layer) {
+      r->saved[layer] = 3;  // computed over a failed load: the step is re-run, nothing wrong reaches the pool
+      return {};
+    }
+    r->saved[layer] = 1;
+    if (r->save.layers == 0 && r->save.bytes == 0) r->save.first_start = clock::now();
+    if constexpr (!Mode::pooled) {
+      if (!r->target) {
+        r->saved[layer] = 0;
+        return error{errc::invalid_argument, who() + ": no push target (update_state_after_alloc took none)"};
+      }
+      const auto& t = *r->target;
+      transfer::batch b;
+      b.deadline = cfg_.save_timeout;
+      std::vector<std::uint32_t> op_block;
+      for (std::uint32_t s = 0; s < tp_; ++s)
+        for (std::uint32_t i = 0; i < t.source_blocks; ++i) {
+          const auto& d = t.at(s, layer, i);
+          detail::pair_streams(shards_[s].layout.block_layer_ranges(r->blocks[i], layer), d.ranges,
+                               [&](std::uint64_t so, std::uint64_t dof, std::uint64_t n) {
+                                 b.write(std::span<const std::byte>(shards_[s].memory.data() + so, n), t.segments[d.segment], dof);
+                                 op_block.push_back(i);
+                               });
+        }
+      begin_save(*r);
+      lock.unlock();
+      const auto started = clock::now();
+      asio::post(engine_.get_executor(), [this, r, b = std::move(b), op_block = std::move(op_block), layer, started]() mutable {
+        engine_.async_transfer(std::move(b), [st = st_, r, op_block = std::move(op_block), layer, started](
+                                                 std::error_code ec, transfer::batch_result res) {
+          push_notice n{r->id, r->target->epoch, layer, ec, ec ? res.first_error().message() : std::string(), {}, res.bytes};
+          for (std::size_t k = 0; k < res.ops.size() && k < op_block.size(); ++k)
+            if (!res.ops[k].ok() && (n.failed_blocks.empty() || n.failed_blocks.back() != op_block[k])) n.failed_blocks.push_back(op_block[k]);
+          {
+            std::lock_guard g(st->mu);
+            end_save(*st, *r, layer, ec, n.context, res.bytes, started);
+          }
+          r->target->notify(n);
+          st->cv.notify_all();
+        });
+      });
+    } else {
+      std::vector<put_op> ops;
+      for (std::uint32_t i = r->save_skip; i < r->keys.size(); ++i)
+        for (std::uint32_t s = 0; s < tp_; ++s) {
+          const auto rg = shards_[s].layout.block_layer_ranges(r->blocks[i], layer);
+          ops.push_back({object_name(r->keys[i], layer, s),
+                         std::span<const std::byte>(shards_[s].memory.data() + rg[0].offset, shape_.block_layer_bytes())});
+        }
+      if (ops.empty()) {
+        r->saved[layer] = 2;
+        ++r->save.layers;
+        return {};
+      }
+      begin_save(*r);
+      auto left = std::make_shared<std::size_t>(ops.size());
+      auto first = std::make_shared<std::pair<std::error_code, std::string>>();
+      auto bytes = std::make_shared<std::uint64_t>(0);
+      lock.unlock();
+      const auto started = clock::now();
+      asio::post(engine_.get_executor(), [this, r, ops = std::move(ops), layer, left, first, bytes, started] {
+        for (const auto& o : ops)
+          mode_.store->async_put(store::object_key{mode_.tenant, o.name}, o.src,
+                                 [st = st_, r, o, layer, left, first, bytes, started](std::error_code ec) {
+                                   // Another producer stored the same prefix first: the bytes are the same.
+                                   if (ec == errc::already_exists) ec = {};
+                                   std::lock_guard g(st->mu);
+                                   if (ec && !first->first) *first = {ec, "put '" + o.name + "'"};
+                                   if (!ec) {
+                                     *bytes += o.src.size();
+                                     ++st->stats.objects_put;
+                                   }
+                                   if (--*left == 0) {
+                                     end_save(*st, *r, layer, first->first, first->second, *bytes, started);
+                                     st->cv.notify_all();
+                                   }
+                                 });
+      });
+    }
+    return {};
+  }
+
+  //! Blocks until every save of the request finished (up to `save_timeout`);
+  //! the first failure is the error.
+  result<save_report> wait_for_save(request_id id) {
+    std::unique_lock lock(st_->mu);
+    auto found = find(id, "wait_for_save");
+    if (!found) return found.error();
+    auto r = *found;
+    auto who = [&] { return "kv_connector '" + cfg_.name + "': wait_for_save(request " + std::to_string(id) + ")"; };
+    if (std::none_of(r->saved.begin(), r->saved.end(), [](std::uint8_t s) { return s != 0; }))
+      return error{errc::invalid_argument, who() + ": no save_kv_layer was called"};
+    if (!st_->cv.wait_for(lock, cfg_.save_timeout, [&] { return r->saves_inflight == 0; }))
+      return error{errc::timed_out, who() + ": " + std::to_string(r->saves_inflight) + " layer saves still in flight"};
+    if (r->save_code) return error{r->save_code, who() + ": " + r->save_context};
+    return r->save;
+  }
+
+  //! The first load failure recorded for the request (empty if none): what
+  //! an engine reports when `before_layer` aborted its step.
+  [[nodiscard]] kvx::error load_error(request_id id) const {
+    std::lock_guard lock(st_->mu);
+    auto it = st_->requests.find(id);
+    if (it == st_->requests.end() || !it->second->load_code) return {};
+    return {it->second->load_code, "kv_connector '" + cfg_.name + "': request " + std::to_string(id) + ": " + it->second->load_context};
+  }
+
+  //! `layer_hooks` for the tiny engine (or any engine with per-layer hooks):
+  //! `before_layer` waits for the layer's load, `after_layer` saves it
+  //! (producers). A save that cannot start is reported by `wait_for_save`.
+  layer_hooks hooks(request_id id) {
+    layer_hooks h;
+    bool loads = true;
+    {
+      std::lock_guard lock(st_->mu);
+      if (auto it = st_->requests.find(id); it != st_->requests.end()) loads = it->second->external > 0;
+    }
+    if (loads) h.before_layer = [this, id](std::uint32_t l) { return wait_for_layer_load(id, l).code(); };
+    if (cfg_.role != connector_role::consumer)
+      h.after_layer = [this, id](std::uint32_t l) {
+        if (auto ok = save_kv_layer(id, l); !ok) record_save_error(id, ok.error());
+      };
+    return h;
+  }
+
+  [[nodiscard]] connector_stats stats() const {
+    std::lock_guard lock(st_->mu);
+    return st_->stats;
+  }
+  [[nodiscard]] const connector_config& config() const noexcept { return cfg_; }
+  [[nodiscard]] const kv_shape& shape() const noexcept { return shape_; }
+  [[nodiscard]] const kv_shape& source_shape() const noexcept { return src_shape_; }
+  //! True when loads land in the engine's blocks directly (no staging, no conversion).
+  [[nodiscard]] bool loads_in_place() const noexcept { return direct_; }
+  [[nodiscard]] std::size_t known_requests() const {
+    std::lock_guard lock(st_->mu);
+    return st_->requests.size();
+  }
+  [[nodiscard]] std::string segment_name(std::size_t rank) const { return cfg_.name + "/kv" + std::to_string(rank); }
+
+ private:
+  struct request {
+    request_id id = 0;
+    std::uint64_t epoch = 0;
+    std::uint32_t prompt = 0;
+    std::vector<std::uint32_t> blocks;
+    std::uint32_t external = 0;
+    std::vector<cache::block_key> keys;
+    // load
+    bool load_started = false, load_resolved = false, published = false;
+    std::uint32_t nsrc = 0;
+    std::vector<std::uint32_t> stage;  // [shard * nsrc + block]
+    std::vector<std::uint32_t> pending;
+    std::vector<std::uint8_t> converted;
+    std::vector<std::uint8_t> src_failed;
+    std::uint32_t first_failed_layer = UINT32_MAX;
+    std::error_code load_code;
+    std::string load_context;
+    clock::time_point deadline{};
+    std::uint64_t load_bytes = 0;
+    std::uint32_t valid = 0;
+    std::vector<std::shared_ptr<asio::cancellation_signal>> cancels;
+    std::uint32_t inflight = 0;
+    // save
+    std::shared_ptr<const push_target> target;
+    std::vector<std::uint8_t> saved;  // 0 not yet, 1 in flight, 2 done, 3 skipped (computed over a failed load)
+    std::uint32_t saves_inflight = 0;
+    std::uint32_t save_skip = 0;      // leading full blocks already in the pool
+    std::error_code save_code;
+    std::string save_context;
+    save_report save;
+  };
+  struct shared_state {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::map<request_id, std::shared_ptr<request>> requests;
+    std::uint64_t epochs = 0;
+    std::size_t inflight = 0;
+    connector_stats stats;
+  };
+  struct get_op {
+    std::uint32_t layer;
+    std::uint32_t block;
+    std::string name;
+    std::span<std::byte> dst;
+    std::shared_ptr<asio::cancellation_signal> cancel;
+  };
+  struct put_op {
+    std::string name;
+    std::span<const std::byte> src;
+  };
+
+  kv_connector(Engine& engine, connector_config cfg, std::vector<kv_shard<Layout>> shards, Mode mode, Load load,
+               std::uint32_t src_tp, kv_shape src_shape, bool direct, std::optional<layouts::page_first> stage,
+               std::optional<cache::block_hasher> hasher)
+      : engine_(engine), cfg_(std::move(cfg)), shards_(std::move(shards)), mode_(std::move(mode)), load_(std::move(load)),
+        shape_(shards_[0].layout.shape()), tp_(static_cast<std::uint32_t>(shards_.size())), src_tp_(src_tp),
+        src_shape_(std::move(src_shape)), direct_(direct), stage_(std::move(stage)), hasher_(std::move(hasher)),
+        st_(std::make_shared<shared_state>()) {
+    if (stage_) {
+      stage_mem_.assign(stage_->bytes_required(), std::byte{0});
+      for (std::uint32_t b = stage_->num_blocks(); b-- > 0;) stage_free_.push_back(b);
+    }
+  }
+
+  static std::uint32_t first_attention(const kv_shape& s) {
+    std::uint32_t l = 0;
+    while (l + 1 < s.layers && !s.is_attention(l)) ++l;
+    return l;
+  }
+  static std::uint32_t last_attention(const kv_shape& s) {
+    std::uint32_t l = s.layers - 1;
+    while (l > 0 && !s.is_attention(l)) --l;
+    return l;
+  }
+  std::string object_name(const cache::block_key& k, std::uint32_t layer, std::uint32_t shard) const {
+    return k.to_string() + "/l" + std::to_string(layer) + "/h" + std::to_string(shard * src_shape_.kv_heads);
+  }
+
+  // Callers hold st_->mu.
+  result<std::shared_ptr<request>> find(request_id id, const char* call) const {
+    auto it = st_->requests.find(id);
+    if (it == st_->requests.end())
+      return error{errc::not_found, "kv_connector '" + cfg_.name + "': " + call + ": request " + std::to_string(id) +
+                                        " is unknown (update_state_after_alloc first, and not after request_finished)"};
+    return it->second;
+  }
+  void release_stage(request& r) {
+    stage_free_.insert(stage_free_.end(), r.stage.begin(), r.stage.end());
+    r.stage.clear();
+  }
+  static void mark_failed(shared_state& st, request& r, std::uint32_t layer, std::uint32_t block, std::error_code ec,
+                          const std::string& context) {
+    if (block < r.src_failed.size() && !r.src_failed[block]) {
+      r.src_failed[block] = 1;
+      ++st.stats.failed_blocks;
+    }
+    r.first_failed_layer = std::min(r.first_failed_layer, layer);
+    if (!r.load_code) {
+      r.load_code = ec;
+      r.load_context = "layer " + std::to_string(layer) + " block " + std::to_string(block) + (context.empty() ? "" : ": " + context);
+    }
+  }
+  void begin_save(request& r) {
+    ++r.saves_inflight;
+    ++r.inflight;
+    ++st_->inflight;
+  }
+  static void end_save(shared_state& st, request& r, std::uint32_t layer, std::error_code ec, const std::string& context,
+                       std::uint64_t bytes, clock::time_point started) {
+    const auto now = clock::now();
+    r.saved[layer] = 2;
+    ++r.save.layers;
+    r.save.bytes += bytes;
+    r.save.busy_s += std::chrono::duration<double>(now - started).count();
+    r.save.last_end = now;
+    if (ec && !r.save_code) {
+      r.save_code = ec;
+      r.save_context = "layer " + std::to_string(layer) + ": " + context;
+    }
+    st.stats.bytes_saved += bytes;
+    ++st.stats.layers_saved;
+    --r.saves_inflight;
+    --r.inflight;
+    --st.inflight;
+  }
+  void record_save_error(request_id id, const kvx::error& e) {
+    std::lock_guard lock(st_->mu);
+    if (auto it = st_->requests.find(id); it != st_->requests.end() && !it->second->save_code) {
+      it->second->save_code = e.code();
+      it->second->save_context = e.context();
+    }
+  }
+
+  // Cancels the request's gets still in flight and waits for them to complete.
+  void cancel_loads(std::unique_lock<std::mutex>& lock, const std::shared_ptr<request>& r) {
+    auto sigs = r->cancels;
+    lock.unlock();
+    asio::post(engine_.get_executor(), [sigs] {
+      for (const auto& s : sigs) s->emit(asio::cancellation_type::terminal);
+    });
+    lock.lock();
+    st_->cv.wait_for(lock, cfg_.control_timeout, [&] { return r->inflight == 0; });
+    for (auto& p : r->pending) p = 0;
+  }
+
+  std::shared_ptr<const push_target> make_target(const request& r) {
+    auto t = std::make_shared<push_target>();
+    t->request = r.id;
+    t->epoch = r.epoch;
+    t->node = cfg_.name;
+    t->source_tp = src_tp_;
+    t->source_block_tokens = src_shape_.block_tokens;
+    t->source_blocks = r.nsrc;
+    t->layers = shape_.layers;
+    if (direct_) {
+      for (std::uint32_t s = 0; s < tp_; ++s) t->segments.push_back(segment_name(s));
+    } else {
+      t->segments.push_back(cfg_.name + "/stage");
+    }
+    t->destinations.reserve(std::size_t{src_tp_} * shape_.layers * r.nsrc);
+    for (std::uint32_t s = 0; s < src_tp_; ++s)
+      for (std::uint32_t l = 0; l < shape_.layers; ++l)
+        for (std::uint32_t i = 0; i < r.nsrc; ++i) {
+          if (direct_)
+            t->destinations.push_back({s, shards_[s].layout.block_layer_ranges(r.blocks[i], l)});
+          else
+            t->destinations.push_back({0, stage_->block_layer_ranges(r.stage[s * r.nsrc + i], l)});
+        }
+    t->notify = [weak = std::weak_ptr<shared_state>(st_)](const push_notice& n) {
+      auto st = weak.lock();
+      if (!st) return;
+      std::lock_guard lock(st->mu);
+      auto it = st->requests.find(n.request);
+      if (it == st->requests.end() || it->second->epoch != n.epoch || n.layer >= it->second->pending.size() ||
+          it->second->pending[n.layer] == 0) {
+        ++st->stats.stale_notices;
+        return;
+      }
+      auto& r = *it->second;
+      if (n.code) {
+        if (n.failed_blocks.empty())
+          for (std::uint32_t i = 0; i < r.nsrc; ++i) mark_failed(*st, r, n.layer, i, n.code, n.context);
+        for (auto i : n.failed_blocks) mark_failed(*st, r, n.layer, i, n.code, n.context);
+      }
+      r.load_bytes += n.bytes;
+      st->stats.bytes_loaded += n.bytes;
+      r.pending[n.layer] = 0;
+      st->cv.notify_all();
+    };
+    return t;
+  }
+
+  // Staged loads: one layer from the producer-shaped staging blocks into the engine's layout.
+  result<void> convert_layer(const request& r, std::uint32_t layer) {
+    std::vector<std::vector<std::uint32_t>> tables(src_tp_);
+    std::vector<kv_source<layouts::page_first>> src;
+    for (std::uint32_t s = 0; s < src_tp_; ++s) {
+      tables[s].assign(r.stage.begin() + std::ptrdiff_t{s} * r.nsrc, r.stage.begin() + std::ptrdiff_t{s + 1} * r.nsrc);
+      src.push_back({&*stage_, stage_mem_, tables[s], s * src_shape_.kv_heads, no_state_slot});
+    }
+    std::vector<kv_target<Layout>> dst;
+    for (std::uint32_t s = 0; s < tp_; ++s) dst.push_back({&shards_[s].layout, shards_[s].memory, r.blocks, s * shape_.kv_heads, no_state_slot});
+    auto done = convert<layouts::page_first, Layout>(std::span<const kv_source<layouts::page_first>>(src),
+                                                     std::span<const kv_target<Layout>>(dst), token_range{0, r.external},
+                                                     convert_options{.layer_begin = layer, .layer_end = layer + 1, .copy_state = false});
+    if (!done) return error{done.code(), "kv_connector '" + cfg_.name + "': converting layer " + std::to_string(layer) + ": " + done.error().message()};
+    return {};
+  }
+
+  Engine& engine_;
+  connector_config cfg_;
+  std::vector<kv_shard<Layout>> shards_;
+  Mode mode_;
+  Load load_;
+  kv_shape shape_;
+  std::uint32_t tp_;
+  std::uint32_t src_tp_;
+  kv_shape src_shape_;
+  bool direct_;
+  std::optional<layouts::page_first> stage_;
+  std::vector<std::byte> stage_mem_;
+  std::vector<std::uint32_t> stage_free_;  // guarded by st_->mu
+  std::optional<cache::block_hasher> hasher_;
+  std::shared_ptr<shared_state> st_;
+  std::vector<std::string> registered_;
+};
+
+}  // namespace kvx::disagg

@@ -1,0 +1,281 @@
+#pragma once
+//! \file
+//! Prefill and decode workers: a `tiny_engine` wired to a `kv_connector` the
+//! way an engine's scheduler and model runner call it. They are the worked
+//! example of docs/disagg-guide.md and what the P/D demo and the connector
+//! tests run; a real engine puts the same calls in its own scheduler.
+//!
+//! - `block_allocator`: the engine's free list of KV blocks (thread-safe).
+//! - `tiny_worker<Layout, Engine, Mode, Load>`: one instance (its TP shards,
+//!   its block pool, its registered memory, its connector).
+//!   - `run_prefill(req)` (producer): asks the connector how much is cached,
+//!     allocates, loads the cached prefix layer by layer while computing the
+//!     rest, saves each layer as soon as it is computed (layer-wise
+//!     streaming), waits for the saves, frees. A failed load under a
+//!     `recompute` policy re-runs from the valid prefix.
+//!   - `admit(req, max_new)` then `run_decode(req, ticket, n)` (consumer):
+//!     admitting allocates the blocks (push: and publishes where the prefill
+//!     instance must write); running waits per layer, computes the last prompt
+//!     token, then decodes. `abort(ticket)` gives up on a request (the router
+//!     retries it elsewhere).
+//!
+//! Thread safety: `run_prefill` / `run_decode` may run on several threads at
+//! once for different requests (the engine is immutable; blocks are disjoint).
+//! They block the calling thread; the transfer engine's executor must run on
+//! another thread.
+//!
+//! \code
+//! auto p = tiny_worker<layouts::layer_first, engine_type, transfer_mode::push>::make(
+//!              engine, {.name = "prefill-0", .role = connector_role::producer, .model = cfg, .num_blocks = 256}, {link}).value();
+//! auto ticket = d->admit(req, 8).value();       // decode side first (push)
+//! auto pre = p->run_prefill(req).value();       // computes and pushes, layer by layer
+//! auto out = d->run_decode(req, ticket, 8).value();
+//! \endcode
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <kvx/core/result.hpp>
+#include <kvx/disagg/connector.hpp>
+#include <kvx/disagg/tiny_engine.hpp>
+
+namespace kvx::disagg {
+
+//! A thread-safe free list of block ids `[0, n)`.
+class block_allocator {
+ public:
+  explicit block_allocator(std::uint32_t n) {
+    free_.reserve(n);
+    for (std::uint32_t b = n; b-- > 0;) free_.push_back(b);
+  }
+  //! `n` blocks, or `errc::capacity_exceeded`.
+  result<std::vector<std::uint32_t>> allocate(std::uint32_t n) {
+    std::lock_guard lock(mutex_);
+    if (free_.size() < n)
+      return error{errc::capacity_exceeded, "block_allocator: " + std::to_string(n) + " blocks wanted, " +
+                                                std::to_string(free_.size()) + " free"};
+    std::vector<std::uint32_t> out(free_.end() - n, free_.end());
+    free_.resize(free_.size() - n);
+    return out;
+  }
+  void free(std::span<const std::uint32_t> blocks) {
+    std::lock_guard lock(mutex_);
+    free_.insert(free_.end(), blocks.begin(), blocks.end());
+  }
+  [[nodiscard]] std::size_t available() const {
+    std::lock_guard lock(mutex_);
+    return free_.size();
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<std::uint32_t> free_;
+};
+
+//! One instance's set-up.
+struct worker_config {
+  std::string name = "instance";
+  connector_role role = connector_role::producer;
+  tiny_config model{};              //!< with `tp` and `block_tokens` of this instance
+  std::uint32_t num_blocks = 256;   //!< KV blocks per shard
+  std::uint32_t source_tp = 0;      //!< consumers: the producers' TP (0: same)
+  std::uint32_t source_block_tokens = 0;
+  std::uint32_t staging_blocks = 0;
+  std::chrono::steady_clock::duration save_timeout = std::chrono::seconds(30);
+};
+
+//! What a prefill run did.
+struct prefill_outcome {
+  std::uint32_t first_token = 0;
+  std::uint32_t cached_tokens = 0;     //!< loaded instead of computed (pool hit)
+  std::uint32_t recomputed_tokens = 0; //!< cached tokens whose load failed and were recomputed
+  double compute_s = 0;                //!< the forward pass (with per-layer waits)
+  double save_tail_s = 0;              //!< time from the end of compute until every save finished (the exposed transfer)
+  save_report saved;
+};
+
+//! A consumer's admitted request: its blocks and how many tokens it loads.
+struct decode_ticket {
+  request_id id = 0;
+  std::vector<std::uint32_t> blocks;
+  std::uint32_t external_tokens = 0;
+};
+
+//! What a decode run did.
+struct decode_outcome {
+  std::vector<std::uint32_t> tokens;   //!< the generated tokens (the first one included)
+  std::uint32_t loaded_tokens = 0;
+  std::uint32_t recomputed_tokens = 0;
+  double first_token_s = 0;            //!< waits for the load + computes the uncached tail
+  double tpot_s = 0;                   //!< mean time per output token after the first
+  load_report load;
+};
+
+template <kv_layout Layout, class Engine, kv_transfer_mode Mode, load_policy Load = load::wait_full>
+class tiny_worker {
+ public:
+  using connector_type = kv_connector<Layout, Engine, Mode, Load>;
+  using clock = std::chrono::steady_clock;
+
+  //! Builds the instance (layouts, memory, engine, connector) and registers
+  //! its memory. Blocks up to the connector's control timeout.
+  static result<std::unique_ptr<tiny_worker>> make(Engine& engine, worker_config cfg, Mode mode, Load load = {}) {
+    std::unique_ptr<tiny_worker> w(new tiny_worker(cfg));
+    KVX_TRY(cfg.model.validate());
+    std::vector<kv_shard<Layout>> shards;
+    w->memory_.reserve(cfg.model.tp);
+    for (std::uint32_t r = 0; r < cfg.model.tp; ++r) {
+      auto l = Layout::make(cfg.model.shard_shape(), cfg.num_blocks);
+      if (!l) return l.error();
+      w->memory_.emplace_back(l->bytes_required(), std::byte{0});
+      shards.push_back({*l, w->memory_.back()});
+    }
+    auto eng = tiny_engine<Layout>::make(cfg.model, shards);
+    if (!eng) return eng.error();
+    w->engine_.emplace(std::move(*eng));
+    connector_config cc{.name = cfg.name,
+                        .role = cfg.role,
+                        .source_tp = cfg.source_tp,
+                        .source_block_tokens = cfg.source_block_tokens,
+                        .staging_blocks = cfg.staging_blocks,
+                        .save_timeout = cfg.save_timeout};
+    auto conn = connector_type::make(engine, std::move(cc), std::move(shards), std::move(mode), std::move(load));
+    if (!conn) return conn.error();
+    w->conn_ = std::move(*conn);
+    KVX_TRY(w->conn_->start());
+    return w;
+  }
+
+  [[nodiscard]] connector_type& connector() noexcept { return *conn_; }
+  [[nodiscard]] const tiny_engine<Layout>& model() const noexcept { return *engine_; }
+  [[nodiscard]] block_allocator& blocks() noexcept { return alloc_; }
+  [[nodiscard]] const worker_config& config() const noexcept { return cfg_; }
+
+  //! Producer: compute the prompt (loading what the pool holds), save it layer by layer.
+  result<prefill_outcome> run_prefill(const kv_request& req) {
+    prefill_outcome out;
+    auto matched = conn_->get_num_new_matched_tokens(req);
+    if (!matched) return matched.error();
+    const auto n = static_cast<std::uint32_t>(req.tokens.size());
+    auto blocks = alloc_.allocate(blocks_for(n));
+    if (!blocks) return blocks.error();
+    auto fail = [&](const kvx::error& e) -> result<prefill_outcome> {
+      (void)conn_->wait_for_save(req.id);  // nothing may still read the blocks we free
+      if (conn_->request_finished(req.id)) alloc_.free(*blocks);
+      return e;
+    };
+    if (auto ok = conn_->update_state_after_alloc(req, *blocks, *matched); !ok) {
+      alloc_.free(*blocks);
+      return ok.error();
+    }
+    out.cached_tokens = *matched;
+    if (auto ok = conn_->start_load_kv(req.id); !ok) return fail(ok.error());
+    const kv_sequence seq{*blocks};
+    const auto t0 = clock::now();
+    auto first = engine_->prefill(req.tokens, seq, *matched, conn_->hooks(req.id));
+    if (!first)
+      if (auto e = conn_->load_error(req.id)) return fail(e);
+    if (*matched > 0) {
+      auto rep = conn_->finish_load(req.id);
+      if (!rep) return fail(rep.error());
+      if (!rep->complete()) {
+        out.recomputed_tokens = *matched - rep->valid_tokens;
+        out.cached_tokens = rep->valid_tokens;
+        first = engine_->prefill(req.tokens, seq, rep->valid_tokens, conn_->hooks(req.id));
+      }
+    }
+    const auto t1 = clock::now();
+    out.compute_s = std::chrono::duration<double>(t1 - t0).count();
+    if (!first) return fail(first.error());
+    out.first_token = *first;
+    auto saved = conn_->wait_for_save(req.id);
+    if (!saved) return fail(saved.error());
+    out.saved = *saved;
+    out.save_tail_s = std::max(0.0, std::chrono::duration<double>(saved->last_end - t1).count());
+    KVX_TRY(conn_->request_finished(req.id));
+    alloc_.free(*blocks);
+    return out;
+  }
+
+  //! Consumer: allocate blocks for the prompt and `max_new` tokens and tell
+  //! the connector (push: publishes the target the prefill instance writes to).
+  result<decode_ticket> admit(const kv_request& req, std::uint32_t max_new) {
+    auto matched = conn_->get_num_new_matched_tokens(req);
+    if (!matched) return matched.error();
+    const auto n = static_cast<std::uint32_t>(req.tokens.size());
+    auto blocks = alloc_.allocate(blocks_for(n + max_new));
+    if (!blocks) return blocks.error();
+    if (auto ok = conn_->update_state_after_alloc(req, *blocks, *matched); !ok) {
+      alloc_.free(*blocks);
+      return ok.error();
+    }
+    return decode_ticket{req.id, std::move(*blocks), *matched};
+  }
+
+  //! Consumer: wait for the KV layer by layer while computing the prompt's
+  //! uncached tail, then decode `n` tokens in all. On error the request stays
+  //! admitted: `abort` it.
+  result<decode_outcome> run_decode(const kv_request& req, const decode_ticket& t, std::uint32_t n) {
+    decode_outcome out;
+    KVX_TRY(conn_->start_load_kv(req.id));
+    const kv_sequence seq{t.blocks};
+    const auto t0 = clock::now();
+    auto first = engine_->prefill(req.tokens, seq, t.external_tokens, conn_->hooks(req.id));
+    if (!first) {
+      if (auto e = conn_->load_error(req.id)) return e;
+      return first.error();
+    }
+    out.loaded_tokens = t.external_tokens;
+    if (t.external_tokens > 0) {
+      auto rep = conn_->finish_load(req.id);
+      if (!rep) return rep.error();
+      out.load = *rep;
+      if (!rep->complete()) {
+        out.recomputed_tokens = t.external_tokens - rep->valid_tokens;
+        out.loaded_tokens = rep->valid_tokens;
+        first = engine_->prefill(req.tokens, seq, rep->valid_tokens);
+        if (!first) return first.error();
+      }
+    }
+    const auto t1 = clock::now();
+    out.first_token_s = std::chrono::duration<double>(t1 - t0).count();
+    out.tokens.push_back(*first);
+    const auto len = static_cast<std::uint32_t>(req.tokens.size());
+    for (std::uint32_t i = 1; i < n; ++i) {
+      auto next = engine_->decode(out.tokens.back(), len + i - 1, seq);
+      if (!next) return next.error();
+      out.tokens.push_back(*next);
+    }
+    if (n > 1) out.tpot_s = std::chrono::duration<double>(clock::now() - t1).count() / (n - 1);
+    KVX_TRY(conn_->request_finished(req.id));
+    alloc_.free(t.blocks);
+    return out;
+  }
+
+  //! Gives up on an admitted request. `quarantine` keeps its blocks out of
+  //! the free list: a push producer that stopped answering may still write them.
+  result<void> abort(const decode_ticket& t, bool quarantine) {
+    KVX_TRY(conn_->request_finished(t.id));
+    if (!quarantine) alloc_.free(t.blocks);
+    return {};
+  }
+
+ private:
+  explicit tiny_worker(const worker_config& cfg) : cfg_(cfg), alloc_(cfg.num_blocks) {}
+  [[nodiscard]] std::uint32_t blocks_for(std::uint32_t tokens) const {
+    return (tokens + cfg_.model.block_tokens - 1) / cfg_.model.block_tokens;
+  }
+
+  worker_config cfg_;
+  block_allocator alloc_;
+  std::vector<std::vector<std::byte>> memory_;
+  std::optional<tiny_engine<Layout>> engine_;
+  std::unique_ptr<connector_type> conn_;
+};
+
+}  // namespace kvx::disagg

@@ -1,0 +1,482 @@
+#include <kvx/disagg/connector.hpp>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <future>
+#include <memory>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+
+#include <kvx/cache/eviction/lru.hpp>
+#include <kvx/disagg/layouts/layer_first.hpp>
+#include <kvx/disagg/layouts/layer_first_kv_split.hpp>
+#include <kvx/disagg/layouts/page_first.hpp>
+#include <kvx/disagg/pd_stack.hpp>
+#include <kvx/disagg/router.hpp>
+#include <kvx/memory/mapped_arena.hpp>
+#include <kvx/store/store_client.hpp>  // before master_server.hpp, which uses asio::as_tuple without including it
+#include <kvx/store/master_server.hpp>
+#include <kvx/store/store_node.hpp>
+#include <kvx/testing/test_transports.hpp>
+#include <kvx/transfer/embedded_metadata.hpp>
+#include <kvx/transfer/transfer_engine.hpp>
+#include <kvx/transport/local.hpp>
+
+namespace {
+
+namespace asio = boost::asio;
+namespace kd = kvx::disagg;
+using namespace std::chrono_literals;
+
+using local_engine = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, kvx::transport::local>;
+using impulse_transport = kvx::testing::impulse<kvx::transport::local>;
+using impulse_engine = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, impulse_transport>;
+using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
+template <class E>
+using pull_mode = kd::transfer_mode::pull<kvx::store::store_client<E>>;
+
+// One party per instance: its own transport and transfer engine, sharing the
+// in-process metadata backend, as separate machines would share etcd.
+template <class Transport>
+struct party {
+  Transport transport;
+  kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, Transport> engine;
+  party(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name)
+      : transport(io.get_executor()), engine(meta, {.node = name}, transport) {}
+};
+
+kd::tiny_config model(std::uint32_t tp = 1, std::uint32_t block_tokens = 16) {
+  return {.layers = 3, .kv_heads = 4, .head_dim = 16, .block_tokens = block_tokens, .vocab = 256, .tp = tp, .seed = 7};
+}
+
+std::vector<std::uint32_t> prompt(std::size_t n, std::uint32_t seed) {
+  std::vector<std::uint32_t> p(n);
+  for (std::size_t i = 0; i < n; ++i) p[i] = static_cast<std::uint32_t>((i * 7919U + seed * 104729U + 13U) % 256U);
+  return p;
+}
+
+// The colocated run: one TP=1 instance does everything.
+std::vector<std::uint32_t> reference(const std::vector<std::uint32_t>& p, std::uint32_t n) {
+  auto cfg = model();
+  auto l = kd::layouts::layer_first::make(cfg.shard_shape(), 64).value();
+  std::vector<std::byte> mem(l.bytes_required());
+  auto eng = kd::tiny_engine<kd::layouts::layer_first>::make(cfg, l, mem).value();
+  std::vector<std::uint32_t> table(64);
+  for (std::uint32_t i = 0; i < 64; ++i) table[i] = 63 - i;
+  return eng.generate(p, n, {table}).value();
+}
+
+struct Cluster : ::testing::Test {
+  asio::io_context io;
+  kvx::transfer::embedded_metadata meta{io.get_executor()};
+  kvx::metrics::registry registry;
+  state_type state{kvx::store::master_config{}, {}, registry};
+  kvx::store::master_server<state_type> server{io.get_executor(), state, {.address = "127.0.0.1", .port = 0, .tick_interval = 50ms}};
+  std::shared_ptr<kd::push_link> link = std::make_shared<kd::push_link>();
+  std::vector<std::unique_ptr<party<kvx::transport::local>>> parties;
+  std::vector<std::unique_ptr<party<impulse_transport>>> impulse_parties;
+  std::vector<kvx::memory::mapped_arena> arenas;
+  std::vector<std::unique_ptr<kvx::store::store_node<local_engine>>> nodes;
+  std::vector<std::unique_ptr<kvx::store::store_client<local_engine>>> clients;
+  std::vector<std::unique_ptr<kvx::store::store_client<impulse_engine>>> impulse_clients;
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work;
+  std::thread runner;
+
+  void SetUp() override {
+    ASSERT_TRUE(server.start());
+    work.emplace(io.get_executor());
+    runner = std::thread([this] { io.run(); });
+  }
+  // Subclasses destroy their workers first (connectors deregister through the running executor).
+  void stop_io() {
+    for (auto& n : nodes) n->stop();
+    asio::post(io, [this] { server.stop(); });
+    work.reset();
+    std::this_thread::sleep_for(20ms);
+    io.stop();
+    if (runner.joinable()) runner.join();
+  }
+  void TearDown() override { stop_io(); }
+
+  local_engine& add_local(const std::string& name) {
+    return parties.emplace_back(std::make_unique<party<kvx::transport::local>>(io, meta, name))->engine;
+  }
+  party<impulse_transport>& add_impulse(const std::string& name) {
+    return *impulse_parties.emplace_back(std::make_unique<party<impulse_transport>>(io, meta, name));
+  }
+
+  template <class F>
+  std::error_code on_io(F f) {
+    auto p = std::make_shared<std::promise<std::error_code>>();
+    auto fut = p->get_future();
+    asio::post(io, [f, p]() mutable { f([p](std::error_code ec, auto&&...) { p->set_value(ec); }); });
+    if (fut.wait_for(10s) != std::future_status::ready) return kvx::errc::timed_out;
+    return fut.get();
+  }
+
+  void add_pool_node(const std::string& name) {
+    auto& e = add_local(name);
+    arenas.push_back(std::move(*kvx::memory::mapped_arena::create(8 << 20)));
+    auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<local_engine>>(
+        e, kvx::store::master_client::create(io.get_executor(), server.endpoint()),
+        kvx::store::node_options{.name = name, .segment = "", .tier = "dram", .heartbeat = 100ms}));
+    auto region = arenas.back().region();
+    ASSERT_FALSE(on_io([&node, region](auto cb) { node.async_start(region, cb); }));
+  }
+  template <class E>
+  kvx::store::store_client<E>* client_for(E& e, const std::string& name) {
+    auto c = std::make_unique<kvx::store::store_client<E>>(
+        e, kvx::store::master_client::create(io.get_executor(), server.endpoint()),
+        kvx::store::client_options{.node = name, .replicas = 1, .lease = 2000ms});
+    auto* p = c.get();
+    if constexpr (std::is_same_v<E, local_engine>)
+      clients.push_back(std::move(c));
+    else
+      impulse_clients.push_back(std::move(c));
+    return p;
+  }
+};
+
+struct ConnectorTest : Cluster {
+  // Workers of every kind a test uses; destroyed before the executor stops.
+  std::vector<std::shared_ptr<void>> workers;
+  void TearDown() override {
+    workers.clear();
+    stop_io();
+  }
+  template <class W>
+  W* keep(std::unique_ptr<W> w) {
+    auto* p = w.get();
+    workers.push_back(std::shared_ptr<W>(std::move(w)));
+    return p;
+  }
+  template <class Layout, class Load = kd::load::wait_until>
+  auto* push_worker(kd::worker_config cfg, Load load = Load{2s}) {
+    auto& e = add_local(cfg.name);
+    return keep(kd::tiny_worker<Layout, local_engine, kd::transfer_mode::push, Load>::make(e, cfg, {link}, load).value());
+  }
+  template <class Layout, class Load = kd::load::best_effort>
+  auto* pull_worker(kd::worker_config cfg, Load load = Load{2s}) {
+    auto& e = add_local(cfg.name);
+    pull_mode<local_engine> mode{client_for(e, cfg.name), "t", "tiny"};
+    return keep(kd::tiny_worker<Layout, local_engine, pull_mode<local_engine>, Load>::make(e, cfg, mode, load).value());
+  }
+};
+
+using kd::connector_role;
+
+// ---- token identity, colocated vs disaggregated ---------------------------------
+
+TEST_F(ConnectorTest, PushFromLayerFirstIntoPageFirstIsTokenIdenticalToColocated) {
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "p0", .role = connector_role::producer, .model = model(), .num_blocks = 32});
+  auto* d = push_worker<kd::layouts::page_first>({.name = "d0", .role = connector_role::consumer, .model = model(), .num_blocks = 32});
+  EXPECT_TRUE(d->connector().loads_in_place());
+  const auto tokens = prompt(75, 1);
+  const kd::kv_request req{1, tokens};
+  auto ticket = d->admit(req, 6).value();
+  EXPECT_EQ(ticket.external_tokens, 74u);
+  auto pre = p->run_prefill(req);
+  ASSERT_TRUE(pre) << pre.error().message();
+  EXPECT_EQ(pre->saved.layers, 3u);
+  auto out = d->run_decode(req, ticket, 6);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->tokens, reference(tokens, 6));
+  EXPECT_EQ(out->tokens.front(), pre->first_token);
+  EXPECT_TRUE(out->load.complete());
+  EXPECT_EQ(p->connector().stats().bytes_saved, d->connector().stats().bytes_loaded);
+  EXPECT_EQ(p->connector().stats().bytes_saved, 3u * 5u * model().shard_shape().block_layer_bytes());
+  EXPECT_EQ(d->connector().known_requests(), 0u);
+  EXPECT_EQ(link->waiting(), 0u);
+}
+
+TEST_F(ConnectorTest, PushFromTp2IntoTp1WithLargerBlocksConvertsAndIsTokenIdentical) {
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "p-tp2", .role = connector_role::producer, .model = model(2, 16), .num_blocks = 32});
+  auto* d = push_worker<kd::layouts::page_first>({.name = "d-tp1",
+                                                  .role = connector_role::consumer,
+                                                  .model = model(1, 32),
+                                                  .num_blocks = 32,
+                                                  .source_tp = 2,
+                                                  .source_block_tokens = 16,
+                                                  .staging_blocks = 32});
+  EXPECT_FALSE(d->connector().loads_in_place());
+  const auto tokens = prompt(90, 2);
+  const kd::kv_request req{2, tokens};
+  auto ticket = d->admit(req, 5).value();
+  ASSERT_TRUE(p->run_prefill(req));
+  auto out = d->run_decode(req, ticket, 5);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->tokens, reference(tokens, 5));
+  EXPECT_EQ(d->connector().stats().layers_converted, 3u);
+}
+
+TEST_F(ConnectorTest, PushIntoKvSplitLayoutPairsSplitRangesAndIsTokenIdentical) {
+  auto* p = push_worker<kd::layouts::page_first>({.name = "p-pf", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  auto* d = push_worker<kd::layouts::layer_first_kv_split>({.name = "d-kv", .role = connector_role::consumer, .model = model(), .num_blocks = 16});
+  const auto tokens = prompt(40, 3);
+  const kd::kv_request req{3, tokens};
+  auto ticket = d->admit(req, 4).value();
+  ASSERT_TRUE(p->run_prefill(req));
+  auto out = d->run_decode(req, ticket, 4);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->tokens, reference(tokens, 4));
+}
+
+TEST_F(ConnectorTest, PullThroughThePoolIsTokenIdenticalAndTheNextTurnHitsThePool) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::layer_first>({.name = "pp", .role = connector_role::both, .model = model(), .num_blocks = 32});
+  auto* d = pull_worker<kd::layouts::page_first>({.name = "pd", .role = connector_role::consumer, .model = model(), .num_blocks = 32});
+  const auto turn1 = prompt(70, 4);
+  const kd::kv_request r1{10, turn1};
+  auto pre1 = p->run_prefill(r1);
+  ASSERT_TRUE(pre1) << pre1.error().message();
+  EXPECT_EQ(pre1->cached_tokens, 0u);
+  auto t1 = d->admit(r1, 5).value();
+  EXPECT_EQ(t1.external_tokens, 64u) << "four full blocks are in the pool; the partial one is recomputed";
+  auto out1 = d->run_decode(r1, t1, 5);
+  ASSERT_TRUE(out1) << out1.error().message();
+  EXPECT_EQ(out1->tokens, reference(turn1, 5));
+
+  // Turn 2 extends turn 1: the prefill instance loads the shared prefix.
+  auto turn2 = turn1;
+  turn2.insert(turn2.end(), out1->tokens.begin(), out1->tokens.end());
+  for (auto t : prompt(30, 5)) turn2.push_back(t);
+  const kd::kv_request r2{11, turn2};
+  auto pre2 = p->run_prefill(r2);
+  ASSERT_TRUE(pre2) << pre2.error().message();
+  EXPECT_EQ(pre2->cached_tokens, 64u);
+  auto t2 = d->admit(r2, 4).value();
+  EXPECT_EQ(t2.external_tokens, 96u);
+  auto out2 = d->run_decode(r2, t2, 4);
+  ASSERT_TRUE(out2) << out2.error().message();
+  EXPECT_EQ(out2->tokens, reference(turn2, 4));
+  EXPECT_GT(d->connector().stats().objects_got, 0u);
+}
+
+TEST_F(ConnectorTest, PullFromTp2IntoTp1PageFirstIsTokenIdentical) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::page_first>({.name = "pp2", .role = connector_role::producer, .model = model(2, 16), .num_blocks = 32});
+  auto* d = pull_worker<kd::layouts::layer_first>(
+      {.name = "pd1", .role = connector_role::consumer, .model = model(1, 32), .num_blocks = 32, .source_tp = 2, .source_block_tokens = 16, .staging_blocks = 32});
+  const auto tokens = prompt(100, 6);
+  const kd::kv_request req{20, tokens};
+  ASSERT_TRUE(p->run_prefill(req));
+  auto t = d->admit(req, 5).value();
+  EXPECT_EQ(t.external_tokens, 96u);
+  auto out = d->run_decode(req, t, 5);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->tokens, reference(tokens, 5));
+  EXPECT_EQ(d->connector().stats().objects_got, 6u * 3u * 2u);
+}
+
+// ---- the state machine against misuse --------------------------------------------
+
+TEST_F(ConnectorTest, MisuseGetsClearErrors) {
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "mp", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  auto* d = push_worker<kd::layouts::layer_first>({.name = "md", .role = connector_role::consumer, .model = model(), .num_blocks = 16});
+  auto& pc = p->connector();
+  auto& dc = d->connector();
+  const auto tokens = prompt(40, 7);
+  const kd::kv_request req{5, tokens};
+
+  EXPECT_EQ(dc.start_load_kv(99).code(), kvx::errc::not_found);
+  EXPECT_NE(dc.start_load_kv(99).error().message().find("request 99 is unknown"), std::string::npos);
+  EXPECT_EQ(dc.wait_for_layer_load(99, 0).code(), kvx::errc::not_found);
+  EXPECT_EQ(pc.save_kv_layer(99, 0).code(), kvx::errc::not_found);
+  EXPECT_EQ(pc.wait_for_save(99).code(), kvx::errc::not_found);
+  EXPECT_EQ(dc.request_finished(99).code(), kvx::errc::not_found);
+
+  // A push producer needs the decode side's target first.
+  std::vector<std::uint32_t> pblocks{0, 1, 2};
+  EXPECT_EQ(pc.update_state_after_alloc(req, pblocks, 0).code(), kvx::errc::not_found);
+
+  std::vector<std::uint32_t> dblocks{3, 4, 5, 6};
+  EXPECT_EQ(dc.update_state_after_alloc(req, std::span(dblocks).first(2), 39).code(), kvx::errc::out_of_range) << "short table";
+  std::vector<std::uint32_t> bad{0, 1, 99};
+  EXPECT_EQ(dc.update_state_after_alloc(req, bad, 39).code(), kvx::errc::out_of_range) << "block past the pool";
+  EXPECT_EQ(dc.update_state_after_alloc(req, dblocks, 40).code(), kvx::errc::invalid_argument) << "nothing left to compute";
+  ASSERT_TRUE(dc.update_state_after_alloc(req, dblocks, 39));
+  EXPECT_EQ(dc.update_state_after_alloc(req, dblocks, 39).code(), kvx::errc::already_exists);
+
+  EXPECT_EQ(dc.wait_for_layer_load(5, 0).code(), kvx::errc::invalid_argument) << "wait without start";
+  ASSERT_TRUE(dc.start_load_kv(5));
+  EXPECT_EQ(dc.start_load_kv(5).code(), kvx::errc::invalid_argument) << "double start";
+  EXPECT_EQ(dc.wait_for_layer_load(5, 3).code(), kvx::errc::out_of_range);
+  EXPECT_EQ(dc.save_kv_layer(5, 0).code(), kvx::errc::not_supported) << "a consumer saves nothing";
+
+  ASSERT_TRUE(pc.update_state_after_alloc(req, pblocks, 0));
+  EXPECT_EQ(pc.wait_for_save(5).code(), kvx::errc::invalid_argument) << "wait_for_save without a save";
+  ASSERT_TRUE(pc.save_kv_layer(5, 0));
+  EXPECT_EQ(pc.save_kv_layer(5, 0).code(), kvx::errc::already_exists) << "double save";
+  EXPECT_EQ(pc.save_kv_layer(5, 7).code(), kvx::errc::out_of_range);
+  ASSERT_TRUE(pc.save_kv_layer(5, 1));
+  ASSERT_TRUE(pc.save_kv_layer(5, 2));
+  ASSERT_TRUE(pc.wait_for_save(5));
+  EXPECT_TRUE(dc.wait_for_layer_load(5, 2)) << "every layer was pushed";
+  EXPECT_TRUE(pc.request_finished(5));
+  EXPECT_TRUE(dc.request_finished(5));
+  EXPECT_EQ(dc.wait_for_layer_load(5, 0).code(), kvx::errc::not_found) << "finished requests are forgotten";
+}
+
+TEST_F(ConnectorTest, PushModeRefusesAnInstanceThatIsBothAndShapesThatNeedStaging) {
+  auto& e = add_local("bad");
+  auto cfg = model();
+  auto l = kd::layouts::layer_first::make(cfg.shard_shape(), 4).value();
+  std::vector<std::byte> mem(l.bytes_required());
+  using conn = kd::kv_connector<kd::layouts::layer_first, local_engine, kd::transfer_mode::push>;
+  auto both = conn::make(e, {.name = "bad", .role = connector_role::both}, {{l, mem}}, {link});
+  EXPECT_EQ(both.code(), kvx::errc::invalid_argument);
+  auto no_stage = conn::make(e, {.name = "bad", .role = connector_role::consumer, .source_tp = 2}, {{l, mem}}, {link});
+  EXPECT_EQ(no_stage.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(no_stage.error().message().find("staging_blocks"), std::string::npos);
+  auto no_link = conn::make(e, {.name = "bad", .role = connector_role::consumer}, {{l, mem}}, {});
+  EXPECT_EQ(no_link.code(), kvx::errc::invalid_argument);
+}
+
+// ---- failures -----------------------------------------------------------------
+
+TEST_F(ConnectorTest, PrefillDyingMidStreamFailsTheDecodeWithinItsDeadlineAndTheRouterRetriesElsewhere) {
+  // prefill-0's transport holds every write until the test releases it: it
+  // delivers layer 0, then dies. prefill-1 is healthy.
+  auto& dying = add_impulse("prefill-0");
+  using dying_worker = kd::tiny_worker<kd::layouts::layer_first, impulse_engine, kd::transfer_mode::push, kd::load::wait_until>;
+  auto* p0 = keep(dying_worker::make(dying.engine, {.name = "prefill-0", .role = connector_role::producer, .model = model(), .num_blocks = 16, .save_timeout = 20s},
+                                     {link}, {}).value());
+  auto* p1 = push_worker<kd::layouts::layer_first>({.name = "prefill-1", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  auto* d = push_worker<kd::layouts::layer_first>({.name = "decode-0", .role = connector_role::consumer, .model = model(), .num_blocks = 32},
+                                                  kd::load::wait_until{300ms});
+  kd::router<kd::routing::round_robin> router;
+  const auto id0 = router.add_instance({.name = "prefill-0", .role = kd::instance_role::prefill}).value();
+  const auto id1 = router.add_instance({.name = "prefill-1", .role = kd::instance_role::prefill}).value();
+  (void)router.add_instance({.name = "decode-0", .role = kd::instance_role::decode}).value();
+  const kd::instance_id first_pick = router.route({.prompt_tokens = 50, .block_tokens = 16}).prefill;
+  ASSERT_EQ(first_pick, id0);
+
+  const auto tokens = prompt(50, 8);
+  const kd::kv_request req{42, tokens};
+  auto ticket = d->admit(req, 4).value();
+  std::thread prefill0([&] { (void)p0->run_prefill(req); });
+  // Layer 0's writes leave, then the instance goes silent.
+  while (dying.transport.pending() == 0) std::this_thread::sleep_for(1ms);
+  const std::size_t layer0 = dying.transport.release_all();
+  EXPECT_GT(layer0, 0u);
+  auto failed = d->run_decode(req, ticket, 4);
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.code(), kvx::errc::timed_out);
+  EXPECT_NE(failed.error().message().find("did not deliver layer"), std::string::npos) << failed.error().message();
+  ASSERT_TRUE(d->abort(ticket, /*quarantine=*/true));
+
+  // The router learns that prefill-0 is gone and picks prefill-1.
+  ASSERT_TRUE(router.set_up(id0, false));
+  auto retry = router.route({.prompt_tokens = 50, .block_tokens = 16});
+  ASSERT_TRUE(retry.accepted());
+  EXPECT_EQ(retry.prefill, id1);
+  auto ticket2 = d->admit(req, 4).value();
+  ASSERT_TRUE(p1->run_prefill(req));
+  auto out = d->run_decode(req, ticket2, 4);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->tokens, reference(tokens, 4));
+
+  // Let the dead instance's stuck writes fail so its thread ends; the decode
+  // side ignores what comes from the old attempt.
+  std::atomic<bool> done{false};
+  std::thread failer([&] {
+    while (!done) {
+      dying.transport.fail_all(kvx::errc::connection_lost);
+      std::this_thread::sleep_for(1ms);
+    }
+  });
+  prefill0.join();
+  done = true;
+  failer.join();
+}
+
+TEST_F(ConnectorTest, APushThatFailsIsAnErrorOnTheDecodeSide) {
+  // The prefill's writes fail (the target names a segment that does not exist): its notices carry the error.
+  auto* d = push_worker<kd::layouts::layer_first>({.name = "fd", .role = connector_role::consumer, .model = model(), .num_blocks = 16});
+  const auto tokens = prompt(40, 9);
+  const kd::kv_request req{50, tokens};
+  auto ticket = d->admit(req, 3).value();
+  auto target = link->take(50).value();
+  auto forged = std::make_shared<kd::push_target>(*target);
+  forged->segments = {"no-such-segment"};
+  ASSERT_TRUE(link->publish(forged));
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "fp", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  auto pre = p->run_prefill(req);
+  ASSERT_FALSE(pre);
+  EXPECT_EQ(pre.code(), kvx::errc::unknown_segment);
+  auto out = d->run_decode(req, ticket, 3);
+  ASSERT_FALSE(out);
+  EXPECT_EQ(out.code(), kvx::errc::unknown_segment);
+  EXPECT_NE(out.error().message().find("layer 0"), std::string::npos) << out.error().message();
+}
+
+// Removes one object (block `block`, layer `layer`, heads from 0) from the pool.
+template <class Client>
+std::error_code remove_object(Cluster& c, Client* client, const std::vector<std::uint32_t>& tokens, std::size_t block, std::uint32_t layer) {
+  auto h = kvx::cache::block_hasher::make({.block_tokens = 16, .ns = {.model = "tiny", .tenant = "t", .adapter = {}, .salt = {}}}).value();
+  const auto key = h.keys(tokens).at(block).to_string() + "/l" + std::to_string(layer) + "/h0";
+  return c.on_io([client, key](auto cb) { client->async_remove({"t", key}, cb); });
+}
+
+TEST_F(ConnectorTest, BestEffortRecomputesExactlyTheBlocksWhoseLoadFailed) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::layer_first>({.name = "bp", .role = connector_role::producer, .model = model(), .num_blocks = 32});
+  auto* d = pull_worker<kd::layouts::layer_first>({.name = "bd", .role = connector_role::consumer, .model = model(), .num_blocks = 32});
+  const auto tokens = prompt(100, 10);
+  const kd::kv_request req{60, tokens};
+  ASSERT_TRUE(p->run_prefill(req));
+  ASSERT_FALSE(remove_object(*this, clients.front().get(), tokens, 2, 1));  // block 2 of layer 1 is evicted
+  auto t = d->admit(req, 4).value();
+  ASSERT_EQ(t.external_tokens, 96u);
+  auto out = d->run_decode(req, t, 4);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->load.failed_blocks, std::vector<std::uint32_t>{t.blocks[2]});
+  EXPECT_EQ(out->load.valid_tokens, 32u);
+  EXPECT_EQ(out->recomputed_tokens, 64u);
+  EXPECT_EQ(out->tokens, reference(tokens, 4));
+}
+
+TEST_F(ConnectorTest, WaitUntilFailsTheRequestWhenABlockIsMissing) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::layer_first>({.name = "wp", .role = connector_role::producer, .model = model(), .num_blocks = 32});
+  auto* d = pull_worker<kd::layouts::layer_first, kd::load::wait_until>({.name = "wd", .role = connector_role::consumer, .model = model(), .num_blocks = 32});
+  const auto tokens = prompt(70, 11);
+  const kd::kv_request req{61, tokens};
+  ASSERT_TRUE(p->run_prefill(req));
+  ASSERT_FALSE(remove_object(*this, clients.front().get(), tokens, 3, 0));
+  auto t = d->admit(req, 3).value();
+  auto out = d->run_decode(req, t, 3);
+  ASSERT_FALSE(out);
+  EXPECT_EQ(out.code(), kvx::errc::not_found);
+  EXPECT_NE(out.error().message().find("block 3"), std::string::npos) << out.error().message();
+  EXPECT_TRUE(d->abort(t, false));
+}
+
+TEST_F(ConnectorTest, BestEffortPastTheDeadlineCancelsTheLoadsAndRecomputesEverything) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::layer_first>({.name = "sp", .role = connector_role::producer, .model = model(), .num_blocks = 32});
+  // The decode instance's reads never complete on their own.
+  auto& slow = add_impulse("sd");
+  pull_mode<impulse_engine> mode{client_for(slow.engine, "sd"), "t", "tiny"};
+  using slow_worker = kd::tiny_worker<kd::layouts::layer_first, impulse_engine, pull_mode<impulse_engine>, kd::load::best_effort>;
+  auto* d = keep(slow_worker::make(slow.engine, {.name = "sd", .role = connector_role::consumer, .model = model(), .num_blocks = 32}, mode,
+                                   kd::load::best_effort{200ms}).value());
+  const auto tokens = prompt(60, 12);
+  const kd::kv_request req{62, tokens};
+  ASSERT_TRUE(p->run_prefill(req));
+  auto t = d->admit(req, 3).value();
+  ASSERT_EQ(t.external_tokens, 48u);
+  auto out = d->run_decode(req, t, 3);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->load.valid_tokens, 0u);
+  EXPECT_EQ(out->load.failed_blocks.size(), 3u);
+  EXPECT_EQ(out->tokens, reference(tokens, 3));
+}
+
+}  // namespace
