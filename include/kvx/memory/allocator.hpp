@@ -20,6 +20,9 @@
 //! | `ca.free_bytes()` | `std::uint64_t` | bytes not handed out |
 //! | `ca.largest_free_block()` | `std::uint64_t` | the largest `n` that `allocate(n, 1)` can currently satisfy |
 //!
+//! Optional: `ca.granted_size(n)` -> `std::uint64_t`, the size an allocation
+//! of `n` bytes occupies, so an owner can account for rounding up front.
+//!
 //! Thread safety: none; the owner (a tier, a store segment) serializes calls.
 //! No call blocks; costs are O(log n) in the number of free ranges for
 //! `offset_allocator` and O(1) for `slab_allocator`.

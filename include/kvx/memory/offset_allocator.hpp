@@ -98,6 +98,8 @@ class offset_allocator {
     return by_size_.empty() ? 0 : by_size_.rbegin()->first;
   }
   [[nodiscard]] std::uint64_t granule() const noexcept { return granule_; }
+  //! The size `allocate(n, align)` grants for `align <= granule()`.
+  [[nodiscard]] std::uint64_t granted_size(std::uint64_t n) const noexcept { return detail::align_up(n, granule_); }
   //! Number of disjoint free ranges (1 when nothing is allocated): a fragmentation measure.
   [[nodiscard]] std::size_t free_ranges() const noexcept { return by_offset_.size(); }
 

@@ -30,8 +30,8 @@
 
 namespace kvx::memory {
 
-//! Slab geometry. Each class must be a positive divisor-free size no larger
-//! than `slab_bytes`; classes are sorted on construction.
+//! Slab geometry. Each class must be positive and no larger than
+//! `slab_bytes`; classes are sorted on construction.
 struct slab_config {
   std::uint64_t slab_bytes = 1ULL << 20;
   std::vector<std::uint64_t> classes = {4ULL << 10,   8ULL << 10,   16ULL << 10,  32ULL << 10,
@@ -53,6 +53,9 @@ class slab_allocator {
       if (c == 0 || c > slab_bytes_)
         throw std::invalid_argument("kvx: slab_allocator size class " + std::to_string(c) + " is 0 or larger than slab_bytes " +
                                     std::to_string(slab_bytes_));
+    if (capacity < slab_bytes_)
+      throw std::invalid_argument("kvx: slab_allocator capacity " + std::to_string(capacity) + " is below one slab of " +
+                                  std::to_string(slab_bytes_) + " bytes");
     slabs_.resize(capacity / slab_bytes_);
     capacity_ = slabs_.size() * slab_bytes_;
     free_bytes_ = capacity_;
@@ -118,6 +121,11 @@ class slab_allocator {
     return 0;
   }
   [[nodiscard]] std::uint64_t slab_bytes() const noexcept { return slab_bytes_; }
+  //! The class size `allocate(n, 1)` grants first (`n` itself above the largest class).
+  [[nodiscard]] std::uint64_t granted_size(std::uint64_t n) const noexcept {
+    auto it = std::lower_bound(classes_.begin(), classes_.end(), n);
+    return it == classes_.end() ? n : *it;
+  }
   [[nodiscard]] const std::vector<std::uint64_t>& classes() const noexcept { return classes_; }
   [[nodiscard]] std::size_t free_slabs() const noexcept { return free_slabs_.size(); }
 
