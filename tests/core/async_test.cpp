@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -77,4 +78,18 @@ TEST(ToStd, MapsAsioErrorsOntoKvxCodes) {
   EXPECT_FALSE(kvx::to_std({}));
 }
 
+}  // namespace
+
+namespace {
+TEST(CancelAfter, ExplicitExecutorServesHandlersWithoutAnIoExecutor) {
+  boost::asio::io_context io;
+  boost::asio::steady_timer never(io, std::chrono::hours(1));
+  std::optional<boost::system::error_code> result;
+  // A type-erased handler's associated executor is not an I/O executor.
+  boost::asio::any_completion_handler<void(boost::system::error_code)> h = [&](boost::system::error_code ec) { result = ec; };
+  never.async_wait(kvx::cancel_after(io.get_executor(), std::chrono::milliseconds(5), std::move(h)));
+  io.run_for(std::chrono::seconds(5));
+  ASSERT_TRUE(result);
+  EXPECT_EQ(*result, kvx::errc::timed_out);
+}
 }  // namespace

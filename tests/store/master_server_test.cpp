@@ -107,7 +107,7 @@ TEST(MasterClient, DeadlineTurnsASilentMasterIntoTimedOut) {
   silent.async_accept(accepted, [](boost::system::error_code) {});
   auto client = kvx::store::master_client::create(io.get_executor(), "127.0.0.1:" + std::to_string(silent.local_endpoint().port()));
   std::optional<std::error_code> out;
-  client->async_call({{"op", "stats"}}, kvx::cancel_after(50ms, [&](std::error_code ec, json) { out = ec; }));
+  client->async_call({{"op", "stats"}}, kvx::cancel_after(io.get_executor(), 50ms, [&](std::error_code ec, json) { out = ec; }));
   while (!out && io.run_one_for(5s)) {
   }
   ASSERT_TRUE(out);

@@ -23,10 +23,12 @@
 
 #include <chrono>
 #include <memory>
+#include <stdexcept>
 #include <system_error>
 #include <type_traits>
 #include <utility>
 
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/associated_allocator.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
@@ -35,6 +37,7 @@
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/system_executor.hpp>
 #include <boost/system/error_code.hpp>
 
 #include <kvx/core/error.hpp>
@@ -62,6 +65,7 @@ struct cancel_after_t {
   std::chrono::steady_clock::duration timeout;
   asio::cancellation_type_t cancel_type;
   Token token;
+  asio::any_io_executor timer_executor{};  //!< empty: the handler's associated executor
 };
 
 //! Wraps `token` so the operation is cancelled (terminal by default) when
@@ -71,7 +75,16 @@ template <class Token>
 [[nodiscard]] cancel_after_t<std::decay_t<Token>> cancel_after(
     std::chrono::steady_clock::duration timeout, Token&& token,
     asio::cancellation_type_t type = asio::cancellation_type::terminal) {
-  return {timeout, type, std::forward<Token>(token)};
+  return {timeout, type, std::forward<Token>(token), {}};
+}
+
+//! As above, with the deadline timer on `ex`: for handlers whose associated
+//! executor is not an I/O executor (type-erased handlers, plain callbacks).
+template <class Token>
+[[nodiscard]] cancel_after_t<std::decay_t<Token>> cancel_after(
+    asio::any_io_executor ex, std::chrono::steady_clock::duration timeout, Token&& token,
+    asio::cancellation_type_t type = asio::cancellation_type::terminal) {
+  return {timeout, type, std::forward<Token>(token), std::move(ex)};
 }
 
 namespace detail {
@@ -140,12 +153,34 @@ struct deadline_initiation {
   Initiation initiation;
   std::chrono::steady_clock::duration timeout;
   asio::cancellation_type_t cancel_type;
+  asio::any_io_executor timer_executor;
+
+  // The deadline timer's executor: the one given; else the initiation's
+  // (Asio I/O objects have one); else the handler's I/O executor (a
+  // coroutine's, or one bound with asio::bind_executor). The expiry emits the
+  // cancellation signal on that executor, where the operation runs; a
+  // handler with no I/O executor at all (a plain callback on one of kvx's own
+  // operations) is a contract violation: there is no safe place to cancel from.
+  template <class Handler>
+  asio::any_io_executor pick_executor(const Handler& handler) const {
+    if (timer_executor) return timer_executor;
+    using handler_ex = asio::associated_executor_t<Handler>;
+    if constexpr (requires { initiation.get_executor(); }) {
+      return initiation.get_executor();
+    } else if constexpr (std::is_convertible_v<handler_ex, asio::any_io_executor> &&
+                         !std::is_same_v<handler_ex, asio::system_executor>) {
+      return asio::get_associated_executor(handler);
+    } else {
+      throw std::logic_error(
+          "kvx::cancel_after: the handler has no I/O executor; bind one with asio::bind_executor(ex, handler) "
+          "or use kvx::cancel_after(executor, timeout, token)");
+    }
+  }
 
   template <class Handler, class... Args>
   void operator()(Handler&& handler, Args&&... args) && {
     using handler_t = std::decay_t<Handler>;
-    auto ex = asio::get_associated_executor(handler);
-    auto st = std::make_shared<deadline_state>(ex);
+    auto st = std::make_shared<deadline_state>(pick_executor(handler));
     auto outer = asio::get_associated_cancellation_slot(handler);
     if (outer.is_connected()) {
       // Cancellation requested by the caller still reaches the operation.
@@ -176,7 +211,7 @@ struct boost::asio::async_result<kvx::cancel_after_t<Token>, Signatures...> {
   static auto initiate(Initiation&& initiation, RawToken&& token, Args&&... args) {
     return boost::asio::async_initiate<Token, Signatures...>(
         kvx::detail::deadline_initiation<std::decay_t<Initiation>>{std::forward<Initiation>(initiation), token.timeout,
-                                                                    token.cancel_type},
+                                                                    token.cancel_type, token.timer_executor},
         token.token, std::forward<Args>(args)...);
   }
 };

@@ -116,6 +116,27 @@ inline result<request> parse_request(std::string_view body) {
   return request{*id, std::move(*op), std::move(j)};
 }
 
+namespace detail {
+inline void add_fields(json&) {}
+template <class Value, class... Rest>
+void add_fields(json& j, const char* name, Value&& value, Rest&&... rest) {
+  j[name] = std::forward<Value>(value);
+  add_fields(j, std::forward<Rest>(rest)...);
+}
+}  // namespace detail
+
+//! `{"op": op, name1: value1, ...}` from alternating names and values. Used
+//! inside coroutines, where g++ 12 rejects braced JSON initializer lists
+//! ("array used as initializer").
+template <class... Fields>
+json make_request(const char* op, Fields&&... fields) {
+  static_assert(sizeof...(Fields) % 2 == 0, "kvx: make_request takes name, value pairs");
+  json j = json::object();
+  j["op"] = op;
+  detail::add_fields(j, std::forward<Fields>(fields)...);
+  return j;
+}
+
 inline json error_response(std::uint64_t id, const kvx::error& e) {
   const auto* name = e.code().category() == error_category() ? to_string(static_cast<errc>(e.code().value())) : "internal";
   return {{"id", id}, {"ok", false}, {"error", name}, {"message", e.message()}};

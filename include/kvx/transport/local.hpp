@@ -65,6 +65,7 @@ class local {
   }
 
   [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& remote) const {
+    if (remote.host_id != memory::this_host_id()) return errc::unreachable;
     auto it = remote.transports.find(name());
     if (it == remote.transports.end() || !it->is_object() || it->value("process", std::string()) != process_token())
       return errc::unreachable;

@@ -1,0 +1,421 @@
+// store_bench: put/get throughput and latency of the kvx store (master +
+// nodes + clients, bytes moved by the transfer engine over tcp or shm)
+// against Redis (redis-server + redis-benchmark SET/GET) with the same value
+// sizes and client counts, in the same run. Redis is what LMCache uses as its
+// remote tier.
+//
+// Set-up per run: a master and two storage nodes on one io_context thread
+// (the "server side"), clients on another (the "client side"): two threads,
+// like Redis's server process and benchmark process. Each client keeps one
+// operation outstanding, as redis-benchmark's clients do.
+#include <kvx/cache/eviction/lru.hpp>
+#include <kvx/core/bytes.hpp>
+#include <kvx/memory/mapped_arena.hpp>
+#include <kvx/store/master_server.hpp>
+#include <kvx/store/store_client.hpp>
+#include <kvx/store/store_node.hpp>
+#include <kvx/transfer/embedded_metadata.hpp>
+#include <kvx/transfer/transfer_engine.hpp>
+#include <kvx/transport/shm.hpp>
+#include <kvx/transport/tcp.hpp>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+#include <optional>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <future>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+namespace {
+
+namespace asio = boost::asio;
+using clock_type = std::chrono::steady_clock;
+using json = nlohmann::json;
+
+struct options {
+  std::string transport = "tcp";
+  std::vector<std::uint64_t> sizes{4 * kvx::KiB, 64 * kvx::KiB, kvx::MiB, 16 * kvx::MiB};
+  std::vector<unsigned> clients{1, 4};
+  std::uint64_t ops = 0;  // per client and size; 0: scaled to move about 256 MiB (at least 200 ops)
+  bool redis = true;
+  std::string json_out;
+};
+
+struct figures {
+  double ops_per_s = 0, gb_per_s = 0, p50_us = 0, p99_us = 0;
+};
+
+figures summarize(std::vector<double>& lat_us, std::uint64_t bytes_each, double seconds) {
+  figures f;
+  if (lat_us.empty() || seconds <= 0) return f;
+  std::sort(lat_us.begin(), lat_us.end());
+  f.ops_per_s = static_cast<double>(lat_us.size()) / seconds;
+  f.gb_per_s = f.ops_per_s * static_cast<double>(bytes_each) / 1e9;
+  f.p50_us = lat_us[lat_us.size() / 2];
+  f.p99_us = lat_us[std::min(lat_us.size() - 1, lat_us.size() * 99 / 100)];
+  return f;
+}
+
+std::uint64_t ops_for(const options& o, std::uint64_t size) {
+  if (o.ops) return o.ops;
+  return std::clamp<std::uint64_t>((256 * kvx::MiB) / size, 200, 20000);
+}
+
+// ---- kvx side ---------------------------------------------------------------
+
+template <class Transport>
+struct kvx_run {
+  using engine_type = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, Transport>;
+  using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
+
+  struct party {
+    Transport transport;
+    engine_type engine;
+    party(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name)
+        : transport(io.get_executor()), engine(meta, {.node = name, .slice_size = 4 * kvx::MiB}, transport) {}
+  };
+
+  static kvx::result<kvx::memory::memory_region> pool_memory(std::size_t bytes, std::vector<std::shared_ptr<void>>& keep) {
+    if constexpr (std::is_same_v<Transport, kvx::transport::shm>) {
+      auto m = kvx::transport::shm_allocate(bytes);
+      KVX_TRY(m);
+      auto held = std::make_shared<kvx::transport::shm_memory>(std::move(*m));
+      keep.push_back(held);
+      return kvx::memory::memory_region{held->data(), held->size()};
+    } else {
+      auto a = kvx::memory::mapped_arena::create(bytes);
+      KVX_TRY(a);
+      auto held = std::make_shared<kvx::memory::mapped_arena>(std::move(*a));
+      keep.push_back(held);
+      return held->region();
+    }
+  }
+
+  // Returns {put, get} figures for `clients` clients moving `size`-byte values.
+  static kvx::result<std::pair<figures, figures>> run(std::uint64_t size, unsigned clients, std::uint64_t ops) {
+    asio::io_context server_io, client_io;
+    kvx::transfer::embedded_metadata meta(server_io.get_executor());
+    kvx::metrics::registry registry;
+    state_type state({}, {}, registry);
+    kvx::store::master_server<state_type> master(server_io.get_executor(), state);
+    KVX_TRY(master.start());
+    std::vector<std::shared_ptr<void>> keep;
+    std::vector<std::unique_ptr<party>> parties;
+    std::vector<std::unique_ptr<kvx::store::store_node<engine_type>>> nodes;
+    // Two nodes, each able to hold every value written in this run (plus slack).
+    const std::size_t node_bytes = std::max<std::uint64_t>(64 * kvx::MiB, size * ops * clients / 2 + 16 * kvx::MiB);
+    // Both sides run on their own thread until the end (transports keep
+    // acceptors open, so an io_context never runs out of work by itself).
+    auto server_work = asio::make_work_guard(server_io);
+    auto client_work = asio::make_work_guard(client_io);
+    std::thread server_thread([&] { server_io.run(); });
+    std::thread client_thread([&] { client_io.run(); });
+    auto stop_server = [&] {
+      for (auto& n : nodes) n->stop();
+      asio::post(server_io, [&] { master.stop(); });
+      client_work.reset();
+      client_io.stop();
+      client_thread.join();
+      server_work.reset();
+      server_io.stop();
+      server_thread.join();
+    };
+    for (int n = 0; n < 2; ++n) {
+      const auto name = "node-" + std::to_string(n);
+      auto region = pool_memory(node_bytes, keep);
+      if (!region) {
+        stop_server();
+        return region.error();
+      }
+      auto& p = *parties.emplace_back(std::make_unique<party>(server_io, meta, name));
+      auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<engine_type>>(
+          p.engine, kvx::store::master_client::create(server_io.get_executor(), master.endpoint()),
+          kvx::store::node_options{.name = name, .segment = "", .tier = "dram", .heartbeat = std::chrono::milliseconds(500)}));
+      auto started = node.async_start(*region, asio::use_future);
+      if (auto ec = started.get()) {
+        stop_server();
+        return kvx::error{ec, "starting " + name};
+      }
+    }
+    struct client_state {
+      std::unique_ptr<party> p;
+      std::vector<std::byte> buffer;
+      std::unique_ptr<kvx::store::store_client<engine_type>> client;
+      std::vector<double> put_us, get_us;
+    };
+    std::vector<client_state> cs(clients);
+    for (unsigned c = 0; c < clients; ++c) {
+      const auto name = "client-" + std::to_string(c);
+      cs[c].p = std::make_unique<party>(client_io, meta, name);
+      cs[c].buffer.assign(size, std::byte{static_cast<unsigned char>(c + 1)});
+      auto reg = cs[c].p->engine.async_register_memory({cs[c].buffer.data(), cs[c].buffer.size()}, name + "/buf", asio::use_future);
+      if (auto ec = std::get<0>(reg.get())) {
+        stop_server();
+        return kvx::error{ec, "registering " + name};
+      }
+      cs[c].client = std::make_unique<kvx::store::store_client<engine_type>>(
+          cs[c].p->engine, kvx::store::master_client::create(client_io.get_executor(), master.endpoint()),
+          kvx::store::client_options{.node = name, .replicas = 1, .lease = std::chrono::milliseconds(5000)});
+    }
+    std::atomic<bool> failed{false};
+    std::error_code failure;  // written once, by the client thread, before `failed`
+    auto phase = [&](bool put) {
+      const auto start = clock_type::now();
+      std::vector<std::future<void>> done;
+      for (unsigned c = 0; c < clients; ++c)
+        done.push_back(asio::co_spawn(client_io, [&, c]() -> asio::awaitable<void> {
+          auto& s = cs[c];
+          for (std::uint64_t i = 0; i < ops && !failed; ++i) {
+            kvx::store::object_key key{"bench", std::to_string(c) + "/" + std::to_string(i)};
+            const auto t0 = clock_type::now();
+            std::error_code ec;
+            if (put) {
+              auto [e] = co_await s.client->async_put(key, std::span<const std::byte>(s.buffer), asio::as_tuple(asio::use_awaitable));
+              ec = e;
+            } else {
+              auto [e, n] = co_await s.client->async_get(key, std::span(s.buffer), asio::as_tuple(asio::use_awaitable));
+              ec = e;
+            }
+            if (ec) {
+              if (!failed.exchange(true)) failure = ec;
+              co_return;
+            }
+            (put ? s.put_us : s.get_us).push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
+          }
+        }, asio::use_future));
+      for (auto& d : done) d.get();
+      return std::chrono::duration<double>(clock_type::now() - start).count();
+    };
+    const double put_s = phase(true);
+    const double get_s = failed ? 0 : phase(false);
+    stop_server();
+    if (failed) return kvx::error{failure, "store_bench " + std::string(Transport::name()) + " " + kvx::format_size(size)};
+    std::vector<double> put_all, get_all;
+    for (auto& s : cs) {
+      put_all.insert(put_all.end(), s.put_us.begin(), s.put_us.end());
+      get_all.insert(get_all.end(), s.get_us.begin(), s.get_us.end());
+    }
+    return std::pair{summarize(put_all, size, put_s), summarize(get_all, size, get_s)};
+  }
+};
+
+// ---- Redis reference -----------------------------------------------------------
+
+std::uint16_t free_port() {
+  asio::io_context io;
+  asio::ip::tcp::acceptor a(io, {asio::ip::make_address("127.0.0.1"), 0});
+  return a.local_endpoint().port();
+}
+
+pid_t spawn(const std::vector<std::string>& args, const std::string& out_path = "/dev/null") {
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  if (posix_spawnp(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
+  posix_spawn_file_actions_destroy(&fa);
+  return pid;
+}
+
+struct redis_server {
+  pid_t pid = -1;
+  std::uint16_t port = 0;
+  std::string dir;
+  bool start() {
+    port = free_port();
+    char tmpl[] = "/tmp/kvx-redis-XXXXXX";
+    if (!mkdtemp(tmpl)) return false;
+    dir = tmpl;
+    pid = spawn({"redis-server", "--bind", "127.0.0.1", "--port", std::to_string(port), "--save", "", "--appendonly", "no",
+                 "--dir", dir, "--proto-max-bulk-len", "1gb", "--client-query-buffer-limit", "1gb"});
+    if (pid <= 0) return false;
+    for (int i = 0; i < 100; ++i) {  // up to 5 s for the port to answer
+      asio::io_context io;
+      asio::ip::tcp::socket s(io);
+      boost::system::error_code ec;
+      s.connect({asio::ip::make_address("127.0.0.1"), port}, ec);
+      if (!ec) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+  ~redis_server() {
+    if (pid > 0) {
+      ::kill(pid, SIGTERM);
+      ::waitpid(pid, nullptr, 0);
+    }
+    if (!dir.empty()) std::filesystem::remove_all(dir);
+  }
+};
+
+// redis-benchmark -t set,get --csv: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+std::optional<std::pair<figures, figures>> redis_reference(std::uint16_t port, std::uint64_t size, unsigned clients, std::uint64_t ops) {
+  const std::string out = "/tmp/kvx-redis-bench-" + std::to_string(::getpid()) + ".csv";
+  pid_t pid = spawn({"redis-benchmark", "-h", "127.0.0.1", "-p", std::to_string(port), "-t", "set,get", "-d", std::to_string(size),
+                     "-c", std::to_string(clients), "-n", std::to_string(ops * clients), "-r", std::to_string(ops * clients), "--csv"},
+                    out);
+  if (pid <= 0) return std::nullopt;
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  std::ifstream in(out);
+  std::string line;
+  std::optional<figures> set, get;
+  while (std::getline(in, line)) {
+    std::vector<std::string> cols;
+    std::stringstream ss(line);
+    std::string cell;
+    while (std::getline(ss, cell, ',')) {
+      if (cell.size() >= 2 && cell.front() == '"') cell = cell.substr(1, cell.size() - 2);
+      cols.push_back(cell);
+    }
+    if (cols.size() < 7) continue;
+    figures f;
+    try {
+      f.ops_per_s = std::stod(cols[1]);
+      f.p50_us = std::stod(cols[4]) * 1000;
+      f.p99_us = std::stod(cols[6]) * 1000;
+    } catch (...) {
+      continue;
+    }
+    f.gb_per_s = f.ops_per_s * static_cast<double>(size) / 1e9;
+    if (cols[0] == "SET") set = f;
+    if (cols[0] == "GET") get = f;
+  }
+  std::remove(out.c_str());
+  if (!set || !get) return std::nullopt;
+  return std::pair{*set, *get};
+}
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(item);
+  return out;
+}
+
+int usage(int rc) {
+  std::puts(
+      "usage: store_bench [--transport tcp|shm] [--sizes 4K,64K,1M,16M] [--clients 1,4] [--ops N] [--no-redis] [--json OUT]\n"
+      "Put and get values through the kvx store (master + 2 nodes + N clients; one outstanding op per client)\n"
+      "and, in the same run, Redis SET/GET with redis-benchmark at the same sizes and client counts.\n"
+      "--ops: operations per client per size (default: enough to move ~256 MiB, at least 200).");
+  return rc;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "store_bench: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--help" || a == "-h") return usage(0);
+    if (a == "--transport") {
+      o.transport = value();
+    } else if (a == "--sizes") {
+      o.sizes.clear();
+      for (const auto& s : split(value())) {
+        auto n = kvx::parse_size(s);
+        if (!n || *n == 0) {
+          std::fprintf(stderr, "store_bench: bad size '%s'\n", s.c_str());
+          return 2;
+        }
+        o.sizes.push_back(*n);
+      }
+    } else if (a == "--clients") {
+      o.clients.clear();
+      for (const auto& s : split(value())) o.clients.push_back(static_cast<unsigned>(std::max(1, std::atoi(s.c_str()))));
+    } else if (a == "--ops") {
+      o.ops = std::strtoull(value().c_str(), nullptr, 10);
+    } else if (a == "--no-redis") {
+      o.redis = false;
+    } else if (a == "--json") {
+      o.json_out = value();
+    } else {
+      std::fprintf(stderr, "store_bench: unknown argument '%s'\n", a.c_str());
+      return usage(2);
+    }
+  }
+  if (o.transport != "tcp" && o.transport != "shm") {
+    std::fprintf(stderr, "store_bench: --transport must be tcp or shm\n");
+    return 2;
+  }
+  std::optional<redis_server> redis;
+  if (o.redis) {
+    redis.emplace();
+    if (!redis->start()) {
+      std::fprintf(stderr, "store_bench: could not start redis-server (Debian: apt-get install redis-server); use --no-redis\n");
+      return 1;
+    }
+  }
+  json results = json::array();
+  std::printf("%-5s %-8s %-7s | %-28s | %-28s | %s\n", "op", "size", "clients", "kvx ops/s  GB/s  p50/p99 us",
+              "redis ops/s  GB/s  p50/p99 us", "kvx/redis");
+  for (auto size : o.sizes)
+    for (auto clients : o.clients) {
+      const auto ops = ops_for(o, size);
+      auto r = o.transport == "tcp" ? kvx_run<kvx::transport::tcp>::run(size, clients, ops)
+                                    : kvx_run<kvx::transport::shm>::run(size, clients, ops);
+      if (!r) {
+        std::fprintf(stderr, "store_bench: %s\n", r.error().message().c_str());
+        return 1;
+      }
+      std::optional<std::pair<figures, figures>> ref;
+      if (redis) ref = redis_reference(redis->port, size, clients, std::min<std::uint64_t>(ops, 5000));
+      for (int which = 0; which < 2; ++which) {
+        const auto& k = which == 0 ? r->first : r->second;
+        const char* op = which == 0 ? "put" : "get";
+        std::optional<figures> ref_f;
+        if (ref) ref_f = which == 0 ? ref->first : ref->second;
+        std::printf("%-5s %-8s %-7u | %9.0f %6.2f %6.0f/%-6.0f | ", op, kvx::format_size(size).c_str(), clients, k.ops_per_s,
+                    k.gb_per_s, k.p50_us, k.p99_us);
+        if (ref_f)
+          std::printf("%9.0f %6.2f %6.0f/%-6.0f | %.2fx\n", ref_f->ops_per_s, ref_f->gb_per_s, ref_f->p50_us, ref_f->p99_us,
+                      ref_f->ops_per_s > 0 ? k.ops_per_s / ref_f->ops_per_s : 0.0);
+        else
+          std::printf("%-28s | -\n", o.redis ? "(redis-benchmark failed)" : "(not run)");
+        json row{{"transport", o.transport}, {"op", op}, {"size", size}, {"clients", clients},
+                 {"kvx", {{"ops_per_s", k.ops_per_s}, {"gb_per_s", k.gb_per_s}, {"p50_us", k.p50_us}, {"p99_us", k.p99_us}}}};
+        if (ref_f) {
+          row["redis"] = {{"ops_per_s", ref_f->ops_per_s}, {"gb_per_s", ref_f->gb_per_s}, {"p50_us", ref_f->p50_us}, {"p99_us", ref_f->p99_us}};
+          row["ratio"] = ref_f->ops_per_s > 0 ? k.ops_per_s / ref_f->ops_per_s : 0.0;
+        }
+        results.push_back(row);
+      }
+      std::fflush(stdout);
+    }
+  if (!o.json_out.empty()) std::ofstream(o.json_out) << results.dump(2) << '\n';
+  return 0;
+}

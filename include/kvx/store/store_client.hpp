@@ -1,0 +1,275 @@
+#pragma once
+//! \file
+//! `store_client<Engine>`: the object API of the distributed KV pool.
+//!
+//! Control goes to the master (`master_client`), bytes go node-to-client
+//! through the transfer engine, zero-copy: `async_get` reads straight from
+//! the holder's segment into the caller's buffer, `async_put` writes straight
+//! from the caller's buffer into every replica. The caller's buffers must lie
+//! in memory registered with the engine (any sub-range of a registered
+//! region).
+//!
+//! | operation | completion | semantics |
+//! | --- | --- | --- |
+//! | `async_put(key, bytes, options, token)` | `void(std::error_code)` | allocate on the master, write every replica, commit; on failure abort (nothing half-written is ever visible) |
+//! | `async_get(key, dst, token)` | `void(std::error_code, std::uint64_t size)` | lease, read from the nearest replica (the next one if it fails), release the lease |
+//! | `async_remove(key, token)` | `void(std::error_code)` | `errc::busy` while a reader holds a lease |
+//! | `async_exists(key, token)` | `void(std::error_code, bool)` | |
+//! | `async_longest_prefix(tenant, keys, token)` | `void(std::error_code, std::size_t)` | how many leading keys are stored |
+//! | `async_put_batch` / `async_get_batch` / `async_remove_batch` | `void(std::error_code, std::vector<std::error_code>)` | the single operations run concurrently; the first code is the first failure |
+//!
+//! Objects are sliced by the engine, so their size is bounded only by the
+//! segments (tested to 4 GiB where memory allows). Errors are `kvx::errc`
+//! codes; their context goes to the log at `info`.
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <kvx/core/async.hpp>
+#include <kvx/core/log.hpp>
+#include <kvx/store/master_client.hpp>
+#include <kvx/store/master_state.hpp>
+#include <kvx/transfer/batch.hpp>
+
+namespace kvx::store {
+
+struct client_options {
+  std::string node;                //!< this client's node (locality of reads and placement)
+  unsigned replicas = 1;           //!< default replicas per put
+  std::chrono::milliseconds lease{5000};  //!< read lease asked for each get
+};
+
+template <class Engine>
+class store_client {
+ public:
+  using executor_type = asio::any_io_executor;
+  using json = protocol::json;
+
+  store_client(Engine& engine, std::shared_ptr<master_client> master, client_options options)
+      : engine_(engine), master_(std::move(master)), options_(std::move(options)) {}
+
+  [[nodiscard]] executor_type get_executor() const { return engine_.get_executor(); }
+
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_put(object_key key, std::span<const std::byte> bytes, put_options opt, CompletionToken&& token) {
+    return run<void(std::error_code)>(std::forward<CompletionToken>(token),
+                                      [this, key = std::move(key), bytes, opt]() { return put_impl(key, bytes, opt); });
+  }
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_put(object_key key, std::span<const std::byte> bytes, CompletionToken&& token) {
+    put_options opt;
+    opt.replicas = options_.replicas;
+    opt.preferred_node = options_.node;
+    return async_put(std::move(key), bytes, std::move(opt), std::forward<CompletionToken>(token));
+  }
+
+  template <asio::completion_token_for<void(std::error_code, std::uint64_t)> CompletionToken>
+  auto async_get(object_key key, std::span<std::byte> dst, CompletionToken&& token) {
+    return run<void(std::error_code, std::uint64_t)>(std::forward<CompletionToken>(token),
+                                                     [this, key = std::move(key), dst]() { return get_impl(key, dst); });
+  }
+
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_remove(object_key key, CompletionToken&& token) {
+    return run<void(std::error_code)>(std::forward<CompletionToken>(token), [this, key = std::move(key)]() -> asio::awaitable<std::error_code> {
+      auto [ec, r] = co_await call(protocol::make_request("remove", "tenant", key.tenant, "key", key.key));
+      co_return ec;
+    });
+  }
+
+  template <asio::completion_token_for<void(std::error_code, bool)> CompletionToken>
+  auto async_exists(object_key key, CompletionToken&& token) {
+    return run<void(std::error_code, bool)>(std::forward<CompletionToken>(token),
+                                            [this, key = std::move(key)]() -> asio::awaitable<std::tuple<std::error_code, bool>> {
+                                              auto [ec, r] = co_await call(protocol::make_request("exists", "tenant", key.tenant, "key", key.key));
+                                              co_return std::tuple{ec, !ec && r.value("exists", false)};
+                                            });
+  }
+
+  template <asio::completion_token_for<void(std::error_code, std::size_t)> CompletionToken>
+  auto async_longest_prefix(std::string tenant, std::vector<std::string> keys, CompletionToken&& token) {
+    return run<void(std::error_code, std::size_t)>(
+        std::forward<CompletionToken>(token),
+        [this, tenant = std::move(tenant), keys = std::move(keys)]() -> asio::awaitable<std::tuple<std::error_code, std::size_t>> {
+          auto [ec, r] = co_await call(protocol::make_request("longest_prefix", "tenant", tenant, "keys", keys));
+          co_return std::tuple{ec, ec ? std::size_t{0} : r.value("count", std::size_t{0})};
+        });
+  }
+
+  struct put_item {
+    object_key key;
+    std::span<const std::byte> bytes;
+  };
+  struct get_item {
+    object_key key;
+    std::span<std::byte> dst;
+  };
+
+  template <asio::completion_token_for<void(std::error_code, std::vector<std::error_code>)> CompletionToken>
+  auto async_put_batch(std::vector<put_item> items, CompletionToken&& token) {
+    return run<void(std::error_code, std::vector<std::error_code>)>(
+        std::forward<CompletionToken>(token), [this, items = std::move(items)]() {
+          return for_all(items.size(), [this, &items](std::size_t i) {
+            put_options opt;
+            opt.replicas = options_.replicas;
+            opt.preferred_node = options_.node;
+            return put_impl(items[i].key, items[i].bytes, opt);
+          });
+        });
+  }
+
+  template <asio::completion_token_for<void(std::error_code, std::vector<std::error_code>)> CompletionToken>
+  auto async_get_batch(std::vector<get_item> items, CompletionToken&& token) {
+    return run<void(std::error_code, std::vector<std::error_code>)>(
+        std::forward<CompletionToken>(token), [this, items = std::move(items)]() {
+          return for_all(items.size(), [this, &items](std::size_t i) -> asio::awaitable<std::error_code> {
+            auto [ec, n] = co_await get_impl(items[i].key, items[i].dst);
+            co_return ec;
+          });
+        });
+  }
+
+  template <asio::completion_token_for<void(std::error_code, std::vector<std::error_code>)> CompletionToken>
+  auto async_remove_batch(std::vector<object_key> keys, CompletionToken&& token) {
+    return run<void(std::error_code, std::vector<std::error_code>)>(
+        std::forward<CompletionToken>(token), [this, keys = std::move(keys)]() {
+          return for_all(keys.size(), [this, &keys](std::size_t i) -> asio::awaitable<std::error_code> {
+            auto [ec, r] = co_await call(protocol::make_request("remove", "tenant", keys[i].tenant, "key", keys[i].key));
+            co_return ec;
+          });
+        });
+  }
+
+ private:
+  // Runs the coroutine made by `make` and completes `token` with its result;
+  // the token's cancellation slot reaches the awaited master call / transfer.
+  template <class Signature, class CompletionToken, class Make>
+  auto run(CompletionToken&& token, Make make) {
+    return asio::async_initiate<CompletionToken, Signature>(
+        [this](auto handler, Make mk) {
+          auto slot = asio::get_associated_cancellation_slot(handler);
+          auto ex = get_executor();
+          asio::co_spawn(ex, [mk = std::move(mk)]() mutable { return invoke_owned(std::move(mk)); },
+                         asio::bind_cancellation_slot(slot, [h = std::move(handler), ex](std::exception_ptr e, auto value) mutable {
+                           if (e) {
+                             complete_internal(ex, std::move(h), value);
+                             return;
+                           }
+                           complete(ex, std::move(h), std::move(value));
+                         }));
+        },
+        token, std::move(make));
+  }
+
+  // Keeps the lambda (and what it captured) alive for the whole coroutine.
+  template <class Make>
+  static auto invoke_owned(Make mk) -> decltype(mk()) {
+    // Cancellation reaches the awaited operations, which complete with
+    // `cancelled`; the coroutine still finishes its clean-up (abort, release).
+    co_await asio::this_coro::throw_if_cancelled(false);
+    co_return co_await mk();
+  }
+
+  template <class Handler>
+  static void complete(const executor_type& ex, Handler h, std::error_code ec) {
+    kvx::detail::post_completion(ex, std::move(h), ec);
+  }
+  template <class Handler, class... T>
+  static void complete(const executor_type& ex, Handler h, std::tuple<std::error_code, T...> t) {
+    std::apply([&](auto&&... a) { kvx::detail::post_completion(ex, std::move(h), std::move(a)...); }, std::move(t));
+  }
+  template <class Handler, class V>
+  static void complete_internal(const executor_type& ex, Handler h, const V&) {
+    if constexpr (std::is_same_v<V, std::error_code>)
+      kvx::detail::post_completion(ex, std::move(h), make_error_code(errc::internal));
+    else
+      complete(ex, std::move(h), V{make_error_code(errc::internal), {}});
+  }
+
+  asio::awaitable<std::tuple<std::error_code, json>> call(json request) {
+    auto [ec, r] = co_await master_->async_call(std::move(request), asio::as_tuple(asio::use_awaitable));
+    if (ec) log(log_level::info, "store client '", options_.node, "': master: ", ec.message(), " ", r.value("message", std::string()));
+    co_return std::tuple{std::error_code(ec), std::move(r)};
+  }
+
+  template <class One>
+  asio::awaitable<std::tuple<std::error_code, std::vector<std::error_code>>> for_all(std::size_t n, One one) {
+    std::vector<std::error_code> codes(n);
+    // Run the single operations concurrently on the engine's executor, then gather.
+    auto ex = co_await asio::this_coro::executor;
+    std::size_t left = n;
+    asio::steady_timer done(ex, asio::steady_timer::time_point::max());
+    for (std::size_t i = 0; i < n; ++i)
+      asio::co_spawn(ex, one(i), [&, i](std::exception_ptr e, std::error_code ec) {
+        codes[i] = e ? make_error_code(errc::internal) : ec;
+        if (--left == 0) done.cancel();
+      });
+    // Children reference this frame: wait for every one, even when cancelled.
+    while (left > 0) co_await done.async_wait(asio::as_tuple(asio::use_awaitable));
+    std::error_code first;
+    for (auto c : codes)
+      if (c && !first) first = c;
+    co_return std::tuple{first, std::move(codes)};
+  }
+
+  // Coroutine parameters by value: callers pass temporaries.
+  asio::awaitable<std::error_code> put_impl(object_key key, std::span<const std::byte> bytes, put_options opt) {
+    auto [ec, ticket] = co_await call(protocol::make_request("put_start", "tenant", key.tenant, "key", key.key, "size", bytes.size(), "replicas", opt.replicas, "preferred_node", opt.preferred_node, "soft_pin", opt.soft_pin));
+    if (ec) co_return ec;
+    auto replicas = protocol::replicas_from_json(ticket.value("replicas", json::array()), "put_start.replicas");
+    if (!replicas) co_return errc::protocol_error;
+    const auto put_id = ticket.value("put_id", std::uint64_t{0});
+    transfer::batch b;
+    for (const auto& r : *replicas) b.write(bytes, r.segment, r.offset);
+    auto [tec, result] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
+    if (tec) {
+      log(log_level::info, "store client '", options_.node, "': put '", key.full(), "': ", result.first_error().message());
+      (void)co_await call(protocol::make_request("put_abort", "tenant", key.tenant, "key", key.key, "put_id", put_id));
+      co_return tec;
+    }
+    auto [cec, committed] = co_await call(protocol::make_request("put_commit", "tenant", key.tenant, "key", key.key, "put_id", put_id));
+    co_return cec;
+  }
+
+  asio::awaitable<std::tuple<std::error_code, std::uint64_t>> get_impl(object_key key, std::span<std::byte> dst) {
+    auto [ec, grant] = co_await call(protocol::make_request("get", "tenant", key.tenant, "key", key.key, "reader_node", options_.node, "lease_ms", options_.lease.count()));
+    if (ec) co_return std::tuple{ec, std::uint64_t{0}};
+    const auto size = grant.value("size", std::uint64_t{0});
+    auto replicas = protocol::replicas_from_json(grant.value("replicas", json::array()), "get.replicas");
+    std::error_code result = replicas ? std::error_code{} : make_error_code(errc::protocol_error);
+    if (!result && dst.size() < size) {
+      log(log_level::info, "store client: get '", key.full(), "': buffer of ", dst.size(), " bytes for a ", size, "-byte object");
+      result = errc::out_of_range;
+    } else if (!result) {
+      result = errc::not_found;
+      for (const auto& r : *replicas) {
+        transfer::batch b;
+        b.read(dst.first(size), r.segment, r.offset);
+        auto [tec, res] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
+        result = tec;
+        if (!tec) break;
+        log(log_level::info, "store client: get '", key.full(), "' from ", r.node, ": ", res.first_error().message(),
+            "; trying the next replica");
+        if (tec == errc::cancelled || tec == errc::timed_out) break;
+      }
+    }
+    (void)co_await call(protocol::make_request("release", "tenant", key.tenant, "key", key.key));
+    co_return std::tuple{result, result ? std::uint64_t{0} : size};
+  }
+
+  Engine& engine_;
+  std::shared_ptr<master_client> master_;
+  client_options options_;
+};
+
+}  // namespace kvx::store

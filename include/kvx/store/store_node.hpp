@@ -1,0 +1,149 @@
+#pragma once
+//! \file
+//! `store_node<Engine>`: a process (or an object inside the engine) that
+//! contributes memory to the pool. It registers its segment with the
+//! transfer engine (so clients read and write it directly) and with the
+//! master, heartbeats, and carries out the re-replication copies the master
+//! hands it with each heartbeat answer.
+//!
+//! Lifetime: call `stop()` and let the io_context run (or stop it) before
+//! destroying the node; the heartbeat coroutine checks `stop()` after every wait.
+//!
+//! A node that stops heartbeating (crashed, partitioned, `stop()`ped) is
+//! dropped by the master after `node_timeout`: its replicas are forgotten and
+//! objects with other replicas are copied again.
+//!
+//! \code
+//! auto arena = kvx::memory::mapped_arena::create(1 << 30);
+//! kvx::store::store_node node(engine, master, {.name = "node-0", .segment = "node-0/pool"});
+//! co_await node.async_start(arena->region(), asio::use_awaitable);
+//! \endcode
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <kvx/core/async.hpp>
+#include <kvx/core/log.hpp>
+#include <kvx/memory/memory_region.hpp>
+#include <kvx/store/master_client.hpp>
+#include <kvx/transfer/batch.hpp>
+
+namespace kvx::store {
+
+struct node_options {
+  std::string name;                 //!< node name, unique in the cluster
+  std::string segment;              //!< segment name; "<name>/pool" when empty
+  std::string tier = "dram";        //!< "dram" or "ssd"
+  std::chrono::milliseconds heartbeat{500};
+};
+
+template <class Engine>
+class store_node {
+ public:
+  store_node(Engine& engine, std::shared_ptr<master_client> master, node_options options)
+      : engine_(engine), master_(std::move(master)), options_(std::move(options)),
+        state_(std::make_shared<shared>(engine.get_executor())) {
+    if (options_.segment.empty()) options_.segment = options_.name + "/pool";
+  }
+  store_node(const store_node&) = delete;
+  store_node& operator=(const store_node&) = delete;
+  ~store_node() { stop(); }
+
+  [[nodiscard]] const node_options& options() const noexcept { return options_; }
+  [[nodiscard]] std::size_t replications_done() const noexcept { return state_->replications; }
+
+  //! Registers `region` with the engine and the master, then heartbeats
+  //! until `stop()`. Completion: `void(std::error_code)` once registered.
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_start(memory::memory_region region, CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        [this](auto handler, memory::memory_region r) {
+          auto ex = engine_.get_executor();
+          asio::co_spawn(ex, start(r), [h = std::move(handler), ex](std::exception_ptr e, std::error_code ec) mutable {
+            kvx::detail::post_completion(ex, std::move(h), e ? make_error_code(errc::internal) : ec);
+          });
+        },
+        token, region);
+  }
+
+  //! Stops heartbeating; the master drops the node after its timeout.
+  void stop() {
+    state_->running = false;
+    state_->timer.cancel();
+  }
+
+ private:
+  struct shared {
+    explicit shared(asio::any_io_executor ex) : timer(ex) {}
+    asio::steady_timer timer;
+    bool running = false;
+    std::size_t replications = 0;
+  };
+
+  asio::awaitable<std::error_code> start(memory::memory_region region) {
+    auto [rec, desc] = co_await engine_.async_register_memory(region, options_.segment, asio::as_tuple(asio::use_awaitable));
+    if (rec) co_return rec;
+    auto [mec, r] = co_await master_->async_call(protocol::make_request("register_segment", "node", options_.name, "segment", options_.segment, "capacity", region.length, "tier", options_.tier),
+                                                 asio::as_tuple(asio::use_awaitable));
+    if (mec) {
+      log(log_level::warn, "store node '", options_.name, "': registering with the master: ", mec.message(), " ",
+          r.value("message", std::string()));
+      co_return mec;
+    }
+    base_ = region.data();
+    state_->running = true;
+    asio::co_spawn(engine_.get_executor(), heartbeat_loop(state_), asio::detached);
+    co_return std::error_code{};
+  }
+
+  asio::awaitable<void> heartbeat_loop(std::shared_ptr<shared> st) {
+    while (st->running) {
+      auto [ec, r] = co_await master_->async_call(protocol::make_request("heartbeat", "node", options_.name),
+                                                  kvx::cancel_after(options_.heartbeat * 4, asio::as_tuple(asio::use_awaitable)));
+      if (!st->running) co_return;
+      if (ec) {
+        log(log_level::warn, "store node '", options_.name, "': heartbeat: ", ec.message());
+      } else {
+        for (const auto& task : r.value("tasks", protocol::json::array())) co_await replicate(task, st);
+      }
+      st->timer.expires_after(options_.heartbeat);
+      co_await st->timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+  }
+
+  // Copies a replica this node holds into the target segment, then tells the master.
+  asio::awaitable<void> replicate(const protocol::json& task, std::shared_ptr<shared> st) {
+    auto source = protocol::replica_from_json(task.value("source", protocol::json::object()), "task.source");
+    auto target = protocol::replica_from_json(task.value("target", protocol::json::object()), "task.target");
+    if (!source || !target || source->segment != options_.segment) {
+      log(log_level::warn, "store node '", options_.name, "': ignoring malformed replication task ", task.dump());
+      co_return;
+    }
+    transfer::batch b;
+    b.write(std::span<const std::byte>(base_ + source->offset, source->size), target->segment, target->offset);
+    auto [tec, res] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
+    if (!st->running) co_return;  // stopped (maybe destroyed) meanwhile
+    if (tec) {
+      log(log_level::warn, "store node '", options_.name, "': replication: ", res.first_error().message());
+      co_return;
+    }
+    auto [ec, r] = co_await master_->async_call(protocol::make_request("replication_done", "tenant", task.value("tenant", ""), "key", task.value("key", ""), "put_id", task.value("put_id", 0), "target", protocol::to_json(*target)),
+                                                asio::as_tuple(asio::use_awaitable));
+    if (!ec && st->running) ++st->replications;
+  }
+
+  Engine& engine_;
+  std::shared_ptr<master_client> master_;
+  node_options options_;
+  std::shared_ptr<shared> state_;
+  std::byte* base_ = nullptr;
+};
+
+}  // namespace kvx::store

@@ -1,0 +1,250 @@
+#include <kvx/store/store_client.hpp>
+#include <kvx/store/store_node.hpp>
+#include <kvx/store/master_server.hpp>
+
+#include <gtest/gtest.h>
+
+#include <boost/asio/io_context.hpp>
+
+#include <kvx/cache/eviction/lru.hpp>
+#include <kvx/memory/mapped_arena.hpp>
+#include <kvx/transfer/embedded_metadata.hpp>
+#include <kvx/transfer/transfer_engine.hpp>
+#include <kvx/transport/local.hpp>
+
+#include <optional>
+#include <random>
+
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using engine_type = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, kvx::transport::local>;
+using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
+
+// One process, several nodes: every party has its own engine and local
+// transport, sharing the in-process metadata backend.
+struct party {
+  kvx::transport::local transport;
+  engine_type engine;
+  party(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name)
+      : transport(io.get_executor()), engine(meta, {.node = name}, transport) {}
+};
+
+struct StoreEndToEnd : ::testing::Test {
+  asio::io_context io;
+  kvx::metrics::registry registry;
+  kvx::store::master_config config = [] {
+    kvx::store::master_config c;
+    c.node_timeout = 400ms;
+    return c;
+  }();
+  state_type state{config, {}, registry};
+  kvx::store::master_server<state_type> server{io.get_executor(), state, {.address = "127.0.0.1", .port = 0, .tick_interval = 50ms}};
+  kvx::transfer::embedded_metadata meta{io.get_executor()};
+  std::vector<std::unique_ptr<party>> parties;
+  std::vector<kvx::memory::mapped_arena> arenas;
+  std::vector<std::unique_ptr<kvx::store::store_node<engine_type>>> nodes;
+
+  void SetUp() override { ASSERT_TRUE(server.start()); }
+  void TearDown() override {
+    for (auto& n : nodes) n->stop();
+    server.stop();
+    io.restart();
+    io.run_for(100ms);
+  }
+
+  template <class T>
+  struct awaited;
+  template <class T>
+  struct awaited<asio::awaitable<T>> {
+    using type = T;
+  };
+
+  template <class Op>
+  auto wait(Op op) {
+    using value_type = typename awaited<decltype(op())>::type;
+    std::optional<value_type> out;
+    asio::co_spawn(io, [&]() -> asio::awaitable<void> { out = co_await op(); }, asio::detached);
+    io.restart();
+    while (!out && io.run_one_for(10s)) {
+    }
+    EXPECT_TRUE(out) << "operation did not complete";
+    return out.value_or(value_type{});
+  }
+
+  party& add_party(const std::string& name) { return *parties.emplace_back(std::make_unique<party>(io, meta, name)); }
+
+  kvx::store::store_node<engine_type>& add_node(const std::string& name, std::size_t bytes) {
+    auto& p = add_party(name);
+    arenas.push_back(std::move(*kvx::memory::mapped_arena::create(bytes)));
+    auto master = kvx::store::master_client::create(io.get_executor(), server.endpoint());
+    auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<engine_type>>(
+        p.engine, master, kvx::store::node_options{.name = name, .segment = "", .tier = "dram", .heartbeat = 50ms}));
+    auto region = arenas.back().region();
+    auto ec = wait([&]() -> asio::awaitable<std::error_code> {
+      auto [e] = co_await node.async_start(region, asio::as_tuple(asio::use_awaitable));
+      co_return e;
+    });
+    EXPECT_FALSE(ec) << ec.message();
+    return node;
+  }
+
+  struct client_party {
+    party* p;
+    std::vector<std::byte> buffer;
+    std::unique_ptr<kvx::store::store_client<engine_type>> client;
+  };
+  client_party add_client(const std::string& name, std::size_t bytes, unsigned replicas = 1) {
+    auto& p = add_party(name);
+    client_party c{&p, std::vector<std::byte>(bytes), nullptr};
+    const kvx::memory::memory_region region{c.buffer.data(), c.buffer.size()};
+    const std::string segment = name + "/buf";
+    auto ec = wait([&]() -> asio::awaitable<std::error_code> {
+      auto [e, d] = co_await p.engine.async_register_memory(region, segment, asio::as_tuple(asio::use_awaitable));
+      co_return e;
+    });
+    EXPECT_FALSE(ec) << ec.message();
+    c.client = std::make_unique<kvx::store::store_client<engine_type>>(
+        p.engine, kvx::store::master_client::create(io.get_executor(), server.endpoint()),
+        kvx::store::client_options{.node = name, .replicas = replicas, .lease = 1000ms});
+    return c;
+  }
+
+  std::error_code put(client_party& c, const std::string& key, std::span<const std::byte> bytes) {
+    const kvx::store::object_key k{"t", key};
+    return wait([&]() -> asio::awaitable<std::error_code> {
+      auto [e] = co_await c.client->async_put(k, bytes, asio::as_tuple(asio::use_awaitable));
+      co_return e;
+    });
+  }
+  std::pair<std::error_code, std::uint64_t> get(client_party& c, const std::string& key, std::span<std::byte> dst) {
+    const kvx::store::object_key k{"t", key};
+    return wait([&]() -> asio::awaitable<std::pair<std::error_code, std::uint64_t>> {
+      auto [e, n] = co_await c.client->async_get(k, dst, asio::as_tuple(asio::use_awaitable));
+      co_return std::pair{e, n};
+    });
+  }
+};
+
+void fill_random(std::span<std::byte> s, unsigned seed) {
+  std::mt19937 rng(seed);
+  for (auto& b : s) b = std::byte(rng());
+}
+
+TEST_F(StoreEndToEnd, PutThenGetIsByteExactAcrossParties) {
+  add_node("node-a", 4 << 20);
+  add_node("node-b", 4 << 20);
+  auto writer = add_client("writer", 1 << 20, 2);
+  auto reader = add_client("reader", 1 << 20);
+  auto src = std::span(writer.buffer).first(300000);
+  fill_random(src, 1);
+  ASSERT_FALSE(put(writer, "obj", src));
+  auto [ec, n] = get(reader, "obj", reader.buffer);
+  ASSERT_FALSE(ec) << ec.message();
+  ASSERT_EQ(n, src.size());
+  EXPECT_TRUE(std::equal(src.begin(), src.end(), reader.buffer.begin()));
+  EXPECT_EQ(state.get({"t", "obj"}, kvx::store::clock::now())->replicas.size(), 2u);
+}
+
+TEST_F(StoreEndToEnd, MissingObjectsAndSmallBuffersAreErrors) {
+  add_node("node-a", 1 << 20);
+  auto c = add_client("c", 1 << 20);
+  EXPECT_EQ(get(c, "absent", c.buffer).first, kvx::errc::not_found);
+  ASSERT_FALSE(put(c, "big", std::span(c.buffer).first(4096)));
+  EXPECT_EQ(get(c, "big", std::span(c.buffer).first(100)).first, kvx::errc::out_of_range);
+  EXPECT_FALSE(state.remove({"t", "big"}, kvx::store::clock::now() + 1h).code()) << "the failed get released its lease";
+}
+
+TEST_F(StoreEndToEnd, PutLargerThanThePoolIsRefusedAndLeavesNothing) {
+  add_node("node-a", 1 << 20);
+  auto c = add_client("c", 2 << 20);
+  EXPECT_EQ(put(c, "huge", c.buffer), kvx::errc::capacity_exceeded);
+  EXPECT_EQ(state.used_bytes(), 0u);
+}
+
+TEST_F(StoreEndToEnd, DeadNodesReplicaIsServedByTheOtherAndReCopied) {
+  add_node("node-a", 2 << 20);
+  add_node("node-b", 2 << 20);
+  add_node("node-c", 2 << 20);
+  auto writer = add_client("writer", 1 << 20, 2);
+  auto src = std::span(writer.buffer).first(100000);
+  fill_random(src, 2);
+  ASSERT_FALSE(put(writer, "obj", src));
+  auto before = state.get({"t", "obj"}, kvx::store::clock::now(), {}, 1ms);
+  ASSERT_TRUE(before);
+  const auto dead = before->replicas[0].node;
+  for (auto& n : nodes)
+    if (n->options().name == dead) n->stop();
+  // Let the master notice (400 ms timeout) and the survivor copy the object to the third node.
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  std::size_t copies = 0;
+  while (std::chrono::steady_clock::now() < until) {
+    io.restart();
+    io.run_for(50ms);
+    copies = 0;
+    for (auto& n : nodes) copies += n->replications_done();
+    if (copies > 0) break;
+  }
+  EXPECT_EQ(copies, 1u);
+  auto reader = add_client("reader", 1 << 20);
+  auto [ec, got] = get(reader, "obj", reader.buffer);
+  ASSERT_FALSE(ec) << ec.message();
+  EXPECT_TRUE(std::equal(src.begin(), src.end(), reader.buffer.begin()));
+  auto after = state.get({"t", "obj"}, kvx::store::clock::now(), {}, 1ms);
+  ASSERT_EQ(after->replicas.size(), 2u);
+  for (const auto& r : after->replicas) EXPECT_NE(r.node, dead);
+}
+
+TEST_F(StoreEndToEnd, BatchFormsAndPrefixLookup) {
+  add_node("node-a", 4 << 20);
+  auto c = add_client("c", 1 << 20);
+  std::vector<kvx::store::store_client<engine_type>::put_item> items;
+  for (int i = 0; i < 8; ++i) {
+    auto s = std::span(c.buffer).subspan(static_cast<std::size_t>(i) * 1000, 1000);
+    fill_random(s, static_cast<unsigned>(i));
+    items.push_back({{"t", "block" + std::to_string(i)}, s});
+  }
+  auto [ec, codes] = wait([&]() -> asio::awaitable<std::pair<std::error_code, std::vector<std::error_code>>> {
+    auto [e, v] = co_await c.client->async_put_batch(items, asio::as_tuple(asio::use_awaitable));
+    co_return std::pair{e, v};
+  });
+  ASSERT_FALSE(ec);
+  ASSERT_EQ(codes.size(), 8u);
+  const std::string tenant = "t";
+  const std::vector<std::string> prefix_keys{"block0", "block1", "block2", "nope", "block4"};
+  auto [pec, count] = wait([&]() -> asio::awaitable<std::pair<std::error_code, std::size_t>> {
+    auto [e, n] = co_await c.client->async_longest_prefix(tenant, prefix_keys, asio::as_tuple(asio::use_awaitable));
+    co_return std::pair{e, n};
+  });
+  ASSERT_FALSE(pec);
+  EXPECT_EQ(count, 3u);
+  std::vector<std::byte> out(8000);
+  std::vector<kvx::store::store_client<engine_type>::get_item> gets;
+  for (int i = 0; i < 8; ++i) gets.push_back({{"t", "block" + std::to_string(i)}, std::span(out).subspan(static_cast<std::size_t>(i) * 1000, 1000)});
+  // The destination must be registered memory: reuse the client's buffer tail.
+  auto dst = std::span(c.buffer).subspan(500000, 8000);
+  for (int i = 0; i < 8; ++i) gets[static_cast<std::size_t>(i)].dst = dst.subspan(static_cast<std::size_t>(i) * 1000, 1000);
+  auto [gec, gcodes] = wait([&]() -> asio::awaitable<std::pair<std::error_code, std::vector<std::error_code>>> {
+    auto [e, v] = co_await c.client->async_get_batch(gets, asio::as_tuple(asio::use_awaitable));
+    co_return std::pair{e, v};
+  });
+  ASSERT_FALSE(gec) << gec.message();
+  EXPECT_TRUE(std::equal(dst.begin(), dst.end(), c.buffer.begin()));
+}
+
+TEST_F(StoreEndToEnd, WriterThatNeverCommitsLeavesNoVisibleObjectAndItsSpaceReturns) {
+  config.put_lease = 200ms;
+  state_type short_lease(config, {}, registry);
+  // Drive the master directly for the dead writer: allocate, never write or commit.
+  ASSERT_TRUE(short_lease.add_segment({"s", "n", 1 << 20, "dram"}, kvx::store::clock::now()));
+  auto t = short_lease.put_start({"t", "half"}, 4096, {}, kvx::store::clock::now());
+  ASSERT_TRUE(t);
+  EXPECT_FALSE(short_lease.exists({"t", "half"}));
+  (void)short_lease.heartbeat("n", kvx::store::clock::now() + 250ms);
+  auto report = short_lease.tick(kvx::store::clock::now() + 300ms);
+  EXPECT_EQ(report.reclaimed_puts.size(), 1u);
+  EXPECT_EQ(short_lease.used_bytes(), 0u);
+}
+
+}  // namespace
