@@ -1,0 +1,234 @@
+#pragma once
+//! \file
+//! Deterministic transport doubles for tests of code built on transports (the
+//! transfer engine, the store, your own decorators), in the manner of
+//! stdexec's test schedulers:
+//!
+//! - `failing_transport`: every operation completes (posted, never inline)
+//!   with one chosen error. Counts the operations it saw.
+//! - `impulse<Inner>`: operations wait in a queue until the test releases
+//!   them one at a time (`release_one()` hands the oldest to `Inner`, which
+//!   then moves the bytes) or fails them (`fail_one(ec)`). A pending operation
+//!   honours cancellation: it completes with `errc::cancelled` and leaves the
+//!   queue. An operation that is never released never completes on its own,
+//!   which is how deadline tests model a dead peer.
+//!
+//! Both are transports (`check_transport` passes). They are thread-safe; the
+//! queue of `impulse` is guarded by a mutex.
+//!
+//! \code
+//! kvx::testing::impulse<> t(io.get_executor());        // wraps kvx::transport::local
+//! t.async_read(desc, 0, dst, handler);
+//! io.poll();  assert(t.pending() == 1);                  // nothing happens until...
+//! t.release_one();  io.poll();                           // ...the test says so
+//! \endcode
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string_view>
+#include <system_error>
+#include <utility>
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+
+#include <kvx/core/async.hpp>
+#include <kvx/transport/local.hpp>
+#include <kvx/transport/transport.hpp>
+
+namespace kvx::testing {
+
+//! Completes every operation with one error; registration succeeds.
+class failing_transport {
+ public:
+  using transport_concept = transport::transport_tag;
+  using executor_type = asio::any_io_executor;
+  static constexpr transport::transport_capabilities capabilities{};
+  static constexpr std::string_view name() noexcept { return "failing"; }
+
+  explicit failing_transport(executor_type ex, std::error_code ec = errc::connection_lost)
+      : ex_(std::move(ex)), ec_(ec) {}
+
+  [[nodiscard]] executor_type get_executor() const noexcept { return ex_; }
+  result<nlohmann::json> register_memory(const memory::local_segment&) { return nlohmann::json::object(); }
+  result<void> deregister_memory(const memory::local_segment&) { return {}; }
+  //! Reachable when the descriptor has a "failing" entry, so an engine picks it.
+  [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& remote) const {
+    return remote.transports.contains(name()) ? std::error_code{} : make_error_code(errc::unreachable);
+  }
+
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_read(const memory::segment_descriptor&, std::uint64_t, std::span<std::byte>, CompletionToken&& token) {
+    return fail(std::forward<CompletionToken>(token));
+  }
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_write(const memory::segment_descriptor&, std::uint64_t, std::span<const std::byte>, CompletionToken&& token) {
+    return fail(std::forward<CompletionToken>(token));
+  }
+
+  [[nodiscard]] std::uint64_t operations() const noexcept { return ops_.load(std::memory_order_relaxed); }
+
+ private:
+  template <class CompletionToken>
+  auto fail(CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        [this](auto handler) {
+          ops_.fetch_add(1, std::memory_order_relaxed);
+          kvx::detail::post_completion(ex_, std::move(handler), ec_);
+        },
+        token);
+  }
+
+  executor_type ex_;
+  std::error_code ec_;
+  std::atomic<std::uint64_t> ops_{0};
+};
+
+static_assert(transport::check_transport<failing_transport>());
+
+//! Holds each operation until the test releases it to `Inner` or fails it.
+template <class Inner = transport::local>
+class impulse {
+  static_assert(transport::check_transport<Inner>());
+
+ public:
+  using transport_concept = transport::transport_tag;
+  using executor_type = decltype(std::declval<Inner&>().get_executor());
+  static constexpr transport::transport_capabilities capabilities = Inner::capabilities;
+  static constexpr std::string_view name() noexcept { return Inner::name(); }
+
+  template <class... Args>
+  explicit impulse(Args&&... args) : inner_(std::forward<Args>(args)...) {}
+
+  impulse(const impulse&) = delete;
+  impulse& operator=(const impulse&) = delete;
+  //! Fails what is still queued with `cancelled`, so no handler is lost.
+  ~impulse() { fail_all(errc::cancelled); }
+
+  [[nodiscard]] executor_type get_executor() const noexcept { return inner_.get_executor(); }
+  Inner& inner() noexcept { return inner_; }
+
+  result<nlohmann::json> register_memory(const memory::local_segment& s) { return inner_.register_memory(s); }
+  result<void> deregister_memory(const memory::local_segment& s) { return inner_.deregister_memory(s); }
+  [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& r) const { return inner_.can_transfer(r); }
+
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_read(const memory::segment_descriptor& remote, std::uint64_t offset, std::span<std::byte> dst,
+                  CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        [this](auto handler, const memory::segment_descriptor& r, std::uint64_t off, std::span<std::byte> d) {
+          enqueue(op{0, true, r, off, d.data(), d.size(), std::move(handler)});
+        },
+        token, std::cref(remote), offset, dst);
+  }
+
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_write(const memory::segment_descriptor& remote, std::uint64_t offset, std::span<const std::byte> src,
+                   CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        [this](auto handler, const memory::segment_descriptor& r, std::uint64_t off, std::span<const std::byte> s) {
+          enqueue(op{0, false, r, off, const_cast<std::byte*>(s.data()), s.size(), std::move(handler)});
+        },
+        token, std::cref(remote), offset, src);
+  }
+
+  //! Operations waiting for the test.
+  [[nodiscard]] std::size_t pending() const {
+    std::lock_guard lock(mutex_);
+    return queue_.size();
+  }
+  //! Operations ever started.
+  [[nodiscard]] std::uint64_t started() const noexcept { return started_.load(std::memory_order_relaxed); }
+
+  //! Hands the oldest pending operation to `Inner`; false when none waits.
+  bool release_one() {
+    auto o = pop();
+    if (!o) return false;
+    if (o->is_read)
+      inner_.async_read(o->remote, o->offset, std::span<std::byte>(o->data, o->length), std::move(o->handler));
+    else
+      inner_.async_write(o->remote, o->offset, std::span<const std::byte>(o->data, o->length), std::move(o->handler));
+    return true;
+  }
+  //! Releases every pending operation; returns how many.
+  std::size_t release_all() {
+    std::size_t n = 0;
+    while (release_one()) ++n;
+    return n;
+  }
+  //! Completes the oldest pending operation with `ec` (posted); false when none waits.
+  bool fail_one(std::error_code ec) {
+    auto o = pop();
+    if (!o) return false;
+    kvx::detail::post_completion(inner_.get_executor(), std::move(o->handler), ec);
+    return true;
+  }
+  std::size_t fail_all(std::error_code ec) {
+    std::size_t n = 0;
+    while (fail_one(ec)) ++n;
+    return n;
+  }
+
+ private:
+  using handler_type = asio::any_completion_handler<void(std::error_code)>;
+  struct op {
+    std::uint64_t id;
+    bool is_read;
+    memory::segment_descriptor remote;
+    std::uint64_t offset;
+    std::byte* data;
+    std::size_t length;
+    handler_type handler;
+  };
+
+  void enqueue(op o) {
+    started_.fetch_add(1, std::memory_order_relaxed);
+    auto slot = asio::get_associated_cancellation_slot(o.handler);
+    std::lock_guard lock(mutex_);
+    o.id = ++next_id_;
+    if (slot.is_connected()) {
+      slot.assign([this, id = o.id](asio::cancellation_type_t) { cancel(id); });
+    }
+    queue_.push_back(std::move(o));
+  }
+
+  void cancel(std::uint64_t id) {
+    std::optional<op> found;
+    {
+      std::lock_guard lock(mutex_);
+      for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+        if (it->id == id) {
+          found.emplace(std::move(*it));
+          queue_.erase(it);
+          break;
+        }
+      }
+    }
+    if (found) kvx::detail::post_completion(inner_.get_executor(), std::move(found->handler), make_error_code(errc::cancelled));
+  }
+
+  std::optional<op> pop() {
+    std::lock_guard lock(mutex_);
+    if (queue_.empty()) return std::nullopt;
+    std::optional<op> o(std::move(queue_.front()));
+    queue_.pop_front();
+    // The slot's handler refers to this op; the op is leaving our queue.
+    if (auto slot = asio::get_associated_cancellation_slot(o->handler); slot.is_connected()) slot.clear();
+    return o;
+  }
+
+  Inner inner_;
+  mutable std::mutex mutex_;
+  std::deque<op> queue_;
+  std::uint64_t next_id_ = 0;
+  std::atomic<std::uint64_t> started_{0};
+};
+
+static_assert(transport::check_transport<impulse<>>());
+
+}  // namespace kvx::testing

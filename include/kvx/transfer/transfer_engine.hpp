@@ -1,0 +1,718 @@
+#pragma once
+//! \file
+//! `transfer_engine<Metadata, Transports...>`: moves batches of reads and
+//! writes between this process's registered memory and named segments
+//! anywhere, over the best transport for each operation.
+//!
+//! - **Registration** (`async_register_memory(region, name)`): the region is
+//!   added to the engine's segment table, registered with every transport that
+//!   can touch its memory kind, and its descriptor (with one entry per
+//!   transport) is published to the metadata backend under
+//!   `kvx/segment/<name>`. Any sub-range of a registered region can then be
+//!   the local side of an operation with nothing new to register.
+//! - **Resolution**: remote segment names resolve through the metadata backend
+//!   once and are cached (`async_open` resolves ahead of time).
+//! - **Transport choice**, per operation, by locality then pack order:
+//!   transports with `same_process_only` first, then `same_host_only`, then
+//!   the rest; the first whose `can_transfer(descriptor)` succeeds and which
+//!   can touch the local memory kind carries the operation. So
+//!   `transfer_engine<M, local, shm, tcp>` picks local in-process, shm on the
+//!   same host and tcp elsewhere.
+//! - **Slicing and striping**: each operation is cut into slices of at most
+//!   `slice_size` bytes (contiguous strided blocks are coalesced first); slices
+//!   of all operations are kept in flight together, at most `max_in_flight`.
+//! - **Retries**: a slice that fails with `connection_lost`, `timed_out` or
+//!   `checksum_mismatch` is re-issued up to `max_retries` times. A slice that
+//!   fails with `stale`, `bad_key` or `unknown_segment` makes the engine fetch
+//!   the segment's descriptor again, once per segment and batch (the owner may
+//!   have restarted under the same name); if the fresh descriptor differs the
+//!   slice is re-issued, otherwise the error stands.
+//! - **Deadlines and cancellation**: `batch::deadline` or
+//!   `engine_options::deadline` (completes with `errc::timed_out`), or any
+//!   token wrapped in `kvx::cancel_after`; cancelling through the token's
+//!   cancellation slot cancels every slice in flight and completes with
+//!   `errc::cancelled`. The batch completes once the transports have released
+//!   every buffer.
+//! - **Completion**: `void(std::error_code, batch_result)`; the code is the
+//!   first failed operation's, and `batch_result` has a status per operation
+//!   whose context names the op index, kind, segment, node, offset and
+//!   transport. Never inline: on the handler's associated executor.
+//!
+//! Thread-safety: all members may be called from any thread. Each batch runs
+//! on its own strand of the engine's executor (the metadata backend's).
+//! The engine holds references to the metadata backend and the transports:
+//! they must outlive it.
+//!
+//! \code
+//! kvx::transfer::embedded_metadata meta(io.get_executor());
+//! kvx::transport::local net(io.get_executor());
+//! kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, kvx::transport::local> engine(meta, {.node = "decode-0"}, net);
+//! co_await engine.async_register_memory({buf.data(), buf.size()}, "decode-0/kv", asio::use_awaitable);
+//! kvx::transfer::batch b;
+//! b.read(std::span(buf).first(4096), "prefill-0/kv", 0);
+//! auto [ec, r] = co_await engine.async_transfer(std::move(b), asio::use_awaitable);  // std::error_code: a tuple
+//! \endcode
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <system_error>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+
+#include <kvx/core/async.hpp>
+#include <kvx/core/log.hpp>
+#include <kvx/memory/segment_table.hpp>
+#include <kvx/transfer/batch.hpp>
+#include <kvx/transfer/metadata_backend.hpp>
+#include <kvx/transport/transport.hpp>
+
+namespace kvx::transfer {
+
+//! Engine-wide settings.
+struct engine_options {
+  std::string node = "kvx-node";          //!< this node's name (descriptors carry it)
+  std::uint64_t slice_size = 1u << 20;    //!< largest slice handed to a transport
+  std::size_t max_in_flight = 32;         //!< slices in flight per batch
+  std::uint32_t max_retries = 3;          //!< re-issues of one slice after transient errors
+  std::optional<std::chrono::steady_clock::duration> deadline{};  //!< default per-batch deadline
+};
+
+//! True for errors a retry of the same slice may cure.
+inline bool is_transient(std::error_code ec) noexcept {
+  return ec == errc::connection_lost || ec == errc::timed_out || ec == errc::checksum_mismatch;
+}
+//! True for errors a fresh descriptor may cure (the owner restarted or re-registered).
+inline bool needs_re_resolution(std::error_code ec) noexcept {
+  return ec == errc::stale || ec == errc::bad_key || ec == errc::unknown_segment;
+}
+
+namespace detail {
+constexpr int locality_rank(const transport::transport_capabilities& c) noexcept {
+  return c.same_process_only ? 0 : c.same_host_only ? 1 : 2;
+}
+}  // namespace detail
+
+template <class Metadata, class... Transports>
+class transfer_engine {
+  static_assert(sizeof...(Transports) > 0, "kvx: transfer_engine needs at least one transport");
+  static_assert(check_metadata_backend<Metadata>());
+  static_assert((transport::check_transport<Transports>() && ...));
+
+ public:
+  using executor_type = asio::any_io_executor;
+  using descriptor_ptr = std::shared_ptr<const memory::segment_descriptor>;
+  static constexpr std::size_t transport_count = sizeof...(Transports);
+
+  transfer_engine(Metadata& meta, engine_options options, Transports&... transports)
+      : meta_(meta), ex_(meta.get_executor()), opts_(std::move(options)), table_(opts_.node), transports_(&transports...) {
+    if (opts_.slice_size == 0) opts_.slice_size = 1;
+    if (opts_.max_in_flight == 0) opts_.max_in_flight = 1;
+    // Preference order: locality rank, then pack order.
+    constexpr std::array<int, transport_count> ranks{detail::locality_rank(Transports::capabilities)...};
+    for (std::size_t i = 0; i < transport_count; ++i) order_[i] = i;
+    std::stable_sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) { return ranks[a] < ranks[b]; });
+  }
+
+  transfer_engine(const transfer_engine&) = delete;
+  transfer_engine& operator=(const transfer_engine&) = delete;
+
+  //! Deregisters every segment still registered from the transports (so no
+  //! peer reaches the memory afterwards). The metadata entries stay: withdraw
+  //! them with `async_deregister_memory` first when peers should not find them.
+  ~transfer_engine() {
+    std::vector<std::string> names;
+    {
+      std::lock_guard lock(cache_mutex_);
+      names.swap(registered_);
+    }
+    for (const auto& n : names) {
+      auto seg = table_.find(n);
+      if (!seg) continue;
+      for_each_transport([&](auto& t, std::size_t) {
+        if (transport_can_touch(t, seg->region.where)) (void)t.deregister_memory(*seg);
+      });
+      (void)table_.remove(n);
+    }
+  }
+
+  [[nodiscard]] executor_type get_executor() const noexcept { return ex_; }
+  [[nodiscard]] const engine_options& options() const noexcept { return opts_; }
+  [[nodiscard]] memory::segment_table& segments() noexcept { return table_; }
+  template <std::size_t I>
+  auto& transport() noexcept { return *std::get<I>(transports_); }
+
+  //! Registers `region` as segment `name` with every transport that can touch
+  //! it and publishes its descriptor. Completion `void(std::error_code, memory::segment_descriptor)`.
+  template <asio::completion_token_for<void(std::error_code, memory::segment_descriptor)> CompletionToken>
+  auto async_register_memory(const memory::memory_region& region, std::string name, CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code, memory::segment_descriptor)>(
+        [this](auto handler, memory::memory_region r, std::string n) {
+          auto desc = register_locally(r, n);
+          if (!desc) {
+            log(log_level::warn, "transfer engine '", opts_.node, "': ", desc.error().message());
+            return kvx::detail::post_completion(ex_, std::move(handler), desc.code(), memory::segment_descriptor{});
+          }
+          auto d = std::move(*desc);
+          auto text = d.to_json().dump();
+          meta_.async_put(segment_metadata_key(d.name), std::move(text),
+                          [h = std::move(handler), d, this](std::error_code ec) mutable {
+                            kvx::detail::post_completion(ex_, std::move(h), ec, std::move(d));
+                          });
+        },
+        token, region, std::move(name));
+  }
+
+  //! Withdraws segment `name`: deregisters it from the transports (waiting
+  //! for remote accesses in flight), the table and the metadata backend.
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_deregister_memory(std::string name, CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        [this](auto handler, std::string n) {
+          auto seg = table_.find(n);
+          if (!seg) return kvx::detail::post_completion(ex_, std::move(handler), seg.code());
+          for_each_transport([&](auto& t, std::size_t) {
+            if (transport_can_touch(t, seg->region.where)) (void)t.deregister_memory(*seg);
+          });
+          (void)table_.remove(n);
+          {
+            std::lock_guard lock(cache_mutex_);
+            std::erase(registered_, n);
+          }
+          meta_.async_remove(segment_metadata_key(n), [h = std::move(handler), this](std::error_code ec) mutable {
+            kvx::detail::post_completion(ex_, std::move(h), ec == errc::not_found ? std::error_code{} : ec);
+          });
+        },
+        token, std::move(name));
+  }
+
+  //! Resolves `segment` to its descriptor (cached; `refresh` fetches again).
+  //! Completion `void(std::error_code, memory::segment_descriptor)`.
+  template <asio::completion_token_for<void(std::error_code, memory::segment_descriptor)> CompletionToken>
+  auto async_open(std::string segment, CompletionToken&& token, bool refresh = false) {
+    return asio::async_initiate<CompletionToken, void(std::error_code, memory::segment_descriptor)>(
+        [this, refresh](auto handler, std::string name) {
+          resolve(name, refresh, [this, h = std::move(handler)](kvx::error e, descriptor_ptr d) mutable {
+            kvx::detail::post_completion(ex_, std::move(h), e.code(), d ? *d : memory::segment_descriptor{});
+          });
+        },
+        token, std::move(segment));
+  }
+
+  //! Drops the cached descriptor of `segment` (the next transfer fetches it again).
+  void forget(const std::string& segment) {
+    std::lock_guard lock(cache_mutex_);
+    cache_.erase(segment);
+  }
+
+  //! Runs `b`. Completion `void(std::error_code, batch_result)`.
+  template <asio::completion_token_for<void(std::error_code, batch_result)> CompletionToken>
+  auto async_transfer(batch b, CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code, batch_result)>(
+        [this](auto handler, batch bt) {
+          auto st = std::make_shared<batch_state>(this, std::move(bt), completion_handler(std::move(handler)));
+          st->start();
+        },
+        token, std::move(b));
+  }
+
+ private:
+  using completion_handler = asio::any_completion_handler<void(std::error_code, batch_result)>;
+  using resolve_callback = std::function<void(kvx::error, descriptor_ptr)>;
+
+  template <class T>
+  static bool transport_can_touch(const T&, const memory::location& where) {
+    return transport::has(T::capabilities.memory, transport::kind_of(where));
+  }
+
+  template <class F>
+  void for_each_transport(F&& f) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) { (f(*std::get<I>(transports_), I), ...); }(
+        std::index_sequence_for<Transports...>{});
+  }
+  template <class F>
+  void with_transport(std::size_t index, F&& f) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) { ((index == I ? (f(*std::get<I>(transports_)), 0) : 0), ...); }(
+        std::index_sequence_for<Transports...>{});
+  }
+  // The key of a transport's entry in descriptors: `name()`, or `runtime_name()`
+  // for a type-erased transport whose name is known only at run time.
+  template <class T>
+  static std::string entry_key(const T& t) {
+    if constexpr (requires { t.runtime_name(); })
+      return std::string(t.runtime_name());
+    else
+      return std::string(T::name());
+  }
+  std::string transport_name(std::size_t index) {
+    std::string n;
+    with_transport(index, [&](auto& t) { n = entry_key(t); });
+    return n;
+  }
+
+  result<memory::segment_descriptor> register_locally(const memory::memory_region& r, const std::string& name) {
+    auto seg = table_.add(name, r);
+    KVX_TRY(seg);
+    auto desc = table_.describe(*seg);
+    std::vector<std::size_t> done;
+    kvx::error failure;
+    for_each_transport([&](auto& t, std::size_t i) {
+      if (failure || !transport_can_touch(t, r.where)) return;
+      auto entry = t.register_memory(*seg);
+      if (!entry) {
+        failure = kvx::error{entry.code(), "register '" + name + "' with " + entry_key(t) + ": " +
+                                               entry.error().message()};
+        return;
+      }
+      desc.transports[entry_key(t)] = std::move(*entry);
+      done.push_back(i);
+    });
+    if (failure || done.empty()) {
+      for (auto i : done) with_transport(i, [&](auto& t) { (void)t.deregister_memory(*seg); });
+      (void)table_.remove(name);
+      if (!failure) failure = kvx::error{errc::not_supported, "no transport can touch " + r.where.to_string() + " memory of '" + name + "'"};
+      return failure;
+    }
+    std::lock_guard lock(cache_mutex_);
+    registered_.push_back(name);
+    return desc;
+  }
+
+  // Resolves through the cache or the metadata backend; `cb` runs on the backend's executor or later.
+  void resolve(const std::string& name, bool refresh, resolve_callback cb) {
+    if (!refresh) {
+      std::lock_guard lock(cache_mutex_);
+      if (auto it = cache_.find(name); it != cache_.end()) {
+        auto d = it->second;
+        asio::post(ex_, [cb = std::move(cb), d = std::move(d)]() mutable { cb({}, std::move(d)); });
+        return;
+      }
+    }
+    meta_.async_get(segment_metadata_key(name), [this, name, cb = std::move(cb)](std::error_code ec, std::string text) mutable {
+      if (ec == errc::not_found)
+        return cb(kvx::error{errc::unknown_segment, "segment '" + name + "' is not in the metadata backend"}, nullptr);
+      if (ec) return cb(kvx::error{ec, "resolving segment '" + name + "'"}, nullptr);
+      auto j = nlohmann::json::parse(text, nullptr, false);
+      auto d = j.is_discarded() ? result<memory::segment_descriptor>(kvx::error{errc::malformed_message, "not JSON"})
+                                : memory::segment_descriptor::from_json(j);
+      if (!d) return cb(kvx::error{d.code(), "descriptor of segment '" + name + "': " + d.error().message()}, nullptr);
+      auto p = std::make_shared<const memory::segment_descriptor>(std::move(*d));
+      {
+        std::lock_guard lock(cache_mutex_);
+        cache_[name] = p;
+      }
+      cb({}, std::move(p));
+    });
+  }
+
+  // The preferred transport able to reach `d` with local memory at `where`.
+  result<std::size_t> choose(const memory::segment_descriptor& d, const memory::location& where) {
+    std::string why;
+    for (std::size_t idx : order_) {
+      std::error_code ec;
+      with_transport(idx, [&](auto& t) {
+        if (!transport_can_touch(t, where))
+          ec = errc::not_supported;
+        else
+          ec = t.can_transfer(d);
+      });
+      if (!ec) return idx;
+      why += (why.empty() ? "" : ", ") + transport_name(idx) + ": " + ec.message();
+    }
+    return kvx::error{errc::unreachable, "no transport reaches segment '" + d.name + "' on node '" + d.node + "' (" + why + ")"};
+  }
+
+  // ---- one batch ------------------------------------------------------------
+  struct slice {
+    std::size_t op;
+    std::uint64_t local_offset;   // from the op's local base
+    std::uint64_t remote_offset;  // absolute in the segment
+    std::uint64_t length;
+    std::uint32_t attempts = 0;
+    descriptor_ptr desc;          // the descriptor it was (or will be) issued with
+  };
+
+  struct op_state {
+    descriptor_ptr desc;
+    std::size_t transport = 0;
+    memory::location where;
+    bool ready = false, failed = false;
+    // Cursor over blocks (coalesced into runs when both sides are contiguous).
+    std::uint64_t run_length = 0, runs = 0, run = 0, in_run = 0;
+    std::uint64_t outstanding = 0;
+  };
+
+  struct segment_state {
+    descriptor_ptr current;
+    std::vector<std::size_t> ops;       // ops waiting for the first resolution
+    bool resolving = false;
+    bool re_resolved = false;           // the one re-fetch has happened
+    std::vector<slice> parked;          // slices waiting for the re-fetch
+    std::error_code park_error;
+  };
+
+  struct window_slot {
+    asio::cancellation_signal signal;
+    bool busy = false;
+  };
+
+  struct batch_state : std::enable_shared_from_this<batch_state> {
+    batch_state(transfer_engine* e, batch b, completion_handler h)
+        : eng(e), strand(asio::make_strand(e->ex_)), bt(std::move(b)), handler(std::move(h)),
+          ops(bt.ops.size()), window(e->opts_.max_in_flight), timer(strand) {
+      result.ops.resize(bt.ops.size());
+      free_slots.reserve(window.size());
+      for (std::size_t i = window.size(); i-- > 0;) free_slots.push_back(i);
+    }
+
+    transfer_engine* eng;
+    asio::strand<executor_type> strand;
+    batch bt;
+    completion_handler handler;
+    batch_result result;
+    std::vector<op_state> ops;
+    std::map<std::string, segment_state, std::less<>> segments;
+    std::deque<std::size_t> ready_ops;
+    std::deque<slice> retries;
+    std::vector<window_slot> window;
+    std::vector<std::size_t> free_slots;
+    std::size_t in_flight = 0;
+    std::size_t resolving = 0;
+    bool stopping = false, finished = false;
+    std::error_code stop_code;
+    asio::steady_timer timer;
+
+    void start() {
+      auto slot = asio::get_associated_cancellation_slot(handler);
+      if (slot.is_connected()) {
+        slot.assign([weak = this->weak_from_this()](asio::cancellation_type_t) {
+          if (auto me = weak.lock()) asio::dispatch(me->strand, [me] { me->stop(errc::cancelled); });
+        });
+      }
+      asio::dispatch(strand, [me = this->shared_from_this()] { me->begin(); });
+    }
+
+    std::string where(std::size_t i, std::uint64_t remote_offset) const {
+      const auto& op = bt.ops[i];
+      std::string s = "op " + std::to_string(i) + " (" + to_string(op.kind) + ") segment '" + op.remote.segment + "'";
+      if (ops[i].desc) s += " on node '" + ops[i].desc->node + "'";
+      s += " offset " + std::to_string(remote_offset);
+      if (!result.ops[i].transport.empty()) s += " via " + result.ops[i].transport;
+      return s;
+    }
+
+    void fail(std::size_t i, std::error_code ec, const std::string& detail, std::uint64_t remote_offset) {
+      if (ops[i].failed) return;
+      ops[i].failed = true;
+      result.ops[i].code = ec;
+      result.ops[i].context = where(i, remote_offset) + (detail.empty() ? "" : ": " + detail);
+    }
+
+    void begin() {
+      const auto deadline = bt.deadline ? bt.deadline : eng->opts_.deadline;
+      if (deadline) {
+        timer.expires_after(*deadline);
+        timer.async_wait([me = this->shared_from_this()](boost::system::error_code ec) {
+          if (!ec) me->stop(errc::timed_out);
+        });
+      }
+      for (std::size_t i = 0; i < bt.ops.size(); ++i) {
+        const auto& op = bt.ops[i];
+        if (auto err = validate_local(i)) {
+          fail(i, err.code(), err.context(), op.remote.offset);
+          continue;
+        }
+        if (op.total_bytes() == 0) continue;  // nothing to move
+        auto& seg = segments[op.remote.segment];
+        seg.ops.push_back(i);
+      }
+      for (auto& [name, seg] : segments) {
+        seg.resolving = true;
+        ++resolving;
+        eng->resolve(name, false, [me = this->shared_from_this(), name = name](kvx::error e, descriptor_ptr d) {
+          asio::dispatch(me->strand, [me, name, e = std::move(e), d = std::move(d)] { me->resolved(name, e, d); });
+        });
+      }
+      pump();
+    }
+
+    kvx::error validate_local(std::size_t i) {
+      auto& op = bt.ops[i];
+      auto& st = ops[i];
+      if (op.total_bytes() == 0) return {};
+      if (op.block_length == 0 || op.count == 0 || op.local.base == nullptr)
+        return {errc::invalid_argument, "empty operation or null local base"};
+      const std::uint64_t ls = op.local_stride(), rs = op.remote_stride();
+      if (ls < op.block_length || rs < op.block_length)
+        return {errc::invalid_argument, "a stride is shorter than the block length (blocks would overlap)"};
+      if ((op.count - 1) > (UINT64_MAX - op.block_length) / ls || (op.count - 1) > (UINT64_MAX - op.block_length) / rs ||
+          op.remote.offset > UINT64_MAX - ((op.count - 1) * rs + op.block_length))
+        return {errc::out_of_range, "the strided range overflows"};
+      const std::uint64_t local_span = (op.count - 1) * ls + op.block_length;
+      auto found = eng->table_.find_containing(op.local.base, static_cast<std::size_t>(local_span));
+      if (!found)
+        return {errc::out_of_range, "the local range of " + std::to_string(local_span) +
+                                        " bytes is not inside memory registered with this engine (node '" + eng->opts_.node + "')"};
+      st.where = found->first.region.where;
+      // Coalesce: both sides contiguous -> one run of count * block_length bytes.
+      if (ls == op.block_length && rs == op.block_length) {
+        st.run_length = op.count * op.block_length;
+        st.runs = 1;
+      } else {
+        st.run_length = op.block_length;
+        st.runs = op.count;
+      }
+      return {};
+    }
+
+    void resolved(const std::string& name, const kvx::error& e, descriptor_ptr d) {
+      --resolving;
+      auto& seg = segments[name];
+      seg.resolving = false;
+      if (seg.re_resolved && !seg.parked.empty()) {
+        finish_re_resolution(seg, e, std::move(d));
+      } else {
+        seg.current = d;
+        for (auto i : seg.ops) {
+          if (e) {
+            fail(i, e.code(), e.context(), bt.ops[i].remote.offset);
+            continue;
+          }
+          bind_op(i, d);
+        }
+        seg.ops.clear();
+      }
+      pump();
+    }
+
+    void bind_op(std::size_t i, const descriptor_ptr& d) {
+      auto& op = bt.ops[i];
+      auto& st = ops[i];
+      st.desc = d;
+      const std::uint64_t end = op.remote.offset + (op.count - 1) * op.remote_stride() + op.block_length;
+      if (end > d->length)
+        return fail(i, errc::out_of_range,
+                    "the remote range ends at " + std::to_string(end) + ", past the segment's " + std::to_string(d->length) + " bytes",
+                    op.remote.offset);
+      auto chosen = eng->choose(*d, st.where);
+      if (!chosen) return fail(i, chosen.code(), chosen.error().context(), op.remote.offset);
+      st.transport = *chosen;
+      result.ops[i].transport = eng->transport_name(*chosen);
+      if (!st.ready) {
+        st.ready = true;
+        ready_ops.push_back(i);
+      }
+    }
+
+    std::optional<slice> next_slice() {
+      if (!retries.empty()) {
+        auto s = std::move(retries.front());
+        retries.pop_front();
+        return s;
+      }
+      while (!ready_ops.empty()) {
+        const std::size_t i = ready_ops.front();
+        auto& st = ops[i];
+        if (st.failed || st.run == st.runs) {
+          ready_ops.pop_front();
+          continue;
+        }
+        const auto& op = bt.ops[i];
+        const std::uint64_t n = std::min<std::uint64_t>(eng->opts_.slice_size, st.run_length - st.in_run);
+        slice s{i, st.run * op.local_stride() + st.in_run, op.remote.offset + st.run * op.remote_stride() + st.in_run, n, 0,
+                st.desc};
+        st.in_run += n;
+        if (st.in_run == st.run_length) {
+          st.in_run = 0;
+          ++st.run;
+        }
+        return s;
+      }
+      return std::nullopt;
+    }
+
+    void pump() {
+      while (!stopping && in_flight < window.size()) {
+        auto s = next_slice();
+        if (!s) break;
+        if (ops[s->op].failed) continue;
+        issue(std::move(*s));
+      }
+      if (in_flight == 0 && (stopping || (resolving == 0 && retries.empty() && ready_ops.empty() && !parked_any())))
+        finish();
+    }
+
+    bool parked_any() const {
+      for (const auto& [n, s] : segments)
+        if (!s.parked.empty()) return true;
+      return false;
+    }
+
+    void issue(slice s) {
+      const std::size_t slot = free_slots.back();
+      free_slots.pop_back();
+      window[slot].busy = true;
+      ++in_flight;
+      auto& st = ops[s.op];
+      ++st.outstanding;
+      const auto& op = bt.ops[s.op];
+      std::byte* local = op.local.base + s.local_offset;
+      const std::uint64_t remote_offset = s.remote_offset;
+      const std::size_t len = static_cast<std::size_t>(s.length);
+      const descriptor_ptr desc = s.desc;
+      const bool is_read = op.kind == op_kind::read;
+      auto h = asio::bind_cancellation_slot(
+          window[slot].signal.slot(),
+          asio::bind_executor(strand, [me = this->shared_from_this(), slot, s = std::move(s)](std::error_code ec) mutable {
+            me->slice_done(slot, std::move(s), ec);
+          }));
+      eng->with_transport(st.transport, [&](auto& t) {
+        if (is_read)
+          t.async_read(*desc, remote_offset, std::span<std::byte>(local, len), std::move(h));
+        else
+          t.async_write(*desc, remote_offset, std::span<const std::byte>(local, len), std::move(h));
+      });
+    }
+
+    void slice_done(std::size_t slot, slice s, std::error_code ec) {
+      window[slot].busy = false;
+      window[slot].signal.slot().clear();
+      free_slots.push_back(slot);
+      --in_flight;
+      auto& st = ops[s.op];
+      --st.outstanding;
+      if (!ec) {
+        result.ops[s.op].bytes += s.length;
+        result.bytes += s.length;
+      } else if (!stopping && !st.failed) {
+        on_error(std::move(s), ec);
+      }
+      pump();
+    }
+
+    void on_error(slice s, std::error_code ec) {
+      const std::size_t i = s.op;
+      if (is_transient(ec) && s.attempts < eng->opts_.max_retries) {
+        ++s.attempts;
+        ++result.ops[i].retries;
+        ++result.retries;
+        retries.push_back(std::move(s));
+        return;
+      }
+      if (needs_re_resolution(ec)) {
+        auto& seg = segments[bt.ops[i].remote.segment];
+        if (seg.current && s.desc != seg.current) {  // already re-resolved since this slice left
+          s.desc = seg.current;
+          retries.push_back(std::move(s));
+          return;
+        }
+        if (!seg.re_resolved) {
+          seg.re_resolved = true;
+          seg.park_error = ec;
+          seg.parked.push_back(std::move(s));
+          seg.resolving = true;
+          ++resolving;
+          ++result.re_resolutions;
+          const std::string name = bt.ops[i].remote.segment;
+          eng->forget(name);
+          eng->resolve(name, true, [me = this->shared_from_this(), name](kvx::error e, descriptor_ptr d) {
+            asio::dispatch(me->strand, [me, name, e = std::move(e), d = std::move(d)] { me->resolved(name, e, d); });
+          });
+          return;
+        }
+        if (seg.resolving) {
+          seg.parked.push_back(std::move(s));
+          return;
+        }
+      }
+      fail(i, ec, is_transient(ec) ? "after " + std::to_string(s.attempts) + " retries" : std::string(), s.remote_offset);
+    }
+
+    void finish_re_resolution(segment_state& seg, const kvx::error& e, descriptor_ptr d) {
+      auto parked = std::move(seg.parked);
+      seg.parked.clear();
+      const bool fresh = !e && d && seg.current && (d->generation != seg.current->generation || d->key != seg.current->key);
+      if (!fresh) {
+        for (auto& s : parked)
+          fail(s.op, seg.park_error,
+               e ? "re-resolving after '" + seg.park_error.message() + "' failed: " + e.message()
+                 : "the re-fetched descriptor is unchanged",
+               s.remote_offset);
+        return;
+      }
+      seg.current = d;
+      for (auto& s : parked) {
+        // Ops on this segment continue with the fresh descriptor and a transport chosen for it.
+        const std::size_t i = s.op;
+        if (ops[i].desc != d) bind_op(i, d);
+        if (ops[i].failed) continue;
+        s.desc = d;
+        retries.push_back(std::move(s));
+      }
+      for (std::size_t i = 0; i < bt.ops.size(); ++i)
+        if (ops[i].desc && ops[i].desc != d && !ops[i].failed && bt.ops[i].remote.segment == d->name) bind_op(i, d);
+    }
+
+    void stop(std::error_code ec) {
+      if (stopping || finished) return;
+      stopping = true;
+      stop_code = ec;
+      retries.clear();
+      for (auto& w : window)
+        if (w.busy) w.signal.emit(asio::cancellation_type::terminal);
+      pump();
+    }
+
+    void finish() {
+      if (finished) return;
+      finished = true;
+      timer.cancel();
+      for (std::size_t i = 0; i < ops.size(); ++i) {
+        auto& st = ops[i];
+        const bool complete = st.failed || bt.ops[i].total_bytes() == 0 || result.ops[i].bytes == bt.ops[i].total_bytes();
+        if (!complete) {
+          if (stopping) {
+            fail(i, stop_code, stop_code == errc::timed_out ? "the batch deadline passed" : "the batch was cancelled",
+                 bt.ops[i].remote.offset);
+          } else {
+            fail(i, errc::internal, "finished with bytes missing", bt.ops[i].remote.offset);
+          }
+        }
+      }
+      std::error_code ec = stopping ? stop_code : result.first_error().code();
+      if (auto slot = asio::get_associated_cancellation_slot(handler); slot.is_connected()) slot.clear();
+      auto ex = eng->ex_;
+      kvx::detail::post_completion(ex, std::move(handler), ec, std::move(result));
+    }
+  };
+
+  Metadata& meta_;
+  executor_type ex_;
+  engine_options opts_;
+  memory::segment_table table_;
+  std::tuple<Transports*...> transports_;
+  std::array<std::size_t, transport_count> order_{};
+  std::mutex cache_mutex_;
+  std::map<std::string, descriptor_ptr, std::less<>> cache_;
+  std::vector<std::string> registered_;  // guarded by cache_mutex_
+};
+
+}  // namespace kvx::transfer

@@ -1,0 +1,431 @@
+#include <kvx/transfer/transfer_engine.hpp>
+
+#include <gtest/gtest.h>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <kvx/testing/test_transports.hpp>
+#include <kvx/testing/random_bytes.hpp>
+#include <kvx/transfer/embedded_metadata.hpp>
+#include <kvx/transport/decorators/faulty.hpp>
+#include <kvx/transport/local.hpp>
+
+#include <optional>
+#include <thread>
+#include <vector>
+
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using kvx::memory::memory_region;
+using kvx::transfer::batch;
+using kvx::transfer::batch_result;
+using kvx::transfer::embedded_metadata;
+using kvx::transfer::engine_options;
+using kvx::transfer::transfer_op;
+using kvx::transport::local;
+
+template <class Engine>
+kvx::memory::segment_descriptor register_on(asio::io_context& io, Engine& e, std::vector<std::byte>& buf, const std::string& name) {
+  std::optional<std::error_code> out;
+  kvx::memory::segment_descriptor d;
+  e.async_register_memory(memory_region{buf.data(), buf.size()}, name, [&](std::error_code ec, kvx::memory::segment_descriptor desc) {
+    out = ec;
+    d = std::move(desc);
+  });
+  EXPECT_FALSE(out) << "completed inline";
+  io.restart();
+  while (!out && io.run_one_for(5s)) {
+  }
+  EXPECT_TRUE(out && !*out) << (out ? out->message() : "no completion");
+  return d;
+}
+
+template <class Engine>
+std::pair<std::error_code, batch_result> run_batch(asio::io_context& io, Engine& e, batch b) {
+  std::optional<std::pair<std::error_code, batch_result>> out;
+  e.async_transfer(std::move(b), [&](std::error_code ec, batch_result r) { out.emplace(ec, std::move(r)); });
+  EXPECT_FALSE(out) << "completed inline";
+  io.restart();
+  const auto give_up = std::chrono::steady_clock::now() + 20s;
+  while (!out && std::chrono::steady_clock::now() < give_up) io.run_one_for(10ms);
+  if (!out) {
+    ADD_FAILURE() << "batch did not complete";
+    return {kvx::errc::internal, {}};
+  }
+  return std::move(*out);
+}
+
+std::string unique(const char* p) { return kvx::testing::unique_segment_name(p); }
+
+// Two engines (prefill and decode) in one process, reaching each other through `local`.
+struct two_engines : ::testing::Test {
+  using engine_t = kvx::transfer::transfer_engine<embedded_metadata, local>;
+  asio::io_context io;
+  embedded_metadata meta{io.get_executor()};
+  local net_p{io.get_executor()}, net_d{io.get_executor()};
+  engine_t prefill{meta, {.node = "prefill-0"}, net_p};
+  engine_t decode{meta, {.node = "decode-0", .slice_size = 64 * 1024}, net_d};
+  std::vector<std::byte> pbuf = std::vector<std::byte>(4u << 20), dbuf = std::vector<std::byte>(4u << 20);
+  std::string pname = unique("prefill-kv"), dname = unique("decode-kv");
+
+  void SetUp() override {
+    kvx::testing::fill_random(pbuf, 1);
+    kvx::testing::fill_random(dbuf, 2);
+    register_on(io, prefill, pbuf, pname);
+    register_on(io, decode, dbuf, dname);
+  }
+};
+
+TEST_F(two_engines, ReadsAndWritesAreByteExact) {
+  batch b;
+  b.read(std::span(dbuf).subspan(3, 1000003), pname, 17);                                  // sliced: 16 slices
+  b.write(std::span<const std::byte>(dbuf).subspan(2u << 20, 5000), pname, (3u << 20) + 1);  // unaligned
+  auto [ec, r] = run_batch(io, decode, std::move(b));
+  ASSERT_FALSE(ec) << r.first_error().message();
+  ASSERT_EQ(r.ops.size(), 2u);
+  EXPECT_EQ(r.ops[0].transport, "local");
+  EXPECT_EQ(r.bytes, 1000003u + 5000u);
+  EXPECT_TRUE(std::equal(dbuf.begin() + 3, dbuf.begin() + 3 + 1000003, pbuf.begin() + 17));
+  EXPECT_TRUE(std::equal(pbuf.begin() + (3u << 20) + 1, pbuf.begin() + (3u << 20) + 5001, dbuf.begin() + (2u << 20)));
+}
+
+TEST_F(two_engines, StridedDescriptorsMoveEveryBlockOfA64LayerTransfer) {
+  // 64 layers x 250 blocks of 16 bytes: 64 descriptors (16,000 slices: strides differ on the two sides). Remote: blocks 32 bytes apart,
+  // layers 32000 apart. Local: blocks 48 bytes apart, layers 48000 apart.
+  batch b;
+  for (std::uint64_t layer = 0; layer < 64; ++layer)
+    b.add(transfer_op::read_blocks({dbuf.data() + layer * 48000, 48}, {pname, layer * 32000, 32}, 250, 16));
+  auto [ec, r] = run_batch(io, decode, std::move(b));
+  ASSERT_FALSE(ec) << r.first_error().message();
+  EXPECT_EQ(r.bytes, 64u * 250u * 16u);
+  for (std::uint64_t layer = 0; layer < 64; ++layer)
+    for (std::uint64_t blk = 0; blk < 250; ++blk)
+      ASSERT_TRUE(std::equal(dbuf.begin() + static_cast<std::ptrdiff_t>(layer * 48000 + blk * 48),
+                             dbuf.begin() + static_cast<std::ptrdiff_t>(layer * 48000 + blk * 48 + 16),
+                             pbuf.begin() + static_cast<std::ptrdiff_t>(layer * 32000 + blk * 32)))
+          << "layer " << layer << " block " << blk;
+  // Bytes between local blocks are untouched (the gap keeps its old random value: compare with a fresh fill).
+  std::vector<std::byte> original(dbuf.size());
+  kvx::testing::fill_random(original, 2);
+  EXPECT_EQ(dbuf[16], original[16]);
+  EXPECT_EQ(dbuf[47], original[47]);
+}
+
+TEST_F(two_engines, ErrorsCarryContextAndOtherOpsStillSucceed) {
+  std::vector<std::byte> unregistered(64);
+  batch b;
+  b.read(std::span(dbuf).first(100), "no-such-segment", 0);
+  b.read(std::span(dbuf).subspan(100, 100), pname, (4u << 20) - 50);  // runs past the end
+  b.read(std::span(unregistered), pname, 0);                         // local memory not registered
+  b.read(std::span(dbuf).subspan(1000, 100), pname, 123);             // fine
+  auto [ec, r] = run_batch(io, decode, std::move(b));
+  EXPECT_EQ(ec, kvx::errc::unknown_segment);
+  ASSERT_EQ(r.ops.size(), 4u);
+  EXPECT_EQ(r.ops[0].code, kvx::errc::unknown_segment);
+  EXPECT_NE(r.ops[0].context.find("op 0"), std::string::npos) << r.ops[0].context;
+  EXPECT_NE(r.ops[0].context.find("no-such-segment"), std::string::npos) << r.ops[0].context;
+  EXPECT_EQ(r.ops[1].code, kvx::errc::out_of_range);
+  EXPECT_NE(r.ops[1].context.find("prefill-0"), std::string::npos) << r.ops[1].context;
+  EXPECT_NE(r.ops[1].context.find(std::to_string((4u << 20) - 50)), std::string::npos) << r.ops[1].context;
+  EXPECT_EQ(r.ops[2].code, kvx::errc::out_of_range);
+  EXPECT_NE(r.ops[2].context.find("not inside memory registered"), std::string::npos) << r.ops[2].context;
+  EXPECT_TRUE(r.ops[3].ok()) << r.ops[3].context;
+  EXPECT_TRUE(std::equal(dbuf.begin() + 1000, dbuf.begin() + 1100, pbuf.begin() + 123));
+}
+
+TEST_F(two_engines, SubRangesOfARegisteredRegionNeedNoNewRegistration) {
+  batch b;
+  for (int i = 0; i < 10; ++i) b.read(std::span(dbuf).subspan(1000u * i + 7, 999), pname, 4096u * i);
+  auto [ec, r] = run_batch(io, decode, std::move(b));
+  ASSERT_FALSE(ec) << r.first_error().message();
+  EXPECT_EQ(decode.segments().find(dname).has_value(), true);
+}
+
+TEST_F(two_engines, OwnerRestartUnderTheSameNameIsReResolved) {
+  batch b1;
+  b1.read(std::span(dbuf).first(4096), pname, 0);
+  ASSERT_FALSE(run_batch(io, decode, std::move(b1)).first);  // descriptor now cached
+  // The owner "restarts": withdraws the segment; a new incarnation registers the same name elsewhere.
+  std::optional<std::error_code> out;
+  prefill.async_deregister_memory(pname, [&](std::error_code ec) { out = ec; });
+  io.restart();
+  while (!out && io.run_one_for(5s)) {
+  }
+  ASSERT_TRUE(out && !*out);
+  local net_p2(io.get_executor());
+  engine_t prefill2(meta, {.node = "prefill-0"}, net_p2);
+  std::vector<std::byte> fresh(4u << 20);
+  kvx::testing::fill_random(fresh, 99);
+  auto d2 = register_on(io, prefill2, fresh, pname);
+  batch b2;
+  b2.read(std::span(dbuf).first(8192), pname, 100);
+  auto [ec, r] = run_batch(io, decode, std::move(b2));
+  ASSERT_FALSE(ec) << r.first_error().message();
+  EXPECT_EQ(r.re_resolutions, 1u);
+  EXPECT_TRUE(std::equal(dbuf.begin(), dbuf.begin() + 8192, fresh.begin() + 100));
+  // Gone for good: the re-fetch finds nothing and the error says so.
+  std::optional<std::error_code> out2;
+  prefill2.async_deregister_memory(pname, [&](std::error_code ec) { out2 = ec; });
+  io.restart();
+  while (!out2 && io.run_one_for(5s)) {
+  }
+  batch b3;
+  b3.read(std::span(dbuf).first(64), pname, 0);
+  auto [ec3, r3] = run_batch(io, decode, std::move(b3));
+  EXPECT_TRUE(ec3 == kvx::errc::unknown_segment || ec3 == kvx::errc::stale) << ec3.message();
+  EXPECT_NE(r3.ops[0].context.find(pname), std::string::npos) << r3.ops[0].context;
+}
+
+TEST_F(two_engines, CoroutinesAndFuturesBothWork) {
+  std::optional<std::size_t> moved;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        batch b;
+        b.read(std::span(dbuf).first(10000), pname, 5);
+        // kvx completions lead with std::error_code, which Asio 1.26 hands back in a tuple.
+        auto [ec, r] = co_await decode.async_transfer(std::move(b), asio::use_awaitable);
+        if (!ec) moved = r.bytes;
+      },
+      asio::detached);
+  io.restart();
+  io.run_for(5s);
+  ASSERT_TRUE(moved);
+  EXPECT_EQ(*moved, 10000u);
+
+  auto work = asio::make_work_guard(io);
+  io.restart();
+  std::thread runner([&] { io.run(); });
+  batch b;
+  b.write(std::span<const std::byte>(dbuf).first(777), pname, 1);
+  auto fut = decode.async_transfer(std::move(b), asio::use_future);
+  ASSERT_EQ(fut.wait_for(10s), std::future_status::ready);
+  auto [ec, r] = fut.get();
+  EXPECT_FALSE(ec);
+  EXPECT_EQ(r.bytes, 777u);
+  work.reset();
+  io.stop();
+  runner.join();
+  EXPECT_TRUE(std::equal(dbuf.begin(), dbuf.begin() + 777, pbuf.begin() + 1));
+}
+
+TEST_F(two_engines, CancellationThroughTheTokenCompletesWithCancelled) {
+  // Cancel before the loop runs: nothing may be half-reported.
+  asio::cancellation_signal sig;
+  std::optional<std::pair<std::error_code, batch_result>> out;
+  batch b;
+  b.read(std::span(dbuf).first(2u << 20), pname, 0);
+  decode.async_transfer(std::move(b), asio::bind_cancellation_slot(sig.slot(), [&](std::error_code ec, batch_result r) {
+                          out.emplace(ec, std::move(r));
+                        }));
+  sig.emit(asio::cancellation_type::terminal);
+  io.restart();
+  while (!out && io.run_one_for(5s)) {
+  }
+  ASSERT_TRUE(out);
+  EXPECT_EQ(out->first, kvx::errc::cancelled);
+  EXPECT_EQ(out->second.ops[0].code, kvx::errc::cancelled);
+}
+
+// ---- deterministic engines over test doubles --------------------------------
+
+struct impulse_engines : ::testing::Test {
+  asio::io_context io;
+  embedded_metadata meta{io.get_executor()};
+  local owner_net{io.get_executor()};
+  kvx::testing::impulse<> net{io.get_executor()};
+  kvx::transfer::transfer_engine<embedded_metadata, local> owner{meta, {.node = "owner"}, owner_net};
+  std::vector<std::byte> remote = std::vector<std::byte>(1u << 20), mine = std::vector<std::byte>(1u << 20);
+  std::string name = unique("impulse-remote");
+  void SetUp() override {
+    kvx::testing::fill_random(remote, 5);
+    register_on(io, owner, remote, name);
+  }
+};
+
+TEST_F(impulse_engines, SlicesStripeWithinTheWindowOneReleaseAtATime) {
+  kvx::transfer::transfer_engine<embedded_metadata, kvx::testing::impulse<>> e(
+      meta, {.node = "initiator", .slice_size = 4096, .max_in_flight = 4}, net);
+  register_on(io, e, mine, unique("impulse-local"));
+  std::optional<std::pair<std::error_code, batch_result>> out;
+  batch b;
+  b.read(std::span(mine).first(10 * 4096 + 100), name, 0);  // 11 slices
+  b.read(std::span(mine).subspan(100000, 4096), name, 200000);  // 1 slice
+  e.async_transfer(std::move(b), [&](std::error_code ec, batch_result r) { out.emplace(ec, std::move(r)); });
+  io.restart();
+  io.poll();
+  EXPECT_EQ(net.pending(), 4u) << "the window bounds slices in flight";
+  std::size_t released = 0;
+  while (!out) {
+    ASSERT_LE(net.pending(), 4u);
+    if (net.release_one()) ++released;
+    io.restart();
+    io.poll();
+    ASSERT_LT(released, 100u);
+  }
+  EXPECT_EQ(released, 12u);
+  EXPECT_EQ(net.started(), 12u);
+  ASSERT_FALSE(out->first) << out->second.first_error().message();
+  EXPECT_TRUE(std::equal(mine.begin(), mine.begin() + 10 * 4096 + 100, remote.begin()));
+  EXPECT_TRUE(std::equal(mine.begin() + 100000, mine.begin() + 100000 + 4096, remote.begin() + 200000));
+}
+
+TEST_F(impulse_engines, TransientErrorsAreRetriedThenReported) {
+  kvx::transfer::transfer_engine<embedded_metadata, kvx::testing::impulse<>> e(
+      meta, {.node = "initiator", .max_retries = 2}, net);
+  register_on(io, e, mine, unique("impulse-local"));
+  std::optional<std::pair<std::error_code, batch_result>> out;
+  batch b;
+  b.read(std::span(mine).first(1000), name, 0);
+  e.async_transfer(std::move(b), [&](std::error_code ec, batch_result r) { out.emplace(ec, std::move(r)); });
+  io.restart();
+  io.poll();
+  ASSERT_TRUE(net.fail_one(kvx::errc::connection_lost));
+  io.restart();
+  io.poll();
+  ASSERT_TRUE(net.fail_one(kvx::errc::timed_out));
+  io.restart();
+  io.poll();
+  ASSERT_TRUE(net.fail_one(kvx::errc::connection_lost));  // third failure: out of retries
+  io.restart();
+  io.poll();
+  ASSERT_TRUE(out);
+  EXPECT_EQ(out->first, kvx::errc::connection_lost);
+  EXPECT_EQ(out->second.ops[0].retries, 2u);
+  EXPECT_NE(out->second.ops[0].context.find("after 2 retries"), std::string::npos) << out->second.ops[0].context;
+}
+
+TEST_F(impulse_engines, ADeadPeerTimesOutWithinTheDeadline) {
+  kvx::transfer::transfer_engine<embedded_metadata, kvx::testing::impulse<>> e(meta, {.node = "initiator"}, net);
+  register_on(io, e, mine, unique("impulse-local"));
+  for (int variant = 0; variant < 2; ++variant) {
+    std::optional<std::pair<std::error_code, batch_result>> out;
+    batch b;
+    b.read(std::span(mine).first(3u << 20 >> 2), name, 0);
+    auto h = [&](std::error_code ec, batch_result r) { out.emplace(ec, std::move(r)); };
+    const auto start = std::chrono::steady_clock::now();
+    if (variant == 0) {
+      b.deadline = 30ms;
+      e.async_transfer(std::move(b), h);
+    } else {
+      e.async_transfer(std::move(b), kvx::cancel_after(io.get_executor(), 30ms, h));
+    }
+    io.restart();
+    while (!out && io.run_one_for(5s)) {
+    }
+    ASSERT_TRUE(out) << "variant " << variant;
+    EXPECT_EQ(out->first, kvx::errc::timed_out) << "variant " << variant << ": " << out->first.message();
+    // A batch deadline names itself in each op; kvx::cancel_after turns only the batch code into timed_out.
+    EXPECT_EQ(out->second.ops[0].code, variant == 0 ? kvx::errc::timed_out : kvx::errc::cancelled);
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
+    EXPECT_EQ(net.pending(), 0u) << "every slice was cancelled";
+  }
+}
+
+TEST_F(impulse_engines, NoTransportThatReachesTheSegmentIsAnError) {
+  kvx::testing::failing_transport failing(io.get_executor());
+  kvx::transfer::transfer_engine<embedded_metadata, kvx::testing::failing_transport> e(meta, {.node = "initiator"}, failing);
+  register_on(io, e, mine, unique("failing-local"));
+  batch b;
+  b.read(std::span(mine).first(10), name, 0);  // published with a "local" entry only
+  auto [ec, r] = run_batch(io, e, std::move(b));
+  EXPECT_EQ(ec, kvx::errc::unreachable);
+  EXPECT_NE(r.ops[0].context.find("no transport reaches"), std::string::npos) << r.ops[0].context;
+  EXPECT_EQ(failing.operations(), 0u);
+}
+
+TEST_F(impulse_engines, RetriesUnderAFaultySchedulEndInExactBytesOrAnError) {
+  kvx::transport::faulty<local> faulty_net(
+      {.seed = 11, .drop = 0.1, .disconnect = 0.1, .delay = 0.2, .delay_by = 20us, .drop_timeout = 50us, .disconnect_ops = 1},
+      io.get_executor());
+  kvx::transfer::transfer_engine<embedded_metadata, kvx::transport::faulty<local>> e(
+      meta, {.node = "initiator", .slice_size = 8192, .max_in_flight = 8, .max_retries = 6}, faulty_net);
+  register_on(io, e, mine, unique("faulty-local"));
+  kvx::testing::test_rng rng(3);
+  int ok = 0;
+  for (int round = 0; round < 20; ++round) {
+    batch b;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> spans;  // (local/remote offset, len)
+    for (int i = 0; i < 4; ++i) {
+      const std::uint64_t len = rng.uniform(1, 40000);
+      const std::uint64_t off = static_cast<std::uint64_t>(i) * 50000 + rng.uniform(0, 9000);
+      spans.emplace_back(off, len);
+      if (round % 2)
+        b.read(std::span(mine).subspan(off, len), name, off);
+      else
+        b.write(std::span<const std::byte>(mine).subspan(off, len), name, off);
+    }
+    if (round % 2 == 0) kvx::testing::fill_random(mine, 1000 + static_cast<std::uint64_t>(round));
+    auto [ec, r] = run_batch(io, e, std::move(b));
+    for (std::size_t i = 0; i < spans.size(); ++i) {
+      if (!r.ops[i].ok()) {
+        EXPECT_TRUE(r.ops[i].code == kvx::errc::connection_lost || r.ops[i].code == kvx::errc::timed_out) << r.ops[i].context;
+        continue;
+      }
+      ++ok;
+      auto [off, len] = spans[i];
+      ASSERT_TRUE(std::equal(mine.begin() + static_cast<std::ptrdiff_t>(off), mine.begin() + static_cast<std::ptrdiff_t>(off + len),
+                             remote.begin() + static_cast<std::ptrdiff_t>(off)))
+          << "silent corruption in round " << round << " op " << i;
+    }
+  }
+  EXPECT_GT(ok, 60);
+  auto c = faulty_net.counts();
+  EXPECT_GT(c.dropped + c.disconnected, 5u) << "the schedule injected faults";
+}
+
+TEST(TransferEngineStress, ConcurrentBatchesFromSeveralThreads) {
+  asio::io_context io;
+  embedded_metadata meta(io.get_executor());
+  local a(io.get_executor()), b(io.get_executor());
+  kvx::transfer::transfer_engine<embedded_metadata, local> owner(meta, {.node = "owner"}, a);
+  kvx::transfer::transfer_engine<embedded_metadata, local> user(meta, {.node = "user", .slice_size = 16384, .max_in_flight = 8}, b);
+  std::vector<std::byte> remote(1u << 20), mine(1u << 20);
+  kvx::testing::fill_random(remote, 8);
+  const auto rname = unique("stress-remote");
+  register_on(io, owner, remote, rname);
+  register_on(io, user, mine, unique("stress-local"));
+  auto work = asio::make_work_guard(io);
+  io.restart();
+  std::vector<std::thread> runners;
+  for (int i = 0; i < 2; ++i) runners.emplace_back([&] { io.run(); });
+  std::vector<std::string> failures(4);
+  std::vector<std::thread> users;
+  for (int t = 0; t < 4; ++t) {
+    users.emplace_back([&, t] {
+      const std::uint64_t base = static_cast<std::uint64_t>(t) * (256u << 10);
+      kvx::testing::test_rng rng(40 + static_cast<std::uint64_t>(t));
+      for (int round = 0; round < 15 && failures[t].empty(); ++round) {
+        const std::uint64_t len = rng.uniform(1, 200000);
+        const std::uint64_t off = base + rng.uniform(0, (256u << 10) - len);
+        batch bt;
+        const bool is_read = rng.next() & 1;
+        if (is_read) {
+          bt.read(std::span(mine).subspan(off, len), rname, off);
+        } else {
+          kvx::testing::fill_random(std::span(mine).subspan(off, len), rng.next());
+          bt.write(std::span<const std::byte>(mine).subspan(off, len), rname, off);
+        }
+        auto [ec, r] = user.async_transfer(std::move(bt), asio::use_future).get();
+        if (ec) failures[t] = r.first_error().message();
+        else failures[t] = kvx::testing::first_difference(std::span(mine).subspan(off, len), std::span(remote).subspan(off, len));
+      }
+    });
+  }
+  for (auto& u : users) u.join();
+  work.reset();
+  io.stop();
+  for (auto& r : runners) r.join();
+  for (int t = 0; t < 4; ++t) EXPECT_EQ(failures[t], "") << "thread " << t;
+}
+
+}  // namespace
