@@ -1,0 +1,402 @@
+#include <kvx/transport/verbs.hpp>
+
+#include <kvx/testing/transport_conformance.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+
+#include <kvx/core/config.hpp>
+
+// Tests that need no RDMA device run everywhere; the rest skip with the reason
+// when ibv_get_device_list finds nothing (see docs/transport-verbs.md).
+namespace {
+
+using kvx::errc;
+using kvx::transport::verbs;
+using kvx::transport::verbs_options;
+namespace vd = kvx::transport::detail;
+
+std::string missing_device() {
+  if (!verbs::devices().empty()) return {};
+  return "no RDMA device: ibv_get_device_list() found none (needs an RDMA NIC or SoftRoCE: "
+         "`rdma link add rxe0 type rxe netdev eth0`)";
+}
+
+kvx::result<verbs_options> parse(const char* text) {
+  auto j = kvx::config::parse(text);
+  if (!j) return j.error();
+  return verbs_options::from_config(kvx::config::view(*j, "transport.verbs"));
+}
+
+TEST(VerbsOptions, DefaultsWhenEmpty) {
+  auto o = parse("{}");
+  ASSERT_TRUE(o) << o.error().message();
+  EXPECT_EQ(o->device, "");
+  EXPECT_EQ(o->port, 1);
+  EXPECT_EQ(o->gid_index, -1);
+  EXPECT_EQ(o->max_outstanding, 128u);
+  EXPECT_FALSE(o->busy_poll);
+  EXPECT_EQ(o->handshake, "127.0.0.1:0");
+}
+
+TEST(VerbsOptions, ReadsEveryField) {
+  auto o = parse(R"({"device": "mlx5_1", "port": 2, "gid_index": 3, "max_outstanding": 64, "signal_interval": 8,
+                     "busy_poll": true, "handshake": "0.0.0.0:7000", "advertise": "10.0.0.5"})");
+  ASSERT_TRUE(o) << o.error().message();
+  EXPECT_EQ(o->device, "mlx5_1");
+  EXPECT_EQ(o->port, 2);
+  EXPECT_EQ(o->gid_index, 3);
+  EXPECT_EQ(o->max_outstanding, 64u);
+  EXPECT_EQ(o->signal_interval, 8u);
+  EXPECT_TRUE(o->busy_poll);
+  EXPECT_EQ(o->handshake, "0.0.0.0:7000");
+  EXPECT_EQ(o->advertise, "10.0.0.5");
+}
+
+TEST(VerbsOptions, ErrorsNameTheField) {
+  struct bad_case {
+    const char* json;
+    const char* field;
+  } cases[] = {
+      {R"({"port": 0})", "transport.verbs.port"},
+      {R"({"port": "one"})", "transport.verbs.port"},
+      {R"({"gid_index": -2})", "transport.verbs.gid_index"},
+      {R"({"max_outstanding": 0})", "transport.verbs.max_outstanding"},
+      {R"({"max_outstanding": 8, "signal_interval": 9})", "transport.verbs.signal_interval"},
+      {R"({"busy_poll": 1})", "transport.verbs.busy_poll"},
+      {R"({"handshake": "localhost:1"})", "transport.verbs.handshake"},
+      {R"({"handshake": "10.0.0.1"})", "transport.verbs.handshake"},
+      {R"({"handshake": "10.0.0.1:70000"})", "transport.verbs.handshake"},
+      {R"({"advertise": "host.example"})", "transport.verbs.advertise"},
+      {R"({"devcie": "mlx5_0"})", "transport.verbs.devcie"},
+  };
+  for (const auto& c : cases) {
+    auto o = parse(c.json);
+    ASSERT_FALSE(o) << c.json;
+    EXPECT_EQ(o.code(), errc::invalid_argument) << c.json;
+    EXPECT_NE(o.error().message().find(c.field), std::string::npos) << c.json << ": " << o.error().message();
+  }
+}
+
+TEST(VerbsOptions, SplitsIpv6Endpoints) {
+  auto ep = verbs_options::split_endpoint("[fe80::1]:4791");
+  ASSERT_TRUE(ep) << ep.error().message();
+  EXPECT_EQ(ep->first, "fe80::1");
+  EXPECT_EQ(ep->second, 4791);
+}
+
+TEST(VerbsCompletionStatus, MapsEveryErrorToAnErrc) {
+  EXPECT_FALSE(vd::verbs_wc_error(IBV_WC_SUCCESS));
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_REM_ACCESS_ERR), errc::stale);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_REM_INV_REQ_ERR), errc::out_of_range);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_LOC_LEN_ERR), errc::out_of_range);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_LOC_PROT_ERR), errc::invalid_argument);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_RETRY_EXC_ERR), errc::connection_lost);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_RNR_RETRY_EXC_ERR), errc::connection_lost);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_WR_FLUSH_ERR), errc::connection_lost);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_RESP_TIMEOUT_ERR), errc::timed_out);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_BAD_RESP_ERR), errc::protocol_error);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_MW_BIND_ERR), errc::bad_key);
+  EXPECT_EQ(vd::verbs_wc_error(IBV_WC_LOC_QP_OP_ERR), errc::internal);
+  for (int s = IBV_WC_LOC_LEN_ERR; s <= IBV_WC_TM_RNDV_INCOMPLETE; ++s)
+    EXPECT_TRUE(vd::verbs_wc_error(static_cast<ibv_wc_status>(s))) << ibv_wc_status_str(static_cast<ibv_wc_status>(s));
+}
+
+kvx::memory::segment_descriptor described(std::uint64_t length = 4096) {
+  kvx::memory::segment_descriptor d;
+  d.name = "kv";
+  d.node = "prefill-0";
+  d.length = length;
+  d.key = 77;
+  d.generation = 3;
+  vd::verbs_entry e;
+  e.segment = "kv";
+  e.generation = 3;
+  e.key_check = vd::verbs_key_check(77, 3);
+  e.addr = 0x10000;
+  e.length = length;
+  e.rkey = 42;
+  e.lid = 0;
+  e.gid = *vd::verbs_gid_from_string("::ffff:10.0.0.5");
+  e.qp_endpoint = "10.0.0.5:7000";
+  d.transports["verbs"] = e.to_json();
+  return d;
+}
+
+TEST(VerbsEntry, RoundTripsThroughJson) {
+  auto d = described();
+  auto e = vd::verbs_entry::parse(d.transports["verbs"]);
+  ASSERT_TRUE(e) << e.error().message();
+  EXPECT_EQ(e->rkey, 42u);
+  EXPECT_EQ(e->addr, 0x10000u);
+  EXPECT_EQ(vd::verbs_gid_to_string(e->gid), "::ffff:10.0.0.5");
+  EXPECT_FALSE(e->check(d, 0, 4096));
+}
+
+TEST(VerbsEntry, MalformedEntriesAreRejected) {
+  const auto good = described().transports["verbs"];
+  for (const char* field : {"segment", "generation", "key_check", "addr", "length", "rkey", "lid", "gid", "qp_endpoint"}) {
+    auto j = good;
+    j.erase(field);
+    auto e = vd::verbs_entry::parse(j);
+    ASSERT_FALSE(e) << "accepted an entry without " << field;
+    EXPECT_NE(e.error().message().find(field), std::string::npos) << e.error().message();
+  }
+  auto bad_gid = good;
+  bad_gid["gid"] = "not-a-gid";
+  EXPECT_EQ(vd::verbs_entry::parse(bad_gid).code(), errc::malformed_message);
+  auto bad_ep = good;
+  bad_ep["qp_endpoint"] = "nohost";
+  EXPECT_EQ(vd::verbs_entry::parse(bad_ep).code(), errc::malformed_message);
+  auto big_rkey = good;
+  big_rkey["rkey"] = std::uint64_t{1} << 40;
+  EXPECT_FALSE(vd::verbs_entry::parse(big_rkey));
+  auto overflow = good;
+  overflow["addr"] = ~std::uint64_t{0};
+  EXPECT_EQ(vd::verbs_entry::parse(overflow).code(), errc::malformed_message);
+  EXPECT_FALSE(vd::verbs_entry::parse(nlohmann::json::array()));
+}
+
+TEST(VerbsEntry, InitiatorChecksRefuseBeforePosting) {
+  auto d = described(4096);
+  auto e = *vd::verbs_entry::parse(d.transports["verbs"]);
+  auto other = d;
+  other.name = "nope";
+  EXPECT_EQ(e.check(other, 0, 1), errc::unknown_segment);
+  auto stale = d;
+  stale.generation = 4;
+  EXPECT_EQ(e.check(stale, 0, 1), errc::stale);
+  auto bad = d;
+  bad.key ^= 1;
+  EXPECT_EQ(e.check(bad, 0, 1), errc::bad_key);
+  constexpr auto max = ~std::uint64_t{0};
+  EXPECT_EQ(e.check(d, 4000, 97), errc::out_of_range);
+  EXPECT_EQ(e.check(d, max, 2), errc::out_of_range);
+  EXPECT_EQ(e.check(d, max - 10, 64), errc::out_of_range);
+  EXPECT_FALSE(e.check(d, 4095, 1));
+  EXPECT_FALSE(e.check(d, 4096, 0));
+  auto longer = d;  // a descriptor claiming more than was registered is bounded by the entry
+  longer.length = 8192;
+  EXPECT_EQ(e.check(longer, 4096, 1), errc::out_of_range);
+}
+
+TEST(VerbsRegistrationCache, SubRangesReuseTheEnclosingRegistration) {
+  vd::verbs_range_map<int> m;
+  int made = 0;
+  auto make = [&]() -> kvx::result<int> { return ++made; };
+  auto a = m.acquire(1000, 100, make);
+  ASSERT_TRUE(a);
+  auto b = m.acquire(1010, 50, make);  // inside a
+  ASSERT_TRUE(b);
+  EXPECT_EQ(*a, *b);
+  EXPECT_EQ(made, 1);
+  auto c = m.acquire(1050, 100, make);  // crosses a's end: a new registration
+  ASSERT_TRUE(c);
+  EXPECT_EQ(made, 2);
+  EXPECT_EQ(m.find_enclosing(1020, 30), *a);
+  EXPECT_EQ(m.find_enclosing(1100, 50), *c);
+  EXPECT_EQ(m.find_enclosing(990, 20), nullptr);
+  EXPECT_EQ(m.find_enclosing(1000, 200), nullptr);
+  EXPECT_FALSE(m.release(*b));          // a still referenced
+  auto last = m.release(*a);
+  ASSERT_TRUE(last);
+  EXPECT_EQ(*last, 1);
+  EXPECT_EQ(m.find_enclosing(1010, 1), nullptr);
+  EXPECT_EQ(m.size(), 1u);
+}
+
+TEST(VerbsRegistrationCache, NestedRangesAreFoundBelowASmallerOne) {
+  vd::verbs_range_map<int> m;
+  auto make1 = []() -> kvx::result<int> { return 1; };
+  auto make2 = []() -> kvx::result<int> { return 2; };
+  ASSERT_TRUE(m.acquire(5000, 10, make1));
+  ASSERT_TRUE(m.acquire(0, 100000, make2));  // registered later, encloses the first
+  auto* r = m.find_enclosing(6000, 100);
+  ASSERT_NE(r, nullptr);
+  EXPECT_EQ(r->value, 2);
+  vd::verbs_range_map<int> same_base;
+  auto short_one = same_base.acquire(5000, 10, make1);
+  auto long_one = same_base.acquire(5000, 20, make2);  // starts where the first does, reaches further
+  ASSERT_TRUE(short_one);
+  ASSERT_TRUE(long_one);
+  EXPECT_EQ(same_base.size(), 2u);
+  EXPECT_EQ(same_base.find_enclosing(5010, 10), *long_one);
+  EXPECT_EQ(same_base.release(*long_one), 2);
+  EXPECT_EQ(same_base.find_enclosing(5000, 10), *short_one);
+  auto fail = m.acquire(1 << 20, 8, []() -> kvx::result<int> { return kvx::error{errc::io_error, "pin failed"}; });
+  EXPECT_EQ(fail.code(), errc::io_error);
+  EXPECT_EQ(m.size(), 2u);
+}
+
+TEST(VerbsGid, PrefersRoceV2Ipv4Mapped) {
+  auto gid = [](const char* s) { return *vd::verbs_gid_from_string(s); };
+  std::vector<vd::verbs_gid_candidate> gids{
+      {0, gid("fe80::1"), IBV_GID_TYPE_ROCE_V1},
+      {1, gid("fe80::1"), IBV_GID_TYPE_ROCE_V2},
+      {2, gid("::ffff:10.0.0.5"), IBV_GID_TYPE_ROCE_V1},
+      {3, gid("::ffff:10.0.0.5"), IBV_GID_TYPE_ROCE_V2},
+      {4, gid("::"), IBV_GID_TYPE_ROCE_V2},
+  };
+  EXPECT_EQ(vd::verbs_choose_gid(gids), 3);
+  gids.erase(gids.begin() + 3);
+  EXPECT_EQ(vd::verbs_choose_gid(gids), 1);
+  EXPECT_EQ(vd::verbs_choose_gid({{0, gid("::"), IBV_GID_TYPE_ROCE_V2}}), -1);
+  EXPECT_EQ(vd::verbs_choose_gid({{0, gid("fe80::2"), IBV_GID_TYPE_IB}, {1, gid("fe80::3"), IBV_GID_TYPE_IB}}), 0);
+}
+
+TEST(VerbsTopology, NearestDeviceFollowsTheGpu) {
+  kvx::topology::system topo;
+  topo.pci = {{"0000:10:00.0", "pci0000:00", {"0000:00:01.0", "0000:01:00.0", "0000:10:00.0"}, 0, 0, 0},
+              {"0000:11:00.0", "pci0000:00", {"0000:00:01.0", "0000:01:00.0", "0000:11:00.0"}, 0, 0, 0},
+              {"0000:80:00.0", "pci0000:80", {"0000:80:00.0"}, 0, 0, 1}};
+  topo.nics = {{"mlx5_far", true, {}, "0000:80:00.0", 1, 200, "Ethernet"},
+               {"mlx5_near", true, {}, "0000:11:00.0", 0, 200, "Ethernet"}};
+  topo.gpus = {{0, "0000:10:00.0", 0}};
+  topo.numa_nodes = {{0, {0}}, {1, {1}}};
+  auto n = verbs::nearest_device({reinterpret_cast<void*>(0x1000), 64, kvx::memory::location::cuda(0)}, topo);
+  ASSERT_TRUE(n) << n.error().message();
+  EXPECT_EQ(*n, "mlx5_near");
+  kvx::topology::system empty;
+  EXPECT_EQ(verbs::nearest_device({nullptr, 0, kvx::memory::location::host()}, empty).code(), errc::not_found);
+}
+
+TEST(Verbs, SatisfiesTheTransportConcept) {
+  static_assert(kvx::transport::check_transport<verbs>());
+  static_assert(verbs::name() == "verbs");
+  static_assert(kvx::transport::has(verbs::capabilities.memory, kvx::transport::memory_kinds::cuda));
+}
+
+TEST(Verbs, CreateWithoutADeviceSaysWhatIsMissing) {
+  boost::asio::io_context io;
+  verbs_options o;
+  o.device = "kvx-no-such-rdma-device";
+  auto t = verbs::create(io.get_executor(), o);
+  ASSERT_FALSE(t);
+  const auto msg = t.error().message();
+  if (verbs::devices().empty())
+    EXPECT_NE(msg.find("no RDMA device"), std::string::npos) << msg;
+  else
+    EXPECT_NE(msg.find("kvx-no-such-rdma-device"), std::string::npos) << msg;
+}
+
+// ---- device-gated ----------------------------------------------------------
+
+struct verbs_pair {
+  explicit verbs_pair(boost::asio::io_context& io, bool busy_poll = false) {
+    verbs_options o;
+    o.busy_poll = busy_poll;
+    o.max_outstanding = 16;
+    o.signal_interval = 4;
+    owner.emplace(io.get_executor(), o);
+    initiator.emplace(io.get_executor(), o);
+  }
+  std::optional<verbs> owner;
+  std::optional<verbs> initiator;
+};
+
+#define KVX_NEED_RDMA_DEVICE()                        \
+  do {                                                \
+    if (auto why = missing_device(); !why.empty()) GTEST_SKIP() << why; \
+  } while (0)
+
+template <class Pred>
+bool run_until(boost::asio::io_context& io, Pred done) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    io.run_one_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
+TEST(VerbsDevice, ManyOutstandingOpsQueueAndCompleteByteExact) {
+  KVX_NEED_RDMA_DEVICE();
+  boost::asio::io_context io;
+  verbs_pair p(io);
+  std::vector<std::byte> remote(1 << 20), local(1 << 20);
+  for (std::size_t i = 0; i < remote.size(); ++i) remote[i] = static_cast<std::byte>(i * 7 + 1);
+  kvx::memory::local_segment rs{"verbs-remote", {remote.data(), remote.size()}, 5, 1};
+  kvx::memory::local_segment ls{"verbs-local", {local.data(), local.size()}, 6, 1};
+  auto entry = p.owner->register_memory(rs);
+  ASSERT_TRUE(entry) << entry.error().message();
+  ASSERT_TRUE(p.initiator->register_memory(ls));
+  kvx::memory::segment_descriptor d{"verbs-remote", "n", remote.size(), kvx::memory::location::host(), 5, 1, "", {}};
+  d.transports["verbs"] = *entry;
+  // Sub-ranges reuse the enclosing registration.
+  kvx::memory::local_segment sub{"verbs-sub", {local.data() + 4096, 4096}, 7, 1};
+  ASSERT_TRUE(p.initiator->register_memory(sub));
+  EXPECT_EQ(p.initiator->cached_registrations(), 1u);
+  int done = 0;
+  constexpr int n = 256;  // far more than max_outstanding (16)
+  for (int i = 0; i < n; ++i) {
+    const std::size_t chunk = remote.size() / n;
+    p.initiator->async_read(d, i * chunk, std::span(local).subspan(i * chunk, chunk), [&](std::error_code ec) {
+      EXPECT_FALSE(ec) << ec.message();
+      ++done;
+    });
+  }
+  ASSERT_TRUE(run_until(io, [&] { return done == n; }));
+  EXPECT_EQ(std::memcmp(local.data(), remote.data(), remote.size()), 0);
+  std::optional<std::error_code> w;
+  local[3] = std::byte{0x5a};
+  p.initiator->async_write(d, 100, std::span<const std::byte>(local).first(10), [&](std::error_code ec) { w = ec; });
+  ASSERT_TRUE(run_until(io, [&] { return w.has_value(); }));
+  EXPECT_FALSE(*w);
+  EXPECT_EQ(remote[103], std::byte{0x5a});
+}
+
+TEST(VerbsDevice, WrongRkeyEndsWithAnErrorAndTheNextOpReconnects) {
+  KVX_NEED_RDMA_DEVICE();
+  boost::asio::io_context io;
+  verbs_pair p(io);
+  std::vector<std::byte> remote(4096, std::byte{1}), local(4096);
+  kvx::memory::local_segment rs{"verbs-remote-2", {remote.data(), remote.size()}, 5, 1};
+  kvx::memory::local_segment ls{"verbs-local-2", {local.data(), local.size()}, 6, 1};
+  auto entry = p.owner->register_memory(rs);
+  ASSERT_TRUE(entry);
+  ASSERT_TRUE(p.initiator->register_memory(ls));
+  kvx::memory::segment_descriptor d{"verbs-remote-2", "n", remote.size(), kvx::memory::location::host(), 5, 1, "", {}};
+  d.transports["verbs"] = *entry;
+  auto broken = d;
+  broken.transports["verbs"]["rkey"] = (*entry)["rkey"].get<std::uint32_t>() ^ 0x5500u;
+  std::optional<std::error_code> r;
+  p.initiator->async_read(broken, 0, std::span(local).first(64), [&](std::error_code ec) { r = ec; });
+  ASSERT_TRUE(run_until(io, [&] { return r.has_value(); }));
+  EXPECT_EQ(*r, errc::stale) << r->message();
+  r.reset();
+  p.initiator->async_read(d, 0, std::span(local).first(64), [&](std::error_code ec) { r = ec; });
+  ASSERT_TRUE(run_until(io, [&] { return r.has_value(); }));
+  EXPECT_FALSE(*r) << r->message();
+  EXPECT_EQ(local[0], std::byte{1});
+}
+
+// The conformance suite, gated on the same check: the env skips from the
+// fixture's constructor (GoogleTest does not run a test whose constructor skipped).
+struct verbs_env {
+  using transport_type = verbs;
+  static constexpr std::uint64_t large_transfer_bytes = 64u << 20;
+  explicit verbs_env(boost::asio::io_context& io) {
+    if (auto why = missing_device(); !why.empty()) {
+      skip(why);
+      return;
+    }
+    owner_.emplace(io.get_executor());
+    initiator_.emplace(io.get_executor());
+  }
+  // GTEST_SKIP() expands to a return statement: it cannot sit in a constructor itself.
+  static void skip(const std::string& why) { GTEST_SKIP() << why; }
+  transport_type& owner() { return *owner_; }
+  transport_type& initiator() { return *initiator_; }
+  std::optional<verbs> owner_;
+  std::optional<verbs> initiator_;
+};
+
+}  // namespace
+
+KVX_TRANSPORT_CONFORMANCE(Verbs, verbs_env);
