@@ -1,0 +1,705 @@
+#pragma once
+//! \file
+//! `kvx::disagg::planner::simulate`: a discrete-event simulation of one
+//! deployment serving a workload, built from kvx's own parts: every request
+//! is routed by `kvx::disagg::router` (the Conductor-style cache-aware router,
+//! with its SLO-based early rejection) fed with the simulated instances' load
+//! and cache contents, and every cache tier evicts with a real kvx eviction
+//! policy (`planner::block_cache` over `any_eviction_policy`).
+//!
+//! What it models (docs/planner.md has the details and the limits):
+//! - prefill: a FIFO queue per instance; a request's prefill loads the cached
+//!   prefix the router chose to fetch (peer HBM or pool DRAM over the network,
+//!   pool SSD at the slower of SSD and network), then computes the rest
+//!   (`hardware::prefill`); the first token comes out at its end;
+//! - disaggregated: the whole prompt's KV then crosses the prefill
+//!   instance's NIC (FIFO) to the decode instance;
+//! - decode: continuous batching up to `decode.max_batch` requests and the
+//!   instance's KV capacity (a request reserves prompt + output tokens), step
+//!   time `hardware::decode.step(batch, KV tokens)`;
+//! - colocated: a request decodes on the instance that prefilled it; each
+//!   iteration runs one decode step of the batch plus up to `chunk_tokens` of
+//!   the head prefill (chunked prefill), so prefill and decode slow each
+//!   other down;
+//! - caches: each prefill-capable instance's HBM prefix cache, and the shared
+//!   pool's DRAM tier (write-through from every prefill) demoting to its SSD
+//!   tier (exclusive; a hit in SSD promotes). A request's prefix blocks are
+//!   pinned from routing until its prefill ends.
+//!
+//! Deterministic: the same inputs give the same report, bit for bit (events
+//! at equal times are ordered by insertion). Single-threaded; call it from
+//! several threads on different deployments to search in parallel.
+//!
+//! \code
+//! namespace kp = kvx::disagg::planner;
+//! auto report = kp::simulate(workload, model, hardware,
+//!                            {.prefill_instances = 2, .decode_instances = 1, .dram_gb = 1000},
+//!                            {.ttft_s = 2, .tpot_s = 0.1}).value();
+//! report.slo_attainment;  // fraction of requests that met both targets
+//! \endcode
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <limits>
+#include <optional>
+#include <queue>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <kvx/cache/block_key.hpp>
+#include <kvx/cache/eviction_policy.hpp>
+#include <kvx/core/result.hpp>
+#include <kvx/disagg/planner/block_cache.hpp>
+#include <kvx/disagg/planner/deployment.hpp>
+#include <kvx/disagg/planner/hardware.hpp>
+#include <kvx/disagg/planner/model_shape.hpp>
+#include <kvx/disagg/planner/workload.hpp>
+#include <kvx/disagg/router.hpp>
+#include <kvx/disagg/router_policy.hpp>
+
+namespace kvx::disagg::planner {
+
+//! What happened to one request.
+struct request_result {
+  enum class status : std::uint8_t { completed, rejected_ttft, rejected_tpot, no_instance };
+  status outcome = status::no_instance;
+  double arrival_s = 0;
+  double first_token_s = 0;  //!< end of prefill
+  double finish_s = 0;       //!< last output token
+  std::uint32_t input_tokens = 0;
+  std::uint32_t output_tokens = 0;
+  std::uint32_t computed_tokens = 0;  //!< prompt tokens prefilled (the rest came from caches)
+  std::uint32_t local_tokens = 0;     //!< prefix found in the prefill instance's HBM
+  std::uint32_t peer_tokens = 0;      //!< fetched from another instance's HBM
+  std::uint32_t dram_tokens = 0;      //!< fetched from the pool's DRAM tier
+  std::uint32_t ssd_tokens = 0;       //!< fetched from the pool's SSD tier
+  instance_id prefill = 0;
+  instance_id decode = 0;
+
+  [[nodiscard]] bool completed() const noexcept { return outcome == status::completed; }
+  //! Infinite for a rejected request.
+  [[nodiscard]] double ttft_s() const noexcept {
+    return completed() ? first_token_s - arrival_s : std::numeric_limits<double>::infinity();
+  }
+  //! Mean time per output token after the first; 0 for a one-token answer.
+  [[nodiscard]] double tpot_s() const noexcept {
+    if (!completed()) return std::numeric_limits<double>::infinity();
+    return output_tokens > 1 ? (finish_s - first_token_s) / (output_tokens - 1) : 0.0;
+  }
+};
+
+//! Nearest-rank percentile (`p` in (0, 100]) of `v`; sorts `v`.
+[[nodiscard]] inline double percentile(std::vector<double>& v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const auto rank = static_cast<std::size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
+  return v[std::min(v.size(), std::max<std::size_t>(rank, 1)) - 1];
+}
+
+//! Everything one simulation measured.
+struct sim_report {
+  std::string label;
+  std::vector<request_result> requests;  //!< in arrival order
+  std::uint64_t completed = 0, rejected = 0;
+  double makespan_s = 0;  //!< first arrival to last finish
+
+  // Latency (rejected requests count as infinitely late).
+  double ttft_p50_s = 0, ttft_p90_s = 0, ttft_p99_s = 0, ttft_target_pct_s = 0;
+  double tpot_p50_s = 0, tpot_p90_s = 0, tpot_p99_s = 0, tpot_target_pct_s = 0;
+  double slo_attainment = 0;     //!< fraction of all requests meeting both targets
+  bool meets_slo = false;        //!< both percentiles within target
+  double goodput_rps = 0;        //!< requests meeting both targets per second of makespan
+  double goodput_tokens_per_s = 0;
+  std::uint64_t good_input_tokens = 0, good_output_tokens = 0;
+
+  // Where prompt tokens of completed requests came from.
+  std::uint64_t input_tokens = 0, computed_tokens = 0, local_tokens = 0, peer_tokens = 0, dram_tokens = 0,
+                ssd_tokens = 0;
+  [[nodiscard]] double share(std::uint64_t part) const noexcept {
+    return input_tokens ? static_cast<double>(part) / static_cast<double>(input_tokens) : 0.0;
+  }
+
+  // Links and busy time.
+  double kv_transfer_bytes = 0;   //!< prefill to decode
+  double pool_read_bytes = 0;     //!< pool DRAM and SSD to prefill instances
+  double peer_read_bytes = 0;
+  double pool_write_bytes = 0;    //!< prefill instances to the pool
+  double ssd_read_bytes = 0;
+  double network_utilisation = 0; //!< all network bytes / (instances * NIC speed * makespan)
+  double ssd_utilisation = 0;     //!< SSD reads / (SSD speed * makespan)
+  double prefill_busy_s = 0;      //!< summed over instances
+  double decode_busy_s = 0;
+  double prefill_utilisation = 0; //!< prefill busy time / (prefill-capable instances * makespan)
+  double decode_utilisation = 0;
+
+  // Cost.
+  double cost_per_hour = 0;
+  double cost_usd = 0;                     //!< over the makespan
+  double usd_per_m_input_tokens = 0;       //!< per million good input tokens
+  double usd_per_m_output_tokens = 0;      //!< per million good output tokens
+  std::uint64_t events = 0;
+};
+
+namespace detail {
+
+inline constexpr std::uint32_t none = UINT32_MAX;
+
+template <class Policy>
+class simulation {
+ public:
+  simulation(const workload& w, const model_shape& m, const hardware& hw, const deployment& d, const slo_target& s)
+      : w_(w), m_(m), hw_(hw), d_(d), slo_(s), kvb_(static_cast<double>(m.kv_bytes_per_token())),
+        block_bytes_(kvb_ * w.block_tokens()) {}
+
+  result<sim_report> run() {
+    KVX_TRY(setup());
+    std::size_t next = 0;
+    while (next < w_.size() || !events_.empty()) {
+      if (!events_.empty() && (next == w_.size() || events_.top().t <= w_[next].arrival_s)) {
+        const event e = events_.top();
+        events_.pop();
+        advance(e.t);
+        if (e.kind == event_kind::iteration_end)
+          iteration_end(e.a, e.b);
+        else
+          kv_arrive(e.a, e.b);
+      } else {
+        advance(w_[next].arrival_s);
+        arrival(static_cast<std::uint32_t>(next++));
+      }
+      ++report_.events;
+    }
+    finish_report();
+    return std::move(report_);
+  }
+
+ private:
+  enum class event_kind : std::uint8_t { iteration_end, kv_arrive };
+  struct event {
+    double t;
+    std::uint64_t seq;
+    event_kind kind;
+    std::uint32_t a, b;
+    bool operator>(const event& o) const noexcept { return t != o.t ? t > o.t : seq > o.seq; }
+  };
+  struct member {
+    std::uint32_t req;
+    std::uint32_t remaining;
+  };
+  struct pin {
+    std::uint32_t cache;  // instance id, or dram_id_ / ssd_id_
+    std::uint32_t block;
+  };
+  struct req_state {
+    std::uint32_t compute = 0;     // tokens to prefill
+    std::uint32_t cached = 0;      // tokens already there or fetched before computing
+    double fetch_s = 0;
+    std::vector<pin> pins;
+  };
+  struct instance {
+    bool prefills = false, decodes = false;
+    block_cache hbm;
+    std::deque<std::uint32_t> prefill_q;
+    std::uint64_t queued_tokens = 0;  // prefill tokens not yet computed, queue and current
+    std::uint32_t pf_req = none;
+    std::uint32_t pf_done = 0;
+    std::deque<std::uint32_t> decode_wait;
+    std::vector<member> batch;
+    double batch_ctx = 0;             // KV tokens of the batch
+    double reserved = 0;              // prompt + output tokens reserved by the batch
+    std::uint64_t assigned = 0;       // requests routed here for decode, not finished
+    std::uint64_t assigned_tokens = 0;
+    // The iteration in flight.
+    bool busy = false;
+    std::uint32_t version = 0;
+    double it_start = 0, it_end = 0;
+    std::uint32_t it_steps = 0;       // decode steps in it
+    double it_a = 0, it_c = 0;        // first step's time, growth per step
+    std::uint32_t it_chunk = 0;       // prefill tokens in it
+    double it_prefill_s = 0;
+    double nic_free = 0;
+  };
+
+  result<void> setup() {
+    KVX_TRY(d_.validate(hw_));
+    KVX_TRY(slo_.validate());
+    const bool colo = d_.mode == serving_mode::colocated;
+    const std::uint32_t n = d_.instances();
+    const auto hbm_blocks = static_cast<std::size_t>(d_.hbm_cache_gb * 1e9 / block_bytes_);
+    kv_capacity_tokens_ = (hw_.kv_capacity_bytes - d_.hbm_cache_gb * 1e9 * (colo ? 1 : 0)) / kvb_;
+    for (std::uint32_t i = 0; i < n; ++i) {
+      instance in;
+      in.prefills = colo || i < d_.prefill_instances;
+      in.decodes = colo || i >= d_.prefill_instances;
+      if (in.prefills) {
+        auto c = block_cache::make(d_.eviction, hbm_blocks);
+        if (!c) return c.error();
+        in.hbm = std::move(*c);
+      }
+      instance_spec spec{.name = (colo ? "colocated-" : in.prefills ? "prefill-" : "decode-") + std::to_string(i),
+                         .role = colo ? instance_role::both : in.prefills ? instance_role::prefill : instance_role::decode,
+                         .prefill_tokens_per_s = hw_.prefill.tokens_per_s,
+                         .decode_step_s = hw_.decode.step_s,
+                         .decode_s_per_token = hw_.decode.s_per_token,
+                         .fetch_bytes_per_s = hw_.network_bytes_per_s};
+      auto id = router_.add_instance(std::move(spec));
+      if (!id) return id.error();
+      instances_.push_back(std::move(in));
+    }
+    dram_id_ = n;
+    ssd_id_ = n + 1;
+    auto dram = block_cache::make(d_.eviction, static_cast<std::size_t>(d_.dram_gb * 1e9 / block_bytes_));
+    if (!dram) return dram.error();
+    dram_ = std::move(*dram);
+    auto ssd = block_cache::make(d_.eviction, static_cast<std::size_t>(d_.ssd_gb * 1e9 / block_bytes_));
+    if (!ssd) return ssd.error();
+    ssd_ = std::move(*ssd);
+    states_.resize(w_.size());
+    report_.requests.resize(w_.size());
+    report_.label = d_.label();
+    return {};
+  }
+
+  void advance(double t) {
+    if (t < now_) throw std::logic_error("kvx::planner::simulate: an event is older than the clock");
+    now_ = t;
+  }
+  void push(double t, event_kind k, std::uint32_t a, std::uint32_t b) { events_.push({t, seq_++, k, a, b}); }
+
+  block_cache& cache_of(std::uint32_t id) {
+    return id == dram_id_ ? dram_ : id == ssd_id_ ? ssd_ : instances_[id].hbm;
+  }
+
+  // ---- arrival and routing ----------------------------------------------
+
+  void arrival(std::uint32_t r) {
+    const auto& q = w_[r];
+    auto& res = report_.requests[r];
+    res.arrival_s = q.arrival_s;
+    res.input_tokens = q.input_tokens;
+    res.output_tokens = q.output_tokens;
+    for (instance_id i = 0; i < instances_.size(); ++i) {
+      const auto& in = instances_[i];
+      (void)router_.update_load(
+          i, instance_load{.queued_requests = static_cast<std::uint32_t>(in.prefill_q.size() + (in.pf_req != none)),
+                           .queued_tokens = in.queued_tokens,
+                           .running_requests = static_cast<std::uint32_t>(in.assigned),
+                           .running_tokens = in.assigned_tokens});
+    }
+    const auto keys = w_.full_keys(r);
+    const routing_request rq{.keys = keys,
+                             .prompt_tokens = q.input_tokens,
+                             .block_tokens = w_.block_tokens(),
+                             .kv_bytes_per_token = m_.kv_bytes_per_token()};
+    const auto dec = router_.route(rq, d_.early_rejection ? slo{slo_.ttft_s, slo_.tpot_s} : slo{});
+    using oc = route_decision::outcome;
+    if (dec.status != oc::accepted) {
+      res.outcome = dec.status == oc::rejected_ttft   ? request_result::status::rejected_ttft
+                    : dec.status == oc::rejected_tpot ? request_result::status::rejected_tpot
+                                                      : request_result::status::no_instance;
+      return;
+    }
+    // Colocated, a request decodes where it was prefilled; the router's TPOT
+    // check looked at its own (least loaded) decode pick, an optimistic bound.
+    res.prefill = dec.prefill;
+    res.decode = d_.mode == serving_mode::colocated ? dec.prefill : dec.decode;
+    auto& st = states_[r];
+    const std::uint32_t bt = w_.block_tokens();
+    // The local prefix (the router's index mirrors the caches exactly).
+    std::uint32_t local_blocks = 0;
+    auto& hbm = instances_[dec.prefill].hbm;
+    while (local_blocks < keys.size() && hbm.contains(keys[local_blocks])) ++local_blocks;
+    for (std::uint32_t j = 0; j < local_blocks; ++j) {
+      hbm.pin(keys[j]);
+      st.pins.push_back({dec.prefill, j});
+    }
+    res.local_tokens = dec.cached_tokens;
+    const std::uint32_t have = dec.cached_tokens + dec.fetch_tokens;
+    double fetch_s = 0;
+    for (std::uint32_t j = local_blocks; j < keys.size() && j * bt < have; ++j) {
+      const std::uint32_t tokens = std::min((j + 1) * bt, have) - std::max(j * bt, dec.cached_tokens);
+      const double bytes = tokens * kvb_;
+      std::uint32_t where;
+      if (dec.fetch_from != pool_location) {
+        where = dec.fetch_from;
+        res.peer_tokens += tokens;
+        report_.peer_read_bytes += bytes;
+        fetch_s += bytes / hw_.network_bytes_per_s;
+      } else if (dram_.contains(keys[j])) {
+        where = dram_id_;
+        res.dram_tokens += tokens;
+        report_.pool_read_bytes += bytes;
+        fetch_s += bytes / hw_.network_bytes_per_s;
+      } else {
+        where = ssd_id_;
+        res.ssd_tokens += tokens;
+        report_.pool_read_bytes += bytes;
+        report_.ssd_read_bytes += bytes;
+        fetch_s += bytes / std::min(hw_.ssd_bytes_per_s, hw_.network_bytes_per_s);
+      }
+      auto& c = cache_of(where);
+      if (!c.contains(keys[j]))
+        throw std::logic_error("kvx::planner::simulate: the router's index names a block no tier holds");
+      c.pin(keys[j]);
+      st.pins.push_back({where, j});
+    }
+    st.cached = have;
+    st.compute = q.input_tokens - have;
+    st.fetch_s = fetch_s;
+    res.computed_tokens = st.compute;
+    auto& d = instances_[res.decode];
+    ++d.assigned;
+    d.assigned_tokens += q.input_tokens;
+    auto& p = instances_[dec.prefill];
+    p.prefill_q.push_back(r);
+    p.queued_tokens += st.compute;
+    work_arrived(dec.prefill);
+  }
+
+  // ---- instance iterations ------------------------------------------------
+
+  void work_arrived(std::uint32_t i) {
+    auto& in = instances_[i];
+    if (!in.busy) {
+      start_iteration(i);
+      return;
+    }
+    // A multi-step decode iteration ends early at the step boundary that
+    // follows now, so that the new work joins there.
+    if (in.it_chunk != 0 || in.it_steps <= 1) return;
+    const std::uint32_t m = step_containing(in, now_);
+    if (m >= in.it_steps) return;
+    in.it_steps = m;
+    in.it_end = step_end(in, m);
+    ++in.version;
+    push(in.it_end, event_kind::iteration_end, i, in.version);
+  }
+
+  static double step_end(const instance& in, std::uint32_t m) {
+    const double md = m;
+    return in.it_start + md * in.it_a + in.it_c * md * (md - 1) / 2;
+  }
+  // The smallest m >= 1 whose step ends at or after t.
+  static std::uint32_t step_containing(const instance& in, double t) {
+    const double dt = t - in.it_start;
+    double guess;
+    if (in.it_c <= 0) {
+      guess = std::ceil(dt / in.it_a);
+    } else {
+      const double b = in.it_a - in.it_c / 2;
+      guess = std::ceil((-b + std::sqrt(b * b + 2 * in.it_c * dt)) / in.it_c);
+    }
+    auto m = static_cast<std::uint32_t>(std::clamp(guess, 1.0, static_cast<double>(in.it_steps)));
+    while (m > 1 && step_end(in, m - 1) >= t) --m;
+    while (m < in.it_steps && step_end(in, m) < t) ++m;
+    return m;
+  }
+
+  void start_iteration(std::uint32_t i) {
+    auto& in = instances_[i];
+    if (in.busy) return;
+    while (!in.decode_wait.empty()) {
+      const std::uint32_t r = in.decode_wait.front();
+      const double need = static_cast<double>(w_[r].input_tokens) + w_[r].output_tokens;
+      const bool fits = in.batch.size() < hw_.decode.max_batch && in.reserved + need <= kv_capacity_tokens_;
+      if (!fits && !in.batch.empty()) break;  // an oversized request still runs alone
+      in.decode_wait.pop_front();
+      in.batch.push_back({r, w_[r].output_tokens - 1});
+      in.batch_ctx += w_[r].input_tokens;
+      in.reserved += need;
+    }
+    const double batch = static_cast<double>(in.batch.size());
+    in.it_start = now_;
+    in.it_chunk = 0;
+    in.it_prefill_s = 0;
+    in.it_steps = 0;
+    if (in.prefills && (in.pf_req != none || !in.prefill_q.empty())) {
+      if (in.pf_req == none) {
+        in.pf_req = in.prefill_q.front();
+        in.prefill_q.pop_front();
+        in.pf_done = 0;
+      }
+      const auto& st = states_[in.pf_req];
+      const std::uint32_t left = st.compute - in.pf_done;
+      in.it_chunk = in.decodes ? std::min(left, d_.chunk_tokens) : left;
+      in.it_prefill_s = (in.pf_done == 0 ? st.fetch_s : 0.0) +
+                        hw_.prefill.seconds(in.it_chunk, static_cast<double>(st.cached) + in.pf_done);
+      in.it_steps = in.batch.empty() ? 0 : 1;
+      in.it_a = in.batch.empty() ? 0 : hw_.decode.step(batch, in.batch_ctx);
+      in.it_c = 0;
+      in.it_end = now_ + in.it_prefill_s + in.it_a;
+    } else if (!in.batch.empty()) {
+      std::uint32_t steps = UINT32_MAX;
+      for (const auto& mb : in.batch) steps = std::min(steps, mb.remaining);
+      in.it_steps = steps;
+      in.it_a = hw_.decode.step(batch, in.batch_ctx);
+      in.it_c = hw_.decode.s_per_token * batch;
+      in.it_end = step_end(in, steps);
+    } else {
+      return;
+    }
+    in.busy = true;
+    ++in.version;
+    push(in.it_end, event_kind::iteration_end, i, in.version);
+  }
+
+  void iteration_end(std::uint32_t i, std::uint32_t version) {
+    auto& in = instances_[i];
+    if (!in.busy || version != in.version) return;  // superseded by a shorter iteration
+    in.busy = false;
+    if (in.it_steps > 0) {
+      const double n = in.it_steps;
+      report_.decode_busy_s += in.it_chunk ? in.it_a : n * in.it_a + in.it_c * n * (n - 1) / 2;
+      in.batch_ctx += n * static_cast<double>(in.batch.size());
+      for (auto& mb : in.batch) {
+        mb.remaining -= in.it_steps;
+        if (mb.remaining == 0) finish(i, mb.req, now_);
+      }
+      std::erase_if(in.batch, [](const member& mb) { return mb.remaining == 0; });
+    }
+    if (in.it_chunk > 0) {
+      report_.prefill_busy_s += in.it_prefill_s;
+      in.pf_done += in.it_chunk;
+      in.queued_tokens -= in.it_chunk;
+      if (in.pf_done == states_[in.pf_req].compute) {
+        const std::uint32_t r = in.pf_req;
+        in.pf_req = none;
+        prefill_done(i, r);
+      }
+    }
+    start_iteration(i);
+  }
+
+  void finish(std::uint32_t i, std::uint32_t r, double t) {
+    auto& in = instances_[i];
+    auto& res = report_.requests[r];
+    res.finish_s = t;
+    res.outcome = request_result::status::completed;
+    const auto& q = w_[r];
+    in.batch_ctx -= static_cast<double>(q.input_tokens) + (q.output_tokens - 1);
+    in.reserved -= static_cast<double>(q.input_tokens) + q.output_tokens;
+    --in.assigned;
+    in.assigned_tokens -= q.input_tokens;
+  }
+
+  void prefill_done(std::uint32_t i, std::uint32_t r) {
+    auto& res = report_.requests[r];
+    res.first_token_s = now_;
+    store_blocks(i, r);
+    const auto& q = w_[r];
+    if (q.output_tokens <= 1) {
+      res.finish_s = now_;
+      res.outcome = request_result::status::completed;
+      auto& d = instances_[res.decode];
+      --d.assigned;
+      d.assigned_tokens -= q.input_tokens;
+      return;
+    }
+    if (res.decode == i) {
+      instances_[i].decode_wait.push_back(r);
+      return;  // the caller starts the next iteration
+    }
+    auto& p = instances_[i];
+    const double bytes = q.input_tokens * kvb_;
+    const double start = std::max(now_, p.nic_free);
+    p.nic_free = start + bytes / hw_.network_bytes_per_s;
+    report_.kv_transfer_bytes += bytes;
+    push(p.nic_free, event_kind::kv_arrive, res.decode, r);
+  }
+
+  void kv_arrive(std::uint32_t d, std::uint32_t r) {
+    instances_[d].decode_wait.push_back(r);
+    work_arrived(d);
+  }
+
+  // ---- caches ------------------------------------------------------------
+
+  cache::access_context ctx(std::uint32_t r, std::uint32_t j, std::span<const cache::block_key> keys) const {
+    return {.now = w_.reference(r, j), .next_use = w_.next_use(r, j), .bytes = static_cast<std::uint64_t>(block_bytes_),
+            .parent = j > 0 ? &keys[j - 1] : nullptr};
+  }
+
+  // The prefill on `i` has made every block of `r`: unpin what it read, keep
+  // the blocks in `i`'s HBM and write them through to the pool.
+  void store_blocks(std::uint32_t i, std::uint32_t r) {
+    const auto keys = w_.full_keys(r);
+    for (const auto& p : states_[r].pins) cache_of(p.cache).unpin(keys[p.block]);
+    states_[r].pins.clear();
+    states_[r].pins.shrink_to_fit();
+    auto& hbm = instances_[i].hbm;
+    if (hbm.capacity() > 0) {
+      std::uint32_t held = 0;
+      for (std::uint32_t j = 0; j < keys.size(); ++j) {
+        const auto c = ctx(r, j, keys);
+        if (hbm.contains(keys[j])) {
+          hbm.touch(keys[j], c);
+        } else {
+          auto ins = hbm.insert(keys[j], c);
+          if (ins.evicted) router_.on_evicted(i, std::span(&*ins.evicted, 1));
+          if (!ins.inserted) break;  // a later block without its prefix is useless
+          router_.on_stored(i, keys.subspan(j, 1));
+        }
+        hbm.pin(keys[j]);  // a request never evicts its own earlier blocks
+        ++held;
+      }
+      for (std::uint32_t j = 0; j < held; ++j) hbm.unpin(keys[j]);
+    }
+    if (dram_.capacity() == 0 && ssd_.capacity() == 0) return;
+    // Unlike HBM, the pool may demote this request's own earlier blocks to
+    // SSD to make room for its later ones, so they are not pinned here.
+    block_cache& top = dram_.capacity() > 0 ? dram_ : ssd_;
+    for (std::uint32_t j = 0; j < keys.size(); ++j) {
+      const auto c = ctx(r, j, keys);
+      const auto& k = keys[j];
+      if (top.contains(k)) {
+        top.touch(k, c);
+      } else if (&top != &ssd_ && ssd_.contains(k)) {
+        if (ssd_.pinned(k)) {
+          ssd_.touch(k, c);
+          continue;
+        }
+        ssd_.erase(k);  // promote: the pool keeps it, in DRAM now
+        if (!pool_insert(k, c, /*was_pooled=*/true)) break;
+      } else {
+        report_.pool_write_bytes += block_bytes_;
+        if (!pool_insert(k, c, /*was_pooled=*/false)) break;
+      }
+    }
+  }
+
+  // Puts `k` in the pool's top tier; a DRAM victim moves down to SSD.
+  bool pool_insert(const cache::block_key& k, const cache::access_context& c, bool was_pooled) {
+    block_cache& top = dram_.capacity() > 0 ? dram_ : ssd_;
+    auto ins = top.insert(k, c);
+    if (ins.evicted) {
+      const cache::block_key v = *ins.evicted;
+      bool kept = false;
+      if (&top == &dram_ && ssd_.capacity() > 0) {
+        auto down = ssd_.insert(v, {.now = c.now, .next_use = ins.evicted_next_use, .bytes = c.bytes, .parent = nullptr});
+        if (down.evicted) router_.on_evicted(pool_location, std::span(&*down.evicted, 1));
+        kept = down.inserted;
+      }
+      if (!kept) router_.on_evicted(pool_location, std::span(&v, 1));
+    }
+    if (!ins.inserted) {
+      if (was_pooled) router_.on_evicted(pool_location, std::span(&k, 1));
+      return false;
+    }
+    if (!was_pooled) router_.on_stored(pool_location, std::span(&k, 1));
+    return true;
+  }
+
+  // ---- summary -------------------------------------------------------------
+
+  void finish_report() {
+    auto& rep = report_;
+    std::vector<double> ttft, tpot;
+    ttft.reserve(w_.size());
+    tpot.reserve(w_.size());
+    double first = w_[0].arrival_s, last = first;
+    double prefill_share_s = 0, decode_share_s = 0;
+    for (const auto& r : rep.requests) {
+      ttft.push_back(r.ttft_s());
+      tpot.push_back(r.tpot_s());
+      if (!r.completed()) {
+        ++rep.rejected;
+        continue;
+      }
+      ++rep.completed;
+      last = std::max(last, r.finish_s);
+      rep.input_tokens += r.input_tokens;
+      rep.computed_tokens += r.computed_tokens;
+      rep.local_tokens += r.local_tokens;
+      rep.peer_tokens += r.peer_tokens;
+      rep.dram_tokens += r.dram_tokens;
+      rep.ssd_tokens += r.ssd_tokens;
+      if (r.ttft_s() <= slo_.ttft_s && r.tpot_s() <= slo_.tpot_s) {
+        rep.good_input_tokens += r.input_tokens;
+        rep.good_output_tokens += r.output_tokens;
+        rep.goodput_rps += 1;
+      }
+    }
+    rep.makespan_s = std::max(last - first, 1e-9);
+    rep.slo_attainment = rep.goodput_rps / static_cast<double>(w_.size());
+    rep.goodput_rps /= rep.makespan_s;
+    rep.goodput_tokens_per_s = static_cast<double>(rep.good_input_tokens + rep.good_output_tokens) / rep.makespan_s;
+    rep.ttft_target_pct_s = percentile(ttft, slo_.ttft_percentile);
+    rep.ttft_p50_s = percentile(ttft, 50);
+    rep.ttft_p90_s = percentile(ttft, 90);
+    rep.ttft_p99_s = percentile(ttft, 99);
+    rep.tpot_target_pct_s = percentile(tpot, slo_.tpot_percentile);
+    rep.tpot_p50_s = percentile(tpot, 50);
+    rep.tpot_p90_s = percentile(tpot, 90);
+    rep.tpot_p99_s = percentile(tpot, 99);
+    rep.meets_slo = rep.ttft_target_pct_s <= slo_.ttft_s && rep.tpot_target_pct_s <= slo_.tpot_s;
+
+    const double n = d_.instances();
+    const double prefill_capable = d_.mode == serving_mode::colocated ? n : d_.prefill_instances;
+    const double decode_capable = d_.mode == serving_mode::colocated ? n : d_.decode_instances;
+    rep.prefill_utilisation = rep.prefill_busy_s / (prefill_capable * rep.makespan_s);
+    rep.decode_utilisation = rep.decode_busy_s / (decode_capable * rep.makespan_s);
+    rep.network_utilisation = (rep.kv_transfer_bytes + rep.pool_read_bytes - rep.ssd_read_bytes + rep.peer_read_bytes +
+                               rep.pool_write_bytes) /
+                              (n * hw_.network_bytes_per_s * rep.makespan_s);
+    rep.ssd_utilisation = rep.ssd_read_bytes / (hw_.ssd_bytes_per_s * rep.makespan_s);
+
+    // Cost: prefill instances and the pool serve input tokens, decode
+    // instances output tokens; colocated instances split by busy time.
+    rep.cost_per_hour = cost_per_hour(d_, hw_);
+    const double hours = rep.makespan_s / 3600;
+    rep.cost_usd = rep.cost_per_hour * hours;
+    const double pool = (d_.dram_gb * hw_.dram_price_per_gb_hour + d_.ssd_gb * hw_.ssd_price_per_gb_hour) * hours;
+    if (d_.mode == serving_mode::colocated) {
+      const double inst = n * hw_.price_per_hour * hours;
+      const double busy = rep.prefill_busy_s + rep.decode_busy_s;
+      const double pf = busy > 0 ? rep.prefill_busy_s / busy : 0.5;
+      prefill_share_s = inst * pf + pool;
+      decode_share_s = inst * (1 - pf);
+    } else {
+      prefill_share_s = d_.prefill_instances * hw_.price_per_hour * hours + pool;
+      decode_share_s = d_.decode_instances * hw_.price_per_hour * hours;
+    }
+    const double inf = std::numeric_limits<double>::infinity();
+    rep.usd_per_m_input_tokens = rep.good_input_tokens ? prefill_share_s / (rep.good_input_tokens / 1e6) : inf;
+    rep.usd_per_m_output_tokens = rep.good_output_tokens ? decode_share_s / (rep.good_output_tokens / 1e6) : inf;
+  }
+
+  const workload& w_;
+  const model_shape& m_;
+  const hardware& hw_;
+  const deployment& d_;
+  const slo_target& slo_;
+  const double kvb_;
+  const double block_bytes_;
+  double kv_capacity_tokens_ = 0;
+  router<Policy> router_{};
+  std::vector<instance> instances_;
+  block_cache dram_, ssd_;
+  std::uint32_t dram_id_ = 0, ssd_id_ = 0;
+  std::vector<req_state> states_;
+  std::priority_queue<event, std::vector<event>, std::greater<>> events_;
+  std::uint64_t seq_ = 0;
+  double now_ = 0;
+  sim_report report_;
+};
+
+
+}  // namespace detail
+
+//! Simulates `d` serving `w`. Errors: an invalid deployment, SLO or eviction
+//! policy name (`errc::invalid_argument`). Throws `std::logic_error` only if
+//! a policy breaks its contract.
+inline result<sim_report> simulate(const workload& w, const model_shape& m, const hardware& hw, const deployment& d,
+                                   const slo_target& s) {
+  KVX_TRY(m.validate());
+  KVX_TRY(hw.validate());
+  if (d.routing == "least_loaded") return detail::simulation<routing::least_loaded>(w, m, hw, d, s).run();
+  if (d.routing == "round_robin") return detail::simulation<routing::round_robin>(w, m, hw, d, s).run();
+  return detail::simulation<routing::cache_aware>(w, m, hw, d, s).run();
+}
+
+}  // namespace kvx::disagg::planner

@@ -1,0 +1,399 @@
+#include <kvx/disagg/planner/simulator.hpp>
+
+#include <kvx/cache/trace.hpp>
+#include <kvx/disagg/planner/block_cache.hpp>
+#include <kvx/disagg/planner/deployment.hpp>
+#include <kvx/disagg/planner/hardware.hpp>
+#include <kvx/disagg/planner/model_shape.hpp>
+#include <kvx/disagg/planner/search.hpp>
+#include <kvx/disagg/planner/workload.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace kp = kvx::disagg::planner;
+using kvx::cache::trace_request;
+using status = kp::request_result::status;
+
+namespace {
+
+// One layer, one KV head of 500 dims in bf16: 2,000 KV bytes per token.
+kp::model_shape small_model() { return {"small", 1, 1, 1, 500, 2, 1e6}; }
+
+// 1,000 prompt tokens per second, 10 ms decode steps, 20 MB/s network (a
+// 1,000-token prompt's KV takes 0.1 s to ship), no per-token decode cost.
+kp::hardware simple_hardware() {
+  kp::hardware h;
+  h.name = "simple";
+  h.prefill = {.tokens_per_s = 1000, .overhead_s = 0, .attention_s_per_pair = 0};
+  h.decode = {.step_s = 0.01, .s_per_seq = 0, .s_per_token = 0, .max_batch = 8};
+  h.kv_capacity_bytes = 1e9;
+  h.network_bytes_per_s = 2e7;
+  h.ssd_bytes_per_s = 1e7;
+  h.price_per_hour = 1;
+  return h;
+}
+
+trace_request req(std::uint64_t ms, std::uint64_t in, std::uint64_t out, std::vector<std::uint64_t> ids = {}) {
+  return {ms, in, out, std::move(ids)};
+}
+
+kp::workload make_workload(const std::vector<trace_request>& t, std::uint32_t block_tokens = 256) {
+  auto w = kp::workload::from_trace(t, {.block_tokens = block_tokens});
+  EXPECT_TRUE(w) << w.error().message();
+  return std::move(*w);
+}
+
+kp::sim_report run(const kp::workload& w, const kp::deployment& d, const kp::slo_target& s = {},
+                   const kp::hardware& hw = simple_hardware()) {
+  auto r = kp::simulate(w, small_model(), hw, d, s);
+  EXPECT_TRUE(r) << r.error().message();
+  return std::move(*r);
+}
+
+kp::deployment disagg(std::uint32_t p, std::uint32_t d) {
+  return {.mode = kp::serving_mode::disaggregated, .prefill_instances = p, .decode_instances = d};
+}
+
+std::vector<std::uint64_t> ids(std::uint64_t first, std::size_t n) {
+  std::vector<std::uint64_t> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = first + i;
+  return v;
+}
+
+// Conversations that share a system prompt and grow turn by turn, with
+// Poisson arrivals: a small Mooncake-like trace.
+std::vector<trace_request> conversations(std::size_t n, double rate_per_s, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto uniform = [&] { return (static_cast<double>(rng() >> 11) + 0.5) / 9007199254740992.0; };
+  std::vector<trace_request> t;
+  std::vector<std::vector<std::uint64_t>> convs(8);
+  std::uint64_t next_id = 1000, clock_ms = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    clock_ms += static_cast<std::uint64_t>(-std::log(uniform()) / rate_per_s * 1000);
+    auto& c = convs[rng() % convs.size()];
+    if (c.empty() || rng() % 5 == 0) c = {0};  // a new conversation after the shared system block
+    const std::size_t grow = 1 + rng() % 3;
+    for (std::size_t k = 0; k < grow; ++k) c.push_back(next_id++);
+    const std::uint64_t in = c.size() * 256 - rng() % 200;
+    t.push_back(req(clock_ms, in, 1 + rng() % 40, c));
+  }
+  return t;
+}
+
+}  // namespace
+
+TEST(Planner, OneRequestTtftIsPrefillAndTpotIncludesTheKvTransfer) {
+  const auto w = make_workload({req(0, 1000, 11)});
+  const auto r = run(w, disagg(1, 1));
+  ASSERT_EQ(r.completed, 1U);
+  const auto& q = r.requests[0];
+  EXPECT_NEAR(q.ttft_s(), 1.0, 1e-9);
+  // 0.1 s of KV transfer, then 10 decode steps of 10 ms.
+  EXPECT_NEAR(q.finish_s, 1.2, 1e-9);
+  EXPECT_NEAR(q.tpot_s(), 0.02, 1e-9);
+  EXPECT_EQ(q.computed_tokens, 1000U);
+  EXPECT_NEAR(r.kv_transfer_bytes, 2e6, 1e-3);
+  EXPECT_TRUE(r.meets_slo);
+  EXPECT_DOUBLE_EQ(r.slo_attainment, 1.0);
+}
+
+TEST(Planner, TwoRequestsQueueBehindOnePrefillInstanceAndNotBehindTwo) {
+  const auto w = make_workload({req(0, 1000, 1), req(0, 1000, 1)});
+  const auto one = run(w, disagg(1, 1));
+  EXPECT_NEAR(one.requests[0].ttft_s(), 1.0, 1e-9);
+  EXPECT_NEAR(one.requests[1].ttft_s(), 2.0, 1e-9);
+  const auto two = run(w, disagg(2, 1));
+  EXPECT_NEAR(two.requests[0].ttft_s(), 1.0, 1e-9);
+  EXPECT_NEAR(two.requests[1].ttft_s(), 1.0, 1e-9);
+  EXPECT_NE(two.requests[0].prefill, two.requests[1].prefill);
+}
+
+TEST(Planner, DecodeBatchesAndAJoinMidIterationWaitsForTheNextStep) {
+  kp::hardware hw = simple_hardware();
+  hw.decode.s_per_seq = 0.005;  // a step is 15 ms alone, 20 ms for two
+  const auto w = make_workload({req(0, 1000, 101), req(0, 1000, 11)});
+  const auto r = run(w, disagg(1, 1), {}, hw);
+  // Request 0 decodes from 1.1 s; request 1's KV lands at 2.1 s, inside step
+  // 67 (ends 2.105 s), and joins there; it finishes after 10 steps of 20 ms;
+  // request 0 has 23 steps of 15 ms left.
+  EXPECT_NEAR(r.requests[1].finish_s, 2.105 + 0.2, 1e-9);
+  EXPECT_NEAR(r.requests[0].finish_s, 2.305 + 23 * 0.015, 1e-9);
+  EXPECT_NEAR(r.requests[1].tpot_s(), 0.0305, 1e-9);
+}
+
+TEST(Planner, DecodeStepTimeGrowsWithTheKvItReads) {
+  kp::hardware hw = simple_hardware();
+  hw.decode.s_per_token = 1e-5;
+  const auto w = make_workload({req(0, 1000, 101)});
+  const auto r = run(w, disagg(1, 1), {}, hw);
+  // 100 steps over 1000, 1001, ... 1099 tokens of KV.
+  EXPECT_NEAR(r.requests[0].finish_s - 1.1, 100 * 0.02 + 1e-5 * 4950, 1e-9);
+}
+
+TEST(Planner, ALocalPrefixHitSavesItsPrefillTime) {
+  // The second request repeats the first's 4 blocks (1,024 tokens) and adds 512.
+  const auto w = make_workload({req(0, 1024, 1, ids(1, 4)), req(5000, 1536, 1, ids(1, 6))});
+  auto d = disagg(1, 1);
+  const auto cold = run(w, d);
+  EXPECT_NEAR(cold.requests[1].ttft_s(), 1.536, 1e-9);
+  d.hbm_cache_gb = 0.1;
+  const auto warm = run(w, d);
+  EXPECT_NEAR(warm.requests[1].ttft_s(), 0.512, 1e-9);
+  EXPECT_EQ(warm.requests[1].local_tokens, 1024U);
+  EXPECT_EQ(warm.requests[1].computed_tokens, 512U);
+  EXPECT_EQ(warm.local_tokens, 1024U);
+}
+
+TEST(Planner, APoolHitCostsItsTransferOverTheNetwork) {
+  const auto w = make_workload({req(0, 1024, 1, ids(1, 4)), req(5000, 1536, 1, ids(1, 6))});
+  auto d = disagg(1, 1);
+  d.dram_gb = 0.1;
+  const auto r = run(w, d);
+  // 1,024 tokens * 2,000 bytes at 20 MB/s, then 512 tokens computed.
+  EXPECT_NEAR(r.requests[1].ttft_s(), 0.1024 + 0.512, 1e-9);
+  EXPECT_EQ(r.requests[1].dram_tokens, 1024U);
+  EXPECT_NEAR(r.pool_read_bytes, 1024 * 2000.0, 1e-6);
+}
+
+TEST(Planner, BlocksDemotedToSsdAreFetchedAtSsdSpeed) {
+  // DRAM holds 2 blocks: the first request's 4 blocks push 2 down to SSD.
+  const auto w = make_workload({req(0, 1024, 1, ids(1, 4)), req(5000, 1536, 1, ids(1, 6))});
+  auto d = disagg(1, 1);
+  d.dram_gb = 2.5 * 256 * 2000 / 1e9;
+  d.ssd_gb = 0.1;
+  const auto r = run(w, d);
+  const auto& q = r.requests[1];
+  EXPECT_EQ(q.ssd_tokens, 512U);
+  EXPECT_EQ(q.dram_tokens, 512U);
+  // 512 tokens from SSD at 10 MB/s, 512 from DRAM at 20 MB/s, 512 computed.
+  EXPECT_NEAR(q.ttft_s(), 0.1024 + 0.0512 + 0.512, 1e-9);
+}
+
+TEST(Planner, TheRouterRejectsEarlyWhenTheSloIsUnreachable) {
+  const auto w = make_workload({req(0, 1000, 5)});
+  const kp::slo_target tight{.ttft_s = 0.5, .tpot_s = 1};
+  const auto r = run(w, disagg(1, 1), tight);
+  EXPECT_EQ(r.rejected, 1U);
+  EXPECT_EQ(r.requests[0].outcome, status::rejected_ttft);
+  EXPECT_FALSE(r.meets_slo);
+  EXPECT_TRUE(std::isinf(r.ttft_p90_s));
+  auto no_reject = disagg(1, 1);
+  no_reject.early_rejection = false;
+  const auto late = run(w, no_reject, tight);
+  EXPECT_EQ(late.completed, 1U);
+  EXPECT_FALSE(late.meets_slo);
+  EXPECT_DOUBLE_EQ(late.slo_attainment, 0.0);
+}
+
+TEST(Planner, ColocatedChunkedPrefillSlowsTheRunningDecode) {
+  const auto w = make_workload({req(0, 1000, 101), req(1505, 4000, 1)});
+  kp::deployment colo{.mode = kp::serving_mode::colocated, .prefill_instances = 1, .chunk_tokens = 500};
+  const auto alone = run(make_workload({req(0, 1000, 101)}), colo);
+  const auto shared = run(w, colo);
+  EXPECT_NEAR(alone.requests[0].tpot_s(), 0.01, 1e-9);  // no transfer when colocated
+  // 8 iterations carry a 0.5 s prefill chunk besides the decode step.
+  EXPECT_NEAR(shared.requests[0].finish_s - alone.requests[0].finish_s, 8 * 0.5, 1e-9);
+  EXPECT_EQ(shared.requests[1].decode, shared.requests[1].prefill);
+}
+
+TEST(Planner, PrefillQueueMatchesTheMD1Formula) {
+  // Poisson arrivals at 0.7 per second, 1 s of prefill each: M/D/1 with
+  // rho = 0.7, mean wait rho * D / (2 (1 - rho)) = 1.1667 s.
+  std::mt19937_64 rng(7);
+  std::vector<trace_request> t;
+  double clock = 0;
+  for (int i = 0; i < 20000; ++i) {
+    clock += -std::log((static_cast<double>(rng() >> 11) + 0.5) / 9007199254740992.0) / 0.7;
+    t.push_back(req(static_cast<std::uint64_t>(clock * 1000), 1000, 1));
+  }
+  const auto w = make_workload(t);
+  auto d = disagg(1, 1);
+  d.early_rejection = false;
+  const auto r = run(w, d);
+  double wait = 0;
+  for (const auto& q : r.requests) wait += q.ttft_s() - 1.0;
+  wait /= static_cast<double>(r.requests.size());
+  EXPECT_NEAR(wait, 0.7 / (2 * 0.3), 0.1 * 0.7 / (2 * 0.3));
+  EXPECT_NEAR(r.prefill_utilisation, 0.7, 0.03);
+}
+
+TEST(Planner, EveryRequestFinishesOrIsRejectedWithoutTimeTravelAndTokensAreConserved) {
+  const auto w = make_workload(conversations(600, 3, 11));
+  std::vector<kp::deployment> ds;
+  for (const char* ev : {"lru", "s3fifo", "belady"}) {
+    auto d = disagg(2, 2);
+    d.hbm_cache_gb = 0.002;
+    d.dram_gb = 0.004;
+    d.ssd_gb = 0.02;
+    d.eviction = ev;
+    ds.push_back(d);
+  }
+  ds.push_back({.mode = kp::serving_mode::colocated, .prefill_instances = 3, .hbm_cache_gb = 0.003});
+  auto rr = disagg(3, 1);
+  rr.routing = "round_robin";
+  rr.dram_gb = 0.01;
+  ds.push_back(rr);
+  for (const auto& d : ds) {
+    SCOPED_TRACE(d.label());
+    const auto r = run(w, d, {.ttft_s = 3, .tpot_s = 0.05});
+    EXPECT_EQ(r.completed + r.rejected, w.size());
+    std::uint64_t cached = 0;
+    for (std::size_t i = 0; i < w.size(); ++i) {
+      const auto& q = r.requests[i];
+      if (!q.completed()) continue;
+      EXPECT_GE(q.first_token_s, q.arrival_s);
+      EXPECT_GE(q.finish_s, q.first_token_s);
+      EXPECT_EQ(q.computed_tokens + q.local_tokens + q.peer_tokens + q.dram_tokens + q.ssd_tokens, q.input_tokens);
+      EXPECT_GE(q.computed_tokens, 1U);
+      cached += q.input_tokens - q.computed_tokens;
+    }
+    EXPECT_GT(cached, 0U) << "shared prefixes must hit";
+    // The same inputs give the same answer.
+    const auto again = run(w, d, {.ttft_s = 3, .tpot_s = 0.05});
+    EXPECT_EQ(again.ttft_p90_s, r.ttft_p90_s);
+    EXPECT_EQ(again.tpot_p99_s, r.tpot_p99_s);
+    EXPECT_EQ(again.events, r.events);
+  }
+}
+
+TEST(Planner, ACacheAwareRouterWithAPoolPrefillsLessThanARoundRobinWithout) {
+  const auto w = make_workload(conversations(400, 2, 5));
+  auto blind = disagg(3, 1);
+  blind.routing = "round_robin";
+  auto aware = disagg(3, 1);
+  aware.hbm_cache_gb = 0.002;
+  aware.dram_gb = 0.05;
+  const auto a = run(w, aware), b = run(w, blind);
+  EXPECT_LT(a.computed_tokens, b.computed_tokens / 2);
+}
+
+TEST(Planner, BadInputIsAnErrorThatSaysWhy) {
+  const auto w = make_workload({req(0, 100, 1)});
+  auto d = disagg(1, 1);
+  d.hbm_cache_gb = 0.1;
+  d.eviction = "fifo-ish";
+  auto r = kp::simulate(w, small_model(), simple_hardware(), d, {});
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message().find("unknown eviction policy 'fifo-ish'"), std::string::npos);
+  EXPECT_FALSE(kp::simulate(w, small_model(), simple_hardware(), disagg(1, 0), {}));
+  auto bad_slo = kp::simulate(w, small_model(), simple_hardware(), disagg(1, 1), {.ttft_s = -1});
+  EXPECT_FALSE(bad_slo);
+  auto back = kp::workload::from_trace({req(10, 100, 1), req(5, 100, 1)});
+  ASSERT_FALSE(back);
+  EXPECT_NE(back.error().message().find("trace request 1"), std::string::npos);
+  EXPECT_FALSE(kp::workload::from_trace({req(0, 100, 1, ids(0, 3))}, {.block_tokens = 64}));
+  EXPECT_FALSE(kp::model_preset("llama-9"));
+  const auto doc = kvx::config::parse(R"({"name": "x", "prefill": {"tokens_per_s": 1}})");
+  auto hw = kp::hardware_from_config(kvx::config::view(*doc), *kp::model_preset("llama-3-8b"));
+  ASSERT_FALSE(hw);
+  EXPECT_NE(hw.error().message().find("kv_capacity_gb"), std::string::npos);
+  const auto typo = kvx::config::parse(R"({"gpus": 8, "tflop_per_gpu": 1})");
+  auto hw2 = kp::hardware_from_config(kvx::config::view(*typo), *kp::model_preset("llama-3-8b"));
+  ASSERT_FALSE(hw2);
+  EXPECT_NE(hw2.error().message().find("tflop_per_gpu"), std::string::npos);
+}
+
+TEST(Planner, RooflineOfA70bModelOnEightH100s) {
+  const auto m = *kp::model_preset("llama-3-70b");
+  EXPECT_EQ(m.kv_bytes_per_token(), 327680U);
+  const auto doc = kvx::config::parse(
+      R"({"name": "h100", "gpus": 8, "tflops_per_gpu": 989, "hbm_gb_per_gpu": 80, "hbm_tb_s_per_gpu": 3.35,
+          "mfu": 0.5, "mbu": 0.5, "decode": {"max_batch": 64}})");
+  auto hw = kp::hardware_from_config(kvx::config::view(*doc), m);
+  ASSERT_TRUE(hw) << hw.error().message();
+  EXPECT_NEAR(hw->prefill.tokens_per_s, 8 * 989e12 * 0.5 / (2 * 70.6e9), 1);
+  EXPECT_NEAR(hw->decode.step_s, 70.6e9 * 2 / (8 * 3.35e12 * 0.5), 1e-12);
+  EXPECT_EQ(hw->decode.max_batch, 64U);
+  EXPECT_NEAR(hw->kv_capacity_bytes, 8 * 80e9 * 0.9 - 141.2e9, 1);
+}
+
+TEST(PlannerBlockCache, EvictsWithTheRealPolicyAndNeverAPinnedBlock) {
+  auto c = *kp::block_cache::make("lru", 2);
+  const kvx::cache::block_key a{0, 1}, b{0, 2}, x{0, 3};
+  EXPECT_TRUE(c.insert(a, {.now = 1}).inserted);
+  EXPECT_TRUE(c.insert(b, {.now = 2}).inserted);
+  c.pin(a);
+  auto r = c.insert(x, {.now = 3});
+  ASSERT_TRUE(r.evicted);
+  EXPECT_EQ(*r.evicted, b);  // a is older but pinned
+  c.pin(x);
+  EXPECT_FALSE(c.insert(b, {.now = 4}).inserted);
+  EXPECT_THROW(c.unpin(b), std::logic_error);
+}
+
+TEST(PlannerSearch, EnumerateCountsACachelessDeploymentOnce) {
+  kp::search_space s{.modes = {kp::serving_mode::disaggregated, kp::serving_mode::colocated},
+                     .prefill_instances = {1, 2},
+                     .decode_instances = {1},
+                     .dram_gb = {0, 10},
+                     .evictions = {"lru", "s3fifo"}};
+  // disagg: 2 counts * (1 cacheless + 2 policies); colocated sums {2, 3}: 2 * 3.
+  EXPECT_EQ(kp::enumerate(s).size(), 12U);
+}
+
+TEST(PlannerSearch, FindsTheCheapestFeasibleInCostOrderAndStopsAfterTheRunnerUps) {
+  std::vector<kp::deployment> grid;
+  for (std::uint32_t p = 1; p <= 4; ++p)
+    for (std::uint32_t d = 1; d <= 3; ++d) grid.push_back(disagg(p, d));
+  // Feasible iff p >= 2 and d >= 2: the cheapest is 2P+2D (4 instances).
+  std::vector<std::string> called;
+  auto eval = [&](const kp::deployment& d) -> kvx::result<kp::sim_report> {
+    called.push_back(d.label());
+    kp::sim_report r;
+    r.meets_slo = d.prefill_instances >= 2 && d.decode_instances >= 2;
+    return r;
+  };
+  auto found = kp::search(grid, simple_hardware(), eval, {.runner_ups = 2});
+  ASSERT_TRUE(found);
+  ASSERT_TRUE(found->best);
+  const auto& best = found->evaluated[*found->best].config;
+  EXPECT_EQ(best.prefill_instances, 2U);
+  EXPECT_EQ(best.decode_instances, 2U);
+  ASSERT_EQ(found->runner_ups.size(), 2U);
+  for (auto i : found->runner_ups) EXPECT_EQ(found->evaluated[i].config.instances(), 5U);
+  EXPECT_LT(called.size(), grid.size());
+  auto pure = [](const kp::deployment& d) -> kvx::result<kp::sim_report> {
+    kp::sim_report r;
+    r.meets_slo = d.prefill_instances >= 2 && d.decode_instances >= 2;
+    return r;
+  };
+  auto all = kp::search(grid, simple_hardware(), pure, {.exhaustive = true, .jobs = 2});
+  EXPECT_EQ(all->evaluated.size(), grid.size());
+  EXPECT_EQ(all->evaluated[*all->best].config.label(), best.label());
+}
+
+TEST(PlannerSearch, MatchesBruteForceOverRealSimulations) {
+  const auto w = make_workload(conversations(300, 1.2, 3));
+  kp::search_space s{.modes = {kp::serving_mode::disaggregated, kp::serving_mode::colocated},
+                     .prefill_instances = {1, 2, 3},
+                     .decode_instances = {1, 2},
+                     .dram_gb = {0, 0.2},
+                     .evictions = {"lru"}};
+  const kp::slo_target slo{.ttft_s = 4, .tpot_s = 0.05};
+  auto hw = simple_hardware();
+  hw.network_bytes_per_s = 2e8;
+  auto eval = [&](const kp::deployment& d) { return kp::simulate(w, small_model(), hw, d, slo); };
+  auto fast = kp::search(kp::enumerate(s), hw, eval, {.runner_ups = 1});
+  auto brute = kp::search(kp::enumerate(s), hw, eval, {.exhaustive = true, .jobs = 2});
+  ASSERT_TRUE(fast && brute);
+  ASSERT_TRUE(brute->best);
+  double cheapest = 1e300;
+  std::string label;
+  for (const auto& c : brute->evaluated)
+    if (c.report.meets_slo && c.report.cost_per_hour < cheapest) {
+      cheapest = c.report.cost_per_hour;
+      label = c.config.label();
+    }
+  ASSERT_TRUE(fast->best);
+  EXPECT_EQ(fast->evaluated[*fast->best].config.label(), label);
+  EXPECT_DOUBLE_EQ(fast->evaluated[*fast->best].report.cost_per_hour, cheapest);
+  EXPECT_LT(fast->evaluated.size(), brute->evaluated.size());
+  // Not everything is feasible: the SLO binds.
+  EXPECT_FALSE(brute->evaluated.front().report.meets_slo);
+}
