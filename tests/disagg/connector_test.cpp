@@ -120,7 +120,10 @@ struct Cluster : ::testing::Test {
     return fut.get();
   }
 
-  void add_pool_node(const std::string& name) {
+  // Pool nodes keep their segment registered in the process-wide local table: a fresh name per test.
+  void add_pool_node(const std::string& base) {
+    static std::atomic<int> serial{0};
+    const std::string name = base + "-" + std::to_string(serial++);
     auto& e = add_local(name);
     arenas.push_back(std::move(*kvx::memory::mapped_arena::create(8 << 20)));
     auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<local_engine>>(
@@ -363,8 +366,10 @@ TEST_F(ConnectorTest, PrefillDyingMidStreamFailsTheDecodeWithinItsDeadlineAndThe
   std::thread prefill0([&] { (void)p0->run_prefill(req); });
   // Layer 0's writes leave, then the instance goes silent.
   while (dying.transport.pending() == 0) std::this_thread::sleep_for(1ms);
-  const std::size_t layer0 = dying.transport.release_all();
-  EXPECT_GT(layer0, 0u);
+  // The impulse transport is driven on the executor's thread, as a transport's progress would be.
+  std::promise<std::size_t> released;
+  asio::post(io, [&] { released.set_value(dying.transport.release_all()); });
+  EXPECT_GT(released.get_future().get(), 0u);
   auto failed = d->run_decode(req, ticket, 4);
   ASSERT_FALSE(failed);
   EXPECT_EQ(failed.code(), kvx::errc::timed_out);
@@ -387,7 +392,7 @@ TEST_F(ConnectorTest, PrefillDyingMidStreamFailsTheDecodeWithinItsDeadlineAndThe
   std::atomic<bool> done{false};
   std::thread failer([&] {
     while (!done) {
-      dying.transport.fail_all(kvx::errc::connection_lost);
+      asio::post(io, [&dying] { dying.transport.fail_all(kvx::errc::connection_lost); });
       std::this_thread::sleep_for(1ms);
     }
   });
@@ -416,12 +421,30 @@ TEST_F(ConnectorTest, APushThatFailsIsAnErrorOnTheDecodeSide) {
   EXPECT_NE(out.error().message().find("layer 0"), std::string::npos) << out.error().message();
 }
 
+// Named function objects: GCC 12 rejects the store client's init-captures when
+// it is instantiated from nested lambdas.
+struct set_code {
+  std::shared_ptr<std::promise<std::error_code>> p;
+  void operator()(std::error_code ec) const { p->set_value(ec); }
+};
+template <class Client>
+struct remove_call {
+  Client* client;
+  std::string key;
+  std::shared_ptr<std::promise<std::error_code>> p;
+  void operator()() const { client->async_remove({"t", key}, set_code{p}); }
+};
+
 // Removes one object (block `block`, layer `layer`, heads from 0) from the pool.
 template <class Client>
 std::error_code remove_object(Cluster& c, Client* client, const std::vector<std::uint32_t>& tokens, std::size_t block, std::uint32_t layer) {
   auto h = kvx::cache::block_hasher::make({.block_tokens = 16, .ns = {.model = "tiny", .tenant = "t", .adapter = {}, .salt = {}}}).value();
   const auto key = h.keys(tokens).at(block).to_string() + "/l" + std::to_string(layer) + "/h0";
-  return c.on_io([client, key](auto cb) { client->async_remove({"t", key}, cb); });
+  auto p = std::make_shared<std::promise<std::error_code>>();
+  auto f = p->get_future();
+  asio::post(c.io, remove_call<Client>{client, key, p});
+  if (f.wait_for(10s) != std::future_status::ready) return kvx::errc::timed_out;
+  return f.get();
 }
 
 TEST_F(ConnectorTest, BestEffortRecomputesExactlyTheBlocksWhoseLoadFailed) {

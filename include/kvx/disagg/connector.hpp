@@ -285,10 +285,7 @@ class kv_connector {
       for (const auto& k : keys) names.push_back(object_name(k, last, src_tp_ - 1));
       auto p = std::make_shared<std::promise<std::pair<std::error_code, std::size_t>>>();
       auto f = p->get_future();
-      asio::post(engine_.get_executor(), [this, p, names = std::move(names)]() mutable {
-        mode_.store->async_longest_prefix(mode_.tenant, std::move(names),
-                                          [p](std::error_code ec, std::size_t count) { p->set_value({ec, count}); });
-      });
+      asio::post(engine_.get_executor(), prefix_lookup{this, p, std::move(names)});
       if (f.wait_for(cfg_.control_timeout) != std::future_status::ready)
         return error{errc::timed_out, "kv_connector '" + cfg_.name + "': pool lookup for request " + std::to_string(req.id)};
       auto [ec, count] = f.get();
@@ -379,11 +376,14 @@ class kv_connector {
   }
 
   //! The request left the engine: forgets it and frees its staging blocks.
-  //! `errc::busy` while transfers still touch its blocks (wait for them first).
+  //! Loads still in flight (pull) are cancelled and waited for; `errc::busy`
+  //! while saves still read its blocks (`wait_for_save` first).
   result<void> request_finished(request_id id) {
     std::unique_lock lock(st_->mu);
     auto r = find(id, "request_finished");
     if (!r) return r.error();
+    if constexpr (Mode::pooled)
+      if ((*r)->inflight > (*r)->saves_inflight) cancel_loads(lock, *r);  // gets still writing into its blocks
     if ((*r)->inflight > 0)
       return error{errc::busy, "kv_connector '" + cfg_.name + "': request_finished(request " + std::to_string(id) + "): " +
                                    std::to_string((*r)->inflight) + " transfers still touch its blocks"};
@@ -424,27 +424,7 @@ class kv_connector {
       st_->inflight += ops.size();
       for (auto& o : ops) r->cancels.push_back(o.cancel);
       lock.unlock();
-      asio::post(engine_.get_executor(), [this, r, ops = std::move(ops)]() mutable {
-        for (auto& o : ops) {
-          auto sig = o.cancel;
-          mode_.store->async_get(store::object_key{mode_.tenant, o.name}, o.dst,
-                                 asio::bind_cancellation_slot(sig->slot(), [st = st_, r, o](std::error_code ec, std::uint64_t size) {
-                                   std::lock_guard g(st->mu);
-                                   if (!ec && size != o.dst.size()) ec = make_error_code(errc::truncated_message);
-                                   if (ec) {
-                                     mark_failed(*st, *r, o.layer, o.block, ec, "get '" + o.name + "'");
-                                   } else {
-                                     r->load_bytes += size;
-                                     st->stats.bytes_loaded += size;
-                                     ++st->stats.objects_got;
-                                   }
-                                   --r->pending[o.layer];
-                                   --r->inflight;
-                                   --st->inflight;
-                                   st->cv.notify_all();
-                                 }));
-        }
-      });
+      asio::post(engine_.get_executor(), get_call{this, r, std::move(ops)});
     }
     return {};
   }
@@ -611,24 +591,7 @@ class kv_connector {
       auto bytes = std::make_shared<std::uint64_t>(0);
       lock.unlock();
       const auto started = clock::now();
-      asio::post(engine_.get_executor(), [this, r, ops = std::move(ops), layer, left, first, bytes, started] {
-        for (const auto& o : ops)
-          mode_.store->async_put(store::object_key{mode_.tenant, o.name}, o.src,
-                                 [st = st_, r, o, layer, left, first, bytes, started](std::error_code ec) {
-                                   // Another producer stored the same prefix first: the bytes are the same.
-                                   if (ec == errc::already_exists) ec = {};
-                                   std::lock_guard g(st->mu);
-                                   if (ec && !first->first) *first = {ec, "put '" + o.name + "'"};
-                                   if (!ec) {
-                                     *bytes += o.src.size();
-                                     ++st->stats.objects_put;
-                                   }
-                                   if (--*left == 0) {
-                                     end_save(*st, *r, layer, first->first, first->second, *bytes, started);
-                                     st->cv.notify_all();
-                                   }
-                                 });
-      });
+      asio::post(engine_.get_executor(), put_call{this, r, std::move(ops), layer, left, first, bytes, started});
     }
     return {};
   }
@@ -738,9 +701,90 @@ class kv_connector {
     std::span<std::byte> dst;
     std::shared_ptr<asio::cancellation_signal> cancel;
   };
+  // Named function objects rather than lambdas: GCC 12 miscompiles the
+  // store client's init-captures when it is instantiated from a nested lambda.
+  struct prefix_done {
+    std::shared_ptr<std::promise<std::pair<std::error_code, std::size_t>>> p;
+    void operator()(std::error_code ec, std::size_t count) const { p->set_value({ec, count}); }
+  };
+  struct prefix_lookup {
+    kv_connector* self;
+    std::shared_ptr<std::promise<std::pair<std::error_code, std::size_t>>> p;
+    std::vector<std::string> names;
+    void operator()() { self->mode_.store->async_longest_prefix(self->mode_.tenant, std::move(names), prefix_done{p}); }
+  };
   struct put_op {
     std::string name;
     std::span<const std::byte> src;
+  };
+  struct get_done {
+    std::shared_ptr<shared_state> st;
+    std::shared_ptr<request> r;
+    get_op o;
+    void operator()(std::error_code ec, std::uint64_t size) const {
+      std::lock_guard g(st->mu);
+      if (!ec && size != o.dst.size()) ec = make_error_code(errc::truncated_message);
+      if (ec) {
+        mark_failed(*st, *r, o.layer, o.block, ec, "get '" + o.name + "'");
+      } else {
+        r->load_bytes += size;
+        st->stats.bytes_loaded += size;
+        ++st->stats.objects_got;
+      }
+      --r->pending[o.layer];
+      --r->inflight;
+      --st->inflight;
+      st->cv.notify_all();
+    }
+  };
+  struct get_call {
+    kv_connector* self;
+    std::shared_ptr<request> r;
+    std::vector<get_op> ops;
+    void operator()() const {
+      for (const auto& o : ops)
+        self->mode_.store->async_get(store::object_key{self->mode_.tenant, o.name}, o.dst,
+                                     asio::bind_cancellation_slot(o.cancel->slot(), get_done{self->st_, r, o}));
+    }
+  };
+  struct put_done {
+    std::shared_ptr<shared_state> st;
+    std::shared_ptr<request> r;
+    put_op o;
+    std::uint32_t layer;
+    std::shared_ptr<std::size_t> left;
+    std::shared_ptr<std::pair<std::error_code, std::string>> first;
+    std::shared_ptr<std::uint64_t> bytes;
+    clock::time_point started;
+    void operator()(std::error_code ec) const {
+      // Another producer stored the same prefix first: the bytes are the same.
+      if (ec == errc::already_exists) ec = {};
+      std::lock_guard g(st->mu);
+      if (ec && !first->first) *first = {ec, "put '" + o.name + "'"};
+      if (!ec) {
+        *bytes += o.src.size();
+        ++st->stats.objects_put;
+      }
+      if (--*left == 0) {
+        end_save(*st, *r, layer, first->first, first->second, *bytes, started);
+        st->cv.notify_all();
+      }
+    }
+  };
+  struct put_call {
+    kv_connector* self;
+    std::shared_ptr<request> r;
+    std::vector<put_op> ops;
+    std::uint32_t layer;
+    std::shared_ptr<std::size_t> left;
+    std::shared_ptr<std::pair<std::error_code, std::string>> first;
+    std::shared_ptr<std::uint64_t> bytes;
+    clock::time_point started;
+    void operator()() const {
+      for (const auto& o : ops)
+        self->mode_.store->async_put(store::object_key{self->mode_.tenant, o.name}, o.src,
+                                     put_done{self->st_, r, o, layer, left, first, bytes, started});
+    }
   };
 
   kv_connector(Engine& engine, connector_config cfg, std::vector<kv_shard<Layout>> shards, Mode mode, Load load,
@@ -833,7 +877,7 @@ class kv_connector {
       for (const auto& s : sigs) s->emit(asio::cancellation_type::terminal);
     });
     lock.lock();
-    st_->cv.wait_for(lock, cfg_.control_timeout, [&] { return r->inflight == 0; });
+    st_->cv.wait_for(lock, cfg_.control_timeout, [&] { return r->inflight == r->saves_inflight; });
     for (auto& p : r->pending) p = 0;
   }
 
@@ -855,10 +899,12 @@ class kv_connector {
     for (std::uint32_t s = 0; s < src_tp_; ++s)
       for (std::uint32_t l = 0; l < shape_.layers; ++l)
         for (std::uint32_t i = 0; i < r.nsrc; ++i) {
-          if (direct_)
-            t->destinations.push_back({s, shards_[s].layout.block_layer_ranges(r.blocks[i], l)});
-          else
-            t->destinations.push_back({0, stage_->block_layer_ranges(r.stage[s * r.nsrc + i], l)});
+          auto& d = t->destinations.emplace_back();
+          d.segment = direct_ ? s : 0;
+          // Element by element: moving a small_vector trips GCC 12's -Wstringop-overread at -O2.
+          for (const auto& x : direct_ ? shards_[s].layout.block_layer_ranges(r.blocks[i], l)
+                                       : stage_->block_layer_ranges(r.stage[s * r.nsrc + i], l))
+            d.ranges.push_back(x);
         }
     t->notify = [weak = std::weak_ptr<shared_state>(st_)](const push_notice& n) {
       auto st = weak.lock();

@@ -59,7 +59,7 @@ using request_id = std::uint64_t;
 //! One destination of a push: `ranges` of segment `segments[segment]`.
 struct push_destination {
   std::uint32_t segment = 0;
-  range_list ranges;
+  std::vector<strided_range> ranges;
 };
 
 //! What the prefill side sends to the decode side after each layer.

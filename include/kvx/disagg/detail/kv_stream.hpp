@@ -22,7 +22,8 @@ struct stream_chunk {
 };
 using stream_chunks = boost::container::small_vector<stream_chunk, 4>;
 
-inline stream_chunks expand(const range_list& ranges) {
+template <class Ranges>
+stream_chunks expand(const Ranges& ranges) {
   stream_chunks out;
   for (const auto& r : ranges)
     for (std::uint64_t i = 0; i < r.count; ++i) out.push_back({r.chunk(i), r.length});
@@ -30,8 +31,8 @@ inline stream_chunks expand(const range_list& ranges) {
 }
 
 //! Pairs the pieces of two streams of equal length: `emit(src_offset, dst_offset, length)`.
-template <class Emit>
-void pair_streams(const range_list& src, const range_list& dst, Emit&& emit) {
+template <class Src, class Dst, class Emit>
+void pair_streams(const Src& src, const Dst& dst, Emit&& emit) {
   const auto a = expand(src), b = expand(dst);
   std::size_t i = 0, j = 0;
   std::uint64_t ai = 0, bj = 0;
