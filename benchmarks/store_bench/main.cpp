@@ -123,8 +123,10 @@ struct kvx_run {
     std::vector<std::shared_ptr<void>> keep;
     std::vector<std::unique_ptr<party>> parties;
     std::vector<std::unique_ptr<kvx::store::store_node<engine_type>>> nodes;
-    // Two nodes, each able to hold every value written in this run (plus slack).
-    const std::size_t node_bytes = std::max<std::uint64_t>(64 * kvx::MiB, size * ops * clients / 2 + 16 * kvx::MiB);
+    // Two nodes that together hold every value written in this run at about
+    // 70% of their capacity, under the master's eviction watermark, so every
+    // get finds its object.
+    const std::size_t node_bytes = std::max<std::uint64_t>(64 * kvx::MiB, size * ops * clients * 3 / 4 + 16 * kvx::MiB);
     // Both sides run on their own thread until the end (transports keep
     // acceptors open, so an io_context never runs out of work by itself).
     auto server_work = asio::make_work_guard(server_io);
