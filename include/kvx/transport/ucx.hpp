@@ -1,0 +1,292 @@
+#pragma once
+//! \file
+//! `kvx::transport::ucx`: one-sided reads and writes through UCX (UCP RMA),
+//! which picks shared memory (posix, sysv, cma), TCP, RDMA or CUDA IPC at run
+//! time. Needs the `kvx::ucx` target (Debian `libucx-dev`).
+//!
+//! - One UCP context and worker per transport object; the worker's event fd
+//!   joins the transport's executor (an `asio::posix::stream_descriptor`
+//!   waiting for readability, progress until `ucp_worker_arm` says UCS_OK).
+//!   No thread of its own; `progress: "busy_poll"` polls on the executor while
+//!   operations are in flight, for the lowest latency.
+//! - `register_memory(seg)` maps the region (`ucp_mem_map`) and returns the
+//!   entry peers need: `{"worker_address", "rkey", "base", "length", "segment",
+//!   "generation", "key_check"}` (hex blobs). Peers create one endpoint per
+//!   worker address (error mode PEER, so a dead peer is `connection_lost`, not
+//!   a hang) and cache unpacked rkeys per (segment, generation).
+//! - `async_read` is `ucp_get_nbx`; `async_write` is `ucp_put_nbx` followed by
+//!   `ucp_ep_flush_nbx`: a write completes when its bytes are visible at the
+//!   target, not merely when the source may be reused. There is no ordering
+//!   between two writes in flight at once (no fence); order them by waiting.
+//! - Bounds, registration key and generation are checked on the initiator
+//!   against the descriptor before anything is issued (UCX's shared-memory
+//!   transports do not check ranges).
+//! - Memory kinds: host always; CUDA device memory when this UCX reports CUDA
+//!   support at run time (`runtime_memory()`, `can_transfer`); the static
+//!   `capabilities` stay conservative (host).
+//! - Cancelling an operation (or its deadline passing) force-closes its
+//!   endpoint: UCX then abandons the buffers; other operations in flight to
+//!   the same peer end with `connection_lost`, the next one reconnects.
+//!
+//! Thread safety: all members may be called from any thread; they serialise
+//! on one mutex (the UCP worker is SERIALIZED). Like a listening socket, the
+//! transport keeps its io_context busy (it must progress for peers even when
+//! it issues nothing); destroy it, or stop the io_context, to end `run()`.
+//!
+//! \code
+//! asio::io_context io;
+//! kvx::transport::ucx t(io.get_executor(), {.tls = "posix,self"});
+//! auto entry = t.register_memory(seg);                 // publish under desc.transports["ucx"]
+//! co_await t.async_write(remote, 0, src, asio::use_awaitable);
+//! \endcode
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+
+#include <kvx/core/async.hpp>
+#include <kvx/core/config.hpp>
+#include <kvx/transport/detail/ucx_support.hpp>
+#include <kvx/transport/detail/ucx_worker.hpp>
+#include <kvx/transport/transport.hpp>
+
+namespace kvx::transport {
+
+//! How a `ucx` transport picks its links and makes progress. Empty strings
+//! leave UCX's own configuration (its `UCX_*` environment) in charge.
+struct ucx_options {
+  std::string tls{};        //!< UCX_TLS, e.g. "posix,self", "tcp", "rc,cuda_copy"
+  std::string net_devices{};  //!< UCX_NET_DEVICES, e.g. "mlx5_0:1" or "lo"
+  bool busy_poll = false;   //!< poll on the executor while ops are in flight (else: event fd)
+  //! Further UCX settings, name without the UCX_ prefix: {"RNDV_THRESH", "8k"}.
+  std::vector<std::pair<std::string, std::string>> settings{};
+
+  //! Reads `{"tls": "...", "net_devices": "...", "progress": "event"|"busy_poll",
+  //! "settings": {"NAME": "value"}}`; errors name the field (`transport.ucx.tls`).
+  static result<ucx_options> from_config(const config::view& v) {
+    KVX_TRY(v.allow_only({"tls", "net_devices", "progress", "settings"}));
+    ucx_options o;
+    auto tls = v.optional<std::string>("tls", "");
+    KVX_TRY(tls);
+    auto dev = v.optional<std::string>("net_devices", "");
+    KVX_TRY(dev);
+    auto progress = v.optional<std::string>("progress", "event");
+    KVX_TRY(progress);
+    if (*progress != "event" && *progress != "busy_poll")
+      return error{errc::invalid_argument,
+                   "config field '" + v.path_of("progress") + "': '" + *progress + "' is not event or busy_poll"};
+    o.tls = std::move(*tls);
+    o.net_devices = std::move(*dev);
+    o.busy_poll = *progress == "busy_poll";
+    if (v.contains("settings")) {
+      auto s = v.child("settings");
+      KVX_TRY(s);
+      for (const auto& [name, value] : s->raw().items()) {
+        if (!value.is_string())
+          return error{errc::invalid_argument, "config field '" + s->path_of(name) + "': expected a string, got " +
+                                                   std::string(value.type_name())};
+        if (name.empty() || name.rfind("UCX_", 0) == 0)
+          return error{errc::invalid_argument,
+                       "config field '" + s->path_of(name) + "': give UCX setting names without the UCX_ prefix"};
+        o.settings.emplace_back(name, value.get<std::string>());
+      }
+    }
+    return o;
+  }
+};
+
+//! Memory allocated by UCX for a transport (`ucx::allocate`). On UCX's
+//! shared-memory transports (posix, sysv) peers access it one-sidedly;
+//! ordinary memory is reached there through UCX's active-message emulation
+//! of RMA, which needs the owner to make progress. Movable; frees on destruction.
+class ucx_buffer {
+ public:
+  ucx_buffer() = default;
+  [[nodiscard]] memory::memory_region region() const noexcept {
+    return a_ ? memory::memory_region{a_->address, a_->length, where_} : memory::memory_region{};
+  }
+  [[nodiscard]] std::byte* data() const noexcept { return a_ ? static_cast<std::byte*>(a_->address) : nullptr; }
+  [[nodiscard]] std::size_t size() const noexcept { return a_ ? a_->length : 0; }
+  [[nodiscard]] std::span<std::byte> bytes() const noexcept { return {data(), size()}; }
+
+ private:
+  friend class ucx;
+  ucx_buffer(std::shared_ptr<detail::ucx_allocation> a, memory::location where) : a_(std::move(a)), where_(where) {}
+  std::shared_ptr<detail::ucx_allocation> a_;
+  memory::location where_ = memory::location::host();
+};
+
+namespace detail {
+template <class Handler>
+struct ucx_op final : ucx_op_base {
+  using work_executor = asio::associated_executor_t<Handler, asio::any_io_executor>;
+  ucx_op(Handler&& h, const asio::any_io_executor& ex)
+      : handler(std::move(h)), io_ex(ex), work(asio::make_work_guard(asio::get_associated_executor(*handler, ex))) {}
+
+  void deliver(std::error_code ec) override {
+    auto slot = asio::get_associated_cancellation_slot(handler);
+    if (slot.is_connected()) slot.clear();
+    kvx::detail::post_completion(io_ex, std::move(*handler), ec);
+    handler.reset();
+    work.reset();
+  }
+
+  std::optional<Handler> handler;
+  asio::any_io_executor io_ex;
+  asio::executor_work_guard<work_executor> work;
+};
+}  // namespace detail
+
+class ucx {
+ public:
+  using transport_concept = transport_tag;
+  using executor_type = asio::any_io_executor;
+  //! Conservative: CUDA memory and true one-sidedness depend on the UCX build
+  //! and the transports it picks at run time (`runtime_memory()`).
+  static constexpr transport_capabilities capabilities{.memory = memory_kinds::host,
+                                                       .one_sided = true,
+                                                       .zero_copy = true,
+                                                       .bounce_buffered = false,
+                                                       .same_host_only = false,
+                                                       .same_process_only = false};
+  static constexpr std::string_view name() noexcept { return "ucx"; }
+
+  //! Creates the context and worker; the error names the UCX call and setting.
+  static result<ucx> create(executor_type ex, const ucx_options& options = {}) {
+    detail::ucx_worker_settings s;
+    if (!options.tls.empty()) s.ucx_config.emplace_back("TLS", options.tls);
+    if (!options.net_devices.empty()) s.ucx_config.emplace_back("NET_DEVICES", options.net_devices);
+    for (const auto& kv : options.settings) s.ucx_config.push_back(kv);
+    s.busy_poll = options.busy_poll;
+    auto w = detail::ucx_worker::create(std::move(ex), s);
+    KVX_TRY(w);
+    (*w)->start();
+    return ucx(std::move(*w));
+  }
+
+  //! As `create`; a set-up failure throws `std::system_error` with the context.
+  explicit ucx(executor_type ex, const ucx_options& options = {}) {
+    auto made = create(std::move(ex), options);
+    if (!made) throw std::system_error(made.code(), made.error().context());
+    w_ = std::move(made->w_);
+  }
+
+  ucx(ucx&&) noexcept = default;
+  ucx& operator=(ucx&& o) noexcept {
+    if (this != &o) {
+      reset();
+      w_ = std::move(o.w_);
+    }
+    return *this;
+  }
+  ucx(const ucx&) = delete;
+  ucx& operator=(const ucx&) = delete;
+  //! Closes endpoints (operations in flight end with an error), unmaps
+  //! registrations, destroys the worker. Call where the io_context is not
+  //! running this transport's handlers on another thread.
+  ~ucx() { reset(); }
+
+  [[nodiscard]] executor_type get_executor() const noexcept { return w_->executor(); }
+
+  //! Memory kinds this UCX can move at run time (host, plus cuda when UCX has CUDA support).
+  [[nodiscard]] memory_kinds runtime_memory() const noexcept {
+    return w_->supports_cuda() ? (memory_kinds::host | memory_kinds::cuda) : memory_kinds::host;
+  }
+  //! This worker's address (hex), as published in entries.
+  [[nodiscard]] const std::string& worker_address() const noexcept { return w_->address(); }
+
+  result<nlohmann::json> register_memory(const memory::local_segment& seg) { return w_->register_memory(seg); }
+  result<void> deregister_memory(const memory::local_segment& seg) { return w_->deregister_memory(seg); }
+
+  //! Allocates `length` bytes through UCX (host, or `cuda:N` when supported).
+  //! Registering a segment inside it reuses the allocation's mapping.
+  result<ucx_buffer> allocate(std::size_t length, memory::location where = memory::location::host()) {
+    ucs_memory_type_t type = UCS_MEMORY_TYPE_HOST;
+    if (where.kind == memory::location_kind::cuda) {
+      if (!w_->supports_cuda()) return error{errc::not_supported, "ucx allocate: this UCX has no CUDA support"};
+      type = UCS_MEMORY_TYPE_CUDA;
+    } else if (where.kind != memory::location_kind::host) {
+      return error{errc::not_supported, "ucx allocate: " + where.to_string() + " memory"};
+    }
+    auto a = w_->allocate(length, type);
+    KVX_TRY(a);
+    return ucx_buffer(std::move(*a), where);
+  }
+
+  [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& remote) const {
+    auto it = remote.transports.find(name());
+    if (it == remote.transports.end() || !it->is_object() || !it->contains("worker_address") || !it->contains("rkey"))
+      return errc::unreachable;
+    if (!has(runtime_memory(), kind_of(remote.where))) return errc::not_supported;
+    return {};
+  }
+
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_read(const memory::segment_descriptor& remote, std::uint64_t offset, std::span<std::byte> dst,
+                  CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        [this](auto handler, const memory::segment_descriptor& r, std::uint64_t off, std::span<std::byte> d) {
+          this->start(std::move(handler), r, off, d.data(), d.size(), false);
+        },
+        token, std::cref(remote), offset, dst);
+  }
+
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_write(const memory::segment_descriptor& remote, std::uint64_t offset, std::span<const std::byte> src,
+                   CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        [this](auto handler, const memory::segment_descriptor& r, std::uint64_t off, std::span<const std::byte> s) {
+          // UCX's put takes a const source; the cast only fits the shared issue path.
+          this->start(std::move(handler), r, off, const_cast<std::byte*>(s.data()), s.size(), true);
+        },
+        token, std::cref(remote), offset, src);
+  }
+
+ private:
+  explicit ucx(std::shared_ptr<detail::ucx_worker> w) : w_(std::move(w)) {}
+
+  void reset() {
+    if (w_) w_->shutdown();
+    w_.reset();
+  }
+
+  template <class Handler>
+  void start(Handler&& handler, const memory::segment_descriptor& remote, std::uint64_t offset, std::byte* local,
+             std::size_t length, bool is_write) {
+    std::unique_lock lock(w_->mutex());
+    detail::ucx_target target;
+    std::error_code ec = w_->resolve(remote, offset, length, target);
+    if (ec || length == 0) {
+      lock.unlock();
+      kvx::detail::post_completion(w_->executor(), std::forward<Handler>(handler), ec);
+      return;
+    }
+    auto* op = new detail::ucx_op<std::decay_t<Handler>>(std::forward<Handler>(handler), w_->executor());
+    auto slot = asio::get_associated_cancellation_slot(*op->handler);
+    if (slot.is_connected()) {
+      slot.assign([w = w_.get(), op](asio::cancellation_type_t type) {
+        if (type != asio::cancellation_type::none) w->cancel(op);
+      });
+    }
+    w_->issue(op, target, local, length, is_write);
+  }
+
+  std::shared_ptr<detail::ucx_worker> w_;
+};
+
+static_assert(check_transport<ucx>());
+
+}  // namespace kvx::transport
