@@ -8,4 +8,6 @@
 #include <kvx/transport/decorators/faulty.hpp>
 #include <kvx/transport/decorators/metered.hpp>
 #include <kvx/transport/local.hpp>
+#include <kvx/transport/shm.hpp>
+#include <kvx/transport/tcp.hpp>
 #include <kvx/transport/transport.hpp>
