@@ -124,7 +124,8 @@ struct etcd_state {
   host_port where;
   idle_pool<etcd_connection> pool;
 
-  // Runs on the strand.
+  // Runs on the strand. (Callers build `body` in a named variable: GCC 12
+  // cannot keep a braced json temporary alive across a co_await.)
   asio::awaitable<std::tuple<std::error_code, json>> call(std::string_view target, const json& body) {
     const auto text = body.dump();
     for (int attempt = 0;; ++attempt) {
@@ -161,7 +162,8 @@ struct etcd_state {
 
   // A single key's entry, or not_found.
   asio::awaitable<std::tuple<std::error_code, etcd_entry>> range_one(std::string full_key, std::size_t strip) {
-    auto [ec, reply] = co_await call("/v3/kv/range", json{{"key", base64_encode(full_key)}});
+    const json request{{"key", base64_encode(full_key)}};
+    auto [ec, reply] = co_await call("/v3/kv/range", request);
     if (ec) co_return std::tuple{ec, etcd_entry{}};
     auto kvs = reply.find("kvs");
     if (kvs == reply.end() || !kvs->is_array() || kvs->empty()) co_return std::tuple{make_error_code(errc::not_found), etcd_entry{}};
@@ -171,7 +173,8 @@ struct etcd_state {
   }
 
   asio::awaitable<std::tuple<std::error_code, std::int64_t>> keep_alive(etcd_lease_id id) {
-    auto [ec, reply] = co_await call("/v3/lease/keepalive", json{{"ID", std::to_string(id)}});
+    const json request{{"ID", std::to_string(id)}};
+    auto [ec, reply] = co_await call("/v3/lease/keepalive", request);
     if (ec) co_return std::tuple{ec, std::int64_t{0}};
     auto result = reply.find("result");
     if (result == reply.end() || !result->is_object()) {
@@ -184,7 +187,8 @@ struct etcd_state {
   }
 
   asio::awaitable<std::tuple<std::error_code, etcd_lease_id>> grant(std::chrono::seconds ttl) {
-    auto [ec, reply] = co_await call("/v3/lease/grant", json{{"TTL", ttl.count()}});
+    const json request{{"TTL", ttl.count()}};
+    auto [ec, reply] = co_await call("/v3/lease/grant", request);
     if (ec) co_return std::tuple{ec, etcd_lease_id{0}};
     const auto id = etcd_int(reply, "ID");
     if (id == 0) co_return std::tuple{make_error_code(errc::protocol_error), etcd_lease_id{0}};
@@ -192,7 +196,8 @@ struct etcd_state {
   }
 
   asio::awaitable<std::error_code> revoke(etcd_lease_id id) {
-    auto [ec, reply] = co_await call("/v3/lease/revoke", json{{"ID", std::to_string(id)}});
+    const json request{{"ID", std::to_string(id)}};
+    auto [ec, reply] = co_await call("/v3/lease/revoke", request);
     co_return ec;
   }
 
@@ -318,7 +323,8 @@ class etcd_metadata {
   auto async_remove(std::string key, CompletionToken&& token) {
     return launch<void(std::error_code)>(
         std::forward<CompletionToken>(token), [s = state_, k = data_key(key)]() -> asio::awaitable<std::tuple<std::error_code>> {
-          auto [ec, reply] = co_await s->call("/v3/kv/deleterange", detail::json{{"key", detail::base64_encode(k)}});
+          const detail::json request{{"key", detail::base64_encode(k)}};
+          auto [ec, reply] = co_await s->call("/v3/kv/deleterange", request);
           if (!ec && detail::etcd_int(reply, "deleted") == 0) ec = errc::not_found;
           co_return std::tuple{ec};
         });

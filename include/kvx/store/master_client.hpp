@@ -28,6 +28,7 @@
 #include <boost/asio/write.hpp>
 
 #include <kvx/core/async.hpp>
+#include <kvx/core/log.hpp>
 #include <kvx/store/protocol.hpp>
 
 namespace kvx::store {

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/io_context.hpp>
 
@@ -11,6 +12,7 @@
 #include <string>
 #include <thread>
 
+#include <kvx/store/metadata.hpp>
 #include <kvx/testing/metadata_conformance.hpp>
 
 #include "support/servers.hpp"
@@ -44,9 +46,25 @@ struct redis_env {
   backend_type meta;
 };
 
+// The same server through the run-time wrapper, as a tool would build it.
+struct any_redis_env {
+  using backend_type = kvx::store::any_metadata_backend;
+  static void set_up_suite() { redis_env::set_up_suite(); }
+  static void tear_down_suite() {}
+  static std::string skip_reason() { return redis_env::skip_reason(); }
+  explicit any_redis_env(asio::io_context& io)
+      : meta(kvx::store::any_metadata_backend::from_json(io.get_executor(), R"({"backend": "redis", "address": ")" +
+                                                                                shared_server()->address() +
+                                                                                R"(", "prefix": ")" + fresh_prefix() + R"("})")
+                 .value()) {}
+  backend_type& backend() { return meta; }
+  backend_type meta;
+};
+
 }  // namespace
 
 KVX_METADATA_CONFORMANCE(Redis, redis_env);
+KVX_METADATA_CONFORMANCE(AnyRedis, any_redis_env);
 
 namespace {
 
@@ -190,6 +208,56 @@ TEST_F(RedisMetadata, CallerCancellationCompletesWithCancelled) {
   server_->resume();
   ASSERT_TRUE(result);
   EXPECT_EQ(*result, kvx::errc::cancelled) << result->message();
+}
+
+TEST_F(RedisMetadata, AnyMetadataBackendForwardsLeasesToRedis) {
+  auto m = kvx::store::any_metadata_backend::from_json(
+      io_.get_executor(), R"({"backend": "redis", "address": ")" + server_->address() + R"(", "prefix": ")" + fresh_prefix() + R"("})");
+  ASSERT_TRUE(m) << m.error().message();
+  EXPECT_EQ(m->backend_name(), "redis");
+  EXPECT_TRUE(m->supports_leases());
+  EXPECT_TRUE(m->target<kvx::store::redis_metadata>());
+  EXPECT_FALSE(std::get<0>(run_op(io_, [&](auto h) { m->async_acquire_lease("master", "a", 5s, std::move(h)); })));
+  EXPECT_EQ(std::get<0>(run_op(io_, [&](auto h) { m->async_acquire_lease("master", "b", 5s, std::move(h)); })),
+            kvx::errc::busy);
+  EXPECT_FALSE(std::get<0>(run_op(io_, [&](auto h) { m->async_release_lease("master", "a", std::move(h)); })));
+}
+
+TEST(RedisProtocol, MalformedRepliesAreErrorsNotCrashes) {
+  auto feed = [](kvx::store::detail::redis_reader& r, std::string_view bytes) { return r.feed(bytes.data(), bytes.size()); };
+  kvx::store::detail::redis_reader reader;
+  ASSERT_TRUE(feed(reader, "$5\r\nhel"));
+  auto partial = reader.next();
+  ASSERT_TRUE(partial);
+  EXPECT_FALSE(*partial) << "incomplete: more bytes needed";
+  ASSERT_TRUE(feed(reader, "lo\r\n*2\r\n:7\r\n$-1\r\n"));
+  auto first = reader.next();
+  ASSERT_TRUE(first && *first);
+  EXPECT_EQ((*first)->str, "hello");
+  auto second = reader.next();
+  ASSERT_TRUE(second && *second);
+  ASSERT_EQ((*second)->elements.size(), 2u);
+  EXPECT_EQ((*second)->elements[0].integer, 7);
+  EXPECT_TRUE((*second)->elements[1].is_nil());
+
+  kvx::store::detail::redis_reader bad;
+  ASSERT_TRUE(feed(bad, "!oops\r\n"));
+  auto r = bad.next();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), kvx::errc::malformed_message);
+}
+
+TEST(RedisProtocol, CommandsAreFramedAsBulkStringArrays) {
+  const std::string big(5000, 'v');
+  kvx::store::detail::redis_command c;
+  c.arg("SET").arg("k").arg(big).arg(42LL);
+  std::string frame;
+  std::vector<boost::asio::const_buffer> buffers;
+  c.gather(frame, buffers);
+  std::string wire;
+  for (auto b : buffers) wire.append(static_cast<const char*>(b.data()), b.size());
+  EXPECT_EQ(wire, "*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$5000\r\n" + big + "\r\n$2\r\n42\r\n");
+  EXPECT_EQ(buffers.size(), 3u) << "the large argument is referenced, not copied";
 }
 
 TEST(RedisOptions, ConfigErrorsNameTheField) {

@@ -24,7 +24,10 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/connect.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -123,23 +126,36 @@ using op_result_t = typename op_result<Signature>::type;
 
 //! Runs `make()` (an `awaitable<op_result_t<Signature>>`) on `strand` and
 //! completes `token` with its result. `make` is handed to co_spawn as a
-//! function, so a lambda's captures live as long as the coroutine. `timeout` > 0 adds a deadline
-//! (errc::timed_out); the caller's cancellation slot reaches the coroutine.
+//! function, so a lambda's captures live as long as the coroutine.
+//! `timeout` > 0 adds a deadline (errc::timed_out); the caller's
+//! cancellation slot reaches the coroutine (co_spawn moves it onto the strand).
 template <class Signature, class Strand, class CompletionToken, class Make>
 auto launch(const asio::any_io_executor& ex, const Strand& strand, std::chrono::milliseconds timeout,
             CompletionToken&& token, Make make) {
   return asio::async_initiate<CompletionToken, Signature>(
       [ex, strand, timeout](auto handler, Make make) {
+        using result_type = op_result_t<Signature>;
         using defaulted = defaulted_handler<std::decay_t<decltype(handler)>>;
-        auto spawn = [&](auto h) {
-          asio::co_spawn(strand, std::move(make), spawn_completion<std::decay_t<decltype(h)>>(std::move(h)));
-        };
-        defaulted d(std::move(handler), ex);
+        spawn_completion<defaulted> done(defaulted(std::move(handler), ex));
         if (timeout.count() > 0) {
-          auto token_with_deadline = kvx::cancel_after(timeout, std::move(d));
-          asio::async_initiate<kvx::cancel_after_t<defaulted>, Signature>(spawn, token_with_deadline);
+          // The timer and the operation race on the strand, so the loser is
+          // cancelled there. A caller's cancellation reaching both first reads
+          // as errc::cancelled, an expired timer as errc::timed_out.
+          asio::co_spawn(
+              strand,
+              [make = std::move(make), timeout]() mutable -> asio::awaitable<result_type> {
+                using namespace asio::experimental::awaitable_operators;
+                asio::steady_timer timer(co_await asio::this_coro::executor, timeout);
+                auto outcome = co_await (make() || timer.async_wait(use_tuple));
+                if (outcome.index() == 0) co_return std::get<0>(std::move(outcome));
+                result_type r{};
+                const auto [timer_ec] = std::get<1>(outcome);
+                std::get<0>(r) = make_error_code(timer_ec ? errc::cancelled : errc::timed_out);
+                co_return r;
+              },
+              std::move(done));
         } else {
-          spawn(std::move(d));
+          asio::co_spawn(strand, std::move(make), std::move(done));
         }
       },
       token, std::move(make));
@@ -154,7 +170,8 @@ inline asio::awaitable<std::error_code> connect_tcp(asio::ip::tcp::socket& socke
     std::tie(ec) = co_await socket.async_connect(asio::ip::tcp::endpoint(address, where.port), use_tuple);
   } else {
     asio::ip::tcp::resolver resolver(socket.get_executor());
-    auto [rec, results] = co_await resolver.async_resolve(where.host, std::to_string(where.port), use_tuple);
+    const std::string service = std::to_string(where.port);  // named: see etcd_state::call
+    auto [rec, results] = co_await resolver.async_resolve(where.host, service, use_tuple);
     if (rec) co_return make_error_code(errc::unreachable);
     asio::ip::tcp::endpoint chosen;
     std::tie(ec, chosen) = co_await asio::async_connect(socket, results, use_tuple);
