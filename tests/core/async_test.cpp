@@ -47,7 +47,7 @@ TEST(CancelAfter, CallerCancellationStillReachesTheOperation) {
   asio::cancellation_signal signal;
   std::optional<boost::system::error_code> result;
   never.async_wait(asio::bind_cancellation_slot(
-      signal.slot(), kvx::cancel_after(1h, [&](boost::system::error_code ec) { result = ec; })));
+      signal.slot(), kvx::cancel_after(io.get_executor(), 1h, [&](boost::system::error_code ec) { result = ec; })));
   io.poll();
   signal.emit(asio::cancellation_type::terminal);
   io.run_for(5s);
