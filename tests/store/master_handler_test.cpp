@@ -1,4 +1,5 @@
 #include <kvx/store/master_handler.hpp>
+#include <kvx/cache/eviction/lru.hpp>
 
 #include <gtest/gtest.h>
 
@@ -9,33 +10,11 @@ namespace {
 using namespace std::chrono_literals;
 using json = nlohmann::json;
 
-class fifo_policy {
- public:
-  using eviction_policy_concept = kvx::cache::eviction_policy_tag;
-  explicit fifo_policy(std::size_t) {}
-  void on_insert(const kvx::cache::block_key& k, const kvx::cache::access_context&) { keys_.push_back(k); }
-  void on_hit(const kvx::cache::block_key&, const kvx::cache::access_context&) {}
-  void on_erase(const kvx::cache::block_key& k) { keys_.remove(k); }
-  template <class F>
-  std::optional<kvx::cache::block_key> victim(F&& evictable) {
-    for (auto it = keys_.begin(); it != keys_.end(); ++it)
-      if (evictable(*it)) {
-        auto k = *it;
-        keys_.erase(it);
-        return k;
-      }
-    return std::nullopt;
-  }
-  std::size_t size() const { return keys_.size(); }
-
- private:
-  std::list<kvx::cache::block_key> keys_;
-};
 
 struct MasterHandler : ::testing::Test {
   kvx::metrics::registry registry;
-  kvx::store::master_state<fifo_policy> state{{}, {}, registry};
-  kvx::store::master_handler<kvx::store::master_state<fifo_policy>> handler{state};
+  kvx::store::master_state<kvx::cache::eviction::lru> state{{}, {}, registry};
+  kvx::store::master_handler<kvx::store::master_state<kvx::cache::eviction::lru>> handler{state};
   kvx::store::clock::time_point now = kvx::store::clock::now();
 
   json call(const json& request) { return handler.handle(request.dump(), now); }

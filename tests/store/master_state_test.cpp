@@ -1,4 +1,5 @@
 #include <kvx/store/master_state.hpp>
+#include <kvx/cache/eviction/lru.hpp>
 
 #include <gtest/gtest.h>
 
@@ -11,40 +12,8 @@ using namespace std::chrono_literals;
 using kvx::store::clock;
 using kvx::store::object_key;
 
-// A minimal LRU written against the eviction concept: the master accepts any policy.
-class test_lru {
- public:
-  using eviction_policy_concept = kvx::cache::eviction_policy_tag;
-  explicit test_lru(std::size_t) {}
-  void on_insert(const kvx::cache::block_key& k, const kvx::cache::access_context&) {
-    order_.push_front(k);
-    where_[k] = order_.begin();
-  }
-  void on_hit(const kvx::cache::block_key& k, const kvx::cache::access_context&) {
-    order_.splice(order_.begin(), order_, where_.at(k));
-  }
-  void on_erase(const kvx::cache::block_key& k) {
-    order_.erase(where_.at(k));
-    where_.erase(k);
-  }
-  template <class Evictable>
-  std::optional<kvx::cache::block_key> victim(Evictable&& evictable) {
-    for (auto it = order_.rbegin(); it != order_.rend(); ++it)
-      if (evictable(*it)) {
-        auto k = *it;
-        on_erase(k);
-        return k;
-      }
-    return std::nullopt;
-  }
-  std::size_t size() const { return order_.size(); }
 
- private:
-  std::list<kvx::cache::block_key> order_;
-  std::unordered_map<kvx::cache::block_key, std::list<kvx::cache::block_key>::iterator> where_;
-};
-
-using master = kvx::store::master_state<test_lru>;
+using master = kvx::store::master_state<kvx::cache::eviction::lru>;
 
 kvx::store::put_options reps(unsigned n) {
   kvx::store::put_options o;
