@@ -83,3 +83,20 @@ TEST(Metrics, ConcurrentUpdatesAreNotLost) {
 }
 
 }  // namespace
+
+namespace {
+TEST(Metrics, ASecondKindForOneNameIsReportedAndNotExported) {
+  std::vector<std::string> errors;
+  kvx::set_log_sink([&](kvx::log_level l, std::string_view m) {
+    if (l == kvx::log_level::error) errors.emplace_back(m);
+  });
+  kvx::metrics::registry reg;
+  reg.counter("kvx_clash", "h").add(3);
+  reg.gauge("kvx_clash", "h").set(99);
+  kvx::set_log_sink({});
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_NE(errors[0].find("'kvx_clash' is already a counter"), std::string::npos) << errors[0];
+  EXPECT_NE(reg.prometheus_text().find("kvx_clash 3\n"), std::string::npos);
+  EXPECT_EQ(reg.prometheus_text().find("99"), std::string::npos);
+}
+}  // namespace

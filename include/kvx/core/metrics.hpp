@@ -33,6 +33,8 @@
 #include <utility>
 #include <vector>
 
+#include <kvx/core/log.hpp>
+
 namespace kvx::metrics {
 
 using labels = std::vector<std::pair<std::string, std::string>>;
@@ -201,7 +203,9 @@ class registry {
     auto [it, inserted] = families_.try_emplace(std::string(name), family{k, std::string(help), {}});
     if (!inserted && it->second.k != k) {
       // A name registered with two kinds is a programming error; keep the
-      // first and hand back a detached metric so the caller still works.
+      // first, say so, and hand back a detached metric so the caller still works.
+      log(log_level::error, "kvx metrics: '", name, "' is already a ", kind_name(it->second.k), ", not a ",
+          kind_name(k), "; updates to the second registration are not exported");
       orphans_.push_back(erased(new M(), erased_deleter{[](void* p) { delete static_cast<M*>(p); }}));
       return *static_cast<M*>(orphans_.back().get());
     }

@@ -67,10 +67,7 @@ class store_client {
   }
   template <asio::completion_token_for<void(std::error_code)> CompletionToken>
   auto async_put(object_key key, std::span<const std::byte> bytes, CompletionToken&& token) {
-    put_options opt;
-    opt.replicas = options_.replicas;
-    opt.preferred_node = options_.node;
-    return async_put(std::move(key), bytes, std::move(opt), std::forward<CompletionToken>(token));
+    return async_put(std::move(key), bytes, default_put_options(), std::forward<CompletionToken>(token));
   }
 
   template <asio::completion_token_for<void(std::error_code, std::uint64_t)> CompletionToken>
@@ -120,10 +117,7 @@ class store_client {
     return run<void(std::error_code, std::vector<std::error_code>)>(
         std::forward<CompletionToken>(token), [this, items = std::move(items)]() {
           return for_all(items.size(), [this, &items](std::size_t i) {
-            put_options opt;
-            opt.replicas = options_.replicas;
-            opt.preferred_node = options_.node;
-            return put_impl(items[i].key, items[i].bytes, opt);
+            return put_impl(items[i].key, items[i].bytes, default_put_options());
           });
         });
   }
@@ -151,6 +145,14 @@ class store_client {
   }
 
  private:
+  // The client's replicas and node (for locality-aware placement).
+  put_options default_put_options() const {
+    put_options opt;
+    opt.replicas = options_.replicas;
+    opt.preferred_node = options_.node;
+    return opt;
+  }
+
   // Runs the coroutine made by `make` and completes `token` with its result;
   // the token's cancellation slot reaches the awaited master call / transfer.
   template <class Signature, class CompletionToken, class Make>
@@ -234,6 +236,7 @@ class store_client {
     auto [tec, result] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
     if (tec) {
       log(log_level::info, "store client '", options_.node, "': put '", key.full(), "': ", result.first_error().message());
+      // Best effort: if the abort is lost, the master reclaims the space when the put lease expires.
       (void)co_await call(protocol::make_request("put_abort", "tenant", key.tenant, "key", key.key, "put_id", put_id));
       co_return tec;
     }
@@ -263,6 +266,7 @@ class store_client {
         if (tec == errc::cancelled || tec == errc::timed_out) break;
       }
     }
+    // Best effort: an unreleased lease only delays eviction until it expires.
     (void)co_await call(protocol::make_request("release", "tenant", key.tenant, "key", key.key));
     co_return std::tuple{result, result ? std::uint64_t{0} : size};
   }
