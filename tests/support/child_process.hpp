@@ -1,4 +1,5 @@
 #pragma once
+#include <cstdlib>
 // A second process for multi-process tests: started with posix_spawn, its
 // stdout read line by line (with a deadline), killed on demand and always
 // reaped. Tools live in KVX_TEST_TOOLS_DIR (tests/tools/<name>.cpp).
@@ -53,7 +54,12 @@ class child_process {
   }
 
   //! Tool path in the test build tree.
-  static std::string tool(const std::string& name) { return std::string(KVX_TEST_TOOLS_DIR) + "/kvx_test_" + name; }
+  //! Tool path in the test build tree (or in $KVX_TEST_TOOLS_DIR when set:
+  //! tests copied to another machine, the GPU machine say).
+  static std::string tool(const std::string& name) {
+    const char* dir = std::getenv("KVX_TEST_TOOLS_DIR");
+    return std::string(dir && *dir ? dir : KVX_TEST_TOOLS_DIR) + "/kvx_test_" + name;
+  }
 
   //! The next line of the child's stdout, or nothing on EOF or after `timeout`.
   std::optional<std::string> read_line(std::chrono::milliseconds timeout = std::chrono::seconds(10)) {

@@ -38,6 +38,7 @@ enum class errc : int {
   busy,                  //!< the resource is pinned or leased
   io_error,              //!< the operating system reported an I/O failure
   protocol_error,        //!< the peer broke the protocol (unexpected message)
+  device_error,          //!< the GPU runtime or driver reported a failure (a faulted kernel, a lost device)
   internal,              //!< a kvx bug; please report it
 };
 
@@ -66,6 +67,7 @@ class error_category_impl final : public std::error_category {
       case errc::busy: return "busy";
       case errc::io_error: return "I/O error";
       case errc::protocol_error: return "protocol error";
+      case errc::device_error: return "device error";
       case errc::internal: return "internal error";
     }
     return "unknown kvx error";
@@ -94,7 +96,7 @@ inline const char* to_string(errc e) noexcept {
     KVX_ERRC_NAME(unreachable) KVX_ERRC_NAME(timed_out) KVX_ERRC_NAME(cancelled)
     KVX_ERRC_NAME(capacity_exceeded) KVX_ERRC_NAME(checksum_mismatch) KVX_ERRC_NAME(not_supported)
     KVX_ERRC_NAME(stale) KVX_ERRC_NAME(busy) KVX_ERRC_NAME(io_error) KVX_ERRC_NAME(protocol_error)
-    KVX_ERRC_NAME(internal)
+    KVX_ERRC_NAME(device_error) KVX_ERRC_NAME(internal)
 #undef KVX_ERRC_NAME
   }
   return "unknown";
