@@ -118,7 +118,9 @@ TEST(CudaTierConfig, WithoutADeviceTheConstructorThrowsSystemErrorNamingTheTier)
 // --- round trips ---------------------------------------------------------------
 
 TEST_F(CudaTier, RoundTripFromPageableHostThroughStagingOfManyChunks) {
-  kc::cuda_tier<> t(tier_cfg(16 * MiB, 2, 64 * KiB));
+  auto cfg = tier_cfg(16 * MiB, 2, 64 * KiB);
+  cfg.stage_loads = true;  // both directions through the tier's staging
+  kc::cuda_tier<> t(cfg);
   const std::size_t sizes[] = {1, 255, 4096, 64 * KiB, 64 * KiB + 1, 3 * 64 * KiB + 17, MiB + 3};
   std::uint64_t id = 0;
   for (auto n : sizes) {
@@ -140,6 +142,17 @@ TEST_F(CudaTier, RoundTripFromPageableHostThroughStagingOfManyChunks) {
   EXPECT_EQ(t.stats().direct_copies, 0U);
   EXPECT_EQ(t.stats().staged_copies, 2 * std::size(sizes));
   EXPECT_EQ(t.blocks(), std::size(sizes));
+}
+
+TEST_F(CudaTier, LoadsIntoPageableMemoryAreLeftToTheDriverByDefault) {
+  kc::cuda_tier<> t(tier_cfg(16 * MiB, 2, 64 * KiB));
+  auto in = payload(MiB + 3, 5);
+  ASSERT_TRUE(t.store({1, 5}, in));
+  std::vector<std::byte> out(in.size());
+  ASSERT_TRUE(t.load({1, 5}, out));
+  EXPECT_EQ(first_difference(out, in), "");
+  EXPECT_EQ(t.stats().staged_copies, 1U);
+  EXPECT_EQ(t.stats().driver_staged_copies, 1U);
 }
 
 TEST_F(CudaTier, RoundTripFromPinnedHostIsDirect) {

@@ -114,6 +114,11 @@ struct cuda_tier_config {
   std::uint64_t alignment = 256;             //!< block start alignment (a power of two)
   std::size_t lanes = 4;                     //!< copies in flight at once (one stream and two staging chunks each)
   std::uint64_t staging_chunk = 1ULL << 20;  //!< bytes per staging chunk for pageable buffers
+  //! Loads into pageable memory through the tier's staging too. Off by
+  //! default: on an H100 the driver's own pageable device-to-host path ran at
+  //! 1.5-2x the tier's double-buffered one (docs/benchmarks.md), while for
+  //! stores the tier's staging is as fast or faster.
+  bool stage_loads = false;
 };
 
 //! How a `cuda_tier`'s copies went (since construction): straight DMA from
@@ -121,6 +126,7 @@ struct cuda_tier_config {
 struct cuda_tier_stats {
   std::uint64_t direct_copies = 0;
   std::uint64_t staged_copies = 0;
+  std::uint64_t driver_staged_copies = 0;  //!< loads into pageable memory left to the driver
 };
 
 namespace detail {
@@ -372,7 +378,8 @@ class cuda_tier {
   }
   [[nodiscard]] int device() const noexcept { return cfg_.device; }
   [[nodiscard]] cuda_tier_stats stats() const noexcept {
-    return {direct_.load(std::memory_order_relaxed), staged_.load(std::memory_order_relaxed)};
+    return {direct_.load(std::memory_order_relaxed), staged_.load(std::memory_order_relaxed),
+            driver_staged_.load(std::memory_order_relaxed)};
   }
 
   //! Copies `in` (device, pinned or pageable memory) into the GPU as block `k`.
@@ -519,6 +526,14 @@ class cuda_tier {
     const std::byte* user = to_device ? src : dst;
     auto direct = detail::is_dma_ready(user, n);
     KVX_TRY(direct);
+    if (!*direct && !to_device && !cfg_.stage_loads) {
+      // Pageable destination: the driver stages it (see cuda_tier_config::stage_loads).
+      driver_staged_.fetch_add(1, std::memory_order_relaxed);
+      auto lane = lanes_.acquire();
+      return detail::finish_copy(*lane, cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, lane->stream.native()),
+                                 "cudaMemcpyAsync from cuda:" + std::to_string(cfg_.device) + " of " + std::to_string(n) +
+                                     " bytes into pageable memory");
+    }
     auto lane = lanes_.acquire();
     (*direct ? direct_ : staged_).fetch_add(1, std::memory_order_relaxed);
     cudaError_t status;
@@ -550,7 +565,7 @@ class cuda_tier {
   mutable detail::cuda_lane_pool lanes_;
   mutable std::mutex mu_;
   std::unordered_map<block_key, slot, block_key_hash> index_;
-  mutable std::atomic<std::uint64_t> direct_{0}, staged_{0};
+  mutable std::atomic<std::uint64_t> direct_{0}, staged_{0}, driver_staged_{0};
 };
 
 }  // namespace kvx::cache
