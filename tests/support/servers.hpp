@@ -142,9 +142,26 @@ class server_process {
     if (pid_ > 0) ::kill(pid_, sig);
   }
 
+  //! SIGSTOP, returning once the kernel reports the process stopped: a
+  //! request sent afterwards is certainly not answered (a busy server thread
+  //! could otherwise answer it between kill() and the stop taking effect).
+  void stop() {
+    if (pid_ <= 0 || stopped_) return;
+    stopped_ = true;
+    ::kill(pid_, SIGSTOP);
+    int status = 0;
+    while (::waitpid(pid_, &status, WUNTRACED) < 0 && errno == EINTR) {
+    }
+  }
+  void cont() {
+    stopped_ = false;
+    signal(SIGCONT);
+  }
+
   void kill() {
     if (pid_ <= 0) return;
     ::kill(pid_, SIGKILL);  // kills a stopped (paused) process too
+    stopped_ = false;
     int status = 0;
     while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
     }
@@ -176,6 +193,7 @@ class server_process {
   std::vector<std::string> args_;
   std::filesystem::path log_;
   pid_t pid_ = -1;
+  bool stopped_ = false;
 };
 
 inline std::filesystem::path make_temp_dir(const std::string& stem) {
@@ -210,8 +228,8 @@ class loopback_server {
     start_and_wait();
   }
   //! SIGSTOP: connections stay open but nothing is answered.
-  void pause() { process_->signal(SIGSTOP); }
-  void resume() { process_->signal(SIGCONT); }
+  void pause() { process_->stop(); }
+  void resume() { process_->cont(); }
 
  protected:
   loopback_server(const std::string& stem, std::uint16_t port) : dir_(make_temp_dir(stem)), port_(port) {}
