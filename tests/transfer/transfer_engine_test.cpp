@@ -429,3 +429,37 @@ TEST(TransferEngineStress, ConcurrentBatchesFromSeveralThreads) {
 }
 
 }  // namespace
+
+namespace {
+
+// `local` that asks for slices of at least 1 MiB and counts the reads it gets.
+class big_slice_local : public kvx::transport::local {
+ public:
+  using local::local;
+  static constexpr kvx::transport::transport_capabilities capabilities = [] {
+    auto c = local::capabilities;
+    c.min_slice = 1u << 20;
+    return c;
+  }();
+  template <class Token>
+  auto async_read(const kvx::memory::segment_descriptor& d, std::uint64_t off, std::span<std::byte> dst, Token&& token) {
+    ++reads;
+    return local::async_read(d, off, dst, std::forward<Token>(token));
+  }
+  int reads = 0;
+};
+
+TEST_F(two_engines, ATransportsMinSliceRaisesTheEnginesSliceSize) {
+  big_slice_local net(io.get_executor());
+  kvx::transfer::transfer_engine<embedded_metadata, big_slice_local> e(meta, {.node = "big", .slice_size = 64 * 1024}, net);
+  std::vector<std::byte> mine(4u << 20);
+  register_on(io, e, mine, unique("big-slices"));
+  batch b;
+  b.read(std::span(mine), pname, 0);
+  auto [ec, r] = run_batch(io, e, std::move(b));
+  ASSERT_FALSE(ec) << r.first_error().message();
+  EXPECT_EQ(net.reads, 4) << "4 MiB in 1 MiB slices, not 64 KiB ones";
+  EXPECT_EQ(mine, pbuf);
+}
+
+}  // namespace

@@ -19,7 +19,8 @@
 //!   `transfer_engine<M, local, shm, tcp>` picks local in-process, shm on the
 //!   same host and tcp elsewhere.
 //! - **Slicing and striping**: each operation is cut into slices of at most
-//!   `slice_size` bytes (contiguous strided blocks are coalesced first); slices
+//!   `slice_size` bytes, or the chosen transport's `capabilities.min_slice`
+//!   when larger (contiguous strided blocks are coalesced first); slices
 //!   of all operations are kept in flight together, at most `max_in_flight`.
 //! - **Retries**: a slice that fails with `connection_lost`, `timed_out` or
 //!   `checksum_mismatch` is re-issued up to `max_retries` times. A slice that
@@ -130,6 +131,12 @@ class transfer_engine {
     constexpr std::array<int, transport_count> ranks{detail::locality_rank(Transports::capabilities)...};
     for (std::size_t i = 0; i < transport_count; ++i) order_[i] = i;
     std::stable_sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) { return ranks[a] < ranks[b]; });
+    for_each_transport([&](auto& t, std::size_t i) {
+      if constexpr (requires { t.runtime_capabilities(); })
+        min_slice_[i] = t.runtime_capabilities().min_slice;
+      else
+        min_slice_[i] = std::remove_reference_t<decltype(t)>::capabilities.min_slice;
+    });
   }
 
   transfer_engine(const transfer_engine&) = delete;
@@ -536,7 +543,8 @@ class transfer_engine {
           continue;
         }
         const auto& op = bt.ops[i];
-        const std::uint64_t n = std::min<std::uint64_t>(eng->opts_.slice_size, st.run_length - st.in_run);
+        const std::uint64_t slice_size = std::max(eng->opts_.slice_size, eng->min_slice_[st.transport]);
+        const std::uint64_t n = std::min<std::uint64_t>(slice_size, st.run_length - st.in_run);
         slice s{i, st.run * op.local_stride() + st.in_run, op.remote.offset + st.run * op.remote_stride() + st.in_run, n, 0,
                 st.desc};
         st.in_run += n;
@@ -709,6 +717,7 @@ class transfer_engine {
   engine_options opts_;
   memory::segment_table table_;
   std::tuple<Transports*...> transports_;
+  std::array<std::uint64_t, sizeof...(Transports)> min_slice_{};  // per transport, from its capabilities
   std::array<std::size_t, transport_count> order_{};
   std::mutex cache_mutex_;
   std::map<std::string, descriptor_ptr, std::less<>> cache_;

@@ -229,7 +229,10 @@ class cuda_ipc {
                                                        .zero_copy = true,
                                                        .bounce_buffered = false,
                                                        .same_host_only = true,
-                                                       .same_process_only = false};
+                                                       .same_process_only = false,
+                                                       // One copy at GPU memory speed costs what ~10 us of
+                                                       // bookkeeping costs: only large slices amortize it.
+                                                       .min_slice = 64ULL << 20};
   static constexpr std::string_view name() noexcept { return "cuda_ipc"; }
 
   explicit cuda_ipc(executor_type ex, cuda_ipc_options opts = {})

@@ -77,6 +77,10 @@ struct transport_capabilities {
   bool bounce_buffered = false; //!< bytes pass through an intermediate buffer (TCP socket buffers)
   bool same_host_only = false;  //!< reaches only segments on this host
   bool same_process_only = false;  //!< reaches only segments of this process
+  //! Slices handed to this transport are at least this large (when the op
+  //! is): a transport whose per-op cost only large copies amortize (cuda_ipc
+  //! at GPU memory speed) raises the engine's `slice_size` for its ops. 0: the engine's.
+  std::uint64_t min_slice = 0;
 };
 
 namespace detail {
