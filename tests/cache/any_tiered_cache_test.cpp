@@ -108,3 +108,14 @@ TEST(AnyTieredCache, TieringAdmissionComesFromConfig) {
   EXPECT_EQ(*(*c)->insert({1, 3}, payload(3)), kc::insert_status::rejected);
   EXPECT_EQ(*(*c)->insert({1, 3}, payload(3)), kc::insert_status::inserted);
 }
+
+#if !KVX_WITH_CUDA
+TEST(AnyTieredCache, ACudaTierNeedsKvxBuiltWithCuda) {
+  kvx::metrics::registry reg;
+  auto c = kc::any_tiered_cache::make(R"({"block_bytes": 4096, "tiers": [{"kind": "cuda", "capacity": "1MiB"}]})", &reg);
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.code(), kvx::errc::not_supported);
+  EXPECT_NE(c.error().message().find("kvx::cuda"), std::string::npos) << c.error().message();
+}
+#endif
+

@@ -250,6 +250,19 @@ struct impulse_engines : ::testing::Test {
     kvx::testing::fill_random(remote, 5);
     register_on(io, owner, remote, name);
   }
+  // Registers `mine` with `e`, starts one 1000-byte read through it and runs
+  // what is ready; the result lands in the returned optional.
+  template <class Engine>
+  std::optional<std::pair<std::error_code, batch_result>>& start_small_read(Engine& e) {
+    register_on(io, e, mine, unique("impulse-local"));
+    batch b;
+    b.read(std::span(mine).first(1000), name, 0);
+    e.async_transfer(std::move(b), [this](std::error_code ec, batch_result r) { small_read.emplace(ec, std::move(r)); });
+    io.restart();
+    io.poll();
+    return small_read;
+  }
+  std::optional<std::pair<std::error_code, batch_result>> small_read;
 };
 
 TEST_F(impulse_engines, SlicesStripeWithinTheWindowOneReleaseAtATime) {
@@ -281,14 +294,8 @@ TEST_F(impulse_engines, SlicesStripeWithinTheWindowOneReleaseAtATime) {
 
 TEST_F(impulse_engines, TransientErrorsAreRetriedThenReported) {
   kvx::transfer::transfer_engine<embedded_metadata, kvx::testing::impulse<>> e(
-      meta, {.node = "initiator", .max_retries = 2}, net);
-  register_on(io, e, mine, unique("impulse-local"));
-  std::optional<std::pair<std::error_code, batch_result>> out;
-  batch b;
-  b.read(std::span(mine).first(1000), name, 0);
-  e.async_transfer(std::move(b), [&](std::error_code ec, batch_result r) { out.emplace(ec, std::move(r)); });
-  io.restart();
-  io.poll();
+      meta, {.node = "initiator", .max_retries = 2, .retry_backoff = {}}, net);
+  auto& out = start_small_read(e);
   ASSERT_TRUE(net.fail_one(kvx::errc::connection_lost));
   io.restart();
   io.poll();
@@ -302,6 +309,55 @@ TEST_F(impulse_engines, TransientErrorsAreRetriedThenReported) {
   EXPECT_EQ(out->first, kvx::errc::connection_lost);
   EXPECT_EQ(out->second.ops[0].retries, 2u);
   EXPECT_NE(out->second.ops[0].context.find("after 2 retries"), std::string::npos) << out->second.ops[0].context;
+}
+
+TEST_F(impulse_engines, RetriesWaitOutABackoffThatDoublesPerAttempt) {
+  using namespace std::chrono;
+  kvx::transfer::transfer_engine<embedded_metadata, kvx::testing::impulse<>> e(
+      meta, {.node = "initiator", .max_retries = 3, .retry_backoff = milliseconds(20), .max_retry_backoff = milliseconds(30)},
+      net);
+  auto& out = start_small_read(e);
+  // Each failure: nothing is re-issued at once; the retry comes after the
+  // backoff (20 ms, then 30 ms: doubled, capped), never earlier.
+  for (auto wait : {milliseconds(20), milliseconds(30), milliseconds(30)}) {
+    ASSERT_TRUE(net.fail_one(kvx::errc::timed_out));
+    const auto failed_at = steady_clock::now();
+    io.restart();
+    io.poll();
+    EXPECT_EQ(net.pending(), 0u) << "re-issued without waiting";
+    while (net.pending() == 0 && steady_clock::now() - failed_at < seconds(5)) io.run_one_for(milliseconds(1));
+    ASSERT_EQ(net.pending(), 1u);
+    EXPECT_GE(steady_clock::now() - failed_at, wait);
+  }
+  ASSERT_TRUE(net.release_one());
+  io.restart();
+  while (!out && io.run_one_for(seconds(5))) {
+  }
+  ASSERT_TRUE(out);
+  EXPECT_FALSE(out->first) << out->first.message();
+  EXPECT_EQ(out->second.ops[0].retries, 3u);
+}
+
+TEST_F(impulse_engines, CancellationDuringABackoffCompletesPromptly) {
+  using namespace std::chrono;
+  kvx::transfer::transfer_engine<embedded_metadata, kvx::testing::impulse<>> e(
+      meta, {.node = "initiator", .retry_backoff = seconds(30), .max_retry_backoff = seconds(30)}, net);
+  register_on(io, e, mine, unique("impulse-local"));
+  std::optional<std::error_code> out;
+  asio::cancellation_signal cancel;
+  batch b;
+  b.read(std::span(mine).first(1000), name, 0);
+  e.async_transfer(std::move(b), asio::bind_cancellation_slot(cancel.slot(), [&](std::error_code ec, batch_result) { out = ec; }));
+  io.restart();
+  io.poll();
+  ASSERT_TRUE(net.fail_one(kvx::errc::connection_lost));  // now waiting 30 s to retry
+  io.restart();
+  io.poll();
+  cancel.emit(asio::cancellation_type::terminal);
+  const auto t0 = steady_clock::now();
+  while (!out && steady_clock::now() - t0 < seconds(5)) io.run_one_for(milliseconds(5));
+  ASSERT_TRUE(out);
+  EXPECT_EQ(*out, kvx::errc::cancelled);
 }
 
 TEST_F(impulse_engines, ADeadPeerTimesOutWithinTheDeadline) {
@@ -460,6 +516,59 @@ TEST_F(two_engines, ATransportsMinSliceRaisesTheEnginesSliceSize) {
   ASSERT_FALSE(ec) << r.first_error().message();
   EXPECT_EQ(net.reads, 4) << "4 MiB in 1 MiB slices, not 64 KiB ones";
   EXPECT_EQ(mine, pbuf);
+}
+
+}  // namespace
+
+namespace {
+
+// embedded_metadata whose gets answer only after `delay`: a slow backend.
+class slow_metadata {
+ public:
+  using metadata_backend_concept = kvx::transfer::metadata_backend_tag;
+  slow_metadata(asio::io_context& io, std::chrono::milliseconds delay) : io_(io), inner_(io.get_executor()), delay_(delay) {}
+  auto get_executor() const { return io_.get_executor(); }
+  template <class Token>
+  auto async_put(std::string k, std::string v, Token&& t) { return inner_.async_put(std::move(k), std::move(v), std::forward<Token>(t)); }
+  template <class Token>
+  auto async_remove(std::string k, Token&& t) { return inner_.async_remove(std::move(k), std::forward<Token>(t)); }
+  template <class Token>
+  auto async_list(std::string p, Token&& t) { return inner_.async_list(std::move(p), std::forward<Token>(t)); }
+  template <class Handler>
+  void async_get(std::string k, Handler&& h) {
+    auto timer = std::make_shared<asio::steady_timer>(io_, delay_);
+    timer->async_wait([this, timer, k = std::move(k), h = std::forward<Handler>(h)](boost::system::error_code) mutable {
+      inner_.async_get(std::move(k), std::move(h));
+    });
+  }
+
+ private:
+  asio::io_context& io_;
+  embedded_metadata inner_;
+  std::chrono::milliseconds delay_;
+};
+
+TEST(TransferEngineSlowMetadata, ABatchThatTimesOutWhileResolvingIgnoresTheLateAnswer) {
+  using namespace std::chrono;
+  asio::io_context io;
+  slow_metadata meta(io, milliseconds(150));
+  local owner_net(io.get_executor()), net(io.get_executor());
+  kvx::transfer::transfer_engine<slow_metadata, local> owner(meta, {.node = "owner"}, owner_net);
+  kvx::transfer::transfer_engine<slow_metadata, local> e(meta, {.node = "n"}, net);
+  std::vector<std::byte> remote(4096), mine(4096);
+  const auto name = unique("slow-remote");
+  register_on(io, owner, remote, name);
+  register_on(io, e, mine, unique("slow-local"));
+  batch b;
+  b.read(std::span(mine), name, 0);
+  b.deadline = milliseconds(20);
+  std::optional<std::error_code> out;
+  e.async_transfer(std::move(b), [&](std::error_code ec, batch_result) { out = ec; });
+  io.restart();
+  const auto t0 = steady_clock::now();
+  while (steady_clock::now() - t0 < milliseconds(400)) io.run_one_for(milliseconds(5));  // past the late answer
+  ASSERT_TRUE(out);
+  EXPECT_EQ(*out, kvx::errc::timed_out);
 }
 
 }  // namespace

@@ -15,12 +15,15 @@
 //!     {"kind": "dram", "name": "dram", "capacity": "8GiB", "high": 0.95, "low": 0.85,
 //!      "allocator": "offset" | "slab", "alignment": 4096, "populate": true},
 //!     {"kind": "file", "name": "ssd", "path": "/mnt/nvme", "capacity": "64GiB",
-//!      "allocator": "offset" | "slab", "direct": true, "io": "pread" | "uring", "queue_depth": 32}
+//!      "allocator": "offset" | "slab", "direct": true, "io": "pread" | "uring", "queue_depth": 32},
+//!     {"kind": "cuda", "name": "gpu", "capacity": "16GiB", "device": 0, "lanes": 4,
+//!      "staging_chunk": "1MiB", "stage_loads": false}    // GPU memory: see tiers/cuda_tier.hpp
 //!   ]
 //! }
 //! ```
-//! `"io": "uring"` needs the `kvx::uring` target (`KVX_WITH_URING`);
-//! without it the config is refused with a message saying so.
+//! `"io": "uring"` needs the `kvx::uring` target (`KVX_WITH_URING`) and
+//! `"kind": "cuda"` the `kvx::cuda` target (`KVX_WITH_CUDA`) and a device;
+//! without them the config is refused (`not_supported`) with a message saying so.
 //!
 //! Thread safety: that of `tiered_cache` (every member, concurrently).
 //!
@@ -53,6 +56,10 @@
 #include <kvx/memory/slab_allocator.hpp>
 #if KVX_WITH_URING
 #include <kvx/cache/tiers/uring_file_tier.hpp>
+#endif
+#if KVX_WITH_CUDA
+#include <kvx/cache/tiers/cuda_tier.hpp>
+#include <kvx/cuda/device.hpp>
 #endif
 
 namespace kvx::cache {
@@ -243,7 +250,41 @@ class any_tiered_cache {
       }
       return error{errc::invalid_argument, "config field '" + t.path_of("io") + "': \"" + *io + "\" is not an I/O backend (pread, uring)"};
     }
-    return error{errc::invalid_argument, "config field '" + t.path_of("kind") + "': \"" + *kind + "\" is not a tier kind (dram, file)"};
+    if (*kind == "cuda") {
+#if KVX_WITH_CUDA
+      KVX_TRY(t.allow_only({"kind", "name", "capacity", "high", "low", "allocator", "device", "lanes", "staging_chunk",
+                            "stage_loads"}));
+      cuda_tier_config c;
+      auto n = t.optional<std::string>("name", "cuda");
+      if (!n) return n.error();
+      auto device = t.optional<int>("device", 0);
+      if (!device) return device.error();
+      auto lanes = t.optional<std::uint64_t>("lanes", 4);
+      if (!lanes) return lanes.error();
+      auto chunk = t.optional<config::bytes>("staging_chunk", config::bytes{1ULL << 20});
+      if (!chunk) return chunk.error();
+      auto stage_loads = t.optional<bool>("stage_loads", false);
+      if (!stage_loads) return stage_loads.error();
+      if (cuda::device_count() <= *device)
+        return error{errc::not_supported, "config field '" + t.path_of("device") + "': no CUDA device " +
+                                              std::to_string(*device) + " (" + cuda::skip_reason() + ")"};
+      c.name = *n;
+      c.capacity = capacity->value;
+      c.marks = *marks;
+      c.device = *device;
+      c.lanes = static_cast<std::size_t>(*lanes);
+      c.staging_chunk = chunk->value;
+      c.stage_loads = *stage_loads;
+      return guarded(t, [&] {
+        return slab ? any_tier::make<cuda_tier<memory::slab_allocator>>(c) : any_tier::make<cuda_tier<>>(c);
+      });
+#else
+      return error{errc::not_supported,
+                   "config field '" + t.path_of("kind") + "': \"cuda\" needs kvx built with CUDA (link kvx::cuda)"};
+#endif
+    }
+    return error{errc::invalid_argument,
+                 "config field '" + t.path_of("kind") + "': \"" + *kind + "\" is not a tier kind (dram, file, cuda)"};
   }
 
   cache_type c_;

@@ -23,7 +23,8 @@
 //!   when larger (contiguous strided blocks are coalesced first); slices
 //!   of all operations are kept in flight together, at most `max_in_flight`.
 //! - **Retries**: a slice that fails with `connection_lost`, `timed_out` or
-//!   `checksum_mismatch` is re-issued up to `max_retries` times. A slice that
+//!   `checksum_mismatch` is re-issued up to `max_retries` times, after a
+//!   backoff that doubles per attempt (`retry_backoff`, `max_retry_backoff`). A slice that
 //!   fails with `stale`, `bad_key` or `unknown_segment` makes the engine fetch
 //!   the segment's descriptor again, once per segment and batch (the owner may
 //!   have restarted under the same name); if the fresh descriptor differs the
@@ -60,6 +61,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -94,6 +96,12 @@ struct engine_options {
   std::uint64_t slice_size = 1u << 20;    //!< largest slice handed to a transport
   std::size_t max_in_flight = 32;         //!< slices in flight per batch
   std::uint32_t max_retries = 3;          //!< re-issues of one slice after transient errors
+  //! Wait before the first re-issue of a slice; doubles with each further
+  //! attempt, at most `max_retry_backoff`. Zero re-issues at once. A peer that
+  //! dropped a connection or timed out is given time to come back instead of
+  //! being hammered `max_retries` times in a microsecond.
+  std::chrono::steady_clock::duration retry_backoff = std::chrono::milliseconds(1);
+  std::chrono::steady_clock::duration max_retry_backoff = std::chrono::milliseconds(100);
   std::optional<std::chrono::steady_clock::duration> deadline{};  //!< default per-batch deadline
 };
 
@@ -399,6 +407,7 @@ class transfer_engine {
     std::map<std::string, segment_state, std::less<>> segments;
     std::deque<std::size_t> ready_ops;
     std::deque<slice> retries;
+    std::list<asio::steady_timer> backoff_timers;  // slices waiting out their retry backoff
     std::vector<window_slot> window;
     std::vector<std::size_t> free_slots;
     std::size_t in_flight = 0;
@@ -492,6 +501,9 @@ class transfer_engine {
 
     void resolved(const std::string& name, const kvx::error& e, descriptor_ptr d) {
       --resolving;
+      // A stopped batch (deadline, cancellation) completes without waiting for
+      // its resolutions; one that arrives afterwards has nothing left to bind.
+      if (finished) return;
       auto& seg = segments[name];
       seg.resolving = false;
       if (seg.re_resolved && !seg.parked.empty()) {
@@ -564,7 +576,8 @@ class transfer_engine {
         if (ops[s->op].failed) continue;
         issue(std::move(*s));
       }
-      if (in_flight == 0 && (stopping || (resolving == 0 && retries.empty() && ready_ops.empty() && !parked_any())))
+      if (in_flight == 0 && backoff_timers.empty() &&
+          (stopping || (resolving == 0 && retries.empty() && ready_ops.empty() && !parked_any())))
         finish();
     }
 
@@ -622,7 +635,7 @@ class transfer_engine {
         ++s.attempts;
         ++result.ops[i].retries;
         ++result.retries;
-        retries.push_back(std::move(s));
+        retry_later(std::move(s));
         return;
       }
       if (needs_re_resolution(ec)) {
@@ -652,6 +665,23 @@ class transfer_engine {
         }
       }
       fail(i, ec, is_transient(ec) ? "after " + std::to_string(s.attempts) + " retries" : std::string(), s.remote_offset);
+    }
+
+    // Re-issues `s` after the backoff of its attempt (at once when it is zero).
+    void retry_later(slice s) {
+      auto delay = eng->opts_.retry_backoff;
+      for (std::uint32_t a = 1; a < s.attempts && delay < eng->opts_.max_retry_backoff; ++a) delay *= 2;
+      delay = std::min(delay, eng->opts_.max_retry_backoff);
+      if (delay <= std::chrono::steady_clock::duration::zero()) {
+        retries.push_back(std::move(s));
+        return;
+      }
+      auto t = backoff_timers.emplace(backoff_timers.end(), strand, delay);
+      t->async_wait([me = this->shared_from_this(), t, s = std::move(s)](boost::system::error_code) mutable {
+        me->backoff_timers.erase(t);
+        if (!me->stopping) me->retries.push_back(std::move(s));
+        me->pump();
+      });
     }
 
     void finish_re_resolution(segment_state& seg, const kvx::error& e, descriptor_ptr d) {
@@ -684,6 +714,7 @@ class transfer_engine {
       stopping = true;
       stop_code = ec;
       retries.clear();
+      for (auto& t : backoff_timers) t.cancel();
       for (auto& w : window)
         if (w.busy) w.signal.emit(asio::cancellation_type::terminal);
       pump();

@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include <kvx/cache/any_tiered_cache.hpp>
 #include <kvx/cache/eviction/lru.hpp>
 #include <kvx/cache/tiered_cache.hpp>
 #include <kvx/cache/tiering/write_back.hpp>
@@ -489,3 +490,52 @@ TEST_F(CudaTier, UnderTieredCacheConcurrentInsertsAndReadsStayByteExact) {
   EXPECT_EQ(cache.size(), static_cast<std::size_t>(threads * per_thread));
   EXPECT_GT(cache.stats(1).demotions, 0U);
 }
+
+// ---- from JSON: any_tiered_cache -------------------------------------------------
+
+namespace {
+
+const char* gpu_over_dram_config = R"({"name": "gpu-cfg", "block_bytes": 65536, "eviction": "lru",
+    "tiers": [{"kind": "cuda", "name": "gpu", "capacity": "256KiB", "device": 0, "lanes": 2},
+              {"kind": "dram", "name": "dram", "capacity": "4MiB"}]})";
+
+TEST(AnyTieredCacheCuda, ACudaTierWithoutADeviceIsNotSupportedAndSaysWhy) {
+  if (kvx::cuda::device_count() > 0) GTEST_SKIP() << "a CUDA device is present";
+  kvx::metrics::registry reg;
+  auto c = kc::any_tiered_cache::make(gpu_over_dram_config, &reg);
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.code(), kvx::errc::not_supported);
+  EXPECT_NE(c.error().message().find("tiers[0].device"), std::string::npos) << c.error().message();
+}
+
+TEST(AnyTieredCacheCuda, UnknownFieldsOfACudaTierAreRefused) {
+  kvx::metrics::registry reg;
+  auto c = kc::any_tiered_cache::make(R"({"block_bytes": 4096,
+      "tiers": [{"kind": "cuda", "capacity": "1MiB", "path": "/tmp"}]})", &reg);
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.code(), kvx::errc::invalid_argument) << c.error().message();
+}
+
+TEST(AnyTieredCacheCuda, BuildsAGpuOverDramStackThatEvictsToDramAndReadsBack) {
+  if (kvx::cuda::device_count() == 0) GTEST_SKIP() << kvx::cuda::skip_reason();
+  kvx::metrics::registry reg;
+  auto c = kc::any_tiered_cache::make(gpu_over_dram_config, &reg);
+  ASSERT_TRUE(c) << c.error().message();
+  auto& cache = **c;
+  EXPECT_EQ(cache.tier_name(0), "gpu");
+  std::vector<std::vector<std::byte>> blocks;
+  for (std::uint64_t i = 0; i < 8; ++i) {
+    auto& b = blocks.emplace_back(65536);
+    fill_random(b, 40 + i);
+    ASSERT_TRUE(cache.insert({9, i}, b));
+  }
+  EXPECT_EQ(cache.tier_of({9, 0}), 1U) << "4 blocks of GPU: the oldest went to DRAM";
+  for (std::uint64_t i = 0; i < 8; ++i) {
+    std::vector<std::byte> out(65536);
+    auto r = cache.read({9, i}, out);
+    ASSERT_TRUE(r) << r.error().message();
+    EXPECT_EQ(first_difference(out, blocks[i]), "") << "block " << i;
+  }
+}
+
+}  // namespace
