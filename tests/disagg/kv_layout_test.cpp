@@ -1,4 +1,5 @@
 #include <kvx/disagg/kv_layout.hpp>
+#include <kvx/disagg/layouts/any_kv_layout.hpp>
 #include <kvx/disagg/layouts/layer_first.hpp>
 #include <kvx/disagg/layouts/layer_first_kv_split.hpp>
 #include <kvx/disagg/layouts/page_first.hpp>
@@ -232,3 +233,97 @@ TEST(Layouts, AreComparableValues) {
   EXPECT_TRUE(a == b);
   EXPECT_FALSE(a == kd::layouts::layer_first::make(small_shape(), 6).value());
 }
+
+// ---- any_kv_layout: a layout chosen by configuration ----------------------------
+
+namespace {
+
+using kd::layouts::any_kv_layout;
+
+std::string hybrid_json(const std::string& layout) {
+  return R"({"layout": ")" + layout + R"(", "num_blocks": 12, "state_slots": 3,
+      "shape": {"layers": 4, "block_tokens": 8, "kv_heads": 2, "head_dim": 16, "dtype": "bf16", "state_bytes": 96,
+                "kinds": ["attention", "recurrent", "attention", "attention"]}})";
+}
+
+// Every offset and range of `a` equals those of the layout it was configured as.
+template <class L>
+void expect_same_layout(const any_kv_layout& a, const L& l) {
+  EXPECT_EQ(a.name(), l.name());
+  EXPECT_EQ(a.shape(), l.shape());
+  EXPECT_EQ(a.num_blocks(), l.num_blocks());
+  EXPECT_EQ(a.state_slots(), l.state_slots());
+  EXPECT_EQ(a.bytes_required(), l.bytes_required());
+  for (std::uint32_t b = 0; b < l.num_blocks(); b += 5) {
+    EXPECT_EQ(a.block_ranges(b), l.block_ranges(b));
+    for (std::uint32_t layer = 0; layer < l.shape().layers; ++layer) {
+      EXPECT_EQ(a.block_layer_ranges(b, layer), l.block_layer_ranges(b, layer));
+      if (!l.shape().is_attention(layer)) continue;
+      const kd::kv_coord c{layer, 1, b, 7, 1, 15};
+      EXPECT_EQ(a.offset(c), l.offset(c));
+    }
+  }
+  for (std::uint32_t s = 0; s < l.state_slots(); ++s) {
+    EXPECT_EQ(a.state_ranges(s), l.state_ranges(s));
+    EXPECT_EQ(a.state_offset(s, 1), l.state_offset(s, 1));
+  }
+}
+
+TEST(AnyKvLayout, FromJsonMatchesEveryBuiltInLayout) {
+  static_assert(kd::check_kv_layout<any_kv_layout>());
+  auto shape = any_kv_layout::shape_from_config(kvx::config::view(
+      nlohmann::json::parse(R"({"layers": 4, "block_tokens": 8, "kv_heads": 2, "head_dim": 16, "dtype": "bf16",
+          "state_bytes": 96, "kinds": ["attention", "recurrent", "attention", "attention"]})"), "shape"));
+  ASSERT_TRUE(shape) << shape.error().message();
+  auto lf = any_kv_layout::from_json(hybrid_json("layer_first"));
+  ASSERT_TRUE(lf) << lf.error().message();
+  expect_same_layout(*lf, kd::layouts::layer_first::make(*shape, 12, 3).value());
+  auto pf = any_kv_layout::from_json(hybrid_json("page_first"));
+  ASSERT_TRUE(pf) << pf.error().message();
+  expect_same_layout(*pf, kd::layouts::page_first::make(*shape, 12, 3).value());
+  auto ks = any_kv_layout::from_json(hybrid_json("layer_first_kv_split"));
+  ASSERT_TRUE(ks) << ks.error().message();
+  expect_same_layout(*ks, kd::layouts::layer_first_kv_split::make(*shape, 12, 3).value());
+  auto copy = *pf;  // a value: copies share the layout
+  EXPECT_EQ(copy.bytes_required(), pf->bytes_required());
+}
+
+TEST(AnyKvLayout, DtypeBytesAndDtypeNamesAreEquivalent) {
+  auto a = any_kv_layout::from_json(R"({"layout": "page_first", "num_blocks": 4,
+      "shape": {"layers": 2, "block_tokens": 16, "kv_heads": 8, "head_dim": 128, "dtype": "fp32"}})");
+  auto b = any_kv_layout::from_json(R"({"layout": "page_first", "num_blocks": 4,
+      "shape": {"layers": 2, "block_tokens": 16, "kv_heads": 8, "head_dim": 128, "dtype_bytes": 4}})");
+  ASSERT_TRUE(a && b);
+  EXPECT_EQ(a->shape(), b->shape());
+  EXPECT_EQ(a->shape().dtype_bytes, 4u);
+}
+
+TEST(AnyKvLayout, BadConfigsNameTheField) {
+  auto error_of = [](const std::string& json) {
+    auto l = any_kv_layout::from_json(json);
+    EXPECT_FALSE(l) << json;
+    return l ? std::string() : l.error().message();
+  };
+  const std::string shape = R"("shape": {"layers": 2, "block_tokens": 16, "kv_heads": 8, "head_dim": 128, "dtype": "bf16"})";
+  EXPECT_NE(error_of(R"({"layout": "ring", "num_blocks": 4, )" + shape + "}").find("kv.layout"), std::string::npos);
+  EXPECT_NE(error_of(R"({"layout": "page_first", )" + shape + "}").find("num_blocks"), std::string::npos);
+  EXPECT_NE(error_of(R"({"layout": "page_first", "num_blocks": 4, "colour": 1, )" + shape + "}").find("colour"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"layout": "page_first", "num_blocks": 4,
+      "shape": {"layers": 2, "block_tokens": 16, "kv_heads": 8, "head_dim": 128, "dtype": "int3"}})").find("kv.shape.dtype"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"layout": "page_first", "num_blocks": 4,
+      "shape": {"layers": 2, "block_tokens": 16, "kv_heads": 8, "head_dim": 128}})").find("dtype"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"layout": "page_first", "num_blocks": 4,
+      "shape": {"layers": 2, "block_tokens": 16, "kv_heads": 8, "head_dim": 128, "dtype": "bf16", "kinds": ["attention", "mamba"]}})")
+                .find("kinds[1]"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"layout": "page_first", "num_blocks": 0, )" + shape + "}").find("num_blocks"), std::string::npos);
+  EXPECT_NE(error_of(R"({"layout": "page_first", "num_blocks": 4,
+      "shape": {"layers": 2, "block_tokens": 16, "kv_heads": 0, "head_dim": 128, "dtype": "bf16"}})").find("kv_heads"),
+            std::string::npos);
+  EXPECT_NE(error_of("{not json").find("JSON"), std::string::npos);
+}
+
+}  // namespace
