@@ -322,10 +322,16 @@ class cuda_ipc {
     state(const state&) = delete;
     state& operator=(const state&) = delete;
     ~state() {
+      // Copies still on our streams read imported mappings: let them finish first.
+      for (auto& [device, pool] : streams_) (void)pool.synchronize();
       for (auto& [handle, m] : imported_) {
         cuda::device_guard on(m.device);
         (void)cudaIpcCloseMemHandle(m.base);
       }
+      // Exports this transport still holds leave the process-wide table, so the
+      // names can be registered again by another transport.
+      std::lock_guard lock(exports_mutex());
+      for (const auto& [name, slot] : slots_) exports().erase(name);
     }
 
     [[nodiscard]] const cuda_ipc_options& options() const noexcept { return opts_; }

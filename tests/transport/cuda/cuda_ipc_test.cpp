@@ -170,6 +170,23 @@ TEST(CudaIpcGpu, ExporterReachesItsOwnSegmentsDirectly) {
   EXPECT_EQ(op(io, t, d, 0, std::span(out).first(64), true), kvx::errc::unknown_segment);
 }
 
+TEST(CudaIpcGpu, ADestroyedTransportReleasesItsExports) {
+  KVX_REQUIRE_GPU();
+  asio::io_context io;
+  auto gpu = kvx::cuda::device_buffer::allocate(1 << 20, 0).value();
+  kvx::memory::segment_table table("self");
+  auto seg = table.add("gpu", gpu.region()).value();
+  {
+    cuda_ipc first(io.get_executor());
+    ASSERT_TRUE(first.register_memory(seg));
+    cuda_ipc second(io.get_executor());
+    EXPECT_EQ(second.register_memory(seg).code(), kvx::errc::already_exists) << "one exporter per name in a process";
+  }  // destroyed without deregistering
+  cuda_ipc third(io.get_executor());
+  auto again = third.register_memory(seg);
+  EXPECT_TRUE(again) << again.error().message();
+}
+
 TEST(CudaIpcGpu, RejectsMemoryThatIsNotFromCudaMalloc) {
   KVX_REQUIRE_GPU();
   asio::io_context io;
