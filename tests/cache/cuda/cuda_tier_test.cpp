@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <kvx/cache/any_tiered_cache.hpp>
+#include <kvx/testing/tier_conformance.hpp>
 #include <kvx/cache/eviction/lru.hpp>
 #include <kvx/cache/tiered_cache.hpp>
 #include <kvx/cache/tiering/write_back.hpp>
@@ -539,3 +540,22 @@ TEST(AnyTieredCacheCuda, BuildsAGpuOverDramStackThatEvictsToDramAndReadsBack) {
 }
 
 }  // namespace
+
+// ---- the shared tier conformance suite ------------------------------------------
+
+namespace {
+
+struct cuda_factory {
+  using tier_type = kc::cuda_tier<>;
+  static std::unique_ptr<tier_type> make(std::uint64_t capacity) {
+    kc::cuda_tier_config c;
+    c.capacity = capacity;
+    c.lanes = 2;
+    return std::make_unique<tier_type>(c);
+  }
+  static std::string skip_reason() { return kvx::cuda::skip_reason(); }
+};
+
+}  // namespace
+
+KVX_INSTANTIATE_TIER_CONFORMANCE(CudaTierConformance, cuda_factory);

@@ -1,4 +1,5 @@
 #include <kvx/cache/tiers/uring_file_tier.hpp>
+#include <kvx/testing/tier_conformance.hpp>
 
 #include <gtest/gtest.h>
 
@@ -91,3 +92,21 @@ TEST(UringFileTier, GenericLoadManyUsesThePipelinedPath) {
   EXPECT_EQ(n, 1);
   EXPECT_EQ(out, a);
 }
+
+// ---- the shared tier conformance suite ------------------------------------------
+
+namespace {
+
+struct uring_factory {
+  using tier_type = kvx::cache::uring_file_tier<>;
+  static std::unique_ptr<tier_type> make(std::uint64_t capacity) {
+    kvx::cache::file_tier_config c;
+    c.path = KVX_BINARY_DIR;
+    c.capacity = capacity;
+    return std::make_unique<tier_type>(c, 16);
+  }
+};
+
+}  // namespace
+
+KVX_INSTANTIATE_TIER_CONFORMANCE(UringFileTier, uring_factory);
