@@ -44,7 +44,6 @@
 #include <span>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -117,9 +116,9 @@ class multi_rail {
   }
 
   [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& remote) const {
-    auto view = state_->rail_view(remote, 0);
-    if (!view) return view.code();
-    return state_->rails.front()->can_transfer(**view);
+    auto views = state_->rail_views(remote);
+    if (!views) return views.code();
+    return state_->rails.front()->can_transfer(*(**views).front());
   }
 
   template <asio::completion_token_for<void(std::error_code)> CompletionToken>
@@ -156,24 +155,34 @@ class multi_rail {
     std::chrono::steady_clock::duration retry_after;
     std::mutex mu;
     std::map<std::uintptr_t, local_range> local;  // registered local memory: base -> (length, gpu)
-    // The descriptor as rail `i` sees it (its own entry under T::name()), by
-    // (segment name, key, generation, rail); built once per segment and rail.
-    std::map<std::tuple<std::string, std::uint64_t, std::uint64_t, std::size_t>, descriptor_ptr> views;
+    // The descriptor as each rail sees it (rail `i`'s own entry under
+    // T::name()), built once per segment registration (name, key, generation)
+    // and shared by every op on it: one lookup per op, no copies.
+    struct segment_views {
+      std::uint64_t key = 0, generation = 0;
+      std::shared_ptr<const std::vector<descriptor_ptr>> per_rail;
+    };
+    std::map<std::string, segment_views, std::less<>> views;
     std::size_t slices = 0;
 
-    result<descriptor_ptr> rail_view(const memory::segment_descriptor& remote, std::size_t rail) {
+    result<std::shared_ptr<const std::vector<descriptor_ptr>>> rail_views(const memory::segment_descriptor& remote) {
       std::lock_guard lock(mu);
-      const auto key = std::tuple{remote.name, remote.key, remote.generation, rail};
-      if (auto it = views.find(key); it != views.end()) return it->second;
+      if (auto it = views.find(remote.name);
+          it != views.end() && it->second.key == remote.key && it->second.generation == remote.generation)
+        return it->second.per_rail;
       auto entry = remote.transports.find(T::name());
       if (entry == remote.transports.end() || !entry->is_object() || !entry->contains("rails") ||
           !(*entry)["rails"].is_array() || (*entry)["rails"].empty())
         return kvx::error{errc::unreachable, "multi_rail: segment '" + remote.name + "' has no rails for " + std::string(T::name())};
       const auto& list = (*entry)["rails"];
-      auto view = std::make_shared<memory::segment_descriptor>(remote);
-      view->transports[std::string(T::name())] = list[rail % list.size()];
-      views.emplace(key, view);
-      return descriptor_ptr(std::move(view));
+      auto per_rail = std::make_shared<std::vector<descriptor_ptr>>();
+      for (std::size_t rail = 0; rail < rails.size(); ++rail) {
+        auto view = std::make_shared<memory::segment_descriptor>(remote);
+        view->transports[std::string(T::name())] = list[rail % list.size()];
+        per_rail->push_back(std::move(view));
+      }
+      views[remote.name] = segment_views{remote.key, remote.generation, per_rail};
+      return std::shared_ptr<const std::vector<descriptor_ptr>>(std::move(per_rail));
     }
 
     // The rail for the next slice, or nothing when every rail is down.
@@ -208,7 +217,7 @@ class multi_rail {
   template <class Handler>
   struct attempt {
     std::shared_ptr<state> st;
-    std::vector<descriptor_ptr> views;  // the descriptor as each rail sees it
+    std::shared_ptr<const std::vector<descriptor_ptr>> views;  // the descriptor as each rail sees it
     std::uint64_t offset;
     std::byte* local;
     std::size_t length;
@@ -235,7 +244,7 @@ class multi_rail {
             self->st->carried[r].fetch_add(1, std::memory_order_relaxed);
             std::move(self->handler)(ec);
           }));
-      const auto& view = *raw->views[*rail];
+      const auto& view = *(*raw->views)[*rail];
       if (raw->read)
         t.async_read(view, raw->offset, std::span<std::byte>(raw->local, raw->length), std::move(next));
       else
@@ -254,17 +263,12 @@ class multi_rail {
     void operator()(Handler&& handler, const memory::segment_descriptor& remote, std::uint64_t offset, std::byte* local,
                     std::size_t length, bool read) const {
       using op = attempt<std::decay_t<Handler>>;
-      std::vector<descriptor_ptr> views;
-      views.reserve(st->rails.size());
-      for (std::size_t i = 0; i < st->rails.size(); ++i) {
-        auto v = st->rail_view(remote, i);
-        if (!v) {
-          kvx::detail::post_completion(st->rails.front()->get_executor(), std::forward<Handler>(handler), v.code());
-          return;
-        }
-        views.push_back(std::move(*v));
+      auto views = st->rail_views(remote);
+      if (!views) {
+        kvx::detail::post_completion(st->rails.front()->get_executor(), std::forward<Handler>(handler), views.code());
+        return;
       }
-      op::run(std::unique_ptr<op>(new op{st, std::move(views), offset, local, length, read, 0, std::forward<Handler>(handler)}),
+      op::run(std::unique_ptr<op>(new op{st, std::move(*views), offset, local, length, read, 0, std::forward<Handler>(handler)}),
               {});
     }
   };
