@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
 #include <future>
 #include <memory>
 #include <optional>
@@ -503,3 +504,347 @@ TEST_F(ConnectorTest, BestEffortPastTheDeadlineCancelsTheLoadsAndRecomputesEvery
 }
 
 }  // namespace
+
+// ---- hybrid models: recurrent state beside the paged KV ---------------------------
+
+namespace hybrid_state {
+
+using kd::connector_role;
+
+kd::tiny_config hybrid(std::uint32_t tp = 1, std::uint32_t block_tokens = 16) {
+  auto c = model(tp, block_tokens);
+  c.layers = 4;
+  c.kinds = {kd::layer_kind::attention, kd::layer_kind::recurrent, kd::layer_kind::attention, kd::layer_kind::recurrent};
+  c.state_dim = 16;
+  return c;
+}
+
+std::vector<std::uint32_t> reference(const std::vector<std::uint32_t>& p, std::uint32_t n) {
+  auto cfg = hybrid();
+  auto l = kd::layouts::layer_first::make(cfg.shard_shape(), 64, 2).value();
+  std::vector<std::byte> mem(l.bytes_required());
+  auto eng = kd::tiny_engine<kd::layouts::layer_first>::make(cfg, l, mem).value();
+  std::vector<std::uint32_t> table(64);
+  for (std::uint32_t i = 0; i < 64; ++i) table[i] = 63 - i;
+  kd::kv_sequence seq;
+  seq.block_table = table;
+  seq.state_slot = 1;
+  return eng.generate(p, n, seq).value();
+}
+
+// Forges the target the decode side published for `id`: the state of layer
+// `layer` goes to a segment that does not exist, so that write fails.
+void break_state_destination(kd::push_link& link, kd::request_id id, std::uint32_t layer) {
+  auto target = link.take(id).value();
+  auto forged = std::make_shared<kd::push_target>(*target);
+  forged->segments.push_back("no-such-segment");
+  forged->destinations[(std::size_t{0} * forged->layers + layer) * forged->source_blocks].segment =
+      static_cast<std::uint32_t>(forged->segments.size() - 1);
+  ASSERT_TRUE(link.publish(forged));
+}
+
+}  // namespace hybrid_state
+
+TEST_F(ConnectorTest, HybridTinyEngineLeavesTheStateAtTheSnapshotPosition) {
+  // The snapshot is the state a run that stops there leaves: resuming from it is token-identical.
+  auto cfg = hybrid_state::hybrid();
+  auto l = kd::layouts::layer_first::make(cfg.shard_shape(), 16, 3).value();
+  std::vector<std::byte> mem(l.bytes_required());
+  auto eng = kd::tiny_engine<kd::layouts::layer_first>::make(cfg, l, mem).value();
+  const auto tokens = prompt(40, 20);
+  std::vector<std::uint32_t> table{0, 1, 2};
+  kd::kv_sequence seq;
+  seq.block_table = table;
+  seq.state_slot = 0;
+  seq.snapshot_slot = 1;
+  seq.snapshot_at = 32;
+  ASSERT_TRUE(eng.prefill(tokens, seq));
+  kd::kv_sequence short_run;
+  short_run.block_table = table;
+  short_run.state_slot = 2;
+  ASSERT_TRUE(eng.prefill(std::span(tokens).first(32), short_run));
+  for (std::uint32_t layer : {1u, 3u})
+    EXPECT_EQ(0, std::memcmp(mem.data() + l.state_offset(1, layer), mem.data() + l.state_offset(2, layer), cfg.shard_shape().state_bytes))
+        << "layer " << layer;
+  EXPECT_NE(0, std::memcmp(mem.data() + l.state_offset(0, 1), mem.data() + l.state_offset(1, 1), cfg.shard_shape().state_bytes));
+  seq.snapshot_at = 41;
+  EXPECT_EQ(eng.prefill(tokens, seq).code(), kvx::errc::invalid_argument) << "past the step";
+  seq.snapshot_at = 32;
+  seq.snapshot_slot = 0;
+  EXPECT_EQ(eng.prefill(tokens, seq).code(), kvx::errc::out_of_range) << "the request's own slot";
+}
+
+TEST_F(ConnectorTest, HybridPushIsTokenIdenticalBothWaysBetweenLayerFirstAndPageFirst) {
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "hp0", .role = connector_role::producer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* d = push_worker<kd::layouts::page_first>({.name = "hd0", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* p2 = push_worker<kd::layouts::page_first>({.name = "hp1", .role = connector_role::producer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* d2 = push_worker<kd::layouts::layer_first>({.name = "hd1", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  EXPECT_TRUE(d->connector().loads_in_place());
+  EXPECT_EQ(p->connector().state_snapshot_position(75, 0), 74u);
+  EXPECT_EQ(d->connector().state_snapshot_position(75, 0), 0u) << "a consumer sends nothing";
+  const auto shape = hybrid_state::hybrid().shard_shape();
+  auto run = [&](auto* prod, auto* cons, kd::request_id id) {
+    const auto tokens = prompt(75, static_cast<std::uint32_t>(id));
+    const kd::kv_request req{id, tokens};
+    auto ticket = cons->admit(req, 6).value();
+    EXPECT_EQ(ticket.external_tokens, 74u);
+    EXPECT_NE(ticket.state_slot, kd::no_state_slot);
+    auto pre = prod->run_prefill(req);
+    ASSERT_TRUE(pre) << pre.error().message();
+    auto out = cons->run_decode(req, ticket, 6);
+    ASSERT_TRUE(out) << out.error().message();
+    EXPECT_EQ(pre->saved.layers, 4u) << "two attention layers and two states";
+    EXPECT_EQ(pre->saved.bytes, 2u * 5u * shape.block_layer_bytes() + 2u * shape.state_bytes);
+    EXPECT_TRUE(out->load.complete());
+    EXPECT_EQ(out->tokens, hybrid_state::reference(tokens, 6));
+  };
+  run(p, d, 100);
+  run(p2, d2, 101);
+  EXPECT_EQ(d->state_slots().available(), 16u) << "the decode side gave its state slot back";
+  EXPECT_EQ(p->state_slots().available(), 16u) << "... and the prefill side both of its";
+}
+
+TEST_F(ConnectorTest, HybridPushWithoutTheSnapshotIsNotTokenIdentical) {
+  // The test can fail: sending the state after the whole prompt (what the
+  // engine's own slot holds) instead of the snapshot changes the output.
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "np", .role = connector_role::producer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* d = push_worker<kd::layouts::layer_first>({.name = "nd", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  const auto tokens = prompt(50, 21);
+  const kd::kv_request req{120, tokens};
+  auto ticket = d->admit(req, 4).value();
+  auto& pc = p->connector();
+  std::vector<std::uint32_t> blocks{0, 1, 2, 3};
+  kd::kv_sequence seq;
+  seq.block_table = blocks;
+  seq.state_slot = 0;
+  seq.snapshot_slot = 1;
+  seq.snapshot_at = 49;
+  ASSERT_TRUE(pc.update_state_after_alloc(req, seq, 0));
+  ASSERT_TRUE(pc.start_load_kv(req.id));
+  kd::kv_sequence wrong = seq;
+  wrong.snapshot_slot = 2;  // the engine leaves the snapshot elsewhere: slot 1 keeps stale zeros
+  ASSERT_TRUE(p->model().prefill(tokens, wrong, 0, pc.hooks(req.id)));
+  ASSERT_TRUE(pc.wait_for_save(req.id));
+  ASSERT_TRUE(pc.request_finished(req.id));
+  auto out = d->run_decode(req, ticket, 4);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_NE(out->tokens, hybrid_state::reference(tokens, 4));
+}
+
+TEST_F(ConnectorTest, HybridPushFromTp2IntoTp1WithOtherBlocksConvertsTheState) {
+  auto* p = push_worker<kd::layouts::page_first>({.name = "hp2", .role = connector_role::producer, .model = hybrid_state::hybrid(2, 16), .num_blocks = 32});
+  auto* d = push_worker<kd::layouts::layer_first>({.name = "hd1", .role = connector_role::consumer, .model = hybrid_state::hybrid(1, 32),
+                                                   .num_blocks = 32, .source_tp = 2, .source_block_tokens = 16, .staging_blocks = 24});
+  EXPECT_FALSE(d->connector().loads_in_place());
+  EXPECT_EQ(d->connector().source_shape().state_bytes, hybrid_state::hybrid().shard_shape().state_bytes / 2);
+  const auto tokens = prompt(90, 22);
+  const kd::kv_request req{130, tokens};
+  auto ticket = d->admit(req, 5).value();
+  ASSERT_TRUE(p->run_prefill(req));
+  auto out = d->run_decode(req, ticket, 5);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->tokens, hybrid_state::reference(tokens, 5));
+  EXPECT_EQ(d->connector().stats().layers_converted, 4u);
+}
+
+TEST_F(ConnectorTest, HybridPullIsTokenIdenticalAndTheNextTurnResumesFromTheSavedState) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::layer_first>({.name = "hpp", .role = connector_role::both, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* d = pull_worker<kd::layouts::page_first>({.name = "hpd", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  EXPECT_EQ(p->connector().state_snapshot_position(70, 0), 64u);
+  EXPECT_EQ(p->connector().state_snapshot_position(70, 64), 0u) << "the pool holds that state already";
+  EXPECT_EQ(p->connector().state_snapshot_position(64, 0), 48u) << "the last token is always computed";
+  const auto turn1 = prompt(70, 23);
+  const kd::kv_request r1{140, turn1};
+  auto pre1 = p->run_prefill(r1);
+  ASSERT_TRUE(pre1) << pre1.error().message();
+  auto t1 = d->admit(r1, 5).value();
+  EXPECT_EQ(t1.external_tokens, 64u);
+  auto out1 = d->run_decode(r1, t1, 5);
+  ASSERT_TRUE(out1) << out1.error().message();
+  EXPECT_TRUE(out1->load.complete());
+  EXPECT_EQ(out1->tokens, hybrid_state::reference(turn1, 5));
+
+  auto turn2 = turn1;
+  turn2.insert(turn2.end(), out1->tokens.begin(), out1->tokens.end());
+  for (auto t : prompt(30, 24)) turn2.push_back(t);
+  const kd::kv_request r2{141, turn2};
+  auto pre2 = p->run_prefill(r2);
+  ASSERT_TRUE(pre2) << pre2.error().message();
+  EXPECT_EQ(pre2->cached_tokens, 64u) << "the prefill instance resumed from turn 1's state";
+  EXPECT_EQ(pre2->recomputed_tokens, 0u);
+  auto t2 = d->admit(r2, 4).value();
+  EXPECT_EQ(t2.external_tokens, 96u);
+  auto out2 = d->run_decode(r2, t2, 4);
+  ASSERT_TRUE(out2) << out2.error().message();
+  EXPECT_EQ(out2->tokens, hybrid_state::reference(turn2, 4));
+  EXPECT_EQ(d->state_slots().available(), 16u);
+  EXPECT_EQ(p->state_slots().available(), 16u);
+}
+
+TEST_F(ConnectorTest, HybridPullFromTp2IntoTp1PageFirstIsTokenIdentical) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::page_first>({.name = "hpp2", .role = connector_role::producer, .model = hybrid_state::hybrid(2, 16), .num_blocks = 32});
+  auto* d = pull_worker<kd::layouts::layer_first>({.name = "hpd1", .role = connector_role::consumer, .model = hybrid_state::hybrid(1, 32),
+                                                   .num_blocks = 32, .source_tp = 2, .source_block_tokens = 16, .staging_blocks = 32});
+  const auto tokens = prompt(100, 25);
+  const kd::kv_request req{150, tokens};
+  ASSERT_TRUE(p->run_prefill(req));
+  auto t = d->admit(req, 5).value();
+  EXPECT_EQ(t.external_tokens, 96u);
+  auto out = d->run_decode(req, t, 5);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->tokens, hybrid_state::reference(tokens, 5));
+  EXPECT_EQ(d->connector().stats().objects_got, 6u * 2u * 2u + 2u * 2u) << "KV of 6 blocks x 2 layers x 2 shards, 2 states x 2 shards";
+}
+
+TEST_F(ConnectorTest, HybridPullHitShrinksToTheLastBlockWhoseStateIsInThePool) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::layer_first>({.name = "sp", .role = connector_role::both, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* d = pull_worker<kd::layouts::layer_first>({.name = "sd", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  const auto long_prompt = prompt(100, 26);
+  const std::vector<std::uint32_t> short_prompt(long_prompt.begin(), long_prompt.begin() + 50);
+  ASSERT_TRUE(p->run_prefill({160, short_prompt}));  // KV of 3 blocks, state after block 3
+  auto pre = p->run_prefill({161, long_prompt});     // resumes from it, state after block 6
+  ASSERT_TRUE(pre) << pre.error().message();
+  EXPECT_EQ(pre->cached_tokens, 48u);
+
+  // Present: the whole hit.
+  const kd::kv_request req{162, long_prompt};
+  auto t = d->admit(req, 4).value();
+  EXPECT_EQ(t.external_tokens, 96u);
+  ASSERT_TRUE(d->abort(t, false));
+
+  // The state after block 6 is evicted: the hit falls back to block 3, where a state is.
+  ASSERT_FALSE(remove_object(*this, clients.front().get(), long_prompt, 5, 3));
+  auto t2 = d->admit(req, 4).value();
+  EXPECT_EQ(t2.external_tokens, 48u);
+  auto out = d->run_decode(req, t2, 4);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_TRUE(out->load.complete());
+  EXPECT_EQ(out->tokens, hybrid_state::reference(long_prompt, 4));
+
+  // No state at all: nothing is usable although every KV block is there.
+  ASSERT_FALSE(remove_object(*this, clients.front().get(), long_prompt, 2, 3));
+  const kd::kv_request again{163, long_prompt};
+  auto t3 = d->admit(again, 4).value();
+  EXPECT_EQ(t3.external_tokens, 0u);
+  auto out3 = d->run_decode(again, t3, 4);
+  ASSERT_TRUE(out3) << out3.error().message();
+  EXPECT_EQ(out3->tokens, hybrid_state::reference(long_prompt, 4));
+}
+
+TEST_F(ConnectorTest, HybridPullStateThatFailsToLoadIsRecomputedFromZeroOrFailsTheRequest) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::layer_first>({.name = "fp", .role = connector_role::producer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* be = pull_worker<kd::layouts::layer_first>({.name = "fbe", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* wu = pull_worker<kd::layouts::layer_first, kd::load::wait_until>(
+      {.name = "fwu", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  const auto tokens = prompt(70, 27);
+  ASSERT_TRUE(p->run_prefill({170, tokens}));
+  // Layer 1's state is lost; the lookup (which checks the last recurrent layer) still sees a hit.
+  ASSERT_FALSE(remove_object(*this, clients.front().get(), tokens, 3, 1));
+
+  const kd::kv_request req{171, tokens};
+  auto t = be->admit(req, 4).value();
+  ASSERT_EQ(t.external_tokens, 64u);
+  auto out = be->run_decode(req, t, 4);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_TRUE(out->load.state_failed);
+  EXPECT_TRUE(out->load.failed_blocks.empty()) << "every KV block arrived";
+  EXPECT_EQ(out->load.valid_tokens, 0u) << "no state before the failed one: start over";
+  EXPECT_EQ(out->recomputed_tokens, 64u);
+  EXPECT_EQ(out->tokens, hybrid_state::reference(tokens, 4));
+
+  const kd::kv_request req2{172, tokens};
+  auto t2 = wu->admit(req2, 4).value();
+  auto failed = wu->run_decode(req2, t2, 4);
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.code(), kvx::errc::not_found);
+  EXPECT_NE(failed.error().message().find("layer 1 state"), std::string::npos) << failed.error().message();
+  EXPECT_TRUE(wu->abort(t2, false));
+}
+
+TEST_F(ConnectorTest, HybridPushStateThatFailsToArriveIsRecomputedUnderBestEffortAndFailsUnderWaitUntil) {
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "xp", .role = connector_role::producer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* be = push_worker<kd::layouts::layer_first, kd::load::best_effort>(
+      {.name = "xbe", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  auto* wu = push_worker<kd::layouts::layer_first>({.name = "xwu", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 32});
+  const auto tokens = prompt(60, 28);
+
+  const kd::kv_request req{180, tokens};
+  auto t = be->admit(req, 4).value();
+  hybrid_state::break_state_destination(*link, req.id, 3);
+  auto pre = p->run_prefill(req);
+  ASSERT_FALSE(pre);
+  EXPECT_EQ(pre.code(), kvx::errc::unknown_segment);
+  auto out = be->run_decode(req, t, 4);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_TRUE(out->load.state_failed);
+  EXPECT_EQ(out->load.valid_tokens, 0u);
+  EXPECT_EQ(out->recomputed_tokens, 59u);
+  EXPECT_EQ(out->tokens, hybrid_state::reference(tokens, 4));
+
+  const kd::kv_request req2{181, tokens};
+  auto t2 = wu->admit(req2, 4).value();
+  hybrid_state::break_state_destination(*link, req2.id, 1);
+  ASSERT_FALSE(p->run_prefill(req2));
+  auto failed = wu->run_decode(req2, t2, 4);
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.code(), kvx::errc::unknown_segment);
+  EXPECT_NE(failed.error().message().find("layer 1 state"), std::string::npos) << failed.error().message();
+  EXPECT_TRUE(wu->abort(t2, false));
+}
+
+TEST_F(ConnectorTest, HybridMisuseGetsClearErrors) {
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "mhp", .role = connector_role::producer, .model = hybrid_state::hybrid(), .num_blocks = 16});
+  auto* d = push_worker<kd::layouts::layer_first>({.name = "mhd", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 16});
+  auto& pc = p->connector();
+  auto& dc = d->connector();
+  const auto tokens = prompt(40, 29);
+  const kd::kv_request req{190, tokens};
+  std::vector<std::uint32_t> dblocks{3, 4, 5};
+  auto no_slot = dc.update_state_after_alloc(req, dblocks, 39);
+  EXPECT_EQ(no_slot.code(), kvx::errc::out_of_range) << "a consumer of state needs a state slot";
+  EXPECT_NE(no_slot.error().message().find("state slot is not set"), std::string::npos) << no_slot.error().message();
+  kd::kv_sequence dseq;
+  dseq.block_table = dblocks;
+  dseq.state_slot = 99;
+  EXPECT_EQ(dc.update_state_after_alloc(req, dseq, 39).code(), kvx::errc::out_of_range) << "slot past the layout";
+  dseq.state_slot = 0;
+  EXPECT_EQ(dc.update_state_after_alloc(req, dseq, 32).code(), kvx::errc::invalid_argument)
+      << "push resumes from the last prompt token, where the producer's state is taken";
+  ASSERT_TRUE(dc.update_state_after_alloc(req, dseq, 39));
+
+  std::vector<std::uint32_t> pblocks{0, 1, 2};
+  kd::kv_sequence pseq;
+  pseq.block_table = pblocks;
+  pseq.state_slot = 0;
+  auto no_snapshot = pc.update_state_after_alloc(req, pseq, 0);
+  EXPECT_EQ(no_snapshot.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(no_snapshot.error().message().find("snapshot slot"), std::string::npos) << no_snapshot.error().message();
+  pseq.snapshot_slot = 1;
+  pseq.snapshot_at = 32;
+  auto wrong_at = pc.update_state_after_alloc(req, pseq, 0);
+  EXPECT_EQ(wrong_at.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(wrong_at.error().message().find("position 39"), std::string::npos) << wrong_at.error().message();
+  pseq.snapshot_at = 39;
+  ASSERT_TRUE(pc.update_state_after_alloc(req, pseq, 0));
+  EXPECT_TRUE(pc.request_finished(req.id));
+  EXPECT_TRUE(dc.request_finished(req.id));
+
+  // Pull: a hybrid load covers whole pool blocks.
+  add_pool_node("node-0");
+  auto* q = pull_worker<kd::layouts::layer_first>({.name = "mhq", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 16});
+  EXPECT_EQ(q->connector().update_state_after_alloc(req, dseq, 39).code(), kvx::errc::invalid_argument);
+
+  // A model with no attention layer at all is refused.
+  auto& e = add_local("state-only");
+  auto cfg = hybrid_state::hybrid();
+  cfg.kinds.assign(4, kd::layer_kind::recurrent);
+  auto l = kd::layouts::layer_first::make(cfg.shard_shape(), 4, 2).value();
+  std::vector<std::byte> mem(l.bytes_required());
+  using conn = kd::kv_connector<kd::layouts::layer_first, local_engine, kd::transfer_mode::push>;
+  auto refused = conn::make(e, {.name = "state-only", .role = connector_role::consumer}, {{l, mem}}, {link});
+  EXPECT_EQ(refused.code(), kvx::errc::not_supported);
+}

@@ -34,8 +34,23 @@
 //! into the engine's layout (`convert`), so a TP=2 prefill feeds a TP=1
 //! decode with other block sizes and another layout. Layouts must lay a
 //! block's layer out as `[K|V][token][head][dim]` (every built-in one does).
-//! Recurrent (state) layers are not transferred by the connector yet:
-//! `make` refuses such shapes with `errc::not_supported`.
+//!
+//! **Recurrent state** (hybrid attention / Mamba-style models, `kv_shape::kinds`)
+//! travels beside the paged KV, one object per (recurrent layer, shard). State
+//! cannot be rewound, so it is only valid at exactly the position it was
+//! computed at: the producer's engine leaves a copy of each recurrent layer's
+//! state at `state_snapshot_position` in a second state slot (`kv_sequence::
+//! snapshot_slot`), and that copy is what is sent. Push: the position is the
+//! last prompt token's (the consumer loads all tokens but the last, then
+//! computes it from the pushed state). Pull: the last full pool block before
+//! the last prompt token, saved as its own object keyed by that block's key;
+//! a pool hit of k blocks is only usable when the state after block k is in
+//! the pool (`get_num_new_matched_tokens` shrinks the hit to the longest such
+//! prefix). A state that fails to load, like any failed block of a hybrid
+//! model, leaves no usable prefix: `valid_tokens` is 0 (recompute) or the
+//! request fails (`fail` policies). Pass the slots with the `kv_sequence`
+//! overload of `update_state_after_alloc`. Staged loads (other TP or block
+//! size) convert state too (`convert` splits it like the heads).
 //!
 //! **Threads.** Scheduler and worker calls may come from any threads but
 //! never from a thread running the transfer engine's executor (they wait for
@@ -119,6 +134,7 @@ struct load_report {
   std::uint32_t valid_tokens = 0;            //!< leading tokens whose KV is in memory; recompute from here
   std::vector<std::uint32_t> failed_blocks;  //!< engine block ids whose load failed
   std::uint64_t bytes = 0;                   //!< bytes that arrived
+  bool state_failed = false;                 //!< a recurrent state did not arrive (hybrid models: then `valid_tokens` is 0)
   [[nodiscard]] bool complete() const noexcept { return valid_tokens == external_tokens; }
 };
 
@@ -171,8 +187,11 @@ class kv_connector {
       if (shards[i].layout.num_blocks() != shards[0].layout.num_blocks())
         return bad(errc::invalid_argument, "shards differ in num_blocks");
     }
-    if (shape.recurrent_layers() > 0)
-      return bad(errc::not_supported, "recurrent (state) layers are not transferred by the connector yet");
+    const bool hybrid = shape.recurrent_layers() > 0;
+    if (hybrid && shape.attention_layers() == 0)
+      return bad(errc::not_supported, "a model without attention layers (state only) is not transferred by the connector");
+    if (hybrid && shards[0].layout.state_slots() == 0)
+      return bad(errc::invalid_argument, "the model has recurrent layers but the layout has no state slots");
     KVX_TRY(detail::check_canonical_stream(shards[0].layout));
     const auto tp = static_cast<std::uint32_t>(shards.size());
     const std::uint32_t heads = shape.kv_heads * tp;
@@ -183,6 +202,14 @@ class kv_connector {
     kv_shape src_shape = shape;
     src_shape.kv_heads = heads / src_tp;
     src_shape.block_tokens = src_bt;
+    if (hybrid) {
+      // State is split over the shards like the heads (head-major).
+      const std::uint64_t total_state = shape.state_bytes * tp;
+      if (total_state % src_tp != 0 || shape.state_bytes % shape.kv_heads != 0)
+        return bad(errc::not_supported, "recurrent state of " + std::to_string(total_state) + " bytes per layer does not split over source_tp = " +
+                                            std::to_string(src_tp) + " head-major");
+      src_shape.state_bytes = total_state / src_tp;
+    }
     const bool produces = cfg.role != connector_role::consumer;
     const bool consumes = cfg.role != connector_role::producer;
     std::optional<cache::block_hasher> hasher;
@@ -210,7 +237,8 @@ class kv_connector {
       if (cfg.staging_blocks == 0)
         return bad(errc::invalid_argument, "the producers' shards (tp " + std::to_string(src_tp) + ", " + std::to_string(src_bt) +
                                                "-token blocks) differ from this instance's; set staging_blocks");
-      auto s = layouts::page_first::make(src_shape, cfg.staging_blocks);
+      // Staged state: one slot per source shard per request, at most one request per staging block.
+      auto s = layouts::page_first::make(src_shape, cfg.staging_blocks, hybrid ? cfg.staging_blocks : 0U);
       if (!s) return s.error();
       stage = std::move(*s);
     }
@@ -266,11 +294,30 @@ class kv_connector {
 
   // ---- scheduler side ---------------------------------------------------------
 
+  //! Where a producer's engine must leave a copy of each recurrent layer's
+  //! state (`kv_sequence::snapshot_at`, in `snapshot_slot`) for a prompt of
+  //! `prompt_tokens` of which `external_tokens` are loaded; 0 when no copy is
+  //! needed (no recurrent layers, a consumer-only connector, a prompt under two
+  //! tokens, or, pull, when the pool already holds the state at that position).
+  //! Push: `prompt_tokens - 1` (the consumer computes the last token itself);
+  //! pull: the end of the last pool block before the last prompt token.
+  [[nodiscard]] std::uint32_t state_snapshot_position(std::uint32_t prompt_tokens, std::uint32_t external_tokens) const noexcept {
+    if (shape_.recurrent_layers() == 0 || cfg_.role == connector_role::consumer || prompt_tokens < 2) return 0;
+    if constexpr (!Mode::pooled) {
+      return prompt_tokens - 1;
+    } else {
+      const std::uint32_t sbt = src_shape_.block_tokens;
+      const std::uint32_t at = (prompt_tokens - 1) / sbt * sbt;
+      return at > external_tokens ? at : 0U;
+    }
+  }
+
   //! Prompt tokens that will be loaded rather than computed: pull, the pool's
   //! longest cached prefix (whole blocks, at most all tokens but the last);
   //! push, on a consumer, all tokens but the last (the prefill instance sends
   //! them), on a producer 0. A pool failure is an error: serve the request
-  //! without the pool (treat it as 0).
+  //! without the pool (treat it as 0). Hybrid models, pull: whole pool blocks
+  //! only, and only as many as end where the pool holds a recurrent state.
   result<std::uint32_t> get_num_new_matched_tokens(const kv_request& req) {
     const auto n = static_cast<std::uint32_t>(req.tokens.size());
     if (n < 2) return 0U;
@@ -290,7 +337,14 @@ class kv_connector {
         return error{errc::timed_out, "kv_connector '" + cfg_.name + "': pool lookup for request " + std::to_string(req.id)};
       auto [ec, count] = f.get();
       if (ec) return error{ec, "kv_connector '" + cfg_.name + "': pool lookup for request " + std::to_string(req.id)};
-      return static_cast<std::uint32_t>(std::min<std::uint64_t>(std::uint64_t{count} * src_shape_.block_tokens, n - 1));
+      if (shape_.recurrent_layers() == 0)
+        return static_cast<std::uint32_t>(std::min<std::uint64_t>(std::uint64_t{count} * src_shape_.block_tokens, n - 1));
+      // Hybrid: k blocks are usable only with the state after block k.
+      const auto kmax = static_cast<std::uint32_t>(std::min<std::uint64_t>(count, (n - 1) / src_shape_.block_tokens));
+      if (kmax == 0) return 0U;
+      auto k = state_prefix(req.id, keys, kmax);
+      if (!k) return k.error();
+      return *k * src_shape_.block_tokens;
     }
   }
 
@@ -300,6 +354,18 @@ class kv_connector {
   //! takes it (the decode side allocates first).
   result<void> update_state_after_alloc(const kv_request& req, std::span<const std::uint32_t> blocks,
                                         std::uint32_t external_tokens) {
+    kv_sequence seq;
+    seq.block_table = blocks;
+    return update_state_after_alloc(req, seq, external_tokens);
+  }
+
+  //! The same, with the request's state slots (models with recurrent layers):
+  //! `seq.state_slot` is where a consumer's loaded state lands (the slot the
+  //! engine resumes from); a producer's engine leaves the state to send in
+  //! `seq.snapshot_slot` at `seq.snapshot_at`, which must equal
+  //! `state_snapshot_position(prompt, external_tokens)` when that is not 0.
+  result<void> update_state_after_alloc(const kv_request& req, const kv_sequence& seq, std::uint32_t external_tokens) {
+    const std::span<const std::uint32_t> blocks = seq.block_table;
     const auto n = static_cast<std::uint32_t>(req.tokens.size());
     auto who = [&] { return "kv_connector '" + cfg_.name + "': update_state_after_alloc(request " + std::to_string(req.id) + ")"; };
     if (n == 0) return error{errc::invalid_argument, who() + ": empty prompt"};
@@ -315,12 +381,42 @@ class kv_connector {
                                                std::to_string(n)};
     if (external_tokens > 0 && cfg_.role == connector_role::producer)
       return error{errc::invalid_argument, who() + ": a producer-only connector loads nothing"};
+    const std::uint32_t snapshot_at = state_snapshot_position(n, external_tokens);
+    if (shape_.recurrent_layers() > 0) {
+      const std::uint32_t slots = shards_[0].layout.state_slots();
+      if (external_tokens > 0 && seq.state_slot >= slots)
+        return error{errc::out_of_range, who() + ": the model has recurrent layers; the request's state slot " +
+                                             (seq.state_slot == no_state_slot ? std::string("is not set") : std::to_string(seq.state_slot) +
+                                                                                                               " is past the layout's " + std::to_string(slots))};
+      if constexpr (!Mode::pooled) {
+        if (external_tokens > 0 && external_tokens != n - 1)
+          return error{errc::invalid_argument, who() + ": with recurrent layers a push consumer loads all prompt tokens but the last (" +
+                                                   std::to_string(n - 1) + "), the position the producer's state is taken at, not " +
+                                                   std::to_string(external_tokens)};
+      } else {
+        if (external_tokens % src_shape_.block_tokens != 0)
+          return error{errc::invalid_argument, who() + ": with recurrent layers a pull load covers whole pool blocks (state is kept at block ends); " +
+                                                   std::to_string(external_tokens) + " tokens is not a multiple of " +
+                                                   std::to_string(src_shape_.block_tokens)};
+      }
+      if (snapshot_at > 0) {
+        if (seq.snapshot_slot >= slots || seq.snapshot_slot == seq.state_slot)
+          return error{errc::invalid_argument, who() + ": the model has recurrent layers; the producer needs a snapshot slot (kv_sequence::snapshot_slot, "
+                                                       "not the request's own state slot) where the engine leaves the state to send"};
+        if (seq.snapshot_at != snapshot_at)
+          return error{errc::invalid_argument, who() + ": the state snapshot must be taken at position " + std::to_string(snapshot_at) +
+                                                   " (state_snapshot_position), not " + std::to_string(seq.snapshot_at)};
+      }
+    }
 
     auto r = std::make_shared<request>();
     r->id = req.id;
     r->prompt = n;
     r->blocks.assign(blocks.begin(), blocks.end());
     r->external = external_tokens;
+    r->state_slot = seq.state_slot;
+    r->snapshot_slot = snapshot_at > 0 ? seq.snapshot_slot : no_state_slot;
+    r->snapshot_at = snapshot_at;
     r->saved.assign(shape_.layers, 0);
     r->pending.assign(shape_.layers, 0);
     r->converted.assign(shape_.layers, 0);
@@ -341,11 +437,17 @@ class kv_connector {
         if (stage_free_.size() < need)
           return error{errc::capacity_exceeded, who() + ": needs " + std::to_string(need) + " staging blocks, " +
                                                     std::to_string(stage_free_.size()) + " are free"};
+        const std::size_t need_state = shape_.recurrent_layers() > 0 ? src_tp_ : 0;
+        if (stage_state_free_.size() < need_state)
+          return error{errc::capacity_exceeded, who() + ": needs " + std::to_string(need_state) + " staging state slots, " +
+                                                    std::to_string(stage_state_free_.size()) + " are free"};
         r->stage.assign(stage_free_.end() - static_cast<std::ptrdiff_t>(need), stage_free_.end());
         stage_free_.resize(stage_free_.size() - need);
+        r->stage_state.assign(stage_state_free_.end() - static_cast<std::ptrdiff_t>(need_state), stage_state_free_.end());
+        stage_state_free_.resize(stage_state_free_.size() - need_state);
       }
       for (std::uint32_t l = 0; l < shape_.layers; ++l)
-        if (shape_.is_attention(l)) r->pending[l] = Mode::pooled ? r->nsrc * src_tp_ : 1;
+        r->pending[l] = !Mode::pooled ? 1 : shape_.is_attention(l) ? r->nsrc * src_tp_ : src_tp_;
       if constexpr (!Mode::pooled) {
         auto t = make_target(*r);
         if (auto ok = mode_.link->publish(t); !ok) {
@@ -411,7 +513,16 @@ class kv_connector {
     if constexpr (Mode::pooled) {
       std::vector<get_op> ops;
       for (std::uint32_t l = 0; l < shape_.layers; ++l) {
-        if (!shape_.is_attention(l)) continue;
+        if (!shape_.is_attention(l)) {
+          // The state after the last loaded block, one object per source shard.
+          for (std::uint32_t s = 0; s < src_tp_; ++s) {
+            std::byte* dst = direct_ ? shards_[s].memory.data() + shards_[s].layout.state_offset(r->state_slot, l)
+                                     : stage_mem_.data() + stage_->state_offset(r->stage_state[s], l);
+            ops.push_back({l, no_block, object_name(r->keys[r->nsrc - 1], l, s), std::span<std::byte>(dst, src_shape_.state_bytes),
+                           std::make_shared<asio::cancellation_signal>()});
+          }
+          continue;
+        }
         for (std::uint32_t i = 0; i < r->nsrc; ++i)
           for (std::uint32_t s = 0; s < src_tp_; ++s) {
             std::byte* dst = direct_ ? shards_[s].memory.data() + shards_[s].layout.block_layer_ranges(r->blocks[i], l)[0].offset
@@ -446,7 +557,7 @@ class kv_connector {
       return error{errc::invalid_argument, "kv_connector '" + cfg_.name + "': wait_for_layer_load without start_load_kv for request " +
                                                std::to_string(id)};
     if (layer >= shape_.layers) return error{errc::out_of_range, who() + ": the model has " + std::to_string(shape_.layers) + " layers"};
-    if (r->external == 0 || !shape_.is_attention(layer)) return {};
+    if (r->external == 0) return {};
     const bool fails = load_.on_missing() == missing_action::fail;
     const bool arrived = st_->cv.wait_until(lock, r->deadline, [&] { return r->pending[layer] == 0 || (fails && r->load_code); });
     if (!arrived) {
@@ -455,7 +566,10 @@ class kv_connector {
       } else {
         for (std::uint32_t l = 0; l < shape_.layers; ++l)
           if (r->pending[l] != 0) {
-            for (std::uint32_t i = 0; i < r->nsrc; ++i) mark_failed(*st_, *r, l, i, errc::timed_out, "");
+            if (shape_.is_attention(l))
+              for (std::uint32_t i = 0; i < r->nsrc; ++i) mark_failed(*st_, *r, l, i, errc::timed_out, "");
+            else
+              mark_failed(*st_, *r, l, no_block, errc::timed_out, "");
             r->pending[l] = 0;
           }
         r->load_code = make_error_code(errc::timed_out);
@@ -491,6 +605,7 @@ class kv_connector {
     rep.external_tokens = r.external;
     rep.valid_tokens = r.external;
     rep.bytes = r.load_bytes;
+    rep.state_failed = r.state_failed;
     const std::uint32_t sbt = src_shape_.block_tokens, bt = shape_.block_tokens;
     for (std::uint32_t i = 0; i < r.nsrc; ++i) {
       if (!r.src_failed[i]) continue;
@@ -501,6 +616,9 @@ class kv_connector {
       for (std::uint32_t b = begin / bt; b < (end + bt - 1) / bt; ++b)
         if (rep.failed_blocks.empty() || rep.failed_blocks.back() != r.blocks[b]) rep.failed_blocks.push_back(r.blocks[b]);
     }
+    // Hybrid models: the only state there is was taken at `external`; resuming
+    // anywhere before it needs the state there, which nobody has: start over.
+    if (shape_.recurrent_layers() > 0 && (r.state_failed || rep.valid_tokens < r.external)) rep.valid_tokens = 0;
     r.load_resolved = true;
     r.valid = rep.valid_tokens;
     release_stage(r);
@@ -527,7 +645,8 @@ class kv_connector {
     if (cfg_.role == connector_role::consumer) return error{errc::not_supported, who() + ": this connector is a consumer; it saves nothing"};
     if (layer >= shape_.layers) return error{errc::out_of_range, who() + ": the model has " + std::to_string(shape_.layers) + " layers"};
     if (r->saved[layer] == 1 || r->saved[layer] == 2) return error{errc::already_exists, who() + ": the layer was already saved"};
-    if (!shape_.is_attention(layer)) {
+    const bool state = !shape_.is_attention(layer);
+    if (state && r->snapshot_at == 0) {  // no state to send (attention-only model, or the pool holds it)
       r->saved[layer] = 2;
       return {};
     }
@@ -546,7 +665,23 @@ class kv_connector {
       transfer::batch b;
       b.deadline = cfg_.save_timeout;
       std::vector<std::uint32_t> op_block;
-      for (std::uint32_t s = 0; s < tp_; ++s)
+      for (std::uint32_t s = 0; s < tp_ && state; ++s) {
+        // The snapshot, into the destination of (shard, layer, block 0).
+        const auto& d = t.at(s, layer, 0);
+        const auto src = shards_[s].layout.state_layer_ranges(r->snapshot_slot, layer);
+        std::uint64_t want = 0;
+        for (const auto& x : d.ranges) want += x.bytes();
+        if (want != total_bytes(src)) {
+          r->saved[layer] = 0;
+          return error{errc::invalid_argument, who() + ": decode '" + t.node + "' expects " + std::to_string(want) +
+                                                   " state bytes per shard, this instance has " + std::to_string(total_bytes(src))};
+        }
+        detail::pair_streams(src, d.ranges, [&](std::uint64_t so, std::uint64_t dof, std::uint64_t n) {
+          b.write(std::span<const std::byte>(shards_[s].memory.data() + so, n), t.segments[d.segment], dof);
+          op_block.push_back(0);
+        });
+      }
+      for (std::uint32_t s = 0; s < tp_ && !state; ++s)
         for (std::uint32_t i = 0; i < t.source_blocks; ++i) {
           const auto& d = t.at(s, layer, i);
           detail::pair_streams(shards_[s].layout.block_layer_ranges(r->blocks[i], layer), d.ranges,
@@ -574,7 +709,11 @@ class kv_connector {
       });
     } else {
       std::vector<put_op> ops;
-      for (std::uint32_t i = r->save_skip; i < r->keys.size(); ++i)
+      for (std::uint32_t s = 0; s < tp_ && state; ++s)  // the state after block snapshot_at / block_tokens, keyed by that block
+        ops.push_back({object_name(r->keys[r->snapshot_at / src_shape_.block_tokens - 1], layer, s),
+                       std::span<const std::byte>(shards_[s].memory.data() + shards_[s].layout.state_offset(r->snapshot_slot, layer),
+                                                  shape_.state_bytes)});
+      for (std::uint32_t i = r->save_skip; i < r->keys.size() && !state; ++i)
         for (std::uint32_t s = 0; s < tp_; ++s) {
           const auto rg = shards_[s].layout.block_layer_ranges(r->blocks[i], layer);
           ops.push_back({object_name(r->keys[i], layer, s),
@@ -666,6 +805,11 @@ class kv_connector {
     bool load_started = false, load_resolved = false, published = false;
     std::uint32_t nsrc = 0;
     std::vector<std::uint32_t> stage;  // [shard * nsrc + block]
+    std::vector<std::uint32_t> stage_state;  // [shard]: staging state slots
+    std::uint32_t state_slot = no_state_slot;     // consumer: where the loaded state lands
+    std::uint32_t snapshot_slot = no_state_slot;  // producer: where the engine leaves the state to send
+    std::uint32_t snapshot_at = 0;                // ... taken at this position (0: none to send)
+    bool state_failed = false;
     std::vector<std::uint32_t> pending;
     std::vector<std::uint8_t> converted;
     std::vector<std::uint8_t> src_failed;
@@ -797,8 +941,11 @@ class kv_connector {
     if (stage_) {
       stage_mem_.assign(stage_->bytes_required(), std::byte{0});
       for (std::uint32_t b = stage_->num_blocks(); b-- > 0;) stage_free_.push_back(b);
+      for (std::uint32_t b = stage_->state_slots(); b-- > 0;) stage_state_free_.push_back(b);
     }
   }
+
+  static constexpr std::uint32_t no_block = UINT32_MAX;  // a failure of a layer's state, not of a block
 
   static std::uint32_t first_attention(const kv_shape& s) {
     std::uint32_t l = 0;
@@ -809,6 +956,54 @@ class kv_connector {
     std::uint32_t l = s.layers - 1;
     while (l > 0 && !s.is_attention(l)) --l;
     return l;
+  }
+  static std::uint32_t last_recurrent(const kv_shape& s) {
+    std::uint32_t l = s.layers - 1;
+    while (l > 0 && s.is_attention(l)) --l;
+    return l;
+  }
+
+  struct exists_batch {
+    std::vector<std::uint8_t> present;
+    std::size_t left = 0;
+    std::error_code first;
+    std::promise<void> done;
+  };
+  struct exists_done {
+    std::shared_ptr<exists_batch> b;
+    std::size_t i;
+    void operator()(std::error_code ec, bool present) const {  // runs on the (single-threaded) executor
+      if (ec && !b->first) b->first = ec;
+      b->present[i] = present && !ec ? 1 : 0;
+      if (--b->left == 0) b->done.set_value();
+    }
+  };
+  struct exists_call {
+    kv_connector* self;
+    std::shared_ptr<exists_batch> b;
+    std::vector<std::string> names;
+    void operator()() const {
+      for (std::size_t i = 0; i < names.size(); ++i)
+        self->mode_.store->async_exists(store::object_key{self->mode_.tenant, names[i]}, exists_done{b, i});
+    }
+  };
+  // Pull, hybrid: the most leading pool blocks k <= kmax whose state (after
+  // block k) is in the pool, all candidates asked at once (one round trip).
+  result<std::uint32_t> state_prefix(request_id id, const std::vector<cache::block_key>& keys, std::uint32_t kmax) {
+    auto b = std::make_shared<exists_batch>();
+    b->present.assign(kmax, 0);
+    b->left = kmax;
+    std::vector<std::string> names;
+    const std::uint32_t layer = last_recurrent(shape_);
+    for (std::uint32_t k = 1; k <= kmax; ++k) names.push_back(object_name(keys[k - 1], layer, src_tp_ - 1));
+    auto f = b->done.get_future();
+    asio::post(engine_.get_executor(), exists_call{this, b, std::move(names)});
+    if (f.wait_for(cfg_.control_timeout) != std::future_status::ready)
+      return error{errc::timed_out, "kv_connector '" + cfg_.name + "': pool state lookup for request " + std::to_string(id)};
+    if (b->first) return error{b->first, "kv_connector '" + cfg_.name + "': pool state lookup for request " + std::to_string(id)};
+    for (std::uint32_t k = kmax; k > 0; --k)
+      if (b->present[k - 1]) return k;
+    return 0U;
   }
   std::string object_name(const cache::block_key& k, std::uint32_t layer, std::uint32_t shard) const {
     return k.to_string() + "/l" + std::to_string(layer) + "/h" + std::to_string(shard * src_shape_.kv_heads);
@@ -825,9 +1020,13 @@ class kv_connector {
   void release_stage(request& r) {
     stage_free_.insert(stage_free_.end(), r.stage.begin(), r.stage.end());
     r.stage.clear();
+    stage_state_free_.insert(stage_state_free_.end(), r.stage_state.begin(), r.stage_state.end());
+    r.stage_state.clear();
   }
+  // `block` is a source block index, or `no_block` for the layer's state.
   static void mark_failed(shared_state& st, request& r, std::uint32_t layer, std::uint32_t block, std::error_code ec,
                           const std::string& context) {
+    if (block == no_block) r.state_failed = true;
     if (block < r.src_failed.size() && !r.src_failed[block]) {
       r.src_failed[block] = 1;
       ++st.stats.failed_blocks;
@@ -835,7 +1034,8 @@ class kv_connector {
     r.first_failed_layer = std::min(r.first_failed_layer, layer);
     if (!r.load_code) {
       r.load_code = ec;
-      r.load_context = "layer " + std::to_string(layer) + " block " + std::to_string(block) + (context.empty() ? "" : ": " + context);
+      r.load_context = "layer " + std::to_string(layer) + (block == no_block ? std::string(" state") : " block " + std::to_string(block)) +
+                       (context.empty() ? "" : ": " + context);
     }
   }
   void begin_save(request& r) {
@@ -901,12 +1101,19 @@ class kv_connector {
         for (std::uint32_t i = 0; i < r.nsrc; ++i) {
           auto& d = t->destinations.emplace_back();
           d.segment = direct_ ? s : 0;
+          // A recurrent layer's state goes into the destination of its block 0 (the other blocks have none).
+          const bool state = !shape_.is_attention(l);
+          if (state && i > 0) continue;
           // Element by element: moving a small_vector trips GCC 12's -Wstringop-overread at -O2.
-          for (const auto& x : direct_ ? shards_[s].layout.block_layer_ranges(r.blocks[i], l)
-                                       : stage_->block_layer_ranges(r.stage[s * r.nsrc + i], l))
+          for (const auto& x : state ? (direct_ ? shards_[s].layout.state_layer_ranges(r.state_slot, l)
+                                                : stage_->state_layer_ranges(r.stage_state[s], l))
+                                     : direct_ ? shards_[s].layout.block_layer_ranges(r.blocks[i], l)
+                                               : stage_->block_layer_ranges(r.stage[s * r.nsrc + i], l))
             d.ranges.push_back(x);
         }
-    t->notify = [weak = std::weak_ptr<shared_state>(st_)](const push_notice& n) {
+    std::vector<std::uint8_t> recurrent(shape_.layers);
+    for (std::uint32_t l = 0; l < shape_.layers; ++l) recurrent[l] = shape_.is_attention(l) ? 0 : 1;
+    t->notify = [weak = std::weak_ptr<shared_state>(st_), recurrent = std::move(recurrent)](const push_notice& n) {
       auto st = weak.lock();
       if (!st) return;
       std::lock_guard lock(st->mu);
@@ -917,7 +1124,9 @@ class kv_connector {
         return;
       }
       auto& r = *it->second;
-      if (n.code) {
+      if (n.code && recurrent[n.layer]) {
+        mark_failed(*st, r, n.layer, no_block, n.code, n.context);
+      } else if (n.code) {
         if (n.failed_blocks.empty())
           for (std::uint32_t i = 0; i < r.nsrc; ++i) mark_failed(*st, r, n.layer, i, n.code, n.context);
         for (auto i : n.failed_blocks) mark_failed(*st, r, n.layer, i, n.code, n.context);
@@ -932,17 +1141,23 @@ class kv_connector {
 
   // Staged loads: one layer from the producer-shaped staging blocks into the engine's layout.
   result<void> convert_layer(const request& r, std::uint32_t layer) {
+    const bool state = !shape_.is_attention(layer);
     std::vector<std::vector<std::uint32_t>> tables(src_tp_);
     std::vector<kv_source<layouts::page_first>> src;
     for (std::uint32_t s = 0; s < src_tp_; ++s) {
       tables[s].assign(r.stage.begin() + std::ptrdiff_t{s} * r.nsrc, r.stage.begin() + std::ptrdiff_t{s + 1} * r.nsrc);
-      src.push_back({&*stage_, stage_mem_, tables[s], s * src_shape_.kv_heads, no_state_slot});
+      src.push_back({&*stage_, stage_mem_, tables[s], s * src_shape_.kv_heads, state ? r.stage_state[s] : no_state_slot});
     }
     std::vector<kv_target<Layout>> dst;
-    for (std::uint32_t s = 0; s < tp_; ++s) dst.push_back({&shards_[s].layout, shards_[s].memory, r.blocks, s * shape_.kv_heads, no_state_slot});
+    for (std::uint32_t s = 0; s < tp_; ++s)
+      dst.push_back({&shards_[s].layout, shards_[s].memory, r.blocks, s * shape_.kv_heads, state ? r.state_slot : no_state_slot});
+    convert_options opt;
+    opt.layer_begin = layer;
+    opt.layer_end = layer + 1;
+    opt.copy_kv = !state;
+    opt.copy_state = state;
     auto done = convert<layouts::page_first, Layout>(std::span<const kv_source<layouts::page_first>>(src),
-                                                     std::span<const kv_target<Layout>>(dst), token_range{0, r.external},
-                                                     convert_options{.layer_begin = layer, .layer_end = layer + 1, .copy_state = false});
+                                                     std::span<const kv_target<Layout>>(dst), token_range{0, r.external}, opt);
     if (!done) return error{done.code(), "kv_connector '" + cfg_.name + "': converting layer " + std::to_string(layer) + ": " + done.error().message()};
     return {};
   }
@@ -960,6 +1175,7 @@ class kv_connector {
   std::optional<layouts::page_first> stage_;
   std::vector<std::byte> stage_mem_;
   std::vector<std::uint32_t> stage_free_;  // guarded by st_->mu
+  std::vector<std::uint32_t> stage_state_free_;  // guarded by st_->mu
   std::optional<cache::block_hasher> hasher_;
   std::shared_ptr<shared_state> st_;
   std::vector<std::string> registered_;

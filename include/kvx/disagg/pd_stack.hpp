@@ -5,14 +5,17 @@
 //! example of docs/disagg-guide.md and what the P/D demo and the connector
 //! tests run; a real engine puts the same calls in its own scheduler.
 //!
-//! - `block_allocator`: the engine's free list of KV blocks (thread-safe).
+//! - `block_allocator`: the engine's free list of KV blocks (thread-safe);
+//!   also the free list of recurrent-state slots for hybrid models.
 //! - `tiny_worker<Layout, Engine, Mode, Load>`: one instance (its TP shards,
 //!   its block pool, its registered memory, its connector).
 //!   - `run_prefill(req)` (producer): asks the connector how much is cached,
 //!     allocates, loads the cached prefix layer by layer while computing the
 //!     rest, saves each layer as soon as it is computed (layer-wise
 //!     streaming), waits for the saves, frees. A failed load under a
-//!     `recompute` policy re-runs from the valid prefix.
+//!     `recompute` policy re-runs from the valid prefix. Hybrid models: the
+//!     request gets a state slot and a snapshot slot, where the engine leaves
+//!     the state at `state_snapshot_position` for the connector to send.
 //!   - `admit(req, max_new)` then `run_decode(req, ticket, n)` (consumer):
 //!     admitting allocates the blocks (push: and publishes where the prefill
 //!     instance must write); running waits per layer, computes the last prompt
@@ -87,6 +90,9 @@ struct worker_config {
   std::uint32_t source_block_tokens = 0;
   std::uint32_t staging_blocks = 0;
   std::chrono::steady_clock::duration save_timeout = std::chrono::seconds(30);
+  //! Recurrent-state slots per shard (models with recurrent layers; 0: 16).
+  //! A prefill request holds two (its state and the snapshot it sends), a decode request one.
+  std::uint32_t state_slots = 0;
 };
 
 //! What a prefill run did.
@@ -104,6 +110,7 @@ struct decode_ticket {
   request_id id = 0;
   std::vector<std::uint32_t> blocks;
   std::uint32_t external_tokens = 0;
+  std::uint32_t state_slot = no_state_slot;  //!< hybrid models: where the request's recurrent state lives
 };
 
 //! What a decode run did.
@@ -125,12 +132,16 @@ class tiny_worker {
   //! Builds the instance (layouts, memory, engine, connector) and registers
   //! its memory. Blocks up to the connector's control timeout.
   static result<std::unique_ptr<tiny_worker>> make(Engine& engine, worker_config cfg, Mode mode, Load load = {}) {
-    std::unique_ptr<tiny_worker> w(new tiny_worker(cfg));
     KVX_TRY(cfg.model.validate());
+    if (cfg.model.shard_shape().recurrent_layers() == 0)
+      cfg.state_slots = 0;
+    else if (cfg.state_slots == 0)
+      cfg.state_slots = 16;
+    std::unique_ptr<tiny_worker> w(new tiny_worker(cfg));
     std::vector<kv_shard<Layout>> shards;
     w->memory_.reserve(cfg.model.tp);
     for (std::uint32_t r = 0; r < cfg.model.tp; ++r) {
-      auto l = Layout::make(cfg.model.shard_shape(), cfg.num_blocks);
+      auto l = Layout::make(cfg.model.shard_shape(), cfg.num_blocks, cfg.state_slots);
       if (!l) return l.error();
       w->memory_.emplace_back(l->bytes_required(), std::byte{0});
       shards.push_back({*l, w->memory_.back()});
@@ -154,6 +165,7 @@ class tiny_worker {
   [[nodiscard]] connector_type& connector() noexcept { return *conn_; }
   [[nodiscard]] const tiny_engine<Layout>& model() const noexcept { return *engine_; }
   [[nodiscard]] block_allocator& blocks() noexcept { return alloc_; }
+  [[nodiscard]] block_allocator& state_slots() noexcept { return state_alloc_; }
   [[nodiscard]] const worker_config& config() const noexcept { return cfg_; }
 
   //! Producer: compute the prompt (loading what the pool holds), save it layer by layer.
@@ -162,20 +174,27 @@ class tiny_worker {
     auto matched = conn_->get_num_new_matched_tokens(req);
     if (!matched) return matched.error();
     const auto n = static_cast<std::uint32_t>(req.tokens.size());
-    auto blocks = alloc_.allocate(blocks_for(n));
-    if (!blocks) return blocks.error();
+    // Hybrid models: the request's state slot, and the slot the engine leaves the state to send in.
+    const std::uint32_t snapshot_at = conn_->state_snapshot_position(n, *matched);
+    auto a = allocate(n, snapshot_at > 0 ? 2U : 1U);
+    if (!a) return a.error();
+    kv_sequence seq = a->sequence();
+    if (snapshot_at > 0) {
+      seq.snapshot_slot = a->slots[1];
+      seq.snapshot_at = snapshot_at;
+    }
+    auto release = [&] { free(*a); };
     auto fail = [&](const kvx::error& e) -> result<prefill_outcome> {
       (void)conn_->wait_for_save(req.id);  // nothing may still read the blocks we free
-      if (conn_->request_finished(req.id)) alloc_.free(*blocks);
+      if (conn_->request_finished(req.id)) release();
       return e;
     };
-    if (auto ok = conn_->update_state_after_alloc(req, *blocks, *matched); !ok) {
-      alloc_.free(*blocks);
+    if (auto ok = conn_->update_state_after_alloc(req, seq, *matched); !ok) {
+      release();
       return ok.error();
     }
     out.cached_tokens = *matched;
     if (auto ok = conn_->start_load_kv(req.id); !ok) return fail(ok.error());
-    const kv_sequence seq{*blocks};
     const auto t0 = clock::now();
     auto first = engine_->prefill(req.tokens, seq, *matched, conn_->hooks(req.id));
     if (!first)
@@ -198,7 +217,7 @@ class tiny_worker {
     out.saved = *saved;
     out.save_tail_s = std::max(0.0, std::chrono::duration<double>(saved->last_end - t1).count());
     KVX_TRY(conn_->request_finished(req.id));
-    alloc_.free(*blocks);
+    release();
     return out;
   }
 
@@ -208,13 +227,14 @@ class tiny_worker {
     auto matched = conn_->get_num_new_matched_tokens(req);
     if (!matched) return matched.error();
     const auto n = static_cast<std::uint32_t>(req.tokens.size());
-    auto blocks = alloc_.allocate(blocks_for(n + max_new));
-    if (!blocks) return blocks.error();
-    if (auto ok = conn_->update_state_after_alloc(req, *blocks, *matched); !ok) {
-      alloc_.free(*blocks);
+    auto a = allocate(n + max_new, 1);
+    if (!a) return a.error();
+    const kv_sequence seq = a->sequence();
+    if (auto ok = conn_->update_state_after_alloc(req, seq, *matched); !ok) {
+      free(*a);
       return ok.error();
     }
-    return decode_ticket{req.id, std::move(*blocks), *matched};
+    return decode_ticket{req.id, std::move(a->blocks), *matched, seq.state_slot};
   }
 
   //! Consumer: wait for the KV layer by layer while computing the prompt's
@@ -223,7 +243,9 @@ class tiny_worker {
   result<decode_outcome> run_decode(const kv_request& req, const decode_ticket& t, std::uint32_t n) {
     decode_outcome out;
     KVX_TRY(conn_->start_load_kv(req.id));
-    const kv_sequence seq{t.blocks};
+    kv_sequence seq;
+    seq.block_table = t.blocks;
+    seq.state_slot = t.state_slot;
     const auto t0 = clock::now();
     auto first = engine_->prefill(req.tokens, seq, t.external_tokens, conn_->hooks(req.id));
     if (!first) {
@@ -253,26 +275,60 @@ class tiny_worker {
     }
     if (n > 1) out.tpot_s = std::chrono::duration<double>(clock::now() - t1).count() / (n - 1);
     KVX_TRY(conn_->request_finished(req.id));
-    alloc_.free(t.blocks);
+    release(t);
     return out;
   }
 
-  //! Gives up on an admitted request. `quarantine` keeps its blocks out of
-  //! the free list: a push producer that stopped answering may still write them.
+  //! Gives up on an admitted request. `quarantine` keeps its blocks (and
+  //! state slot) out of the free lists: a push producer that stopped
+  //! answering may still write them.
   result<void> abort(const decode_ticket& t, bool quarantine) {
     KVX_TRY(conn_->request_finished(t.id));
-    if (!quarantine) alloc_.free(t.blocks);
+    if (!quarantine) release(t);
     return {};
   }
 
  private:
-  explicit tiny_worker(const worker_config& cfg) : cfg_(cfg), alloc_(cfg.num_blocks) {}
+  explicit tiny_worker(const worker_config& cfg) : cfg_(cfg), alloc_(cfg.num_blocks), state_alloc_(cfg.state_slots) {}
+  struct allocation {
+    std::vector<std::uint32_t> blocks;
+    std::vector<std::uint32_t> slots;  // state slots (none for attention-only models)
+    [[nodiscard]] kv_sequence sequence() const {
+      kv_sequence seq;
+      seq.block_table = blocks;
+      if (!slots.empty()) seq.state_slot = slots[0];
+      return seq;
+    }
+  };
+  // Blocks for `tokens` tokens and, for hybrid models, `slots` state slots.
+  result<allocation> allocate(std::uint32_t tokens, std::uint32_t slots) {
+    auto b = alloc_.allocate(blocks_for(tokens));
+    if (!b) return b.error();
+    auto s = state_alloc_.allocate(cfg_.state_slots == 0 ? 0U : slots);
+    if (!s) {
+      alloc_.free(*b);
+      return s.error();
+    }
+    return allocation{std::move(*b), std::move(*s)};
+  }
+  void free(const allocation& a) {
+    alloc_.free(a.blocks);
+    state_alloc_.free(a.slots);
+  }
+  void release(const decode_ticket& t) {
+    alloc_.free(t.blocks);
+    if (t.state_slot != no_state_slot) {
+      const std::uint32_t one[1] = {t.state_slot};
+      state_alloc_.free(one);
+    }
+  }
   [[nodiscard]] std::uint32_t blocks_for(std::uint32_t tokens) const {
     return (tokens + cfg_.model.block_tokens - 1) / cfg_.model.block_tokens;
   }
 
   worker_config cfg_;
   block_allocator alloc_;
+  block_allocator state_alloc_;
   std::vector<std::vector<std::byte>> memory_;
   std::optional<tiny_engine<Layout>> engine_;
   std::unique_ptr<connector_type> conn_;

@@ -116,9 +116,19 @@ struct kv_shard {
 
 //! The blocks and state slot of one request (shared by all shards, as TP
 //! ranks share block ids).
+//!
+//! Recurrent state cannot be rewound, so a consumer that resumes from a
+//! position other than the end of the prompt needs the state *at* that
+//! position. `snapshot_slot` / `snapshot_at` ask the engine for it: while a
+//! step runs through position `snapshot_at` (tokens processed, in
+//! `[begin, end]` of the step), each recurrent layer leaves a copy of its
+//! state there in `snapshot_slot`, before `after_layer` runs (a real engine
+//! does the same with the intermediate states its chunked scan computes).
 struct kv_sequence {
   std::span<const std::uint32_t> block_table{};
   std::uint32_t state_slot = no_state_slot;
+  std::uint32_t snapshot_slot = no_state_slot;  //!< where to copy each recurrent layer's state at `snapshot_at` (none: no copy)
+  std::uint32_t snapshot_at = 0;                //!< tokens processed when the copy is taken
 };
 
 //! Where a connector joins the forward pass (vLLM's `wait_for_layer_load` and
@@ -282,6 +292,16 @@ class tiny_engine {
       return error{errc::out_of_range, "tiny_engine: the model has recurrent layers and the request's state slot " +
                                            (seq.state_slot == no_state_slot ? std::string("is not set")
                                                                             : std::to_string(seq.state_slot) + " is out of range")};
+    if (shape.recurrent_layers() > 0 && seq.snapshot_slot != no_state_slot) {
+      if (seq.snapshot_slot >= shards_[0].layout.state_slots() || seq.snapshot_slot == seq.state_slot)
+        return error{errc::out_of_range, "tiny_engine: snapshot slot " + std::to_string(seq.snapshot_slot) +
+                                             " is out of range or the request's own state slot"};
+      const std::uint32_t begin = end - static_cast<std::uint32_t>(tokens.size());
+      if (seq.snapshot_at < begin || seq.snapshot_at > end)
+        return error{errc::invalid_argument, "tiny_engine: a state snapshot at position " + std::to_string(seq.snapshot_at) +
+                                                 " lies outside the step's positions [" + std::to_string(begin) + ", " +
+                                                 std::to_string(end) + "]"};
+    }
     return {};
   }
 
@@ -315,10 +335,10 @@ class tiny_engine {
     }
   }
   // State of recurrent layer `layer`: shard s holds elements [s * sdim / tp, (s + 1) * sdim / tp).
-  void state_io(std::uint32_t layer, const kv_sequence& seq, float* s, bool write) const {
+  void state_io(std::uint32_t layer, std::uint32_t slot, float* s, bool write) const {
     const std::uint32_t per = cfg_.state_dim / cfg_.tp;
     for (std::uint32_t i = 0; i < cfg_.tp; ++i) {
-      std::byte* p = shards_[i].memory.data() + shards_[i].layout.state_offset(seq.state_slot, layer);
+      std::byte* p = shards_[i].memory.data() + shards_[i].layout.state_offset(slot, layer);
       if (write)
         std::memcpy(p, s + std::size_t{i} * per, std::size_t{per} * 4);
       else
@@ -445,7 +465,9 @@ class tiny_engine {
         const auto& w = rec_[layer];
         const std::uint32_t sd = cfg_.state_dim;
         std::vector<float> s(sd, 0.0F), u(sd);
-        if (begin > 0) state_io(layer, seq, s.data(), false);
+        if (begin > 0) state_io(layer, seq.state_slot, s.data(), false);
+        const bool snap = seq.snapshot_slot != no_state_slot;
+        if (snap && seq.snapshot_at == begin) state_io(layer, seq.snapshot_slot, s.data(), true);
         for (std::uint32_t i = 0; i < n; ++i) {
           // The last position's digest covers the state it starts from, which
           // is the same bytes whether it was read from memory or just computed.
@@ -454,11 +476,12 @@ class tiny_engine {
           rmsnorm(hi, t1.data(), d);
           matvec(w.win, t1.data(), u.data(), sd, d);
           for (std::uint32_t e = 0; e < sd; ++e) s[e] = w.decay[e] * s[e] + (1.0F - w.decay[e]) * std::tanh(u[e]);
+          if (snap && seq.snapshot_at == begin + i + 1) state_io(layer, seq.snapshot_slot, s.data(), true);
           matvec(w.wout, s.data(), t1.data(), d, sd);
           for (std::uint32_t e = 0; e < d; ++e) hi[e] += t1[e];
           mlp(w.w1, w.w2, hi, t1, t2);
         }
-        state_io(layer, seq, s.data(), true);
+        state_io(layer, seq.state_slot, s.data(), true);
       }
       if (hooks.after_layer) hooks.after_layer(layer);
     }
