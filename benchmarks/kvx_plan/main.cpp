@@ -7,12 +7,17 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -21,6 +26,7 @@
 #include <kvx/disagg/planner/block_cache.hpp>
 #include <kvx/disagg/planner/deployment.hpp>
 #include <kvx/disagg/planner/hardware.hpp>
+#include <kvx/disagg/planner/links.hpp>
 #include <kvx/disagg/planner/measure.hpp>
 #include <kvx/disagg/planner/model_shape.hpp>
 #include <kvx/disagg/planner/search.hpp>
@@ -49,12 +55,21 @@ Inputs
   --block-tokens N        tokens per hash id (default 512)
   --time-scale X          replay arrivals X times faster (default 1)
   --max-requests N        use the first N requests only
+  --token-scale X         multiply prompt and output lengths and --block-tokens by X (0.03125 turns
+                          the trace's 512-token blocks into 16-token ones, as kvx_pd_demo's default
+                          --tokens-per-hash 16 does, for kvx's tiny engine)
   --model M               a preset (llama-3-8b, llama-3-70b, llama-3-405b, qwen2.5-32b,
                           qwen2.5-72b, mistral-7b, tiny) or a JSON file
   --hardware H            a preset in the presets folder (h100x8, h200x8, a100x8) or a JSON
                           file: per-instance cost model, links and prices (docs/planner.md)
   --measure               take the cost model from kvx's tiny engine measured on this
                           machine instead (use with --model tiny)
+  --links-from FILE       link speeds measured by kvx's benchmarks, replacing the hardware's:
+                          transfer_bench --json output (ucx, tcp or shm: the network; local: the
+                          pool's DRAM tier) and file_tier_bench --json output (the pool's SSD tier);
+                          one object, an array, or one object per line; repeat for several files
+  --network-transport T   which measured transport is the network (ucx, tcp, shm; default: the
+                          first of those measured)
   --max-batch N           override the decode batch limit
 
 SLOs (a rejected request counts as infinitely late)
@@ -90,6 +105,20 @@ Validation
   --validate-tiny         run kvx's tiny engine for real on a small workload (one prefill and one
                           decode instance, FIFO) and compare its TTFT and TPOT with the planner's
                           prediction from the measured cost model
+  --validate-demo REPORT  compare with what kvx_pd_demo measured (its --json REPORT): the same trace
+                          slice, token scaling, closed-loop concurrency and instance counts,
+                          simulated with the tiny engine's measured speed on instances that share
+                          this machine's cores; exits 1 unless the mean and p90 TTFT and the mean
+                          TPOT of the push and pull modes are within 25% of the demo's
+  --demo-skip N, --demo-requests N, --demo-tokens-per-hash K, --demo-max-prompt T,
+  --demo-max-output T, --demo-concurrency C, --demo-prefill N, --demo-decode M
+                          the demo options the report was made with (defaults: the demo's own:
+                          0, 32, 16, 320, 8, 4, 2, 2); --trace is the demo's --trace (default
+                          /work/shared/traces/conversation_trace.jsonl)
+  --demo-binary PATH      run kvx_pd_demo (PATH) with those options first, writing REPORT, and measure
+                          the CPU other processes use meanwhile
+  --cores N               cores the demo's instances share (default: this machine's cores less what
+                          other processes used during the demo, or over 2 s now without --demo-binary)
   --help                  this text
 )";
 
@@ -316,15 +345,328 @@ int validate_tiny(bool quiet, const std::string& json_path) {
   return ok ? 0 : 1;
 }
 
+// --links-from: every file's measurements, the figures chosen for `model`.
+struct links_used {
+  kp::link_figures figures;
+  json as_json = json::object();
+};
+
+links_used load_links(const std::vector<std::string>& files, const std::string& network_transport,
+                      const kp::model_shape& model, std::uint32_t block_tokens) {
+  links_used out;
+  if (files.empty()) {
+    if (!network_transport.empty()) die("--network-transport needs --links-from");
+    return out;
+  }
+  std::vector<kp::link_measurement> all;
+  for (const auto& f : files) {
+    std::ifstream in(f);
+    if (!in) die("--links-from: cannot open '" + f + "'");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    auto m = kp::read_link_measurements(ss.str(), f);
+    if (!m) die("--links-from: " + m.error().message());
+    all.insert(all.end(), m->begin(), m->end());
+  }
+  auto chosen = kp::choose_links(all, static_cast<double>(model.kv_bytes_per_token()) * block_tokens, network_transport);
+  if (!chosen) die("--links-from: " + chosen.error().message());
+  out.figures = *chosen;
+  auto one = [&](const char* what, const std::optional<kp::link_measurement>& m) {
+    if (!m) return;
+    out.as_json[what] = {{"gb_s", m->bytes_per_s / 1e9}, {"from", m->describe()}};
+    std::cerr << "kvx-plan: " << what << " link from " << m->describe() << "\n";
+  };
+  one("network", chosen->network);
+  one("dram", chosen->dram);
+  one("ssd", chosen->ssd);
+  return out;
+}
+
+// --validate-demo: the options kvx_pd_demo ran with (its defaults).
+struct demo_options {
+  std::string trace = "/work/shared/traces/conversation_trace.jsonl";
+  double skip = 0, requests = 32, tokens_per_hash = 16, max_prompt = 320, max_output = 8, concurrency = 4,
+         prefill = 2, decode = 2, cores = 0;
+  std::string binary;  // run kvx_pd_demo first, measuring the CPU others used meanwhile
+};
+
+// CPU seconds every core of this machine has spent busy since boot (/proc/stat).
+double machine_busy_s() {
+  std::ifstream in("/proc/stat");
+  std::string cpu;
+  double user = 0, nice = 0, sys = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
+  if (!(in >> cpu >> user >> nice >> sys >> idle >> iowait >> irq >> softirq >> steal) || cpu != "cpu")
+    die("cannot read /proc/stat to measure the CPU load");
+  return (user + nice + sys + irq + softirq + steal) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+double children_cpu_s() {
+  rusage ru{};
+  ::getrusage(RUSAGE_CHILDREN, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+std::string quoted(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+// The demo's percentile: linear interpolation between order statistics.
+double interp_percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double pos = p * static_cast<double>(v.size() - 1);
+  const auto i = static_cast<std::size_t>(pos);
+  const double f = pos - static_cast<double>(i);
+  return i + 1 < v.size() ? v[i] * (1 - f) + v[i + 1] * f : v[i];
+}
+
+double mean_of(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return v.empty() ? 0.0 : s / static_cast<double>(v.size());
+}
+
+std::uint32_t whole(double v, const char* what, double lo) {
+  if (v != std::floor(v) || v < lo || v > 1e9) die(std::string(what) + " must be a whole number >= " + std::to_string(static_cast<int>(lo)));
+  return static_cast<std::uint32_t>(v);
+}
+
+int validate_demo(const std::string& report_path, const demo_options& o, const std::vector<std::string>& link_files,
+                  const std::string& network_transport, const std::string& json_path) {
+  const std::uint32_t K = whole(o.tokens_per_hash, "--demo-tokens-per-hash", 1);
+  const std::uint32_t max_prompt = whole(o.max_prompt, "--demo-max-prompt", 2);
+  const std::uint32_t max_output = whole(o.max_output, "--demo-max-output", 1);
+  const std::uint32_t C = whole(o.concurrency, "--demo-concurrency", 1);
+  const std::uint32_t P = whole(o.prefill, "--demo-prefill", 1), D = whole(o.decode, "--demo-decode", 1);
+  const std::size_t skip = whole(o.skip, "--demo-skip", 0), nreq = whole(o.requests, "--demo-requests", 1);
+  const double machine_cores = std::max(1U, std::thread::hardware_concurrency());
+  double cores = o.cores;
+  std::string cores_from = "--cores";
+  json cpu_json = json::object();
+  if (!o.binary.empty()) {
+    // Run the demo, and measure what the rest of the machine used meanwhile:
+    // its instances share the cores left.
+    auto fmt = [](double v) { return std::to_string(static_cast<std::uint64_t>(v)); };
+    const std::string cmd = quoted(o.binary) + " --quiet --json " + quoted(report_path) + " --trace " + quoted(o.trace) +
+                            " --skip " + fmt(o.skip) + " --requests " + fmt(o.requests) + " --prefill " + fmt(o.prefill) +
+                            " --decode " + fmt(o.decode) + " --tokens-per-hash " + fmt(o.tokens_per_hash) +
+                            " --max-prompt " + fmt(o.max_prompt) + " --max-output " + fmt(o.max_output) +
+                            " --concurrency " + fmt(o.concurrency) + " --modes push,pull";
+    std::printf("running: %s\n", cmd.c_str());
+    std::fflush(stdout);
+    const double busy0 = machine_busy_s(), own0 = children_cpu_s();
+    const auto t0 = std::chrono::steady_clock::now();
+    const int rc = std::system(cmd.c_str());
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double busy = machine_busy_s() - busy0, own = children_cpu_s() - own0;
+    if (rc != 0) die("kvx_pd_demo exited with status " + std::to_string(rc));
+    const double others = std::max(0.0, busy - own) / wall;
+    cpu_json = {{"wall_s", wall}, {"demo_cores", own / wall}, {"other_processes_cores", others}};
+    std::printf("during the demo (%.1f s): the demo used %.2f cores, other processes %.2f of %g\n", wall, own / wall,
+                others, machine_cores);
+    if (cores <= 0) {
+      cores = std::max(0.25, machine_cores - others);
+      cores_from = "the cores other processes left free during the demo";
+    }
+  } else if (cores <= 0) {
+    const double busy0 = machine_busy_s();
+    const auto t0 = std::chrono::steady_clock::now();
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    const double others = (machine_busy_s() - busy0) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    cores = std::max(0.25, machine_cores - others);
+    cores_from = "the cores other processes leave free now (not during the demo: --demo-binary measures that)";
+    cpu_json = {{"other_processes_cores_now", others}};
+  }
+
+  // The report, and that it was made from this trace slice.
+  const json report = read_json_file(report_path);
+  if (!report.is_object() || !report.contains("source") || !report["source"].is_string() || !report.contains("modes") ||
+      !report["modes"].is_array())
+    die(report_path + ": not a kvx_pd_demo --json report (needs 'source' and 'modes')");
+  const std::string source = report["source"].get<std::string>();
+  const std::string lines = " (lines " + std::to_string(skip + 1) + "..)";
+  const std::string expected = o.trace + lines;
+  bool same = source == expected;
+  if (!same && source.size() > lines.size() && source.ends_with(lines)) {
+    // The same file named another way (relative, or another checkout's copy).
+    namespace fs = std::filesystem;
+    const fs::path a = source.substr(0, source.size() - lines.size()), b = o.trace;
+    std::error_code ec;
+    same = fs::equivalent(a, b, ec) || (!fs::exists(a, ec) && a.filename() == b.filename());
+  }
+  if (!same)
+    die(report_path + ": the demo replayed '" + source + "', not '" + expected +
+        "' (give the demo's --trace and --demo-skip; the built-in synthetic workload cannot be compared)");
+
+  // The demo's workload (examples/pd_demo/common.hpp, trace_workload): each
+  // 512-token hash block becomes K tokens, prompts clamped to [2, max_prompt],
+  // outputs to [1, max_output]; 16-token KV blocks.
+  auto trace = kvx::cache::read_trace(o.trace);
+  if (!trace) die(trace.error().message());
+  if (trace->size() <= skip) die(o.trace + ": no requests after --demo-skip " + std::to_string(skip));
+  constexpr std::uint32_t block = 16;
+  std::vector<kvx::cache::trace_request> slice;
+  std::vector<std::uint32_t> outputs;
+  for (std::size_t i = skip; i < trace->size() && slice.size() < nreq; ++i) {
+    const auto& t = (*trace)[i];
+    const std::uint64_t from_ids = t.hash_ids.size() * std::uint64_t{K};
+    const auto scaled = static_cast<std::uint64_t>(static_cast<double>(t.input_length) * K / 512.0);
+    const auto prompt = static_cast<std::uint32_t>(std::clamp<std::uint64_t>(std::min(scaled, from_ids), 2, max_prompt));
+    const auto out = static_cast<std::uint32_t>(
+        std::clamp<std::uint64_t>(static_cast<std::uint64_t>(static_cast<double>(t.output_length) * K / 512.0), 1, max_output));
+    // One id per 16-token KV block, from the hash ids whose tokens it holds
+    // (equal hash-id prefixes give equal token prefixes, as in the demo).
+    std::vector<std::uint64_t> ids;
+    const std::uint32_t real = static_cast<std::uint32_t>(std::min<std::uint64_t>(prompt, from_ids));
+    for (std::uint32_t b = 0; (b + 1) * block <= real; ++b) {
+      std::uint64_t h = 0x9E3779B97F4A7C15ULL ^ (b * block % K);
+      for (std::uint32_t tok = b * block; tok < (b + 1) * block; tok += std::min(block, K))
+        h = (h ^ t.hash_ids[tok / K]) * 0xBF58476D1CE4E5B9ULL + 0x94D049BB133111EBULL;
+      h ^= t.hash_ids[((b + 1) * block - 1) / K] * 0x9E3779B97F4A7C15ULL;
+      ids.push_back(h >> 1);
+    }
+    // One output token more: the decode instance's first step stands for the
+    // prompt tail it computes before its first token (push: the last prompt
+    // token; pull: the tail past the pool's full blocks).
+    slice.push_back({t.timestamp_ms, prompt, out + 1, std::move(ids)});
+    outputs.push_back(out);
+  }
+  if (slice.size() != nreq)
+    die(o.trace + ": only " + std::to_string(slice.size()) + " requests after --demo-skip, the demo replayed " +
+        std::to_string(nreq));
+  auto w = kp::workload::from_trace(slice, {.block_tokens = block, .time_scale = 1, .max_requests = 0, .concurrency = C});
+  if (!w) die(w.error().message());
+
+  // Every compared mode served the whole slice (checked before measuring).
+  for (const auto& m : report["modes"]) {
+    if (!m.is_object()) die(report_path + ": 'modes' holds something other than objects");
+    const std::string name = m.value("mode", std::string{});
+    if (name != "push" && name != "pull") continue;
+    if (!m.contains("ttft_samples_s") || !m["ttft_samples_s"].is_array() || !m.contains("tpot_samples_s"))
+      die(report_path + ": mode '" + name + "' has no ttft_samples_s / tpot_samples_s");
+    if (m.value("errors", 0.0) != 0 || m.value("requests", 0.0) != static_cast<double>(nreq))
+      die(report_path + ": mode '" + name + "' served " + std::to_string(static_cast<long long>(m.value("requests", 0.0))) +
+          " requests with " + std::to_string(static_cast<long long>(m.value("errors", 0.0))) + " errors; expected " +
+          std::to_string(nreq) + " without errors");
+  }
+  // The demo's model (examples/pd_demo/common.hpp, model_config), measured here.
+  kd::tiny_config cfg{};
+  cfg.layers = 4;
+  cfg.kv_heads = 4;
+  cfg.q_per_kv = 2;
+  cfg.head_dim = 32;
+  cfg.block_tokens = 16;
+  cfg.vocab = 512;
+  kp::model_shape model = *kp::model_preset("tiny");
+  model.name = "tiny (kvx_pd_demo: 8 query heads)";
+  model.q_heads = 8;
+  model.params = 512.0 * 256 + 4 * 6 * 256.0 * 256;
+  kp::measure_options mo;
+  mo.short_prompt = 64;
+  mo.long_prompt = std::max(128U, max_prompt);
+  mo.decode_steps = 16;
+  mo.repeats = 5;
+  auto hw = kp::measure_tiny_hardware(cfg, mo);
+  if (!hw) die(hw.error().message());
+  hw->decode.max_batch = 1;  // a demo decode instance runs one request at a time
+  const auto links = load_links(link_files, network_transport, model, block);
+  kp::apply_links(*hw, links.figures);
+  std::printf("kvx_pd_demo report %s: %zu requests, %u in flight, %uP+%uD, %u tokens per hash block\n",
+              report_path.c_str(), nreq, C, P, D, K);
+  std::printf("tiny engine (demo model) measured: prefill %.0f tokens/s + %.3g s per token pair, decode %.3g s + %.3g s "
+              "per KV token; network %.2f GB/s; %.2f cores shared by the instances (%s)\n",
+              hw->prefill.tokens_per_s, hw->prefill.attention_s_per_pair, hw->decode.s_per_seq, hw->decode.s_per_token,
+              hw->network_bytes_per_s / 1e9, cores, cores_from.c_str());
+
+  json out{{"validation", "kvx_pd_demo"}, {"report", report_path}, {"requests", nreq}, {"concurrency", C},
+           {"prefill_instances", P}, {"decode_instances", D}, {"cores", cores}, {"cores_from", cores_from},
+           {"cpu", cpu_json},
+           {"hardware", {{"prefill_tokens_per_s", hw->prefill.tokens_per_s},
+                         {"attention_s_per_pair", hw->prefill.attention_s_per_pair},
+                         {"decode_s_per_seq", hw->decode.s_per_seq},
+                         {"decode_s_per_token", hw->decode.s_per_token},
+                         {"network_gb_s", hw->network_bytes_per_s / 1e9}}},
+           {"links", links.as_json}, {"modes", json::array()}};
+  bool ok = true, any = false;
+  std::printf("%-6s %-10s %11s %11s %9s %11s\n", "mode", "metric", "demo (s)", "planner (s)", "ratio", "dedicated");
+  for (const auto& m : report["modes"]) {
+    const std::string name = m.value("mode", std::string{});
+    if (name != "push" && name != "pull") continue;  // colocated: see docs/planner.md
+    any = true;
+    const auto demo_ttft = m["ttft_samples_s"].get<std::vector<double>>();
+    const auto demo_tpot = m["tpot_samples_s"].get<std::vector<double>>();
+    kp::deployment d;
+    d.mode = kp::serving_mode::disaggregated;
+    d.prefill_instances = P;
+    d.decode_instances = D;
+    d.dram_gb = name == "pull" ? 0.1 : 0;  // two 48 MiB store nodes
+    d.eviction = "lru";
+    d.early_rejection = false;
+    auto predict = [&](double cores_for) {
+      auto r = kp::simulate_shared_cores(*w, model, *hw, d, {}, cores_for);
+      if (!r) die(r.error().message());
+      const kp::hardware used = kp::slowed(*hw, r->prefill_slowdown, r->decode_slowdown);
+      std::vector<double> ttft, tpot;
+      for (std::size_t i = 0; i < w->size(); ++i) {
+        const auto& q = r->report.requests[i];
+        if (!q.completed()) die("the simulation did not complete request " + std::to_string(i));
+        const double first = used.decode.step(1, (*w)[i].input_tokens);
+        ttft.push_back(q.decode_start_s + first - q.arrival_s);
+        if (outputs[i] > 1) tpot.push_back((q.finish_s - q.decode_start_s - first) / (outputs[i] - 1));
+      }
+      return std::tuple{ttft, tpot, std::pair{r->prefill_slowdown, r->decode_slowdown}};
+    };
+    const auto [sim_ttft, sim_tpot, slowdown] = predict(cores);
+    const auto [ded_ttft, ded_tpot, unused] = predict(1e9);
+    (void)unused;
+    json mj{{"mode", name}, {"prefill_slowdown", slowdown.first}, {"decode_slowdown", slowdown.second}, {"metrics", json::array()}};
+    auto row = [&](const char* metric, double demo, double plan, double dedicated, bool gated) {
+      const double ratio = demo > 0 ? plan / demo : 0.0;
+      const bool within = std::abs(ratio - 1) <= 0.25;
+      if (gated) ok = ok && within;
+      std::printf("%-6s %-10s %11.4f %11.4f %9.3f %11.4f%s\n", name.c_str(), metric, demo, plan, ratio, dedicated,
+                  gated ? (within ? "" : "  (beyond 25%)") : "  (not gated)");
+      mj["metrics"].push_back({{"metric", metric}, {"demo_s", demo}, {"planner_s", plan}, {"ratio", ratio},
+                               {"planner_dedicated_cores_s", dedicated}, {"gated", gated}, {"within_25_percent", within}});
+    };
+    row("TTFT mean", mean_of(demo_ttft), mean_of(sim_ttft), mean_of(ded_ttft), true);
+    row("TTFT p50", interp_percentile(demo_ttft, 0.5), interp_percentile(sim_ttft, 0.5), interp_percentile(ded_ttft, 0.5), false);
+    row("TTFT p90", interp_percentile(demo_ttft, 0.9), interp_percentile(sim_ttft, 0.9), interp_percentile(ded_ttft, 0.9), true);
+    row("TPOT mean", mean_of(demo_tpot), mean_of(sim_tpot), mean_of(ded_tpot), true);
+    row("TPOT p50", interp_percentile(demo_tpot, 0.5), interp_percentile(sim_tpot, 0.5), interp_percentile(ded_tpot, 0.5), false);
+    row("TPOT p90", interp_percentile(demo_tpot, 0.9), interp_percentile(sim_tpot, 0.9), interp_percentile(ded_tpot, 0.9), false);
+    std::printf("%-6s slowdown from %.2f shared cores: prefill x%.2f, decode x%.2f (the 'dedicated' column: a core per "
+                "instance)\n",
+                name.c_str(), cores, slowdown.first, slowdown.second);
+    out["modes"].push_back(mj);
+  }
+  if (!any) die(report_path + ": no push or pull mode in the report (run the demo with --modes push,pull or the default)");
+  std::printf("gated (TTFT mean and p90, TPOT mean of each mode) within 25%%: %s\n", ok ? "yes" : "no");
+  out["within_25_percent"] = ok;
+  if (!json_path.empty()) {
+    std::ofstream f(json_path);
+    if (!f) die("cannot write '" + json_path + "'");
+    f << out.dump(2) << "\n";
+  }
+  return ok ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string trace_path, model_arg, hw_arg, json_path;
   std::string modes_arg = "disagg,colocated", prefill_arg = "1-4", decode_arg = "1-2", colo_arg;
   std::string hbm_arg = "0,100", dram_arg = "0,2000", ssd_arg = "0", ev_arg = "lru", rt_arg = "cache_aware";
-  double time_scale = 1, max_batch = 0, chunk = 2048, runner_ups = 4, jobs = 1, max_requests = 0, block_tokens = 512;
+  double time_scale = 1, token_scale = 1, max_batch = 0, chunk = 2048, runner_ups = 4, jobs = 1, max_requests = 0, block_tokens = 512;
   kp::slo_target slo{.ttft_s = 2, .ttft_percentile = 90, .tpot_s = 0.1, .tpot_percentile = 90};
   bool measure = false, exhaustive = false, quiet = false, early = true, validate = false;
+  std::vector<std::string> link_files;
+  std::string network_transport, demo_report;
+  demo_options demo;
+  bool trace_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -335,9 +677,23 @@ int main(int argc, char** argv) {
       std::cout << usage;
       return 0;
     }
-    if (a == "--trace") trace_path = next();
+    if (a == "--trace") trace_path = next(), trace_given = true;
+    else if (a == "--links-from") link_files.push_back(next());
+    else if (a == "--network-transport") network_transport = next();
+    else if (a == "--validate-demo") demo_report = next();
+    else if (a == "--demo-skip") demo.skip = number(next(), a);
+    else if (a == "--demo-requests") demo.requests = number(next(), a);
+    else if (a == "--demo-tokens-per-hash") demo.tokens_per_hash = number(next(), a);
+    else if (a == "--demo-max-prompt") demo.max_prompt = number(next(), a);
+    else if (a == "--demo-max-output") demo.max_output = number(next(), a);
+    else if (a == "--demo-concurrency") demo.concurrency = number(next(), a);
+    else if (a == "--demo-prefill") demo.prefill = number(next(), a);
+    else if (a == "--demo-decode") demo.decode = number(next(), a);
+    else if (a == "--cores") demo.cores = number(next(), a);
+    else if (a == "--demo-binary") demo.binary = next();
     else if (a == "--block-tokens") block_tokens = number(next(), a);
     else if (a == "--time-scale") time_scale = number(next(), a);
+    else if (a == "--token-scale") token_scale = number(next(), a);
     else if (a == "--max-requests") max_requests = number(next(), a);
     else if (a == "--model") model_arg = next();
     else if (a == "--hardware") hw_arg = next();
@@ -367,6 +723,10 @@ int main(int argc, char** argv) {
     else die("unknown option '" + a + "' (see --help)");
   }
   if (validate) return validate_tiny(quiet, json_path);
+  if (!demo_report.empty()) {
+    if (trace_given) demo.trace = trace_path;
+    return validate_demo(demo_report, demo, link_files, network_transport, json_path);
+  }
   if (trace_path.empty()) die("--trace is required (see --help)");
   if (model_arg.empty()) die("--model is required (see --help)");
   if (hw_arg.empty() && !measure) die("--hardware or --measure is required (see --help)");
@@ -401,11 +761,28 @@ int main(int argc, char** argv) {
     hw = *h;
   }
   if (max_batch > 0) hw.decode.max_batch = static_cast<std::uint32_t>(max_batch);
+  if (block_tokens < 1 || block_tokens != std::floor(block_tokens)) die("--block-tokens must be a whole number >= 1");
+  const auto links = load_links(link_files, network_transport, model, static_cast<std::uint32_t>(std::max(1.0, block_tokens * token_scale)));
+  kp::apply_links(hw, links.figures);
+  if (auto ok = hw.validate(); !ok) die(ok.error().message());
 
   // Workload.
   auto trace = kvx::cache::read_trace(trace_path);
   if (!trace) die(trace.error().message());
-  if (block_tokens < 1 || block_tokens != std::floor(block_tokens)) die("--block-tokens must be a whole number >= 1");
+  if (!(token_scale > 0)) die("--token-scale must be positive");
+  if (token_scale != 1) {
+    const double scaled_block = block_tokens * token_scale;
+    if (scaled_block < 1 || scaled_block != std::floor(scaled_block))
+      die("--token-scale " + std::to_string(token_scale) + " makes " + std::to_string(scaled_block) +
+          "-token blocks: --block-tokens times --token-scale must be a whole number >= 1");
+    block_tokens = scaled_block;
+    for (auto& r : *trace) {
+      r.input_length = std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::llround(static_cast<double>(r.input_length) * token_scale)));
+      r.output_length = std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::llround(static_cast<double>(r.output_length) * token_scale)));
+      const std::uint64_t blocks = (r.input_length + static_cast<std::uint64_t>(block_tokens) - 1) / static_cast<std::uint64_t>(block_tokens);
+      if (r.hash_ids.size() > blocks) r.hash_ids.resize(blocks);  // rounding
+    }
+  }
   if (!(time_scale > 0)) die("--time-scale must be positive");
   auto w = kp::workload::from_trace(*trace, {.block_tokens = static_cast<std::uint32_t>(block_tokens),
                                              .time_scale = time_scale,
@@ -485,11 +862,13 @@ int main(int argc, char** argv) {
                      {"kv_capacity_gb", hw.kv_capacity_bytes / 1e9},
                      {"network_gb_s", hw.network_bytes_per_s / 1e9},
                      {"ssd_gb_s", hw.ssd_bytes_per_s / 1e9},
+                     {"dram_gb_s", hw.dram_bytes_per_s / 1e9},
+                     {"links_measured", links.as_json},
                      {"price_per_hour", hw.price_per_hour},
                      {"dram_price_per_gb_hour", hw.dram_price_per_gb_hour},
                      {"ssd_price_per_gb_hour", hw.ssd_price_per_gb_hour}};
   out["trace"] = {{"path", trace_path},         {"requests", w->size()},
-                  {"span_s", w->span_s()},      {"time_scale", time_scale},
+                  {"span_s", w->span_s()},      {"time_scale", time_scale}, {"token_scale", token_scale},
                   {"input_tokens", w->input_tokens()}, {"output_tokens", w->output_tokens()},
                   {"block_tokens", w->block_tokens()}};
   out["slo"] = {{"ttft_s", slo.ttft_s}, {"ttft_percentile", slo.ttft_percentile}, {"tpot_s", slo.tpot_s},

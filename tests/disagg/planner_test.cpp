@@ -4,6 +4,7 @@
 #include <kvx/disagg/planner/block_cache.hpp>
 #include <kvx/disagg/planner/deployment.hpp>
 #include <kvx/disagg/planner/hardware.hpp>
+#include <kvx/disagg/planner/links.hpp>
 #include <kvx/disagg/planner/model_shape.hpp>
 #include <kvx/disagg/planner/search.hpp>
 #include <kvx/disagg/planner/workload.hpp>
@@ -396,4 +397,181 @@ TEST(PlannerSearch, MatchesBruteForceOverRealSimulations) {
   EXPECT_LT(fast->evaluated.size(), brute->evaluated.size());
   // Not everything is feasible: the SLO binds.
   EXPECT_FALSE(brute->evaluated.front().report.meets_slo);
+}
+
+// ---- closed-loop replay, decode start, shared cores -------------------------------
+
+namespace {
+kp::workload closed_workload(const std::vector<trace_request>& t, std::uint32_t concurrency) {
+  kp::workload_options o;
+  o.block_tokens = 256;
+  o.concurrency = concurrency;
+  auto w = kp::workload::from_trace(t, o);
+  EXPECT_TRUE(w) << w.error().message();
+  return std::move(*w);
+}
+}  // namespace
+
+TEST(Planner, AClosedLoopSendsTheNextRequestWhenOneFinishes) {
+  // Timestamps 10 s apart are ignored: one request in flight at a time.
+  const std::vector<trace_request> t{req(0, 1000, 1), req(10000, 1000, 1), req(20000, 1000, 1)};
+  const auto one = run(closed_workload(t, 1), disagg(2, 1));
+  for (std::size_t i = 0; i < 3; ++i) {
+    EXPECT_NEAR(one.requests[i].arrival_s, static_cast<double>(i), 1e-9) << i;
+    EXPECT_NEAR(one.requests[i].ttft_s(), 1.0, 1e-9) << i;
+  }
+  // Two in flight on one prefill instance: the third arrives when the first
+  // finishes (1 s) and waits for the second (until 2 s).
+  const auto two = run(closed_workload(t, 2), disagg(1, 1));
+  EXPECT_NEAR(two.requests[1].arrival_s, 0.0, 1e-9);
+  EXPECT_NEAR(two.requests[1].ttft_s(), 2.0, 1e-9);
+  EXPECT_NEAR(two.requests[2].arrival_s, 1.0, 1e-9);
+  EXPECT_NEAR(two.requests[2].first_token_s, 3.0, 1e-9);
+  EXPECT_EQ(two.completed, 3U);
+}
+
+TEST(Planner, ARejectedRequestFreesItsClosedLoopSlot) {
+  const std::vector<trace_request> t{req(0, 100000, 2), req(0, 1000, 2)};
+  auto d = disagg(1, 1);
+  const auto r = run(closed_workload(t, 1), d, {.ttft_s = 5, .ttft_percentile = 90, .tpot_s = 1, .tpot_percentile = 90});
+  EXPECT_EQ(r.requests[0].outcome, status::rejected_ttft);
+  ASSERT_TRUE(r.requests[1].completed());
+  EXPECT_NEAR(r.requests[1].arrival_s, 0.0, 1e-9);
+}
+
+TEST(Planner, DecodeStartIsWhenTheKvHasArrivedAndAStepBegins) {
+  const auto r = run(make_workload({req(0, 1000, 11)}), disagg(1, 1));
+  EXPECT_NEAR(r.requests[0].decode_start_s, 1.1, 1e-9);  // prefill 1 s, KV 0.1 s
+  EXPECT_NEAR(r.requests[0].finish_s - r.requests[0].decode_start_s, 10 * 0.01, 1e-9);
+  const auto one_token = run(make_workload({req(0, 1000, 1)}), disagg(1, 1));
+  EXPECT_NEAR(one_token.requests[0].decode_start_s, 1.0, 1e-9);
+}
+
+TEST(Planner, WorkIsCountedByHowManyInstancesComputeAtOnce) {
+  // Two prefill instances busy together for 1 s, then one alone for 1 s.
+  const auto r = run(make_workload({req(0, 1000, 1), req(0, 2000, 1)}), disagg(2, 1));
+  ASSERT_GE(r.prefill_work_s.size(), 3U);
+  EXPECT_NEAR(r.prefill_work_s[2], 2.0, 1e-9);
+  EXPECT_NEAR(r.prefill_work_s[1], 1.0, 1e-9);
+  EXPECT_NEAR(kp::work_weighted_slowdown(r.prefill_work_s, 1), (2.0 * 2 + 1.0 * 1) / 3, 1e-9);
+  EXPECT_NEAR(kp::work_weighted_slowdown(r.prefill_work_s, 2), 1.0, 1e-12);
+  EXPECT_NEAR(kp::work_weighted_slowdown({}, 1), 1.0, 1e-12);
+}
+
+TEST(Planner, InstancesSharingOneCoreRunAtItsShareAndWithEnoughCoresAtFullSpeed) {
+  std::vector<trace_request> t;
+  for (int i = 0; i < 40; ++i) t.push_back(req(0, 1000, 1));
+  const auto w = closed_workload(t, 2);
+  const auto alone = run(w, disagg(2, 1));
+  auto enough = kp::simulate_shared_cores(w, small_model(), simple_hardware(), disagg(2, 1), {}, 2);
+  ASSERT_TRUE(enough) << enough.error().message();
+  EXPECT_DOUBLE_EQ(enough->prefill_slowdown, 1.0);
+  EXPECT_NEAR(enough->report.makespan_s, alone.makespan_s, 1e-9);
+  // Two prefill instances always busy on one core: each at half speed.
+  auto shared = kp::simulate_shared_cores(w, small_model(), simple_hardware(), disagg(2, 1), {}, 1);
+  ASSERT_TRUE(shared) << shared.error().message();
+  EXPECT_NEAR(shared->prefill_slowdown, 2.0, 0.02);
+  EXPECT_NEAR(shared->report.makespan_s, 2 * alone.makespan_s, 0.02 * alone.makespan_s);
+  EXPECT_NEAR(shared->report.requests[0].ttft_s(), 2.0, 0.02);
+  EXPECT_FALSE(kp::simulate_shared_cores(w, small_model(), simple_hardware(), disagg(2, 1), {}, 0));
+}
+
+TEST(Planner, APoolDramTierSlowerThanTheNetworkSetsTheFetchTime) {
+  const auto w = make_workload({req(0, 1024, 1, ids(1, 4)), req(5000, 1536, 1, ids(1, 6))});
+  auto d = disagg(1, 1);
+  d.dram_gb = 0.1;
+  auto hw = simple_hardware();
+  hw.dram_bytes_per_s = 1e7;  // half the network
+  const auto r = run(w, d, {}, hw);
+  EXPECT_NEAR(r.requests[1].ttft_s(), 0.2048 + 0.512, 1e-9);
+  const auto doc = kvx::config::parse(R"({"prefill": {"tokens_per_s": 1000}, "decode": {"step_s": 0.01},
+                                          "kv_capacity_gb": 1, "dram_gb_s": 7})");
+  auto parsed = kp::hardware_from_config(kvx::config::view(*doc), small_model());
+  ASSERT_TRUE(parsed) << parsed.error().message();
+  EXPECT_DOUBLE_EQ(parsed->dram_bytes_per_s, 7e9);
+}
+
+// ---- link figures from kvx's benchmarks -------------------------------------------
+
+namespace {
+std::string bench_line(const std::string& transport, const std::string& op, std::uint64_t block, double gbps,
+                       int errors = 0) {
+  return R"({"transport":")" + transport + R"(","op":")" + op + R"(","block_size":)" + std::to_string(block) +
+         R"(,"batch_size":16,"threads":1,"duration_s":1,"gbps":)" + std::to_string(gbps) + R"(,"errors":)" +
+         std::to_string(errors) + "}";
+}
+}  // namespace
+
+TEST(PlannerLinks, TransferBenchResultsSetTheNetworkAndDramAndFileTierBenchTheSsd) {
+  const std::string text = bench_line("tcp", "read", 65536, 2.6) + "\n" + bench_line("tcp", "write", 65536, 1.7) + "\n" +
+                           bench_line("tcp", "read", 1 << 20, 2.9) + "\n\n" + bench_line("shm", "read", 65536, 30) +
+                           "\n" + bench_line("local", "read", 65536, 32) + "\n" + bench_line("local", "read", 1 << 20, 13) +
+                           "\n";
+  auto m = kp::read_link_measurements(text, "links.jsonl");
+  ASSERT_TRUE(m) << m.error().message();
+  ASSERT_EQ(m->size(), 6U);
+  // A 64 KiB KV block: the 64 KiB results, the slower of tcp read and write.
+  auto f = kp::choose_links(*m, 65536);
+  ASSERT_TRUE(f) << f.error().message();
+  ASSERT_TRUE(f->network && f->dram);
+  EXPECT_FALSE(f->ssd);
+  EXPECT_EQ(f->network->transport, "tcp");
+  EXPECT_DOUBLE_EQ(f->network->bytes_per_s, 1.7e9);
+  EXPECT_DOUBLE_EQ(f->dram->bytes_per_s, 32e9);
+  EXPECT_NE(f->network->describe().find("links.jsonl line 2"), std::string::npos);
+  // A 2 MiB block: the 1 MiB results.
+  auto big = kp::choose_links(*m, 2 << 20);
+  ASSERT_TRUE(big);
+  EXPECT_DOUBLE_EQ(big->network->bytes_per_s, 2.9e9);
+  EXPECT_DOUBLE_EQ(big->dram->bytes_per_s, 13e9);
+  auto shm = kp::choose_links(*m, 65536, "shm");
+  ASSERT_TRUE(shm);
+  EXPECT_DOUBLE_EQ(shm->network->bytes_per_s, 30e9);
+  auto ucx = kp::choose_links(*m, 65536, "ucx");
+  ASSERT_FALSE(ucx);
+  EXPECT_NE(ucx.error().message().find("'ucx' was not measured (network transports measured: tcp, shm)"), std::string::npos);
+
+  auto tier = kp::read_link_measurements(
+      R"({"block_bytes":65536,"blocks":512,"depth":32,"reference_bytes_per_s":6e8,"pread":{"bytes_per_s":6.8e8},"uring":{"bytes_per_s":1.4e9}})",
+      "file_tier.json");
+  ASSERT_TRUE(tier) << tier.error().message();
+  auto with_ssd = kp::choose_links(*tier, 65536);
+  ASSERT_TRUE(with_ssd && with_ssd->ssd);
+  EXPECT_EQ(with_ssd->ssd->transport, "uring");
+  EXPECT_FALSE(with_ssd->network);
+
+  kp::hardware hw = simple_hardware();
+  kp::apply_links(hw, *f);
+  EXPECT_DOUBLE_EQ(hw.network_bytes_per_s, 1.7e9);
+  EXPECT_DOUBLE_EQ(hw.dram_bytes_per_s, 32e9);
+  EXPECT_DOUBLE_EQ(hw.ssd_bytes_per_s, simple_hardware().ssd_bytes_per_s);  // not measured: kept
+
+  // One object (transfer_bench --json) and an array read too.
+  auto one = kp::read_link_measurements(bench_line("ucx", "write", 1 << 20, 20), "ucx.json");
+  ASSERT_TRUE(one);
+  auto arr = kp::read_link_measurements("[" + bench_line("ucx", "write", 1 << 20, 20) + "," + bench_line("tcp", "read", 4096, 1) + "]", "a.json");
+  ASSERT_TRUE(arr);
+  ASSERT_EQ(arr->size(), 2U);
+  auto pref = kp::choose_links(*arr, 65536);
+  ASSERT_TRUE(pref);
+  EXPECT_EQ(pref->network->transport, "ucx");  // ucx before tcp
+}
+
+TEST(PlannerLinks, MalformedResultsAreErrorsThatSayWhereAndWhy) {
+  auto msg = [](const std::string& text) {
+    auto r = kp::read_link_measurements(text, "f.json");
+    EXPECT_FALSE(r);
+    return r ? std::string() : r.error().message();
+  };
+  EXPECT_NE(msg(bench_line("tcp", "read", 65536, 2) + "\n{oops").find("f.json line 2: not JSON"), std::string::npos);
+  EXPECT_NE(msg(bench_line("tcp", "read", 65536, 2, 3)).find("had 3 failed transfers"), std::string::npos);
+  EXPECT_NE(msg(R"({"transport":"tcp","op":"read","block_size":65536})").find("'gbps' is missing or not a positive number"),
+            std::string::npos);
+  EXPECT_NE(msg(R"({"transport":"rdma","op":"read","block_size":1,"gbps":1})").find("unknown transport 'rdma'"),
+            std::string::npos);
+  EXPECT_NE(msg(R"({"model":"llama"})").find("f.json: neither a transfer_bench result"), std::string::npos);
+  EXPECT_NE(msg(R"([{"block_bytes":4096,"pread":{}}])").find("f.json entry 1 (file_tier_bench) pread: 'bytes_per_s'"),
+            std::string::npos);
+  EXPECT_NE(msg("[]").find("f.json: no measurements"), std::string::npos);
+  EXPECT_NE(msg("\n\n").find("no measurements"), std::string::npos);
 }

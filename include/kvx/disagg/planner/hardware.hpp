@@ -13,7 +13,8 @@
 //! Coefficients come from a JSON file the user writes, from a roofline over
 //! the accelerator's datasheet figures (`gpus`, `tflops_per_gpu`,
 //! `hbm_tb_s_per_gpu`, `mfu`, `mbu`; explicit coefficients override it), or
-//! from kvx's own measurements (kvx/disagg/planner/measure.hpp).
+//! from kvx's own measurements (kvx/disagg/planner/measure.hpp; link speeds
+//! from transfer_bench and file_tier_bench results: links.hpp).
 //!
 //! Values; thread-safe as any value. Nothing blocks.
 //!
@@ -65,6 +66,7 @@ struct hardware {
   double kv_capacity_bytes = 0;        //!< HBM of one instance left for KV (decode batch and prefix cache)
   double network_bytes_per_s = 25e9;   //!< per instance NIC: pool reads, peer reads, prefill-to-decode KV
   double ssd_bytes_per_s = 5e9;        //!< aggregate SSD read speed of the pool's SSD tier
+  double dram_bytes_per_s = 1e12;      //!< the pool's DRAM tier copy speed (a pool DRAM hit moves at the slower of it and the network)
   double price_per_hour = 10;          //!< one instance
   double dram_price_per_gb_hour = 0.004;
   double ssd_price_per_gb_hour = 0.0001;
@@ -78,7 +80,8 @@ struct hardware {
     if (!(decode.step_s + decode.s_per_seq > 0)) return bad("a decode step must take time (step_s or s_per_seq > 0)");
     if (decode.max_batch == 0) return bad("decode.max_batch must be positive");
     if (!(kv_capacity_bytes > 0)) return bad("no HBM is left for KV (kv_capacity_gb <= 0: does the model fit?)");
-    if (!(network_bytes_per_s > 0) || !(ssd_bytes_per_s > 0)) return bad("link bandwidths must be positive");
+    if (!(network_bytes_per_s > 0) || !(ssd_bytes_per_s > 0) || !(dram_bytes_per_s > 0))
+      return bad("link bandwidths must be positive");
     if (price_per_hour < 0 || dram_price_per_gb_hour < 0 || ssd_price_per_gb_hour < 0)
       return bad("prices must be >= 0");
     return {};
@@ -126,7 +129,7 @@ inline result<void> read_number(const config::view& v, const char* key, double& 
 //! `kv_capacity_gb` then override any of them. Unknown fields are errors.
 inline result<hardware> hardware_from_config(const config::view& cfg, const model_shape& model) {
   KVX_TRY(cfg.allow_only({"name", "description", "gpus", "tflops_per_gpu", "hbm_gb_per_gpu", "hbm_tb_s_per_gpu", "mfu",
-                          "mbu", "activation_reserve", "prefill", "decode", "kv_capacity_gb", "network_gb_s", "ssd_gb_s",
+                          "mbu", "activation_reserve", "prefill", "decode", "kv_capacity_gb", "network_gb_s", "ssd_gb_s", "dram_gb_s",
                           "price_per_hour", "dram_price_per_gb_hour", "ssd_price_per_gb_hour"}));
   auto name = cfg.optional<std::string>("name", "custom");
   if (!name) return name.error();
@@ -176,6 +179,7 @@ inline result<hardware> hardware_from_config(const config::view& cfg, const mode
   KVX_TRY(detail::read_number(cfg, "kv_capacity_gb", h.kv_capacity_bytes, 1e9));
   KVX_TRY(detail::read_number(cfg, "network_gb_s", h.network_bytes_per_s, 1e9));
   KVX_TRY(detail::read_number(cfg, "ssd_gb_s", h.ssd_bytes_per_s, 1e9));
+  KVX_TRY(detail::read_number(cfg, "dram_gb_s", h.dram_bytes_per_s, 1e9));
   KVX_TRY(detail::read_number(cfg, "price_per_hour", h.price_per_hour));
   KVX_TRY(detail::read_number(cfg, "dram_price_per_gb_hour", h.dram_price_per_gb_hour));
   KVX_TRY(detail::read_number(cfg, "ssd_price_per_gb_hour", h.ssd_price_per_gb_hour));

@@ -8,9 +8,11 @@
 //! policy (`planner::block_cache` over `any_eviction_policy`).
 //!
 //! What it models (docs/planner.md has the details and the limits):
+//! - arrivals: at the workload's timestamps, or closed-loop with
+//!   `workload::concurrency()` requests in flight;
 //! - prefill: a FIFO queue per instance; a request's prefill loads the cached
-//!   prefix the router chose to fetch (peer HBM or pool DRAM over the network,
-//!   pool SSD at the slower of SSD and network), then computes the rest
+//!   prefix the router chose to fetch (peer HBM over the network, pool DRAM
+//!   and SSD at the slower of that tier and the network), then computes the rest
 //!   (`hardware::prefill`); the first token comes out at its end;
 //! - disaggregated: the whole prompt's KV then crosses the prefill
 //!   instance's NIC (FIFO) to the decode instance;
@@ -69,6 +71,7 @@ struct request_result {
   status outcome = status::no_instance;
   double arrival_s = 0;
   double first_token_s = 0;  //!< end of prefill
+  double decode_start_s = 0; //!< joined a decode batch (its KV had arrived); = first_token_s for one-token answers
   double finish_s = 0;       //!< last output token
   std::uint32_t input_tokens = 0;
   std::uint32_t output_tokens = 0;
@@ -135,6 +138,10 @@ struct sim_report {
   double decode_busy_s = 0;
   double prefill_utilisation = 0; //!< prefill busy time / (prefill-capable instances * makespan)
   double decode_utilisation = 0;
+  //! prefill_work_s[k] (decode_work_s[k]): instance-seconds of prefill
+  //! (decode-only) iterations run while exactly k instances were computing;
+  //! what `simulate_shared_cores` weighs.
+  std::vector<double> prefill_work_s, decode_work_s;
 
   // Cost.
   double cost_per_hour = 0;
@@ -158,8 +165,16 @@ class simulation {
   result<sim_report> run() {
     KVX_TRY(setup());
     std::size_t next = 0;
+    const std::uint32_t closed = w_.concurrency();
+    // Closed loop: the next request arrives as soon as fewer than `closed`
+    // are in flight (at the first timestamp for the first ones).
+    auto next_arrival = [&] {
+      if (closed == 0) return w_[next].arrival_s;
+      return in_flight_ < closed ? std::max(now_, w_[0].arrival_s) : std::numeric_limits<double>::infinity();
+    };
     while (next < w_.size() || !events_.empty()) {
-      if (!events_.empty() && (next == w_.size() || events_.top().t <= w_[next].arrival_s)) {
+      const double t_arrive = next < w_.size() ? next_arrival() : std::numeric_limits<double>::infinity();
+      if (!events_.empty() && events_.top().t <= t_arrive) {
         const event e = events_.top();
         events_.pop();
         advance(e.t);
@@ -167,9 +182,12 @@ class simulation {
           iteration_end(e.a, e.b);
         else
           kv_arrive(e.a, e.b);
-      } else {
-        advance(w_[next].arrival_s);
+      } else if (std::isfinite(t_arrive)) {
+        advance(t_arrive);
+        ++in_flight_;
         arrival(static_cast<std::uint32_t>(next++));
+      } else {
+        throw std::logic_error("kvx::planner::simulate: nothing in flight and no arrival");
       }
       ++report_.events;
     }
@@ -266,8 +284,19 @@ class simulation {
 
   void advance(double t) {
     if (t < now_) throw std::logic_error("kvx::planner::simulate: an event is older than the clock");
+    if (t > now_ && busy_ > 0) {
+      const std::size_t k = busy_prefill_ + busy_decode_;
+      if (report_.prefill_work_s.size() <= k) {
+        report_.prefill_work_s.resize(k + 1, 0.0);
+        report_.decode_work_s.resize(k + 1, 0.0);
+      }
+      report_.prefill_work_s[k] += (t - now_) * busy_prefill_;
+      report_.decode_work_s[k] += (t - now_) * busy_decode_;
+    }
     now_ = t;
   }
+  // A request left the system (finished or rejected): a closed loop sends the next.
+  void left() { --in_flight_; }
   void push(double t, event_kind k, std::uint32_t a, std::uint32_t b) { events_.push({t, seq_++, k, a, b}); }
 
   block_cache& cache_of(std::uint32_t id) {
@@ -279,7 +308,7 @@ class simulation {
   void arrival(std::uint32_t r) {
     const auto& q = w_[r];
     auto& res = report_.requests[r];
-    res.arrival_s = q.arrival_s;
+    res.arrival_s = w_.concurrency() ? now_ : q.arrival_s;
     res.input_tokens = q.input_tokens;
     res.output_tokens = q.output_tokens;
     for (instance_id i = 0; i < instances_.size(); ++i) {
@@ -301,6 +330,7 @@ class simulation {
       res.outcome = dec.status == oc::rejected_ttft   ? request_result::status::rejected_ttft
                     : dec.status == oc::rejected_tpot ? request_result::status::rejected_tpot
                                                       : request_result::status::no_instance;
+      left();
       return;
     }
     // Colocated, a request decodes where it was prefilled; the router's TPOT
@@ -333,7 +363,7 @@ class simulation {
         where = dram_id_;
         res.dram_tokens += tokens;
         report_.pool_read_bytes += bytes;
-        fetch_s += bytes / hw_.network_bytes_per_s;
+        fetch_s += bytes / std::min(hw_.dram_bytes_per_s, hw_.network_bytes_per_s);
       } else {
         where = ssd_id_;
         res.ssd_tokens += tokens;
@@ -408,6 +438,7 @@ class simulation {
       const bool fits = in.batch.size() < hw_.decode.max_batch && in.reserved + need <= kv_capacity_tokens_;
       if (!fits && !in.batch.empty()) break;  // an oversized request still runs alone
       in.decode_wait.pop_front();
+      report_.requests[r].decode_start_s = now_;
       in.batch.push_back({r, w_[r].output_tokens - 1});
       in.batch_ctx += w_[r].input_tokens;
       in.reserved += need;
@@ -442,6 +473,10 @@ class simulation {
     } else {
       return;
     }
+    if (!in.busy) {
+      ++busy_;
+      ++(in.it_chunk > 0 ? busy_prefill_ : busy_decode_);
+    }
     in.busy = true;
     ++in.version;
     push(in.it_end, event_kind::iteration_end, i, in.version);
@@ -451,6 +486,8 @@ class simulation {
     auto& in = instances_[i];
     if (!in.busy || version != in.version) return;  // superseded by a shorter iteration
     in.busy = false;
+    --busy_;
+    --(in.it_chunk > 0 ? busy_prefill_ : busy_decode_);
     if (in.it_steps > 0) {
       const double n = in.it_steps;
       report_.decode_busy_s += in.it_chunk ? in.it_a : n * in.it_a + in.it_c * n * (n - 1) / 2;
@@ -479,6 +516,7 @@ class simulation {
     auto& res = report_.requests[r];
     res.finish_s = t;
     res.outcome = request_result::status::completed;
+    left();
     const auto& q = w_[r];
     in.batch_ctx -= static_cast<double>(q.input_tokens) + (q.output_tokens - 1);
     in.reserved -= static_cast<double>(q.input_tokens) + q.output_tokens;
@@ -492,8 +530,10 @@ class simulation {
     store_blocks(i, r);
     const auto& q = w_[r];
     if (q.output_tokens <= 1) {
+      res.decode_start_s = now_;
       res.finish_s = now_;
       res.outcome = request_result::status::completed;
+      left();
       auto& d = instances_[res.decode];
       --d.assigned;
       d.assigned_tokens -= q.input_tokens;
@@ -684,6 +724,9 @@ class simulation {
   std::priority_queue<event, std::vector<event>, std::greater<>> events_;
   std::uint64_t seq_ = 0;
   double now_ = 0;
+  std::uint32_t in_flight_ = 0;  // arrived, not finished or rejected
+  std::uint32_t busy_ = 0;       // instances with an iteration in flight
+  std::uint32_t busy_prefill_ = 0, busy_decode_ = 0;  // of those, with prefill work and decode-only
   sim_report report_;
 };
 
@@ -700,6 +743,64 @@ inline result<sim_report> simulate(const workload& w, const model_shape& m, cons
   if (d.routing == "least_loaded") return detail::simulation<routing::least_loaded>(w, m, hw, d, s).run();
   if (d.routing == "round_robin") return detail::simulation<routing::round_robin>(w, m, hw, d, s).run();
   return detail::simulation<routing::cache_aware>(w, m, hw, d, s).run();
+}
+
+//! `hw` with its prefill running `prefill_factor` and its decode
+//! `decode_factor` times slower; the links untouched.
+[[nodiscard]] inline hardware slowed(hardware hw, double prefill_factor, double decode_factor) {
+  hw.prefill.tokens_per_s /= prefill_factor;
+  hw.prefill.overhead_s *= prefill_factor;
+  hw.prefill.attention_s_per_pair *= prefill_factor;
+  hw.decode.step_s *= decode_factor;
+  hw.decode.s_per_seq *= decode_factor;
+  hw.decode.s_per_token *= decode_factor;
+  return hw;
+}
+
+//! The slowdown of work when instances share `cores` cores: work done while
+//! k instances were computing ran max(1, k / cores) times slower (processor
+//! sharing); `work_s[k]` weighs each k (sim_report::prefill_work_s, decode_work_s).
+[[nodiscard]] inline double work_weighted_slowdown(const std::vector<double>& work_s, double cores) noexcept {
+  double work = 0, stretched = 0;
+  for (std::size_t k = 1; k < work_s.size(); ++k) {
+    work += work_s[k];
+    stretched += work_s[k] * std::max(1.0, static_cast<double>(k) / cores);
+  }
+  return work > 0 ? stretched / work : 1.0;
+}
+
+//! What `simulate_shared_cores` found.
+struct shared_cores_report {
+  sim_report report;             //!< the simulation at the slowdowns below
+  double prefill_slowdown = 1;   //!< prefill ran this many times slower than `hw`
+  double decode_slowdown = 1;    //!< decode steps ran this many times slower than `hw`
+  unsigned iterations = 0;
+};
+
+//! Simulates `d` when all its instances share `cores` CPU cores (kvx's tiny
+//! engine on one host, as kvx_pd_demo runs it), where `hw` is one instance's
+//! speed with a core to itself. A mean-field model of processor sharing:
+//! the simulation is rerun with prefill and decode each slowed by the
+//! work-weighted slowdown the previous run's counts of computing instances
+//! imply for that kind of work, until both factors are self-consistent
+//! (within 0.2%, damped; at most `max_iterations` runs). Not modelled: CPU
+//! used outside the instances' compute (a router, transport threads), per-core
+//! placement, cache effects.
+inline result<shared_cores_report> simulate_shared_cores(const workload& w, const model_shape& m, const hardware& hw,
+                                                         const deployment& d, const slo_target& s, double cores,
+                                                         unsigned max_iterations = 40) {
+  if (!(cores > 0)) return error{errc::invalid_argument, "simulate_shared_cores: cores must be positive"};
+  double fp = 1, fd = 1;
+  for (unsigned it = 1;; ++it) {
+    auto r = simulate(w, m, slowed(hw, fp, fd), d, s);
+    if (!r) return r.error();
+    const double gp = work_weighted_slowdown(r->prefill_work_s, cores);
+    const double gd = work_weighted_slowdown(r->decode_work_s, cores);
+    if ((std::abs(gp - fp) <= 0.002 * fp && std::abs(gd - fd) <= 0.002 * fd) || it >= max_iterations)
+      return shared_cores_report{std::move(*r), fp, fd, it};
+    fp = (fp + gp) / 2;
+    fd = (fd + gd) / 2;
+  }
 }
 
 }  // namespace kvx::disagg::planner

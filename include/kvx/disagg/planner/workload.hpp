@@ -34,6 +34,11 @@ struct workload_options {
   std::uint32_t block_tokens = 512;  //!< tokens per hash id
   double time_scale = 1;             //!< arrivals happen this many times faster (2: twice the load)
   std::size_t max_requests = 0;      //!< 0: all
+  //! Closed loop: this many requests in flight, the next one arriving when
+  //! one finishes or is rejected (a benchmark client, as kvx_pd_demo
+  //! replays); the timestamps then only give the order. 0: open loop, each
+  //! request arrives at its timestamp.
+  std::uint32_t concurrency = 0;
 };
 
 class workload {
@@ -54,6 +59,7 @@ class workload {
     if (n == 0) return error{errc::invalid_argument, "workload: the trace has no requests"};
     const std::vector<cache::trace_request> used(trace.begin(), trace.begin() + static_cast<std::ptrdiff_t>(n));
     workload w(used, opt.block_tokens);
+    w.concurrency_ = opt.concurrency;
     const double t0 = static_cast<double>(used.front().timestamp_ms);
     for (std::size_t i = 0; i < n; ++i) {
       const auto& r = used[i];
@@ -78,6 +84,8 @@ class workload {
   [[nodiscard]] std::size_t size() const noexcept { return requests_.size(); }
   [[nodiscard]] const request& operator[](std::size_t i) const { return requests_[i]; }
   [[nodiscard]] std::uint32_t block_tokens() const noexcept { return block_tokens_; }
+  //! Requests in flight of a closed-loop replay; 0 for an open loop.
+  [[nodiscard]] std::uint32_t concurrency() const noexcept { return concurrency_; }
   //! Keys of request `i`'s full blocks: the ones a cache can hold and a router match.
   [[nodiscard]] std::span<const cache::block_key> full_keys(std::size_t i) const {
     const auto& off = plan_.offsets();
@@ -110,6 +118,7 @@ class workload {
 
   cache::eviction::replay_plan plan_;
   std::uint32_t block_tokens_;
+  std::uint32_t concurrency_ = 0;
   std::vector<request> requests_;
 };
 
