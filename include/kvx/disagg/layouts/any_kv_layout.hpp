@@ -31,6 +31,7 @@
 
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -48,7 +49,10 @@ class any_kv_layout {
   using kv_layout_concept = kv_layout_tag;
 
   //! Wraps any layout value.
-  template <kv_layout L>
+  // Not a candidate for any_kv_layout itself: checking kv_layout<any_kv_layout>
+  // while its own copy/move traits are being computed recurses (clang 14).
+  template <class L>
+    requires(!std::is_same_v<L, any_kv_layout> && kv_layout<L>)
   explicit any_kv_layout(L layout) : impl_(std::make_shared<model<L>>(std::move(layout))) {}
 
   //! Parses the JSON text above; `path` prefixes field names in errors.
