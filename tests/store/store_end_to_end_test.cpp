@@ -8,10 +8,15 @@
 
 #include <kvx/cache/eviction/lru.hpp>
 #include <kvx/memory/mapped_arena.hpp>
+#include <kvx/memory/mapped_file.hpp>
 #include <kvx/transfer/embedded_metadata.hpp>
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/local.hpp>
 
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <optional>
 #include <random>
 
@@ -76,12 +81,14 @@ struct StoreEndToEnd : ::testing::Test {
   party& add_party(const std::string& name) { return *parties.emplace_back(std::make_unique<party>(io, meta, name)); }
 
   kvx::store::store_node<engine_type>& add_node(const std::string& name, std::size_t bytes) {
-    auto& p = add_party(name);
     arenas.push_back(std::move(*kvx::memory::mapped_arena::create(bytes)));
+    return add_node(name, arenas.back().region(), "dram");
+  }
+  kvx::store::store_node<engine_type>& add_node(const std::string& name, kvx::memory::memory_region region, const std::string& tier) {
+    auto& p = add_party(name);
     auto master = kvx::store::master_client::create(io.get_executor(), server.endpoint());
     auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<engine_type>>(
-        p.engine, master, kvx::store::node_options{.name = name, .segment = "", .tier = "dram", .heartbeat = 50ms}));
-    auto region = arenas.back().region();
+        p.engine, master, kvx::store::node_options{.name = name, .segment = "", .tier = tier, .heartbeat = 50ms}));
     auto ec = wait([&]() -> asio::awaitable<std::error_code> {
       auto [e] = co_await node.async_start(region, asio::as_tuple(asio::use_awaitable));
       co_return e;
@@ -248,3 +255,52 @@ TEST_F(StoreEndToEnd, WriterThatNeverCommitsLeavesNoVisibleObjectAndItsSpaceRetu
 }
 
 }  // namespace
+
+TEST_F(StoreEndToEnd, AnSsdSegmentOnAFileTakesWhatDramCannotHold) {
+  char tmpl[] = "/tmp/kvx-ssd-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::filesystem::path dir = tmpl;
+  {
+    auto ssd = kvx::memory::mapped_file::create(dir / "node-ssd.pool", 4 << 20);
+    ASSERT_TRUE(ssd.has_value()) << ssd.error().message();
+    add_node("node-dram", 1 << 20);
+    add_node("node-ssd", ssd->region(), "ssd");
+    auto c = add_client("c", 1 << 20);
+    // Eight 384 KiB objects: two fit in DRAM, the rest must go to the file.
+    std::vector<std::vector<std::byte>> objects(8, std::vector<std::byte>(384 << 10));
+    for (std::size_t i = 0; i < objects.size(); ++i) {
+      fill_random(objects[i], static_cast<unsigned>(100 + i));
+      std::copy(objects[i].begin(), objects[i].end(), c.buffer.begin());
+      ASSERT_FALSE(put(c, "o" + std::to_string(i), std::span(c.buffer).first(objects[i].size()))) << i;
+    }
+    std::size_t on_ssd = 0, on_dram = 0;
+    for (std::size_t i = 0; i < objects.size(); ++i) {
+      auto meta = state.get({"t", "o" + std::to_string(i)}, kvx::store::clock::now());
+      ASSERT_TRUE(meta.has_value());
+      ASSERT_EQ(meta->replicas.size(), 1u);
+      (meta->replicas[0].node == "node-ssd" ? on_ssd : on_dram)++;
+      auto [ec, n] = get(c, "o" + std::to_string(i), c.buffer);
+      ASSERT_FALSE(ec) << ec.message();
+      ASSERT_EQ(n, objects[i].size());
+      EXPECT_TRUE(std::equal(objects[i].begin(), objects[i].end(), c.buffer.begin())) << "object " << i << " changed";
+    }
+    EXPECT_EQ(on_dram, 2u) << "placement prefers DRAM while it fits";
+    EXPECT_EQ(on_ssd, 6u);
+    EXPECT_GE(state.tier_used("ssd"), 6u * (384 << 10));
+    EXPECT_GE(state.tier_used("dram"), 2u * (384 << 10));
+    EXPECT_EQ(state.tier_used("dram") + state.tier_used("ssd"), state.used_bytes());
+    // The bytes are in the file, not only in this process's memory.
+    ASSERT_TRUE(ssd->flush().has_value());
+    std::ifstream in(dir / "node-ssd.pool", std::ios::binary);
+    std::vector<char> file((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::size_t found = 0;
+    for (const auto& o : objects)
+      if (std::search(file.begin(), file.end(), reinterpret_cast<const char*>(o.data()), reinterpret_cast<const char*>(o.data()) + 4096) != file.end()) ++found;
+    EXPECT_EQ(found, 6u);
+    for (auto& n : nodes) n->stop();
+    io.restart();
+    io.run_for(100ms);
+    nodes.clear();
+  }
+  std::filesystem::remove_all(dir);
+}

@@ -34,6 +34,7 @@
 #include <set>
 #include <span>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -323,6 +324,13 @@ class master_state {
   [[nodiscard]] std::uint64_t used_bytes() const noexcept { return used_; }
   [[nodiscard]] std::uint64_t capacity_bytes() const noexcept { return capacity_; }
   [[nodiscard]] std::size_t object_count() const noexcept { return objects_.size(); }
+  //! Bytes allocated in the live segments of `tier` ("dram" or "ssd").
+  [[nodiscard]] std::uint64_t tier_used(std::string_view tier) const {
+    std::uint64_t n = 0;
+    for (const auto& [name, seg] : segments_)
+      if (seg.info.tier == tier) n += seg.allocator.capacity() - seg.allocator.free_bytes();
+    return n;
+  }
   [[nodiscard]] std::uint64_t tenant_used(const std::string& tenant) const {
     auto it = tenant_used_.find(tenant);
     return it == tenant_used_.end() ? 0 : it->second;
