@@ -63,6 +63,7 @@ struct options {
   bool quiet = false;
   bool in_process = false;           // every instance in this process (the reference for the process boundary's cost)
   std::size_t kill_prefill_after = 0;  // SIGKILL prefill-0 after this many requests (0: never)
+  std::string ssd_dir = "/tmp";        // where the pool's SSD tier (a file) lives
 };
 
 void usage() {
@@ -87,6 +88,7 @@ void usage() {
       "  --modes LIST           comma-separated subset of colocated,push,pull (default all; colocated\n"
       "                         always runs: it is the reference)\n"
       "  --json PATH            write the report as JSON (per-request TTFT and TPOT included, for plot.py)\n"
+      "  --ssd-dir DIR          directory for the pool's SSD tier, a 64 MiB file (default /tmp)\n"
       "  --in-process           run every instance, the pool and the router in this process over the local\n"
       "                         transport (default: each instance is its own process, talking tcp)\n"
       "  --kill-prefill-after N SIGKILL prefill-0 after N requests of each disaggregated run: its requests\n"
@@ -149,6 +151,7 @@ std::optional<options> parse(int argc, char** argv, bool& synthetic) {
     else if (a == "--json") o.json = value();
     else if (a == "--quiet") o.quiet = true;
     else if (a == "--in-process") o.in_process = true;
+    else if (a == "--ssd-dir") o.ssd_dir = value();
     else if (a == "--kill-prefill-after") o.kill_prefill_after = number();
     else {
       std::fprintf(stderr, "kvx_pd_demo: unknown option '%s' (see --help)\n", a.c_str());

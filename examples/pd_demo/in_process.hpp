@@ -79,7 +79,7 @@ struct cluster {
 // ---- the three deployments --------------------------------------------------------
 
 mode_result run_colocated(const options& o, const std::vector<request_spec>& reqs) {
-  mode_result res{"colocated", 0, std::vector<record>(reqs.size()), 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  mode_result res = empty_result("colocated", reqs.size());
   const auto cfg = model_config();
   const std::uint32_t instances = o.prefill + o.decode;
   const std::uint32_t blocks_per_req = (o.max_prompt + o.max_output + cfg.block_tokens - 1) / cfg.block_tokens;
@@ -151,7 +151,7 @@ mode_result run_disaggregated(const options& o, const std::vector<request_spec>&
   constexpr bool pooled = Mode::pooled;
   using pworker = kd::tiny_worker<kd::layouts::layer_first, engine_t, Mode, Load>;
   using dworker = kd::tiny_worker<kd::layouts::page_first, engine_t, Mode, Load>;
-  mode_result res{name, 0, std::vector<record>(reqs.size()), 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  mode_result res = empty_result(name, reqs.size());
   cluster c;
   auto link = std::make_shared<kd::push_link>();
   if constexpr (pooled) {

@@ -2,11 +2,12 @@
 //
 // This process is the router: it runs the cache-aware router, the metadata
 // service (embedded metadata served over HTTP) and, for pull mode, the KV
-// pool (a master and two DRAM store nodes), and starts N prefill and M decode
-// tiny-engine instances as worker processes (this executable, `--worker`),
-// each with its own transfer engine over tcp and registered KV memory
-// (processes.hpp; `--in-process` runs them all here instead). It replays a slice of a Mooncake-format conversation
-// trace, scaled to the tiny model (each 512-token hash block becomes
+// pool (a master, a DRAM node and an SSD node on a file), and starts N
+// prefill and M decode tiny-engine instances as worker processes (this
+// executable, `--worker`), each with its own transfer engine over tcp and
+// registered KV memory (processes.hpp; `--in-process` runs them all here
+// instead). It replays a slice of a Mooncake-format conversation trace,
+// scaled to the tiny model (each 512-token hash block becomes
 // --tokens-per-hash tokens), through three deployments side by side:
 //
 //   colocated  every instance prefills and decodes its own requests
@@ -85,6 +86,10 @@ int main(int argc, char** argv) {
                 static_cast<double>(m.bytes_moved) / (1 << 20), 1024 * j["save_link_gib_s"].get<double>(),
                 100 * j["hidden_fraction"].get<double>(), m.retries, &m == &results.front() ? "reference" : same ? "identical" : "MISMATCH");
   }
+  for (const auto& m : results)
+    if (m.pool_dram_bytes + m.pool_ssd_bytes > 0)
+      std::printf("\n%s: the pool holds %.1f MiB in DRAM and %.1f MiB in its SSD tier (a file)\n", m.name.c_str(),
+                  static_cast<double>(m.pool_dram_bytes) / (1 << 20), static_cast<double>(m.pool_ssd_bytes) / (1 << 20));
   std::printf("\nTTFT counts from dispatch to the first token (queueing included); hit %% = prompt tokens the prefill\n"
               "loaded from the pool; link = bytes the prefill side saved / time its per-layer transfers were busy;\n"
               "hidden %% = share of that transfer time that overlapped compute; retries = attempts re-routed after a failure.\n");

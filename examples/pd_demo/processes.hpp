@@ -4,7 +4,7 @@
 //
 //   router process   the cache-aware router, the metadata service (embedded
 //                    metadata served over HTTP), and for pull mode the pool:
-//                    its master and two DRAM store nodes
+//                    its master, a DRAM node and an SSD node on a file
 //   worker processes one per instance (this executable, `--worker JSON`):
 //                    a tiny engine, its connector, a transfer engine over the
 //                    tcp transport, resolving segments through the HTTP metadata
@@ -24,6 +24,7 @@
 
 #include <boost/asio/ip/tcp.hpp>
 #include <kvx/disagg/push_wire.hpp>
+#include <kvx/memory/mapped_file.hpp>
 #include <kvx/transfer/http_metadata.hpp>
 #include <kvx/transfer/http_metadata_server.hpp>
 #include <kvx/transport/tcp.hpp>
@@ -349,14 +350,20 @@ struct remote_worker {
   bool stats_pending = false;
 };
 
-//! The pool of pull mode: a master and two DRAM nodes, in the router process.
+//! The pool of pull mode, in the router process: a master, a DRAM node and
+//! an SSD node whose segment is a file (`mapped_file`; placement fills DRAM
+//! first, then the file).
 struct pool_service {
+  static constexpr std::size_t dram_bytes = 8u << 20, ssd_bytes = 64u << 20;  // small DRAM: the trace spills to the file
+
   kvx::metrics::registry registry;
   pool_state_t state{kvx::store::master_config{}, {}, registry};
   kvx::store::master_server<pool_state_t> server;
+  std::filesystem::path dir;
   std::vector<std::unique_ptr<kvx::transport::tcp>> transports;
   std::vector<std::unique_ptr<pool_engine_t>> engines;
-  std::vector<kvx::memory::mapped_arena> arenas;
+  std::optional<kvx::memory::mapped_arena> dram;
+  std::optional<kvx::memory::mapped_file> ssd;
   std::vector<std::unique_ptr<kvx::store::store_node<pool_engine_t>>> nodes;
 
   static kvx::store::master_server_config server_config() {
@@ -366,29 +373,53 @@ struct pool_service {
     c.tick_interval = 100ms;
     return c;
   }
-  pool_service(asio::io_context& io, kvx::transfer::embedded_metadata& meta) : server(io.get_executor(), state, server_config()) {
+  pool_service(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::filesystem::path& ssd_dir)
+      : server(io.get_executor(), state, server_config()) {
     if (auto ok = server.start(); !ok) throw std::runtime_error("pool master: " + ok.error().message());
-    for (int i = 0; i < 2; ++i) {
-      const std::string name = "pool-" + std::to_string(i);
-      auto t = kvx::transport::tcp::create(io.get_executor(), loopback_tcp());
-      if (!t) throw std::runtime_error(name + ": " + t.error().message());
-      transports.push_back(std::make_unique<kvx::transport::tcp>(std::move(*t)));
-      kvx::transfer::engine_options eo;
-      eo.node = name;
-      engines.push_back(std::make_unique<pool_engine_t>(meta, eo, *transports.back()));
-      arenas.push_back(std::move(*kvx::memory::mapped_arena::create(48u << 20)));
-      kvx::store::node_options no;
-      no.name = name;
-      no.tier = "dram";
-      no.heartbeat = 200ms;
-      auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<pool_engine_t>>(
-          *engines.back(), kvx::store::master_client::create(io.get_executor(), server.endpoint()), no));
-      auto pr = std::make_shared<std::promise<std::error_code>>();
-      auto f = pr->get_future();
-      asio::post(io, [&node, region = arenas.back().region(), pr] { node.async_start(region, [pr](std::error_code ec) { pr->set_value(ec); }); });
-      if (f.wait_for(10s) != std::future_status::ready) throw std::runtime_error(name + " did not start");
-      if (auto ec = f.get()) throw std::runtime_error(name + ": " + ec.message());
-    }
+    std::string tmpl = (ssd_dir / "kvx-pd-demo-XXXXXX").string();
+    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("cannot create a directory under " + ssd_dir.string() + " for the SSD tier");
+    dir = tmpl;
+    auto arena = kvx::memory::mapped_arena::create(dram_bytes);
+    if (!arena) throw std::runtime_error("pool DRAM: " + arena.error().message());
+    dram.emplace(std::move(*arena));
+    auto file = kvx::memory::mapped_file::create(dir / "pool-ssd.segment", ssd_bytes);
+    if (!file) throw std::runtime_error("pool SSD: " + file.error().message());
+    ssd.emplace(std::move(*file));
+    add_node(io, meta, "pool-dram", dram->region(), "dram");
+    add_node(io, meta, "pool-ssd", ssd->region(), "ssd");
+  }
+  ~pool_service() {
+    nodes.clear();
+    engines.clear();
+    ssd.reset();
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);
+  }
+  void add_node(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name, kvx::memory::memory_region region,
+                const std::string& tier) {
+    auto t = kvx::transport::tcp::create(io.get_executor(), loopback_tcp());
+    if (!t) throw std::runtime_error(name + ": " + t.error().message());
+    transports.push_back(std::make_unique<kvx::transport::tcp>(std::move(*t)));
+    kvx::transfer::engine_options eo;
+    eo.node = name;
+    engines.push_back(std::make_unique<pool_engine_t>(meta, eo, *transports.back()));
+    kvx::store::node_options no;
+    no.name = name;
+    no.tier = tier;
+    no.heartbeat = 200ms;
+    auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<pool_engine_t>>(
+        *engines.back(), kvx::store::master_client::create(io.get_executor(), server.endpoint()), no));
+    auto pr = std::make_shared<std::promise<std::error_code>>();
+    auto f = pr->get_future();
+    asio::post(io, [&node, region, pr] { node.async_start(region, [pr](std::error_code ec) { pr->set_value(ec); }); });
+    if (f.wait_for(10s) != std::future_status::ready) throw std::runtime_error(name + " did not start");
+    if (auto ec = f.get()) throw std::runtime_error(name + ": " + ec.message());
+  }
+  //! Bytes in each tier, read on the io thread that owns the master's state.
+  std::pair<std::uint64_t, std::uint64_t> used(asio::io_context& io) {
+    std::promise<std::pair<std::uint64_t, std::uint64_t>> p;
+    asio::post(io, [&] { p.set_value({state.tier_used("dram"), state.tier_used("ssd")}); });
+    return p.get_future().get();
   }
   void stop(asio::io_context& io) {
     for (auto& n : nodes) n->stop();
@@ -422,7 +453,7 @@ class coordinator {
  public:
   coordinator(const options& o, const std::vector<request_spec>& reqs, std::string mode)
       : o_(o), reqs_(reqs), mode_(std::move(mode)), colocated_(mode_ == "colocated"), pooled_(mode_ == "pull"),
-        res_{mode_, 0, std::vector<record>(reqs.size()), 0, 0, 0, 0, 0, 0, 0, 0, 0}, arrivals_(reqs.size(), 0) {}
+        res_(empty_result(mode_, reqs.size())), arrivals_(reqs.size(), 0) {}
 
   ~coordinator() {
     halt();  // first: no handler runs while the members go
@@ -435,7 +466,7 @@ class coordinator {
   mode_result run() {
     runner_ = std::thread([this] { io_.run(); });
     if (auto ok = meta_server_.start(); !ok) throw std::runtime_error("metadata server: " + ok.error().message());
-    if (pooled_) pool_ = std::make_unique<pool_service>(io_, meta_);
+    if (pooled_) pool_ = std::make_unique<pool_service>(io_, meta_, o_.ssd_dir);
     start_workers();
     set_up_router();
     replay();
@@ -806,7 +837,12 @@ class coordinator {
       closed.set_value();
     });
     closed.get_future().wait();
-    if (pool_) pool_->stop(io_);
+    if (pool_) {
+      const auto [dram, ssd] = pool_->used(io_);
+      res_.pool_dram_bytes = dram;
+      res_.pool_ssd_bytes = ssd;
+      pool_->stop(io_);
+    }
   }
 
   const options& o_;

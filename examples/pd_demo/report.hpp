@@ -27,7 +27,15 @@ struct mode_result {
   std::uint64_t save_bytes = 0;
   std::size_t mismatches = 0, errors = 0;
   std::size_t retries = 0;           // attempts the router made again elsewhere (a worker failed or died)
+  std::uint64_t pool_dram_bytes = 0, pool_ssd_bytes = 0;  // pull: what the pool holds per tier at the end
 };
+
+inline mode_result empty_result(std::string name, std::size_t requests) {
+  mode_result m;
+  m.name = std::move(name);
+  m.records.resize(requests);
+  return m;
+}
 
 double percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
@@ -81,6 +89,8 @@ nlohmann::json report_json(const mode_result& m) {
           {"save_link_gib_s", m.save_busy_s > 0 ? static_cast<double>(m.save_bytes) / m.save_busy_s / (1 << 30) : 0.0},
           {"errors", m.errors},
           {"retries", m.retries},
+          {"pool_dram_bytes", m.pool_dram_bytes},
+          {"pool_ssd_bytes", m.pool_ssd_bytes},
           {"ttft_samples_s", ttft},
           {"tpot_samples_s", tpot},
           {"mismatches", m.mismatches}};
