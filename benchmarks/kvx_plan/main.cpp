@@ -7,16 +7,21 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <spawn.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -33,6 +38,8 @@
 #include <kvx/disagg/planner/simulator.hpp>
 #include <kvx/disagg/planner/workload.hpp>
 #include <kvx/disagg/tiny_engine.hpp>
+
+extern char** environ;
 
 namespace kp = kvx::disagg::planner;
 namespace kd = kvx::disagg;
@@ -400,17 +407,127 @@ double machine_busy_s() {
   return (user + nice + sys + irq + softirq + steal) / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
-double children_cpu_s() {
-  rusage ru{};
-  ::getrusage(RUSAGE_CHILDREN, &ru);
-  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+// CPU seconds of process `root` and of its children (each with its own
+// reaped children), from /proc/PID/stat.
+double tree_cpu_s(pid_t root) {
+  double ticks = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(e.path() / "stat");
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const auto close = text.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream fields(text.substr(close + 2));
+    std::string f;
+    long long ppid = -1;
+    double t = 0;
+    for (int i = 3; i <= 17 && fields >> f; ++i) {
+      if (i == 4) ppid = std::atoll(f.c_str());
+      if (i >= 14) t += std::atof(f.c_str());
+    }
+    if (std::atoll(name.c_str()) == root || ppid == root) ticks += t;
+  }
+  return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
-std::string quoted(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
+// kvx_pd_demo run by --demo-binary, with the CPU the machine and the demo's
+// processes used sampled every 50 ms, and when each mode's replay began.
+struct demo_run {
+  struct sample {
+    double t, machine_busy, demo;
+  };
+  std::vector<sample> samples;
+  std::map<std::string, double> replay_start;  // mode -> seconds since the start
+  double wall_s = 0;
+
+  // Interpolated sample at time t.
+  [[nodiscard]] sample at(double t) const {
+    if (samples.empty()) return {t, 0, 0};
+    if (t <= samples.front().t) return samples.front();
+    for (std::size_t i = 1; i < samples.size(); ++i)
+      if (samples[i].t >= t) {
+        const auto& a = samples[i - 1];
+        const auto& b = samples[i];
+        const double f = b.t > a.t ? (t - a.t) / (b.t - a.t) : 0.0;
+        return {t, a.machine_busy + f * (b.machine_busy - a.machine_busy), a.demo + f * (b.demo - a.demo)};
+      }
+    return samples.back();
+  }
+  // Cores other processes used over [t0, t1].
+  [[nodiscard]] double others(double t0, double t1) const {
+    const auto a = at(t0), b = at(t1);
+    return t1 > t0 ? std::max(0.0, (b.machine_busy - a.machine_busy) - (b.demo - a.demo)) / (t1 - t0) : 0.0;
+  }
+  [[nodiscard]] double demo_cores(double t0, double t1) const {
+    const auto a = at(t0), b = at(t1);
+    return t1 > t0 ? (b.demo - a.demo) / (t1 - t0) : 0.0;
+  }
+};
+
+demo_run run_demo(const std::vector<std::string>& args) {
+  int fds[2];
+  if (::pipe(fds) != 0) die("pipe failed");
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+  posix_spawn_file_actions_addclose(&actions, fds[0]);
+  std::vector<std::string> a = args;
+  std::vector<char*> argv;
+  for (auto& x : a) argv.push_back(x.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = ::posix_spawnp(&pid, a[0].c_str(), &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(fds[1]);
+  if (rc != 0) die("cannot start '" + a[0] + "': " + std::strerror(rc));
+  demo_run run;
+  std::mutex mu;
+  bool done = false;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto since = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  std::thread sampler([&] {
+    for (;;) {
+      const demo_run::sample s{since(), machine_busy_s(), tree_cpu_s(pid)};
+      {
+        std::lock_guard l(mu);
+        run.samples.push_back(s);
+        if (done) return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  FILE* out = ::fdopen(fds[0], "r");
+  char* line = nullptr;
+  std::size_t cap = 0;
+  while (out && ::getline(&line, &cap, out) > 0) {
+    const std::string l = line;
+    const auto ready = l.find(" worker processes ready");
+    if (l.rfind("  ", 0) == 0 && ready != std::string::npos) {
+      const auto colon = l.find(':');
+      std::lock_guard lk(mu);
+      run.replay_start[l.substr(2, colon - 2)] = since();
+    }
+    if (l.rfind("  ", 0) != 0) std::fputs(line, stdout);
+  }
+  std::free(line);
+  if (out) std::fclose(out);
+  // Exited but not reaped: its /proc entry still counts its CPU (and its
+  // reaped workers') for the last sample.
+  siginfo_t info{};
+  ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT);
+  {
+    std::lock_guard l(mu);
+    done = true;
+  }
+  sampler.join();
+  run.wall_s = since();
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    die("kvx_pd_demo exited with status " + std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1));
+  return run;
 }
 
 // The demo's percentile: linear interpolation between order statistics.
@@ -443,40 +560,35 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
   const std::uint32_t P = whole(o.prefill, "--demo-prefill", 1), D = whole(o.decode, "--demo-decode", 1);
   const std::size_t skip = whole(o.skip, "--demo-skip", 0), nreq = whole(o.requests, "--demo-requests", 1);
   const double machine_cores = std::max(1U, std::thread::hardware_concurrency());
-  double cores = o.cores;
+  // Cores the instances of each mode shared: --cores, or the machine's less
+  // what other processes used while that mode's requests were replayed.
+  std::optional<demo_run> ran;
+  double cores_now = 0;
   std::string cores_from = "--cores";
   json cpu_json = json::object();
   if (!o.binary.empty()) {
-    // Run the demo, and measure what the rest of the machine used meanwhile:
-    // its instances share the cores left.
     auto fmt = [](double v) { return std::to_string(static_cast<std::uint64_t>(v)); };
-    const std::string cmd = quoted(o.binary) + " --quiet --json " + quoted(report_path) + " --trace " + quoted(o.trace) +
-                            " --skip " + fmt(o.skip) + " --requests " + fmt(o.requests) + " --prefill " + fmt(o.prefill) +
-                            " --decode " + fmt(o.decode) + " --tokens-per-hash " + fmt(o.tokens_per_hash) +
-                            " --max-prompt " + fmt(o.max_prompt) + " --max-output " + fmt(o.max_output) +
-                            " --concurrency " + fmt(o.concurrency) + " --modes push,pull";
-    std::printf("running: %s\n", cmd.c_str());
+    // stdbuf: the demo's progress lines (when each mode's replay starts) arrive as they are printed.
+    const std::vector<std::string> args{"stdbuf", "-oL", o.binary, "--json", report_path, "--trace", o.trace, "--skip", fmt(o.skip),
+                                        "--requests", fmt(o.requests), "--prefill", fmt(o.prefill), "--decode",
+                                        fmt(o.decode), "--tokens-per-hash", fmt(o.tokens_per_hash), "--max-prompt",
+                                        fmt(o.max_prompt), "--max-output", fmt(o.max_output), "--concurrency",
+                                        fmt(o.concurrency), "--modes", "push,pull"};
+    std::string shown;
+    for (const auto& a : args) shown += (shown.empty() ? "" : " ") + a;
+    std::printf("running: %s\n", shown.c_str());
     std::fflush(stdout);
-    const double busy0 = machine_busy_s(), own0 = children_cpu_s();
-    const auto t0 = std::chrono::steady_clock::now();
-    const int rc = std::system(cmd.c_str());
-    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const double busy = machine_busy_s() - busy0, own = children_cpu_s() - own0;
-    if (rc != 0) die("kvx_pd_demo exited with status " + std::to_string(rc));
-    const double others = std::max(0.0, busy - own) / wall;
-    cpu_json = {{"wall_s", wall}, {"demo_cores", own / wall}, {"other_processes_cores", others}};
-    std::printf("during the demo (%.1f s): the demo used %.2f cores, other processes %.2f of %g\n", wall, own / wall,
-                others, machine_cores);
-    if (cores <= 0) {
-      cores = std::max(0.25, machine_cores - others);
-      cores_from = "the cores other processes left free during the demo";
-    }
-  } else if (cores <= 0) {
+    ran = run_demo(args);
+    cpu_json["wall_s"] = ran->wall_s;
+    std::printf("during the demo (%.1f s): the demo's processes used %.2f cores, other processes %.2f of %g\n", ran->wall_s,
+                ran->demo_cores(0, ran->wall_s), ran->others(0, ran->wall_s), machine_cores);
+    if (o.cores <= 0) cores_from = "the cores other processes left free while the mode ran";
+  } else if (o.cores <= 0) {
     const double busy0 = machine_busy_s();
     const auto t0 = std::chrono::steady_clock::now();
     std::this_thread::sleep_for(std::chrono::seconds(2));
     const double others = (machine_busy_s() - busy0) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    cores = std::max(0.25, machine_cores - others);
+    cores_now = std::max(0.25, machine_cores - others);
     cores_from = "the cores other processes leave free now (not during the demo: --demo-binary measures that)";
     cpu_json = {{"other_processes_cores_now", others}};
   }
@@ -577,12 +689,12 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
   std::printf("kvx_pd_demo report %s: %zu requests, %u in flight, %uP+%uD, %u tokens per hash block\n",
               report_path.c_str(), nreq, C, P, D, K);
   std::printf("tiny engine (demo model) measured: prefill %.0f tokens/s + %.3g s per token pair, decode %.3g s + %.3g s "
-              "per KV token; network %.2f GB/s; %.2f cores shared by the instances (%s)\n",
+              "per KV token; network %.2f GB/s; cores shared by the instances: %s\n",
               hw->prefill.tokens_per_s, hw->prefill.attention_s_per_pair, hw->decode.s_per_seq, hw->decode.s_per_token,
-              hw->network_bytes_per_s / 1e9, cores, cores_from.c_str());
+              hw->network_bytes_per_s / 1e9, cores_from.c_str());
 
   json out{{"validation", "kvx_pd_demo"}, {"report", report_path}, {"requests", nreq}, {"concurrency", C},
-           {"prefill_instances", P}, {"decode_instances", D}, {"cores", cores}, {"cores_from", cores_from},
+           {"prefill_instances", P}, {"decode_instances", D}, {"cores_from", cores_from},
            {"cpu", cpu_json},
            {"hardware", {{"prefill_tokens_per_s", hw->prefill.tokens_per_s},
                          {"attention_s_per_pair", hw->prefill.attention_s_per_pair},
@@ -596,6 +708,17 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     const std::string name = m.value("mode", std::string{});
     if (name != "push" && name != "pull") continue;  // colocated: see docs/planner.md
     any = true;
+    double cores = o.cores > 0 ? o.cores : cores_now;
+    json mode_cpu = json::object();
+    if (ran && o.cores <= 0) {
+      if (!ran->replay_start.contains(name)) die("kvx_pd_demo did not say when mode '" + name + "' started");
+      const double t0 = ran->replay_start[name], t1 = t0 + m.value("wall_s", 0.0);
+      const double others = ran->others(t0, t1);
+      cores = std::max(0.25, machine_cores - others);
+      mode_cpu = {{"from_s", t0}, {"to_s", t1}, {"other_processes_cores", others}, {"demo_cores", ran->demo_cores(t0, t1)}};
+      std::printf("%-6s replay %.1f-%.1f s: the demo's processes used %.2f cores, other processes %.2f\n", name.c_str(), t0, t1,
+                  ran->demo_cores(t0, t1), others);
+    }
     const auto demo_ttft = m["ttft_samples_s"].get<std::vector<double>>();
     const auto demo_tpot = m["tpot_samples_s"].get<std::vector<double>>();
     kp::deployment d;
@@ -622,7 +745,7 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     const auto [sim_ttft, sim_tpot, slowdown] = predict(cores);
     const auto [ded_ttft, ded_tpot, unused] = predict(1e9);
     (void)unused;
-    json mj{{"mode", name}, {"prefill_slowdown", slowdown.first}, {"decode_slowdown", slowdown.second}, {"metrics", json::array()}};
+    json mj{{"mode", name}, {"cores", cores}, {"cpu", mode_cpu}, {"prefill_slowdown", slowdown.first}, {"decode_slowdown", slowdown.second}, {"metrics", json::array()}};
     auto row = [&](const char* metric, double demo, double plan, double dedicated, bool gated) {
       const double ratio = demo > 0 ? plan / demo : 0.0;
       const bool within = std::abs(ratio - 1) <= 0.25;
