@@ -281,6 +281,7 @@ mode_result run_disaggregated(const options& o, const std::vector<request_spec>&
     }
     pthreads[p]->post(
         [&, i, p, q, req, rec, keys, decode_job, finish] {
+          (void)i, (void)q, (void)decode_job, (void)finish;  // push uses them on the decode side only
           auto pre = prefill[p]->run_prefill(req);
           if (!pre) {
             rec->error = "prefill: " + pre.error().message();

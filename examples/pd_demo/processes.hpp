@@ -90,7 +90,7 @@ class worker_life {
   //! Starts `ch` with `on_message`; "exit" and a closed connection end the worker.
   void run(const std::shared_ptr<channel>& ch, channel::message_handler on_message) {
     ch->start(
-        [this, ch, h = std::move(on_message)](const nlohmann::json& m) {
+        [ch, h = std::move(on_message)](const nlohmann::json& m) {
           if (m["op"] == "exit") return ch->close();
           h(m);
         },
@@ -593,7 +593,7 @@ class coordinator {
     const auto t0 = clock_type::now();
     for (std::size_t i = 0; i < reqs_.size(); ++i) {
       std::unique_lock l(mu_);
-      cv_.wait(l, [&] { return flights_.size() < o_.concurrency; });
+      if (!cv_.wait_for(l, 120s, [&] { return flights_.size() < o_.concurrency; })) abandon("no answer within 120 s");
       if (o_.kill_prefill_after && i == o_.kill_prefill_after && !colocated_ && workers_.front().pid > 0) {
         auto& victim = workers_.front();  // a prefill instance dies mid-run: SIGKILL, no goodbye
         if (!o_.quiet) std::printf("  %s: killing %s (pid %d) after %zu requests\n", mode_.c_str(), victim.name.c_str(), victim.pid, i);
@@ -604,12 +604,19 @@ class coordinator {
       if (!o_.quiet && (i + 1) % 10 == 0) std::printf("  %s: %zu/%zu requests dispatched\n", mode_.c_str(), i + 1, reqs_.size());
     }
     std::unique_lock l(mu_);
-    if (!cv_.wait_for(l, 120s, [&] { return flights_.empty(); })) {
-      for (auto& [wid, f] : flights_) res_.records[f.i].error = "no answer within 120 s";
-      flights_.clear();
-    }
+    if (!cv_.wait_for(l, 120s, [&] { return flights_.empty(); })) abandon("no answer within 120 s");
     res_.wall_s = std::chrono::duration<double>(clock_type::now() - t0).count();
     res_.retries = retries_;
+  }
+
+  // Gives up on every attempt in flight (an instance stopped answering). mu_ held.
+  void abandon(const std::string& why) {
+    for (auto& [wid, f] : flights_) {
+      res_.records[f.i] = std::move(f.rec);
+      res_.records[f.i].done = true;
+      res_.records[f.i].error = why;
+    }
+    flights_.clear();
   }
 
   nlohmann::json request_json(const char* op, const flight& f, std::uint64_t wid) const {
