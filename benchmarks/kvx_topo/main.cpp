@@ -1,5 +1,6 @@
-// kvx-topo: prints the host topology kvx sees (NUMA nodes, GPUs, NICs, and
-// the GPU x NIC distance matrix) as JSON, for users checking rail selection.
+// kvx-topo: prints the host topology kvx sees (NUMA nodes, GPUs, NICs with
+// their netdevs and GID tables, and the GPU x NIC and NUMA node x NIC
+// distance matrices) as JSON, for users checking rail selection.
 #include <kvx/topology/topology.hpp>
 
 #include <cstdio>
@@ -12,8 +13,9 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) {
       std::puts("usage: kvx-topo [--sysfs ROOT]\n"
-                "Prints NUMA nodes, GPUs (PCI bus-id order), NICs (RDMA first) and the\n"
-                "GPU x NIC distance matrix (same_switch < same_root < same_numa < cross_numa) as JSON.");
+                "Prints NUMA nodes, GPUs (PCI bus-id order), NICs (RDMA first, with netdevs and\n"
+                "port 1's GID table) and the GPU x NIC and NUMA node x NIC distance matrices\n"
+                "(same_device < same_switch < same_root < same_numa < cross_numa) as JSON.");
       return 0;
     }
     if (!std::strcmp(argv[i], "--sysfs") && i + 1 < argc) {

@@ -73,6 +73,42 @@ TEST(Topology, SingleSocketHostWithoutNumaInformation) {
   EXPECT_EQ(t->nearest_nics_to_gpu(0).size(), 1u);
   auto j = t->to_json();
   EXPECT_EQ(j["gpu_nic_distance"][0][0], "same_root");
+  EXPECT_EQ(j["numa_nic_distance"][0][0], "same_numa") << "one node: every NIC is local";
+  // `lo` has no PCI device: no placement, not a NIC.
+  for (const auto& n : t->nics) EXPECT_NE(n.name, "lo");
+}
+
+TEST(Topology, RoceGidTableListsTheEntriesInUse) {
+  auto t = *kvx::topology::discover(fixture("single_socket"));
+  const auto& gids = t.nics.at(0).gids;
+  ASSERT_EQ(gids.size(), 4u) << "entries 4..7 are unused (zero GID, no type)";
+  EXPECT_EQ(gids[0].index, 0);
+  EXPECT_EQ(gids[0].type, "IB/RoCE v1");
+  EXPECT_EQ(gids[3].index, 3);
+  EXPECT_EQ(gids[3].gid, "0000:0000:0000:0000:0000:ffff:c0a8:0114");
+  EXPECT_EQ(gids[3].type, "RoCE v2");
+  EXPECT_EQ(gids[3].netdev, "enp2s0");
+  auto j = t.to_json();
+  EXPECT_EQ(j["nics"][0]["gids"][1]["type"], "RoCE v2");
+  // InfiniBand ports list their port GID only.
+  auto big = *kvx::topology::discover(fixture("two_socket_8gpu"));
+  ASSERT_EQ(big.nics[7].gids.size(), 1u);
+  EXPECT_EQ(big.nics[7].gids[0].gid, "fe80:0000:0000:0000:0c42:a103:006c:b1a0");
+  EXPECT_EQ(big.nics[7].gids[0].netdev, "");
+  EXPECT_TRUE(big.nics.back().gids.empty()) << "a plain Ethernet NIC has no GID table";
+}
+
+TEST(Topology, NumaNicMatrixSendsEachSocketsMemoryToItsOwnNics) {
+  auto t = *kvx::topology::discover(fixture("two_socket_8gpu"));
+  const auto m = t.numa_nic_matrix();
+  ASSERT_EQ(m.size(), 2u);
+  ASSERT_EQ(m[0].size(), t.nics.size());
+  for (std::size_t i = 0; i < t.nics.size(); ++i) {
+    const auto local = t.nics[i].numa;
+    EXPECT_EQ(m[0][i], local == 0 ? distance::same_numa : distance::cross_numa) << t.nics[i].name;
+    EXPECT_EQ(m[1][i], local == 1 ? distance::same_numa : distance::cross_numa) << t.nics[i].name;
+  }
+  EXPECT_EQ(t.to_json()["numa_nic_distance"][1][4], "same_numa");
 }
 
 TEST(Topology, MissingRootIsAClearError) {

@@ -25,6 +25,9 @@
 //! std::cout << topo->to_json().dump(2);
 //! \endcode
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
@@ -61,6 +64,14 @@ struct pci_device {
   int numa = -1;                   //!< -1: firmware did not say
 };
 
+//! One entry in use of an RDMA port's GID table, as sysfs lists it.
+struct gid_entry {
+  int index = 0;
+  std::string gid;                 //!< as sysfs prints it: "fe80:0000:0000:0000:0a1b:2cff:fe3d:4e5f"
+  std::string type;                //!< "IB/RoCE v1" or "RoCE v2"
+  std::string netdev;              //!< the netdev a RoCE GID comes from ("" on InfiniBand)
+};
+
 struct nic {
   std::string name;                //!< RDMA device ("mlx5_0") or netdev ("eth0") name
   bool rdma = false;
@@ -69,6 +80,7 @@ struct nic {
   int numa = -1;
   double gbps = 0;                 //!< link rate
   std::string link_layer;          //!< "InfiniBand", "Ethernet" (RoCE) for RDMA devices
+  std::vector<gid_entry> gids;     //!< port 1's GIDs in use, by index (RDMA devices)
 };
 
 struct gpu {
@@ -123,7 +135,39 @@ inline bool natural_less(const std::string& a, const std::string& b) {
   return split(a) < split(b);
 }
 inline bool is_bdf(const std::string& s) { return s.size() == 12 && s[4] == ':' && s[7] == ':' && s[10] == '.'; }
+
+//! The GIDs in use under `port_dir` (".../ports/1"): unused entries read as
+//! all zeros and have no readable type.
+inline std::vector<gid_entry> read_gid_table(const std::filesystem::path& port_dir) {
+  std::vector<gid_entry> out;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(port_dir / "gids", ec), end; !ec && it != end; it.increment(ec)) {
+    const auto name = it->path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    gid_entry g;
+    g.index = parse_int(name, -1);
+    g.gid = read_first_line(it->path());
+    if (g.index < 0 || g.gid.find_first_not_of("0:") == std::string::npos) continue;
+    g.type = read_first_line(port_dir / "gid_attrs/types" / name);
+    if (g.type.empty()) continue;
+    g.netdev = read_first_line(port_dir / "gid_attrs/ndevs" / name);
+    out.push_back(std::move(g));
+  }
+  std::sort(out.begin(), out.end(), [](const gid_entry& a, const gid_entry& b) { return a.index < b.index; });
+  return out;
+}
 }  // namespace detail
+
+//! NUMA node of the page holding `p` (`get_mempolicy(MPOL_F_NODE |
+//! MPOL_F_ADDR)`, which faults the page in if needed); -1 when the kernel
+//! does not say (no NUMA support, a seccomp filter).
+inline int numa_node_of(const void* p) noexcept {
+  if (p == nullptr) return -1;
+  int node = -1;
+  constexpr unsigned long mpol_f_node = 1, mpol_f_addr = 2;
+  if (syscall(SYS_get_mempolicy, &node, nullptr, 0UL, p, mpol_f_node | mpol_f_addr) != 0) return -1;
+  return node;
+}
 
 //! What `discover` found.
 struct system {
@@ -173,32 +217,52 @@ struct system {
     return rank([&](const nic& n) { return from_numa(node, n.bdf); }, rdma_only);
   }
 
+  //! Distance matrix NUMA nodes x NICs: where host memory of each node should leave.
+  [[nodiscard]] std::vector<std::vector<distance>> numa_nic_matrix() const {
+    return nic_matrix(numa_nodes, [&](const numa_node& node, const nic& n) { return from_numa(node.id, n.bdf); });
+  }
+
   //! Distance matrix GPUs x NICs, for users and the JSON dump.
   [[nodiscard]] std::vector<std::vector<distance>> gpu_nic_matrix() const {
-    std::vector<std::vector<distance>> m;
-    for (const auto& g : gpus) {
-      auto& row = m.emplace_back();
-      for (const auto& n : nics) row.push_back(between(g.bdf, n.bdf));
-    }
-    return m;
+    return nic_matrix(gpus, [&](const gpu& g, const nic& n) { return between(g.bdf, n.bdf); });
   }
 
   [[nodiscard]] nlohmann::json to_json() const {
     nlohmann::json j;
     for (const auto& n : numa_nodes) j["numa_nodes"].push_back({{"id", n.id}, {"cpus", n.cpus}});
     for (const auto& g : gpus) j["gpus"].push_back({{"index", g.index}, {"bdf", g.bdf}, {"numa", g.numa}});
-    for (const auto& n : nics)
-      j["nics"].push_back({{"name", n.name}, {"rdma", n.rdma}, {"netdevs", n.netdevs}, {"bdf", n.bdf},
-                           {"numa", n.numa}, {"gbps", n.gbps}, {"link_layer", n.link_layer}});
-    auto& m = j["gpu_nic_distance"] = nlohmann::json::array();
-    for (const auto& row : gpu_nic_matrix()) {
-      auto& r = m.emplace_back(nlohmann::json::array());
-      for (auto d : row) r.push_back(to_string(d));
+    for (const auto& n : nics) {
+      auto gids = nlohmann::json::array();
+      for (const auto& g : n.gids)
+        gids.push_back({{"index", g.index}, {"gid", g.gid}, {"type", g.type}, {"netdev", g.netdev}});
+      j["nics"].push_back({{"name", n.name}, {"rdma", n.rdma}, {"netdevs", n.netdevs}, {"bdf", n.bdf}, {"numa", n.numa},
+                           {"gbps", n.gbps}, {"link_layer", n.link_layer}, {"gids", std::move(gids)}});
     }
+    auto matrix = [](const std::vector<std::vector<distance>>& rows) {
+      auto m = nlohmann::json::array();
+      for (const auto& row : rows) {
+        auto& r = m.emplace_back(nlohmann::json::array());
+        for (auto d : row) r.push_back(to_string(d));
+      }
+      return m;
+    };
+    j["gpu_nic_distance"] = matrix(gpu_nic_matrix());
+    j["numa_nic_distance"] = matrix(numa_nic_matrix());
     return j;
   }
 
  private:
+  // One row per element of `rows`, one column per NIC.
+  template <class Rows, class Distance>
+  std::vector<std::vector<distance>> nic_matrix(const Rows& rows, Distance&& dist) const {
+    std::vector<std::vector<distance>> m;
+    for (const auto& from : rows) {
+      auto& row = m.emplace_back();
+      for (const auto& n : nics) row.push_back(dist(from, n));
+    }
+    return m;
+  }
+
   template <class DistanceTo>
   std::vector<std::size_t> rank(DistanceTo&& dist, bool rdma_only) const {
     std::vector<std::size_t> idx;
@@ -283,6 +347,7 @@ inline result<system> discover(const std::filesystem::path& sysfs_root = "/sys")
     const auto rate = detail::read_first_line(it->path() / "ports/1/rate");
     n.gbps = rate.empty() ? 0.0 : std::atof(rate.c_str());
     n.link_layer = detail::read_first_line(it->path() / "ports/1/link_layer");
+    n.gids = detail::read_gid_table(it->path() / "ports/1");
     s.nics.push_back(std::move(n));
   }
   ec.clear();

@@ -19,8 +19,9 @@
 //!   the owner reports (`out_of_range`, `bad_key`, `stale`, ...) are final.
 //!   A failed rail is offered to the selector again after `retry_after`, so a
 //!   link that comes back is used again.
-//! - The selector's hint carries the GPU of the local memory (from the
-//!   registered segment that contains it) and the slice's running index.
+//! - The selector's hint carries the GPU of the local memory, or for host
+//!   memory the NUMA node of its first page (both from the registered
+//!   segment that contains it), and the slice's running index.
 //!
 //! Cancellation reaches the rail's operation through the handler's slot.
 //! Thread safety: all members are thread-safe (the selector, which is not,
@@ -54,6 +55,7 @@
 
 #include <kvx/core/async.hpp>
 #include <kvx/topology/rail_selector.hpp>
+#include <kvx/topology/topology.hpp>
 #include <kvx/transport/transport.hpp>
 
 namespace kvx::transport {
@@ -101,8 +103,10 @@ class multi_rail {
       rails.push_back(std::move(*e));
     }
     std::lock_guard lock(state_->mu);
+    const bool gpu = seg.region.where.kind == memory::location_kind::cuda;
     state_->local[reinterpret_cast<std::uintptr_t>(seg.region.address)] = {
-        seg.region.length, seg.region.where.kind == memory::location_kind::cuda ? seg.region.where.device : -1};
+        seg.region.length, gpu ? seg.region.where.device : -1,
+        gpu ? -1 : topology::numa_node_of(seg.region.address)};
     return nlohmann::json{{"rails", std::move(rails)}};
   }
 
@@ -140,7 +144,8 @@ class multi_rail {
 
   struct local_range {
     std::size_t length;
-    int gpu;
+    int gpu;   // CUDA ordinal, -1 for host memory
+    int numa;  // host memory's NUMA node, -1 when unknown
   };
 
   struct state {
@@ -154,7 +159,7 @@ class multi_rail {
     std::vector<std::optional<std::chrono::steady_clock::time_point>> failed_at;
     std::chrono::steady_clock::duration retry_after;
     std::mutex mu;
-    std::map<std::uintptr_t, local_range> local;  // registered local memory: base -> (length, gpu)
+    std::map<std::uintptr_t, local_range> local;  // registered local memory: base -> (length, gpu, numa)
     // The descriptor as each rail sees it (rail `i`'s own entry under
     // T::name()), built once per segment registration (name, key, generation)
     // and shared by every op on it: one lookup per op, no copies.
@@ -199,7 +204,10 @@ class multi_rail {
       const auto p = reinterpret_cast<std::uintptr_t>(local_ptr);
       if (auto it = local.upper_bound(p); it != local.begin()) {
         --it;
-        if (p - it->first < it->second.length) hint.gpu = it->second.gpu;
+        if (p - it->first < it->second.length) {
+          hint.gpu = it->second.gpu;
+          hint.numa = it->second.numa;
+        }
       }
       return selector.select(hint);
     }

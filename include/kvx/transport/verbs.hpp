@@ -48,9 +48,6 @@
 //! co_await t.async_read(remote, 0, dst, asio::use_awaitable);
 //! \endcode
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -98,14 +95,6 @@ struct verbs_op final : verbs_op_base {
   asio::any_io_executor io_ex;
   asio::executor_work_guard<work_executor> work;
 };
-
-// NUMA node holding the page at `p` (get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)); -1 when unknown.
-inline int verbs_numa_of(const void* p) noexcept {
-  int node = -1;
-  constexpr unsigned long mpol_f_node = 1, mpol_f_addr = 2;
-  if (syscall(SYS_get_mempolicy, &node, nullptr, 0UL, p, mpol_f_node | mpol_f_addr) != 0) return -1;
-  return node;
-}
 }  // namespace detail
 
 class verbs {
@@ -132,11 +121,20 @@ class verbs {
     if (region.where.kind == memory::location_kind::cuda) {
       order = topo.nearest_nics_to_gpu(region.where.device);
     } else {
-      order = topo.nearest_nics_to_numa(region.address ? detail::verbs_numa_of(region.address) : -1);
+      order = topo.nearest_nics_to_numa(topology::numa_node_of(region.address));
     }
     for (auto i : order)
       if (i < topo.nics.size() && topo.nics[i].rdma) return topo.nics[i].name;
     return error{errc::not_found, "verbs: the topology lists no RDMA NIC near " + region.where.to_string() + " memory"};
+  }
+
+  //! The GID index `gid_index: -1` picks on `nic`'s port 1, from the table
+  //! `kvx::topology` read in sysfs (no device opened): RoCE v2 IPv4-mapped
+  //! first. `not_found` for a NIC that is not an RDMA device; `unreachable`
+  //! for a RoCE port without a GID (no IP address on its netdev).
+  static result<int> gid_index_for(const topology::nic& nic) {
+    if (!nic.rdma) return error{errc::not_found, "verbs: '" + nic.name + "' is not an RDMA device"};
+    return detail::verbs_resolve_gid(detail::verbs_gid_candidates(nic), nic.link_layer == "Ethernet", nic.name + " port 1");
   }
 
   //! Opens the device and starts the handshake listener; the error names the

@@ -5,6 +5,7 @@ to regenerate). Each tree mirrors the parts of /sys kvx reads:
   devices/pciDDDD:BB/<bdf>/.../<bdf>/{class,vendor,device,numa_node}
   bus/pci/devices/<bdf> -> ../../../devices/pci.../<bdf>      (relative symlinks)
   class/infiniband/<dev>/device -> ../../../devices/...       ports/1/{rate,link_layer,state}
+                                                              ports/1/gids/<i>, ports/1/gid_attrs/{types,ndevs}/<i>
   class/net/<if>/device -> ...                                speed
 """
 import os
@@ -42,12 +43,25 @@ class Tree:
         link(self.root / "bus/pci/devices" / chain[-1], d)
         return d
 
-    def rdma(self, name: str, dev: pathlib.Path, rate: str = "400 Gb/sec (4X NDR)", layer: str = "InfiniBand") -> None:
+    def rdma(self, name: str, dev: pathlib.Path, rate: str = "400 Gb/sec (4X NDR)", layer: str = "InfiniBand",
+             gids=(), table: int = 4) -> None:
+        """gids: (gid as sysfs prints it, type, netdev or "") per used index from 0; the
+        rest of the table's `table` entries are unused: all-zero GID, no type or ndev
+        (reading them fails on a real host)."""
         base = self.root / "class/infiniband" / name
         link(base / "device", dev)
         write(base / "ports/1/rate", rate)
         write(base / "ports/1/link_layer", layer)
         write(base / "ports/1/state", "4: ACTIVE")
+        for i in range(table):
+            if i < len(gids):
+                gid, kind, ndev = gids[i]
+                write(base / f"ports/1/gids/{i}", gid)
+                write(base / f"ports/1/gid_attrs/types/{i}", kind)
+                if ndev:
+                    write(base / f"ports/1/gid_attrs/ndevs/{i}", ndev)
+            else:
+                write(base / f"ports/1/gids/{i}", ":".join(["0000"] * 8))
 
     def net(self, name: str, dev: pathlib.Path, speed: int) -> None:
         base = self.root / "class/net" / name
@@ -81,7 +95,9 @@ def two_socket_8gpu() -> None:
                     gpu += 1
                 else:
                     d = t.pci([rc, port, upstream, down, ep], NIC, MELLANOX, socket, "0x1021")
-                    t.rdma(f"mlx5_{nic}", d)
+                    # InfiniBand: index 0 is the port GID (subnet prefix + port GUID).
+                    port_gid = f"fe80:0000:0000:0000:0c42:a103:00{0x65 + nic:02x}:b1a0"
+                    t.rdma(f"mlx5_{nic}", d, gids=[(port_gid, "IB/RoCE v1", "")], table=2)
                     t.net(f"ibp{nic}", d, 400000)
                     nic += 1
         t.pci([rc, f"0000:{bus:02x}:1f.0", f"0000:{bus + 0x0f:02x}:00.0"], NVME, INTEL, socket)
@@ -91,15 +107,23 @@ def two_socket_8gpu() -> None:
 
 
 def single_socket() -> None:
-    """One socket, one GPU and one RoCE NIC behind the root complex, a virtio NIC without PCIe numa info."""
+    """One socket, one GPU and one RoCE NIC behind the root complex, no NUMA information
+    from firmware, and a loopback interface without a PCI device."""
     t = Tree("single_socket")
     t.node(0, "0-15")
     t.pci(["pci0000:00", "0000:00:01.0"], BRIDGE, INTEL, -1)
     t.pci(["pci0000:00", "0000:00:01.0", "0000:01:00.0"], GPU, NVIDIA, -1, "0x2684")
     t.pci(["pci0000:00", "0000:00:02.0"], BRIDGE, INTEL, -1)
     d = t.pci(["pci0000:00", "0000:00:02.0", "0000:02:00.0"], "0x020000", MELLANOX, -1, "0x1017")
-    t.rdma("mlx5_0", d, "100 Gb/sec (4X EDR)", "Ethernet")
+    # A RoCE port's table as the kernel fills it: the link-local GID and the
+    # IPv4-mapped one, each as RoCE v1 and v2 (what rxe shows too).
+    link_local = "fe80:0000:0000:0000:0a1b:2cff:fe3d:4e5f"
+    mapped = "0000:0000:0000:0000:0000:ffff:c0a8:0114"  # ::ffff:192.168.1.20
+    t.rdma("mlx5_0", d, "100 Gb/sec (4X EDR)", "Ethernet",
+           gids=[(link_local, "IB/RoCE v1", "enp2s0"), (link_local, "RoCE v2", "enp2s0"),
+                 (mapped, "IB/RoCE v1", "enp2s0"), (mapped, "RoCE v2", "enp2s0")], table=8)
     t.net("enp2s0", d, 100000)
+    write(t.root / "class/net/lo/speed", "")  # no device link: skipped
 
 
 if __name__ == "__main__":

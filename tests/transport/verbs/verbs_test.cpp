@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -250,13 +252,207 @@ TEST(VerbsGid, PrefersRoceV2Ipv4Mapped) {
   EXPECT_EQ(vd::verbs_choose_gid({{0, gid("fe80::2"), IBV_GID_TYPE_IB}, {1, gid("fe80::3"), IBV_GID_TYPE_IB}}), 0);
 }
 
+TEST(VerbsGid, ChoosesFromTheSysfsTableOfAFixtureRocePort) {
+  const auto root = std::filesystem::path(KVX_SOURCE_DIR) / "tests/data/topology";
+  auto roce = kvx::topology::discover(root / "single_socket");
+  ASSERT_TRUE(roce) << roce.error().message();
+  const auto& nic = roce->nics.at(0);
+  const auto candidates = vd::verbs_gid_candidates(nic);
+  ASSERT_EQ(candidates.size(), 4u);
+  EXPECT_EQ(candidates[0].type, IBV_GID_TYPE_ROCE_V1);
+  EXPECT_EQ(candidates[1].type, IBV_GID_TYPE_ROCE_V2);
+  EXPECT_EQ(vd::verbs_gid_to_string(candidates[3].gid), "::ffff:192.168.1.20");
+  auto index = verbs::gid_index_for(nic);
+  ASSERT_TRUE(index) << index.error().message();
+  EXPECT_EQ(*index, 3) << "RoCE v2, IPv4-mapped";
+  // The same port before its netdev has an IPv4 address: link-local v2.
+  auto no_ipv4 = nic;
+  no_ipv4.gids.resize(2);
+  EXPECT_EQ(*verbs::gid_index_for(no_ipv4), 1);
+  // Without any GID a RoCE port cannot be addressed; an IB port routes by LID.
+  auto bare = nic;
+  bare.gids.clear();
+  auto none = verbs::gid_index_for(bare);
+  EXPECT_EQ(none.code(), errc::unreachable);
+  EXPECT_NE(none.error().message().find("IP address"), std::string::npos) << none.error().message();
+  auto ib = kvx::topology::discover(root / "two_socket_8gpu");
+  ASSERT_TRUE(ib);
+  EXPECT_EQ(vd::verbs_gid_candidates(ib->nics[0]).at(0).type, IBV_GID_TYPE_IB);
+  EXPECT_EQ(*verbs::gid_index_for(ib->nics[0]), 0);
+  auto ib_bare = ib->nics[0];
+  ib_bare.gids.clear();
+  EXPECT_EQ(*verbs::gid_index_for(ib_bare), 0);
+  EXPECT_EQ(verbs::gid_index_for(ib->nics.back()).code(), errc::not_found) << "eno1 is not an RDMA device";
+  auto garbled = nic;
+  garbled.gids[3].gid = "not a gid";
+  EXPECT_EQ(vd::verbs_gid_candidates(garbled).size(), 3u);
+  EXPECT_EQ(*verbs::gid_index_for(garbled), 1);
+}
+
+// ---- send queue: WR batching, selective signaling, completion attribution ----
+
+// An op that records how it ended instead of posting a handler.
+struct recorded_op final : vd::verbs_op_base {
+  explicit recorded_op(std::uint64_t len, std::vector<std::optional<std::error_code>>* log, std::size_t slot)
+      : log_(log), slot_(slot) {
+    length = len;
+  }
+  void finish(std::error_code ec) override {
+    auto& entry = (*log_)[slot_];
+    EXPECT_FALSE(entry.has_value()) << "op " << slot_ << " finished twice";
+    entry = ec;
+  }
+  std::vector<std::optional<std::error_code>>* log_;
+  std::size_t slot_;
+};
+
+struct send_queue_fixture {
+  explicit send_queue_fixture(std::vector<std::uint64_t> lengths) : ended(lengths.size()) {
+    for (std::size_t i = 0; i < lengths.size(); ++i) ops.push_back(std::make_unique<recorded_op>(lengths[i], &ended, i));
+  }
+  std::vector<std::optional<std::error_code>> ended;
+  std::vector<std::unique_ptr<recorded_op>> ops;
+};
+
+std::vector<std::uint64_t> seqs_of(const std::vector<vd::verbs_piece>& pieces) {
+  std::vector<std::uint64_t> out;
+  for (const auto& p : pieces) out.push_back(p.seq);
+  return out;
+}
+std::vector<std::uint64_t> signaled_of(const std::vector<vd::verbs_piece>& pieces) {
+  std::vector<std::uint64_t> out;
+  for (const auto& p : pieces)
+    if (p.signaled) out.push_back(p.seq);
+  return out;
+}
+
+TEST(VerbsSendQueue, CutsOpsIntoMaxMessagePiecesWithinTheOutstandingBound) {
+  send_queue_fixture f({2500, 100, 4000});
+  vd::verbs_send_queue q(/*max_outstanding=*/4, /*signal_interval=*/3, /*max_msg=*/1000);
+  for (auto& op : f.ops) q.push(op.get());
+  auto burst = q.plan_burst();
+  // op 0: 1000 + 1000 + 500; op 1: 100; op 2 waits: the window (4) is full.
+  ASSERT_EQ(burst.size(), 4u);
+  EXPECT_EQ(seqs_of(burst), (std::vector<std::uint64_t>{1, 2, 3, 4}));
+  EXPECT_EQ(burst[2].offset, 2000u);
+  EXPECT_EQ(burst[2].length, 500u);
+  EXPECT_EQ(burst[3].op, f.ops[1].get());
+  EXPECT_EQ(signaled_of(burst), (std::vector<std::uint64_t>{3, 4})) << "every 3rd WR and the burst's last";
+  EXPECT_EQ(q.outstanding(), 4u);
+  EXPECT_TRUE(q.plan_burst().empty()) << "a full window posts nothing";
+  EXPECT_EQ(q.inflight().size(), 2u);
+  EXPECT_EQ(q.pending().size(), 1u);
+  EXPECT_EQ(f.ops[0]->first_seq, 1u);
+  EXPECT_EQ(f.ops[0]->last_seq, 3u);
+
+  q.complete(3);  // retires WRs 1..3: op 0 ends, op 1 (WR 4) does not
+  EXPECT_EQ(f.ended[0], std::error_code{});
+  EXPECT_FALSE(f.ended[1]);
+  EXPECT_EQ(q.outstanding(), 1u);
+  burst = q.plan_burst();  // three slots free: op 2's first three pieces, the last of them signaled
+  EXPECT_EQ(seqs_of(burst), (std::vector<std::uint64_t>{5, 6, 7}));
+  EXPECT_EQ(signaled_of(burst), (std::vector<std::uint64_t>{7}));
+  EXPECT_EQ(q.pending().size(), 1u) << "op 2 is partly posted";
+  q.complete(7);
+  EXPECT_EQ(f.ended[1], std::error_code{});
+  burst = q.plan_burst();
+  ASSERT_EQ(burst.size(), 1u);
+  EXPECT_EQ(burst[0].offset, 3000u);
+  EXPECT_TRUE(burst[0].signaled);
+  q.complete(8);
+  EXPECT_EQ(f.ended[2], std::error_code{});
+  EXPECT_FALSE(q.busy());
+  EXPECT_EQ(q.outstanding(), 0u);
+}
+
+TEST(VerbsSendQueue, SignalsEveryIntervalAcrossBursts) {
+  std::vector<std::uint64_t> lengths(40, 64);
+  send_queue_fixture f(lengths);
+  vd::verbs_send_queue q(/*max_outstanding=*/128, /*signal_interval=*/16, /*max_msg=*/1 << 20);
+  for (std::size_t i = 0; i < 10; ++i) q.push(f.ops[i].get());
+  auto first = q.plan_burst();
+  EXPECT_EQ(signaled_of(first), (std::vector<std::uint64_t>{10})) << "the tail of a burst is always signaled";
+  for (std::size_t i = 10; i < 40; ++i) q.push(f.ops[i].get());
+  auto second = q.plan_burst();  // the count restarts after the signaled tail
+  EXPECT_EQ(signaled_of(second), (std::vector<std::uint64_t>{26, 40}));
+  q.complete(26);
+  for (std::size_t i = 0; i < 26; ++i) EXPECT_EQ(f.ended[i], std::error_code{}) << i;
+  for (std::size_t i = 26; i < 40; ++i) EXPECT_FALSE(f.ended[i]) << i;
+  // A window smaller than the interval: each burst's tail is what gets signaled, so the window drains.
+  send_queue_fixture g(std::vector<std::uint64_t>(8, 64));
+  vd::verbs_send_queue small(/*max_outstanding=*/5, /*signal_interval=*/8, /*max_msg=*/64);
+  for (auto& op : g.ops) small.push(op.get());
+  EXPECT_EQ(signaled_of(small.plan_burst()), (std::vector<std::uint64_t>{5}));
+  small.complete(5);
+  EXPECT_EQ(signaled_of(small.plan_burst()), (std::vector<std::uint64_t>{8}));
+  small.complete(8);
+  EXPECT_FALSE(small.busy());
+}
+
+TEST(VerbsSendQueue, AnErrorCompletionEndsOpsBeforeItWithSuccessItsOwnWithTheMappedErrorAndLaterOnesByFlush) {
+  send_queue_fixture f({100, 100, 100, 100});
+  vd::verbs_send_queue q(16, 16, 1000);
+  for (auto& op : f.ops) q.push(op.get());
+  ASSERT_EQ(q.plan_burst().size(), 4u);
+  q.fail(2, IBV_WC_REM_ACCESS_ERR);  // WR 1 completed (RC is in order), WR 2 was refused
+  EXPECT_EQ(f.ended[0], std::error_code{});
+  EXPECT_EQ(f.ended[1], errc::stale);
+  EXPECT_FALSE(f.ended[2]) << "later WRs get their own flush completions";
+  q.fail(3, IBV_WC_WR_FLUSH_ERR);
+  EXPECT_EQ(f.ended[2], errc::connection_lost);
+  q.end_inflight();  // the drain marker: whatever is left
+  EXPECT_EQ(f.ended[3], errc::connection_lost);
+  EXPECT_FALSE(q.busy());
+}
+
+TEST(VerbsSendQueue, APartlyPostedOpHitByAnErrorEndsInsteadOfRetryingForever) {
+  send_queue_fixture f({4000, 10});
+  vd::verbs_send_queue q(/*max_outstanding=*/2, 1, /*max_msg=*/1000);
+  for (auto& op : f.ops) q.push(op.get());
+  ASSERT_EQ(q.plan_burst().size(), 2u);  // two of op 0's four pieces
+  q.fail(1, IBV_WC_REM_ACCESS_ERR);
+  EXPECT_EQ(f.ended[0], errc::stale);
+  EXPECT_FALSE(f.ended[1]);
+  auto retry = q.take_pending();  // op 1 posted nothing: it moves to the next QP
+  ASSERT_EQ(retry.size(), 1u);
+  EXPECT_EQ(retry.front(), f.ops[1].get());
+
+  // A flush of a partly posted op (the QP broke under it) retries it from byte 0.
+  send_queue_fixture g({4000});
+  vd::verbs_send_queue r(2, 1, 1000);
+  r.push(g.ops[0].get());
+  ASSERT_EQ(r.plan_burst().size(), 2u);
+  r.fail(1, IBV_WC_WR_FLUSH_ERR);
+  EXPECT_FALSE(g.ended[0]);
+  auto again = r.take_pending();
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_EQ(again.front()->posted, 0u);
+}
+
+TEST(VerbsSendQueue, CancellationEndsUnpostedOpsAndAsksToBreakTheQpForPostedOnes) {
+  send_queue_fixture f({100, 100, 100});
+  vd::verbs_send_queue q(/*max_outstanding=*/1, 1, 1000);
+  for (auto& op : f.ops) q.push(op.get());
+  ASSERT_EQ(q.plan_burst().size(), 1u);
+  EXPECT_EQ(q.cancel(f.ops[2].get()), vd::verbs_cancel_outcome::ended);
+  EXPECT_EQ(f.ended[2], errc::cancelled);
+  EXPECT_EQ(q.cancel(f.ops[2].get()), vd::verbs_cancel_outcome::not_found);
+  EXPECT_EQ(q.cancel(f.ops[0].get()), vd::verbs_cancel_outcome::break_the_qp);
+  EXPECT_FALSE(f.ended[0]) << "its DMA may still run: it ends when the QP is flushed";
+  q.fail(1, IBV_WC_WR_FLUSH_ERR);
+  EXPECT_EQ(f.ended[0], errc::cancelled);
+  EXPECT_EQ(q.take_pending().size(), 1u);
+  q.end_all(errc::connection_lost);
+  EXPECT_FALSE(f.ended[1]) << "take_pending handed op 1 over";
+}
+
 TEST(VerbsTopology, NearestDeviceFollowsTheGpu) {
   kvx::topology::system topo;
   topo.pci = {{"0000:10:00.0", "pci0000:00", {"0000:00:01.0", "0000:01:00.0", "0000:10:00.0"}, 0, 0, 0},
               {"0000:11:00.0", "pci0000:00", {"0000:00:01.0", "0000:01:00.0", "0000:11:00.0"}, 0, 0, 0},
               {"0000:80:00.0", "pci0000:80", {"0000:80:00.0"}, 0, 0, 1}};
-  topo.nics = {{"mlx5_far", true, {}, "0000:80:00.0", 1, 200, "Ethernet"},
-               {"mlx5_near", true, {}, "0000:11:00.0", 0, 200, "Ethernet"}};
+  topo.nics = {{"mlx5_far", true, {}, "0000:80:00.0", 1, 200, "Ethernet", {}},
+               {"mlx5_near", true, {}, "0000:11:00.0", 0, 200, "Ethernet", {}}};
   topo.gpus = {{0, "0000:10:00.0", 0}};
   topo.numa_nodes = {{0, {0}}, {1, {1}}};
   auto n = verbs::nearest_device({reinterpret_cast<void*>(0x1000), 64, kvx::memory::location::cuda(0)}, topo);

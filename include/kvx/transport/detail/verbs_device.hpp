@@ -124,17 +124,11 @@ struct verbs_device {
         if (ibv_query_gid_ex(d->ctx, o.port, static_cast<std::uint32_t>(i), &entry, 0) != 0) continue;
         gids.push_back({i, entry.gid, static_cast<ibv_gid_type>(entry.gid_type)});
       }
-      const int best = verbs_choose_gid(gids);
-      if (best < 0) {
-        if (info.ethernet)
-          return error{errc::unreachable, "verbs: " + d->name + " port " + std::to_string(o.port) +
-                                              " (RoCE) has no usable GID: give its netdev an IP address"};
-        info.gid_index = 0;  // InfiniBand: LID routing, GID unused
-      } else {
-        info.gid_index = best;
-        for (const auto& g : gids)
-          if (g.index == best) info.gid = g.gid;
-      }
+      auto best = verbs_resolve_gid(gids, info.ethernet, d->name + " port " + std::to_string(o.port));
+      KVX_TRY(best);
+      info.gid_index = *best;
+      for (const auto& g : gids)
+        if (g.index == *best) info.gid = g.gid;
     }
     return d;
   }

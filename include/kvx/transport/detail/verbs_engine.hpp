@@ -7,7 +7,6 @@
 
 #include <infiniband/verbs.h>
 
-#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -32,29 +31,14 @@
 #include <kvx/core/async.hpp>
 #include <kvx/memory/segment.hpp>
 #include <kvx/transport/detail/verbs_device.hpp>
+#include <kvx/transport/detail/verbs_send_queue.hpp>
 #include <kvx/transport/detail/verbs_support.hpp>
 
 namespace kvx::transport::detail {
 
-//! One async_read / async_write; `finish` posts the handler and deletes it.
-struct verbs_op_base {
-  virtual ~verbs_op_base() = default;
-  virtual void finish(std::error_code ec) = 0;
-  std::byte* local = nullptr;
-  std::uint32_t lkey = 0;
-  std::uint64_t remote_addr = 0;
-  std::uint32_t rkey = 0;
-  std::uint64_t length = 0;
-  std::uint64_t posted = 0;      // bytes handed to the QP so far
-  std::uint64_t first_seq = 0;   // first and last WR sequence numbers of this op
-  std::uint64_t last_seq = 0;
-  bool is_write = false;
-  bool cancelled = false;
-  std::string endpoint;
-};
-
 struct verbs_peer {
-  explicit verbs_peer(const asio::any_io_executor& ex) : sock(ex) {}
+  verbs_peer(const asio::any_io_executor& ex, const verbs_options& o, std::uint64_t max_msg)
+      : sock(ex), sq(o.max_outstanding, o.signal_interval, max_msg) {}
   enum class state { connecting, ready, broken } st = state::connecting;
   std::string endpoint;
   ibv_qp* qp = nullptr;
@@ -63,11 +47,7 @@ struct verbs_peer {
   asio::streambuf in;
   std::string out;
   char probe = 0;
-  std::deque<verbs_op_base*> pending;   // not (fully) posted yet, in order
-  std::deque<verbs_op_base*> inflight;  // fully posted, ordered by last_seq
-  std::uint64_t next_seq = 1;
-  std::uint64_t retired = 0;            // every WR <= retired has completed
-  std::uint32_t unsignaled = 0;
+  verbs_send_queue sq;
 };
 
 // The owner's side of a connection: a QP that only responds to RDMA, alive while its socket is.
@@ -180,21 +160,10 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     std::lock_guard lock(mu_);
     // Look the op up before touching it: it may have completed (and been freed) already.
     for (auto& [ep, peer] : peers_) {
-      auto& p = *peer;
-      for (auto q = p.pending.begin(); q != p.pending.end(); ++q) {
-        if (*q != op) continue;
-        if (op->posted == 0) {
-          p.pending.erase(q);
-          op->finish(errc::cancelled);
-          return;
-        }
-        op->cancelled = true;
-        return break_peer(p);
-      }
-      for (auto* f : p.inflight) {
-        if (f != op) continue;
-        op->cancelled = true;
-        return break_peer(p);
+      switch (peer->sq.cancel(op)) {
+        case verbs_cancel_outcome::not_found: continue;
+        case verbs_cancel_outcome::ended: return;
+        case verbs_cancel_outcome::break_the_qp: return break_peer(*peer);
       }
     }
   }
@@ -209,10 +178,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     for (auto& [ep, p] : peers_) {
       p->sock.close(ignored);
       if (p->qp) verbs_break_qp(p->qp);
-      for (auto* op : p->inflight) op->finish(errc::connection_lost);
-      for (auto* op : p->pending) op->finish(errc::connection_lost);
-      p->inflight.clear();
-      p->pending.clear();
+      p->sq.end_all(errc::connection_lost);
       if (p->qp) ibv_destroy_qp(p->qp);
       p->qp = nullptr;
     }
@@ -306,7 +272,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
 
   bool work_in_flight() const {
     for (const auto& [ep, p] : peers_)
-      if (!p->inflight.empty() || (p->st == verbs_peer::state::ready && !p->pending.empty())) return true;
+      if (!p->sq.inflight().empty() || (p->st == verbs_peer::state::ready && !p->sq.pending().empty())) return true;
     return false;
   }
 
@@ -325,33 +291,16 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     auto p = it->second;
     if (wc.wr_id == verbs_marker_wr) {
       // Every WR posted before the marker has been flushed: nothing touches caller buffers any more.
-      for (auto* op : p->inflight) op->finish(op->cancelled ? errc::cancelled : errc::connection_lost);
-      p->inflight.clear();
+      p->sq.end_inflight();
       replace_peer(p);
       return;
     }
-    const std::uint64_t seq = wc.wr_id;
     if (wc.status == IBV_WC_SUCCESS) {
-      p->retired = seq;
-      while (!p->inflight.empty() && p->inflight.front()->last_seq <= seq) {
-        p->inflight.front()->finish({});
-        p->inflight.pop_front();
-      }
+      p->sq.complete(wc.wr_id);
       post_pending(*p);
       return;
     }
-    const bool flushed = wc.status == IBV_WC_WR_FLUSH_ERR;
-    const auto mapped = verbs_wc_error(static_cast<ibv_wc_status>(wc.status));
-    while (!p->inflight.empty() && p->inflight.front()->first_seq <= seq) {
-      auto* op = p->inflight.front();
-      p->inflight.pop_front();
-      std::error_code ec;
-      if (op->cancelled) ec = errc::cancelled;
-      else if (op->last_seq < seq && !flushed) ec = {};  // RC completes in order: it finished before the error
-      else if (op->first_seq <= seq && seq <= op->last_seq && !flushed) ec = mapped;
-      else ec = errc::connection_lost;
-      op->finish(ec);
-    }
+    p->sq.fail(wc.wr_id, static_cast<ibv_wc_status>(wc.status));
     break_peer(*p);
   }
 
@@ -360,73 +309,41 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
   void enqueue(verbs_op_base* op) {
     auto& slot = peers_[op->endpoint];
     if (!slot) {
-      slot = std::make_shared<verbs_peer>(ex_);
+      slot = std::make_shared<verbs_peer>(ex_, opt_, dev_->info.max_msg);
       slot->endpoint = op->endpoint;
-      slot->pending.push_back(op);
+      slot->sq.push(op);
       connect_peer(slot);
       return;
     }
-    slot->pending.push_back(op);
+    slot->sq.push(op);
     if (slot->st == verbs_peer::state::ready) post_pending(*slot);
   }
 
   void post_pending(verbs_peer& p) {
     if (p.st != verbs_peer::state::ready) return;
-    const std::uint64_t max_out = opt_.max_outstanding;
-    std::vector<ibv_send_wr> wrs;
-    std::vector<ibv_sge> sges;
-    wrs.reserve(64);
-    sges.reserve(64);
-    std::vector<verbs_op_base*> completed_ops;  // fully posted by this burst
-    std::uint64_t seq = p.next_seq;
-    while (!p.pending.empty()) {
-      auto* op = p.pending.front();
-      bool full = false;
-      while (op->posted < op->length) {
-        if (seq - 1 - p.retired >= max_out) {
-          full = true;
-          break;
-        }
-        const std::uint64_t n = std::min<std::uint64_t>(op->length - op->posted, dev_->info.max_msg);
-        ibv_sge sge{};
-        sge.addr = reinterpret_cast<std::uint64_t>(op->local + op->posted);
-        sge.length = static_cast<std::uint32_t>(n);
-        sge.lkey = op->lkey;
-        sges.push_back(sge);
-        ibv_send_wr wr{};
-        wr.wr_id = seq;
-        wr.opcode = op->is_write ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_READ;
-        wr.num_sge = 1;
-        wr.wr.rdma.remote_addr = op->remote_addr + op->posted;
-        wr.wr.rdma.rkey = op->rkey;
-        if (++p.unsignaled >= opt_.signal_interval) {
-          wr.send_flags = IBV_SEND_SIGNALED;
-          p.unsignaled = 0;
-        }
-        if (op->posted == 0) op->first_seq = seq;
-        op->posted += n;
-        op->last_seq = seq;
-        wrs.push_back(wr);
-        ++seq;
-      }
-      if (full) break;
-      completed_ops.push_back(op);
-      p.pending.pop_front();
-    }
-    if (wrs.empty()) return;
-    // The last WR of a burst is always signaled: nothing later may come to report it.
-    wrs.back().send_flags = IBV_SEND_SIGNALED;
-    p.unsignaled = 0;
-    for (std::size_t i = 0; i < wrs.size(); ++i) {
-      wrs[i].sg_list = &sges[i];
-      wrs[i].next = i + 1 < wrs.size() ? &wrs[i + 1] : nullptr;
+    const auto pieces = p.sq.plan_burst();
+    if (pieces.empty()) return;
+    std::vector<ibv_send_wr> wrs(pieces.size());
+    std::vector<ibv_sge> sges(pieces.size());
+    for (std::size_t i = 0; i < pieces.size(); ++i) {
+      const auto& piece = pieces[i];
+      sges[i].addr = reinterpret_cast<std::uint64_t>(piece.op->local + piece.offset);
+      sges[i].length = piece.length;
+      sges[i].lkey = piece.op->lkey;
+      auto& wr = wrs[i];
+      wr.wr_id = piece.seq;
+      wr.opcode = piece.op->is_write ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_READ;
+      wr.send_flags = piece.signaled ? IBV_SEND_SIGNALED : 0;
+      wr.num_sge = 1;
+      wr.sg_list = &sges[i];
+      wr.wr.rdma.remote_addr = piece.op->remote_addr + piece.offset;
+      wr.wr.rdma.rkey = piece.op->rkey;
+      wr.next = i + 1 < pieces.size() ? &wrs[i + 1] : nullptr;
     }
     ibv_send_wr* bad = nullptr;
-    const int rc = ibv_post_send(p.qp, wrs.data(), &bad);
-    p.next_seq = seq;
-    for (auto* op : completed_ops) p.inflight.push_back(op);
-    if (rc != 0) {
-      // The QP refused the chain: treat it as a broken connection; ops retry on a fresh QP.
+    if (ibv_post_send(p.qp, wrs.data(), &bad) != 0) {
+      // The QP refused the chain (WRs before `bad` are on it): treat it as a
+      // broken connection; the flush ends those, unposted ops retry on a fresh QP.
       break_peer(p);
       return;
     }
@@ -455,8 +372,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     ibv_send_wr* bad = nullptr;
     if (ibv_post_send(p.qp, &marker, &bad) != 0) {
       // No marker slot: the flush of the signaled WRs already posted still arrives; end the rest now.
-      for (auto* op : p.inflight) op->finish(op->cancelled ? errc::cancelled : errc::connection_lost);
-      p.inflight.clear();
+      p.sq.end_inflight();
       auto self = peers_.find(p.endpoint);
       if (self != peers_.end()) replace_peer(self->second);
       return;
@@ -475,18 +391,8 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     }
     boost::system::error_code ignored;
     p->sock.close(ignored);
-    auto pending = std::move(p->pending);
-    p->pending.clear();
-    for (auto* op : p->inflight) op->finish(op->cancelled ? errc::cancelled : errc::connection_lost);
-    p->inflight.clear();
-    for (auto* op : pending) {
-      if (op->cancelled) {
-        op->finish(errc::cancelled);
-        continue;
-      }
-      op->posted = 0;  // READ and WRITE are idempotent: start the slice again
-      enqueue(op);
-    }
+    p->sq.end_inflight();
+    for (auto* op : p->sq.take_pending()) enqueue(op);  // READ and WRITE are idempotent: start over
   }
 
   void fail_connecting(const std::shared_ptr<verbs_peer>& p, std::error_code ec) {
@@ -499,8 +405,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     }
     boost::system::error_code ignored;
     p->sock.close(ignored);
-    for (auto* op : p->pending) op->finish(ec);
-    p->pending.clear();
+    p->sq.end_all(ec);
   }
 
   // ---- handshake ---------------------------------------------------------

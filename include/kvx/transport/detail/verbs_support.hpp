@@ -1,7 +1,8 @@
 #pragma once
 // The parts of the verbs transport that need no RDMA device: options, the
 // completion-status mapping, the descriptor entry, the registration range
-// map and GID ranking. Kept apart so they are tested everywhere.
+// map and GID ranking (also over a sysfs GID table). Kept apart so they are
+// tested everywhere.
 
 #include <arpa/inet.h>
 
@@ -25,6 +26,7 @@
 #include <kvx/core/error.hpp>
 #include <kvx/core/result.hpp>
 #include <kvx/memory/segment.hpp>
+#include <kvx/topology/topology.hpp>
 
 namespace kvx::transport {
 
@@ -329,6 +331,33 @@ inline int verbs_choose_gid(const std::vector<verbs_gid_candidate>& gids) noexce
     }
   }
   return best;
+}
+
+//! The GID index to use on a port, or why there is none: a RoCE port needs a
+//! GID (its netdev needs an IP address); InfiniBand routes by LID and uses
+//! index 0 when the table is empty.
+inline result<int> verbs_resolve_gid(const std::vector<verbs_gid_candidate>& gids, bool ethernet, const std::string& port) {
+  const int best = verbs_choose_gid(gids);
+  if (best >= 0) return best;
+  if (ethernet)
+    return error{errc::unreachable, "verbs: " + port + " (RoCE) has no usable GID: give its netdev an IP address"};
+  return 0;
+}
+
+//! A NIC's GID table as `kvx::topology` read it from sysfs (port 1), as
+//! selection candidates: "RoCE v2" entries are v2, "IB/RoCE v1" entries are
+//! IB on an InfiniBand port and RoCE v1 on an Ethernet one. Entries whose
+//! text is not a GID are left out.
+inline std::vector<verbs_gid_candidate> verbs_gid_candidates(const topology::nic& n) {
+  std::vector<verbs_gid_candidate> out;
+  for (const auto& g : n.gids) {
+    auto gid = verbs_gid_from_string(g.gid);
+    if (!gid) continue;
+    ibv_gid_type type = n.link_layer == "InfiniBand" ? IBV_GID_TYPE_IB : IBV_GID_TYPE_ROCE_V1;
+    if (g.type == "RoCE v2") type = IBV_GID_TYPE_ROCE_V2;
+    out.push_back({g.index, *gid, type});
+  }
+  return out;
 }
 
 }  // namespace detail
