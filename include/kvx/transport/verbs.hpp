@@ -10,9 +10,11 @@
 //!   a buffer (same PCIe switch as its GPU, same NUMA node as host memory).
 //! - `register_memory(seg)` registers the region with a registration cache:
 //!   a segment inside an already registered range reuses that memory region
-//!   (MR), so a hot buffer is pinned once. `register_memory(seg, dmabuf_fd)`
-//!   registers device memory through `ibv_reg_dmabuf_mr` (CUDA exports the fd
-//!   with `cuMemGetHandleForAddressRange`; this header never includes CUDA).
+//!   (MR), so a hot buffer is pinned once. CUDA memory goes through
+//!   `ibv_reg_dmabuf_mr`: built with `kvx::cuda` (`KVX_WITH_CUDA`),
+//!   `register_memory(seg)` exports the segment itself
+//!   (`kvx::cuda::export_dmabuf`, `cuMemGetHandleForAddressRange`); without
+//!   it, pass the fd: `register_memory(seg, dmabuf_fd, offset)`.
 //!   The entry published under `transports["verbs"]` is `{"segment",
 //!   "generation", "key_check", "addr", "length", "rkey", "lid", "gid",
 //!   "qp_endpoint"}`.
@@ -66,12 +68,17 @@
 
 #include <kvx/core/async.hpp>
 #include <kvx/core/config.hpp>
+#include <kvx/features.hpp>
 #include <kvx/memory/memory_region.hpp>
 #include <kvx/topology/topology.hpp>
 #include <kvx/transport/detail/verbs_device.hpp>
 #include <kvx/transport/detail/verbs_engine.hpp>
 #include <kvx/transport/detail/verbs_support.hpp>
 #include <kvx/transport/transport.hpp>
+
+#if KVX_WITH_CUDA
+#include <kvx/cuda/dmabuf.hpp>
+#endif
 
 namespace kvx::transport {
 
@@ -173,7 +180,17 @@ class verbs {
   //! Memory registrations currently held (segments inside one share it).
   [[nodiscard]] std::size_t cached_registrations() const { return e_->cached_registrations(); }
 
-  result<nlohmann::json> register_memory(const memory::local_segment& seg) { return e_->register_memory(seg, -1, 0); }
+  //! Host memory; CUDA memory too when built with `kvx::cuda` (exported as a dma-buf).
+  result<nlohmann::json> register_memory(const memory::local_segment& seg) {
+#if KVX_WITH_CUDA
+    if (seg.region.where.kind == memory::location_kind::cuda && seg.region.address && seg.region.length) {
+      auto buf = cuda::export_dmabuf(seg.region.address, seg.region.length);
+      if (!buf) return error{buf.code(), "verbs: segment '" + seg.name + "': " + buf.error().context()};
+      return e_->register_memory(seg, buf->fd(), buf->offset());  // the MR holds its own reference: `buf` closes the fd
+    }
+#endif
+    return e_->register_memory(seg, -1, 0);
+  }
   //! Registers device memory exported as a dma-buf: `fd` and the offset of
   //! `seg.region.address` inside it. The fd may be closed afterwards.
   result<nlohmann::json> register_memory(const memory::local_segment& seg, int dmabuf_fd, std::uint64_t dmabuf_offset = 0) {

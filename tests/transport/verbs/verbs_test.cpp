@@ -1,5 +1,7 @@
 #include <kvx/transport/verbs.hpp>
 
+#include <kvx/transport/multi_rail.hpp>
+
 #include <kvx/testing/transport_conformance.hpp>
 
 #include <gtest/gtest.h>
@@ -289,6 +291,47 @@ TEST(VerbsGid, ChoosesFromTheSysfsTableOfAFixtureRocePort) {
   EXPECT_EQ(*verbs::gid_index_for(garbled), 1);
 }
 
+TEST(VerbsHandshake, AddressLinesRoundTripAndBadLinesAreRefused) {
+  vd::verbs_qp_address a{0x1234, 0xabcdef, 7, *vd::verbs_gid_from_string("::ffff:10.0.0.5")};
+  const auto line = a.to_line();
+  ASSERT_EQ(line.back(), '\n');
+  auto back = vd::verbs_qp_address::parse(line.substr(0, line.size() - 1));
+  ASSERT_TRUE(back) << back.error().message();
+  EXPECT_EQ(back->qpn, 0x1234u);
+  EXPECT_EQ(back->psn, 0xabcdefu);
+  EXPECT_EQ(back->lid, 7);
+  EXPECT_EQ(vd::verbs_gid_to_string(back->gid), "::ffff:10.0.0.5");
+  struct bad_case {
+    const char* line;
+    const char* says;
+  } cases[] = {
+      {"", "not a JSON object"},
+      {"[1, 2]", "not a JSON object"},
+      {R"({"psn": 1, "lid": 0, "gid": "::"})", "qpn"},
+      {R"({"qpn": 1, "lid": 0, "gid": "::"})", "psn"},
+      {R"({"qpn": 1, "psn": 1, "gid": "::"})", "lid"},
+      {R"({"qpn": 1, "psn": 1, "lid": 0})", "gid"},
+      {R"({"qpn": 1, "psn": 1, "lid": 70000, "gid": "::"})", "lid"},
+      {R"({"qpn": 16777216, "psn": 1, "lid": 0, "gid": "::"})", "24 bits"},
+      {R"({"qpn": 1, "psn": 16777216, "lid": 0, "gid": "::"})", "24 bits"},
+      {R"({"qpn": 1, "psn": 1, "lid": 0, "gid": "10.0.0.5"})", "not a GID"},
+  };
+  for (const auto& c : cases) {
+    auto r = vd::verbs_qp_address::parse(c.line);
+    ASSERT_FALSE(r) << "accepted: " << c.line;
+    EXPECT_EQ(r.code(), errc::malformed_message) << c.line << ": " << r.error().message();
+    EXPECT_NE(r.error().message().find(c.says), std::string::npos) << c.line << ": " << r.error().message();
+  }
+}
+
+TEST(VerbsCompletionQueue, EveryActiveQpMayFlushItsWindowAndTheMarker) {
+  EXPECT_EQ(vd::verbs_cq_entries_for(0, 128), 0u);
+  EXPECT_EQ(vd::verbs_cq_entries_for(1, 128), 129u);
+  EXPECT_EQ(vd::verbs_cq_entries_for(508, 128), 65532u) << "508 peers fit the default 65536-entry CQ";
+  EXPECT_EQ(vd::verbs_cq_entries_for(509, 128), 65661u) << "the 509th makes the transport grow it";
+  EXPECT_EQ(vd::verbs_cq_entries_for(std::size_t{1} << 32, 32768), (std::uint64_t{1} << 32) * 32769) << "no overflow";
+}
+
 // ---- send queue: WR batching, selective signaling, completion attribution ----
 
 // An op that records how it ended instead of posting a handler.
@@ -466,6 +509,17 @@ TEST(Verbs, SatisfiesTheTransportConcept) {
   static_assert(kvx::transport::check_transport<verbs>());
   static_assert(verbs::name() == "verbs");
   static_assert(kvx::transport::has(verbs::capabilities.memory, kvx::transport::memory_kinds::cuda));
+}
+
+TEST(Verbs, OneVerbsPerNicBehindMultiRailIsATransport) {
+  using rails = kvx::transport::multi_rail<verbs, kvx::topology::rail::nearest>;
+  static_assert(kvx::transport::check_transport<rails>());
+  // Compiled, not run (it needs NICs): the data path of verbs rails instantiates.
+  [[maybe_unused]] auto read_through = [](rails& r, const kvx::memory::segment_descriptor& d, std::span<std::byte> dst) {
+    r.async_read(d, 0, dst, [](std::error_code) {});
+    r.async_write(d, 0, std::span<const std::byte>(dst), [](std::error_code) {});
+  };
+  SUCCEED();
 }
 
 TEST(Verbs, CreateWithoutADeviceSaysWhatIsMissing) {

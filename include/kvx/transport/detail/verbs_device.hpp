@@ -134,14 +134,6 @@ struct verbs_device {
   }
 };
 
-//! The peer half of a queue-pair connection, as exchanged in the handshake.
-struct verbs_qp_address {
-  std::uint32_t qpn = 0;
-  std::uint32_t psn = 0;
-  std::uint16_t lid = 0;
-  ibv_gid gid{};
-};
-
 inline result<ibv_qp*> verbs_create_qp(verbs_device& d, ibv_cq* cq, std::uint32_t max_send_wr) {
   ibv_qp_init_attr init{};
   init.send_cq = cq;

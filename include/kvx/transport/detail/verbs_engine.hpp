@@ -29,6 +29,7 @@
 #include <nlohmann/json.hpp>
 
 #include <kvx/core/async.hpp>
+#include <kvx/core/log.hpp>
 #include <kvx/memory/segment.hpp>
 #include <kvx/transport/detail/verbs_device.hpp>
 #include <kvx/transport/detail/verbs_send_queue.hpp>
@@ -97,7 +98,8 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
       return error{errc::invalid_argument, "verbs: segment '" + seg.name + "' is empty"};
     const auto base = reinterpret_cast<std::uintptr_t>(seg.region.address);
     if (dmabuf_fd < 0 && seg.region.where.kind == memory::location_kind::cuda)
-      return error{errc::not_supported, "verbs: segment '" + seg.name + "' is CUDA memory: register it with its dma-buf fd"};
+      return error{errc::not_supported, "verbs: segment '" + seg.name +
+                                            "' is CUDA memory: pass its dma-buf fd, or build with kvx::cuda to export it"};
     constexpr int access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE;
     auto r = mrs_.acquire(base, seg.region.length, [&]() -> result<ibv_mr*> {
       ibv_mr* mr = dmabuf_fd >= 0 ? ibv_reg_dmabuf_mr(dev_->pd, dmabuf_offset, seg.region.length, base, dmabuf_fd, access)
@@ -410,26 +412,12 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
 
   // ---- handshake ---------------------------------------------------------
 
-  nlohmann::json address_json(const verbs_qp_address& a) const {
-    return {{"qpn", a.qpn}, {"psn", a.psn}, {"lid", a.lid}, {"gid", verbs_gid_to_string(a.gid)}};
-  }
-  static result<verbs_qp_address> parse_address(std::istream& in) {
+  // The peer's handshake line, parsed.
+  static result<verbs_qp_address> read_address(asio::streambuf& in) {
+    std::istream is(&in);
     std::string line;
-    std::getline(in, line);
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return error{errc::malformed_message, "verbs handshake: not a JSON object"};
-    config::view v(j, "handshake");
-    auto qpn = v.required<std::uint32_t>("qpn");
-    KVX_TRY(qpn);
-    auto psn = v.required<std::uint32_t>("psn");
-    KVX_TRY(psn);
-    auto lid = v.required<std::uint16_t>("lid");
-    KVX_TRY(lid);
-    auto gid = v.required<std::string>("gid");
-    KVX_TRY(gid);
-    auto g = verbs_gid_from_string(*gid);
-    if (!g) return error{errc::malformed_message, "verbs handshake: bad gid '" + *gid + "'"};
-    return verbs_qp_address{*qpn, *psn & 0xffffffu, *lid, *g};
+    std::getline(is, line);
+    return verbs_qp_address::parse(line);
   }
 
   result<ibv_qp*> new_qp(std::uint32_t& psn) {
@@ -439,7 +427,25 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     return *qp;
   }
 
+  // Grows the shared CQ so `qps` active queue pairs cannot overrun it (an
+  // overrun puts the CQ and every QP on it in error).
+  result<void> fit_cq(std::size_t qps) {
+    const auto need = verbs_cq_entries_for(qps, opt_.max_outstanding);
+    if (need <= static_cast<std::uint64_t>(cq_->cqe)) return {};
+    if (need > static_cast<std::uint64_t>(dev_->info.max_cqe))
+      return error{errc::capacity_exceeded, "verbs: " + std::to_string(qps) + " peers need " + std::to_string(need) +
+                                                " CQ entries, beyond " + dev_->name + "'s max_cqe " +
+                                                std::to_string(dev_->info.max_cqe) + ": lower max_outstanding"};
+    if (int e = ibv_resize_cq(cq_, static_cast<int>(need)))
+      return verbs_call_error("verbs: ibv_resize_cq(" + std::to_string(need) + ")", e, errc::capacity_exceeded);
+    return {};
+  }
+
   void connect_peer(const std::shared_ptr<verbs_peer>& p) {
+    if (auto fits = fit_cq(peers_.size()); !fits) {
+      log(log_level::warn, fits.error().message());
+      return fail_connecting(p, fits.code());
+    }
     auto qp = new_qp(p->psn);
     if (!qp) return fail_connecting(p, qp.code());
     p->qp = *qp;
@@ -448,7 +454,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     boost::system::error_code ec;
     const auto addr = ep ? asio::ip::make_address(ep->first, ec) : asio::ip::address{};
     if (!ep || ec) return fail_connecting(p, errc::unreachable);
-    p->out = address_json({p->qp->qp_num, p->psn, dev_->info.lid, dev_->info.gid}).dump() + "\n";
+    p->out = verbs_qp_address{p->qp->qp_num, p->psn, dev_->info.lid, dev_->info.gid}.to_line();
     p->sock.async_connect({addr, ep->second}, [self = shared_from_this(), p](boost::system::error_code ec) {
       std::lock_guard lock(self->mu_);
       if (self->closed_ || p->st != verbs_peer::state::connecting) return;
@@ -461,8 +467,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
           std::lock_guard lock(self->mu_);
           if (self->closed_ || p->st != verbs_peer::state::connecting) return;
           if (ec) return self->fail_connecting(p, errc::unreachable);
-          std::istream is(&p->in);
-          auto remote = parse_address(is);
+          auto remote = read_address(p->in);
           if (!remote) return self->fail_connecting(p, remote.code());
           if (auto r = verbs_connect_qp(*self->dev_, p->qp, *remote, p->psn); !r) return self->fail_connecting(p, r.code());
           p->st = verbs_peer::state::ready;
@@ -494,15 +499,14 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
         std::lock_guard lock(self->mu_);
         if (self->closed_) return;
         if (ec) return self->drop_passive(pas);
-        std::istream is(&pas->in);
-        auto remote = parse_address(is);
+        auto remote = read_address(pas->in);
         if (!remote) return self->drop_passive(pas);
         std::uint32_t psn = 0;
         auto qp = self->new_qp(psn);
         if (!qp) return self->drop_passive(pas);
         pas->qp = *qp;
         if (auto r = verbs_connect_qp(*self->dev_, pas->qp, *remote, psn); !r) return self->drop_passive(pas);
-        pas->out = self->address_json({pas->qp->qp_num, psn, self->dev_->info.lid, self->dev_->info.gid}).dump() + "\n";
+        pas->out = verbs_qp_address{pas->qp->qp_num, psn, self->dev_->info.lid, self->dev_->info.gid}.to_line();
         asio::async_write(pas->sock, asio::buffer(pas->out), [self, pas](boost::system::error_code ec, std::size_t) {
           std::lock_guard lock(self->mu_);
           if (self->closed_) return;

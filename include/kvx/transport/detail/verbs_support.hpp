@@ -231,6 +231,49 @@ struct verbs_entry {
   }
 };
 
+//! Completion-queue entries `active_qps` queue pairs sharing one CQ may need
+//! at once: a broken QP flushes every WR it holds (signaled or not) plus the
+//! drain marker, so `max_outstanding + 1` each.
+inline std::uint64_t verbs_cq_entries_for(std::size_t active_qps, std::uint32_t max_outstanding) noexcept {
+  return static_cast<std::uint64_t>(active_qps) * (std::uint64_t{max_outstanding} + 1);
+}
+
+//! One side of a queue-pair connection, as the handshake exchanges it: one
+//! JSON line `{"qpn", "psn", "lid", "gid"}` each way.
+struct verbs_qp_address {
+  std::uint32_t qpn = 0;   //!< 24 bits
+  std::uint32_t psn = 0;   //!< 24 bits: the first packet sequence number this side sends
+  std::uint16_t lid = 0;   //!< 0 on RoCE
+  ibv_gid gid{};
+
+  [[nodiscard]] std::string to_line() const {
+    return nlohmann::json{{"qpn", qpn}, {"psn", psn}, {"lid", lid}, {"gid", verbs_gid_to_string(gid)}}.dump() + "\n";
+  }
+
+  //! Parses a peer's line; anything else is `malformed_message` naming what is wrong.
+  static result<verbs_qp_address> parse(std::string_view line) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      return error{errc::malformed_message, "verbs handshake: the peer's line is not a JSON object"};
+    config::view v(j, "handshake");
+    auto qpn = v.required<std::uint32_t>("qpn");
+    auto psn = v.required<std::uint32_t>("psn");
+    auto lid = v.required<std::uint16_t>("lid");
+    auto gid = v.required<std::string>("gid");
+    // The peer sent it: a missing or mistyped field is a malformed message, not a bad argument.
+    for (const kvx::error* e : {qpn ? nullptr : &qpn.error(), psn ? nullptr : &psn.error(), lid ? nullptr : &lid.error(),
+                                gid ? nullptr : &gid.error()})
+      if (e) return error{errc::malformed_message, "verbs handshake: " + e->context()};
+    constexpr std::uint32_t bits24 = 0xffffffu;
+    if (*qpn > bits24 || *psn > bits24)
+      return error{errc::malformed_message, "verbs handshake: qpn " + std::to_string(*qpn) + " / psn " +
+                                                std::to_string(*psn) + " exceed 24 bits"};
+    auto g = verbs_gid_from_string(*gid);
+    if (!g) return error{errc::malformed_message, "verbs handshake: '" + *gid + "' is not a GID"};
+    return verbs_qp_address{*qpn, *psn, *lid, *g};
+  }
+};
+
 //! Address ranges with a value each, looked up by an enclosed sub-range:
 //! the registration cache's bookkeeping (one memory registration serves
 //! every buffer inside it). Not thread-safe.
