@@ -47,11 +47,13 @@ TEST(VerbsOptions, DefaultsWhenEmpty) {
   EXPECT_EQ(o->max_outstanding, 128u);
   EXPECT_FALSE(o->busy_poll);
   EXPECT_EQ(o->handshake, "127.0.0.1:0");
+  EXPECT_EQ(o->handshake_timeout_ms, 10000u);
 }
 
 TEST(VerbsOptions, ReadsEveryField) {
   auto o = parse(R"({"device": "mlx5_1", "port": 2, "gid_index": 3, "max_outstanding": 64, "signal_interval": 8,
-                     "busy_poll": true, "handshake": "0.0.0.0:7000", "advertise": "10.0.0.5"})");
+                     "busy_poll": true, "handshake": "0.0.0.0:7000", "advertise": "10.0.0.5",
+                     "handshake_timeout_ms": 2500})");
   ASSERT_TRUE(o) << o.error().message();
   EXPECT_EQ(o->device, "mlx5_1");
   EXPECT_EQ(o->port, 2);
@@ -61,6 +63,7 @@ TEST(VerbsOptions, ReadsEveryField) {
   EXPECT_TRUE(o->busy_poll);
   EXPECT_EQ(o->handshake, "0.0.0.0:7000");
   EXPECT_EQ(o->advertise, "10.0.0.5");
+  EXPECT_EQ(o->handshake_timeout_ms, 2500u);
 }
 
 TEST(VerbsOptions, ErrorsNameTheField) {
@@ -79,6 +82,9 @@ TEST(VerbsOptions, ErrorsNameTheField) {
       {R"({"handshake": "10.0.0.1:70000"})", "transport.verbs.handshake"},
       {R"({"advertise": "host.example"})", "transport.verbs.advertise"},
       {R"({"devcie": "mlx5_0"})", "transport.verbs.devcie"},
+      {R"({"handshake_timeout_ms": 0})", "transport.verbs.handshake_timeout_ms"},
+      {R"({"handshake_timeout_ms": 600001})", "transport.verbs.handshake_timeout_ms"},
+      {R"({"handshake_timeout_ms": "10s"})", "transport.verbs.handshake_timeout_ms"},
   };
   for (const auto& c : cases) {
     auto o = parse(c.json);
@@ -292,7 +298,7 @@ TEST(VerbsGid, ChoosesFromTheSysfsTableOfAFixtureRocePort) {
 }
 
 TEST(VerbsHandshake, AddressLinesRoundTripAndBadLinesAreRefused) {
-  vd::verbs_qp_address a{0x1234, 0xabcdef, 7, *vd::verbs_gid_from_string("::ffff:10.0.0.5")};
+  vd::verbs_qp_address a{0x1234, 0xabcdef, 7, *vd::verbs_gid_from_string("::ffff:10.0.0.5"), IBV_MTU_4096};
   const auto line = a.to_line();
   ASSERT_EQ(line.back(), '\n');
   auto back = vd::verbs_qp_address::parse(line.substr(0, line.size() - 1));
@@ -301,20 +307,28 @@ TEST(VerbsHandshake, AddressLinesRoundTripAndBadLinesAreRefused) {
   EXPECT_EQ(back->psn, 0xabcdefu);
   EXPECT_EQ(back->lid, 7);
   EXPECT_EQ(vd::verbs_gid_to_string(back->gid), "::ffff:10.0.0.5");
+  EXPECT_EQ(back->mtu, IBV_MTU_4096);
+  // A connection runs at the smaller of the two ports' MTUs.
+  EXPECT_EQ(vd::verbs_qp_address::path_mtu(IBV_MTU_4096, IBV_MTU_1024), IBV_MTU_1024);
+  EXPECT_EQ(vd::verbs_qp_address::path_mtu(IBV_MTU_2048, IBV_MTU_4096), IBV_MTU_2048);
   struct bad_case {
     const char* line;
     const char* says;
   } cases[] = {
       {"", "not a JSON object"},
       {"[1, 2]", "not a JSON object"},
-      {R"({"psn": 1, "lid": 0, "gid": "::"})", "qpn"},
-      {R"({"qpn": 1, "lid": 0, "gid": "::"})", "psn"},
-      {R"({"qpn": 1, "psn": 1, "gid": "::"})", "lid"},
-      {R"({"qpn": 1, "psn": 1, "lid": 0})", "gid"},
-      {R"({"qpn": 1, "psn": 1, "lid": 70000, "gid": "::"})", "lid"},
-      {R"({"qpn": 16777216, "psn": 1, "lid": 0, "gid": "::"})", "24 bits"},
-      {R"({"qpn": 1, "psn": 16777216, "lid": 0, "gid": "::"})", "24 bits"},
-      {R"({"qpn": 1, "psn": 1, "lid": 0, "gid": "10.0.0.5"})", "not a GID"},
+      {R"({"psn": 1, "lid": 0, "gid": "::", "mtu": 3})", "qpn"},
+      {R"({"qpn": 1, "lid": 0, "gid": "::", "mtu": 3})", "psn"},
+      {R"({"qpn": 1, "psn": 1, "gid": "::", "mtu": 3})", "lid"},
+      {R"({"qpn": 1, "psn": 1, "lid": 0, "mtu": 3})", "gid"},
+      {R"({"qpn": 1, "psn": 1, "lid": 0, "gid": "::"})", "mtu"},
+      {R"({"qpn": 1, "psn": 1, "lid": 70000, "gid": "::", "mtu": 3})", "lid"},
+      {R"({"qpn": 16777216, "psn": 1, "lid": 0, "gid": "::", "mtu": 3})", "24 bits"},
+      {R"({"qpn": 1, "psn": 16777216, "lid": 0, "gid": "::", "mtu": 3})", "24 bits"},
+      {R"({"qpn": 1, "psn": 1, "lid": 0, "gid": "10.0.0.5", "mtu": 3})", "not a GID"},
+      {R"({"qpn": 1, "psn": 1, "lid": 0, "gid": "::", "mtu": 0})", "not an ibv_mtu"},
+      {R"({"qpn": 1, "psn": 1, "lid": 0, "gid": "::", "mtu": 6})", "not an ibv_mtu"},
+      {R"({"qpn": 1, "psn": 1, "lid": 0, "gid": "::", "mtu": "4096"})", "mtu"},
   };
   for (const auto& c : cases) {
     auto r = vd::verbs_qp_address::parse(c.line);

@@ -162,7 +162,7 @@ inline result<ibv_qp*> verbs_create_qp(verbs_device& d, ibv_cq* cq, std::uint32_
 inline result<void> verbs_connect_qp(verbs_device& d, ibv_qp* qp, const verbs_qp_address& remote, std::uint32_t local_psn) {
   ibv_qp_attr a{};
   a.qp_state = IBV_QPS_RTR;
-  a.path_mtu = d.info.mtu;
+  a.path_mtu = verbs_qp_address::path_mtu(d.info.mtu, remote.mtu);
   a.dest_qp_num = remote.qpn;
   a.rq_psn = remote.psn;
   a.max_dest_rd_atomic = d.info.max_rd_atomic;

@@ -23,6 +23,7 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/read_until.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/streambuf.hpp>
 #include <boost/asio/write.hpp>
 
@@ -39,12 +40,13 @@ namespace kvx::transport::detail {
 
 struct verbs_peer {
   verbs_peer(const asio::any_io_executor& ex, const verbs_options& o, std::uint64_t max_msg)
-      : sock(ex), sq(o.max_outstanding, o.signal_interval, max_msg) {}
+      : sock(ex), deadline(ex), sq(o.max_outstanding, o.signal_interval, max_msg) {}
   enum class state { connecting, ready, broken } st = state::connecting;
   std::string endpoint;
   ibv_qp* qp = nullptr;
   std::uint32_t psn = 0;
   asio::ip::tcp::socket sock;
+  asio::steady_timer deadline;  // of the handshake
   asio::streambuf in;
   std::string out;
   char probe = 0;
@@ -53,8 +55,9 @@ struct verbs_peer {
 
 // The owner's side of a connection: a QP that only responds to RDMA, alive while its socket is.
 struct verbs_passive {
-  explicit verbs_passive(const asio::any_io_executor& ex) : sock(ex) {}
+  explicit verbs_passive(const asio::any_io_executor& ex) : sock(ex), deadline(ex) {}
   asio::ip::tcp::socket sock;
+  asio::steady_timer deadline;  // for the initiator's handshake line
   asio::streambuf in;
   std::string out;
   char probe = 0;
@@ -178,6 +181,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     acceptor_.close(ignored);
     if (channel_sd_.is_open()) channel_sd_.release();  // the fd belongs to the completion channel
     for (auto& [ep, p] : peers_) {
+      p->deadline.cancel();  // its handler holds the engine: it must not outlive the transport by a timeout
       p->sock.close(ignored);
       if (p->qp) verbs_break_qp(p->qp);
       p->sq.end_all(errc::connection_lost);
@@ -187,6 +191,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     peers_.clear();
     qp_peers_.clear();
     for (auto& pas : passive_) {
+      pas->deadline.cancel();
       pas->sock.close(ignored);
       if (pas->qp) ibv_destroy_qp(pas->qp);
       pas->qp = nullptr;
@@ -392,12 +397,15 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
       p->qp = nullptr;
     }
     boost::system::error_code ignored;
+    p->deadline.cancel();
     p->sock.close(ignored);
     p->sq.end_inflight();
     for (auto* op : p->sq.take_pending()) enqueue(op);  // READ and WRITE are idempotent: start over
   }
 
   void fail_connecting(const std::shared_ptr<verbs_peer>& p, std::error_code ec) {
+    p->st = verbs_peer::state::broken;  // the handshake's own handlers see it and stop
+    p->deadline.cancel();
     auto it = peers_.find(p->endpoint);
     if (it != peers_.end() && it->second == p) peers_.erase(it);
     if (p->qp) {
@@ -454,7 +462,16 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     boost::system::error_code ec;
     const auto addr = ep ? asio::ip::make_address(ep->first, ec) : asio::ip::address{};
     if (!ep || ec) return fail_connecting(p, errc::unreachable);
-    p->out = verbs_qp_address{p->qp->qp_num, p->psn, dev_->info.lid, dev_->info.gid}.to_line();
+    p->out = verbs_qp_address{p->qp->qp_num, p->psn, dev_->info.lid, dev_->info.gid, dev_->info.mtu}.to_line();
+    // A peer that accepts and then says nothing (stopped, wedged) must not hold the ops forever.
+    p->deadline.expires_after(std::chrono::milliseconds(opt_.handshake_timeout_ms));
+    p->deadline.async_wait([self = shared_from_this(), p](boost::system::error_code ec) {
+      if (ec) return;
+      std::lock_guard lock(self->mu_);
+      if (self->closed_ || p->st != verbs_peer::state::connecting) return;
+      log(log_level::warn, "verbs: QP handshake with ", p->endpoint, " timed out");
+      self->fail_connecting(p, errc::timed_out);
+    });
     p->sock.async_connect({addr, ep->second}, [self = shared_from_this(), p](boost::system::error_code ec) {
       std::lock_guard lock(self->mu_);
       if (self->closed_ || p->st != verbs_peer::state::connecting) return;
@@ -471,6 +488,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
           if (!remote) return self->fail_connecting(p, remote.code());
           if (auto r = verbs_connect_qp(*self->dev_, p->qp, *remote, p->psn); !r) return self->fail_connecting(p, r.code());
           p->st = verbs_peer::state::ready;
+          p->deadline.cancel();
           self->watch_peer(p);
           self->post_pending(*p);
         });
@@ -495,6 +513,12 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
       self->accept_next();
       if (ec) return;
       self->passive_.push_back(pas);
+      pas->deadline.expires_after(std::chrono::milliseconds(self->opt_.handshake_timeout_ms));
+      pas->deadline.async_wait([self, pas](boost::system::error_code ec) {
+        if (ec) return;
+        std::lock_guard lock(self->mu_);
+        if (!self->closed_ && !pas->qp) self->drop_passive(pas);  // no handshake line in time
+      });
       asio::async_read_until(pas->sock, pas->in, '\n', [self, pas](boost::system::error_code ec, std::size_t) {
         std::lock_guard lock(self->mu_);
         if (self->closed_) return;
@@ -506,7 +530,9 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
         if (!qp) return self->drop_passive(pas);
         pas->qp = *qp;
         if (auto r = verbs_connect_qp(*self->dev_, pas->qp, *remote, psn); !r) return self->drop_passive(pas);
-        pas->out = verbs_qp_address{pas->qp->qp_num, psn, self->dev_->info.lid, self->dev_->info.gid}.to_line();
+        pas->deadline.cancel();
+        pas->out =
+            verbs_qp_address{pas->qp->qp_num, psn, self->dev_->info.lid, self->dev_->info.gid, self->dev_->info.mtu}.to_line();
         asio::async_write(pas->sock, asio::buffer(pas->out), [self, pas](boost::system::error_code ec, std::size_t) {
           std::lock_guard lock(self->mu_);
           if (self->closed_) return;
@@ -522,6 +548,7 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
 
   void drop_passive(const std::shared_ptr<verbs_passive>& pas) {
     boost::system::error_code ignored;
+    pas->deadline.cancel();
     pas->sock.close(ignored);
     if (pas->qp) ibv_destroy_qp(pas->qp);
     pas->qp = nullptr;

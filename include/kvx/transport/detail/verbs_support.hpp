@@ -40,12 +40,13 @@ struct verbs_options {
   bool busy_poll = false;           //!< poll the CQ on the executor while ops are in flight (else: completion channel)
   std::string handshake = "127.0.0.1:0";  //!< "ip:port" the QP handshake listens on (port 0: any)
   std::string advertise{};          //!< "ip" peers dial (empty: the handshake ip; required when that is 0.0.0.0)
+  std::uint32_t handshake_timeout_ms = 10000;  //!< a QP handshake not done by then fails its ops with `timed_out`
 
   //! Reads `{"device", "port", "gid_index", "max_outstanding", "signal_interval", "busy_poll",
-  //! "handshake", "advertise"}`; errors name the field (`transport.verbs.port`).
+  //! "handshake", "advertise", "handshake_timeout_ms"}`; errors name the field (`transport.verbs.port`).
   static result<verbs_options> from_config(const config::view& v) {
     KVX_TRY(v.allow_only({"device", "port", "gid_index", "max_outstanding", "signal_interval", "busy_poll",
-                          "handshake", "advertise"}));
+                          "handshake", "advertise", "handshake_timeout_ms"}));
     verbs_options o;
     auto bad = [&](std::string_view field, const std::string& why) {
       return error{errc::invalid_argument, "config field '" + v.path_of(field) + "': " + why};
@@ -76,6 +77,9 @@ struct verbs_options {
     in_addr scratch4{};
     if (!adv->empty() && inet_pton(AF_INET, adv->c_str(), &scratch4) != 1 && inet_pton(AF_INET6, adv->c_str(), &scratch) != 1)
       return bad("advertise", "'" + *adv + "' is not a numeric IP address");
+    auto hs_timeout = v.optional<std::uint32_t>("handshake_timeout_ms", 10000);
+    KVX_TRY(hs_timeout);
+    if (*hs_timeout == 0 || *hs_timeout > 600000) return bad("handshake_timeout_ms", "must be in 1..600000");
     o.device = std::move(*device);
     o.port = *port;
     o.gid_index = *gid;
@@ -84,6 +88,7 @@ struct verbs_options {
     o.busy_poll = *busy;
     o.handshake = std::move(*hs);
     o.advertise = std::move(*adv);
+    o.handshake_timeout_ms = *hs_timeout;
     return o;
   }
 
@@ -239,16 +244,24 @@ inline std::uint64_t verbs_cq_entries_for(std::size_t active_qps, std::uint32_t 
 }
 
 //! One side of a queue-pair connection, as the handshake exchanges it: one
-//! JSON line `{"qpn", "psn", "lid", "gid"}` each way.
+//! JSON line `{"qpn", "psn", "lid", "gid", "mtu"}` each way.
 struct verbs_qp_address {
   std::uint32_t qpn = 0;   //!< 24 bits
   std::uint32_t psn = 0;   //!< 24 bits: the first packet sequence number this side sends
   std::uint16_t lid = 0;   //!< 0 on RoCE
   ibv_gid gid{};
+  ibv_mtu mtu = IBV_MTU_1024;  //!< this side's active port MTU
 
   [[nodiscard]] std::string to_line() const {
-    return nlohmann::json{{"qpn", qpn}, {"psn", psn}, {"lid", lid}, {"gid", verbs_gid_to_string(gid)}}.dump() + "\n";
+    return nlohmann::json{{"qpn", qpn}, {"psn", psn}, {"lid", lid}, {"gid", verbs_gid_to_string(gid)},
+                          {"mtu", static_cast<int>(mtu)}}
+               .dump() +
+           "\n";
   }
+
+  //! The path MTU of a connection: the smaller port MTU of its two ends
+  //! (packets larger than the far port takes are dropped, not fragmented).
+  [[nodiscard]] static ibv_mtu path_mtu(ibv_mtu local, ibv_mtu remote) noexcept { return local < remote ? local : remote; }
 
   //! Parses a peer's line; anything else is `malformed_message` naming what is wrong.
   static result<verbs_qp_address> parse(std::string_view line) {
@@ -260,17 +273,20 @@ struct verbs_qp_address {
     auto psn = v.required<std::uint32_t>("psn");
     auto lid = v.required<std::uint16_t>("lid");
     auto gid = v.required<std::string>("gid");
+    auto mtu = v.required<int>("mtu");
     // The peer sent it: a missing or mistyped field is a malformed message, not a bad argument.
     for (const kvx::error* e : {qpn ? nullptr : &qpn.error(), psn ? nullptr : &psn.error(), lid ? nullptr : &lid.error(),
-                                gid ? nullptr : &gid.error()})
+                                gid ? nullptr : &gid.error(), mtu ? nullptr : &mtu.error()})
       if (e) return error{errc::malformed_message, "verbs handshake: " + e->context()};
+    if (*mtu < IBV_MTU_256 || *mtu > IBV_MTU_4096)
+      return error{errc::malformed_message, "verbs handshake: mtu " + std::to_string(*mtu) + " is not an ibv_mtu (1..5)"};
     constexpr std::uint32_t bits24 = 0xffffffu;
     if (*qpn > bits24 || *psn > bits24)
       return error{errc::malformed_message, "verbs handshake: qpn " + std::to_string(*qpn) + " / psn " +
                                                 std::to_string(*psn) + " exceed 24 bits"};
     auto g = verbs_gid_from_string(*gid);
     if (!g) return error{errc::malformed_message, "verbs handshake: '" + *gid + "' is not a GID"};
-    return verbs_qp_address{*qpn, *psn, *lid, *g};
+    return verbs_qp_address{*qpn, *psn, *lid, *g, static_cast<ibv_mtu>(*mtu)};
   }
 };
 
