@@ -476,6 +476,65 @@ TEST(Planner, InstancesSharingOneCoreRunAtItsShareAndWithEnoughCoresAtFullSpeed)
   EXPECT_FALSE(kp::simulate_shared_cores(w, small_model(), simple_hardware(), disagg(2, 1), {}, 0));
 }
 
+kp::sim_report run_sharing(const kp::workload& w, const kp::deployment& d, const kp::core_timeline& cpu) {
+  auto r = kp::simulate_processor_sharing(w, small_model(), simple_hardware(), d, {}, cpu);
+  EXPECT_TRUE(r) << r.error().message();
+  return std::move(*r);
+}
+
+TEST(PlannerSharing, InstancesComputingTogetherShareTheCoresEventByEvent) {
+  // Prefills of 1 s and 2 s on two instances sharing one core: both at half
+  // speed until the first ends at 2 s, then the second alone: 1 s more.
+  const auto w = make_workload({req(0, 1000, 1), req(0, 2000, 1)});
+  const auto one = run_sharing(w, disagg(2, 1), kp::core_timeline::constant(1));
+  EXPECT_NEAR(one.requests[0].ttft_s(), 2.0, 1e-9);
+  EXPECT_NEAR(one.requests[1].ttft_s(), 3.0, 1e-9);
+  // Two cores: as with a core each.
+  const auto two = run_sharing(w, disagg(2, 1), kp::core_timeline::constant(2));
+  const auto alone = run(w, disagg(2, 1));
+  for (std::size_t i = 0; i < 2; ++i) EXPECT_NEAR(two.requests[i].ttft_s(), alone.requests[i].ttft_s(), 1e-9) << i;
+  // Half a core until 1 s, then a whole one: 0.5 s of the work done by 1 s,
+  // the other 0.5 s by 1.5 s.
+  const auto slow_start = run_sharing(make_workload({req(0, 1000, 1)}), disagg(1, 1), {{0.0, 1.0}, {0.5, 1.0}});
+  EXPECT_NEAR(slow_start.requests[0].ttft_s(), 1.5, 1e-9);
+}
+
+TEST(PlannerSharing, ADecodeOverlappingAPrefillIsSlowerThanOneAlone) {
+  // Request 0's prefill ends at 1 s and its KV lands at 1.1 s; request 1's
+  // 2 s prefill starts at 1 s. On one core, request 0's 10 decode steps of
+  // 10 ms share it with that prefill: 0.2 s instead of 0.1 s, its first step
+  // ending at 1.12 s. The prefill ran alone for 0.1 s, at half speed for
+  // 0.2 s, and has 1.8 s left: it ends at 3.1 s. Request 2 decodes alone after.
+  const auto w = make_workload({req(0, 1000, 11), req(1000, 2000, 1), req(3100, 1000, 11)});
+  const auto r = run_sharing(w, disagg(1, 1), kp::core_timeline::constant(1));
+  EXPECT_NEAR(r.requests[0].first_step_s, 1.12, 1e-9);
+  EXPECT_NEAR(r.requests[0].finish_s, 1.3, 1e-9);
+  EXPECT_NEAR(r.requests[1].first_token_s, 3.1, 1e-9);
+  EXPECT_NEAR(r.requests[2].finish_s - r.requests[2].first_step_s, 9 * 0.01, 1e-9);
+  EXPECT_NEAR(r.requests[0].finish_s - r.requests[0].first_step_s, 9 * 0.02, 1e-9);
+  // With a core each, the first step ends one step after the KV landed.
+  const auto alone = run(w, disagg(1, 1));
+  EXPECT_NEAR(alone.requests[0].first_step_s, 1.11, 1e-9);
+  EXPECT_NEAR(alone.requests[1].first_step_s, alone.requests[1].first_token_s, 1e-12);  // one token: no decode
+}
+
+TEST(PlannerSharing, ABadCoreTimelineIsAnErrorThatSaysWhy) {
+  const auto w = make_workload({req(0, 1000, 1)});
+  auto bad = [&](const kp::core_timeline& c) {
+    auto r = kp::simulate_processor_sharing(w, small_model(), simple_hardware(), disagg(1, 1), {}, c);
+    EXPECT_FALSE(r);
+    return r ? std::string{} : r.error().message();
+  };
+  EXPECT_NE(bad({}).find("at least one"), std::string::npos);
+  EXPECT_NE(bad({{0.0, 1.0}, {1.0}}).find("as many"), std::string::npos);
+  EXPECT_NE(bad(kp::core_timeline::constant(0)).find("not positive"), std::string::npos);
+  EXPECT_NE(bad({{0.0, 1.0, 1.0}, {1.0, 2.0, 1.0}}).find("must increase"), std::string::npos);
+  const kp::core_timeline c{{0.0, 1.0}, {0.5, 2.0}};
+  EXPECT_DOUBLE_EQ(c.at(-1), 0.5);
+  EXPECT_DOUBLE_EQ(c.at(0.99), 0.5);
+  EXPECT_DOUBLE_EQ(c.at(1.0), 2.0);
+}
+
 TEST(Planner, APoolDramTierSlowerThanTheNetworkSetsTheFetchTime) {
   const auto w = make_workload({req(0, 1024, 1, ids(1, 4)), req(5000, 1536, 1, ids(1, 6))});
   auto d = disagg(1, 1);

@@ -26,7 +26,10 @@
 //! - caches: each prefill-capable instance's HBM prefix cache, and the shared
 //!   pool's DRAM tier (write-through from every prefill) demoting to its SSD
 //!   tier (exclusive; a hit in SSD promotes). A request's prefix blocks are
-//!   pinned from routing until its prefill ends.
+//!   pinned from routing until its prefill ends;
+//! - optionally, instances sharing CPU cores (`simulate_processor_sharing`:
+//!   kvx's tiny engine on one host): every computing instance runs at
+//!   min(1, cores / k) while k compute, the cores changing over time.
 //!
 //! Deterministic: the same inputs give the same report, bit for bit (events
 //! at equal times are ordered by insertion). Single-threaded; call it from
@@ -72,6 +75,7 @@ struct request_result {
   double arrival_s = 0;
   double first_token_s = 0;  //!< end of prefill
   double decode_start_s = 0; //!< joined a decode batch (its KV had arrived); = first_token_s for one-token answers
+  double first_step_s = 0;   //!< its first decode step ended; = first_token_s for one-token answers
   double finish_s = 0;       //!< last output token
   std::uint32_t input_tokens = 0;
   std::uint32_t output_tokens = 0;
@@ -151,6 +155,33 @@ struct sim_report {
   std::uint64_t events = 0;
 };
 
+//! CPU cores free for a deployment's instances over time, piecewise
+//! constant: `cores[i]` from `from_s[i]` (simulated seconds) until the next
+//! change; `cores[0]` before `from_s[0]` too. What the instances of kvx's tiny
+//! engine on one host share with each other (kvx_pd_demo), sampled while it ran.
+struct core_timeline {
+  std::vector<double> from_s;
+  std::vector<double> cores;
+
+  [[nodiscard]] static core_timeline constant(double c) { return {{0.0}, {c}}; }
+  [[nodiscard]] result<void> validate() const {
+    if (from_s.empty() || from_s.size() != cores.size())
+      return error{errc::invalid_argument, "core_timeline: needs as many change times as core counts, at least one"};
+    for (std::size_t i = 0; i < cores.size(); ++i) {
+      if (!(cores[i] > 0) || !std::isfinite(cores[i]) || !std::isfinite(from_s[i]))
+        return error{errc::invalid_argument, "core_timeline: core count " + std::to_string(i) + " is not positive and finite"};
+      if (i > 0 && !(from_s[i] > from_s[i - 1]))
+        return error{errc::invalid_argument, "core_timeline: change times must increase (at " + std::to_string(i) + ")"};
+    }
+    return {};
+  }
+  //! The cores free at time `t`.
+  [[nodiscard]] double at(double t) const noexcept {
+    const auto it = std::upper_bound(from_s.begin(), from_s.end(), t);
+    return cores[it == from_s.begin() ? 0 : static_cast<std::size_t>(it - from_s.begin()) - 1];
+  }
+};
+
 namespace detail {
 
 inline constexpr std::uint32_t none = UINT32_MAX;
@@ -158,9 +189,10 @@ inline constexpr std::uint32_t none = UINT32_MAX;
 template <class Policy>
 class simulation {
  public:
-  simulation(const workload& w, const model_shape& m, const hardware& hw, const deployment& d, const slo_target& s)
+  simulation(const workload& w, const model_shape& m, const hardware& hw, const deployment& d, const slo_target& s,
+             const core_timeline* cpu = nullptr)
       : w_(w), m_(m), hw_(hw), d_(d), slo_(s), kvb_(static_cast<double>(m.kv_bytes_per_token())),
-        block_bytes_(kvb_ * w.block_tokens()) {}
+        block_bytes_(kvb_ * w.block_tokens()), cpu_(cpu) {}
 
   result<sim_report> run() {
     KVX_TRY(setup());
@@ -180,7 +212,7 @@ class simulation {
         advance(e.t);
         if (e.kind == event_kind::iteration_end)
           iteration_end(e.a, e.b);
-        else
+        else if (e.kind == event_kind::kv_arrive)
           kv_arrive(e.a, e.b);
       } else if (std::isfinite(t_arrive)) {
         advance(t_arrive);
@@ -189,6 +221,7 @@ class simulation {
       } else {
         throw std::logic_error("kvx::planner::simulate: nothing in flight and no arrival");
       }
+      reshare();
       ++report_.events;
     }
     finish_report();
@@ -196,7 +229,7 @@ class simulation {
   }
 
  private:
-  enum class event_kind : std::uint8_t { iteration_end, kv_arrive };
+  enum class event_kind : std::uint8_t { iteration_end, kv_arrive, cores_change };
   struct event {
     double t;
     std::uint64_t seq;
@@ -207,6 +240,7 @@ class simulation {
   struct member {
     std::uint32_t req;
     std::uint32_t remaining;
+    bool first_step = true;  // its first decode step is this iteration's first
   };
   struct pin {
     std::uint32_t cache;  // instance id, or dram_id_ / ssd_id_
@@ -231,12 +265,15 @@ class simulation {
     double reserved = 0;              // prompt + output tokens reserved by the batch
     std::uint64_t assigned = 0;       // requests routed here for decode, not finished
     std::uint64_t assigned_tokens = 0;
-    // The iteration in flight.
+    // The iteration in flight. Its work is in seconds on a core of its own;
+    // it progresses at the simulation's rate_ (1 unless cores are shared).
     bool busy = false;
     std::uint32_t version = 0;
-    double it_start = 0, it_end = 0;
+    double it_end = 0;
+    double it_work = 0;               // work to its end
+    double it_done = 0, it_upd = 0;   // work done by time it_upd
     std::uint32_t it_steps = 0;       // decode steps in it
-    double it_a = 0, it_c = 0;        // first step's time, growth per step
+    double it_a = 0, it_c = 0;        // first step's work, growth per step
     std::uint32_t it_chunk = 0;       // prefill tokens in it
     double it_prefill_s = 0;
     double nic_free = 0;
@@ -279,7 +316,45 @@ class simulation {
     states_.resize(w_.size());
     report_.requests.resize(w_.size());
     report_.label = d_.label();
+    if (cpu_) {
+      KVX_TRY(cpu_->validate());
+      for (double t : cpu_->from_s)
+        if (t > 0) push(t, event_kind::cores_change, 0, 0);
+      rate_ = std::min(1.0, cpu_->at(0));
+    }
     return {};
+  }
+
+  // Sharing cores, every computing instance runs at min(1, cores / k) of a
+  // core's speed, k of them computing (processor sharing): after anything
+  // that changed k or the cores, iterations in flight are rescheduled.
+  void reshare() {
+    if (!cpu_) return;
+    const double rate = std::min(1.0, cpu_->at(now_) / std::max(1U, busy_));
+    if (rate == rate_) return;
+    for (std::uint32_t i = 0; i < instances_.size(); ++i) {
+      auto& in = instances_[i];
+      if (!in.busy) continue;
+      progress(in);
+      in.it_end = now_ + std::max(0.0, in.it_work - in.it_done) / rate;
+      ++in.version;
+      push(in.it_end, event_kind::iteration_end, i, in.version);
+    }
+    rate_ = rate;
+  }
+  // Brings `in`'s work done up to now at rate_, noting the end of any
+  // member's first decode step on the way.
+  void progress(instance& in) {
+    const double done = in.it_done + (now_ - in.it_upd) * rate_;
+    const double first = in.it_chunk > 0 ? in.it_prefill_s + in.it_a : in.it_a;
+    if (in.it_steps > 0 && in.it_done < first && done >= first)
+      for (auto& mb : in.batch)
+        if (mb.first_step) {
+          report_.requests[mb.req].first_step_s = in.it_upd + (first - in.it_done) / rate_;
+          mb.first_step = false;
+        }
+    in.it_done = done;
+    in.it_upd = now_;
   }
 
   void advance(double t) {
@@ -401,21 +476,23 @@ class simulation {
     // A multi-step decode iteration ends early at the step boundary that
     // follows now, so that the new work joins there.
     if (in.it_chunk != 0 || in.it_steps <= 1) return;
-    const std::uint32_t m = step_containing(in, now_);
+    progress(in);
+    const std::uint32_t m = step_containing(in, in.it_done);
     if (m >= in.it_steps) return;
     in.it_steps = m;
-    in.it_end = step_end(in, m);
+    in.it_work = step_work(in, m);
+    in.it_end = now_ + std::max(0.0, in.it_work - in.it_done) / rate_;
     ++in.version;
     push(in.it_end, event_kind::iteration_end, i, in.version);
   }
 
-  static double step_end(const instance& in, std::uint32_t m) {
+  // Work from the iteration's start to the end of its step m.
+  static double step_work(const instance& in, std::uint32_t m) {
     const double md = m;
-    return in.it_start + md * in.it_a + in.it_c * md * (md - 1) / 2;
+    return md * in.it_a + in.it_c * md * (md - 1) / 2;
   }
-  // The smallest m >= 1 whose step ends at or after t.
-  static std::uint32_t step_containing(const instance& in, double t) {
-    const double dt = t - in.it_start;
+  // The smallest m >= 1 whose step ends at or after `dt` of work.
+  static std::uint32_t step_containing(const instance& in, double dt) {
     double guess;
     if (in.it_c <= 0) {
       guess = std::ceil(dt / in.it_a);
@@ -424,8 +501,8 @@ class simulation {
       guess = std::ceil((-b + std::sqrt(b * b + 2 * in.it_c * dt)) / in.it_c);
     }
     auto m = static_cast<std::uint32_t>(std::clamp(guess, 1.0, static_cast<double>(in.it_steps)));
-    while (m > 1 && step_end(in, m - 1) >= t) --m;
-    while (m < in.it_steps && step_end(in, m) < t) ++m;
+    while (m > 1 && step_work(in, m - 1) >= dt) --m;
+    while (m < in.it_steps && step_work(in, m) < dt) ++m;
     return m;
   }
 
@@ -444,7 +521,8 @@ class simulation {
       in.reserved += need;
     }
     const double batch = static_cast<double>(in.batch.size());
-    in.it_start = now_;
+    in.it_done = 0;
+    in.it_upd = now_;
     in.it_chunk = 0;
     in.it_prefill_s = 0;
     in.it_steps = 0;
@@ -462,17 +540,18 @@ class simulation {
       in.it_steps = in.batch.empty() ? 0 : 1;
       in.it_a = in.batch.empty() ? 0 : hw_.decode.step(batch, in.batch_ctx);
       in.it_c = 0;
-      in.it_end = now_ + in.it_prefill_s + in.it_a;
+      in.it_work = in.it_prefill_s + in.it_a;
     } else if (!in.batch.empty()) {
       std::uint32_t steps = UINT32_MAX;
       for (const auto& mb : in.batch) steps = std::min(steps, mb.remaining);
       in.it_steps = steps;
       in.it_a = hw_.decode.step(batch, in.batch_ctx);
       in.it_c = hw_.decode.s_per_token * batch;
-      in.it_end = step_end(in, steps);
+      in.it_work = step_work(in, steps);
     } else {
       return;
     }
+    in.it_end = now_ + in.it_work / rate_;
     if (!in.busy) {
       ++busy_;
       ++(in.it_chunk > 0 ? busy_prefill_ : busy_decode_);
@@ -484,7 +563,8 @@ class simulation {
 
   void iteration_end(std::uint32_t i, std::uint32_t version) {
     auto& in = instances_[i];
-    if (!in.busy || version != in.version) return;  // superseded by a shorter iteration
+    if (!in.busy || version != in.version) return;  // superseded by a shorter or rescheduled one
+    progress(in);
     in.busy = false;
     --busy_;
     --(in.it_chunk > 0 ? busy_prefill_ : busy_decode_);
@@ -493,6 +573,8 @@ class simulation {
       report_.decode_busy_s += in.it_chunk ? in.it_a : n * in.it_a + in.it_c * n * (n - 1) / 2;
       in.batch_ctx += n * static_cast<double>(in.batch.size());
       for (auto& mb : in.batch) {
+        if (mb.first_step) report_.requests[mb.req].first_step_s = now_;  // a one-step iteration
+        mb.first_step = false;
         mb.remaining -= in.it_steps;
         if (mb.remaining == 0) finish(i, mb.req, now_);
       }
@@ -531,6 +613,7 @@ class simulation {
     const auto& q = w_[r];
     if (q.output_tokens <= 1) {
       res.decode_start_s = now_;
+      res.first_step_s = now_;
       res.finish_s = now_;
       res.outcome = request_result::status::completed;
       left();
@@ -718,6 +801,8 @@ class simulation {
   double kv_capacity_tokens_ = 0;
   router<Policy> router_{};
   std::vector<instance> instances_;
+  const core_timeline* cpu_ = nullptr;  // null: a core per instance
+  double rate_ = 1;                      // speed of every computing instance
   block_cache dram_, ssd_;
   std::uint32_t dram_id_ = 0, ssd_id_ = 0;
   std::vector<req_state> states_;
@@ -737,12 +822,28 @@ class simulation {
 //! policy name (`errc::invalid_argument`). Throws `std::logic_error` only if
 //! a policy breaks its contract.
 inline result<sim_report> simulate(const workload& w, const model_shape& m, const hardware& hw, const deployment& d,
-                                   const slo_target& s) {
+                                   const slo_target& s, const core_timeline* cpu = nullptr) {
   KVX_TRY(m.validate());
   KVX_TRY(hw.validate());
-  if (d.routing == "least_loaded") return detail::simulation<routing::least_loaded>(w, m, hw, d, s).run();
-  if (d.routing == "round_robin") return detail::simulation<routing::round_robin>(w, m, hw, d, s).run();
-  return detail::simulation<routing::cache_aware>(w, m, hw, d, s).run();
+  if (d.routing == "least_loaded") return detail::simulation<routing::least_loaded>(w, m, hw, d, s, cpu).run();
+  if (d.routing == "round_robin") return detail::simulation<routing::round_robin>(w, m, hw, d, s, cpu).run();
+  return detail::simulation<routing::cache_aware>(w, m, hw, d, s, cpu).run();
+}
+
+//! Simulates `d` when all its instances share the CPU cores `cpu` gives over
+//! time (kvx's tiny engine on one host, as kvx_pd_demo runs it), where `hw`
+//! is one instance's speed with a core to itself: processor sharing, event
+//! by event. While k instances compute and c cores are free, each runs at
+//! min(1, c / k) of that speed, so a decode step that overlaps two prefills
+//! is slower than one that runs alone, and one that runs while other
+//! processes take the machine slower still. Unlike `simulate_shared_cores`
+//! (one mean slowdown per kind of work) it predicts the spread of TPOT, not
+//! only its mean. Not modelled: CPU used outside the instances' compute,
+//! the OS scheduler's time slices and per-core placement. Errors: those of
+//! `simulate`, and an invalid `cpu` (`errc::invalid_argument`).
+inline result<sim_report> simulate_processor_sharing(const workload& w, const model_shape& m, const hardware& hw,
+                                                     const deployment& d, const slo_target& s, const core_timeline& cpu) {
+  return simulate(w, m, hw, d, s, &cpu);
 }
 
 //! `hw` with its prefill running `prefill_factor` and its decode
