@@ -277,9 +277,13 @@ class verbs_engine : public std::enable_shared_from_this<verbs_engine> {
     });
   }
 
+  // Whether the busy poller must go on: WRs on a QP not known complete (a
+  // partly posted op counts: its WRs are out though it is not "in flight"),
+  // or a broken QP whose drain marker is still to come (even an idle one:
+  // until the marker, new ops to that peer wait for its replacement).
   bool work_in_flight() const {
     for (const auto& [ep, p] : peers_)
-      if (!p->sq.inflight().empty() || (p->st == verbs_peer::state::ready && !p->sq.pending().empty())) return true;
+      if (p->qp && (p->sq.outstanding() > 0 || p->st == verbs_peer::state::broken)) return true;
     return false;
   }
 
