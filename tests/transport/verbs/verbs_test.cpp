@@ -1,11 +1,11 @@
 #include <kvx/transport/verbs.hpp>
 
-#include <kvx/transport/multi_rail.hpp>
-
 #include <kvx/testing/transport_conformance.hpp>
+#include <kvx/transport/multi_rail.hpp>
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
 
 #include <kvx/core/config.hpp>
 
@@ -552,11 +553,11 @@ TEST(Verbs, CreateWithoutADeviceSaysWhatIsMissing) {
 // ---- device-gated ----------------------------------------------------------
 
 struct verbs_pair {
-  explicit verbs_pair(boost::asio::io_context& io, bool busy_poll = false) {
+  explicit verbs_pair(boost::asio::io_context& io, bool busy_poll = false, std::uint32_t max_outstanding = 16) {
     verbs_options o;
     o.busy_poll = busy_poll;
-    o.max_outstanding = 16;
-    o.signal_interval = 4;
+    o.max_outstanding = max_outstanding;
+    o.signal_interval = std::min<std::uint32_t>(4, max_outstanding);
     owner.emplace(io.get_executor(), o);
     initiator.emplace(io.get_executor(), o);
   }
@@ -638,6 +639,58 @@ TEST(VerbsDevice, WrongRkeyEndsWithAnErrorAndTheNextOpReconnects) {
   ASSERT_TRUE(run_until(io, [&] { return r.has_value(); }));
   EXPECT_FALSE(*r) << r->message();
   EXPECT_EQ(local[0], std::byte{1});
+}
+
+// Busy polling instead of the completion channel, with a one-WR window: ops
+// larger than the port's max message (8 MiB on rxe) are posted piece by piece
+// across bursts.
+TEST(VerbsDevice, BusyPollingWithAOneWrWindowMovesLargeOpsInPieces) {
+  KVX_NEED_RDMA_DEVICE();
+  boost::asio::io_context io;
+  verbs_pair p(io, /*busy_poll=*/true, /*max_outstanding=*/1);
+  std::vector<std::byte> remote(24u << 20), local(24u << 20);
+  for (std::size_t i = 0; i < remote.size(); ++i) remote[i] = static_cast<std::byte>(i * 13 + 5);
+  kvx::memory::local_segment rs{"verbs-remote-busy", {remote.data(), remote.size()}, 5, 1};
+  kvx::memory::local_segment ls{"verbs-local-busy", {local.data(), local.size()}, 6, 1};
+  auto entry = p.owner->register_memory(rs);
+  ASSERT_TRUE(entry) << entry.error().message();
+  ASSERT_TRUE(p.initiator->register_memory(ls));
+  kvx::memory::segment_descriptor d{"verbs-remote-busy", "n", remote.size(), kvx::memory::location::host(), 5, 1, "", {}};
+  d.transports["verbs"] = *entry;
+  int done = 0;
+  for (int i = 0; i < 2; ++i) {
+    const std::size_t half = remote.size() / 2;
+    p.initiator->async_read(d, i * half, std::span(local).subspan(i * half, half), [&](std::error_code ec) {
+      EXPECT_FALSE(ec) << ec.message();
+      ++done;
+    });
+  }
+  ASSERT_TRUE(run_until(io, [&] { return done == 2; }));
+  EXPECT_EQ(std::memcmp(local.data(), remote.data(), remote.size()), 0);
+}
+
+// An owner endpoint that accepts and never answers the handshake: the op ends
+// with timed_out after handshake_timeout_ms instead of waiting forever.
+TEST(VerbsDevice, ASilentPeerTimesTheHandshakeOut) {
+  KVX_NEED_RDMA_DEVICE();
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::acceptor silent(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  boost::asio::ip::tcp::socket held(io);
+  silent.async_accept(held, [](boost::system::error_code) {});  // accepted, never read nor written
+  verbs_options o;
+  o.handshake_timeout_ms = 200;
+  verbs initiator(io.get_executor(), o);
+  std::vector<std::byte> local(4096);
+  kvx::memory::local_segment ls{"verbs-local-silent", {local.data(), local.size()}, 6, 1};
+  ASSERT_TRUE(initiator.register_memory(ls));
+  auto d = described(4096);
+  d.transports["verbs"]["qp_endpoint"] = "127.0.0.1:" + std::to_string(silent.local_endpoint().port());
+  std::optional<std::error_code> r;
+  const auto t0 = std::chrono::steady_clock::now();
+  initiator.async_read(d, 0, std::span(local).first(64), [&](std::error_code ec) { r = ec; });
+  ASSERT_TRUE(run_until(io, [&] { return r.has_value(); }));
+  EXPECT_EQ(*r, errc::timed_out) << r->message();
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(150));
 }
 
 // The conformance suite, gated on the same check: the env skips from the
