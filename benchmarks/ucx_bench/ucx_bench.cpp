@@ -4,21 +4,31 @@
 //
 //   ucx_bench --tls posix [--sizes 65536,1048576,67108864] [--memory ucx|plain]
 //             [--window 16] [--seconds 1] [--json results.jsonl] [--perftest ucx_perftest]
+//             [--progress event|busy_poll] [--lat-iters 2000] [--latency-only]
 //
 // The target is this binary started again with --serve; it registers one
-// segment and serves until killed. kvx writes are put + flush (remotely
-// visible at completion); ucx_perftest's put_bw counts local completion, so
-// the comparison is conservative for kvx.
+// segment, answers the ping-pong rounds, and serves until killed. kvx writes
+// are put + flush (remotely visible at completion); ucx_perftest's put_bw
+// counts local completion, so the comparison is conservative for kvx.
+//
+// 4 KiB latency, three kvx figures beside ucp_put_lat (a ping-pong whose
+// figure is half the round trip, p50; see docs/benchmarks/transport-ucx.md):
+// one write (initiation to handler, put + flush), one read, and a kvx
+// ping-pong run the way ucp_put_lat runs (--progress sets the initiator's
+// policy). Where puts raise events (not posix/sysv) ucp_put_lat also runs
+// with -E sleep, event-driven like kvx's default progress.
 #include <kvx/transport/ucx.hpp>
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -51,21 +61,30 @@ struct args_t {
   double seconds = 1.0;
   std::string json;
   std::string perftest = "ucx_perftest";
+  std::string progress = "event";  // the initiator's progress policy (ucx_options::busy_poll)
+  int lat_iters = 2000;
+  bool latency_only = false;  // skip the bandwidth sizes
+  int pingpong = 0;  // --serve: answer this many ping-pong rounds first (descriptor on stdin)
   bool serve = false;
   std::uint64_t serve_bytes = 0;
 };
 
-// A child process with its stdout piped to us (stderr inherited).
+// A child process with its stdout piped to us, and its stdin when `with_stdin`
+// (stderr inherited).
 struct child {
   pid_t pid = -1;
   int out = -1;
+  int in = -1;
   std::string buf;
-  child(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env) {
+  child(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env, bool with_stdin = false) {
     int fds[2];
+    int in_fds[2] = {-1, -1};
     if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2");
+    if (with_stdin && ::pipe2(in_fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2");
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, fds[1], STDOUT_FILENO);
+    if (with_stdin) posix_spawn_file_actions_adddup2(&fa, in_fds[0], STDIN_FILENO);
     std::vector<std::string> env_storage;
     for (char** e = environ; *e; ++e) {
       std::string kv = *e;
@@ -84,7 +103,15 @@ struct child {
     posix_spawn_file_actions_destroy(&fa);
     ::close(fds[1]);
     out = fds[0];
+    if (with_stdin) {
+      ::close(in_fds[0]);
+      in = in_fds[1];
+    }
     if (rc != 0) throw std::runtime_error("cannot start " + a[0]);
+  }
+  void send_line(const std::string& l) {
+    const std::string data = l + "\n";
+    if (::write(in, data.data(), data.size()) != static_cast<ssize_t>(data.size())) throw std::runtime_error("write to child");
   }
   ~child() {
     if (pid > 0) {
@@ -93,6 +120,7 @@ struct child {
       ::waitpid(pid, &st, 0);
     }
     ::close(out);
+    if (in >= 0) ::close(in);
   }
   std::optional<std::string> line(int timeout_ms) {
     const auto deadline = clock_type::now() + std::chrono::milliseconds(timeout_ms);
@@ -120,6 +148,65 @@ struct child {
   }
 };
 
+// The kvx analogue of ucp_put_lat: each side writes 4 KiB whose last byte is
+// the round's number into the other's segment, then spins on that byte in its
+// own segment (polling the io_context, which progresses UCX and runs the write
+// completions). The initiator times the round trip; half is comparable with
+// ucp_put_lat's figure, which is measured the same way.
+constexpr std::size_t ping_bytes = 4096;
+
+std::uint8_t ping_number(int round) { return static_cast<std::uint8_t>(round % 250 + 1); }
+
+// Spins as ucp_put_lat does, but yields the core now and then: on a shared
+// 2-core VM two spinning processes can land on one core and then each round
+// waits for a scheduler time slice (milliseconds), which is not latency.
+void wait_for_byte(asio::io_context& io, std::byte* p, std::uint8_t v) {
+  std::atomic_ref<std::byte> flag(*p);  // written by the peer through UCX
+  for (unsigned spins = 1; flag.load(std::memory_order_acquire) != std::byte{v}; ++spins) {
+    io.poll();
+    if (spins % 64 == 0) ::sched_yield();
+  }
+}
+
+struct ping_writer {
+  asio::io_context& io;
+  kvx::transport::ucx& t;
+  const kvx::memory::segment_descriptor& peer;
+  std::span<std::byte> src;  // ping_bytes, from this side's memory
+  int pending = 0;
+  std::error_code failure;
+  void send(int round) {
+    src.back() = std::byte{ping_number(round)};
+    ++pending;
+    t.async_write(peer, 0, std::span<const std::byte>(src), [this](std::error_code ec) {
+      --pending;
+      if (ec) failure = ec;
+    });
+  }
+  void drain() {
+    while (pending > 0) io.run_one();
+    if (failure) throw std::runtime_error("kvx ping-pong write failed: " + failure.message());
+  }
+};
+
+// Registers `region` as segment `name` and returns its descriptor with the ucx entry.
+std::optional<kvx::memory::segment_descriptor> publish(kvx::transport::ucx& t, kvx::memory::segment_table& table,
+                                                       const std::string& name, kvx::memory::memory_region region) {
+  auto seg = table.add(name, region);
+  if (!seg) {
+    std::cerr << seg.error().message() << "\n";
+    return std::nullopt;
+  }
+  auto entry = t.register_memory(*seg);
+  if (!entry) {
+    std::cerr << entry.error().message() << "\n";
+    return std::nullopt;
+  }
+  auto d = table.describe(*seg);
+  d.transports["ucx"] = *entry;
+  return d;
+}
+
 int serve(const args_t& a) {
   asio::io_context io;
   kvx::transport::ucx t(io.get_executor(), {.tls = a.tls});
@@ -134,19 +221,44 @@ int serve(const args_t& a) {
     region = {plain.data(), plain.size()};
   }
   std::memset(region.address, 1, region.length);  // pre-fault
+  std::memset(region.address, 0, std::min<std::size_t>(region.length, ping_bytes));  // no ping-pong round yet
   kvx::memory::segment_table table("ucx-bench-target");
-  auto seg = *table.add("ucx-bench", region);
-  auto entry = t.register_memory(seg);
-  if (!entry) {
-    std::cerr << entry.error().message() << "\n";
-    return 1;
+  auto d = publish(t, table, "ucx-bench", region);
+  if (!d) return 1;
+  std::cout << d->to_json().dump() << std::endl;
+  if (a.pingpong > 0) {
+    std::string line;
+    if (!std::getline(std::cin, line)) return 1;
+    auto peer = kvx::memory::segment_descriptor::from_json(nlohmann::json::parse(line));
+    if (!peer) return 1;
+    auto* bytes = static_cast<std::byte*>(region.address);
+    ping_writer w{io, t, *peer, {bytes + ping_bytes, ping_bytes}, 0, {}};
+    for (int round = 0; round < a.pingpong; ++round) {
+      wait_for_byte(io, bytes + ping_bytes - 1, ping_number(round));
+      w.send(round);
+    }
+    w.drain();
   }
-  auto d = table.describe(seg);
-  d.transports["ucx"] = *entry;
-  std::cout << d.to_json().dump() << std::endl;
   auto guard = asio::make_work_guard(io);
   io.run();
   return 0;
+}
+
+// The initiator's side of the ping-pong: p50 of half the round trip, in µs.
+double kvx_pingpong(asio::io_context& io, kvx::transport::ucx& t, const kvx::memory::segment_descriptor& peer,
+                    std::span<std::byte> local, int rounds, int warmup) {
+  ping_writer w{io, t, peer, local.subspan(ping_bytes, ping_bytes), 0, {}};
+  std::vector<double> us;
+  us.reserve(static_cast<std::size_t>(rounds));
+  for (int round = 0; round < rounds + warmup; ++round) {
+    const auto s = clock_type::now();
+    w.send(round);
+    wait_for_byte(io, local.data() + ping_bytes - 1, ping_number(round));
+    if (round >= warmup) us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - s).count() / 2);
+  }
+  w.drain();
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
 }
 
 struct kvx_result {
@@ -184,11 +296,16 @@ double kvx_bandwidth(asio::io_context& io, kvx::transport::ucx& t, const kvx::me
   return static_cast<double>(done_bytes) / secs / 1e9;
 }
 
-// Latency: one op in flight; the median of `n` completions, in microseconds.
-double kvx_latency(asio::io_context& io, kvx::transport::ucx& t, const kvx::memory::segment_descriptor& d,
-                   std::span<std::byte> local, std::uint64_t size, int n, bool write) {
+// Latency: one op in flight, timed from initiation to the handler running;
+// percentiles of `n` completions (after 100 warm-up ops), in microseconds.
+struct latency_us {
+  double p50 = 0;
+  double p99 = 0;
+};
+latency_us kvx_latency(asio::io_context& io, kvx::transport::ucx& t, const kvx::memory::segment_descriptor& d,
+                       std::span<std::byte> local, std::uint64_t size, int n, bool write) {
   std::vector<double> us;
-  us.reserve(n);
+  us.reserve(static_cast<std::size_t>(n));
   for (int i = 0; i < n + 100; ++i) {
     bool done = false;
     std::error_code err;
@@ -199,20 +316,24 @@ double kvx_latency(asio::io_context& io, kvx::transport::ucx& t, const kvx::memo
     if (err) throw std::runtime_error("kvx op failed: " + err.message());
     if (i >= 100) us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - s).count());
   }
-  std::nth_element(us.begin(), us.begin() + us.size() / 2, us.end());
-  return us[us.size() / 2];
+  std::sort(us.begin(), us.end());
+  return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
 }
 
 // ucx_perftest client+server on 127.0.0.1; returns the "Final:" fields.
-std::vector<double> perftest(const args_t& a, const std::string& test, std::uint64_t size, std::uint64_t iters) {
-  const std::string port = std::to_string(20000 + (::getpid() * 7 + static_cast<int>(size % 997)) % 20000);
+// `wait_mode` is ucx_perftest's -E: "poll" spins on ucp_worker_progress, "sleep"
+// waits on the worker's events as kvx's default progress does.
+std::vector<double> perftest(const args_t& a, const std::string& test, std::uint64_t size, std::uint64_t iters,
+                             const std::string& wait_mode = "poll") {
+  const int salt = static_cast<int>(size % 997) + (wait_mode == "poll" ? 0 : 499);  // a fresh port per run
+  const std::string port = std::to_string(20000 + (::getpid() * 7 + salt) % 20000);
   std::vector<std::string> env{"UCX_TLS=" + a.tls};
-  child server({a.perftest, "-p", port}, env);
+  child server({a.perftest, "-p", port, "-E", wait_mode}, env);
   ::usleep(300000);
   std::vector<std::double_t> fields;
   for (int attempt = 0; attempt < 3 && fields.empty(); ++attempt) {
     child client({a.perftest, "127.0.0.1", "-p", port, "-t", test, "-s", std::to_string(size), "-n",
-                  std::to_string(iters), "-w", std::to_string(std::min<std::uint64_t>(iters / 10 + 1, 100))},
+                  std::to_string(iters), "-w", std::to_string(std::min<std::uint64_t>(iters / 10 + 1, 100)), "-E", wait_mode},
                  env);
     while (auto l = client.line(120000)) {
       if (l->rfind("Final:", 0) == 0) {
@@ -253,9 +374,14 @@ int main(int argc, char** argv) {
     else if (k == "--seconds") a.seconds = std::stod(next());
     else if (k == "--json") a.json = next();
     else if (k == "--perftest") a.perftest = next();
+    else if (k == "--progress") a.progress = next();
+    else if (k == "--lat-iters") a.lat_iters = std::stoi(next());
+    else if (k == "--latency-only") a.latency_only = true;
+    else if (k == "--pingpong") a.pingpong = std::stoi(next());
     else if (k == "--serve") { a.serve = true; a.serve_bytes = std::stoull(next()); }
     else {
-      std::cerr << "usage: ucx_bench --tls T [--sizes a,b,c] [--memory ucx|plain] [--window N] [--seconds S] [--json FILE]\n";
+      std::cerr << "usage: ucx_bench --tls T [--sizes a,b,c] [--memory ucx|plain] [--window N] [--seconds S] [--json FILE]\n"
+                   "                 [--progress event|busy_poll] [--lat-iters N] [--latency-only] [--perftest PATH]\n";
       return 2;
     }
   }
@@ -263,10 +389,27 @@ int main(int argc, char** argv) {
     std::cerr << "--memory must be ucx or plain\n";
     return 2;
   }
+  if (a.progress != "event" && a.progress != "busy_poll") {
+    std::cerr << "--progress must be event or busy_poll\n";
+    return 2;
+  }
+  if (a.sizes.empty()) {
+    std::cerr << "--sizes needs at least one size\n";
+    return 2;
+  }
+  if (a.latency_only) a.sizes.clear();
+  if (a.lat_iters < 1) {
+    std::cerr << "--lat-iters must be at least 1\n";
+    return 2;
+  }
   if (a.serve) return serve(a);
 
-  const std::uint64_t max_size = std::max<std::uint64_t>(*std::max_element(a.sizes.begin(), a.sizes.end()), 4096);
-  child target({"/proc/self/exe", "--serve", std::to_string(max_size), "--tls", a.tls, "--memory", a.memory}, {});
+  std::uint64_t max_size = 2 * ping_bytes;
+  for (auto size : a.sizes) max_size = std::max(max_size, size);
+  const int ping_warmup = 100;
+  child target({"/proc/self/exe", "--serve", std::to_string(max_size), "--tls", a.tls, "--memory", a.memory,
+                "--pingpong", std::to_string(a.lat_iters + ping_warmup)},
+               {}, true);
   auto line = target.line(20000);
   if (!line) {
     std::cerr << "target printed no descriptor\n";
@@ -275,7 +418,7 @@ int main(int argc, char** argv) {
   auto desc = *kvx::memory::segment_descriptor::from_json(nlohmann::json::parse(*line));
 
   asio::io_context io;
-  kvx::transport::ucx t(io.get_executor(), {.tls = a.tls});
+  kvx::transport::ucx t(io.get_executor(), {.tls = a.tls, .busy_poll = a.progress == "busy_poll"});
   kvx::transport::ucx_buffer lmem;
   std::vector<std::byte> lplain;
   std::span<std::byte> local;
@@ -288,8 +431,12 @@ int main(int argc, char** argv) {
   }
   std::memset(local.data(), 2, local.size());
   kvx::memory::segment_table table("ucx-bench-initiator");
-  auto lseg = *table.add("ucx-bench-local", {local.data(), local.size()});
-  (void)*t.register_memory(lseg);
+  auto ldesc = publish(t, table, "ucx-bench-local", {local.data(), local.size()});
+  if (!ldesc) return 1;
+  std::memset(local.data(), 0, ping_bytes);
+  target.send_line(ldesc->to_json().dump());
+  // First, while the target answers ping-pong rounds (it serves only after them).
+  const double ping_half_rtt = kvx_pingpong(io, t, desc, local, a.lat_iters, ping_warmup);
 
   std::ofstream json;
   if (!a.json.empty()) json.open(a.json, std::ios::app);
@@ -310,15 +457,36 @@ int main(int argc, char** argv) {
                              {"ratio", w / p}}.dump()
            << "\n";
   }
-  const double lw = kvx_latency(io, t, desc, local, 4096, 2000, true);
-  const double lr = kvx_latency(io, t, desc, local, 4096, 2000, false);
-  auto pl = perftest(a, "ucp_put_lat", 4096, 2000);
-  std::printf("4 KiB latency p50: kvx write %.2f us, kvx read %.2f us, ucx_perftest put_lat %.2f us; ratio %.2f\n", lw,
-              lr, pl[1], lw / pl[1]);
-  if (json.is_open())
-    json << nlohmann::json{{"tls", a.tls}, {"memory", a.memory}, {"kind", "latency"}, {"size", 4096},
-                           {"kvx_write_us", lw}, {"kvx_read_us", lr}, {"perftest_put_lat_us", pl[1]},
-                           {"ratio", lw / pl[1]}}.dump()
-         << "\n";
+  // ucp_put_lat is a ping-pong: each side puts, the other spins on the last
+  // byte, and the figure is half the round trip (p50). A kvx write completes
+  // when the target's flush answers: one-way on shared memory (the flush is
+  // local), a full round trip on tcp. Both ratios are printed.
+  const auto lw = kvx_latency(io, t, desc, local, 4096, a.lat_iters, true);
+  const auto lr = kvx_latency(io, t, desc, local, 4096, a.lat_iters, false);
+  auto pl = perftest(a, "ucp_put_lat", 4096, static_cast<std::uint64_t>(a.lat_iters));
+  const double half_rtt = pl[1];
+  // Event-driven ucx_perftest (-E sleep) as well, where puts raise events:
+  // on posix/sysv a put is a plain store and a sleeping receiver never wakes.
+  const bool shm_rma = a.tls.find("posix") != std::string::npos || a.tls.find("sysv") != std::string::npos;
+  const double sleep_half_rtt = shm_rma ? 0.0 : perftest(a, "ucp_put_lat", 4096, static_cast<std::uint64_t>(a.lat_iters), "sleep")[1];
+  std::printf("4 KiB latency (%s progress): kvx write p50 %.2f us (p99 %.2f), kvx read p50 %.2f us (p99 %.2f), "
+              "ucx_perftest put_lat p50 %.2f us (half round trip); write/put_lat %.2f, write/round trip %.2f, "
+              "read/round trip %.2f\n",
+              a.progress.c_str(), lw.p50, lw.p99, lr.p50, lr.p99, half_rtt, lw.p50 / half_rtt, lw.p50 / (2 * half_rtt),
+              lr.p50 / (2 * half_rtt));
+  std::printf("  kvx ping-pong (ucp_put_lat's method with kvx writes) p50 %.2f us half round trip; /put_lat %.2f\n",
+              ping_half_rtt, ping_half_rtt / half_rtt);
+  if (!shm_rma)
+    std::printf("  ucx_perftest put_lat -E sleep p50 %.2f us; write/put_lat(sleep) %.2f, write/round trip(sleep) %.2f\n",
+                sleep_half_rtt, lw.p50 / sleep_half_rtt, lw.p50 / (2 * sleep_half_rtt));
+  if (json.is_open()) {
+    nlohmann::json j{{"tls", a.tls}, {"memory", a.memory}, {"kind", "latency"}, {"size", 4096},
+                     {"progress", a.progress}, {"kvx_write_us", lw.p50}, {"kvx_write_p99_us", lw.p99},
+                     {"kvx_read_us", lr.p50}, {"kvx_read_p99_us", lr.p99}, {"perftest_put_lat_us", half_rtt},
+                     {"ratio", lw.p50 / half_rtt}, {"ratio_round_trip", lw.p50 / (2 * half_rtt)},
+                     {"kvx_pingpong_half_rtt_us", ping_half_rtt}, {"ratio_pingpong", ping_half_rtt / half_rtt}};
+    if (!shm_rma) j["perftest_put_lat_sleep_us"] = sleep_half_rtt;
+    json << j.dump() << "\n";
+  }
   return 0;
 }

@@ -274,6 +274,16 @@ class ucx {
       kvx::detail::post_completion(w_->executor(), std::forward<Handler>(handler), ec);
       return;
     }
+    // Small operations on shared memory usually finish inside the UCX call:
+    // then only the completion is posted, with no op object, work guard or
+    // cancellation hook (there is nothing left to cancel).
+    const ucs_status_ptr_t request = w_->post(target, local, length, is_write);
+    if (!UCS_PTR_IS_PTR(request)) {
+      lock.unlock();
+      kvx::detail::post_completion(w_->executor(), std::forward<Handler>(handler),
+                                   detail::ucx_worker::code_of(UCS_PTR_STATUS(request)));
+      return;
+    }
     auto* op = new detail::ucx_op<std::decay_t<Handler>>(std::forward<Handler>(handler), w_->executor());
     auto slot = asio::get_associated_cancellation_slot(*op->handler);
     if (slot.is_connected()) {
@@ -281,7 +291,7 @@ class ucx {
         if (type != asio::cancellation_type::none) w->cancel(op);
       });
     }
-    w_->issue(op, target, local, length, is_write);
+    w_->track(op, target, request);
   }
 
   std::shared_ptr<detail::ucx_worker> w_;

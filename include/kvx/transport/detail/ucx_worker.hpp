@@ -86,6 +86,47 @@ struct ucx_rkey_entry {
   ucp_rkey_h rkey = nullptr;
 };
 
+//! The `ucx` entry of a descriptor, read in one pass; null where a field is
+//! missing or has the wrong type.
+struct ucx_entry_fields {
+  const std::string* worker_address = nullptr;
+  const std::string* rkey = nullptr;
+  const std::string* segment = nullptr;
+  const std::uint64_t* base = nullptr;
+  const std::uint64_t* length = nullptr;
+  const std::uint64_t* generation = nullptr;
+  const std::uint64_t* key_check = nullptr;
+
+  [[nodiscard]] bool complete() const noexcept {
+    return worker_address && rkey && segment && base && length && generation && key_check;
+  }
+
+  // One walk over the object instead of a map lookup per field: this runs on
+  // every operation, and small-op latency is what it costs.
+  static ucx_entry_fields read(const nlohmann::json& e) {
+    ucx_entry_fields f;
+    for (auto it = e.begin(); it != e.end(); ++it) {
+      const std::string& k = it.key();
+      const nlohmann::json& v = *it;
+      const auto* str = v.is_string() ? &v.get_ref<const std::string&>() : nullptr;
+      const auto* num = v.is_number_unsigned() ? v.get_ptr<const std::uint64_t*>() : nullptr;
+      switch (k.size()) {
+        case 14: if (k == "worker_address") f.worker_address = str; break;
+        case 4:
+          if (k == "rkey") f.rkey = str;
+          else if (k == "base") f.base = num;
+          break;
+        case 7: if (k == "segment") f.segment = str; break;
+        case 6: if (k == "length") f.length = num; break;
+        case 10: if (k == "generation") f.generation = num; break;
+        case 9: if (k == "key_check") f.key_check = num; break;
+        default: break;
+      }
+    }
+    return f;
+  }
+};
+
 //! An endpoint to one remote worker and the rkeys unpacked on it.
 struct ucx_peer {
   std::string address;  // hex, the cache key
@@ -95,6 +136,11 @@ struct ucx_peer {
   ucs_status_t failure = UCS_OK;
   ucx_op_base* cancelled_by = nullptr;
   std::unordered_map<std::string, ucx_rkey_entry> rkeys;  // name \n generation
+  // The rkey used last and what it was resolved from: consecutive operations
+  // on one segment skip building the map key and hashing it.
+  const ucx_rkey_entry* last_rkey = nullptr;
+  std::string last_rkey_segment;
+  std::uint64_t last_rkey_generation = 0;
   std::unordered_set<ucx_op_base*> ops;
   ucx_worker* owner = nullptr;  // outlives every callback that names this peer
 };
@@ -231,22 +277,19 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     if (shut_down_) return errc::cancelled;
     auto it = remote.transports.find("ucx");
     if (it == remote.transports.end() || !it->is_object()) return errc::unreachable;
-    const auto& e = *it;
     if (auto ec = kind_ok(remote.where)) return ec;
-    const auto* addr = string_field(e, "worker_address");
-    const auto* rkey = string_field(e, "rkey");
-    const auto* segment = string_field(e, "segment");
-    const auto* base = uint_field(e, "base");
-    const auto* len = uint_field(e, "length");
-    const auto* generation = uint_field(e, "generation");
-    const auto* key_check = uint_field(e, "key_check");
-    if (!addr || !rkey || !segment || !base || !len || !generation || !key_check) {
+    const auto f = ucx_entry_fields::read(*it);
+    if (!f.complete()) {
       log(log_level::debug, "ucx: malformed entry for segment '", remote.name, "'");
       return errc::malformed_message;
     }
-    if (*segment != remote.name) return errc::unknown_segment;
-    if (*key_check != ucx_key_check(remote.key)) return errc::bad_key;
-    if (*generation != remote.generation) return errc::stale;
+    const auto* addr = f.worker_address;
+    const auto* rkey = f.rkey;
+    const auto* base = f.base;
+    const auto* len = f.length;
+    if (*f.segment != remote.name) return errc::unknown_segment;
+    if (*f.key_check != ucx_key_check(remote.key)) return errc::bad_key;
+    if (*f.generation != remote.generation) return errc::stale;
     const std::uint64_t limit = std::min<std::uint64_t>(remote.length, *len);
     if (offset > limit || length > limit - offset) return errc::out_of_range;
     auto peer = get_peer(*addr);
@@ -271,39 +314,43 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     return {};
   }
 
-  //! Issues a get (read) or a put followed by an endpoint flush (write): the
-  //! op completes when the bytes are in `dst`, or remotely visible. Lock held.
-  void issue(ucx_op_base* op, const ucx_target& t, void* local, std::size_t length, bool is_write) {
+  //! Issues a get (read), or a put followed by an endpoint flush (write):
+  //! the operation is done when the bytes are in `dst`, or remotely visible.
+  //! Returns UCS_OK or an error status when UCX finished at once (no op is
+  //! needed then; see `code_of`), else the request still in flight, which the
+  //! caller must hand to `track` before releasing the lock. Lock held.
+  ucs_status_ptr_t post(const ucx_target& t, void* local, std::size_t length, bool is_write) {
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK;
+    p.cb.send = &ucx_worker::on_request_done;
+    if (!is_write) return ucp_get_nbx(t.peer->ep, local, length, t.remote_address, t.rkey, &p);
+    ucp_request_param_t put{};
+    // The put's own completion only means the source may be reused; the
+    // flush below is what says the bytes are visible at the target.
+    ucs_status_ptr_t pr = ucp_put_nbx(t.peer->ep, local, length, t.remote_address, t.rkey, &put);
+    if (UCS_PTR_IS_ERR(pr)) return pr;
+    if (pr != nullptr) ucp_request_free(pr);
+    return ucp_ep_flush_nbx(t.peer->ep, &p);
+  }
+
+  //! The error an operation that `post` finished at once ends with.
+  static std::error_code code_of(ucs_status_t s) {
+    if (s == UCS_OK) return {};
+    log(log_level::debug, "ucx: op to peer failed: ", ucs_status_string(s));
+    if (s == UCS_ERR_CANCELED) return errc::connection_lost;  // its endpoint closed; it was not cancelled itself
+    return ucx_code(s);
+  }
+
+  //! Binds `op` to the in-flight `request` `post` returned: UCX's callback
+  //! finds the op in the space reserved in every request (request_size).
+  //! Lock held, so no progress (and no callback) ran in between.
+  void track(ucx_op_base* op, const ucx_target& t, void* request) {
     op->worker = this;
     op->peer = t.peer;
     t.peer->ops.insert(op);
     ++in_flight_;
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    p.cb.send = &ucx_worker::on_request_done;
-    p.user_data = op;
-    ucs_status_ptr_t r;
-    if (is_write) {
-      ucp_request_param_t put{};
-      // The put's own completion only means the source may be reused; the
-      // flush below is what says the bytes are visible at the target.
-      ucs_status_ptr_t pr = ucp_put_nbx(t.peer->ep, local, length, t.remote_address, t.rkey, &put);
-      if (UCS_PTR_IS_ERR(pr)) {
-        complete(op, UCS_PTR_STATUS(pr));
-        return;
-      }
-      if (pr != nullptr) ucp_request_free(pr);
-      r = ucp_ep_flush_nbx(t.peer->ep, &p);
-    } else {
-      r = ucp_get_nbx(t.peer->ep, local, length, t.remote_address, t.rkey, &p);
-    }
-    if (r == nullptr) {
-      complete(op, UCS_OK);
-    } else if (UCS_PTR_IS_ERR(r)) {
-      complete(op, UCS_PTR_STATUS(r));
-    } else {
-      kick();
-    }
+    *static_cast<ucx_op_base**>(request) = op;
+    kick();
   }
 
   //! Asks for the op's endpoint to be force-closed (later, not inside the
@@ -314,6 +361,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     auto peer = op->peer;
     if (!peer->cancelled_by) peer->cancelled_by = op;
     peers_.erase(peer->address);
+    last_peer_.reset();
     asio::post(ex_, [weak = weak_from_this(), peer] {
       if (auto self = weak.lock()) {
         std::lock_guard l(self->mutex_);
@@ -339,6 +387,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     std::vector<std::shared_ptr<ucx_peer>> all;
     for (auto& [_, p] : peers_) all.push_back(p);
     peers_.clear();
+    last_peer_.reset();
     for (auto& p : all) close_peer(p);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
     while ((in_flight_ > 0 || !closing_.empty()) && std::chrono::steady_clock::now() < deadline)
@@ -378,8 +427,12 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
       }
     }
     ucp_params_t params{};
-    params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
+    params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME |
+                        UCP_PARAM_FIELD_REQUEST_SIZE;
     params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+    // Room in every UCX request for the op it completes (see track): an
+    // operation UCX finishes at once then needs no op object at all.
+    params.request_size = sizeof(ucx_op_base*);
     // The context is shared with register/deregister callers on other threads.
     params.mt_workers_shared = 1;
     params.name = "kvx";
@@ -414,15 +467,6 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     return {};
   }
 
-  static const std::string* string_field(const nlohmann::json& e, const char* name) {
-    auto it = e.find(name);
-    return it != e.end() && it->is_string() ? &it->get_ref<const std::string&>() : nullptr;
-  }
-  static const std::uint64_t* uint_field(const nlohmann::json& e, const char* name) {
-    auto it = e.find(name);
-    return it != e.end() && it->is_number_unsigned() ? it->get_ptr<const std::uint64_t*>() : nullptr;
-  }
-
   [[nodiscard]] std::error_code kind_ok(const memory::location& where) const {
     if (where.kind == memory::location_kind::host) return {};
     if (where.kind == memory::location_kind::cuda && supports_cuda()) return {};
@@ -451,7 +495,13 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
   }
 
   result<std::shared_ptr<ucx_peer>> get_peer(const std::string& address) {
-    if (auto it = peers_.find(address); it != peers_.end()) return it->second;
+    // Consecutive operations usually go to one peer: compare before hashing
+    // the (long) address. The pointer is cleared wherever peers_ drops a peer.
+    if (last_peer_ && last_peer_->address == address) return last_peer_;
+    if (auto it = peers_.find(address); it != peers_.end()) {
+      last_peer_ = it->second;
+      return it->second;
+    }
     auto bytes = from_hex(address, "worker_address");
     KVX_TRY(bytes);
     auto peer = std::make_shared<ucx_peer>();
@@ -486,15 +536,23 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
       peer->same_process = r.workers.count(address) != 0;
     }
     peers_.emplace(address, peer);
+    last_peer_ = peer;
     return peer;
   }
 
   result<ucp_rkey_h> get_rkey(ucx_peer& peer, const memory::segment_descriptor& remote, const std::string& blob_hex) {
+    if (peer.last_rkey && peer.last_rkey_generation == remote.generation && peer.last_rkey_segment == remote.name &&
+        peer.last_rkey->blob_hex == blob_hex)
+      return peer.last_rkey->rkey;
     std::string key = remote.name;
     key.append(1, '\n').append(std::to_string(remote.generation));
+    peer.last_rkey = nullptr;
     auto it = peer.rkeys.find(key);
     if (it != peer.rkeys.end()) {
-      if (it->second.blob_hex == blob_hex) return it->second.rkey;
+      if (it->second.blob_hex == blob_hex) {
+        remember_rkey(peer, remote, it->second);
+        return it->second.rkey;
+      }
       ucp_rkey_destroy(it->second.rkey);  // re-registered under the same name and generation
       peer.rkeys.erase(it);
     }
@@ -504,8 +562,15 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     if (auto s = ucp_ep_rkey_unpack(peer.ep, blob->data(), &rkey); s != UCS_OK)
       return error{errc::bad_key, "ucx: ucp_ep_rkey_unpack for segment '" + remote.name + "' failed (UCX: " +
                                       std::string(ucs_status_string(s)) + ")"};
-    peer.rkeys.emplace(std::move(key), ucx_rkey_entry{blob_hex, rkey});
+    auto placed = peer.rkeys.emplace(std::move(key), ucx_rkey_entry{blob_hex, rkey});
+    remember_rkey(peer, remote, placed.first->second);
     return rkey;
+  }
+
+  static void remember_rkey(ucx_peer& peer, const memory::segment_descriptor& remote, const ucx_rkey_entry& e) {
+    peer.last_rkey = &e;  // map nodes do not move; cleared wherever rkeys loses entries
+    peer.last_rkey_segment = remote.name;
+    peer.last_rkey_generation = remote.generation;
   }
 
   void complete(ucx_op_base* op, ucs_status_t s) {
@@ -520,8 +585,8 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     op->finish(ec);
   }
 
-  static void on_request_done(void* request, ucs_status_t status, void* user) {
-    auto* op = static_cast<ucx_op_base*>(user);
+  static void on_request_done(void* request, ucs_status_t status, void*) {
+    auto* op = *static_cast<ucx_op_base**>(request);
     ucp_request_free(request);
     if (!op->abandoned) op->worker->complete(op, status);
   }
@@ -536,6 +601,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     if (it == self->peers_.end() || it->second.get() != peer) return;  // already closing
     auto shared = it->second;
     self->peers_.erase(it);
+    self->last_peer_.reset();
     // Close outside the callback, as UCX asks.
     asio::post(self->ex_, [weak = self->weak_from_this(), shared] {
       if (auto w = weak.lock()) {
@@ -555,6 +621,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
   void close_peer(const std::shared_ptr<ucx_peer>& peer) {
     if (!peer->ep) return;
     if (auto it = peers_.find(peer->address); it != peers_.end() && it->second == peer) peers_.erase(it);
+    if (last_peer_ == peer) last_peer_.reset();
     ucp_ep_h ep = std::exchange(peer->ep, nullptr);
     closing_.push_back(peer);
     ucp_request_param_t p{};
@@ -570,6 +637,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
   void closed(ucx_peer* peer) {
     for (auto& [_, rk] : peer->rkeys) ucp_rkey_destroy(rk.rkey);
     peer->rkeys.clear();
+    peer->last_rkey = nullptr;
     // With error mode NONE (posix, sysv) a forced close leaves requests that
     // were queued on the endpoint uncompleted; the endpoint is gone, so UCX
     // will not touch their buffers again: end them here, and keep the op
@@ -667,6 +735,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
   std::unordered_map<std::string, registration> registrations_;
   std::vector<std::weak_ptr<ucx_allocation>> allocations_;
   std::unordered_map<std::string, std::shared_ptr<ucx_peer>> peers_;
+  std::shared_ptr<ucx_peer> last_peer_;  // the peer get_peer found last; always one in peers_
   std::vector<std::shared_ptr<ucx_peer>> closing_;
   std::size_t in_flight_ = 0;
   std::vector<ucx_op_base*> abandoned_;
