@@ -2,31 +2,36 @@
 //! \file
 //! `kvx::disagg::planner::measure_tiny_hardware`: the planner's cost model
 //! fitted to kvx's tiny engine measured on this machine
-//! (`measure_tiny_engine`), so that a plan for this machine is made from
+//! (`tiny::measure_engine`, examples/tiny_engine), so that a plan for this machine is made from
 //! measurements, not guesses.
 //!
 //! Prefill is timed at two prompt lengths and fitted to
 //! `n / tokens_per_s + attention_s_per_pair * n * n / 2`; a decode step at the
 //! two resulting contexts is fitted to `s_per_seq + s_per_token * context`
 //! (the tiny engine decodes a batch one sequence after another, so
-//! `step_s = 0`). Each point is the fastest of `repeats` runs.
+//! `step_s = 0`). Each point is the fastest of `repeats` runs, timed by the
+//! measuring thread's CPU time: on a busy machine, the speed with a core to
+//! itself (wall-clock time counts the waits for a core too).
 //!
 //! Blocks the calling thread for the measurements (a second or so at the
 //! defaults). Thread-safe.
 //!
 //! \code
-//! auto hw = kvx::disagg::planner::measure_tiny_hardware(kvx::disagg::tiny_config{}).value();
+//! auto hw = kvx::disagg::planner::measure_tiny_hardware(tiny::model_config{}).value();
 //! hw.prefill.tokens_per_s;
 //! \endcode
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <string>
+#include <vector>
 
 #include <kvx/core/result.hpp>
 #include <kvx/disagg/layouts/layer_first.hpp>
 #include <kvx/disagg/planner/hardware.hpp>
-#include <kvx/disagg/tiny_engine.hpp>
+#include <tiny/engine.hpp>
 
 namespace kvx::disagg::planner {
 
@@ -38,7 +43,45 @@ struct measure_options {
   double kv_capacity_gb = 1;          //!< host memory the tiny engine may use for KV
   double network_gb_s = 5;            //!< what moves KV between tiny instances (set from transfer_bench)
   double ssd_gb_s = 1;
+  bool per_core = true;               //!< time by the thread's CPU time (false, or tp > 1: wall clock)
 };
+
+//! CPU seconds the calling thread has used.
+inline double thread_cpu_s() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+//! `tiny::measure_engine`'s run (one prompt, then `decode_steps` steps) on
+//! one shard (`cfg.tp` = 1), each phase timed by the calling thread's CPU time.
+template <class Layout>
+result<tiny::engine_speed> measure_engine_cpu(const tiny::model_config& cfg, std::uint32_t prompt_tokens,
+                                              std::uint32_t decode_steps) {
+  if (prompt_tokens == 0 || decode_steps == 0)
+    return error{errc::invalid_argument, "measure_engine_cpu: prompt_tokens and decode_steps must be positive"};
+  const std::uint32_t blocks = (prompt_tokens + decode_steps + cfg.block_tokens - 1) / cfg.block_tokens;
+  auto layout = Layout::make(cfg.shard_shape(), blocks, 1);
+  if (!layout) return layout.error();
+  std::vector<std::byte> memory(layout->bytes_required());
+  auto eng = tiny::engine<Layout>::make(cfg, *layout, memory);  // validates cfg, and that tp = 1
+  if (!eng) return eng.error();
+  std::vector<std::uint32_t> table(blocks), prompt(prompt_tokens);
+  for (std::uint32_t i = 0; i < blocks; ++i) table[i] = i;
+  for (std::uint32_t i = 0; i < prompt_tokens; ++i) prompt[i] = (i * 7919U + 13U) % cfg.vocab;
+  const kv_sequence seq{table, 0};
+  const double c0 = thread_cpu_s();
+  auto tok = eng->prefill(prompt, seq);
+  if (!tok) return tok.error();
+  const double c1 = thread_cpu_s();
+  for (std::uint32_t i = 0; i < decode_steps; ++i) {
+    tok = eng->decode(*tok, prompt_tokens + i, seq);
+    if (!tok) return tok.error();
+  }
+  const double c2 = thread_cpu_s();
+  return tiny::engine_speed{prompt_tokens / std::max(c1 - c0, 1e-9), (c2 - c1) / decode_steps,
+                            prompt_tokens + decode_steps / 2};
+}
 
 //! Fits a line y = a + b x through two points, with b >= 0 and a > 0.
 inline void fit_nonnegative(double x1, double y1, double x2, double y2, double& a, double& b) {
@@ -51,13 +94,14 @@ inline void fit_nonnegative(double x1, double y1, double x2, double y2, double& 
   }
 }
 
-inline result<hardware> measure_tiny_hardware(const tiny_config& cfg, const measure_options& opt = {}) {
+inline result<hardware> measure_tiny_hardware(const tiny::model_config& cfg, const measure_options& opt = {}) {
   if (opt.short_prompt == 0 || opt.long_prompt <= opt.short_prompt || opt.repeats == 0)
     return error{errc::invalid_argument, "measure_tiny_hardware: needs 0 < short_prompt < long_prompt and repeats > 0"};
-  auto best = [&](std::uint32_t prompt) -> result<engine_speed> {
-    engine_speed b{};
+  auto best = [&](std::uint32_t prompt) -> result<tiny::engine_speed> {
+    tiny::engine_speed b{};
     for (unsigned i = 0; i < opt.repeats; ++i) {
-      auto s = measure_tiny_engine<layouts::layer_first>(cfg, prompt, opt.decode_steps);
+      auto s = opt.per_core && cfg.tp == 1 ? measure_engine_cpu<layouts::layer_first>(cfg, prompt, opt.decode_steps)
+                            : tiny::measure_engine<layouts::layer_first>(cfg, prompt, opt.decode_steps);
       if (!s) return s.error();
       if (i == 0 || s->prefill_tokens_per_s > b.prefill_tokens_per_s) b.prefill_tokens_per_s = s->prefill_tokens_per_s;
       if (i == 0 || s->decode_step_s < b.decode_step_s) b.decode_step_s = s->decode_step_s;
