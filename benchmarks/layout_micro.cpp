@@ -11,7 +11,7 @@
 #include <kvx/disagg/layouts/layer_first.hpp>
 #include <kvx/disagg/layouts/layer_first_kv_split.hpp>
 #include <kvx/disagg/layouts/page_first.hpp>
-#include <kvx/disagg/tiny_engine.hpp>
+#include <tiny/engine.hpp>
 
 #include <benchmark/benchmark.h>
 
@@ -136,15 +136,15 @@ BENCHMARK(BM_Convert_TP1_To_TP2)->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_Convert_Block16_To_Block32)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // The tiny model: 4 layers, model width 256 (8 KV heads of 32), bf16 KV.
-static kd::tiny_config tiny() {
-  return {.layers = 4, .kv_heads = 8, .head_dim = 32, .block_tokens = 16, .vocab = 1024, .dtype = kd::kv_dtype::bf16};
+static tiny::model_config tiny_model() {
+  return {.layers = 4, .kv_heads = 8, .head_dim = 32, .block_tokens = 16, .vocab = 1024, .dtype = tiny::kv_dtype::bf16};
 }
 
 static void BM_TinyEnginePrefill(benchmark::State& state) {
   const auto n = static_cast<std::uint32_t>(state.range(0));
-  auto l = kd::layouts::layer_first::make(tiny().shard_shape(), n / 16 + 1).value();
+  auto l = kd::layouts::layer_first::make(tiny_model().shard_shape(), n / 16 + 1).value();
   std::vector<std::byte> mem(l.bytes_required(), std::byte{0});
-  auto eng = kd::tiny_engine<kd::layouts::layer_first>::make(tiny(), l, mem).value();
+  auto eng = tiny::engine<kd::layouts::layer_first>::make(tiny_model(), l, mem).value();
   std::vector<std::uint32_t> t(n / 16 + 1), prompt(n);
   std::iota(t.begin(), t.end(), 0U);
   for (std::uint32_t i = 0; i < n; ++i) prompt[i] = i * 7 % 1024;
@@ -155,9 +155,9 @@ BENCHMARK(BM_TinyEnginePrefill)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecon
 
 static void BM_TinyEngineDecodeStep(benchmark::State& state) {
   const auto n = static_cast<std::uint32_t>(state.range(0));
-  auto l = kd::layouts::layer_first::make(tiny().shard_shape(), n / 16 + 1).value();
+  auto l = kd::layouts::layer_first::make(tiny_model().shard_shape(), n / 16 + 1).value();
   std::vector<std::byte> mem(l.bytes_required(), std::byte{0});
-  auto eng = kd::tiny_engine<kd::layouts::layer_first>::make(tiny(), l, mem).value();
+  auto eng = tiny::engine<kd::layouts::layer_first>::make(tiny_model(), l, mem).value();
   std::vector<std::uint32_t> t(n / 16 + 1), prompt(n);
   std::iota(t.begin(), t.end(), 0U);
   for (std::uint32_t i = 0; i < n; ++i) prompt[i] = i * 7 % 1024;

@@ -4,7 +4,7 @@
 #include <kvx/disagg/layout_convert.hpp>
 #include <kvx/disagg/layouts/layer_first.hpp>
 #include <kvx/disagg/layouts/page_first.hpp>
-#include <kvx/disagg/tiny_engine.hpp>
+#include <tiny/engine.hpp>
 
 #include <cstddef>
 #include <cstdio>
@@ -13,7 +13,7 @@
 namespace kd = kvx::disagg;
 
 int main() {
-  kd::tiny_config cfg{.layers = 4, .kv_heads = 4, .head_dim = 32, .block_tokens = 16, .dtype = kd::kv_dtype::bf16};
+  tiny::model_config cfg{.layers = 4, .kv_heads = 4, .head_dim = 32, .block_tokens = 16, .dtype = tiny::kv_dtype::bf16};
   std::vector<std::uint32_t> prompt(100);
   for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<std::uint32_t>(i * 37 % cfg.vocab);
 
@@ -22,7 +22,7 @@ int main() {
   pcfg.tp = 2;
   auto pl = kd::layouts::layer_first::make(pcfg.shard_shape(), 16).value();
   std::vector<std::byte> rank0(pl.bytes_required()), rank1(pl.bytes_required());
-  auto prefill = kd::tiny_engine<kd::layouts::layer_first>::make(pcfg, {{pl, rank0}, {pl, rank1}}).value();
+  auto prefill = tiny::engine<kd::layouts::layer_first>::make(pcfg, {{pl, rank0}, {pl, rank1}}).value();
   std::vector<std::uint32_t> ptable{9, 3, 12, 0, 5, 7, 1};
   const std::uint32_t first = prefill.prefill(prompt, {ptable}).value();
 
@@ -37,7 +37,7 @@ int main() {
   dcfg.block_tokens = 32;
   auto dl = kd::layouts::page_first::make(dcfg.shard_shape(), 8).value();
   std::vector<std::byte> pool(dl.bytes_required());
-  auto decode = kd::tiny_engine<kd::layouts::page_first>::make(dcfg, dl, pool).value();
+  auto decode = tiny::engine<kd::layouts::page_first>::make(dcfg, dl, pool).value();
   std::vector<std::uint32_t> dtable{6, 2, 4, 1};
   for (const auto& r : dl.block_ranges(dtable[0]))
     std::printf("page_first block %u: offset %llu, %llu bytes contiguous\n", dtable[0],
@@ -60,7 +60,7 @@ int main() {
   // The colocated reference: one TP=1 instance does everything.
   auto cl = kd::layouts::layer_first::make(cfg.shard_shape(), 8).value();
   std::vector<std::byte> cpool(cl.bytes_required());
-  auto colocated = kd::tiny_engine<kd::layouts::layer_first>::make(cfg, cl, cpool).value();
+  auto colocated = tiny::engine<kd::layouts::layer_first>::make(cfg, cl, cpool).value();
   std::vector<std::uint32_t> ctable{0, 1, 2, 3, 4, 5, 6};
   const auto want = colocated.generate(prompt, 8, {ctable}).value();
 

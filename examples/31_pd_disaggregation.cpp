@@ -6,10 +6,11 @@
 #include <kvx/disagg/connector.hpp>
 #include <kvx/disagg/layouts/layer_first.hpp>
 #include <kvx/disagg/layouts/page_first.hpp>
-#include <kvx/disagg/pd_stack.hpp>
 #include <kvx/transfer/embedded_metadata.hpp>
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/local.hpp>
+
+#include <tiny/worker.hpp>
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -32,11 +33,22 @@ int main() {
   kvx::transport::local net_p(io.get_executor()), net_d(io.get_executor());
   engine_t eng_p(meta, {.node = "prefill-0"}, net_p), eng_d(meta, {.node = "decode-0"}, net_d);
   auto link = std::make_shared<kd::push_link>();  // where decode publishes its blocks for prefill
+  // Every return, early ones included, stops and joins the runner (a joinable
+  // std::thread destroyed would abort the program and lose the message); the
+  // workers declared below are gone by then, the engines and metadata are not.
+  struct stop_runner {
+    decltype(work)& w;
+    std::thread& t;
+    ~stop_runner() {
+      w.reset();
+      if (t.joinable()) t.join();
+    }
+  } stop{work, runner};
 
-  const kd::tiny_config model{.layers = 4, .kv_heads = 4, .q_per_kv = 2, .head_dim = 32, .block_tokens = 16};
-  using prefill_t = kd::tiny_worker<kd::layouts::layer_first, engine_t, kd::transfer_mode::push, kd::load::wait_until>;
-  using decode_t = kd::tiny_worker<kd::layouts::page_first, engine_t, kd::transfer_mode::push, kd::load::wait_until>;
-  const kd::load::wait_until deadline{std::chrono::seconds(5)};
+  const tiny::model_config model{.layers = 4, .kv_heads = 4, .q_per_kv = 2, .head_dim = 32, .block_tokens = 16};
+  using prefill_t = tiny::worker<kd::layouts::layer_first, engine_t, kd::transfer_mode::push, kd::load::wait_until>;
+  using decode_t = tiny::worker<kd::layouts::page_first, engine_t, kd::transfer_mode::push, kd::load::wait_until>;
+  const kd::load::wait_until deadline{std::chrono::seconds(30)};  // generous: sanitizer builds on a busy machine
   auto prefill = prefill_t::make(eng_p, {.name = "prefill-0", .role = kd::connector_role::producer, .model = model, .num_blocks = 64},
                                  {link}, deadline);
   auto decode = decode_t::make(eng_d, {.name = "decode-0", .role = kd::connector_role::consumer, .model = model, .num_blocks = 64},
@@ -55,7 +67,7 @@ int main() {
   if (!ticket) return std::printf("admit: %s\n", ticket.error().message().c_str()), 1;
   // Decode waits for each layer while prefill computes and pushes them.
   std::thread decode_thread;
-  kvx::result<kd::decode_outcome> out = kvx::error{kvx::errc::internal};
+  kvx::result<tiny::decode_outcome> out = kvx::error{kvx::errc::internal};
   decode_thread = std::thread([&] { out = (*decode)->run_decode(req, *ticket, 8); });
   auto pre = (*prefill)->run_prefill(req);
   decode_thread.join();
@@ -70,7 +82,7 @@ int main() {
   // The colocated reference: one instance does everything.
   auto l = kd::layouts::layer_first::make(model.shard_shape(), 16).value();
   std::vector<std::byte> mem(l.bytes_required());
-  auto colocated = kd::tiny_engine<kd::layouts::layer_first>::make(model, l, mem).value();
+  auto colocated = tiny::engine<kd::layouts::layer_first>::make(model, l, mem).value();
   std::vector<std::uint32_t> table{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13};
   const auto want = colocated.generate(prompt, 8, {table}).value();
 
@@ -83,7 +95,5 @@ int main() {
 
   prefill->reset();
   decode->reset();
-  work.reset();
-  runner.join();
   return same ? 0 : 1;
 }

@@ -3,7 +3,6 @@
 #include <kvx/disagg/connector.hpp>
 #include <kvx/disagg/layouts/layer_first.hpp>
 #include <kvx/disagg/layouts/page_first.hpp>
-#include <kvx/disagg/pd_stack.hpp>
 #include <kvx/disagg/router.hpp>
 #include <kvx/cache/block_hasher.hpp>
 #include <kvx/cache/eviction/lru.hpp>
@@ -14,6 +13,8 @@
 #include <kvx/transfer/embedded_metadata.hpp>
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/local.hpp>
+
+#include <tiny/worker.hpp>
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -62,7 +63,7 @@ struct options {
   std::string json;
   bool quiet = false;
   bool in_process = false;           // every instance in this process (the reference for the process boundary's cost)
-  std::size_t kill_prefill_after = 0;  // SIGKILL prefill-0 after this many requests (0: never)
+  std::size_t kill_prefill_after = 0;  // SIGKILL the prefill instance of this request (1-based; 0: never)
   std::string ssd_dir = "/tmp";        // where the pool's SSD tier (a file) lives
 };
 
@@ -91,8 +92,9 @@ void usage() {
       "  --ssd-dir DIR          directory for the pool's SSD tier, a 64 MiB file (default /tmp)\n"
       "  --in-process           run every instance, the pool and the router in this process over the local\n"
       "                         transport (default: each instance is its own process, talking tcp)\n"
-      "  --kill-prefill-after N SIGKILL prefill-0 after N requests of each disaggregated run: its requests\n"
-      "                         fail on the decode side and the router retries them elsewhere\n"
+      "  --kill-prefill-after N in each disaggregated run, SIGKILL the prefill instance the Nth request was\n"
+      "                         just routed to: its requests fail on the decode side and the router\n"
+      "                         retries them elsewhere\n"
       "  --quiet                no progress lines\n"
       "  --help                 this text\n"
       "\n"
@@ -202,7 +204,7 @@ struct request_spec {
   std::uint32_t output = 1;
 };
 
-kd::tiny_config model_config() {
+tiny::model_config model_config() {
   // Llama-shaped and small: 4 layers, width 256 (8 query heads of 32 over 4 KV heads).
   return {.layers = 4, .kv_heads = 4, .q_per_kv = 2, .head_dim = 32, .block_tokens = 16, .vocab = 512};
 }
@@ -210,7 +212,7 @@ kd::tiny_config model_config() {
 // Tokens of one trace block: a function of its hash id alone, so equal ids give equal prefixes.
 void append_block(std::vector<std::uint32_t>& out, std::uint64_t hash_id, std::uint32_t n, std::uint32_t vocab) {
   std::uint64_t x = hash_id * 0x9E3779B97F4A7C15ULL + 17;
-  for (std::uint32_t i = 0; i < n; ++i) out.push_back(static_cast<std::uint32_t>(kd::detail::splitmix64(x) % vocab));
+  for (std::uint32_t i = 0; i < n; ++i) out.push_back(static_cast<std::uint32_t>(tiny::detail::splitmix64(x) % vocab));
 }
 
 std::vector<request_spec> synthetic_workload(const options& o) {

@@ -86,16 +86,16 @@ mode_result run_colocated(const options& o, const std::vector<request_spec>& req
   const std::uint32_t nblocks = blocks_per_req * (o.concurrency + 1);
   struct instance {
     std::vector<std::byte> memory;
-    std::optional<kd::tiny_engine<kd::layouts::layer_first>> engine;
-    std::unique_ptr<kd::block_allocator> alloc;
+    std::optional<tiny::engine<kd::layouts::layer_first>> engine;
+    std::unique_ptr<tiny::block_allocator> alloc;
     std::unique_ptr<worker_thread> thread;
   };
   std::vector<instance> inst(instances);
   for (auto& in : inst) {
     auto l = kd::layouts::layer_first::make(cfg.shard_shape(), nblocks).value();
     in.memory.assign(l.bytes_required(), std::byte{0});
-    in.engine.emplace(kd::tiny_engine<kd::layouts::layer_first>::make(cfg, l, in.memory).value());
-    in.alloc = std::make_unique<kd::block_allocator>(nblocks);
+    in.engine.emplace(tiny::engine<kd::layouts::layer_first>::make(cfg, l, in.memory).value());
+    in.alloc = std::make_unique<tiny::block_allocator>(nblocks);
     in.thread = std::make_unique<worker_thread>();
   }
   slots window(o.concurrency);
@@ -149,8 +149,8 @@ mode_result run_colocated(const options& o, const std::vector<request_spec>& req
 template <class Mode, class Load>
 mode_result run_disaggregated(const options& o, const std::vector<request_spec>& reqs, const std::string& name, Load load) {
   constexpr bool pooled = Mode::pooled;
-  using pworker = kd::tiny_worker<kd::layouts::layer_first, engine_t, Mode, Load>;
-  using dworker = kd::tiny_worker<kd::layouts::page_first, engine_t, Mode, Load>;
+  using pworker = tiny::worker<kd::layouts::layer_first, engine_t, Mode, Load>;
+  using dworker = tiny::worker<kd::layouts::page_first, engine_t, Mode, Load>;
   mode_result res = empty_result(name, reqs.size());
   cluster c;
   auto link = std::make_shared<kd::push_link>();
@@ -171,7 +171,7 @@ mode_result run_disaggregated(const options& o, const std::vector<request_spec>&
   std::vector<std::unique_ptr<dworker>> decode;
   kd::router<kd::routing::cache_aware> router;
   std::vector<kd::instance_id> pid, did;
-  const auto speed = kd::measure_tiny_engine<kd::layouts::layer_first>(cfg, 64, 4).value();
+  const auto speed = tiny::measure_engine<kd::layouts::layer_first>(cfg, 64, 4).value();
   for (std::uint32_t i = 0; i < o.prefill; ++i) {
     const std::string n = "prefill-" + std::to_string(i);
     auto& e = c.add_party(n);
@@ -188,7 +188,7 @@ mode_result run_disaggregated(const options& o, const std::vector<request_spec>&
     const std::string n = "decode-" + std::to_string(i);
     auto& e = c.add_party(n);
     auto dcfg = cfg;
-    kd::worker_config wc{.name = n, .role = kd::connector_role::consumer, .model = dcfg, .num_blocks = nblocks};
+    tiny::worker_config wc{.name = n, .role = kd::connector_role::consumer, .model = dcfg, .num_blocks = nblocks};
     if (o.prefill_tp > 1) {
       wc.model.block_tokens = 32;  // other TP, other block size: loads are staged and converted
       wc.num_blocks = nblocks / 2 + 2;
@@ -241,7 +241,7 @@ mode_result run_disaggregated(const options& o, const std::vector<request_spec>&
       res.records[i] = std::move(rec);
       window.release();
     };
-    auto decode_job = [&, i, q, arrive, req, finish](std::shared_ptr<record> rec, std::optional<kd::decode_ticket> ticket) {
+    auto decode_job = [&, i, q, arrive, req, finish](std::shared_ptr<record> rec, std::optional<tiny::decode_ticket> ticket) {
       const auto& rs = reqs[i];
       if (!ticket) {
         auto t = decode[q]->admit(req, rs.output);
@@ -267,7 +267,7 @@ mode_result run_disaggregated(const options& o, const std::vector<request_spec>&
     };
     auto rec = std::make_shared<record>();
     rec->prompt = static_cast<std::uint32_t>(r.prompt.size());
-    std::optional<kd::decode_ticket> ticket;
+    std::optional<tiny::decode_ticket> ticket;
     if constexpr (!pooled) {
       // Push: the decode side allocates first and publishes where the prefill writes.
       auto t = decode[q]->admit(req, r.output);

@@ -112,8 +112,8 @@ inline int serve_colocated(const worker_spec& spec, const std::shared_ptr<channe
   const std::uint32_t nblocks = blocks_per_req * (spec.concurrency + 1);
   auto l = kd::layouts::layer_first::make(cfg.shard_shape(), nblocks).value();
   std::vector<std::byte> memory(l.bytes_required(), std::byte{0});
-  auto engine = kd::tiny_engine<kd::layouts::layer_first>::make(cfg, l, memory).value();
-  kd::block_allocator alloc(nblocks);
+  auto engine = tiny::engine<kd::layouts::layer_first>::make(cfg, l, memory).value();
+  tiny::block_allocator alloc(nblocks);
   worker_thread compute;
   life.run(ch, [&](const nlohmann::json& m) {
         if (m["op"] != "serve") return;
@@ -149,13 +149,13 @@ inline int serve_colocated(const worker_spec& spec, const std::shared_ptr<channe
 template <class Layout, class Mode, class Load>
 int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode mode, Load load,
                         const std::shared_ptr<kd::push_link>& link, const std::shared_ptr<channel>& ch, worker_life& life) {
-  using worker_t = kd::tiny_worker<Layout, worker_engine_t, Mode, Load>;
+  using worker_t = tiny::worker<Layout, worker_engine_t, Mode, Load>;
   constexpr bool pooled = Mode::pooled;
   const auto cfg = model_config();
   const std::uint32_t per_req = (spec.max_prompt + spec.max_output + 15) / 16 + 1;
   const std::uint32_t nblocks = per_req * (spec.concurrency + 2);
   const bool prefill = spec.role == "prefill";
-  kd::worker_config wc;
+  tiny::worker_config wc;
   wc.name = spec.name;
   wc.role = prefill ? (pooled ? kd::connector_role::both : kd::connector_role::producer) : kd::connector_role::consumer;
   wc.model = cfg;
@@ -568,7 +568,7 @@ class coordinator {
 
   void set_up_router() {
     const auto cfg = model_config();
-    const auto speed = kd::measure_tiny_engine<kd::layouts::layer_first>(cfg, 64, 4).value();
+    const auto speed = tiny::measure_engine<kd::layouts::layer_first>(cfg, 64, 4).value();
     kv_per_token_ = 2ULL * cfg.kv_heads * cfg.head_dim * cfg.dtype_bytes() * cfg.layers;
     std::lock_guard l(mu_);
     for (std::size_t k = 0; k < workers_.size(); ++k) {
@@ -594,19 +594,28 @@ class coordinator {
     for (std::size_t i = 0; i < reqs_.size(); ++i) {
       std::unique_lock l(mu_);
       if (!cv_.wait_for(l, 120s, [&] { return flights_.size() < o_.concurrency; })) abandon("no answer within 120 s");
-      if (o_.kill_prefill_after && i == o_.kill_prefill_after && !colocated_ && workers_.front().pid > 0) {
-        auto& victim = workers_.front();  // a prefill instance dies mid-run: SIGKILL, no goodbye
-        if (!o_.quiet) std::printf("  %s: killing %s (pid %d) after %zu requests\n", mode_.c_str(), victim.name.c_str(), victim.pid, i);
-        ::kill(victim.pid, SIGKILL);
-      }
       arrivals_[i] = now_ns();
       dispatch(i, 0, record{});
+      if (o_.kill_prefill_after && i + 1 == o_.kill_prefill_after && !colocated_) kill_prefill_of(i);
       if (!o_.quiet && (i + 1) % 10 == 0) std::printf("  %s: %zu/%zu requests dispatched\n", mode_.c_str(), i + 1, reqs_.size());
     }
     std::unique_lock l(mu_);
     if (!cv_.wait_for(l, 120s, [&] { return flights_.empty(); })) abandon("no answer within 120 s");
     res_.wall_s = std::chrono::duration<double>(clock_type::now() - t0).count();
     res_.retries = retries_;
+  }
+
+  // A prefill instance dies mid-run (SIGKILL, no goodbye): the one request
+  // `i` was just routed to, so at least that request is in flight on it and
+  // must be retried elsewhere. mu_ held.
+  void kill_prefill_of(std::size_t i) {
+    auto it = flights_.find(i * 16);
+    if (it == flights_.end()) return;  // refused by the router: nothing in flight to lose
+    auto& victim = workers_[it->second.p];
+    if (victim.pid <= 0) return;
+    if (!o_.quiet)
+      std::printf("  %s: killing %s (pid %d) with request %zu in flight\n", mode_.c_str(), victim.name.c_str(), victim.pid, i);
+    ::kill(victim.pid, SIGKILL);
   }
 
   // Gives up on every attempt in flight (an instance stopped answering). mu_ held.

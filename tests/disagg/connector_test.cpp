@@ -18,7 +18,6 @@
 #include <kvx/disagg/layouts/layer_first.hpp>
 #include <kvx/disagg/layouts/layer_first_kv_split.hpp>
 #include <kvx/disagg/layouts/page_first.hpp>
-#include <kvx/disagg/pd_stack.hpp>
 #include <kvx/disagg/router.hpp>
 #include <kvx/memory/mapped_arena.hpp>
 #include <kvx/store/store_client.hpp>  // before master_server.hpp, which uses asio::as_tuple without including it
@@ -28,6 +27,8 @@
 #include <kvx/transfer/embedded_metadata.hpp>
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/local.hpp>
+
+#include <tiny/worker.hpp>
 
 namespace {
 
@@ -52,7 +53,7 @@ struct party {
       : transport(io.get_executor()), engine(meta, {.node = name}, transport) {}
 };
 
-kd::tiny_config model(std::uint32_t tp = 1, std::uint32_t block_tokens = 16) {
+tiny::model_config model(std::uint32_t tp = 1, std::uint32_t block_tokens = 16) {
   return {.layers = 3, .kv_heads = 4, .head_dim = 16, .block_tokens = block_tokens, .vocab = 256, .tp = tp, .seed = 7};
 }
 
@@ -67,7 +68,7 @@ std::vector<std::uint32_t> reference(const std::vector<std::uint32_t>& p, std::u
   auto cfg = model();
   auto l = kd::layouts::layer_first::make(cfg.shard_shape(), 64).value();
   std::vector<std::byte> mem(l.bytes_required());
-  auto eng = kd::tiny_engine<kd::layouts::layer_first>::make(cfg, l, mem).value();
+  auto eng = tiny::engine<kd::layouts::layer_first>::make(cfg, l, mem).value();
   std::vector<std::uint32_t> table(64);
   for (std::uint32_t i = 0; i < 64; ++i) table[i] = 63 - i;
   return eng.generate(p, n, {table}).value();
@@ -161,15 +162,15 @@ struct ConnectorTest : Cluster {
     return p;
   }
   template <class Layout, class Load = kd::load::wait_until>
-  auto* push_worker(kd::worker_config cfg, Load load = Load{2s}) {
+  auto* push_worker(tiny::worker_config cfg, Load load = Load{2s}) {
     auto& e = add_local(cfg.name);
-    return keep(kd::tiny_worker<Layout, local_engine, kd::transfer_mode::push, Load>::make(e, cfg, {link}, load).value());
+    return keep(tiny::worker<Layout, local_engine, kd::transfer_mode::push, Load>::make(e, cfg, {link}, load).value());
   }
   template <class Layout, class Load = kd::load::best_effort>
-  auto* pull_worker(kd::worker_config cfg, Load load = Load{2s}) {
+  auto* pull_worker(tiny::worker_config cfg, Load load = Load{2s}) {
     auto& e = add_local(cfg.name);
     pull_mode<local_engine> mode{client_for(e, cfg.name), "t", "tiny"};
-    return keep(kd::tiny_worker<Layout, local_engine, pull_mode<local_engine>, Load>::make(e, cfg, mode, load).value());
+    return keep(tiny::worker<Layout, local_engine, pull_mode<local_engine>, Load>::make(e, cfg, mode, load).value());
   }
 };
 
@@ -348,7 +349,7 @@ TEST_F(ConnectorTest, PrefillDyingMidStreamFailsTheDecodeWithinItsDeadlineAndThe
   // prefill-0's transport holds every write until the test releases it: it
   // delivers layer 0, then dies. prefill-1 is healthy.
   auto& dying = add_impulse("prefill-0");
-  using dying_worker = kd::tiny_worker<kd::layouts::layer_first, impulse_engine, kd::transfer_mode::push, kd::load::wait_until>;
+  using dying_worker = tiny::worker<kd::layouts::layer_first, impulse_engine, kd::transfer_mode::push, kd::load::wait_until>;
   auto* p0 = keep(dying_worker::make(dying.engine, {.name = "prefill-0", .role = connector_role::producer, .model = model(), .num_blocks = 16, .save_timeout = 20s},
                                      {link}, {}).value());
   auto* p1 = push_worker<kd::layouts::layer_first>({.name = "prefill-1", .role = connector_role::producer, .model = model(), .num_blocks = 16});
@@ -488,7 +489,7 @@ TEST_F(ConnectorTest, BestEffortPastTheDeadlineCancelsTheLoadsAndRecomputesEvery
   // The decode instance's reads never complete on their own.
   auto& slow = add_impulse("sd");
   pull_mode<impulse_engine> mode{client_for(slow.engine, "sd"), "t", "tiny"};
-  using slow_worker = kd::tiny_worker<kd::layouts::layer_first, impulse_engine, pull_mode<impulse_engine>, kd::load::best_effort>;
+  using slow_worker = tiny::worker<kd::layouts::layer_first, impulse_engine, pull_mode<impulse_engine>, kd::load::best_effort>;
   auto* d = keep(slow_worker::make(slow.engine, {.name = "sd", .role = connector_role::consumer, .model = model(), .num_blocks = 32}, mode,
                                    kd::load::best_effort{200ms}).value());
   const auto tokens = prompt(60, 12);
@@ -511,7 +512,7 @@ namespace hybrid_state {
 
 using kd::connector_role;
 
-kd::tiny_config hybrid(std::uint32_t tp = 1, std::uint32_t block_tokens = 16) {
+tiny::model_config hybrid(std::uint32_t tp = 1, std::uint32_t block_tokens = 16) {
   auto c = model(tp, block_tokens);
   c.layers = 4;
   c.kinds = {kd::layer_kind::attention, kd::layer_kind::recurrent, kd::layer_kind::attention, kd::layer_kind::recurrent};
@@ -523,7 +524,7 @@ std::vector<std::uint32_t> reference(const std::vector<std::uint32_t>& p, std::u
   auto cfg = hybrid();
   auto l = kd::layouts::layer_first::make(cfg.shard_shape(), 64, 2).value();
   std::vector<std::byte> mem(l.bytes_required());
-  auto eng = kd::tiny_engine<kd::layouts::layer_first>::make(cfg, l, mem).value();
+  auto eng = tiny::engine<kd::layouts::layer_first>::make(cfg, l, mem).value();
   std::vector<std::uint32_t> table(64);
   for (std::uint32_t i = 0; i < 64; ++i) table[i] = 63 - i;
   kd::kv_sequence seq;
@@ -550,7 +551,7 @@ TEST_F(ConnectorTest, HybridTinyEngineLeavesTheStateAtTheSnapshotPosition) {
   auto cfg = hybrid_state::hybrid();
   auto l = kd::layouts::layer_first::make(cfg.shard_shape(), 16, 3).value();
   std::vector<std::byte> mem(l.bytes_required());
-  auto eng = kd::tiny_engine<kd::layouts::layer_first>::make(cfg, l, mem).value();
+  auto eng = tiny::engine<kd::layouts::layer_first>::make(cfg, l, mem).value();
   const auto tokens = prompt(40, 20);
   std::vector<std::uint32_t> table{0, 1, 2};
   kd::kv_sequence seq;

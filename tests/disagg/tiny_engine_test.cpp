@@ -1,4 +1,4 @@
-#include <kvx/disagg/tiny_engine.hpp>
+#include <tiny/engine.hpp>
 
 #include <kvx/disagg/layout_convert.hpp>
 #include <kvx/disagg/layouts/layer_first.hpp>
@@ -21,8 +21,8 @@ using kd::layouts::page_first;
 
 namespace {
 
-kd::tiny_config small_config(kd::kv_dtype dt = kd::kv_dtype::f32, bool hybrid = false) {
-  kd::tiny_config c{.layers = 3, .kv_heads = 4, .q_per_kv = 2, .head_dim = 8, .block_tokens = 16, .vocab = 97, .dtype = dt};
+tiny::model_config small_config(tiny::kv_dtype dt = tiny::kv_dtype::f32, bool hybrid = false) {
+  tiny::model_config c{.layers = 3, .kv_heads = 4, .q_per_kv = 2, .head_dim = 8, .block_tokens = 16, .vocab = 97, .dtype = dt};
   if (hybrid) {
     c.kinds = {layer_kind::attention, layer_kind::recurrent, layer_kind::attention};
     c.state_dim = 16;
@@ -41,16 +41,16 @@ template <class L>
 struct instance {
   std::vector<std::vector<std::byte>> pools;
   std::vector<kd::kv_shard<L>> shards;
-  std::optional<kd::tiny_engine<L>> engine;
+  std::optional<tiny::engine<L>> engine;
 
-  instance(kd::tiny_config cfg, std::uint32_t blocks, std::uint32_t slots = 4) {
+  instance(tiny::model_config cfg, std::uint32_t blocks, std::uint32_t slots = 4) {
     pools.reserve(cfg.tp);
     for (std::uint32_t i = 0; i < cfg.tp; ++i) {
       auto l = L::make(cfg.shard_shape(), blocks, slots).value();
       pools.emplace_back(l.bytes_required(), std::byte{0x5A});
       shards.push_back({l, pools.back()});
     }
-    auto e = kd::tiny_engine<L>::make(cfg, shards);
+    auto e = tiny::engine<L>::make(cfg, shards);
     EXPECT_TRUE(e) << e.error().message();
     engine.emplace(std::move(e).value());
   }
@@ -62,7 +62,7 @@ struct instance {
   }
 };
 
-std::vector<std::uint32_t> colocated(kd::tiny_config cfg, const std::vector<std::uint32_t>& prompt, std::uint32_t n) {
+std::vector<std::uint32_t> colocated(tiny::model_config cfg, const std::vector<std::uint32_t>& prompt, std::uint32_t n) {
   instance<layer_first> a(cfg, 8);
   std::vector<std::uint32_t> table{5, 2, 7, 0, 3, 1, 6, 4};
   return a.engine->generate(prompt, n, {table, 1}).value();
@@ -81,7 +81,7 @@ TEST(TinyEngine, SameSeedSameTokensAndOtherSeedOtherTokens) {
 }
 
 TEST(TinyEngine, LayoutDoesNotChangeTheTokensAndConvertedKvIsIdentical) {
-  for (auto dt : {kd::kv_dtype::f32, kd::kv_dtype::bf16}) {
+  for (auto dt : {tiny::kv_dtype::f32, tiny::kv_dtype::bf16}) {
     const auto cfg = small_config(dt, true);
     const auto p = prompt_of(37);
     instance<layer_first> a(cfg, 6);
@@ -105,7 +105,7 @@ TEST(TinyEngine, LayoutDoesNotChangeTheTokensAndConvertedKvIsIdentical) {
 }
 
 TEST(TinyEngine, PrefillOnACachedPrefixEqualsAFullPrefill) {
-  const auto cfg = small_config(kd::kv_dtype::bf16, true);
+  const auto cfg = small_config(tiny::kv_dtype::bf16, true);
   const auto p = prompt_of(45);
   instance<layer_first> full(cfg, 4), split(cfg, 4);
   std::vector<std::uint32_t> table{3, 0, 2};
@@ -119,7 +119,7 @@ TEST(TinyEngine, DisaggregatedDecodeOnTransferredKvMatchesColocated) {
   // Prefill on a TP=2 layer-first instance, ship KV and state to a TP=1
   // page-first instance with another block size' worth of other block ids,
   // decode there: same tokens as one colocated instance.
-  auto cfg = small_config(kd::kv_dtype::bf16, true);
+  auto cfg = small_config(tiny::kv_dtype::bf16, true);
   const auto p = prompt_of(50);
   const auto want = colocated(cfg, p, 8);
 
@@ -141,7 +141,7 @@ TEST(TinyEngine, DisaggregatedDecodeOnTransferredKvMatchesColocated) {
 }
 
 TEST(TinyEngine, AnyChangedKvOrStateByteOfTheRequestChangesTheNextToken) {
-  const auto cfg = small_config(kd::kv_dtype::f32, true);
+  const auto cfg = small_config(tiny::kv_dtype::f32, true);
   const auto p = prompt_of(20);
   instance<page_first> a(cfg, 4);
   std::vector<std::uint32_t> table{1, 3};
@@ -200,20 +200,20 @@ TEST(TinyEngine, BadConfigsAndRequestsAreRejected) {
   cfg = small_config();
   cfg.head_dim = 7;
   EXPECT_EQ(cfg.validate().code(), kvx::errc::invalid_argument);
-  cfg = small_config(kd::kv_dtype::f32, true);
+  cfg = small_config(tiny::kv_dtype::f32, true);
   cfg.state_dim = 6;
   EXPECT_NE(cfg.validate().error().message().find("state_dim"), std::string::npos);
 
   // A layout whose shape is not the config's.
-  auto wrong = layer_first::make(small_config(kd::kv_dtype::bf16).shard_shape(), 4).value();
+  auto wrong = layer_first::make(small_config(tiny::kv_dtype::bf16).shard_shape(), 4).value();
   std::vector<std::byte> mem(wrong.bytes_required());
-  EXPECT_NE(kd::tiny_engine<layer_first>::make(small_config(), wrong, mem).error().message().find("shard_shape"),
+  EXPECT_NE(tiny::engine<layer_first>::make(small_config(), wrong, mem).error().message().find("shard_shape"),
             std::string::npos);
   auto right = layer_first::make(small_config().shard_shape(), 4).value();
   std::vector<std::byte> small(16);
-  EXPECT_EQ(kd::tiny_engine<layer_first>::make(small_config(), right, small).code(), kvx::errc::out_of_range);
+  EXPECT_EQ(tiny::engine<layer_first>::make(small_config(), right, small).code(), kvx::errc::out_of_range);
 
-  instance<layer_first> a(small_config(kd::kv_dtype::f32, true), 4, 2);
+  instance<layer_first> a(small_config(tiny::kv_dtype::f32, true), 4, 2);
   std::vector<std::uint32_t> table{0, 1};
   const auto p = prompt_of(20);
   EXPECT_EQ(a.engine->prefill(p, {table}).code(), kvx::errc::out_of_range);  // no state slot
@@ -226,15 +226,15 @@ TEST(TinyEngine, BadConfigsAndRequestsAreRejected) {
 }
 
 TEST(TinyEngine, MeasureReportsPositiveSpeeds) {
-  auto s = kd::measure_tiny_engine<page_first>(small_config(), 32, 4);
+  auto s = tiny::measure_engine<page_first>(small_config(), 32, 4);
   ASSERT_TRUE(s) << s.error().message();
   EXPECT_GT(s->prefill_tokens_per_s, 0.0);
   EXPECT_GT(s->decode_step_s, 0.0);
-  EXPECT_EQ(kd::measure_tiny_engine<page_first>(small_config(), 0, 4).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(tiny::measure_engine<page_first>(small_config(), 0, 4).code(), kvx::errc::invalid_argument);
 }
 
 TEST(TinyEngine, ConcurrentRequestsOnDisjointBlocksMatchSequentialOnes) {
-  const auto cfg = small_config(kd::kv_dtype::bf16, true);
+  const auto cfg = small_config(tiny::kv_dtype::bf16, true);
   instance<page_first> a(cfg, 8);
   const auto p0 = prompt_of(30, 1), p1 = prompt_of(30, 2);
   std::vector<std::uint32_t> t0{0, 1, 2}, t1{3, 4, 5};

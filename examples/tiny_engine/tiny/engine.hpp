@@ -1,7 +1,13 @@
 #pragma once
 //! \file
-//! `tiny_engine<Layout>`: a small, deterministic, transformer-shaped inference
-//! engine on the CPU, for tests, the P/D demo and the planner's speed figures.
+//! `tiny::engine<Layout>`: a small, deterministic, transformer-shaped
+//! inference engine on the CPU, for tests, the P/D demo and the planner's
+//! speed figures. It lives under examples/ and includes kvx the way a user's
+//! engine does: its KV memory is described by a kvx layout, and the kvx
+//! connector joins its forward pass through `kvx::disagg::layer_hooks`
+//! (kvx/disagg/engine_hooks.hpp). Nothing in kvx's headers includes it.
+//! Loading real weights is a file format away: `make` takes the config; the
+//! weights are drawn from `model_config::seed` in one place (the constructor).
 //!
 //! It is honest compute over paged KV memory: fixed-seed weights, RMSNorm,
 //! RoPE, grouped-query causal attention and a SiLU MLP per attention layer, a
@@ -27,10 +33,10 @@
 //! except the caller's hooks. `prefill` and `decode` allocate scratch vectors.
 //!
 //! \code
-//! kvx::disagg::tiny_config cfg{.layers = 4, .kv_heads = 4, .head_dim = 32};
+//! tiny::model_config cfg{.layers = 4, .kv_heads = 4, .head_dim = 32};
 //! auto layout = kvx::disagg::layouts::layer_first::make(cfg.shard_shape(), 64).value();
 //! std::vector<std::byte> pool(layout.bytes_required());
-//! auto eng = kvx::disagg::tiny_engine<kvx::disagg::layouts::layer_first>::make(cfg, layout, pool).value();
+//! auto eng = tiny::engine<kvx::disagg::layouts::layer_first>::make(cfg, layout, pool).value();
 //! std::vector<std::uint32_t> blocks{3, 9}, prompt{1, 2, 3, 4, 5};
 //! std::uint32_t next = eng.prefill(prompt, {blocks}).value();
 //! next = eng.decode(next, 5, {blocks}).value();  // token at position 5
@@ -56,15 +62,23 @@
 
 #include <kvx/core/result.hpp>
 #include <kvx/disagg/kv_layout.hpp>
+#include <kvx/disagg/engine_hooks.hpp>
 #include <kvx/disagg/layout_convert.hpp>
 
-namespace kvx::disagg {
+//! The tiny engine is a user of kvx, not part of it: its own namespace, kvx's
+//! names brought in the way an engine's code would.
+namespace tiny {
+
+using kvx::errc;
+using kvx::error;
+using kvx::result;
+using namespace kvx::disagg;  // kv_shape, kv_layout, layouts, kv_shard, kv_sequence, layer_hooks
 
 //! Element type of the K/V the engine stores (computation is always fp32).
 enum class kv_dtype : std::uint8_t { f32, bf16 };
 
 //! The model. `shard_shape()` is the `kv_shape` each shard's layout must have.
-struct tiny_config {
+struct model_config {
   std::uint32_t layers = 4;
   std::uint32_t kv_heads = 4;        //!< KV heads of the whole model (all shards)
   std::uint32_t q_per_kv = 1;        //!< query heads per KV head (grouped-query attention)
@@ -93,7 +107,7 @@ struct tiny_config {
     return s;
   }
   [[nodiscard]] result<void> validate() const {
-    auto bad = [](std::string w) { return error{errc::invalid_argument, "tiny_config: " + std::move(w)}; };
+    auto bad = [](std::string w) { return error{errc::invalid_argument, "tiny::model_config: " + std::move(w)}; };
     if (layers == 0 || kv_heads == 0 || q_per_kv == 0 || head_dim == 0 || vocab == 0 || block_tokens == 0)
       return bad("layers, kv_heads, q_per_kv, head_dim, vocab and block_tokens must be positive");
     if (head_dim % 2 != 0) return bad("head_dim must be even (RoPE)");
@@ -107,40 +121,7 @@ struct tiny_config {
   }
 };
 
-//! One tensor-parallel shard's KV pool: a layout and the memory it addresses.
-template <kv_layout Layout>
-struct kv_shard {
-  Layout layout;
-  std::span<std::byte> memory;
-};
-
-//! The blocks and state slot of one request (shared by all shards, as TP
-//! ranks share block ids).
-//!
-//! Recurrent state cannot be rewound, so a consumer that resumes from a
-//! position other than the end of the prompt needs the state *at* that
-//! position. `snapshot_slot` / `snapshot_at` ask the engine for it: while a
-//! step runs through position `snapshot_at` (tokens processed, in
-//! `[begin, end]` of the step), each recurrent layer leaves a copy of its
-//! state there in `snapshot_slot`, before `after_layer` runs (a real engine
-//! does the same with the intermediate states its chunked scan computes).
-struct kv_sequence {
-  std::span<const std::uint32_t> block_table{};
-  std::uint32_t state_slot = no_state_slot;
-  std::uint32_t snapshot_slot = no_state_slot;  //!< where to copy each recurrent layer's state at `snapshot_at` (none: no copy)
-  std::uint32_t snapshot_at = 0;                //!< tokens processed when the copy is taken
-};
-
-//! Where a connector joins the forward pass (vLLM's `wait_for_layer_load` and
-//! `save_kv_layer`). `before_layer(l)` runs before layer l reads any KV or
-//! state; an error aborts the step with that error. `after_layer(l)` runs once
-//! layer l's new K/V (or state) are in memory.
-struct layer_hooks {
-  std::function<std::error_code(std::uint32_t)> before_layer{};
-  std::function<void(std::uint32_t)> after_layer{};
-};
-
-//! Measured speed of one configuration (see `measure_tiny_engine`).
+//! Measured speed of one configuration (see `measure_engine`).
 struct engine_speed {
   double prefill_tokens_per_s = 0;
   double decode_step_s = 0;           //!< one decode step at `context_tokens` of context
@@ -163,36 +144,36 @@ inline float from_bf16(std::uint16_t h) noexcept { return std::bit_cast<float>(s
 }  // namespace detail
 
 template <kv_layout Layout>
-class tiny_engine {
+class engine {
  public:
   //! An engine over one shard per TP rank (`shards.size() == cfg.tp`), each
   //! of `cfg.shard_shape()`. `errc::invalid_argument` on a bad config or shape,
   //! `errc::out_of_range` on short memory.
-  static result<tiny_engine> make(tiny_config cfg, std::vector<kv_shard<Layout>> shards) {
+  static result<engine> make(model_config cfg, std::vector<kv_shard<Layout>> shards) {
     KVX_TRY(cfg.validate());
     if (shards.size() != cfg.tp)
-      return error{errc::invalid_argument, "tiny_engine: " + std::to_string(shards.size()) + " shards for tp = " +
+      return error{errc::invalid_argument, "tiny::engine: " + std::to_string(shards.size()) + " shards for tp = " +
                                                std::to_string(cfg.tp)};
     const kv_shape want = cfg.shard_shape();
     for (std::size_t i = 0; i < shards.size(); ++i) {
       if (!(shards[i].layout.shape() == want))
         return error{errc::invalid_argument,
-                     "tiny_engine: shard " + std::to_string(i) + " layout shape differs from tiny_config::shard_shape()"};
+                     "tiny::engine: shard " + std::to_string(i) + " layout shape differs from model_config::shard_shape()"};
       if (shards[i].memory.size() < shards[i].layout.bytes_required())
-        return error{errc::out_of_range, "tiny_engine: shard " + std::to_string(i) + " memory holds " +
+        return error{errc::out_of_range, "tiny::engine: shard " + std::to_string(i) + " memory holds " +
                                              std::to_string(shards[i].memory.size()) + " bytes, its layout needs " +
                                              std::to_string(shards[i].layout.bytes_required())};
     }
-    return tiny_engine(std::move(cfg), std::move(shards));
+    return engine(std::move(cfg), std::move(shards));
   }
   //! TP = 1: one layout, one memory region.
-  static result<tiny_engine> make(tiny_config cfg, Layout layout, std::span<std::byte> memory) {
+  static result<engine> make(model_config cfg, Layout layout, std::span<std::byte> memory) {
     std::vector<kv_shard<Layout>> s;
     s.push_back({std::move(layout), memory});
     return make(std::move(cfg), std::move(s));
   }
 
-  [[nodiscard]] const tiny_config& config() const noexcept { return cfg_; }
+  [[nodiscard]] const model_config& config() const noexcept { return cfg_; }
   [[nodiscard]] const std::vector<kv_shard<Layout>>& shards() const noexcept { return shards_; }
 
   //! Computes K/V (and state) for `tokens[cached_tokens..)` given that the
@@ -203,7 +184,7 @@ class tiny_engine {
   result<std::uint32_t> prefill(std::span<const std::uint32_t> tokens, const kv_sequence& seq,
                                 std::uint32_t cached_tokens = 0, const layer_hooks& hooks = {}) const {
     if (cached_tokens >= tokens.size())
-      return error{errc::invalid_argument, "tiny_engine::prefill: " + std::to_string(cached_tokens) +
+      return error{errc::invalid_argument, "tiny::engine::prefill: " + std::to_string(cached_tokens) +
                                                " cached tokens leave nothing to compute in a prompt of " +
                                                std::to_string(tokens.size())};
     return forward(tokens.subspan(cached_tokens), cached_tokens, seq, hooks);
@@ -243,7 +224,7 @@ class tiny_engine {
     std::vector<float> win, decay, wout, w1, w2;
   };
 
-  tiny_engine(tiny_config cfg, std::vector<kv_shard<Layout>> shards) : cfg_(std::move(cfg)), shards_(std::move(shards)) {
+  engine(model_config cfg, std::vector<kv_shard<Layout>> shards) : cfg_(std::move(cfg)), shards_(std::move(shards)) {
     const std::uint32_t d = cfg_.model_dim(), kvd = cfg_.kv_heads * cfg_.head_dim;
     std::uint64_t rng = cfg_.seed;
     auto fill = [&](std::size_t n, float scale) {
@@ -274,31 +255,31 @@ class tiny_engine {
     for (auto t : tokens)
       if (t >= cfg_.vocab)
         return error{errc::invalid_argument,
-                     "tiny_engine: token " + std::to_string(t) + " is outside the vocabulary of " + std::to_string(cfg_.vocab)};
+                     "tiny::engine: token " + std::to_string(t) + " is outside the vocabulary of " + std::to_string(cfg_.vocab)};
     const kv_shape shape = cfg_.shard_shape();
     if (shape.attention_layers() > 0) {
       const std::uint64_t need = (std::uint64_t{end} + cfg_.block_tokens - 1) / cfg_.block_tokens;
       if (seq.block_table.size() < need)
-        return error{errc::out_of_range, "tiny_engine: block table covers " +
+        return error{errc::out_of_range, "tiny::engine: block table covers " +
                                              std::to_string(seq.block_table.size() * cfg_.block_tokens) +
                                              " tokens, the step needs " + std::to_string(end)};
       for (std::uint64_t i = 0; i < need; ++i)
         if (seq.block_table[i] >= shards_[0].layout.num_blocks())
-          return error{errc::out_of_range, "tiny_engine: block table entry " + std::to_string(i) + " names block " +
+          return error{errc::out_of_range, "tiny::engine: block table entry " + std::to_string(i) + " names block " +
                                                std::to_string(seq.block_table[i]) + " of " +
                                                std::to_string(shards_[0].layout.num_blocks())};
     }
     if (shape.recurrent_layers() > 0 && seq.state_slot >= shards_[0].layout.state_slots())
-      return error{errc::out_of_range, "tiny_engine: the model has recurrent layers and the request's state slot " +
+      return error{errc::out_of_range, "tiny::engine: the model has recurrent layers and the request's state slot " +
                                            (seq.state_slot == no_state_slot ? std::string("is not set")
                                                                             : std::to_string(seq.state_slot) + " is out of range")};
     if (shape.recurrent_layers() > 0 && seq.snapshot_slot != no_state_slot) {
       if (seq.snapshot_slot >= shards_[0].layout.state_slots() || seq.snapshot_slot == seq.state_slot)
-        return error{errc::out_of_range, "tiny_engine: snapshot slot " + std::to_string(seq.snapshot_slot) +
+        return error{errc::out_of_range, "tiny::engine: snapshot slot " + std::to_string(seq.snapshot_slot) +
                                              " is out of range or the request's own state slot"};
       const std::uint32_t begin = end - static_cast<std::uint32_t>(tokens.size());
       if (seq.snapshot_at < begin || seq.snapshot_at > end)
-        return error{errc::invalid_argument, "tiny_engine: a state snapshot at position " + std::to_string(seq.snapshot_at) +
+        return error{errc::invalid_argument, "tiny::engine: a state snapshot at position " + std::to_string(seq.snapshot_at) +
                                                  " lies outside the step's positions [" + std::to_string(begin) + ", " +
                                                  std::to_string(end) + "]"};
     }
@@ -408,7 +389,7 @@ class tiny_engine {
     for (std::uint32_t layer = 0; layer < cfg_.layers; ++layer) {
       if (hooks.before_layer)
         if (std::error_code ec = hooks.before_layer(layer))
-          return error{ec, "tiny_engine: loading layer " + std::to_string(layer)};
+          return error{ec, "tiny::engine: loading layer " + std::to_string(layer)};
       if (shape.is_attention(layer)) {
         const auto& w = attn_[layer];
         // Phase 1: K and V of every new token go to memory first, so that
@@ -501,7 +482,7 @@ class tiny_engine {
     return static_cast<std::uint32_t>((best + XXH3_64bits_digest(&digest) % cfg_.vocab) % cfg_.vocab);
   }
 
-  tiny_config cfg_;
+  model_config cfg_;
   std::vector<kv_shard<Layout>> shards_;
   std::vector<float> embed_;
   std::vector<attn_weights> attn_;
@@ -513,11 +494,11 @@ class tiny_engine {
 //! pre-faulted before timing): the figures a planner or router needs
 //! (prefill speed, decode step time at that context).
 template <class Layout>
-result<engine_speed> measure_tiny_engine(const tiny_config& cfg, std::uint32_t prompt_tokens,
+result<engine_speed> measure_engine(const model_config& cfg, std::uint32_t prompt_tokens,
                                          std::uint32_t decode_steps) {
   KVX_TRY(cfg.validate());
   if (prompt_tokens == 0 || decode_steps == 0)
-    return error{errc::invalid_argument, "measure_tiny_engine: prompt_tokens and decode_steps must be positive"};
+    return error{errc::invalid_argument, "measure_engine: prompt_tokens and decode_steps must be positive"};
   const std::uint32_t total = prompt_tokens + decode_steps;
   const std::uint32_t blocks = (total + cfg.block_tokens - 1) / cfg.block_tokens;
   std::vector<std::vector<std::byte>> pools;
@@ -529,7 +510,7 @@ result<engine_speed> measure_tiny_engine(const tiny_config& cfg, std::uint32_t p
     pools.emplace_back(l->bytes_required(), std::byte{0});
     shards.push_back({*l, pools.back()});
   }
-  auto eng = tiny_engine<Layout>::make(cfg, std::move(shards));
+  auto eng = engine<Layout>::make(cfg, std::move(shards));
   if (!eng) return eng.error();
   std::vector<std::uint32_t> table(blocks), prompt(prompt_tokens);
   for (std::uint32_t i = 0; i < blocks; ++i) table[i] = i;
@@ -552,4 +533,4 @@ result<engine_speed> measure_tiny_engine(const tiny_config& cfg, std::uint32_t p
   return engine_speed{static_cast<double>(prompt_tokens) / pf, dc / decode_steps, prompt_tokens + decode_steps / 2};
 }
 
-}  // namespace kvx::disagg
+}  // namespace tiny

@@ -1,13 +1,13 @@
 #pragma once
 //! \file
-//! Prefill and decode workers: a `tiny_engine` wired to a `kv_connector` the
+//! Prefill and decode workers: a `tiny::engine` wired to a `kv_connector` the
 //! way an engine's scheduler and model runner call it. They are the worked
 //! example of docs/disagg-guide.md and what the P/D demo and the connector
 //! tests run; a real engine puts the same calls in its own scheduler.
 //!
 //! - `block_allocator`: the engine's free list of KV blocks (thread-safe);
 //!   also the free list of recurrent-state slots for hybrid models.
-//! - `tiny_worker<Layout, Engine, Mode, Load>`: one instance (its TP shards,
+//! - `worker<Layout, Engine, Mode, Load>`: one instance (its TP shards,
 //!   its block pool, its registered memory, its connector).
 //!   - `run_prefill(req)` (producer): asks the connector how much is cached,
 //!     allocates, loads the cached prefix layer by layer while computing the
@@ -28,7 +28,7 @@
 //! another thread.
 //!
 //! \code
-//! auto p = tiny_worker<layouts::layer_first, engine_type, transfer_mode::push>::make(
+//! auto p = tiny::worker<layouts::layer_first, engine_type, transfer_mode::push>::make(
 //!              engine, {.name = "prefill-0", .role = connector_role::producer, .model = cfg, .num_blocks = 256}, {link}).value();
 //! auto ticket = d->admit(req, 8).value();       // decode side first (push)
 //! auto pre = p->run_prefill(req).value();       // computes and pushes, layer by layer
@@ -45,9 +45,16 @@
 
 #include <kvx/core/result.hpp>
 #include <kvx/disagg/connector.hpp>
-#include <kvx/disagg/tiny_engine.hpp>
 
-namespace kvx::disagg {
+#include <tiny/engine.hpp>
+
+namespace tiny {
+
+using kvx::errc;
+using kvx::error;
+using kvx::result;
+using namespace kvx::disagg;  // kv_connector, connector_role, kv_request, transfer_mode, load, layouts
+
 
 //! A thread-safe free list of block ids `[0, n)`.
 class block_allocator {
@@ -84,7 +91,7 @@ class block_allocator {
 struct worker_config {
   std::string name = "instance";
   connector_role role = connector_role::producer;
-  tiny_config model{};              //!< with `tp` and `block_tokens` of this instance
+  model_config model{};        //!< with `tp` and `block_tokens` of this instance
   std::uint32_t num_blocks = 256;   //!< KV blocks per shard
   std::uint32_t source_tp = 0;      //!< consumers: the producers' TP (0: same)
   std::uint32_t source_block_tokens = 0;
@@ -124,20 +131,20 @@ struct decode_outcome {
 };
 
 template <kv_layout Layout, class Engine, kv_transfer_mode Mode, load_policy Load = load::wait_full>
-class tiny_worker {
+class worker {
  public:
   using connector_type = kv_connector<Layout, Engine, Mode, Load>;
   using clock = std::chrono::steady_clock;
 
   //! Builds the instance (layouts, memory, engine, connector) and registers
   //! its memory. Blocks up to the connector's control timeout.
-  static result<std::unique_ptr<tiny_worker>> make(Engine& engine, worker_config cfg, Mode mode, Load load = {}) {
+  static result<std::unique_ptr<worker>> make(Engine& engine, worker_config cfg, Mode mode, Load load = {}) {
     KVX_TRY(cfg.model.validate());
     if (cfg.model.shard_shape().recurrent_layers() == 0)
       cfg.state_slots = 0;
     else if (cfg.state_slots == 0)
       cfg.state_slots = 16;
-    std::unique_ptr<tiny_worker> w(new tiny_worker(cfg));
+    std::unique_ptr<worker> w(new worker(cfg));
     std::vector<kv_shard<Layout>> shards;
     w->memory_.reserve(cfg.model.tp);
     for (std::uint32_t r = 0; r < cfg.model.tp; ++r) {
@@ -146,7 +153,7 @@ class tiny_worker {
       w->memory_.emplace_back(l->bytes_required(), std::byte{0});
       shards.push_back({*l, w->memory_.back()});
     }
-    auto eng = tiny_engine<Layout>::make(cfg.model, shards);
+    auto eng = tiny::engine<Layout>::make(cfg.model, shards);
     if (!eng) return eng.error();
     w->engine_.emplace(std::move(*eng));
     connector_config cc{.name = cfg.name,
@@ -163,7 +170,7 @@ class tiny_worker {
   }
 
   [[nodiscard]] connector_type& connector() noexcept { return *conn_; }
-  [[nodiscard]] const tiny_engine<Layout>& model() const noexcept { return *engine_; }
+  [[nodiscard]] const tiny::engine<Layout>& model() const noexcept { return *engine_; }
   [[nodiscard]] block_allocator& blocks() noexcept { return alloc_; }
   [[nodiscard]] block_allocator& state_slots() noexcept { return state_alloc_; }
   [[nodiscard]] const worker_config& config() const noexcept { return cfg_; }
@@ -289,7 +296,7 @@ class tiny_worker {
   }
 
  private:
-  explicit tiny_worker(const worker_config& cfg) : cfg_(cfg), alloc_(cfg.num_blocks), state_alloc_(cfg.state_slots) {}
+  explicit worker(const worker_config& cfg) : cfg_(cfg), alloc_(cfg.num_blocks), state_alloc_(cfg.state_slots) {}
   struct allocation {
     std::vector<std::uint32_t> blocks;
     std::vector<std::uint32_t> slots;  // state slots (none for attention-only models)
@@ -330,8 +337,8 @@ class tiny_worker {
   block_allocator alloc_;
   block_allocator state_alloc_;
   std::vector<std::vector<std::byte>> memory_;
-  std::optional<tiny_engine<Layout>> engine_;
+  std::optional<tiny::engine<Layout>> engine_;
   std::unique_ptr<connector_type> conn_;
 };
 
-}  // namespace kvx::disagg
+}  // namespace tiny

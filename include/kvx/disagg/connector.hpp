@@ -100,7 +100,7 @@
 #include <kvx/disagg/layout_convert.hpp>
 #include <kvx/disagg/layouts/page_first.hpp>
 #include <kvx/disagg/load_policy.hpp>
-#include <kvx/disagg/tiny_engine.hpp>
+#include <kvx/disagg/engine_hooks.hpp>
 #include <kvx/memory/memory_region.hpp>
 #include <kvx/store/types.hpp>
 #include <kvx/transfer/batch.hpp>

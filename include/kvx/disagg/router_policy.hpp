@@ -55,8 +55,8 @@ inline constexpr instance_id pool_location = UINT32_MAX;
 
 enum class instance_role : std::uint8_t { prefill, decode, both };
 
-//! What an instance is and how fast it is (from `measure_tiny_engine` or the
-//! engine's own profile).
+//! What an instance is and how fast it is (from the engine's own profile, or
+//! for the tiny engine `tiny::measure_engine` in examples/tiny_engine).
 struct instance_spec {
   std::string name;
   instance_role role = instance_role::both;

@@ -13,7 +13,7 @@
 //! Coefficients come from a JSON file the user writes, from a roofline over
 //! the accelerator's datasheet figures (`gpus`, `tflops_per_gpu`,
 //! `hbm_tb_s_per_gpu`, `mfu`, `mbu`; explicit coefficients override it), or
-//! from kvx's own measurements (kvx/disagg/planner/measure.hpp; link speeds
+//! from kvx's own measurements (benchmarks/kvx_plan/measure.hpp; link speeds
 //! from transfer_bench and file_tier_bench results: links.hpp).
 //!
 //! Values; thread-safe as any value. Nothing blocks.
