@@ -320,6 +320,25 @@ latency_us kvx_latency(asio::io_context& io, kvx::transport::ucx& t, const kvx::
   return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
 }
 
+// The floor under any kvx operation on this io_context: a 4 KiB memcpy plus
+// one completion posted to it and run by run_one (what a kvx write that UCX
+// finishes at once adds to its copy), timed the same way.
+double asio_floor(asio::io_context& io, std::span<std::byte> local, int n) {
+  const auto ex = io.get_executor();
+  std::vector<double> us;
+  us.reserve(static_cast<std::size_t>(n));
+  for (int i = 0; i < n + 100; ++i) {
+    bool done = false;
+    const auto s = clock_type::now();
+    std::memcpy(local.data() + ping_bytes, local.data(), ping_bytes);
+    asio::post(ex, [&done] { done = true; });
+    while (!done) io.run_one();
+    if (i >= 100) us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - s).count());
+  }
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
+}
+
 // ucx_perftest client+server on 127.0.0.1; returns the "Final:" fields.
 // `wait_mode` is ucx_perftest's -E: "poll" spins on ucp_worker_progress, "sleep"
 // waits on the worker's events as kvx's default progress does.
@@ -463,6 +482,7 @@ int main(int argc, char** argv) {
   // local), a full round trip on tcp. Both ratios are printed.
   const auto lw = kvx_latency(io, t, desc, local, 4096, a.lat_iters, true);
   const auto lr = kvx_latency(io, t, desc, local, 4096, a.lat_iters, false);
+  const double floor_us = asio_floor(io, local, a.lat_iters);
   auto pl = perftest(a, "ucp_put_lat", 4096, static_cast<std::uint64_t>(a.lat_iters));
   const double half_rtt = pl[1];
   // Event-driven ucx_perftest (-E sleep) as well, where puts raise events:
@@ -476,6 +496,8 @@ int main(int argc, char** argv) {
               lr.p50 / (2 * half_rtt));
   std::printf("  kvx ping-pong (ucp_put_lat's method with kvx writes) p50 %.2f us half round trip; /put_lat %.2f\n",
               ping_half_rtt, ping_half_rtt / half_rtt);
+  std::printf("  Asio floor (4 KiB memcpy + one posted completion) p50 %.2f us; /put_lat %.2f\n", floor_us,
+              floor_us / half_rtt);
   if (!shm_rma)
     std::printf("  ucx_perftest put_lat -E sleep p50 %.2f us; write/put_lat(sleep) %.2f, write/round trip(sleep) %.2f\n",
                 sleep_half_rtt, lw.p50 / sleep_half_rtt, lw.p50 / (2 * sleep_half_rtt));
@@ -484,7 +506,8 @@ int main(int argc, char** argv) {
                      {"progress", a.progress}, {"kvx_write_us", lw.p50}, {"kvx_write_p99_us", lw.p99},
                      {"kvx_read_us", lr.p50}, {"kvx_read_p99_us", lr.p99}, {"perftest_put_lat_us", half_rtt},
                      {"ratio", lw.p50 / half_rtt}, {"ratio_round_trip", lw.p50 / (2 * half_rtt)},
-                     {"kvx_pingpong_half_rtt_us", ping_half_rtt}, {"ratio_pingpong", ping_half_rtt / half_rtt}};
+                     {"kvx_pingpong_half_rtt_us", ping_half_rtt}, {"ratio_pingpong", ping_half_rtt / half_rtt},
+                     {"asio_floor_us", floor_us}};
     if (!shm_rma) j["perftest_put_lat_sleep_us"] = sleep_half_rtt;
     json << j.dump() << "\n";
   }
