@@ -68,10 +68,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         sink.assign(access->data(), access->data() + access->size());
       }
     }
-    // A response the server would send must parse back.
+    // A response the server would send must parse back, its read padding included.
+    const bool padded = access && f.header.op == wire::opcode::read;
+    const std::uint16_t pad = padded ? wire::read_padding(in.size()) : std::uint16_t{0};
     const auto out = wire::encode_response(wire::status_of(access ? std::error_code{} : access.code()),
-                                           f.header.request_id, access ? f.header.length : 0);
-    if (wire::parse_response_header(out).state != wire::parse_state::complete) __builtin_trap();
+                                           f.header.request_id, access ? f.header.length : 0, pad);
+    const auto back = wire::parse_response_header(out);
+    if (back.state != wire::parse_state::complete || back.header.pad != pad) __builtin_trap();
     in = in.subspan(f.consumed);
   }
   return 0;

@@ -1,6 +1,6 @@
 // A second process for the tcp transport's tests and quick measurements.
 //
-//   kvx_test_tcp_peer serve --size BYTES --seed N [--connections C]
+//   kvx_test_tcp_peer serve --size BYTES --seed N [--connections C] [--socket-buffer BYTES]
 //       Registers a BYTES segment filled with a seeded pattern with a tcp
 //       transport, prints its descriptor as one JSON line, then serves until
 //       killed.
@@ -9,10 +9,11 @@
 //       one connection and sends blocks until the peer goes (send) or reads
 //       until EOF (recv).
 //   kvx_test_tcp_peer bench [--block BYTES] [--total BYTES] [--connections C] [--depth D] [--op read|write]
+//                           [--socket-buffer BYTES]
 //       Starts a `serve` and a `raw-serve` child of this same program and
 //       prints, as JSON, the GB/s of the tcp transport (C connections, D ops in
 //       flight, ops of BLOCK bytes) beside the raw stream in the same run, and
-//       CPU seconds per GB on both sides.
+//       CPU seconds per GB and context switches per MiB on both sides.
 
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -73,6 +74,7 @@ int serve(const std::map<std::string, std::string>& f) {
   asio::io_context io;
   kvx::transport::tcp::config cfg;
   cfg.connections = static_cast<unsigned>(size_flag(f, "--connections", 4));
+  cfg.socket_buffer = size_flag(f, "--socket-buffer", 0);
   kvx::transport::tcp t(io.get_executor(), cfg);
   std::vector<std::byte> region(size);
   for (std::uint64_t i = 0; i < size; ++i) region[i] = pattern_at(i, seed);
@@ -125,17 +127,52 @@ double cpu_seconds_of(pid_t pid) {
   return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
+// Context switches (voluntary + involuntary) so far: each voluntary one is a
+// sleep and a wakeup, the cost a non-blocking event loop adds over a blocking
+// stream when the cores are busy.
+std::uint64_t switches_self() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<std::uint64_t>(u.ru_nvcsw + u.ru_nivcsw);
+}
+
+std::uint64_t switches_of(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::uint64_t total = 0;
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("voluntary_ctxt_switches:", 0) == 0 || line.rfind("nonvoluntary_ctxt_switches:", 0) == 0)
+      total += std::stoull(line.substr(line.find(':') + 1));
+  return total;
+}
+
+struct side_cost {
+  double cpu_seconds = 0;
+  std::uint64_t switches = 0;
+};
+
+side_cost cost_self() { return {cpu_seconds_self(), switches_self()}; }
+side_cost cost_of(pid_t pid) { return {cpu_seconds_of(pid), switches_of(pid)}; }
+
 struct figure {
   double gbps;
   double client_cpu_per_gb;
   double server_cpu_per_gb;
+  double client_switches_per_mib;
+  double server_switches_per_mib;
 };
 
+figure make_figure(std::uint64_t bytes, double secs, side_cost c0, side_cost c1, side_cost s0, side_cost s1) {
+  const double gb = static_cast<double>(bytes) / 1e9;
+  const double mib = static_cast<double>(bytes) / static_cast<double>(1 << 20);
+  return {gb / secs, (c1.cpu_seconds - c0.cpu_seconds) / gb, (s1.cpu_seconds - s0.cpu_seconds) / gb,
+          static_cast<double>(c1.switches - c0.switches) / mib, static_cast<double>(s1.switches - s0.switches) / mib};
+}
+
 figure bench_tcp(const std::string& self, std::uint64_t block, std::uint64_t total, unsigned connections, unsigned depth,
-                 bool write) {
+                 std::uint64_t socket_buffer, bool write) {
   const std::uint64_t region_size = block * depth;
   kvx::test::child_process peer(self, {"serve", "--size", std::to_string(region_size), "--seed", "1", "--connections",
-                                       std::to_string(connections)});
+                                       std::to_string(connections), "--socket-buffer", std::to_string(socket_buffer)});
   auto line = peer.read_line();
   if (!line) throw std::runtime_error("serve child printed nothing");
   auto desc = *kvx::memory::segment_descriptor::from_json(nlohmann::json::parse(*line));
@@ -143,6 +180,7 @@ figure bench_tcp(const std::string& self, std::uint64_t block, std::uint64_t tot
   kvx::transport::tcp::config cfg;
   cfg.serve = false;
   cfg.connections = connections;
+  cfg.socket_buffer = socket_buffer;
   cfg.slice_size = std::max<std::uint64_t>(block / connections, 64 * 1024);
   kvx::transport::tcp t(io.get_executor(), cfg);
   std::vector<std::byte> local(region_size, std::byte{1});
@@ -165,15 +203,15 @@ figure bench_tcp(const std::string& self, std::uint64_t block, std::uint64_t tot
   // Warm up: connect and fault in both buffers.
   for (unsigned s = 0; s < depth; ++s) issue(s);
   while (completed < issued) io.run_one();
-  const double c0 = cpu_seconds_self(), s0 = cpu_seconds_of(peer.pid());
+  const auto c0 = cost_self();
+  const auto s0 = cost_of(peer.pid());
   issued = completed = 0;
   const auto start = std::chrono::steady_clock::now();
   for (unsigned s = 0; s < depth; ++s) issue(s);
   while (completed < issued) io.run_one();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (failure) throw std::runtime_error("tcp bench: " + failure.message());
-  const double gb = static_cast<double>(completed * block) / 1e9;
-  return {gb / secs, (cpu_seconds_self() - c0) / gb, (cpu_seconds_of(peer.pid()) - s0) / gb};
+  return make_figure(completed * block, secs, c0, cost_self(), s0, cost_of(peer.pid()));
 }
 
 figure bench_raw(const std::string& self, std::uint64_t block, std::uint64_t total, bool write) {
@@ -197,12 +235,12 @@ figure bench_raw(const std::string& self, std::uint64_t block, std::uint64_t tot
     }
   };
   move(std::min<std::uint64_t>(total / 8, 64 << 20));  // warm up
-  const double c0 = cpu_seconds_self(), s0 = cpu_seconds_of(peer.pid());
+  const auto c0 = cost_self();
+  const auto s0 = cost_of(peer.pid());
   const auto start = std::chrono::steady_clock::now();
   move(total);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const double gb = static_cast<double>(total) / 1e9;
-  return {gb / secs, (cpu_seconds_self() - c0) / gb, (cpu_seconds_of(peer.pid()) - s0) / gb};
+  return make_figure(total, secs, c0, cost_self(), s0, cost_of(peer.pid()));
 }
 
 int bench(const std::string& self, const std::map<std::string, std::string>& f) {
@@ -210,19 +248,23 @@ int bench(const std::string& self, const std::map<std::string, std::string>& f) 
   const auto total = size_flag(f, "--total", 2ull << 30);
   const auto connections = static_cast<unsigned>(size_flag(f, "--connections", 1));
   const auto depth = static_cast<unsigned>(size_flag(f, "--depth", 4));
+  const auto socket_buffer = size_flag(f, "--socket-buffer", 0);
   const bool write = f.count("--op") && f.at("--op") == "write";
   const auto raw = bench_raw(self, block, total, write);
-  const auto t = bench_tcp(self, block, total, connections, depth, write);
+  const auto t = bench_tcp(self, block, total, connections, depth, socket_buffer, write);
   nlohmann::json out{{"op", write ? "write" : "read"},
                      {"block", block},
                      {"total", total},
                      {"connections", connections},
                      {"depth", depth},
+                     {"socket_buffer", socket_buffer},
                      {"tcp_gbps", t.gbps},
                      {"raw_stream_gbps", raw.gbps},
                      {"ratio", t.gbps / raw.gbps},
                      {"tcp_cpu_s_per_gb", {{"initiator", t.client_cpu_per_gb}, {"owner", t.server_cpu_per_gb}}},
-                     {"raw_cpu_s_per_gb", {{"initiator", raw.client_cpu_per_gb}, {"peer", raw.server_cpu_per_gb}}}};
+                     {"raw_cpu_s_per_gb", {{"initiator", raw.client_cpu_per_gb}, {"peer", raw.server_cpu_per_gb}}},
+                     {"tcp_switches_per_mib", {{"initiator", t.client_switches_per_mib}, {"owner", t.server_switches_per_mib}}},
+                     {"raw_switches_per_mib", {{"initiator", raw.client_switches_per_mib}, {"peer", raw.server_switches_per_mib}}}};
   std::cout << out.dump() << std::endl;
   return 0;
 }

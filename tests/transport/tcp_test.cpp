@@ -392,7 +392,9 @@ struct tcp_raw : ::testing::Test {
     wire::response_header header;
     std::string text;
     std::vector<std::byte> payload;
+    std::uint64_t payload_at = 0;  // offset of the payload in the server's stream
   };
+  std::uint64_t received = 0;  // bytes of the server's stream read so far
   std::optional<reply> receive() {
     wire::response_bytes hb;
     boost::system::error_code ec;
@@ -400,7 +402,10 @@ struct tcp_raw : ::testing::Test {
     if (ec) return std::nullopt;
     auto p = wire::parse_response_header(hb);
     EXPECT_EQ(p.state, wire::parse_state::complete) << p.reason;
-    reply r{p.header, {}, {}};
+    reply r{p.header, {}, {}, received + hb.size() + p.header.pad};
+    std::vector<std::byte> pad(p.header.pad, std::byte{0xee});
+    asio::read(sock, asio::buffer(pad), ec);
+    EXPECT_TRUE(std::all_of(pad.begin(), pad.end(), [](std::byte b) { return b == std::byte{0}; }));
     if (p.header.status != 0) {
       r.text.resize(p.header.length);
       asio::read(sock, asio::buffer(r.text), ec);
@@ -409,6 +414,7 @@ struct tcp_raw : ::testing::Test {
       asio::read(sock, asio::buffer(r.payload), ec);
     }
     EXPECT_FALSE(ec) << ec.message();
+    received = r.payload_at + p.header.length;
     return r;
   }
   bool closed_by_server() {
@@ -440,6 +446,36 @@ TEST_F(tcp_raw, PipelinedGoodFramesAreAnsweredInOrder) {
   ASSERT_TRUE(r2);
   EXPECT_EQ(r2->header.request_id, 78u);
   EXPECT_EQ(r2->payload, payload);
+}
+
+// Every read payload starts at a multiple of 64 in the server's stream
+// (whatever the region offset, and after unpadded error frames), so the
+// kernel's copies on a loopback link avoid the slow mutually-misaligned
+// `rep movsb` (tcp_protocol.hpp).
+TEST_F(tcp_raw, ReadPayloadsArePaddedToTheRegionsAlignment) {
+  for (std::uint64_t off = 0; off < 70; ++off) {
+    auto h = header(wire::opcode::read, off, 100 + off);
+    h.request_id = 1000 + off;
+    send(frame(h, seg.name));
+    if (off % 7 == 0) {  // an error frame in between shifts the stream
+      auto bad = header(wire::opcode::read, 4096, 1);
+      send(frame(bad, seg.name));
+    }
+  }
+  for (std::uint64_t off = 0; off < 70; ++off) {
+    auto r = receive();
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->header.status, 0) << r->text;
+    EXPECT_EQ(r->header.request_id, 1000 + off);
+    EXPECT_LT(r->header.pad, wire::payload_alignment);
+    EXPECT_EQ(r->payload_at % wire::payload_alignment, 0u) << "offset " << off;
+    EXPECT_EQ(std::memcmp(r->payload.data(), region.data() + off, r->payload.size()), 0);
+    if (off % 7 == 0) {
+      auto e = receive();
+      expect_error(e, kvx::errc::out_of_range);
+      EXPECT_EQ(e->header.pad, 0);
+    }
+  }
 }
 
 TEST_F(tcp_raw, BadMagicGetsAnErrorFrameAndACleanClose) {
@@ -560,6 +596,59 @@ TEST(TcpWire, ParserWaitsForWholeFramesAndReportsWhy) {
   EXPECT_EQ(r.header.request_id, 9u);
   resp[5] = std::byte{200};
   EXPECT_EQ(wire::parse_response_header(resp).state, wire::parse_state::invalid);
+
+  // The pad: below 64, and only before read data.
+  auto padded = wire::encode_response(0, 9, 100, 63);
+  auto pr = wire::parse_response_header(padded);
+  ASSERT_EQ(pr.state, wire::parse_state::complete) << pr.reason;
+  EXPECT_EQ(pr.header.pad, 63);
+  auto too_much = wire::parse_response_header(wire::encode_response(0, 9, 100, 64));
+  EXPECT_EQ(too_much.state, wire::parse_state::invalid);
+  EXPECT_EQ(too_much.reason, "response padding of 64 bytes or more");
+  auto padded_error = wire::parse_response_header(wire::encode_response(static_cast<std::uint8_t>(kvx::errc::bad_key), 9, 4, 8));
+  EXPECT_EQ(padded_error.state, wire::parse_state::invalid);
+  EXPECT_EQ(padded_error.reason, "error response carries padding");
+  // read_padding starts the payload at the next multiple of 64.
+  for (std::uint64_t stream = 0; stream < 200; ++stream) {
+    const auto pad = wire::read_padding(stream);
+    EXPECT_LT(pad, wire::payload_alignment);
+    EXPECT_EQ((stream + wire::response_header_size + pad) % 64, 0u) << stream;
+  }
+}
+
+// A server that answers a write with a padded acknowledgement breaks the
+// protocol: the op fails with protocol_error instead of skipping bytes.
+TEST(TcpTransport, APaddedWriteAcknowledgementIsAProtocolError) {
+  asio::io_context io;
+  tcp initiator(io.get_executor());
+  asio::ip::tcp::acceptor fake(io, asio::ip::tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  const std::string name = "fake";
+  std::vector<std::byte> buf(100, std::byte{1});
+  std::thread server([&] {
+    asio::io_context sio;
+    asio::ip::tcp::socket s(sio);
+    fake.accept(s);
+    std::vector<std::byte> request(wire::request_header_size + name.size() + buf.size());
+    asio::read(s, asio::buffer(request));
+    const auto h = wire::parse_request_header(request, wire::limits{});
+    const auto ack = wire::encode_response(0, h.header.request_id, 0, 8);
+    asio::write(s, asio::buffer(ack));
+    std::byte b;
+    boost::system::error_code ignored;
+    s.read_some(asio::buffer(&b, 1), ignored);  // until the initiator closes
+  });
+  kvx::memory::segment_descriptor d;
+  d.name = name;
+  d.length = 1 << 20;
+  d.transports["tcp"] = {{"host", "127.0.0.1"}, {"port", fake.local_endpoint().port()}};
+  std::optional<std::error_code> out;
+  initiator.async_write(d, 0, std::span<const std::byte>(buf), [&](std::error_code ec) { out = ec; });
+  const bool done = run_until(io, [&] { return out.has_value(); });
+  initiator.close();
+  io.run_for(100ms);
+  server.join();
+  ASSERT_TRUE(done);
+  EXPECT_EQ(*out, kvx::errc::protocol_error);
 }
 
 // --- two processes -----------------------------------------------------------

@@ -18,6 +18,7 @@
 // Everything runs on the transport's strand.
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -219,6 +220,7 @@ class tcp_connection : public std::enable_shared_from_this<tcp_connection> {
     bool open = false;
     tcp_wire::response_bytes header{};
     std::string text;
+    std::array<std::byte, tcp_wire::payload_alignment> pad{};  // a read response's pad lands here
     std::vector<std::byte> scratch;
     std::uint64_t drain_left = 0;
   };
@@ -279,7 +281,8 @@ class tcp_connection : public std::enable_shared_from_this<tcp_connection> {
       batch->push_back(std::move(r));
     }
     asio::async_write(link_->socket, buffers, tcp_transfer_rest{asio::buffer_size(buffers)},
-                      [self = shared_from_this(), l = link_, batch](const boost::system::error_code& ec, std::size_t) {
+                      [self = shared_from_this(), l = link_, batch](const boost::system::error_code& ec, std::size_t n) {
+                        bytes_sent_on_this_thread() += n;
                         self->on_written(l, *batch, ec);
                       });
   }
@@ -331,18 +334,22 @@ class tcp_connection : public std::enable_shared_from_this<tcp_connection> {
     }
     if (r->op == tcp_wire::opcode::write) {
       if (p.header.length != 0) return fail(errc::protocol_error, "write response carries a payload");
+      if (p.header.pad != 0) return fail(errc::protocol_error, "write response carries padding");
       in_flight_.erase(it);
       start_read(l);
       return finish(r, {});
     }
     if (p.header.length != r->length) return fail(errc::protocol_error, "read response length differs from the request");
     if (r->abandoned) {
-      l->drain_left = r->length;
+      l->drain_left = p.header.pad + r->length;
       return drain(l, r);
     }
     r->st = tcp_request::stage::receiving;
-    asio::async_read(l->socket, asio::buffer(r->dst, static_cast<std::size_t>(r->length)),
-                     tcp_transfer_rest{static_cast<std::size_t>(r->length)}, [self = shared_from_this(), l, r](const boost::system::error_code& e, std::size_t) {
+    // The pad and the payload in one scatter read, straight into the caller's buffer.
+    const std::array<asio::mutable_buffer, 2> in{asio::buffer(l->pad.data(), p.header.pad),
+                                                 asio::buffer(r->dst, static_cast<std::size_t>(r->length))};
+    asio::async_read(l->socket, in, tcp_transfer_rest{p.header.pad + static_cast<std::size_t>(r->length)},
+                     [self = shared_from_this(), l, r](const boost::system::error_code& e, std::size_t) {
                        self->on_payload(l, r, e);
                      });
   }

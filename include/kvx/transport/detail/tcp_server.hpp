@@ -3,8 +3,10 @@
 // read/write requests against the transport's segment_table. Every request is
 // checked (segment, key, bounds, generation) before a byte moves; the payload
 // moves straight between the socket and the region (a gather write for reads,
-// a read into the region for writes). Malformed or truncated frames get an
-// error frame and the connection is closed, since the stream position is lost.
+// a read into the region for writes); a read's payload is padded to a 64-byte
+// boundary of what this thread has sent (tcp_protocol.hpp says why).
+// Malformed or truncated frames get an error frame and the connection is
+// closed, since the stream position is lost.
 //
 // Everything runs on the transport's strand.
 
@@ -48,6 +50,14 @@ inline void apply_socket_options(asio::ip::tcp::socket& s, const tcp_config& cfg
     s.set_option(asio::socket_base::send_buffer_size(static_cast<int>(cfg.socket_buffer)), ignored);
     s.set_option(asio::socket_base::receive_buffer_size(static_cast<int>(cfg.socket_buffer)), ignored);
   }
+}
+
+// Bytes this thread has written to tcp sockets. Linux copies what a thread
+// sends into one page fragment per thread, whatever the socket, so this
+// count (not a socket's own) is what read_padding aligns a payload against.
+inline std::uint64_t& bytes_sent_on_this_thread() noexcept {
+  thread_local std::uint64_t sent = 0;
+  return sent;
 }
 
 class tcp_server;
@@ -120,7 +130,11 @@ class tcp_session : public std::enable_shared_from_this<tcp_session> {
     counters_->requests_served.fetch_add(1, std::memory_order_relaxed);
     moved_ = 0;
     if (request_.op == tcp_wire::opcode::read) {
-      response_ = tcp_wire::encode_response(0, request_.request_id, request_.length);
+      const auto pad = tcp_wire::read_padding(bytes_sent_on_this_thread());
+      const auto header = tcp_wire::encode_response(0, request_.request_id, request_.length, pad);
+      std::copy(header.begin(), header.end(), read_head_.begin());
+      std::fill_n(read_head_.begin() + header.size(), pad, std::byte{0});
+      read_head_size_ = header.size() + pad;
       send_payload();
     } else {
       receive_payload();
@@ -134,11 +148,11 @@ class tcp_session : public std::enable_shared_from_this<tcp_session> {
   // handler waiting in the queue (deregister_memory would wait for it).
   void send_payload() {
     for (;;) {
-      const std::size_t total = response_.size() + static_cast<std::size_t>(access_.size());
-      const std::size_t head = std::min(moved_, response_.size());
+      const std::size_t total = read_head_size_ + static_cast<std::size_t>(access_.size());
+      const std::size_t head = std::min(moved_, read_head_size_);
       const std::size_t body = moved_ - head;
       const std::array<asio::const_buffer, 2> out{
-          asio::buffer(response_.data() + head, response_.size() - head),
+          asio::buffer(read_head_.data() + head, read_head_size_ - head),
           asio::buffer(access_.data() + body, static_cast<std::size_t>(access_.size()) - body)};
       boost::system::error_code ec;
       const std::size_t n = socket_.write_some(out, ec);
@@ -152,6 +166,7 @@ class tcp_session : public std::enable_shared_from_this<tcp_session> {
       }
       if (ec) return finish();
       moved_ += n;
+      bytes_sent_on_this_thread() += n;
       if (moved_ == total) {
         access_ = {};
         return read_header();
@@ -188,8 +203,9 @@ class tcp_session : public std::enable_shared_from_this<tcp_session> {
 
   void respond_ok() {
     response_ = tcp_wire::encode_response(0, request_.request_id, 0);
-    asio::async_write(socket_, asio::buffer(response_), [self = shared_from_this()](const boost::system::error_code& e, std::size_t) {
+    asio::async_write(socket_, asio::buffer(response_), [self = shared_from_this()](const boost::system::error_code& e, std::size_t n) {
       if (e) return self->finish();
+      bytes_sent_on_this_thread() += n;
       self->read_header();
     });
   }
@@ -233,8 +249,9 @@ class tcp_session : public std::enable_shared_from_this<tcp_session> {
     error_text_ = std::move(text);
     response_ = tcp_wire::encode_response(tcp_wire::status_of(code), id, error_text_.size());
     const std::array<asio::const_buffer, 2> out{asio::buffer(response_), asio::buffer(error_text_)};
-    asio::async_write(socket_, out, [self = shared_from_this(), then_close](const boost::system::error_code& e, std::size_t) {
+    asio::async_write(socket_, out, [self = shared_from_this(), then_close](const boost::system::error_code& e, std::size_t n) {
       if (e) return self->finish();
+      bytes_sent_on_this_thread() += n;
       if (then_close) {
         boost::system::error_code ignored;
         self->socket_.shutdown(asio::socket_base::shutdown_send, ignored);
@@ -270,6 +287,9 @@ class tcp_session : public std::enable_shared_from_this<tcp_session> {
   std::string name_;
   memory::segment_access access_;
   tcp_wire::response_bytes response_{};
+  // A read's response header and its pad, sent in one gather with the payload.
+  std::array<std::byte, tcp_wire::response_header_size + tcp_wire::payload_alignment> read_head_{};
+  std::size_t read_head_size_ = 0;
   std::string error_text_;
   std::vector<std::byte> scratch_;
   std::uint64_t drain_left_ = 0;
