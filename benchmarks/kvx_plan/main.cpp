@@ -39,6 +39,7 @@
 #include <tiny/engine.hpp>
 
 #include "measure.hpp"
+#include "wake_probe.hpp"
 
 extern char** environ;
 
@@ -130,6 +131,11 @@ Validation
                           other processes used during the demo, or over 2 s now without --demo-binary)
   --cores-window S        with --demo-binary, the cores free are taken over spans of S seconds of each
                           mode's replay (default 0.25; the CPU is sampled every 50 ms)
+  --wake-burst S          for the 'wake burst' column (not gated): how long an instance that starts
+                          computing after being idle runs at a whole core before it shares
+                          (seconds); default: measured just before and after the demo (a thread
+                          that sleeps 10 ms, wakes and computes on a core another thread keeps
+                          busy until it is first preempted; the median of 60 wakes, averaged)
   --help                  this text
 )";
 
@@ -399,6 +405,7 @@ struct demo_options {
   std::string trace = "/work/shared/traces/conversation_trace.jsonl";
   double skip = 0, requests = 32, tokens_per_hash = 16, max_prompt = 320, max_output = 8, concurrency = 4,
          prefill = 2, decode = 2, cores = 0, cores_window_s = 0.25;
+  double wake_burst_s = -1;  // < 0: measured (probe_wake_burst) around the demo
   std::string binary;  // run kvx_pd_demo first, measuring the CPU others used meanwhile
 };
 
@@ -588,6 +595,16 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
   double cores_now = 0;
   std::string cores_from = "--cores";
   json cpu_json = json::object();
+  // The scheduler's wake-up burst, measured under the load of the moment:
+  // before and after the demo (not during: the probe would take its CPU).
+  std::vector<kp::wake_burst> probes;
+  auto probe = [&] {
+    if (o.wake_burst_s >= 0) return;
+    auto b = kp::probe_wake_burst({});
+    if (!b) die(b.error().message());
+    probes.push_back(*b);
+  };
+  probe();
   if (!o.binary.empty()) {
     auto fmt = [](double v) { return std::to_string(static_cast<std::uint64_t>(v)); };
     // stdbuf: the demo's progress lines (when each mode's replay starts) arrive as they are printed.
@@ -601,6 +618,7 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     std::printf("running: %s\n", shown.c_str());
     std::fflush(stdout);
     ran = run_demo(args);
+    probe();
     cpu_json["wall_s"] = ran->wall_s;
     std::printf("during the demo (%.1f s): the demo's processes used %.2f cores, other processes %.2f of %g\n", ran->wall_s,
                 ran->demo_cores(0, ran->wall_s), ran->others(0, ran->wall_s), machine_cores);
@@ -614,6 +632,28 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     cores_from = "the cores other processes leave free now (not during the demo: --demo-binary measures that)";
     cpu_json = {{"other_processes_cores_now", others}};
   }
+
+  kp::core_timeline burst;  // only its wake_burst_s and wake_burst_speed
+  json burst_json = json::array();
+  if (o.wake_burst_s >= 0) {
+    burst.wake_burst_s = o.wake_burst_s;
+  } else {
+    double s = 0, sp = 0;
+    for (const auto& b : probes) {
+      s += b.burst_s / static_cast<double>(probes.size());
+      sp += b.speed / static_cast<double>(probes.size());
+      burst_json.push_back({{"burst_s", b.burst_s}, {"p10_s", b.p10_s}, {"p90_s", b.p90_s}, {"speed", b.speed},
+                            {"trials", b.trials}, {"capped", b.capped}});
+      std::printf("wake-up burst probe: median %.2f ms (p10 %.2f, p90 %.2f) at %.3f of a core, %u of %u wakes never "
+                  "preempted within %.0f ms\n",
+                  b.burst_s * 1e3, b.p10_s * 1e3, b.p90_s * 1e3, b.speed, b.capped, b.trials,
+                  kp::wake_probe_options{}.cap_s * 1e3);
+    }
+    burst.wake_burst_s = s;
+    burst.wake_burst_speed = sp;
+  }
+  cpu_json["wake_burst"] = {{"burst_s", burst.wake_burst_s}, {"speed", burst.wake_burst_speed},
+                            {"measured", o.wake_burst_s < 0}, {"probes", burst_json}};
 
   // The report, and that it was made from this trace slice.
   const json report = read_json_file(report_path);
@@ -725,8 +765,10 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
                          {"network_gb_s", hw->network_bytes_per_s / 1e9}}},
            {"links", links.as_json}, {"modes", json::array()}};
   bool ok = true, any = false;
-  std::printf("%-6s %-10s %11s %11s %9s %11s %9s %11s\n", "mode", "metric", "demo (s)", "planner (s)", "ratio",
-              "mean-field", "ratio", "dedicated");
+  std::printf("wake-up burst (the wake burst column, not gated): %.2f ms at %.3f of a core (%s)\n",
+              burst.wake_burst_s * 1e3, burst.wake_burst_speed, o.wake_burst_s < 0 ? "measured" : "--wake-burst");
+  std::printf("%-6s %-10s %11s %11s %9s %11s %9s %11s %9s %11s\n", "mode", "metric", "demo (s)", "planner (s)", "ratio",
+              "wake burst", "ratio", "mean-field", "ratio", "dedicated");
   for (const auto& m : report["modes"]) {
     const std::string name = m.value("mode", std::string{});
     if (name != "push" && name != "pull") continue;  // colocated: see docs/planner.md
@@ -770,6 +812,14 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     auto shared = kp::simulate_processor_sharing(*w, model, *hw, d, {}, *timeline);
     if (!shared) die(shared.error().message());
     const auto sim = metrics(*shared);
+    // With the scheduler's wake-up burst, for comparison: it gets the short
+    // decodes right but not the gated figures (docs/benchmarks/planner.md).
+    auto with_burst = *timeline;
+    with_burst.wake_burst_s = burst.wake_burst_s;
+    with_burst.wake_burst_speed = burst.wake_burst_speed;
+    auto bursting = kp::simulate_processor_sharing(*w, model, *hw, d, {}, with_burst);
+    if (!bursting) die(bursting.error().message());
+    const auto wb = metrics(*bursting);
     // The mean-field model (one slowdown per kind of work), for comparison.
     auto mean_field = kp::simulate_shared_cores(*w, model, *hw, d, {}, cores);
     if (!mean_field) die(mean_field.error().message());
@@ -791,6 +841,7 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
                {"demo_ttft_s", i < demo_ttft.size() ? json(demo_ttft[i]) : json(nullptr)}};
       if (outputs[i] > 1) {
         one["planner_tpot_s"] = sim.second[k];
+        one["planner_wake_burst_tpot_s"] = wb.second[k];
         one["demo_tpot_s"] = k < demo_tpot.size() ? json(demo_tpot[k]) : json(nullptr);
         ++k;
       }
@@ -800,14 +851,16 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     auto row = [&](const char* metric, auto stat, bool of_tpot, bool gated) {
       auto pick = [of_tpot](const auto& p) -> const std::vector<double>& { return of_tpot ? p.second : p.first; };
       const double demo = stat(of_tpot ? demo_tpot : demo_ttft), plan = stat(pick(sim)), mean_field_s = stat(pick(mf)),
-                   dedicated_s = stat(pick(ded));
+                   dedicated_s = stat(pick(ded)), burst_s = stat(pick(wb));
       const double ratio = demo > 0 ? plan / demo : 0.0;
       const bool within = std::abs(ratio - 1) <= 0.25;
       if (gated) ok = ok && within;
-      const double mf_ratio = demo > 0 ? mean_field_s / demo : 0.0;
-      std::printf("%-6s %-10s %11.4f %11.4f %9.3f %11.4f %9.3f %11.4f%s\n", name.c_str(), metric, demo, plan, ratio,
-                  mean_field_s, mf_ratio, dedicated_s, gated ? (within ? "" : "  (beyond 25%)") : "  (not gated)");
+      const double mf_ratio = demo > 0 ? mean_field_s / demo : 0.0, wb_ratio = demo > 0 ? burst_s / demo : 0.0;
+      std::printf("%-6s %-10s %11.4f %11.4f %9.3f %11.4f %9.3f %11.4f %9.3f %11.4f%s\n", name.c_str(), metric, demo, plan,
+                  ratio, burst_s, wb_ratio, mean_field_s, mf_ratio, dedicated_s,
+                  gated ? (within ? "" : "  (beyond 25%)") : "  (not gated)");
       mj["metrics"].push_back({{"metric", metric}, {"demo_s", demo}, {"planner_s", plan}, {"ratio", ratio},
+                               {"planner_wake_burst_s", burst_s}, {"wake_burst_ratio", wb_ratio},
                                {"planner_mean_field_s", mean_field_s}, {"mean_field_ratio", mf_ratio},
                                {"planner_dedicated_cores_s", dedicated_s}, {"gated", gated}, {"within_25_percent", within}});
     };
@@ -872,6 +925,10 @@ int main(int argc, char** argv) {
     else if (a == "--demo-decode") demo.decode = number(next(), a);
     else if (a == "--cores") demo.cores = number(next(), a);
     else if (a == "--cores-window") demo.cores_window_s = number(next(), a);
+    else if (a == "--wake-burst") {
+      demo.wake_burst_s = number(next(), a);
+      if (!(demo.wake_burst_s >= 0 && demo.wake_burst_s <= 1)) die("--wake-burst must be between 0 and 1 s");
+    }
     else if (a == "--demo-binary") demo.binary = next();
     else if (a == "--block-tokens") block_tokens = number(next(), a);
     else if (a == "--time-scale") time_scale = number(next(), a);

@@ -11,8 +11,11 @@
 
 #include <gtest/gtest.h>
 
+#include "../../benchmarks/kvx_plan/wake_probe.hpp"  // kvx-plan's probe: only its option checks here
+
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -518,6 +521,50 @@ TEST(PlannerSharing, ADecodeOverlappingAPrefillIsSlowerThanOneAlone) {
   EXPECT_NEAR(alone.requests[1].first_step_s, alone.requests[1].first_token_s, 1e-12);  // one token: no decode
 }
 
+TEST(PlannerSharing, AnInstanceWokenFromIdleRunsItsWakeBurstAtAWholeCoreThenShares) {
+  // One prefill of 1 s of work on half a core, with a 0.1 s wake-up burst:
+  // 0.1 s of work by 0.1 s, the other 0.9 s at half speed, ending at 1.9 s
+  // (2 s without the burst).
+  const auto w = make_workload({req(0, 1000, 1)});
+  auto cpu = kp::core_timeline::constant(0.5);
+  EXPECT_NEAR(run_sharing(w, disagg(1, 1), cpu).requests[0].ttft_s(), 2.0, 1e-9);
+  cpu.wake_burst_s = 0.1;
+  EXPECT_NEAR(run_sharing(w, disagg(1, 1), cpu).requests[0].ttft_s(), 1.9, 1e-9);
+  // At 0.8 of a core in the burst: 0.08 s of work by 0.1 s, the other 0.92 s
+  // at half speed, ending at 1.94 s.
+  cpu.wake_burst_speed = 0.8;
+  EXPECT_NEAR(run_sharing(w, disagg(1, 1), cpu).requests[0].ttft_s(), 1.94, 1e-9);
+}
+
+TEST(PlannerSharing, ADecodeStepAfterIdleShorterThanTheBurstRunsAtFullSpeed) {
+  // A 0.1 s prefill on half a core with a 0.05 s burst ends at 0.15 s; its
+  // KV lands at 0.16 s on the idle decode instance, whose 10 ms step, inside
+  // its burst, ends at 0.17 s: a whole core's speed (0.23 s without bursts).
+  const auto w = make_workload({req(0, 100, 2)});
+  auto cpu = kp::core_timeline::constant(0.5);
+  cpu.wake_burst_s = 0.05;
+  const auto r = run_sharing(w, disagg(1, 1), cpu);
+  EXPECT_NEAR(r.requests[0].first_token_s, 0.15, 1e-9);
+  EXPECT_NEAR(r.requests[0].first_step_s, 0.17, 1e-9);
+  cpu.wake_burst_s = 0;
+  EXPECT_NEAR(run_sharing(w, disagg(1, 1), cpu).requests[0].first_step_s, 0.21 + 0.02, 1e-9);
+}
+
+TEST(PlannerSharing, ABurstTakesTheCoreFromTheOthersAndConservesTheirWork) {
+  // As in ADecodeOverlappingAPrefillIsSlowerThanOneAlone, with 0.05 s
+  // bursts on one core: request 0's decode wakes at 1.1 s and runs 5 steps
+  // alone by 1.15 s while the 2 s prefill (its own burst over at 1.05 s)
+  // waits, then they share: 5 more steps at half speed end at 1.25 s (1.3 s
+  // without bursts). The prefill got the same CPU: it still ends at 3.1 s.
+  const auto w = make_workload({req(0, 1000, 11), req(1000, 2000, 1)});
+  auto cpu = kp::core_timeline::constant(1);
+  cpu.wake_burst_s = 0.05;
+  const auto r = run_sharing(w, disagg(1, 1), cpu);
+  EXPECT_NEAR(r.requests[0].first_step_s, 1.11, 1e-9);
+  EXPECT_NEAR(r.requests[0].finish_s, 1.25, 1e-9);
+  EXPECT_NEAR(r.requests[1].first_token_s, 3.1, 1e-9);
+}
+
 TEST(PlannerSharing, EveryRequestFinishesInOrderAndWorkIsConservedWhileTheCoresChange) {
   // Cores changing every 0.25 s between 0.3 and 2.5, batched decode and
   // colocated chunked prefill: every request's events stay in order, the work
@@ -528,8 +575,10 @@ TEST(PlannerSharing, EveryRequestFinishesInOrderAndWorkIsConservedWhileTheCoresC
     cpu.from_s.push_back(0.25 * i);
     cpu.cores.push_back(0.3 + 2.2 * ((i * 37) % 11) / 10.0);
   }
+  for (double burst : {0.0, 0.003})
   for (const auto& d : {disagg(2, 2), kp::deployment{.mode = kp::serving_mode::colocated, .prefill_instances = 3}}) {
-    SCOPED_TRACE(d.label());
+    SCOPED_TRACE(d.label() + ", wake burst " + std::to_string(burst));
+    cpu.wake_burst_s = burst;
     const auto r = run_sharing(w, d, cpu);
     const auto alone = run(w, d);
     ASSERT_EQ(r.completed, w.size());
@@ -562,10 +611,33 @@ TEST(PlannerSharing, ABadCoreTimelineIsAnErrorThatSaysWhy) {
   EXPECT_NE(bad({{0.0, 1.0}, {1.0}}).find("as many"), std::string::npos);
   EXPECT_NE(bad(kp::core_timeline::constant(0)).find("not positive"), std::string::npos);
   EXPECT_NE(bad({{0.0, 1.0, 1.0}, {1.0, 2.0, 1.0}}).find("must increase"), std::string::npos);
+  auto burst = kp::core_timeline::constant(1);
+  burst.wake_burst_s = -0.001;
+  EXPECT_NE(bad(burst).find("wake_burst_s"), std::string::npos);
+  burst.wake_burst_s = std::numeric_limits<double>::infinity();
+  EXPECT_NE(bad(burst).find("wake_burst_s"), std::string::npos);
+  burst.wake_burst_s = 0.001;
+  burst.wake_burst_speed = 0;
+  EXPECT_NE(bad(burst).find("wake_burst_speed"), std::string::npos);
+  burst.wake_burst_speed = 1.5;
+  EXPECT_NE(bad(burst).find("wake_burst_speed"), std::string::npos);
   const kp::core_timeline c{{0.0, 1.0}, {0.5, 2.0}};
   EXPECT_DOUBLE_EQ(c.at(-1), 0.5);
   EXPECT_DOUBLE_EQ(c.at(0.99), 0.5);
   EXPECT_DOUBLE_EQ(c.at(1.0), 2.0);
+}
+
+TEST(PlannerSharing, TheWakeProbeRejectsOptionsOutOfRange) {
+  // (It is not run here: it times the machine's scheduler.)
+  auto bad = [](kp::wake_probe_options o) {
+    auto r = kp::probe_wake_burst(o);
+    EXPECT_FALSE(r);
+    return r ? std::string{} : r.error().message();
+  };
+  EXPECT_NE(bad({.trials = 0}).find("trials >= 1"), std::string::npos);
+  EXPECT_NE(bad({.sleep_s = -1}).find("sleep_s in [0, 1]"), std::string::npos);
+  EXPECT_NE(bad({.cap_s = 50e-6}).find("gap_s < cap_s"), std::string::npos);
+  EXPECT_NE(bad({.gap_s = 0}).find("0 < gap_s"), std::string::npos);
 }
 
 TEST(Planner, APoolDramTierSlowerThanTheNetworkSetsTheFetchTime) {

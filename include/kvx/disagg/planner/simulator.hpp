@@ -29,7 +29,9 @@
 //!   pinned from routing until its prefill ends;
 //! - optionally, instances sharing CPU cores (`simulate_processor_sharing`:
 //!   kvx's tiny engine on one host): every computing instance runs at
-//!   min(1, cores / k) while k compute, the cores changing over time.
+//!   min(1, cores / k) while k compute, the cores changing over time; an
+//!   instance that starts computing after being idle may first run a
+//!   wake-up burst at a whole core (`core_timeline::wake_burst_s`).
 //!
 //! Deterministic: the same inputs give the same report, bit for bit (events
 //! at equal times are ordered by insertion). Single-threaded; call it from
@@ -159,14 +161,28 @@ struct sim_report {
 //! constant: `cores[i]` from `from_s[i]` (simulated seconds) until the next
 //! change; `cores[0]` before `from_s[0]` too. What the instances of kvx's tiny
 //! engine on one host share with each other (kvx_pd_demo), sampled while it ran.
+//!
+//! The kernel's scheduler does not share a core evenly from the first
+//! microsecond: a process that wakes after sleeping preempts and runs
+//! alone for a while (EEVDF's lag credit and time slice), then gets its
+//! share. `wake_burst_s` is that while, in wall seconds, at
+//! `wake_burst_speed` of a core (what `kvx-plan` measures with a thread that
+//! sleeps, wakes and computes on a core another thread keeps busy); 0
+//! models no burst.
 struct core_timeline {
   std::vector<double> from_s;
   std::vector<double> cores;
+  double wake_burst_s = 0;
+  double wake_burst_speed = 1;
 
   [[nodiscard]] static core_timeline constant(double c) { return {{0.0}, {c}}; }
   [[nodiscard]] result<void> validate() const {
     if (from_s.empty() || from_s.size() != cores.size())
       return error{errc::invalid_argument, "core_timeline: needs as many change times as core counts, at least one"};
+    if (!(wake_burst_s >= 0) || !std::isfinite(wake_burst_s))
+      return error{errc::invalid_argument, "core_timeline: wake_burst_s must be finite and >= 0"};
+    if (!(wake_burst_speed > 0 && wake_burst_speed <= 1))
+      return error{errc::invalid_argument, "core_timeline: wake_burst_speed must be in (0, 1]"};
     for (std::size_t i = 0; i < cores.size(); ++i) {
       if (!(cores[i] > 0) || !std::isfinite(cores[i]) || !std::isfinite(from_s[i]))
         return error{errc::invalid_argument, "core_timeline: core count " + std::to_string(i) + " is not positive and finite"};
@@ -266,8 +282,10 @@ class simulation {
     std::uint64_t assigned = 0;       // requests routed here for decode, not finished
     std::uint64_t assigned_tokens = 0;
     // The iteration in flight. Its work is in seconds on a core of its own;
-    // it progresses at the simulation's rate_ (1 unless cores are shared).
+    // it progresses at `rate` (1 unless cores are shared).
     bool busy = false;
+    double rate = 1;
+    double burst_end = 0;             // until then a wake-up burst (sharing cores)
     std::uint32_t version = 0;
     double it_end = 0;
     double it_work = 0;               // work to its end
@@ -320,37 +338,51 @@ class simulation {
       KVX_TRY(cpu_->validate());
       for (double t : cpu_->from_s)
         if (t > 0) push(t, event_kind::cores_change, 0, 0);
-      rate_ = std::min(1.0, cpu_->at(0));
     }
     return {};
   }
 
   // Sharing cores, every computing instance runs at min(1, cores / k) of a
-  // core's speed, k of them computing (processor sharing): after anything
-  // that changed k or the cores, iterations in flight are rescheduled.
+  // core's speed, k of them computing (processor sharing), except those in
+  // a wake-up burst: they run at the burst's speed and the others share
+  // what is left of the cores (nothing, while the bursts take more). After
+  // anything that changed k, the cores or a burst, iterations in flight are
+  // rescheduled.
   void reshare() {
     if (!cpu_) return;
-    const double rate = std::min(1.0, cpu_->at(now_) / std::max(1U, busy_));
-    if (rate == rate_) return;
+    std::uint32_t bursting = 0;
+    for (const auto& in : instances_) bursting += in.busy && now_ < in.burst_end;
+    const double burst_rate = cpu_->wake_burst_speed;
+    const double left = std::max(0.0, cpu_->at(now_) - bursting * burst_rate);
+    const double shared = std::min(1.0, left / std::max(1U, busy_ - bursting));
     for (std::uint32_t i = 0; i < instances_.size(); ++i) {
       auto& in = instances_[i];
       if (!in.busy) continue;
+      const double rate = now_ < in.burst_end ? burst_rate : shared;
+      if (rate == in.rate) continue;
       progress(in);
-      in.it_end = now_ + std::max(0.0, in.it_work - in.it_done) / rate;
-      ++in.version;
-      push(in.it_end, event_kind::iteration_end, i, in.version);
+      in.rate = rate;
+      schedule(i);
     }
-    rate_ = rate;
   }
-  // Brings `in`'s work done up to now at rate_, noting the end of any
+  // (Re)schedules the end of `i`'s iteration at its rate; none while it
+  // gets no CPU (a later reshare schedules it).
+  void schedule(std::uint32_t i) {
+    auto& in = instances_[i];
+    ++in.version;
+    if (in.rate <= 0) return;
+    in.it_end = now_ + std::max(0.0, in.it_work - in.it_done) / in.rate;
+    push(in.it_end, event_kind::iteration_end, i, in.version);
+  }
+  // Brings `in`'s work done up to now at its rate, noting the end of any
   // member's first decode step on the way.
   void progress(instance& in) {
-    const double done = in.it_done + (now_ - in.it_upd) * rate_;
+    const double done = in.it_done + (now_ - in.it_upd) * in.rate;
     const double first = in.it_chunk > 0 ? in.it_prefill_s + in.it_a : in.it_a;
     if (in.it_steps > 0 && in.it_done < first && done >= first)
       for (auto& mb : in.batch)
         if (mb.first_step) {
-          report_.requests[mb.req].first_step_s = in.it_upd + (first - in.it_done) / rate_;
+          report_.requests[mb.req].first_step_s = in.it_upd + (first - in.it_done) / in.rate;
           mb.first_step = false;
         }
     in.it_done = done;
@@ -470,6 +502,11 @@ class simulation {
   void work_arrived(std::uint32_t i) {
     auto& in = instances_[i];
     if (!in.busy) {
+      // It was idle: woken, it gets the scheduler's wake-up burst.
+      if (cpu_ && cpu_->wake_burst_s > 0) {
+        in.burst_end = now_ + cpu_->wake_burst_s;
+        push(in.burst_end, event_kind::cores_change, 0, 0);
+      }
       start_iteration(i);
       return;
     }
@@ -481,9 +518,7 @@ class simulation {
     if (m >= in.it_steps) return;
     in.it_steps = m;
     in.it_work = step_work(in, m);
-    in.it_end = now_ + std::max(0.0, in.it_work - in.it_done) / rate_;
-    ++in.version;
-    push(in.it_end, event_kind::iteration_end, i, in.version);
+    schedule(i);
   }
 
   // Work from the iteration's start to the end of its step m.
@@ -551,14 +586,12 @@ class simulation {
     } else {
       return;
     }
-    in.it_end = now_ + in.it_work / rate_;
     if (!in.busy) {
       ++busy_;
       ++(in.it_chunk > 0 ? busy_prefill_ : busy_decode_);
     }
     in.busy = true;
-    ++in.version;
-    push(in.it_end, event_kind::iteration_end, i, in.version);
+    schedule(i);  // at its last rate; reshare() corrects it after this event
   }
 
   void iteration_end(std::uint32_t i, std::uint32_t version) {
@@ -802,7 +835,6 @@ class simulation {
   router<Policy> router_{};
   std::vector<instance> instances_;
   const core_timeline* cpu_ = nullptr;  // null: a core per instance
-  double rate_ = 1;                      // speed of every computing instance
   block_cache dram_, ssd_;
   std::uint32_t dram_id_ = 0, ssd_id_ = 0;
   std::vector<req_state> states_;
