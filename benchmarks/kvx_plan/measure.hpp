@@ -43,7 +43,7 @@ struct measure_options {
   double kv_capacity_gb = 1;          //!< host memory the tiny engine may use for KV
   double network_gb_s = 5;            //!< what moves KV between tiny instances (set from transfer_bench)
   double ssd_gb_s = 1;
-  bool per_core = true;               //!< time by the thread's CPU time (false, or tp > 1: wall clock)
+  bool per_core = true;               //!< time by the thread's CPU time (false: wall clock)
 };
 
 //! CPU seconds the calling thread has used.
@@ -51,36 +51,6 @@ inline double thread_cpu_s() noexcept {
   timespec ts{};
   ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
   return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
-}
-
-//! `tiny::measure_engine`'s run (one prompt, then `decode_steps` steps) on
-//! one shard (`cfg.tp` = 1), each phase timed by the calling thread's CPU time.
-template <class Layout>
-result<tiny::engine_speed> measure_engine_cpu(const tiny::model_config& cfg, std::uint32_t prompt_tokens,
-                                              std::uint32_t decode_steps) {
-  if (prompt_tokens == 0 || decode_steps == 0)
-    return error{errc::invalid_argument, "measure_engine_cpu: prompt_tokens and decode_steps must be positive"};
-  const std::uint32_t blocks = (prompt_tokens + decode_steps + cfg.block_tokens - 1) / cfg.block_tokens;
-  auto layout = Layout::make(cfg.shard_shape(), blocks, 1);
-  if (!layout) return layout.error();
-  std::vector<std::byte> memory(layout->bytes_required());
-  auto eng = tiny::engine<Layout>::make(cfg, *layout, memory);  // validates cfg, and that tp = 1
-  if (!eng) return eng.error();
-  std::vector<std::uint32_t> table(blocks), prompt(prompt_tokens);
-  for (std::uint32_t i = 0; i < blocks; ++i) table[i] = i;
-  for (std::uint32_t i = 0; i < prompt_tokens; ++i) prompt[i] = (i * 7919U + 13U) % cfg.vocab;
-  const kv_sequence seq{table, 0};
-  const double c0 = thread_cpu_s();
-  auto tok = eng->prefill(prompt, seq);
-  if (!tok) return tok.error();
-  const double c1 = thread_cpu_s();
-  for (std::uint32_t i = 0; i < decode_steps; ++i) {
-    tok = eng->decode(*tok, prompt_tokens + i, seq);
-    if (!tok) return tok.error();
-  }
-  const double c2 = thread_cpu_s();
-  return tiny::engine_speed{prompt_tokens / std::max(c1 - c0, 1e-9), (c2 - c1) / decode_steps,
-                            prompt_tokens + decode_steps / 2};
 }
 
 //! Fits a line y = a + b x through two points, with b >= 0 and a > 0.
@@ -100,7 +70,7 @@ inline result<hardware> measure_tiny_hardware(const tiny::model_config& cfg, con
   auto best = [&](std::uint32_t prompt) -> result<tiny::engine_speed> {
     tiny::engine_speed b{};
     for (unsigned i = 0; i < opt.repeats; ++i) {
-      auto s = opt.per_core && cfg.tp == 1 ? measure_engine_cpu<layouts::layer_first>(cfg, prompt, opt.decode_steps)
+      auto s = opt.per_core ? tiny::measure_engine<layouts::layer_first>(cfg, prompt, opt.decode_steps, thread_cpu_s)
                             : tiny::measure_engine<layouts::layer_first>(cfg, prompt, opt.decode_steps);
       if (!s) return s.error();
       if (i == 0 || s->prefill_tokens_per_s > b.prefill_tokens_per_s) b.prefill_tokens_per_s = s->prefill_tokens_per_s;

@@ -233,6 +233,18 @@ TEST(TinyEngine, MeasureReportsPositiveSpeeds) {
   EXPECT_EQ(tiny::measure_engine<page_first>(small_config(), 0, 4).code(), kvx::errc::invalid_argument);
 }
 
+// The clock is the caller's: one that reads 0, 1, 2, 3 ... seconds makes the
+// prefill take 1 s and the 4 decode steps 1 s together, whatever the machine does.
+TEST(TinyEngine, MeasureTimesEachPhaseWithTheCallersClock) {
+  double now = 0;
+  auto s = tiny::measure_engine<page_first>(small_config(), 32, 4, [&now] { return now++; });
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_DOUBLE_EQ(s->prefill_tokens_per_s, 32.0);
+  EXPECT_DOUBLE_EQ(s->decode_step_s, 0.25);
+  EXPECT_EQ(s->context_tokens, 34U);
+  EXPECT_DOUBLE_EQ(now, 3.0);  // read before the prefill, after it, after the last step
+}
+
 TEST(TinyEngine, ConcurrentRequestsOnDisjointBlocksMatchSequentialOnes) {
   const auto cfg = small_config(tiny::kv_dtype::bf16, true);
   instance<page_first> a(cfg, 8);

@@ -489,13 +489,22 @@ class engine {
   std::vector<rec_weights> rec_;
 };
 
+//! Seconds of `std::chrono::steady_clock`: `measure_engine`'s default clock.
+struct wall_seconds {
+  double operator()() const noexcept {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+};
+
 //! Times one prefill of `prompt_tokens` tokens and `decode_steps` decode
 //! steps of a fresh engine of `cfg` (weights, layout and memory of its own,
 //! pre-faulted before timing): the figures a planner or router needs
-//! (prefill speed, decode step time at that context).
-template <class Layout>
+//! (prefill speed, decode step time at that context). `seconds_now` is the
+//! clock, a callable returning seconds as a double: wall time by default; a
+//! tool on a loaded machine passes the thread's CPU time.
+template <class Layout, class SecondsNow = wall_seconds>
 result<engine_speed> measure_engine(const model_config& cfg, std::uint32_t prompt_tokens,
-                                         std::uint32_t decode_steps) {
+                                         std::uint32_t decode_steps, SecondsNow seconds_now = {}) {
   KVX_TRY(cfg.validate());
   if (prompt_tokens == 0 || decode_steps == 0)
     return error{errc::invalid_argument, "measure_engine: prompt_tokens and decode_steps must be positive"};
@@ -516,20 +525,18 @@ result<engine_speed> measure_engine(const model_config& cfg, std::uint32_t promp
   for (std::uint32_t i = 0; i < blocks; ++i) table[i] = i;
   for (std::uint32_t i = 0; i < prompt_tokens; ++i) prompt[i] = (i * 7919U + 13U) % cfg.vocab;
   const kv_sequence seq{table, 0};
-  using clock = std::chrono::steady_clock;
-  const auto t0 = clock::now();
+  const double t0 = seconds_now();
   auto first = eng->prefill(prompt, seq);
   if (!first) return first.error();
-  const auto t1 = clock::now();
+  const double t1 = seconds_now();
   std::uint32_t tok = *first;
   for (std::uint32_t i = 0; i < decode_steps; ++i) {
     auto next = eng->decode(tok, prompt_tokens + i, seq);
     if (!next) return next.error();
     tok = *next;
   }
-  const auto t2 = clock::now();
-  const double pf = std::chrono::duration<double>(t1 - t0).count();
-  const double dc = std::chrono::duration<double>(t2 - t1).count();
+  const double t2 = seconds_now();
+  const double pf = std::max(t1 - t0, 1e-9), dc = t2 - t1;
   return engine_speed{static_cast<double>(prompt_tokens) / pf, dc / decode_steps, prompt_tokens + decode_steps / 2};
 }
 
