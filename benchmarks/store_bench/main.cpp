@@ -57,8 +57,9 @@ struct options {
   std::string transport = "tcp";
   std::vector<std::uint64_t> sizes{4 * kvx::KiB, 64 * kvx::KiB, kvx::MiB, 16 * kvx::MiB};
   std::vector<unsigned> clients{1, 4};
-  std::uint64_t ops = 0;  // per client and size; 0: scaled to move about 256 MiB (at least 200 ops)
+  std::uint64_t ops = 0;  // per client and size; 0: scaled to move about 256 MiB (32 to 5,000 ops)
   bool redis = true;
+  std::string redis_bin_dir;  // where redis-server and redis-benchmark are; empty: PATH
   std::string json_out;
 };
 
@@ -79,7 +80,16 @@ figures summarize(std::vector<double>& lat_us, std::uint64_t bytes_each, double 
 
 std::uint64_t ops_for(const options& o, std::uint64_t size) {
   if (o.ops) return o.ops;
-  return std::clamp<std::uint64_t>((256 * kvx::MiB) / size, 200, 20000);
+  return std::clamp<std::uint64_t>((256 * kvx::MiB) / size, 32, 5000);
+}
+
+// The values of one size that stay stored at once: the clients' puts cycle
+// through more keys than that (the master evicts the oldest), and gets read
+// the last ones written, so memory stays bounded at 16 MiB values (kvx nodes
+// and redis-server alike) and every get finds its object.
+constexpr std::uint64_t stored_bytes = 512 * kvx::MiB;
+std::uint64_t keys_kept(std::uint64_t size, unsigned clients, std::uint64_t ops) {
+  return std::clamp<std::uint64_t>(stored_bytes / (size * clients), 1, ops);
 }
 
 // ---- kvx side ---------------------------------------------------------------
@@ -96,26 +106,44 @@ struct kvx_run {
         : transport(io.get_executor()), engine(meta, {.node = name, .slice_size = 4 * kvx::MiB}, transport) {}
   };
 
+  // Page-aligned memory, faulted in up front as a node's pool (registered,
+  // often pinned) and an engine's KV buffers are: the runs measure moving
+  // bytes, not the kernel zeroing fresh pages.
   static kvx::result<kvx::memory::memory_region> pool_memory(std::size_t bytes, std::vector<std::shared_ptr<void>>& keep) {
+    kvx::memory::memory_region region;
     if constexpr (std::is_same_v<Transport, kvx::transport::shm>) {
       auto m = kvx::transport::shm_allocate(bytes);
       KVX_TRY(m);
       auto held = std::make_shared<kvx::transport::shm_memory>(std::move(*m));
       keep.push_back(held);
-      return kvx::memory::memory_region{held->data(), held->size()};
+      region = kvx::memory::memory_region{held->data(), held->size()};
     } else {
       auto a = kvx::memory::mapped_arena::create(bytes);
       KVX_TRY(a);
       auto held = std::make_shared<kvx::memory::mapped_arena>(std::move(*a));
       keep.push_back(held);
-      return held->region();
+      region = held->region();
     }
+    std::memset(region.address, 0, region.length);
+    return region;
+  }
+  static kvx::result<kvx::memory::memory_region> buffer_memory(std::size_t bytes, std::vector<std::shared_ptr<void>>& keep) {
+    auto a = kvx::memory::mapped_arena::create(bytes);
+    KVX_TRY(a);
+    auto held = std::make_shared<kvx::memory::mapped_arena>(std::move(*a));
+    keep.push_back(held);
+    std::memset(held->data(), 0, bytes);
+    return held->region();
   }
 
   // Returns {put, get} figures for `clients` clients moving `size`-byte values.
   static kvx::result<std::pair<figures, figures>> run(std::uint64_t size, unsigned clients, std::uint64_t ops) {
     asio::io_context server_io, client_io;
+    // Each side has its own metadata client on its own thread, as separate
+    // processes would (an engine runs on its metadata backend's executor):
+    // the nodes' segment descriptors are copied to the clients' side below.
     kvx::transfer::embedded_metadata meta(server_io.get_executor());
+    kvx::transfer::embedded_metadata client_meta(client_io.get_executor());
     kvx::metrics::registry registry;
     state_type state({}, {}, registry);
     kvx::store::master_server<state_type> master(server_io.get_executor(), state);
@@ -123,10 +151,11 @@ struct kvx_run {
     std::vector<std::shared_ptr<void>> keep;
     std::vector<std::unique_ptr<party>> parties;
     std::vector<std::unique_ptr<kvx::store::store_node<engine_type>>> nodes;
-    // Two nodes that together hold every value written in this run at about
-    // 70% of their capacity, under the master's eviction watermark, so every
-    // get finds its object.
-    const std::size_t node_bytes = std::max<std::uint64_t>(64 * kvx::MiB, size * ops * clients * 3 / 4 + 16 * kvx::MiB);
+    // Two nodes that together hold the kept values at about 70% of their
+    // capacity, under the master's eviction watermark; older values are
+    // evicted by later puts.
+    const std::uint64_t kept = keys_kept(size, clients, ops);
+    const std::size_t node_bytes = std::max<std::uint64_t>(64 * kvx::MiB, size * kept * clients * 3 / 4 + 2 * size);
     // Both sides run on their own thread until the end (transports keep
     // acceptors open, so an io_context never runs out of work by itself).
     auto server_work = asio::make_work_guard(server_io);
@@ -160,18 +189,26 @@ struct kvx_run {
         return kvx::error{ec, "starting " + name};
       }
     }
+    auto published = meta.async_list("", asio::use_future).get();
+    for (auto& [k, v] : std::get<1>(published)) client_meta.async_put(k, v, asio::use_future).get();
     struct client_state {
       std::unique_ptr<party> p;
-      std::vector<std::byte> buffer;
+      std::span<std::byte> buffer;
       std::unique_ptr<kvx::store::store_client<engine_type>> client;
       std::vector<double> put_us, get_us;
     };
     std::vector<client_state> cs(clients);
     for (unsigned c = 0; c < clients; ++c) {
       const auto name = "client-" + std::to_string(c);
-      cs[c].p = std::make_unique<party>(client_io, meta, name);
-      cs[c].buffer.assign(size, std::byte{static_cast<unsigned char>(c + 1)});
-      auto reg = cs[c].p->engine.async_register_memory({cs[c].buffer.data(), cs[c].buffer.size()}, name + "/buf", asio::use_future);
+      cs[c].p = std::make_unique<party>(client_io, client_meta, name);
+      auto memory = buffer_memory(size, keep);
+      if (!memory) {
+        stop_server();
+        return memory.error();
+      }
+      cs[c].buffer = std::span<std::byte>(memory->data(), size);
+      std::fill(cs[c].buffer.begin(), cs[c].buffer.end(), std::byte{static_cast<unsigned char>(c + 1)});
+      auto reg = cs[c].p->engine.async_register_memory(*memory, name + "/buf", asio::use_future);
       if (auto ec = std::get<0>(reg.get())) {
         stop_server();
         return kvx::error{ec, "registering " + name};
@@ -189,14 +226,16 @@ struct kvx_run {
         done.push_back(asio::co_spawn(client_io, [&, c]() -> asio::awaitable<void> {
           auto& s = cs[c];
           for (std::uint64_t i = 0; i < ops && !failed; ++i) {
-            kvx::store::object_key key{"bench", std::to_string(c) + "/" + std::to_string(i)};
+            // Gets read the last `kept` keys this client put, round robin.
+            const auto n = put ? i : ops - kept + i % kept;
+            kvx::store::object_key key{"bench", std::to_string(c) + "/" + std::to_string(n)};
             const auto t0 = clock_type::now();
             std::error_code ec;
             if (put) {
               auto [e] = co_await s.client->async_put(key, std::span<const std::byte>(s.buffer), asio::as_tuple(asio::use_awaitable));
               ec = e;
             } else {
-              auto [e, n] = co_await s.client->async_get(key, std::span(s.buffer), asio::as_tuple(asio::use_awaitable));
+              auto [e, n] = co_await s.client->async_get(key, s.buffer, asio::as_tuple(asio::use_awaitable));
               ec = e;
             }
             if (ec) {
@@ -244,7 +283,11 @@ pid_t spawn(const std::vector<std::string>& args, const std::string& out_path = 
   return pid;
 }
 
+// `name` in `dir` when one is given, else found through PATH by posix_spawnp.
+std::string redis_tool(const std::string& dir, const char* name) { return dir.empty() ? name : (std::filesystem::path(dir) / name).string(); }
+
 struct redis_server {
+  std::string bin_dir;
   pid_t pid = -1;
   std::uint16_t port = 0;
   std::string dir;
@@ -253,7 +296,7 @@ struct redis_server {
     char tmpl[] = "/tmp/kvx-redis-XXXXXX";
     if (!mkdtemp(tmpl)) return false;
     dir = tmpl;
-    pid = spawn({"redis-server", "--bind", "127.0.0.1", "--port", std::to_string(port), "--save", "", "--appendonly", "no",
+    pid = spawn({redis_tool(bin_dir, "redis-server"), "--bind", "127.0.0.1", "--port", std::to_string(port), "--save", "", "--appendonly", "no",
                  "--dir", dir, "--proto-max-bulk-len", "1gb", "--client-query-buffer-limit", "1gb"});
     if (pid <= 0) return false;
     for (int i = 0; i < 100; ++i) {  // up to 5 s for the port to answer
@@ -276,10 +319,13 @@ struct redis_server {
 };
 
 // redis-benchmark -t set,get --csv: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-std::optional<std::pair<figures, figures>> redis_reference(std::uint16_t port, std::uint64_t size, unsigned clients, std::uint64_t ops) {
+// Keys are drawn at random from `keys` (-r), so Redis holds at most keys x size bytes.
+std::optional<std::pair<figures, figures>> redis_reference(const std::string& bin_dir, std::uint16_t port, std::uint64_t size,
+                                                           unsigned clients, std::uint64_t ops, std::uint64_t keys) {
   const std::string out = "/tmp/kvx-redis-bench-" + std::to_string(::getpid()) + ".csv";
-  pid_t pid = spawn({"redis-benchmark", "-h", "127.0.0.1", "-p", std::to_string(port), "-t", "set,get", "-d", std::to_string(size),
-                     "-c", std::to_string(clients), "-n", std::to_string(ops * clients), "-r", std::to_string(ops * clients), "--csv"},
+  pid_t pid = spawn({redis_tool(bin_dir, "redis-benchmark"), "-h", "127.0.0.1", "-p", std::to_string(port), "-t", "set,get", "-d",
+                     std::to_string(size), "-c", std::to_string(clients), "-n", std::to_string(ops * clients), "-r",
+                     std::to_string(keys), "--csv"},
                     out);
   if (pid <= 0) return std::nullopt;
   int status = 0;
@@ -323,10 +369,13 @@ std::vector<std::string> split(const std::string& s) {
 
 int usage(int rc) {
   std::puts(
-      "usage: store_bench [--transport tcp|shm] [--sizes 4K,64K,1M,16M] [--clients 1,4] [--ops N] [--no-redis] [--json OUT]\n"
+      "usage: store_bench [--transport tcp|shm] [--sizes 4K,64K,1M,16M] [--clients 1,4] [--ops N] [--no-redis]\n"
+      "                   [--redis-bin-dir DIR] [--json OUT]\n"
       "Put and get values through the kvx store (master + 2 nodes + N clients; one outstanding op per client)\n"
       "and, in the same run, Redis SET/GET with redis-benchmark at the same sizes and client counts.\n"
-      "--ops: operations per client per size (default: enough to move ~256 MiB, at least 200).");
+      "--ops: operations per client per size (default: enough to move ~256 MiB, 32 to 5000).\n"
+      "--redis-bin-dir: where redis-server and redis-benchmark are (default: found through PATH).\n"
+      "--json: every row (transport, op, size, clients, kvx and redis figures, ratio) as a JSON array.");
   return rc;
 }
 
@@ -363,6 +412,8 @@ int main(int argc, char** argv) {
       o.ops = std::strtoull(value().c_str(), nullptr, 10);
     } else if (a == "--no-redis") {
       o.redis = false;
+    } else if (a == "--redis-bin-dir") {
+      o.redis_bin_dir = value();
     } else if (a == "--json") {
       o.json_out = value();
     } else {
@@ -377,8 +428,9 @@ int main(int argc, char** argv) {
   std::optional<redis_server> redis;
   if (o.redis) {
     redis.emplace();
+    redis->bin_dir = o.redis_bin_dir;
     if (!redis->start()) {
-      std::fprintf(stderr, "store_bench: could not start redis-server (Debian: apt-get install redis-server); use --no-redis\n");
+      std::fprintf(stderr, "store_bench: could not start redis-server (Debian: apt-get install redis-server); put it on PATH, give --redis-bin-dir, or use --no-redis\n");
       return 1;
     }
   }
@@ -395,7 +447,7 @@ int main(int argc, char** argv) {
         return 1;
       }
       std::optional<std::pair<figures, figures>> ref;
-      if (redis) ref = redis_reference(redis->port, size, clients, std::min<std::uint64_t>(ops, 5000));
+      if (redis) ref = redis_reference(o.redis_bin_dir, redis->port, size, clients, ops, keys_kept(size, clients, ops) * clients);
       for (int which = 0; which < 2; ++which) {
         const auto& k = which == 0 ? r->first : r->second;
         const char* op = which == 0 ? "put" : "get";
