@@ -8,6 +8,7 @@
 #include <chrono>
 #include <deque>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -59,6 +60,7 @@ class master_handler {
   result<json> dispatch(const protocol::request& req, clock::time_point now) {
     config::view v(req.body, req.op);
     const auto& op = req.op;
+    if (auto answer = admin(v, op, now)) return std::move(*answer);
     if (op == "register_segment") {
       auto node = v.required<std::string>("node");
       KVX_TRY(node);
@@ -155,6 +157,59 @@ class master_handler {
     }
     if (op == "exists") return json{{"exists", state_.exists(*key)}};
     return error{errc::malformed_message, "unknown op '" + op + "'"};
+  }
+
+  // The admin command's requests (read-only listings, and draining a node);
+  // nothing for the other ops.
+  std::optional<result<json>> admin(const config::view& v, const std::string& op, clock::time_point now) {
+    if (op == "list_segments") {
+      json segs = json::array();
+      for (const auto& s : state_.segments())
+        segs.push_back({{"name", s.info.name}, {"node", s.info.node}, {"tier", s.info.tier},
+                        {"capacity", s.info.capacity}, {"used", s.used}, {"draining", s.draining}});
+      return json{{"segments", std::move(segs)}};
+    }
+    if (op == "list_objects") {
+      auto tenant = v.optional<std::string>("tenant", "");
+      if (!tenant) return result<json>(tenant.error());
+      auto limit = v.optional<std::uint64_t>("limit", 10000);
+      if (!limit) return result<json>(limit.error());
+      if (*limit == 0 || *limit > 100000)
+        return result<json>(error{errc::invalid_argument, "field 'list_objects.limit' must be 1..100000"});
+      const auto objs = state_.objects(*tenant, static_cast<std::size_t>(*limit) + 1, now);
+      json list = json::array();
+      for (std::size_t i = 0; i < objs.size() && i < *limit; ++i) {
+        const auto& o = objs[i];
+        json reps = json::array();
+        for (const auto& r : o.replicas) reps.push_back(protocol::to_json(r));
+        list.push_back({{"tenant", o.key.tenant}, {"key", o.key.key}, {"size", o.size}, {"committed", o.committed},
+                        {"pinned", o.pinned}, {"replicas_wanted", o.replicas_wanted}, {"replicas", std::move(reps)},
+                        {"copying", o.copying}, {"lease_ms", std::chrono::duration_cast<std::chrono::milliseconds>(o.lease_left).count()}});
+      }
+      return json{{"objects", std::move(list)}, {"truncated", objs.size() > *limit}};
+    }
+    if (op == "usage") {
+      json tiers = json::object();
+      for (const auto& s : state_.segments())
+        tiers[s.info.tier] = {{"used", state_.tier_used(s.info.tier)}, {"capacity", state_.tier_capacity(s.info.tier)}};
+      json tenants = json::object();
+      for (const auto& [t, used] : state_.tenants_used()) tenants[t] = {{"used", used}};
+      for (const auto& [t, quota] : state_.config().tenant_quota) {
+        tenants[t]["quota"] = quota;
+        if (!tenants[t].contains("used")) tenants[t]["used"] = 0;
+      }
+      return json{{"used", state_.used_bytes()}, {"capacity", state_.capacity_bytes()}, {"objects", state_.object_count()},
+                  {"nodes", state_.nodes()}, {"tiers", std::move(tiers)}, {"tenants", std::move(tenants)}};
+    }
+    if (op == "drain_node") {
+      auto node = v.required<std::string>("node");
+      if (!node) return result<json>(node.error());
+      auto st = state_.drain_node(*node);
+      if (!st) return result<json>(st.error());
+      return json{{"node", st->node}, {"objects", st->objects}, {"only_here", st->only_here}, {"copying", st->copying},
+                  {"drained", st->drained()}};
+    }
+    return std::nullopt;
   }
 
   MasterState& state_;

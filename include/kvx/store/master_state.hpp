@@ -94,6 +94,35 @@ struct tick_report {
   std::size_t evicted = 0;
 };
 
+//! A segment as the admin command lists it.
+struct segment_usage {
+  segment_info info;
+  std::uint64_t used = 0;  //!< bytes allocated to replicas (committed, pending or being copied)
+  bool draining = false;   //!< its node is being drained: nothing new is placed on it
+};
+
+//! An object as the admin command lists it.
+struct object_summary {
+  object_key key;
+  std::uint64_t size = 0;
+  bool committed = false;        //!< false: a put between allocate and commit (never readable)
+  bool pinned = false;
+  unsigned replicas_wanted = 1;
+  std::vector<replica_location> replicas;  //!< readable copies (committed objects)
+  std::size_t copying = 0;                 //!< re-replication copies in flight
+  clock::duration lease_left{};  //!< read lease left (committed) or put lease left (pending); 0 if none
+};
+
+//! Where draining a node stands (`master_state::drain_node`).
+struct drain_status {
+  std::string node;
+  std::size_t objects = 0;    //!< objects with a replica (or a pending put) on the node
+  std::size_t only_here = 0;  //!< ... of which no readable copy is on a node not being drained
+  std::size_t copying = 0;    //!< re-replication copies in flight for the node's objects
+  //! The node holds nothing that is not elsewhere: it can be stopped without losing an object.
+  [[nodiscard]] bool drained() const noexcept { return only_here == 0; }
+};
+
 template <cache::eviction_policy Eviction, placement_policy Placement = placement::random_with_capacity,
           memory::allocator Allocator = memory::offset_allocator>
 class master_state {
@@ -303,7 +332,7 @@ class master_state {
     }
     for (auto& [key, obj] : objects_) {
       if (!obj.committed || obj.replicas.empty()) continue;
-      const auto have = obj.replicas.size() + obj.pending_replicas.size();
+      const auto have = kept_replicas(obj);  // a draining node's copies are about to go
       if (have >= obj.replicas_wanted) continue;
       std::set<std::string> nodes;
       for (const auto& r : obj.replicas) nodes.insert(r.location.node);
@@ -341,6 +370,63 @@ class master_state {
     return out;
   }
 
+  // --- admin ---------------------------------------------------------------
+
+  //! Every live segment with its usage, by name.
+  [[nodiscard]] std::vector<segment_usage> segments() const {
+    std::vector<segment_usage> out;
+    for (const auto& [name, seg] : segments_)
+      out.push_back({seg.info, seg.allocator.capacity() - seg.allocator.free_bytes(), draining_.count(seg.info.node) > 0});
+    return out;
+  }
+  //! Bytes contributed by the live segments of `tier`.
+  [[nodiscard]] std::uint64_t tier_capacity(std::string_view tier) const {
+    std::uint64_t n = 0;
+    for (const auto& [name, seg] : segments_)
+      if (seg.info.tier == tier) n += seg.info.capacity;
+    return n;
+  }
+  //! Bytes charged to each tenant that ever stored something (size x replicas asked).
+  [[nodiscard]] const std::map<std::string, std::uint64_t>& tenants_used() const noexcept { return tenant_used_; }
+
+  //! Objects (committed and pending) of `tenant`, or of every tenant when it
+  //! is empty, in key order; at most `limit`.
+  [[nodiscard]] std::vector<object_summary> objects(const std::string& tenant, std::size_t limit,
+                                                    clock::time_point now) const {
+    std::vector<object_summary> out;
+    auto it = tenant.empty() ? objects_.begin() : objects_.lower_bound(object_key{tenant, {}});
+    for (; it != objects_.end() && out.size() < limit; ++it) {
+      if (!tenant.empty() && it->first.tenant != tenant) break;
+      const auto& obj = it->second;
+      object_summary o{it->first, obj.size, obj.committed, obj.pinned, obj.replicas_wanted, {}, obj.pending_replicas.size(), {}};
+      for (const auto& r : obj.replicas) o.replicas.push_back(r.location);
+      const auto until = obj.committed ? obj.lease_until : obj.put_deadline;
+      o.lease_left = until > now ? until - now : clock::duration::zero();
+      out.push_back(std::move(o));
+    }
+    return out;
+  }
+
+  //! Starts draining `node` (idempotent) and reports where it stands: nothing
+  //! new is placed on it, and `tick` copies each of its objects that has no
+  //! replica on another live node to one (the usual re-replication tasks),
+  //! so the node can then be stopped without losing anything.
+  result<drain_status> drain_node(const std::string& node) {
+    if (!nodes_.count(node)) return error{errc::not_found, "drain: no node '" + node + "'"};
+    draining_.insert(node);
+    drain_status st{node, 0, 0, 0};
+    auto on_node = [&](const placed& p) { return p.location.node == node; };
+    auto kept = [&](const placed& p) { return !draining_.count(p.location.node); };
+    for (const auto& [key, obj] : objects_) {
+      if (std::none_of(obj.replicas.begin(), obj.replicas.end(), on_node)) continue;
+      ++st.objects;
+      if (!obj.committed || std::none_of(obj.replicas.begin(), obj.replicas.end(), kept)) ++st.only_here;
+      st.copying += obj.pending_replicas.size();
+    }
+    return st;
+  }
+  [[nodiscard]] bool draining(const std::string& node) const { return draining_.count(node) > 0; }
+
  private:
   struct segment_state {
     segment_info info;
@@ -371,10 +457,17 @@ class master_state {
 
   static cache::block_key evict_key(std::uint64_t id) noexcept { return {0, id}; }
 
+  // Replicas (readable or being copied) on nodes that are not being drained.
+  std::size_t kept_replicas(const object_state& obj) const {
+    auto kept = [&](const placed& p) { return !draining_.count(p.location.node); };
+    return static_cast<std::size_t>(std::count_if(obj.replicas.begin(), obj.replicas.end(), kept) +
+                                    std::count_if(obj.pending_replicas.begin(), obj.pending_replicas.end(), kept));
+  }
+
   std::vector<placement_candidate> candidates(const std::set<std::string>& exclude_nodes) const {
     std::vector<placement_candidate> c;
     for (const auto& [name, s] : segments_)
-      if (!exclude_nodes.count(s.info.node))
+      if (!exclude_nodes.count(s.info.node) && !draining_.count(s.info.node))
         c.push_back({s.info.node, name, s.info.tier, s.allocator.free_bytes(), s.allocator.largest_free_block()});
     return c;
   }
@@ -447,6 +540,7 @@ class master_state {
       segments_.erase(seg);
     }
     nodes_.erase(n);
+    draining_.erase(node);
     report.dropped_nodes.push_back(node);
     m_used_.set(static_cast<double>(used_));
     m_capacity_.set(static_cast<double>(capacity_));
@@ -494,6 +588,7 @@ class master_state {
   Eviction eviction_;
   std::map<std::string, segment_state> segments_;
   std::map<std::string, node_state> nodes_;
+  std::set<std::string> draining_;  // nodes being drained: placement skips them
   object_map objects_;
   std::unordered_map<std::uint64_t, object_key> eviction_keys_;
   std::map<std::string, std::uint64_t> tenant_used_;

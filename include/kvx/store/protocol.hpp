@@ -22,6 +22,10 @@
 //! | `longest_prefix` | `tenant, keys` | `count` |
 //! | `replication_done` | `tenant, key, put_id, target` | |
 //! | `stats` | | `used, capacity, objects, nodes` |
+//! | `list_segments` (admin) | | `segments: [{name, node, tier, capacity, used, draining}]` |
+//! | `list_objects` (admin) | `tenant?, limit?` | `objects: [{tenant, key, size, committed, pinned, replicas_wanted, replicas, copying, lease_ms}], truncated` |
+//! | `usage` (admin) | | `used, capacity, objects, nodes, tiers: {tier: {used, capacity}}, tenants: {tenant: {used, quota?}}` |
+//! | `drain_node` (admin) | `node` | `node, objects, only_here, copying, drained` |
 //!
 //! Every field is validated; a malformed frame or request gets an error
 //! response naming the field (`malformed_message`), never a crash, and a
@@ -96,7 +100,8 @@ struct request {
 inline const std::vector<std::string>& known_ops() {
   static const std::vector<std::string> ops{"register_segment", "heartbeat", "put_start", "put_commit", "put_abort",
                                             "get", "release", "remove", "exists", "longest_prefix",
-                                            "replication_done", "stats"};
+                                            "replication_done", "stats", "list_segments", "list_objects", "usage",
+                                            "drain_node"};
   return ops;
 }
 
