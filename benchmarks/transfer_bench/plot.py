@@ -9,17 +9,13 @@ plots GB/s against block size, each transport beside its same-run reference
 
 Each point is one `transfer_bench --mode both` run; the raw JSON lines are
 written to --json so the table in docs/benchmarks/transfer.md can be made
-from the same data.
+from the same data. `--no-plot` only sweeps (for a machine without
+matplotlib); `--from-json FILE` only plots a sweep written earlier.
 """
 import argparse
 import json
 import subprocess
 import sys
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 RUNS = [
@@ -37,16 +33,24 @@ def batch_for(size):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bench", required=True)
+    ap.add_argument("--bench", help="transfer_bench to sweep (not with --from-json)")
+    ap.add_argument("--from-json", default=None, help="plot this earlier --json sweep instead of running one")
+    ap.add_argument("--no-plot", action="store_true", help="sweep and write --json only")
+    ap.add_argument("--title", default=None)
     ap.add_argument("--out", default="docs/images/transfer_bandwidth.png")
     ap.add_argument("--json", default=None, help="write all result lines here")
     ap.add_argument("--duration", default="1")
     ap.add_argument("--op", default="read")
     ap.add_argument("--transports", default=None, help="comma-separated labels prefixes to run (default: all)")
     args = ap.parse_args()
+    if not args.from_json and not args.bench:
+        ap.error("--bench or --from-json is required")
 
     results = []
-    for label, flags, ref in RUNS:
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+    for label, flags, ref in [] if args.from_json else RUNS:
         if args.transports and not any(label.startswith(t) for t in args.transports.split(",")):
             continue
         for size in SIZES:
@@ -64,6 +68,13 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if args.no_plot:
+        return
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -81,7 +92,7 @@ def main():
     ax.set_xticklabels(["4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M"])
     ax.set_xlabel("block size")
     ax.set_ylabel("GB/s")
-    ax.set_title(f"kvx transfer_bench, {args.op}, one initiating thread")
+    ax.set_title(args.title or f"kvx transfer_bench, {args.op}, one initiating thread")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
