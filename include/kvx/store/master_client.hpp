@@ -8,13 +8,29 @@
 //! `kvx::cancel_after`: a cancelled request completes with `cancelled` (or
 //! `timed_out`) and its late response is discarded.
 //!
+//! Following a master that fails over: `create(ex, lookup)` takes a
+//! function that finds the master's "host:port" (`leader_lookup` in
+//! `elected_master.hpp` asks etcd who leads). The client looks it up before
+//! connecting, and again after the connection failed (`connection_lost`,
+//! `unreachable`, `protocol_error`) or a standby answered (`errc::stale`).
+//! Requests in flight when that happens are not retried (a `put_commit` may
+//! or may not have been applied): they complete with that error, and later
+//! calls go to the master found then. A lookup that finds no master is
+//! `unreachable`; a value that is not "host:port" is `malformed_message`,
+//! and both say so in the response's "message".
+//!
 //! Runs on one strand; calls may be started from any thread.
 
+#include <charconv>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <string_view>
+#include <utility>
 
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -33,19 +49,49 @@
 
 namespace kvx::store {
 
+//! A master's "host:port" split in two; `malformed_message` naming `what`
+//! (and the value) when it is not that shape or the port is not 1..65535.
+inline result<std::pair<std::string, std::string>> split_master_endpoint(std::string_view endpoint, std::string_view what) {
+  const auto colon = endpoint.rfind(':');
+  auto bad = [&](const char* why) {
+    return error{errc::malformed_message, std::string(what) + " '" + std::string(endpoint) + "' is not host:port (" + why + ")"};
+  };
+  if (colon == std::string_view::npos) return bad("no port");
+  const auto host = endpoint.substr(0, colon);
+  const auto port = endpoint.substr(colon + 1);
+  if (host.empty()) return bad("no host");
+  unsigned value = 0;
+  const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || value == 0 || value > 65535)
+    return bad("port must be 1..65535");
+  return std::pair{std::string(host), std::string(port)};
+}
+
 class master_client : public std::enable_shared_from_this<master_client> {
  public:
   using executor_type = asio::any_io_executor;
   using json = protocol::json;
   using handler_type = asio::any_completion_handler<void(std::error_code, json)>;
 
+  //! Finds the master: completes with its "host:port".
+  using endpoint_lookup = std::function<void(asio::any_completion_handler<void(std::error_code, std::string)>)>;
+
   //! `endpoint` is "host:port" (loopback in tests).
   static std::shared_ptr<master_client> create(executor_type ex, std::string endpoint) {
-    return std::shared_ptr<master_client>(new master_client(std::move(ex), std::move(endpoint)));
+    return std::shared_ptr<master_client>(new master_client(std::move(ex), std::move(endpoint), nullptr));
+  }
+  //! A client that finds the master with `lookup` and follows it when it
+  //! changes (see the file comment).
+  static std::shared_ptr<master_client> create(executor_type ex, endpoint_lookup lookup) {
+    return std::shared_ptr<master_client>(new master_client(std::move(ex), {}, std::move(lookup)));
   }
 
   [[nodiscard]] executor_type get_executor() const { return strand_; }
-  [[nodiscard]] const std::string& endpoint() const noexcept { return endpoint_; }
+  //! The master's "host:port": the last one looked up for a following client.
+  [[nodiscard]] std::string endpoint() const {
+    std::lock_guard lock(endpoint_mutex_);
+    return endpoint_;
+  }
 
   //! Sends `request` (its "id" is assigned here) and completes with the
   //! master's answer: the response object, or the error it carries.
@@ -67,8 +113,8 @@ class master_client : public std::enable_shared_from_this<master_client> {
   }
 
  private:
-  master_client(executor_type ex, std::string endpoint)
-      : strand_(asio::make_strand(ex)), endpoint_(std::move(endpoint)), socket_(strand_) {}
+  master_client(executor_type ex, std::string endpoint, endpoint_lookup lookup)
+      : strand_(asio::make_strand(ex)), endpoint_(std::move(endpoint)), lookup_(std::move(lookup)), socket_(strand_) {}
 
   void start_call(json req, handler_type h, asio::cancellation_slot slot) {
     const auto id = ++next_id_;
@@ -102,21 +148,51 @@ class master_client : public std::enable_shared_from_this<master_client> {
     socket_.close(ignored);
     outbox_.clear();
     state_ = state::idle;
+    // A following client looks the master up again after any failure.
+    if (lookup_ && code != errc::cancelled) looked_up_ = false;
     auto pending = std::move(pending_);
     pending_.clear();
     if (!pending.empty()) log(log_level::info, "store client: master ", endpoint_, ": ", why);
-    for (auto& [id, h] : pending) kvx::detail::post_completion(strand_, std::move(h), make_error_code(code), json{});
+    for (auto& [id, h] : pending)
+      kvx::detail::post_completion(strand_, std::move(h), make_error_code(code), json{{"message", why}});
+  }
+
+  // A following client's master, looked up when the last one failed.
+  static asio::awaitable<bool> look_up(std::shared_ptr<master_client> self) {
+    if (!self->lookup_ || self->looked_up_) co_return true;
+    auto token = asio::as_tuple(asio::use_awaitable);
+    auto [ec, found] = co_await asio::async_initiate<decltype(token), void(std::error_code, std::string)>(
+        [&self](auto h) { self->lookup_(std::move(h)); }, token);
+    if (ec == errc::not_found) {
+      self->fail_all(errc::unreachable, "no master leads now (lookup found none)");
+      co_return false;
+    }
+    if (ec) {
+      self->fail_all(ec == errc::malformed_message ? errc::malformed_message : errc::unreachable,
+                     "looking up the master: " + ec.message());
+      co_return false;
+    }
+    if (auto parts = split_master_endpoint(found, "master endpoint from the lookup"); !parts) {
+      self->fail_all(errc::malformed_message, parts.error().context());
+      co_return false;
+    }
+    {
+      std::lock_guard lock(self->endpoint_mutex_);
+      self->endpoint_ = std::move(found);
+    }
+    self->looked_up_ = true;
+    co_return true;
   }
 
   static asio::awaitable<void> connect_and_run(std::shared_ptr<master_client> self) {
-    const auto colon = self->endpoint_.rfind(':');
-    if (colon == std::string::npos) {
-      self->fail_all(errc::invalid_argument, "bad endpoint");
+    if (!co_await look_up(self)) co_return;
+    auto parts = split_master_endpoint(self->endpoint_, "master endpoint");
+    if (!parts) {
+      self->fail_all(errc::invalid_argument, parts.error().context());
       co_return;
     }
     asio::ip::tcp::resolver resolver(self->strand_);
-    auto [rec, results] = co_await resolver.async_resolve(self->endpoint_.substr(0, colon), self->endpoint_.substr(colon + 1),
-                                                          asio::as_tuple(asio::use_awaitable));
+    auto [rec, results] = co_await resolver.async_resolve(parts->first, parts->second, asio::as_tuple(asio::use_awaitable));
     if (rec) {
       self->fail_all(errc::unreachable, "resolve failed: " + rec.message());
       co_return;
@@ -173,6 +249,12 @@ class master_client : public std::enable_shared_from_this<master_client> {
         }
         const auto id = body["id"].get<std::uint64_t>();
         auto checked = protocol::check_response(std::move(body));
+        if (!checked && checked.code() == errc::stale && self->lookup_) {
+          // A standby answered: every request sent to it gets the same
+          // answer, and the next call looks the leader up again.
+          self->fail_all(errc::stale, "the master at " + self->endpoint_ + " refused: " + checked.error().context());
+          co_return;
+        }
         if (checked)
           self->complete(id, {}, std::move(*checked));
         else
@@ -184,7 +266,10 @@ class master_client : public std::enable_shared_from_this<master_client> {
   enum class state { idle, connecting, connected };
 
   asio::strand<executor_type> strand_;
+  mutable std::mutex endpoint_mutex_;  // endpoint_ is written on the strand, read from anywhere
   std::string endpoint_;
+  endpoint_lookup lookup_;
+  bool looked_up_ = false;
   asio::ip::tcp::socket socket_;
   state state_ = state::idle;
   bool writing_ = false;

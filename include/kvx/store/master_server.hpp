@@ -10,6 +10,14 @@
 //! `start` and `stop` are called from outside the io_context's threads
 //! before it runs or after it stopped, or from the strand.
 //!
+//! A server built without a state is a standby: it listens, and answers
+//! every request with `errc::stale` ("standby: ..."), so clients that follow
+//! the leader (`master_client` with an endpoint lookup) look again. `serve`
+//! and `refuse` switch it on the strand (`get_executor()`); `refuse` closes
+//! every session at once, so requests in flight end with `connection_lost`
+//! at their clients and no request is answered from a state being dropped.
+//! `elected_master` drives them from an etcd election.
+//!
 //! \code
 //! asio::io_context io;
 //! kvx::store::master_state<kvx::cache::eviction::lru> state;
@@ -20,9 +28,12 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
+#include <utility>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -53,8 +64,12 @@ class master_server {
   using executor_type = asio::any_io_executor;
 
   master_server(executor_type ex, MasterState& state, master_server_config config = {})
-      : ex_(ex), strand_(asio::make_strand(ex)), handler_(state), config_(std::move(config)), acceptor_(ex),
-        ticker_(strand_) {}
+      : ex_(ex), strand_(asio::make_strand(ex)), handler_(std::in_place, state), config_(std::move(config)),
+        acceptor_(ex), ticker_(strand_) {}
+
+  //! A standby: refuses every request with `errc::stale` until `serve`.
+  master_server(executor_type ex, master_server_config config)
+      : ex_(ex), strand_(asio::make_strand(ex)), config_(std::move(config)), acceptor_(ex), ticker_(strand_) {}
 
   master_server(const master_server&) = delete;
   master_server& operator=(const master_server&) = delete;
@@ -83,17 +98,52 @@ class master_server {
     boost::system::error_code ignored;
     acceptor_.close(ignored);
     ticker_.cancel();
+    close_sessions();
+  }
+
+  //! Answers requests from `state` from now on; `admit`, when set, is asked
+  //! first about each request and may refuse it (an error response).
+  //! On the strand.
+  void serve(MasterState& state, std::function<result<void>(const protocol::request&)> admit = {}) {
+    handler_.emplace(state);
+    admit_ = std::move(admit);
+  }
+  //! Stops answering from a state: closes every session and answers later
+  //! requests with `errc::stale` and `why`. On the strand.
+  void refuse(std::string why) {
+    handler_.reset();
+    admit_ = nullptr;
+    refusal_ = std::move(why);
+    close_sessions();
+  }
+  //! Replaces the admission check `serve` set (empty: admit everything). On the strand.
+  void set_admission(std::function<result<void>(const protocol::request&)> admit) { admit_ = std::move(admit); }
+  [[nodiscard]] bool serving() const noexcept { return handler_.has_value(); }
+
+  //! The strand every session, the ticker and `serve`/`refuse` run on.
+  [[nodiscard]] asio::strand<executor_type> get_executor() const { return strand_; }
+  [[nodiscard]] std::uint16_t port() const { return acceptor_.local_endpoint().port(); }
+  [[nodiscard]] std::string endpoint() const { return config_.address + ":" + std::to_string(port()); }
+
+ private:
+  using socket_ptr = std::shared_ptr<asio::ip::tcp::socket>;
+
+  void close_sessions() {
+    boost::system::error_code ignored;
     for (auto& s : sessions_) {
       if (auto sock = s.lock()) sock->close(ignored);
     }
     sessions_.clear();
   }
 
-  [[nodiscard]] std::uint16_t port() const { return acceptor_.local_endpoint().port(); }
-  [[nodiscard]] std::string endpoint() const { return config_.address + ":" + std::to_string(port()); }
-
- private:
-  using socket_ptr = std::shared_ptr<asio::ip::tcp::socket>;
+  protocol::json answer(std::string_view body) {
+    if (handler_ && !admit_) return handler_->handle(body, clock::now());
+    auto req = protocol::parse_request(body);
+    if (!req) return protocol::error_response(0, req.error());
+    if (!handler_) return protocol::error_response(req->id, error{errc::stale, refusal_});
+    if (auto admitted = admit_(*req); !admitted) return protocol::error_response(req->id, admitted.error());
+    return handler_->handle(body, clock::now());
+  }
 
   asio::awaitable<void> accept_loop(std::shared_ptr<bool> alive) {
     while (*alive) {
@@ -125,7 +175,7 @@ class master_server {
           co_return;
         }
         if (!*frame) break;
-        auto reply = protocol::encode_frame(handler_.handle(**frame, clock::now()));
+        auto reply = protocol::encode_frame(answer(**frame));
         auto [wec, wn] = co_await asio::async_write(*sock, asio::buffer(reply), asio::as_tuple(asio::use_awaitable));
         if (wec) co_return;
       }
@@ -137,7 +187,8 @@ class master_server {
       ticker_.expires_after(config_.tick_interval);
       auto [ec] = co_await ticker_.async_wait(asio::as_tuple(asio::use_awaitable));
       if (ec || !*alive) co_return;
-      auto report = handler_.tick(clock::now());
+      if (!handler_) continue;
+      auto report = handler_->tick(clock::now());
       for (const auto& n : report.dropped_nodes) log(log_level::warn, "store master: node '", n, "' stopped heartbeating; dropped");
       for (const auto& k : report.lost_objects) log(log_level::warn, "store master: object '", k.full(), "' lost with its nodes");
     }
@@ -145,7 +196,9 @@ class master_server {
 
   executor_type ex_;
   asio::strand<executor_type> strand_;
-  master_handler<MasterState> handler_;
+  std::optional<master_handler<MasterState>> handler_;  // empty: a standby
+  std::function<result<void>(const protocol::request&)> admit_;
+  std::string refusal_ = "standby: not the leading master";
   master_server_config config_;
   asio::ip::tcp::acceptor acceptor_;
   asio::steady_timer ticker_;

@@ -13,6 +13,13 @@
 //! dropped by the master after `node_timeout`: its replicas are forgotten and
 //! objects with other replicas are copied again.
 //!
+//! A master that answers a heartbeat with `not_found` does not know the node:
+//! a new master after a failover (`elected_master`), or one that dropped the
+//! node while it was silent. The node then registers its segment again, whole
+//! and empty (that master holds no objects in it), and heartbeats on. With a
+//! `master_client` that follows the leader, the node reaches a new master
+//! without being recreated.
+//!
 //! \code
 //! auto arena = kvx::memory::mapped_arena::create(1 << 30);
 //! kvx::store::store_node node(engine, master, {.name = "node-0", .segment = "node-0/pool"});
@@ -58,6 +65,8 @@ class store_node {
 
   [[nodiscard]] const node_options& options() const noexcept { return options_; }
   [[nodiscard]] std::size_t replications_done() const noexcept { return state_->replications; }
+  //! Times the node registered again with a master that did not know it.
+  [[nodiscard]] std::size_t reregistrations() const noexcept { return state_->registrations; }
 
   //! Registers `region` with the engine and the master, then heartbeats
   //! until `stop()`. Completion: `void(std::error_code)` once registered.
@@ -85,22 +94,29 @@ class store_node {
     asio::steady_timer timer;
     bool running = false;
     std::size_t replications = 0;
+    std::size_t registrations = 0;
   };
 
   asio::awaitable<std::error_code> start(memory::memory_region region) {
     auto [rec, desc] = co_await engine_.async_register_memory(region, options_.segment, asio::as_tuple(asio::use_awaitable));
     if (rec) co_return rec;
-    auto [mec, r] = co_await master_->async_call(protocol::make_request("register_segment", "node", options_.name, "segment", options_.segment, "capacity", region.length, "tier", options_.tier),
-                                                 asio::as_tuple(asio::use_awaitable));
-    if (mec) {
-      log(log_level::warn, "store node '", options_.name, "': registering with the master: ", mec.message(), " ",
-          r.value("message", std::string()));
-      co_return mec;
-    }
+    capacity_ = region.length;
+    if (auto mec = co_await register_segment(nullptr); mec) co_return mec;
     base_ = region.data();
     state_->running = true;
     asio::co_spawn(engine_.get_executor(), heartbeat_loop(state_), asio::detached);
     co_return std::error_code{};
+  }
+
+  // `st`: the heartbeat loop's (the node may be gone when it is not running); null from start.
+  asio::awaitable<std::error_code> register_segment(std::shared_ptr<shared> st) {
+    auto [ec, r] = co_await master_->async_call(protocol::make_request("register_segment", "node", options_.name, "segment", options_.segment, "capacity", capacity_, "tier", options_.tier),
+                                                asio::as_tuple(asio::use_awaitable));
+    if (st && !st->running) co_return ec;
+    if (ec)
+      log(log_level::warn, "store node '", options_.name, "': registering with the master: ", ec.message(), " ",
+          r.value("message", std::string()));
+    co_return ec;
   }
 
   asio::awaitable<void> heartbeat_loop(std::shared_ptr<shared> st) {
@@ -108,7 +124,12 @@ class store_node {
       auto [ec, r] = co_await master_->async_call(protocol::make_request("heartbeat", "node", options_.name),
                                                   kvx::cancel_after(options_.heartbeat * 4, asio::as_tuple(asio::use_awaitable)));
       if (!st->running) co_return;
-      if (ec) {
+      if (ec == errc::not_found) {
+        log(log_level::info, "store node '", options_.name, "': the master does not know this node; registering again");
+        auto rec = co_await register_segment(st);
+        if (!st->running) co_return;
+        if (!rec || rec == errc::already_exists) ++st->registrations;
+      } else if (ec) {
         log(log_level::warn, "store node '", options_.name, "': heartbeat: ", ec.message());
       } else {
         for (const auto& task : r.value("tasks", protocol::json::array())) co_await replicate(task, st);
@@ -144,6 +165,7 @@ class store_node {
   node_options options_;
   std::shared_ptr<shared> state_;
   std::byte* base_ = nullptr;
+  std::uint64_t capacity_ = 0;
 };
 
 }  // namespace kvx::store
