@@ -13,6 +13,7 @@ namespace kc = kvx::cache;
 static_assert(kc::tier<kc::dram_tier<>>);
 static_assert(kc::tier<kc::dram_tier<kvx::memory::slab_allocator>>);
 static_assert(kc::is_host_accessible_v<kc::dram_tier<>>);
+static_assert(kc::has_placement_v<kc::dram_tier<>>);
 
 namespace {
 kc::dram_tier_config dram_cfg(std::uint64_t cap) {
@@ -117,4 +118,39 @@ TEST(DramTier, SlabAllocatorCarvesTheArenaInSizeClasses) {
   ASSERT_TRUE(t.load({3, 3}, out));
   EXPECT_EQ(out, a);
   EXPECT_EQ(t.used_bytes(), 8192U);
+}
+
+TEST(DramTier, PlacementsAreTheCallersAndShareTheArena) {
+  kc::dram_tier<> t(dram_cfg(64 * 1024));
+  auto a = t.place(5000);
+  ASSERT_TRUE(a);
+  EXPECT_EQ(a->size, t.footprint(5000));
+  auto bytes = pattern(5000, 4);
+  ASSERT_TRUE(t.write_at(*a, bytes));
+  std::vector<std::byte> out(5000);
+  auto n = t.read_at(*a, out);
+  ASSERT_TRUE(n);
+  EXPECT_EQ(*n, 5000U);
+  EXPECT_EQ(out, bytes);
+  EXPECT_EQ(0, std::memcmp(t.base() + a->offset, bytes.data(), bytes.size()));
+  EXPECT_EQ(t.used_bytes(), a->size);  // counted by the arena
+  EXPECT_EQ(t.blocks(), 0U);            // but in no key index
+  // Keyed blocks take other ranges of the same arena.
+  ASSERT_TRUE(t.store({0, 1}, pattern(100, 5)));
+  EXPECT_NE(t.locate({0, 1})->offset, a->offset);
+  t.unplace(*a);
+  EXPECT_EQ(t.used_bytes(), t.footprint(100));
+}
+
+TEST(DramTier, PlacementRefusesEmptyOversizedAndOverrunningCopies) {
+  kc::dram_tier<> t(dram_cfg(64 * 1024));
+  EXPECT_FALSE(t.place(0));
+  EXPECT_FALSE(t.place(64 * 1024 + 1));
+  auto a = t.place(64);
+  ASSERT_TRUE(a);
+  std::vector<std::byte> big(a->size + 1);
+  EXPECT_EQ(t.write_at(*a, big).code(), kvx::errc::out_of_range);
+  EXPECT_EQ(t.read_at(*a, big).code(), kvx::errc::out_of_range);
+  t.unplace(*a);
+  EXPECT_EQ(t.used_bytes(), 0U);
 }

@@ -3,8 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <list>
+#include <map>
+#include <mutex>
 #include <random>
 #include <thread>
 #include <unordered_map>
@@ -83,6 +86,79 @@ std::vector<std::byte> payload(std::uint64_t id) {
   return v;
 }
 kc::block_key key(std::uint64_t i) { return {0xABC, i}; }
+
+// A key-indexed tier whose stores wait at a gate while it is closed, so a
+// test can hold a demotion in the middle of its copy.
+class gated_tier {
+ public:
+  using tier_concept = kc::tier_tag;
+  static constexpr bool host_accessible = true;
+  explicit gated_tier(std::uint64_t capacity) : capacity_(capacity) {}
+
+  std::string_view name() const { return "gated"; }
+  std::uint64_t capacity() const { return capacity_; }
+  std::uint64_t used_bytes() const {
+    std::lock_guard lock(mu_);
+    std::uint64_t n = 0;
+    for (const auto& [k, v] : blocks_) n += v.size();
+    return n;
+  }
+  kc::watermarks marks() const { return {1.0, 1.0}; }
+  kvx::result<void> store(const kc::block_key& k, std::span<const std::byte> in) {
+    std::unique_lock lock(mu_);
+    ++stores_entered_;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return open_; });
+    if (!blocks_.emplace(k, std::vector<std::byte>(in.begin(), in.end())).second)
+      return kvx::error{kvx::errc::already_exists, "gated"};
+    return {};
+  }
+  kvx::result<std::size_t> load(const kc::block_key& k, std::span<std::byte> out) {
+    std::lock_guard lock(mu_);
+    auto it = blocks_.find(k);
+    if (it == blocks_.end()) return kvx::error{kvx::errc::not_found, "gated"};
+    if (out.size() < it->second.size()) return kvx::error{kvx::errc::out_of_range, "gated"};
+    std::memcpy(out.data(), it->second.data(), it->second.size());
+    return it->second.size();
+  }
+  bool erase(const kc::block_key& k) {
+    std::lock_guard lock(mu_);
+    return blocks_.erase(k) != 0;
+  }
+  bool contains(const kc::block_key& k) const {
+    std::lock_guard lock(mu_);
+    return blocks_.contains(k);
+  }
+  std::optional<std::uint64_t> size_of(const kc::block_key& k) const {
+    std::lock_guard lock(mu_);
+    auto it = blocks_.find(k);
+    return it == blocks_.end() ? std::nullopt : std::optional<std::uint64_t>(it->second.size());
+  }
+
+  void close() {
+    std::lock_guard lock(mu_);
+    open_ = false;
+  }
+  void open() {
+    std::lock_guard lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  // Blocks until `n` stores have reached the gate.
+  void wait_for_stores(int n) {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return stores_entered_ >= n; });
+  }
+
+ private:
+  std::uint64_t capacity_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = true;
+  int stores_entered_ = 0;
+  std::map<kc::block_key, std::vector<std::byte>> blocks_;
+};
+static_assert(kc::check_tier<gated_tier>());
 
 using dram_cache = kc::tiered_cache<kc::tier_stack<kc::dram_tier<>>, test_lru>;
 using two_tier = kc::tiered_cache<kc::tier_stack<kc::dram_tier<>, kc::file_tier<>>, test_lru, kc::tiering::write_back>;
@@ -281,9 +357,8 @@ TEST(TieredCache, RejectsBlockLargerThanTierAndZeroBlockBytes) {
 // Many readers and writers over a small two-tier cache: every read returns
 // exactly the bytes inserted under that key, pins hold, nothing crashes.
 // Run under TSan to check the locking.
-TEST(TieredCache, ConcurrentReadersAndWritersStayConsistent) {
-  kvx::metrics::registry reg;
-  two_tier c(cache_cfg(reg), dram(16, 0.9, 0.7), file(48));
+template <class Cache>
+void hammer_with_readers_and_writers(Cache& c) {
   std::atomic<bool> bad{false};
   std::atomic<int> reads{0};
   std::vector<std::thread> ths;
@@ -323,6 +398,80 @@ TEST(TieredCache, ConcurrentReadersAndWritersStayConsistent) {
   EXPECT_GT(reads.load(), 0);
   EXPECT_LE(c.stats(0).used_bytes, 16 * block);
   EXPECT_LE(c.stats(1).used_bytes, 48 * block);
+  EXPECT_GT(c.stats(1).demotions, 0U);
+  // Every block the index holds reads back whole from where it says.
+  std::vector<std::byte> out(block);
+  for (std::uint64_t id = 0; id < 99; ++id)
+    if (auto r = c.read(key(id), out)) {
+      EXPECT_EQ(out, payload(id)) << id;
+    }
+}
+
+TEST(TieredCache, ConcurrentReadersAndWritersStayConsistent) {
+  kvx::metrics::registry reg;
+  two_tier c(cache_cfg(reg), dram(16, 0.9, 0.7), file(48));
+  hammer_with_readers_and_writers(c);
+}
+
+// Both tiers take placements: demotions copy arena to arena outside the lock.
+TEST(TieredCache, ConcurrentReadersAndWritersAcrossTwoDramTiers) {
+  kvx::metrics::registry reg;
+  kc::tiered_cache<kc::tier_stack<kc::dram_tier<>, kc::dram_tier<>>, test_lru, kc::tiering::write_back> c(
+      cache_cfg(reg), dram(16, 0.9, 0.7), dram(48));
+  hammer_with_readers_and_writers(c);
+}
+
+TEST(TieredCache, LookupsAndReadsDuringASlowDemotionAreNotBlockedByIt) {
+  kvx::metrics::registry reg;
+  kc::tiered_cache<kc::tier_stack<kc::dram_tier<>, gated_tier>, test_lru, kc::tiering::write_back> c(
+      cache_cfg(reg), dram(3, 0.7, 0.7), 8 * block);  // room for 2 blocks, space for a third while one leaves
+  auto& gate = c.tiers().get<1>();
+  ASSERT_TRUE(c.insert(key(0), payload(0)));
+  ASSERT_TRUE(c.insert(key(1), payload(1)));
+  gate.close();
+  // Inserting key 2 evicts key 0, whose copy into the gated tier then waits.
+  std::thread writer([&] { EXPECT_TRUE(c.insert(key(2), payload(2))); });
+  gate.wait_for_stores(1);
+  // The copy is stuck; the cache must still answer (this test hangs if not).
+  const std::vector<kc::block_key> keys{key(0), key(1)};
+  auto m = c.lookup(keys);
+  EXPECT_EQ(m.blocks, 2U);
+  EXPECT_EQ(m.tiers, (std::vector<std::uint8_t>{0, 0}));  // key 0 is found where it was
+  std::vector<std::byte> out(block);
+  auto r = c.read(key(0), out);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->tier, 0U);
+  EXPECT_EQ(out, payload(0));
+  EXPECT_EQ(c.erase(key(0)).code(), kvx::errc::busy);                      // neither erased
+  EXPECT_EQ(c.insert(key(0), payload(9)).value(), kc::insert_status::already_cached);  // nor replaced
+  auto pinned = c.pin(key(0));  // a reader still holding it when the move ends
+  ASSERT_TRUE(pinned);
+  EXPECT_EQ(c.stats(0).used_bytes, 2 * block);  // key 0 left tier 0's account, key 2 entered it
+  gate.open();
+  writer.join();
+  EXPECT_EQ(c.stats(1).demotions, 1U);
+  EXPECT_EQ(c.residency(key(0)), 0b11);  // its DRAM copy outlives the move while pinned
+  pinned->reset();
+  EXPECT_EQ(c.residency(key(0)), 0b10);
+  EXPECT_EQ(c.tiers().get<0>().used_bytes(), 2 * block);  // the range it left is free again
+  for (std::uint64_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(c.read(key(i), out));
+    EXPECT_EQ(out, payload(i)) << i;
+  }
+}
+
+TEST(TieredCache, LocateGivesTheBlockInTheDramArena) {
+  kvx::metrics::registry reg;
+  dram_cache c(cache_cfg(reg), dram(4));
+  ASSERT_TRUE(c.insert(key(0), payload(0)));
+  auto pin = c.pin(key(0));
+  ASSERT_TRUE(pin);
+  auto where = c.locate(key(0), 0);
+  ASSERT_TRUE(where);
+  EXPECT_EQ(where->size, block);
+  EXPECT_EQ(std::memcmp(c.tiers().get<0>().base() + where->offset, payload(0).data(), block), 0);
+  EXPECT_FALSE(c.locate(key(1), 0));  // not cached
+  EXPECT_FALSE(c.locate(key(0), 3));  // no such tier
 }
 
 TEST(TieredCache, AccountsForAllocationRoundingOfTheTier) {
@@ -358,4 +507,62 @@ TEST(TieredCache, LibraryLruEvictsLikeTheReferenceLru) {
   ASSERT_TRUE(c.insert(key(3), payload(3)));
   EXPECT_TRUE(c.contains(key(0)));
   EXPECT_FALSE(c.contains(key(1)));
+}
+
+TEST(TieredCache, ReadManyReportsEveryKeyOnceWithItsBytesOrItsError) {
+  kvx::metrics::registry reg;
+  two_tier c(cache_cfg(reg), dram(2), file(8));
+  for (std::uint64_t i = 0; i < 5; ++i) ASSERT_TRUE(c.insert(key(i), payload(i)));
+  ASSERT_EQ(c.tier_of(key(0)), 1U);  // 0..2 demoted to the file tier, 3 and 4 in DRAM
+  ASSERT_EQ(c.tier_of(key(4)), 0U);
+  const std::vector<kc::block_key> keys{key(4), key(0), key(99), key(3), key(1), key(2)};
+  std::vector<std::vector<std::byte>> bufs(keys.size(), std::vector<std::byte>(block));
+  bufs[4].resize(block - 1);  // too short for key 1
+  std::vector<std::span<std::byte>> outs(bufs.begin(), bufs.end());
+  std::vector<std::pair<std::size_t, std::error_code>> seen;
+  c.read_many(keys, outs, [&](std::size_t i, std::error_code ec) { seen.emplace_back(i, ec); });
+  // Errors first, then tier 0's blocks, then tier 1's, each key once.
+  const std::vector<std::pair<std::size_t, std::error_code>> expected{
+      {2, make_error_code(kvx::errc::not_found)}, {4, make_error_code(kvx::errc::out_of_range)},
+      {0, {}}, {3, {}}, {1, {}}, {5, {}}};
+  EXPECT_EQ(seen, expected);
+  for (std::size_t i : {0, 1, 3, 5}) EXPECT_EQ(bufs[i], payload(keys[i].lo)) << i;
+  EXPECT_EQ(c.tier_of(key(0)), 1U);  // nothing promoted
+  EXPECT_EQ(c.stats(1).promotions, 0U);
+  EXPECT_EQ(c.stats(0).hits + c.stats(1).hits, 0U);  // and no access recorded
+}
+
+// Blocks 0..3 in a two-tier cache (0 and 1 demoted to the file tier), and
+// buffers to read back keys 3, 0 and 1.
+struct read_many_setup {
+  kvx::metrics::registry reg;
+  two_tier c{cache_cfg(reg), dram(2), file(8)};
+  std::vector<kc::block_key> keys{key(3), key(0), key(1)};
+  std::vector<std::vector<std::byte>> bufs = std::vector<std::vector<std::byte>>(3, std::vector<std::byte>(block));
+  std::vector<std::span<std::byte>> outs{bufs.begin(), bufs.end()};
+  read_many_setup() {
+    for (std::uint64_t i = 0; i < 4; ++i) EXPECT_TRUE(c.insert(key(i), payload(i)));
+  }
+};
+
+TEST(TieredCache, ReadManyKeepsEachBlockPinnedUntilItIsReported) {
+  read_many_setup f;
+  auto& c = f.c;
+  std::vector<std::error_code> erase_during;
+  c.read_many(f.keys, f.outs, [&](std::size_t i, std::error_code ec) {
+    EXPECT_FALSE(ec) << i;
+    // While block 3 is reported, 0 and 1 wait their turn: pinned, not erasable.
+    if (i == 0) erase_during.push_back(c.erase(key(0)).code());
+  });
+  ASSERT_EQ(erase_during.size(), 1U);
+  EXPECT_EQ(erase_during[0], kvx::errc::busy);
+  EXPECT_TRUE(c.erase(key(0)));  // unpinned once reported
+  EXPECT_TRUE(c.erase(key(3)));
+}
+
+TEST(TieredCache, ReadManyUnpinsWhatIsLeftWhenACallbackThrows) {
+  read_many_setup f;
+  EXPECT_THROW(f.c.read_many(f.keys, f.outs, [](std::size_t, std::error_code) { throw std::runtime_error("stop"); }),
+               std::runtime_error);
+  for (const auto& k : f.keys) EXPECT_TRUE(f.c.erase(k)) << k.to_string();
 }

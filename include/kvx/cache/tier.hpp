@@ -36,6 +36,22 @@
 //! reads in flight together and calls `on_block(i, std::error_code)` as each
 //! one lands (`kvx::cache::load_many` falls back to a loop of `load`).
 //!
+//! Optional, placement: a tier that lets its caller keep where each block
+//! lies, so that a cache that already has an index entry per block needs no
+//! second hash map inside the tier (the DRAM tier has them). `a` is a
+//! `memory::allocation`:
+//!
+//! | expression | type | semantics |
+//! | --- | --- | --- |
+//! | `t.place(n)` | `std::optional<memory::allocation>` | room for a block of `n` bytes, or `std::nullopt` if none |
+//! | `t.write_at(a, in)` | `result<void>` | copies `in` into `a` (no lock held during the copy) |
+//! | `t.read_at(a, out)` | `result<std::size_t>` | copies the first `out.size()` bytes of `a` into `out` |
+//! | `t.unplace(a)` | `void` | returns `a` |
+//!
+//! A block stored this way is the caller's: `contains`, `load`, `erase` and
+//! `size_of` by key do not see it (`used_bytes` does). The caller must not
+//! `unplace` a range while a copy into or out of it is in flight.
+//!
 //! Thread safety: every member is safe to call concurrently; calls on
 //! distinct keys copy bytes in parallel (a tier locks only its index and
 //! allocator, never around the copy). The caller must not `erase` or
@@ -74,6 +90,7 @@
 
 #include <kvx/cache/block_key.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/memory/allocator.hpp>
 
 namespace kvx::cache {
 
@@ -135,6 +152,14 @@ concept has_footprint = requires(const T& t, std::uint64_t n) {
   { t.footprint(n) } -> std::convertible_to<std::uint64_t>;
 };
 template <class T>
+concept has_placement = requires(T& t, const T& ct, std::uint64_t n, const memory::allocation& a,
+                                 std::span<const std::byte> in, std::span<std::byte> out) {
+  { t.place(n) } -> std::same_as<std::optional<memory::allocation>>;
+  { t.write_at(a, in) } -> std::same_as<result<void>>;
+  { ct.read_at(a, out) } -> std::same_as<result<std::size_t>>;
+  t.unplace(a);
+};
+template <class T>
 concept has_load_many = requires(T& t, std::span<const block_key> keys, std::span<const std::span<std::byte>> outs,
                                  on_block_archetype f) { t.load_many(keys, outs, f); };
 }  // namespace detail
@@ -159,6 +184,11 @@ constexpr bool check_tier() {
                 "std::optional<std::uint64_t> (const)");
   return tier<T>;
 }
+
+//! Whether tier `T` lets its caller keep block placements (see the table
+//! above); `tiered_cache` then indexes such a tier's blocks itself.
+template <class T>
+inline constexpr bool has_placement_v = detail::has_placement<T>;
 
 //! Whether tier `T` keeps its bytes in host-addressable memory.
 template <tier T>

@@ -36,19 +36,30 @@
 //!
 //! ## Thread safety and locking
 //! Every member may be called from any number of threads. One mutex guards
-//! the index (key to entry: resident tiers, pins, size, parent), the policies
-//! and the per-tier byte accounting; it is held for O(1) hash-map work and
-//! policy updates (well under a microsecond per block, see
-//! benchmarks/tiered_cache_micro.cpp), never across the copy of a block that
-//! is inserted or read: the writer reserves room and marks the entry
-//! `writing`, copies outside the lock, then publishes; a reader pins, copies
-//! outside the lock, then unpins. Evicting with demotion copies the victim
-//! into the lower tier under the lock (it must not be read half-moved), so
-//! writers that trigger demotions to a file tier serialize behind that I/O.
-//! Pins, `writing` marks and the tier's own per-key contract (tier.hpp) make
-//! sure no byte range is freed or reused while a copy uses it.
+//! the index (key to entry: resident tiers, pins, size, parent, and the
+//! block's range in each tier that takes placements), the policies and the
+//! per-tier byte accounting; it is held for hash-map work and policy updates
+//! (well under a microsecond per block, see benchmarks/tiered_cache_micro.cpp),
+//! never across a copy of block bytes:
+//! - an insert reserves room (evicting) and marks the entry `writing`, copies
+//!   outside the lock, then publishes;
+//! - a read pins, copies outside the lock, then unpins;
+//! - an eviction that demotes marks the victim as leaving its tier (it stays
+//!   readable there, counts against the tier below, and is neither evicted,
+//!   erased nor re-inserted meanwhile); the thread that caused the eviction
+//!   copies it down after releasing the lock, then, under the lock, makes the
+//!   lower copy resident and frees the old one (or, if a reader pinned it
+//!   meanwhile, the last unpin frees it). A reader or a lookup during the
+//!   move finds the block in its old tier and is never blocked by the copy.
+//! Pins, `writing` and `leaving` marks and the tier's own per-key contract
+//! (tier.hpp) make sure no byte range is freed or reused while a copy uses it.
+//!
+//! The index is one flat hash map with one entry per block. A tier that takes
+//! placements (`has_placement_v`, the DRAM tier) keeps no index of its own
+//! under the cache: the entry holds the block's range in it.
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -62,11 +73,11 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include <kvx/cache/block_key.hpp>
+#include <kvx/cache/detail/flat_key_map.hpp>
 #include <kvx/cache/eviction/eviction_auto.hpp>
 #include <kvx/cache/eviction_policy.hpp>
 #include <kvx/cache/tier.hpp>
@@ -75,6 +86,7 @@
 #include <kvx/cache/tiers/tier_stack.hpp>
 #include <kvx/core/metrics.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/memory/allocator.hpp>
 
 namespace kvx::cache {
 
@@ -118,6 +130,30 @@ namespace detail {
 template <class S>
 concept tier_stack_like = requires(S& s, const S& cs) {
   { cs.count() } -> std::convertible_to<std::size_t>;
+};
+
+// Which tiers of a stack take placements, and each one's slot in an entry's
+// array of ranges (-1: none). A run-time tier list has none.
+template <class Tiers>
+struct placement_layout {
+  static constexpr std::size_t count = 0;
+  static constexpr std::array<std::int8_t, max_tiers> slot = [] {
+    std::array<std::int8_t, max_tiers> a{};
+    a.fill(-1);
+    return a;
+  }();
+};
+template <class... Ts>
+struct placement_layout<tier_stack<Ts...>> {
+  static constexpr std::size_t count = (std::size_t{has_placement_v<Ts>} + ... + 0);
+  static constexpr std::array<std::int8_t, max_tiers> slot = [] {
+    std::array<std::int8_t, max_tiers> a{};
+    a.fill(-1);
+    std::int8_t next = 0;
+    std::size_t i = 0;
+    ((a[i++] = has_placement_v<Ts> ? next++ : std::int8_t{-1}), ...);
+    return a;
+  }();
 };
 
 // Aligned scratch for demotions: page-aligned so an O_DIRECT file tier
@@ -250,8 +286,9 @@ class tiered_cache {
       const std::size_t t = fastest(e.resident);
       if (i < tiers_out.size()) tiers_out[i] = static_cast<std::uint8_t>(t);
       const access_context ctx = context(e);
+      const std::uint8_t tracked = e.resident & static_cast<std::uint8_t>(~e.leaving);
       for (std::size_t u = 0; u < state_.size(); ++u)
-        if (e.resident & bit(u)) policies_[u].on_hit(keys[i], ctx);
+        if (tracked & bit(u)) policies_[u].on_hit(keys[i], ctx);
       state_[t].hits->add();
     }
     if (i < keys.size()) misses_->add(keys.size() - i);
@@ -286,6 +323,24 @@ class tiered_cache {
     auto it = index_.find(k);
     return it == index_.end() ? 0 : it->second.resident;
   }
+  //! Where `k` lies in tier `t` (offset and block size), for zero-copy access:
+  //! the cache's own record for a tier that takes placements, else the tier's
+  //! `locate(k)` if it has one. Valid while the block stays in `t`: hold a pin.
+  [[nodiscard]] std::optional<memory::allocation> locate(const block_key& k, std::size_t t) const {
+    {
+      std::lock_guard lock(mu_);
+      auto it = index_.find(k);
+      if (t >= state_.size() || it == index_.end() || !(it->second.resident & bit(t))) return std::nullopt;
+      if (const int s = layout::slot[t]; s >= 0)
+        return memory::allocation{it->second.where[static_cast<std::size_t>(s)].offset, it->second.bytes};
+    }
+    return tiers_.visit(t, [&](const auto& tier) -> std::optional<memory::allocation> {
+      if constexpr (requires { { tier.locate(k) } -> std::same_as<std::optional<memory::allocation>>; })
+        return tier.locate(k);
+      else
+        return std::nullopt;
+    });
+  }
 
   // --- insert ----------------------------------------------------------------
 
@@ -294,8 +349,10 @@ class tiered_cache {
                                std::optional<block_key> parent = std::nullopt) {
     if (bytes.empty()) return error{errc::invalid_argument, ctx_msg("insert of an empty block", k)};
     std::uint8_t targets = 0;
+    placements where{};
+    std::vector<move> moves;  // demotions this insert's evictions started
     {
-      std::lock_guard lock(mu_);
+      std::unique_lock lock(mu_);
       if (auto it = index_.find(k); it != index_.end() && (it->second.resident | it->second.writing) != 0)
         return insert_status::already_cached;
       tier_state& s0 = state_[0];
@@ -305,23 +362,32 @@ class tiered_cache {
         rejections_->add();
         return insert_status::rejected;
       }
-      if (auto room = make_room(0, bytes.size()); !room) return room.error();
+      if (auto room = make_room(0, bytes.size(), moves); !room) {
+        flush_spares();
+        lock.unlock();
+        run_moves(moves);
+        return room.error();
+      }
       targets = bit(0);
       if (tiering_.writes_through())
         for (std::size_t t = 1; t < state_.size(); ++t)
-          if (make_room(t, bytes.size())) targets |= bit(t);
+          if (make_room(t, bytes.size(), moves)) targets |= bit(t);
       entry& e = index_[k];
       e.bytes = bytes.size();
       e.has_parent = parent.has_value();
       if (parent) e.parent = *parent;
-      reserve(e, k, targets);
+      reserve(e, targets);
+      for (std::size_t t = 0; t < state_.size(); ++t)
+        if ((targets & bit(t)) && layout::slot[t] >= 0 && try_place(t, e)) where[slot(t)] = e.where[slot(t)];
+      flush_spares();
     }
+    run_moves(moves);  // outside the lock, before the copies that need their room
     // Copies outside the lock; the `writing` mark keeps the entry alive.
     std::uint8_t stored = 0;
     result<void> top;  // tier 0's outcome decides the insert's
     for (std::size_t t = 0; t < state_.size(); ++t) {
       if (!(targets & bit(t))) continue;
-      auto r = store_into(t, k, bytes);
+      auto r = store_into(t, k, bytes, layout::slot[t] >= 0 ? where[slot(t)] : memory::allocation{});
       if (r) stored |= bit(t);
       if (t == 0) top = std::move(r);
     }
@@ -335,6 +401,7 @@ class tiered_cache {
         e.resident |= bit(t);
         policies_[t].on_insert(k, context(e));
       } else {
+        unplace(t, e);
         release(t, e.bytes);
       }
     }
@@ -352,6 +419,7 @@ class tiered_cache {
   result<read_result> read(const block_key& k, std::span<std::byte> out) {
     std::size_t t = 0;
     std::uint64_t size = 0;
+    memory::allocation at{};
     {
       std::lock_guard lock(mu_);
       auto it = index_.find(k);
@@ -362,32 +430,131 @@ class tiered_cache {
                                                      " bytes, block has " + std::to_string(e.bytes), k)};
       t = fastest(e.resident);
       size = e.bytes;
+      if (layout::slot[t] >= 0) at = e.where[slot(t)];
       ++e.pins;
     }
-    auto r = tiers_.visit(t, [&](auto& tier) { return tier.load(k, out); });
+    auto r = load_from(t, k, at, out.first(static_cast<std::size_t>(size)));
     read_result res{static_cast<std::size_t>(size), t, false};
     bool promote = false;
+    memory::allocation placed{};
+    std::vector<move> moves;
     {
       std::lock_guard lock(mu_);
-      entry& e = index_.find(k)->second;
-      if (r && t > 0 && !(e.resident & bit(0)) && !(e.writing & bit(0)) && tiering_.promote_on_hit(t) &&
-          make_room(0, e.bytes)) {
-        reserve(e, k, bit(0));
+      entry* e = &index_.find(k)->second;
+      if (r && t > 0 && !(e->resident & bit(0)) && !(e->writing & bit(0)) && tiering_.promote_on_hit(t) &&
+          make_room(0, e->bytes, moves)) {
+        e = &index_.find(k)->second;
+        reserve(*e, bit(0));
+        if (layout::slot[0] >= 0 && try_place(0, *e)) placed = e->where[slot(0)];
         promote = true;
       }
+      flush_spares();
       if (!promote) unpin_locked(k);
     }
+    run_moves(moves);
     if (!r) {
       if (promote) finish_promotion(k, false);
       return error{r.code(), ctx_msg("read from tier " + std::to_string(t) + ": " + r.error().context(), k)};
     }
     if (promote) {
-      const bool ok = static_cast<bool>(store_into(0, k, out.first(static_cast<std::size_t>(size))));
+      const bool ok = static_cast<bool>(store_into(0, k, out.first(static_cast<std::size_t>(size)), placed));
       finish_promotion(k, ok);
       if (ok) state_[t].promotions->add();
       res.promoted = ok;
     }
     return res;
+  }
+
+  //! Copies the blocks `keys[i]` into `outs[i]`, calling `on_block(i, ec)`
+  //! once per key as its bytes land (`ec` empty on success): `errc::not_found`
+  //! for a key not cached, `errc::out_of_range` for a missing or short buffer,
+  //! the tier's error for a failed read; one block's error does not stop the
+  //! others. Errors found up front are reported first, then tier 0's blocks,
+  //! then tier 1's, and so on. A tier with a pipelined `load_many` (the
+  //! io_uring file tier) gets all its blocks at once and keeps reads in
+  //! flight together, reporting each as it lands, so the first block is
+  //! usable long before the last; other tiers are read block after block.
+  //! Every block is pinned from the call until its own `on_block` returns.
+  //! Records no access and promotes nothing (`lookup` records, `read`
+  //! promotes). Returns once every key has been reported. `on_block` should
+  //! not throw: if it does, the blocks not yet reported are unpinned and the
+  //! exception propagates, but a tier that reads ahead (io_uring) may still
+  //! have reads in flight into their buffers.
+  template <class OnBlock>
+  void read_many(std::span<const block_key> keys, std::span<const std::span<std::byte>> outs, OnBlock&& on_block) {
+    struct planned {
+      std::size_t index;
+      std::size_t tier;
+      memory::allocation at;
+      std::size_t bytes;
+    };
+    std::vector<planned> plan;
+    std::vector<std::pair<std::size_t, std::error_code>> refused;
+    plan.reserve(keys.size());
+    {
+      std::lock_guard lock(mu_);
+      for (std::size_t i = 0; i < keys.size(); ++i) {
+        auto it = index_.find(keys[i]);
+        if (it == index_.end() || it->second.resident == 0) {
+          refused.emplace_back(i, make_error_code(errc::not_found));
+          continue;
+        }
+        entry& e = it->second;
+        if (i >= outs.size() || outs[i].size() < e.bytes) {
+          refused.emplace_back(i, make_error_code(errc::out_of_range));
+          continue;
+        }
+        const std::size_t t = fastest(e.resident);
+        ++e.pins;
+        plan.push_back({i, t, layout::slot[t] >= 0 ? e.where[slot(t)] : memory::allocation{},
+                        static_cast<std::size_t>(e.bytes)});
+      }
+    }
+    // Unpins whatever was not reported if a callback throws.
+    std::vector<bool> reported(plan.size(), false);
+    struct unpin_rest {
+      tiered_cache& c;
+      std::span<const block_key> keys;
+      const std::vector<planned>& plan;
+      const std::vector<bool>& reported;
+      ~unpin_rest() {
+        for (std::size_t j = 0; j < plan.size(); ++j)
+          if (!reported[j]) c.unpin(keys[plan[j].index]);
+      }
+    } guard{*this, keys, plan, reported};
+    auto report = [&](std::size_t j, std::error_code ec) {
+      on_block(plan[j].index, ec);
+      reported[j] = true;
+      unpin(keys[plan[j].index]);
+    };
+    for (const auto& [i, ec] : refused) on_block(i, ec);
+    std::vector<std::size_t> picked;  // indexes into plan, one tier at a time
+    std::vector<block_key> tier_keys;
+    std::vector<std::span<std::byte>> tier_outs;
+    for (std::size_t t = 0; t < state_.size(); ++t) {
+      picked.clear();
+      for (std::size_t j = 0; j < plan.size(); ++j)
+        if (plan[j].tier == t) picked.push_back(j);
+      if (picked.empty()) continue;
+      tiers_.visit(t, [&](auto& tier) {
+        if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
+          for (std::size_t j : picked) {
+            auto r = tier.read_at(plan[j].at, outs[plan[j].index].first(plan[j].bytes));
+            report(j, r ? std::error_code{} : r.code());
+          }
+        } else {
+          tier_keys.clear();
+          tier_outs.clear();
+          for (std::size_t j : picked) {
+            tier_keys.push_back(keys[plan[j].index]);
+            tier_outs.push_back(outs[plan[j].index]);
+          }
+          cache::load_many(tier, std::span<const block_key>(tier_keys),
+                           std::span<const std::span<std::byte>>(tier_outs),
+                           [&](std::size_t n, std::error_code ec) { report(picked[n], ec); });
+        }
+      });
+    }
   }
 
   // --- pins ------------------------------------------------------------------
@@ -416,17 +583,17 @@ class tiered_cache {
 
   // --- erase -----------------------------------------------------------------
 
-  //! Removes `k` from every tier: `errc::busy` if pinned or being written,
-  //! `errc::not_found` if not cached.
+  //! Removes `k` from every tier: `errc::busy` if pinned, being written or
+  //! being moved to a lower tier, `errc::not_found` if not cached.
   result<void> erase(const block_key& k) {
     std::lock_guard lock(mu_);
     auto it = index_.find(k);
     if (it == index_.end() || (it->second.resident | it->second.writing) == 0) return error{errc::not_found, ctx_msg("erase", k)};
     entry& e = it->second;
-    if (e.pins > 0 || e.writing != 0) return error{errc::busy, ctx_msg("erase of a pinned block", k)};
+    if (e.pins > 0 || e.writing != 0 || e.leaving != 0) return error{errc::busy, ctx_msg("erase of a pinned block", k)};
     for (std::size_t t = 0; t < state_.size(); ++t) {
       if (!(e.resident & bit(t))) continue;
-      tiers_.visit(t, [&](auto& tier) { return tier.erase(k); });
+      free_in(t, k, e);
       policies_[t].on_erase(k);
       release(t, e.bytes);
     }
@@ -457,13 +624,26 @@ class tiered_cache {
   const Tiers& tiers() const noexcept { return tiers_; }
 
  private:
+  using layout = detail::placement_layout<Tiers>;
+  using placements = std::array<memory::allocation, std::max<std::size_t>(layout::count, 1)>;
+
   struct entry {
     block_key parent{};
     std::uint64_t bytes = 0;
     std::uint32_t pins = 0;
     std::uint8_t resident = 0;  // tiers holding a complete copy
     std::uint8_t writing = 0;   // tiers being written (room reserved)
+    std::uint8_t leaving = 0;   // resident tiers it is being moved out of: readable, no longer tracked or counted there
+    std::uint8_t moves = 0;     // moves of it in flight
     bool has_parent = false;
+    placements where{};         // its range in each tier that takes placements (valid while resident or writing there)
+  };
+  // A demotion decided under the lock and copied outside it.
+  struct move {
+    block_key key;
+    std::uint64_t bytes = 0;
+    memory::allocation from_at{};  // its range in `from` (placement tiers)
+    std::uint8_t from = 0, to = 0;
   };
   struct tier_state {
     std::uint64_t capacity = 0, high = 0, low = 0;
@@ -476,6 +656,7 @@ class tiered_cache {
   };
 
   static constexpr std::uint8_t bit(std::size_t t) noexcept { return static_cast<std::uint8_t>(1U << t); }
+  static constexpr std::size_t slot(std::size_t t) noexcept { return static_cast<std::size_t>(layout::slot[t]); }
   static std::size_t fastest(std::uint8_t mask) noexcept {
     return static_cast<std::size_t>(std::countr_zero(static_cast<unsigned>(mask)));
   }
@@ -499,27 +680,106 @@ class tiered_cache {
     return "tiered_cache '" + cfg_.name + "': " + what + " (block " + k.to_string() + ")";
   }
 
-  void reserve(entry& e, const block_key&, std::uint8_t targets) {
+  void reserve(entry& e, std::uint8_t targets) {
     e.writing |= targets;
     for (std::size_t t = 0; t < state_.size(); ++t)
-      if (targets & bit(t)) {
-        state_[t].reserved += footprint_in(t, e.bytes);
-        state_[t].bytes->set(static_cast<double>(state_[t].reserved));
-      }
+      if (targets & bit(t)) add_bytes(t, e.bytes);
+  }
+  void add_bytes(std::size_t t, std::uint64_t bytes) {
+    state_[t].reserved += footprint_in(t, bytes);
+    state_[t].bytes->set(static_cast<double>(state_[t].reserved));
   }
   void release(std::size_t t, std::uint64_t bytes) {
     state_[t].reserved -= footprint_in(t, bytes);
     state_[t].bytes->set(static_cast<double>(state_[t].reserved));
   }
 
-  result<void> store_into(std::size_t t, const block_key& k, std::span<const std::byte> bytes) {
-    // The tier's allocator may be fragmented although the bytes fit the
-    // accounting: evict a few more blocks and retry before giving up.
+  // --- tier access: by placement where the tier takes it, else by key --------
+
+  // Under mu_: a range for e in placement tier t (recorded in e), if one is free.
+  bool try_place(std::size_t t, entry& e) {
+    return tiers_.visit(t, [&](auto& tier) {
+      if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
+        memory::allocation& spare = spare_[t];
+        if (spare.size >= e.bytes && spare.size <= cache::footprint(tier, e.bytes)) {
+          e.where[slot(t)] = std::exchange(spare, memory::allocation{});
+          return true;
+        }
+        auto a = tier.place(e.bytes);
+        if (a) e.where[slot(t)] = *a;
+        return a.has_value();
+      } else {
+        return false;
+      }
+    });
+  }
+  // Under mu_: gives back e's range in placement tier t, if it has one
+  // (no-op for other tiers).
+  void unplace(std::size_t t, entry& e) {
+    tiers_.visit(t, [&](auto& tier) {
+      if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
+        memory::allocation& a = e.where[slot(t)];
+        if (a.size != 0) tier.unplace(std::exchange(a, memory::allocation{}));
+      }
+    });
+  }
+  // Under mu_: gives back the ranges evictions set aside and no block took.
+  void flush_spares() {
+    for (std::size_t t = 0; t < state_.size(); ++t)
+      if (spare_[t].size != 0)
+        tiers_.visit(t, [&](auto& tier) {
+          if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>)
+            tier.unplace(std::exchange(spare_[t], memory::allocation{}));
+        });
+  }
+  // Under mu_: frees resident block k in tier t.
+  void free_in(std::size_t t, const block_key& k, entry& e) {
+    if (layout::slot[t] >= 0)
+      unplace(t, e);
+    else
+      tiers_.visit(t, [&](auto& tier) { (void)tier.erase(k); });
+  }
+  result<std::size_t> load_from(std::size_t t, const block_key& k, const memory::allocation& at, std::span<std::byte> out) {
+    return tiers_.visit(t, [&](auto& tier) -> result<std::size_t> {
+      if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>)
+        return tier.read_at(at, out);
+      else
+        return tier.load(k, out);
+    });
+  }
+
+  // Outside mu_: copies `bytes` as block k into tier t, whose room is
+  // reserved. A placement tier writes at `at` when the caller got a range
+  // under the lock (size > 0), else a range is had here, evicting if needed.
+  result<void> store_into(std::size_t t, const block_key& k, std::span<const std::byte> bytes, memory::allocation at) {
+    std::vector<move> moves;
+    // The tier's allocator may be fragmented, or blocks leaving it not yet
+    // gone, although the bytes fit the accounting: evict a few more blocks
+    // and retry before giving up.
     for (int attempt = 0;; ++attempt) {
-      auto r = tiers_.visit(t, [&](auto& tier) { return tier.store(k, bytes); });
+      auto r = tiers_.visit(t, [&](auto& tier) -> result<void> {
+        if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
+          if (at.size == 0) return error{errc::capacity_exceeded, "no free range for the block"};
+          return tier.write_at(at, bytes);
+        } else {
+          return tier.store(k, bytes);
+        }
+      });
       if (r || r.code() != make_error_code(errc::capacity_exceeded) || attempt == 8) return r;
-      std::lock_guard lock(mu_);
-      if (!evict_one(t)) return r;
+      {
+        std::lock_guard lock(mu_);
+        if (layout::slot[t] >= 0) {
+          entry& e = index_.find(k)->second;
+          if (try_place(t, e)) {
+            at = e.where[slot(t)];
+            continue;
+          }
+        }
+        const bool evicted = evict_one(t, moves);
+        flush_spares();
+        if (!evicted) return r;
+      }
+      run_moves(moves);
     }
   }
 
@@ -531,6 +791,7 @@ class tiered_cache {
       e.resident |= bit(0);
       policies_[0].on_insert(k, context(e));
     } else {
+      unplace(0, e);
       release(0, e.bytes);
     }
     unpin_locked(k);
@@ -543,12 +804,27 @@ class tiered_cache {
   void unpin_locked(const block_key& k) noexcept {
     auto it = index_.find(k);
     if (it == index_.end()) return;
-    if (--it->second.pins == 0 && (it->second.resident | it->second.writing) == 0) index_.erase(it);
+    if (--it->second.pins == 0) drop_left(it);
+  }
+
+  // Under mu_, for an entry with no pins: frees its bytes in the tiers it has
+  // been moved out of, and the entry itself if nothing is left.
+  void drop_left(typename detail::flat_key_map<entry>::iterator it) {
+    entry& e = it->second;
+    if (e.pins != 0) return;
+    if (e.leaving != 0 && e.moves == 0) {
+      for (std::size_t t = 0; t < state_.size(); ++t)
+        if (e.leaving & bit(t)) free_in(t, it->first, e);
+      e.resident &= static_cast<std::uint8_t>(~e.leaving);
+      e.leaving = 0;
+    }
+    if ((e.resident | e.writing) == 0 && e.moves == 0) index_.erase(it);
   }
 
   // Under mu_: frees room in tier t for `bytes` more, evicting down to the
-  // low watermark once the high one would be crossed.
-  result<void> make_room(std::size_t t, std::uint64_t block_bytes) {
+  // low watermark once the high one would be crossed. Demotions it starts
+  // are appended to `moves`, for the caller to run once it drops the lock.
+  result<void> make_room(std::size_t t, std::uint64_t block_bytes, std::vector<move>& moves) {
     tier_state& s = state_[t];
     const std::uint64_t bytes = footprint_in(t, block_bytes);
     if (bytes > s.capacity)
@@ -556,7 +832,7 @@ class tiered_cache {
                                                 " bytes exceeds tier " + std::to_string(t) + "'s capacity " +
                                                 std::to_string(s.capacity)};
     if (s.reserved + bytes <= s.high) return {};
-    while (s.reserved + bytes > s.low && evict_one(t)) {
+    while (s.reserved + bytes > s.low && evict_one(t, moves)) {
     }
     if (s.reserved + bytes > s.capacity)
       return error{errc::capacity_exceeded, "tiered_cache '" + cfg_.name + "': tier " + std::to_string(t) + " is full (" +
@@ -565,9 +841,10 @@ class tiered_cache {
     return {};
   }
 
-  // Under mu_: evicts one block from tier t (demoting it if the tiering
-  // policy says so); false if no block is evictable.
-  bool evict_one(std::size_t t) {
+  // Under mu_: evicts one block from tier t; false if no block is evictable.
+  // A victim the tiering policy demotes, with room below, is marked leaving
+  // and appended to `moves`; any other victim is freed at once.
+  bool evict_one(std::size_t t, std::vector<move>& moves) {
     auto victim = policies_[t].victim([&](const block_key& k) {
       auto it = index_.find(k);
       return it != index_.end() && it->second.pins == 0 && it->second.writing == 0 && (it->second.resident & bit(t));
@@ -575,44 +852,85 @@ class tiered_cache {
     if (!victim) return false;
     auto it = index_.find(*victim);
     entry& e = it->second;
-    const std::size_t down = t + 1;
-    if (down < state_.size() && !(e.resident & bit(down)) && tiering_.demote_on_evict(t)) demote(t, *victim, e);
-    tiers_.visit(t, [&](auto& tier) { return tier.erase(*victim); });
-    e.resident &= static_cast<std::uint8_t>(~bit(t));
     release(t, e.bytes);
     state_[t].evictions->add();
+    const std::size_t down = t + 1;
+    if (down < state_.size() && !(e.resident & bit(down)) && tiering_.demote_on_evict(t)) {
+      e.leaving |= bit(t);  // still readable in t; no longer evictable or counted there
+      // make_room may evict below, never this entry (not resident there), and
+      // erases only other entries, which leaves `e` valid.
+      if (make_room(down, e.bytes, moves)) {
+        reserve(e, bit(down));
+        ++e.moves;
+        moves.push_back(move{*victim, e.bytes, layout::slot[t] >= 0 ? e.where[slot(t)] : memory::allocation{},
+                             static_cast<std::uint8_t>(t), static_cast<std::uint8_t>(down)});
+        return true;
+      }
+      e.leaving &= static_cast<std::uint8_t>(~bit(t));
+    }
+    if (layout::slot[t] >= 0 && spare_[t].size == 0)
+      spare_[t] = std::exchange(e.where[slot(t)], memory::allocation{});  // for the block this eviction makes room for
+    else
+      free_in(t, *victim, e);
+    e.resident &= static_cast<std::uint8_t>(~bit(t));
     if (e.resident == 0 && e.writing == 0 && e.pins == 0) index_.erase(it);
     return true;
   }
 
-  void demote(std::size_t t, const block_key& k, entry& e) {
-    const std::size_t down = t + 1;
-    // Mark e so that eviction in the tier below cannot pick it meanwhile.
-    e.writing |= bit(t);
-    const bool room = static_cast<bool>(make_room(down, e.bytes));
-    e.writing &= static_cast<std::uint8_t>(~bit(t));
-    if (!room) return;
-    std::span<std::byte> buf = scratch_.get(static_cast<std::size_t>(e.bytes));
-    auto loaded = tiers_.visit(t, [&](auto& tier) { return tier.load(k, buf); });
-    if (!loaded) return;
-    auto stored = tiers_.visit(down, [&](auto& tier) { return tier.store(k, std::span<const std::byte>(buf)); });
-    if (!stored) return;
-    e.resident |= bit(down);
-    state_[down].reserved += footprint_in(down, e.bytes);
-    state_[down].bytes->set(static_cast<double>(state_[down].reserved));
-    policies_[down].on_insert(k, context(e));
-    state_[down].demotions->add();
+  // Outside mu_: copies each demoted block into the tier below, then under
+  // the lock makes that copy resident and frees the old one. Runs the moves
+  // in the order they were started: a move out of a lower tier, started by
+  // making room for one from above, frees the room that one lands in.
+  void run_moves(std::vector<move>& moves) {
+    for (const move& m : moves) {
+      static thread_local detail::scratch_buffer scratch;
+      std::span<std::byte> buf = scratch.get(static_cast<std::size_t>(m.bytes));
+      memory::allocation to_at{};
+      bool ok = static_cast<bool>(load_from(m.from, m.key, m.from_at, buf));
+      if (ok)
+        ok = tiers_.visit(m.to, [&](auto& tier) -> bool {
+          if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
+            auto a = tier.place(m.bytes);
+            if (!a) return false;
+            to_at = *a;
+            if (tier.write_at(to_at, std::span<const std::byte>(buf))) return true;
+            tier.unplace(to_at);
+            return false;
+          } else {
+            return static_cast<bool>(tier.store(m.key, std::span<const std::byte>(buf)));
+          }
+        });
+      std::lock_guard lock(mu_);
+      auto it = index_.find(m.key);
+      entry& e = it->second;
+      e.writing &= static_cast<std::uint8_t>(~bit(m.to));
+      --e.moves;
+      if (ok) {
+        e.resident |= bit(m.to);
+        if (layout::slot[m.to] >= 0) e.where[slot(m.to)] = to_at;
+        policies_[m.to].on_insert(m.key, context(e));
+        state_[m.to].demotions->add();
+      } else {
+        release(m.to, e.bytes);
+      }
+      drop_left(it);  // or, if a reader pinned it meanwhile, its last unpin
+    }
+    moves.clear();
   }
 
   tiered_cache_config cfg_;
   Tiering tiering_;
   Tiers tiers_;
   mutable std::mutex mu_;
-  std::unordered_map<block_key, entry, block_key_hash> index_;
+  detail::flat_key_map<entry> index_;
   std::vector<tier_state> state_;
   std::vector<Eviction> policies_;
   std::uint64_t clock_ = 0;
-  detail::scratch_buffer scratch_;
+  // Under mu_, within one locked section: a range an eviction freed in each
+  // placement tier, kept for the block the eviction made room for, so a full
+  // tier recycles it without two trips through its allocator. Whatever no
+  // block took goes back before the lock is released (flush_spares).
+  std::array<memory::allocation, max_tiers> spare_{};
   metrics::counter* misses_ = nullptr;
   metrics::counter* rejections_ = nullptr;
 };

@@ -7,6 +7,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cache/uring/skip_without_uring.hpp"
+
 namespace kc = kvx::cache;
 
 static_assert(kc::tier<kc::uring_file_tier<>>);
@@ -25,12 +27,6 @@ std::vector<std::byte> pattern(std::size_t n, unsigned seed) {
   return v;
 }
 }  // namespace
-
-#define KVX_SKIP_WITHOUT_URING()                                                                     \
-  do {                                                                                               \
-    if (auto ec = kc::uring_file_tier<>::probe())                                                    \
-      GTEST_SKIP() << "io_uring unavailable here: io_uring_queue_init failed: " << ec.message(); \
-  } while (false)
 
 TEST(UringFileTier, LoadManyDeliversEveryBlockOnceWithItsBytes) {
   KVX_SKIP_WITHOUT_URING();

@@ -46,10 +46,10 @@
 #include <list>
 #include <memory>
 #include <optional>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include <kvx/cache/detail/flat_key_map.hpp>
 #include <kvx/cache/eviction/detail/keyed_list.hpp>
 #include <kvx/cache/eviction_policy.hpp>
 
@@ -60,42 +60,13 @@ namespace detail {
 inline constexpr std::size_t reuse_classes = 5;
 using protection = std::array<double, reuse_classes>;
 
-// A ring of recently evicted keys with their read counts. The map entry
-// carries the ring slot's sequence number so a key evicted twice is dropped
-// only when its latest slot is overwritten.
-class count_ghost {
- public:
-  explicit count_ghost(std::size_t limit) : ring_(std::max<std::size_t>(limit, 1)) {}
-
-  void add(const block_key& k, std::uint32_t count) {
-    auto& slot = ring_[seq_ % ring_.size()];
-    if (seq_ >= ring_.size()) {
-      auto it = map_.find(slot.first);
-      if (it != map_.end() && it->second.seq == slot.second) map_.erase(it);
-    }
-    slot = {k, seq_};
-    map_[k] = {count, seq_};
-    ++seq_;
-  }
-  // The remembered count (0 if unknown); forgets the key.
-  std::uint32_t take(const block_key& k) {
-    auto it = map_.find(k);
-    if (it == map_.end()) return 0;
-    const auto c = it->second.count;
-    map_.erase(it);
-    return c;
-  }
-
- private:
-  struct entry {
-    std::uint32_t count;
-    std::uint64_t seq;
-  };
-  std::vector<std::pair<block_key, std::uint64_t>> ring_;
-  std::unordered_map<block_key, entry, key_hash> map_;
-  std::uint64_t seq_ = 0;
-};
-
+// The tracked blocks, in five LRU lists, and a ghost of recently evicted
+// keys with their read counts. One flat map holds both (a key is tracked or
+// a ghost, never both), so an eviction turns the victim's entry into its
+// ghost in place and an insert finds a ghost's count where it inserts: one
+// probe each instead of one per map. Ghosts sit in a ring; an entry carries
+// its ring slot's sequence number so a key evicted twice is dropped only
+// when its latest slot is overwritten.
 class reuse_core {
  public:
   struct meta {
@@ -110,12 +81,13 @@ class reuse_core {
   reuse_core(std::size_t capacity, double ghost_factor, std::size_t unit)
       : capacity_(std::max<std::size_t>(capacity, 1)),
         unit_(std::max<std::size_t>(unit, 1)),
-        ghost_(static_cast<std::size_t>(ghost_factor * static_cast<double>(std::max<std::size_t>(capacity, 1)))) {}
+        ring_(std::max<std::size_t>(
+            static_cast<std::size_t>(ghost_factor * static_cast<double>(std::max<std::size_t>(capacity, 1))), 1)) {}
 
-  [[nodiscard]] std::size_t size() const noexcept { return index_.size(); }
+  [[nodiscard]] std::size_t size() const noexcept { return tracked_; }
   [[nodiscard]] const meta* find(const block_key& k) const {
-    auto it = index_.find(k);
-    return it == index_.end() ? nullptr : &it->second->m;
+    auto it = keys_.find(k);
+    return it == keys_.end() || !it->second.tracked ? nullptr : &it->second.at->m;
   }
 
   // A miss: `continuation` and `leaf` given (shadows) or derived from the parent (real cache).
@@ -124,41 +96,43 @@ class reuse_core {
     if (given) {
       m = *given;
     } else if (parent != nullptr) {
-      if (auto it = index_.find(*parent); it != index_.end())
-        m.continuation = it->second->m.count >= 2 || it->second->m.continuation;
+      if (const meta* p = find(*parent)) m.continuation = p->count >= 2 || p->continuation;
     }
     m.tick = tick;
-    m.count = 1 + ghost_.take(k);
+    auto [it, fresh] = keys_.try_emplace(k);
+    m.count = 1 + (fresh ? 0 : it->second.ghost_count);  // a ghost's count is taken, the ghost forgotten
     if (given && given->count > m.count) m.count = given->count;
-    if (parent != nullptr) mark_inner(*parent);
+    if (parent != nullptr) mark_inner(*parent);  // before k goes to the front (finds do not move `it`)
     const auto c = static_cast<std::uint8_t>(class_of(m));
     auto& l = lists_[c];
     l.push_front(node{k, m, c});
-    index_[k] = l.begin();
+    it->second = key_entry{l.begin(), 0, 0, true};
+    ++tracked_;
   }
 
   void hit(const block_key& k, std::uint64_t tick, const block_key* parent) {
     if (parent != nullptr) mark_inner(*parent);
-    auto it = index_.find(k);
-    if (it == index_.end()) return;
-    auto n = it->second;
+    auto it = keys_.find(k);
+    if (it == keys_.end() || !it->second.tracked) return;
+    auto n = it->second.at;
     n->m.tick = tick;
     if (n->m.count < UINT32_MAX) ++n->m.count;
     relist(n);
   }
 
   void mark_inner(const block_key& k) {
-    auto it = index_.find(k);
-    if (it == index_.end() || !it->second->m.leaf) return;
-    it->second->m.leaf = false;
-    relist(it->second);
+    auto it = keys_.find(k);
+    if (it == keys_.end() || !it->second.tracked || !it->second.at->m.leaf) return;
+    it->second.at->m.leaf = false;
+    relist(it->second.at);
   }
 
   bool erase(const block_key& k) {
-    auto it = index_.find(k);
-    if (it == index_.end()) return false;
-    lists_[it->second->klass].erase(it->second);
-    index_.erase(it);
+    auto it = keys_.find(k);
+    if (it == keys_.end() || !it->second.tracked) return false;
+    lists_[it->second.at->klass].erase(it->second.at);
+    keys_.erase(it);
+    --tracked_;
     return true;
   }
 
@@ -183,8 +157,17 @@ class reuse_core {
     }
     if (best_class == reuse_classes) return std::nullopt;
     const block_key k = best->key;
-    ghost_.add(k, best->m.count);
-    index_.erase(k);
+    // The ring slot this ghost takes: the ghost there before is forgotten,
+    // unless its key was re-inserted or evicted again since.
+    auto& slot = ring_[seq_ % ring_.size()];
+    if (seq_ >= ring_.size()) {
+      auto old = keys_.find(slot.first);
+      if (old != keys_.end() && !old->second.tracked && old->second.ghost_seq == slot.second) keys_.erase(old);
+    }
+    slot = {k, seq_};
+    keys_.find(k)->second = key_entry{{}, best->m.count, seq_, false};
+    ++seq_;
+    --tracked_;
     lists_[best_class].erase(best);
     return k;
   }
@@ -202,6 +185,12 @@ class reuse_core {
     meta m;
     std::uint8_t klass;
   };
+  struct key_entry {
+    std::list<node>::iterator at{};  // tracked: its place in its class's list
+    std::uint32_t ghost_count = 0;     // a ghost: the reads it had when evicted
+    std::uint64_t ghost_seq = 0;       // a ghost: its ring slot's sequence number
+    bool tracked = false;
+  };
   void relist(std::list<node>::iterator n) {
     const auto to = static_cast<std::uint8_t>(class_of(n->m));
     lists_[to].splice(lists_[to].begin(), lists_[n->klass], n);
@@ -211,8 +200,10 @@ class reuse_core {
   std::size_t capacity_;
   std::size_t unit_;
   std::array<std::list<node>, reuse_classes> lists_;
-  std::unordered_map<block_key, std::list<node>::iterator, key_hash> index_;
-  count_ghost ghost_;
+  cache::detail::flat_key_map<key_entry, key_hash> keys_;
+  std::size_t tracked_ = 0;
+  std::vector<std::pair<block_key, std::uint64_t>, cache::detail::huge_page_allocator<std::pair<block_key, std::uint64_t>>> ring_;
+  std::uint64_t seq_ = 0;
 };
 
 }  // namespace detail

@@ -14,10 +14,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string_view>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -49,6 +51,11 @@ class any_tier {
   bool erase(const block_key& k) { return impl_->erase(k); }
   [[nodiscard]] bool contains(const block_key& k) const { return impl_->contains(k); }
   [[nodiscard]] std::optional<std::uint64_t> size_of(const block_key& k) const { return impl_->size_of(k); }
+  //! The wrapped tier's `load_many` (pipelined where it has one, e.g. io_uring).
+  template <class OnBlock>
+  void load_many(std::span<const block_key> keys, std::span<const std::span<std::byte>> outs, OnBlock&& on_block) {
+    impl_->load_many(keys, outs, std::function<void(std::size_t, std::error_code)>(std::ref(on_block)));
+  }
   //! The wrapped tier if it is a `T`, else null.
   template <class T>
   [[nodiscard]] T* target() noexcept {
@@ -70,6 +77,8 @@ class any_tier {
     virtual bool erase(const block_key&) = 0;
     virtual bool contains(const block_key&) const = 0;
     virtual std::optional<std::uint64_t> size_of(const block_key&) const = 0;
+    virtual void load_many(std::span<const block_key>, std::span<const std::span<std::byte>>,
+                           const std::function<void(std::size_t, std::error_code)>&) = 0;
   };
   template <class T>
   struct model final : concept_base {
@@ -86,6 +95,10 @@ class any_tier {
     bool erase(const block_key& k) override { return t.erase(k); }
     bool contains(const block_key& k) const override { return t.contains(k); }
     std::optional<std::uint64_t> size_of(const block_key& k) const override { return t.size_of(k); }
+    void load_many(std::span<const block_key> keys, std::span<const std::span<std::byte>> outs,
+                   const std::function<void(std::size_t, std::error_code)>& on_block) override {
+      cache::load_many(t, keys, outs, on_block);
+    }
     T t;
   };
   std::unique_ptr<concept_base> impl_;

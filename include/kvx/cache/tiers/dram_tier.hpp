@@ -3,13 +3,20 @@
 //! `kvx::cache::dram_tier<Allocator>`: a host-DRAM tier, one arena carved by
 //! an allocator policy (`offset_allocator`, best fit; or `slab_allocator`).
 //!
-//! The arena is one anonymous mapping made with `MAP_POPULATE`, so every page
-//! is faulted in at construction: on the virtual machines kvx is tested on,
+//! The arena is one anonymous mapping, asked for transparent huge pages and
+//! pre-faulted (`MADV_POPULATE_WRITE`), so every page is in at construction: on the virtual machines kvx is tested on,
 //! the first write into fresh memory costs about 2.9 ms per MiB (DESIGN.md,
 //! "Zero copy"), more than the copy itself, and it must not land inside a
 //! store or a transfer. `base()` and `length()` expose the arena so it can be
 //! registered once as a transfer-engine segment; `locate(k)` gives a block's
 //! offset in it for zero-copy reads by a peer.
+//!
+//! Placement (`kvx/cache/tier.hpp`): `place`, `write_at`, `read_at` and
+//! `unplace` carve and copy ranges of the arena for a caller that keeps its
+//! own index, as `tiered_cache` does, so a block costs one index entry, not
+//! two. Such blocks are not in the tier's key index (`contains`, `locate`
+//! and `blocks` do not count them; `used_bytes` does): under a cache, ask
+//! the cache (`tiered_cache::locate`).
 //!
 //! Thread safety: all members may be called concurrently; the index and the
 //! allocator sit under one mutex held for O(log n) bookkeeping, and the bytes
@@ -25,6 +32,7 @@
 //! \endcode
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -39,9 +47,9 @@
 #include <string_view>
 #include <system_error>
 #include <type_traits>
-#include <unordered_map>
 
 #include <kvx/cache/block_key.hpp>
+#include <kvx/cache/detail/flat_key_map.hpp>
 #include <kvx/cache/tier.hpp>
 #include <kvx/core/result.hpp>
 #include <kvx/memory/allocator.hpp>
@@ -54,7 +62,7 @@ struct dram_tier_config {
   std::string name = "dram";      //!< metrics label
   watermarks marks{};
   std::uint64_t alignment = 64;   //!< block start alignment (a power of two; 64 = a cache line)
-  bool populate = true;           //!< pre-fault the arena (MAP_POPULATE)
+  bool populate = true;           //!< pre-fault the arena (MADV_POPULATE_WRITE)
 };
 
 template <class Allocator = memory::offset_allocator>
@@ -71,12 +79,15 @@ class dram_tier {
       throw std::invalid_argument("kvx: dram_tier '" + cfg_.name + "': alignment is not a power of two");
     if (auto ok = validate(cfg_.marks, "dram_tier '" + cfg_.name + "' watermarks"); !ok)
       throw std::invalid_argument("kvx: " + ok.error().message());
-    const int flags = MAP_PRIVATE | MAP_ANONYMOUS | (cfg_.populate ? MAP_POPULATE : 0);
-    void* p = ::mmap(nullptr, cfg_.capacity, PROT_READ | PROT_WRITE, flags, -1, 0);
+    void* p = ::mmap(nullptr, cfg_.capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
       throw std::system_error(errno, std::generic_category(),
                               "kvx: dram_tier '" + cfg_.name + "': mmap of " + std::to_string(cfg_.capacity) + " bytes");
     base_ = static_cast<std::byte*>(p);
+    // Huge pages where the kernel has them (a hint), then fault everything
+    // in: block accesses all over a large arena should not miss the TLB too.
+    (void)::madvise(p, cfg_.capacity, MADV_HUGEPAGE);
+    if (cfg_.populate) populate();
   }
   dram_tier(const dram_tier&) = delete;
   dram_tier& operator=(const dram_tier&) = delete;
@@ -137,6 +148,37 @@ class dram_tier {
     return static_cast<std::size_t>(s.size);
   }
 
+  // --- placement: the caller keeps the index -------------------------------
+
+  //! A range of the arena for a block of `n` bytes (`footprint(n)` long), or
+  //! `std::nullopt` if no free range is large enough.
+  [[nodiscard]] std::optional<memory::allocation> place(std::uint64_t n) {
+    if (n == 0) return std::nullopt;
+    std::lock_guard lock(mu_);
+    return alloc_.allocate(n, cfg_.alignment);
+  }
+  //! Copies `in` to the start of `a` (outside any lock).
+  result<void> write_at(const memory::allocation& a, std::span<const std::byte> in) {
+    if (in.size() > a.size)
+      return error{errc::out_of_range, "dram_tier '" + cfg_.name + "': write of " + std::to_string(in.size()) +
+                                           " bytes into a range of " + std::to_string(a.size)};
+    std::memcpy(base_ + a.offset, in.data(), in.size());
+    return {};
+  }
+  //! Copies the first `out.size()` bytes of `a` into `out`.
+  result<std::size_t> read_at(const memory::allocation& a, std::span<std::byte> out) const {
+    if (out.size() > a.size)
+      return error{errc::out_of_range, "dram_tier '" + cfg_.name + "': read of " + std::to_string(out.size()) +
+                                           " bytes from a range of " + std::to_string(a.size)};
+    std::memcpy(out.data(), base_ + a.offset, out.size());
+    return out.size();
+  }
+  //! Returns a range from `place`.
+  void unplace(const memory::allocation& a) {
+    std::lock_guard lock(mu_);
+    alloc_.deallocate(a);
+  }
+
   bool erase(const block_key& k) {
     std::lock_guard lock(mu_);
     auto it = index_.find(k);
@@ -169,6 +211,14 @@ class dram_tier {
   }
 
  private:
+  void populate() noexcept {
+#ifdef MADV_POPULATE_WRITE
+    if (::madvise(base_, cfg_.capacity, MADV_POPULATE_WRITE) == 0) return;
+#endif
+    const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+    for (std::uint64_t off = 0; off < cfg_.capacity; off += page) base_[off] = std::byte{0};
+  }
+
   struct slot {
     memory::allocation where;
     std::uint64_t size = 0;
@@ -186,7 +236,7 @@ class dram_tier {
   dram_tier_config cfg_;
   mutable std::mutex mu_;
   Allocator alloc_;
-  std::unordered_map<block_key, slot, block_key_hash> index_;
+  detail::flat_key_map<slot> index_;
   std::byte* base_ = nullptr;
 };
 

@@ -2,16 +2,17 @@
 // A doubly linked list addressable by key: the building block of the
 // list-ordered policies (LRU, S3-FIFO queues, ARC lists, SIEVE, ghosts).
 // std::list keeps iterators stable across splices, so the index never needs
-// fixing up when an entry moves.
+// fixing up when an entry moves; the index is a flat (open-addressing) map,
+// one cache miss per lookup among a million keys.
 
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
 #include <list>
-#include <unordered_map>
 #include <utility>
 
 #include <kvx/cache/block_key.hpp>
+#include <kvx/cache/detail/flat_key_map.hpp>
 
 namespace kvx::cache::eviction::detail {
 
@@ -115,7 +116,7 @@ class keyed_list {
 
  private:
   std::list<entry> list_;
-  std::unordered_map<block_key, iterator, key_hash> index_;
+  cache::detail::flat_key_map<iterator, key_hash> index_;
 };
 
 }  // namespace kvx::cache::eviction::detail
