@@ -31,13 +31,14 @@
 #include <thread>
 
 #include "support/servers.hpp"
+#include "support/store_parties.hpp"
 
 namespace {
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
 using json = nlohmann::json;
-using engine_type = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, kvx::transport::local>;
+using engine_type = kvx::test::store_engine;
 using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
 using master_type = kvx::store::elected_master<state_type>;
 
@@ -51,12 +52,7 @@ void fill_random(std::span<std::byte> s, unsigned seed) {
   for (auto& b : s) b = std::byte(rng());
 }
 
-struct party {
-  kvx::transport::local transport;
-  engine_type engine;
-  party(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name)
-      : transport(io.get_executor()), engine(meta, {.node = name}, transport) {}
-};
+using party = kvx::test::store_party;
 
 class MasterFailover : public ::testing::Test {
  protected:
@@ -110,20 +106,9 @@ class MasterFailover : public ::testing::Test {
     return {ec, body};
   }
 
-  template <class T>
-  struct awaited;
-  template <class T>
-  struct awaited<asio::awaitable<T>> {
-    using type = T;
-  };
   template <class Op>
   auto wait(Op op) {
-    using value_type = typename awaited<decltype(op())>::type;
-    std::optional<value_type> out;
-    asio::co_spawn(io, [&]() -> asio::awaitable<void> { out = co_await op(); }, asio::detached);
-    run_until([&] { return out.has_value(); }, 10s);
-    EXPECT_TRUE(out) << "operation did not complete";
-    return out.value_or(value_type{});
+    return kvx::test::run_coroutine(io, std::move(op));
   }
 
   party& add_party(const std::string& name) { return *parties.emplace_back(std::make_unique<party>(io, meta, name)); }

@@ -20,21 +20,18 @@
 #include <optional>
 #include <random>
 
+#include "support/store_parties.hpp"
+
 namespace {
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
-using engine_type = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, kvx::transport::local>;
+using engine_type = kvx::test::store_engine;
 using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
 
 // One process, several nodes: every party has its own engine and local
 // transport, sharing the in-process metadata backend.
-struct party {
-  kvx::transport::local transport;
-  engine_type engine;
-  party(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name)
-      : transport(io.get_executor()), engine(meta, {.node = name}, transport) {}
-};
+using party = kvx::test::store_party;
 
 struct StoreEndToEnd : ::testing::Test {
   asio::io_context io;
@@ -59,23 +56,9 @@ struct StoreEndToEnd : ::testing::Test {
     io.run_for(100ms);
   }
 
-  template <class T>
-  struct awaited;
-  template <class T>
-  struct awaited<asio::awaitable<T>> {
-    using type = T;
-  };
-
   template <class Op>
   auto wait(Op op) {
-    using value_type = typename awaited<decltype(op())>::type;
-    std::optional<value_type> out;
-    asio::co_spawn(io, [&]() -> asio::awaitable<void> { out = co_await op(); }, asio::detached);
-    io.restart();
-    while (!out && io.run_one_for(10s)) {
-    }
-    EXPECT_TRUE(out) << "operation did not complete";
-    return out.value_or(value_type{});
+    return kvx::test::run_coroutine(io, std::move(op));
   }
 
   party& add_party(const std::string& name) { return *parties.emplace_back(std::make_unique<party>(io, meta, name)); }
