@@ -1,0 +1,364 @@
+// The store as separate processes: a `kvx-store master`, `kvx-store node`s
+// and `kvx-store put/get/admin` clients on loopback, started by the test and
+// always reaped (killed and waited for by their owners' destructors; the
+// long-running ones also die with this process: --die-with-parent).
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "support/child_process.hpp"
+
+extern char** environ;
+
+namespace {
+
+using namespace std::chrono_literals;
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+struct finished {
+  int status = -1;  // raw wait status
+  std::string output;  // stdout and stderr
+  [[nodiscard]] bool ok() const { return WIFEXITED(status) && WEXITSTATUS(status) == 0; }
+  [[nodiscard]] json last_json() const {
+    // The last line that parses as a JSON object (log lines may precede it).
+    std::string best;
+    std::size_t start = 0;
+    while (start < output.size()) {
+      auto end = output.find('\n', start);
+      if (end == std::string::npos) end = output.size();
+      auto line = output.substr(start, end - start);
+      if (!line.empty() && line.front() == '{') best = line;
+      start = end + 1;
+    }
+    auto j = json::parse(best, nullptr, false);
+    return j.is_discarded() ? json::object() : j;
+  }
+};
+
+// Runs kvx-store to completion (killed after `timeout`), stdout and stderr together.
+finished run(const std::vector<std::string>& args, std::chrono::milliseconds timeout = 30s) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+  posix_spawn_file_actions_adddup2(&actions, fds[1], STDERR_FILENO);
+  std::vector<std::string> storage{KVX_STORE_TOOL};
+  storage.insert(storage.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& s : storage) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = ::posix_spawn(&pid, KVX_STORE_TOOL, &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(fds[1]);
+  if (rc != 0) {
+    ::close(fds[0]);
+    throw std::runtime_error("posix_spawn kvx-store failed");
+  }
+  finished f;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    pollfd p{fds[0], POLLIN, 0};
+    if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) {
+      ::kill(pid, SIGKILL);
+      f.output += "\n[killed after the test's timeout]";
+      break;
+    }
+    char chunk[4096];
+    const auto n = ::read(fds[0], chunk, sizeof chunk);
+    if (n <= 0) break;
+    f.output.append(chunk, static_cast<std::size_t>(n));
+  }
+  ::close(fds[0]);
+  while (::waitpid(pid, &f.status, 0) < 0 && errno == EINTR) {
+  }
+  return f;
+}
+
+// A process that runs until killed, started with --die-with-parent.
+std::unique_ptr<kvx::test::child_process> spawn(std::vector<std::string> args) {
+  args.push_back("--die-with-parent");
+  return std::make_unique<kvx::test::child_process>(KVX_STORE_TOOL, args);
+}
+
+void write_json(const fs::path& path, const json& j) { std::ofstream(path) << j.dump(2) << '\n'; }
+
+struct cluster {
+  fs::path dir;
+  std::string transport;
+  std::unique_ptr<kvx::test::child_process> master;
+  std::map<std::string, std::unique_ptr<kvx::test::child_process>> nodes;
+  std::string master_endpoint, metadata_url;
+  fs::path client_config;
+
+  explicit cluster(std::string t) : transport(std::move(t)) {
+    std::string pattern = (fs::temp_directory_path() / "kvx-store-tool-XXXXXX").string();
+    if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
+    dir = pattern;
+  }
+  ~cluster() {
+    nodes.clear();  // killed and reaped
+    master.reset();
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+
+  // Short leases and timeouts so a test sees reclaiming and dropping within seconds.
+  void start_master() {
+    write_json(dir / "master.json", {{"listen", "127.0.0.1:0"}, {"metadata_server", "127.0.0.1:0"}, {"tick_ms", 50},
+                                     {"node_timeout_ms", 1500}, {"put_lease_ms", 1500}, {"read_lease_ms", 2000},
+                                     {"tenant_quota", {{"capped", "1MiB"}}}});
+    master = spawn({"master", "--config", (dir / "master.json").string()});
+    auto line = master->read_line(30s);
+    ASSERT_TRUE(line) << "the master printed nothing";
+    auto hello = json::parse(*line);
+    master_endpoint = hello["master"];
+    metadata_url = hello["metadata_url"];
+    client_config = dir / "client.json";
+    write_json(client_config, engine_json("client"));
+  }
+  json engine_json(const std::string& name) const {
+    json j{{"master", master_endpoint}, {"metadata", {{"backend", "http"}, {"url", metadata_url}}}, {"transport", transport}};
+    if (name != "client") j["name"] = name;  // clients default to a name of their pid
+    return j;
+  }
+  void start_node(const std::string& name, const std::string& dram = "16MiB") {
+    auto config = engine_json(name);
+    config["dram"] = dram;
+    config["heartbeat_ms"] = 100;
+    const auto path = dir / (name + ".json");
+    write_json(path, config);
+    auto& node = nodes[name] = spawn({"node", "--config", path.string()});
+    auto line = node->read_line(30s);
+    ASSERT_TRUE(line) << "node " << name << " printed nothing";
+    ASSERT_EQ(json::parse(*line)["node"], name);
+  }
+  // Ends a node's process abruptly and reaps it.
+  void kill_node(const std::string& name) {
+    nodes.at(name)->kill(SIGKILL);
+    nodes.at(name)->wait();
+  }
+
+  json admin(const std::vector<std::string>& command) const {
+    std::vector<std::string> args{"admin", "--master", master_endpoint, "--json"};
+    args.insert(args.end(), command.begin(), command.end());
+    auto r = run(args);
+    EXPECT_TRUE(r.ok()) << r.output;
+    return r.last_json();
+  }
+  finished put(const std::string& tenant, const std::string& key, std::uint64_t size, int seed, int replicas = 1) const {
+    return run({"put", "--config", client_config.string(), "--tenant", tenant, "--key", key, "--size", std::to_string(size),
+                "--seed", std::to_string(seed), "--replicas", std::to_string(replicas)});
+  }
+  finished get(const std::string& tenant, const std::string& key, int seed) const {
+    return run({"get", "--config", client_config.string(), "--tenant", tenant, "--key", key, "--expect-seed",
+                std::to_string(seed)});
+  }
+  json object(const std::string& tenant, const std::string& key) const {
+    const auto list = admin({"objects", "--tenant", tenant});
+    for (const auto& o : list["objects"])
+      if (o["key"] == key) return o;
+    return json();
+  }
+  // Polls `admin` until `done(answer)` (false after `timeout`).
+  template <class Done>
+  bool wait_for(const std::vector<std::string>& command, Done done, std::chrono::milliseconds timeout = 15s) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (done(admin(command))) return true;
+      std::this_thread::sleep_for(100ms);
+    }
+    return false;
+  }
+};
+
+struct StoreAcrossProcesses : ::testing::TestWithParam<std::string> {};
+
+TEST_P(StoreAcrossProcesses, PutAndGetAreByteExactWithReplicasOnDistinctNodes) {
+  cluster c(GetParam());
+  ASSERT_NO_FATAL_FAILURE(c.start_master());
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n0"));
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n1"));
+  const std::vector<std::pair<std::string, std::uint64_t>> objects{{"one-byte", 1}, {"odd", 100'003}, {"big", 3u << 20}};
+  int seed = 10;
+  for (const auto& [key, size] : objects) {
+    auto put = c.put("t", key, size, ++seed, 2);
+    ASSERT_TRUE(put.ok()) << put.output;
+  }
+  seed = 10;
+  for (const auto& [key, size] : objects) {
+    auto get = c.get("t", key, ++seed);  // another process, another engine
+    ASSERT_TRUE(get.ok()) << get.output;
+    EXPECT_EQ(get.last_json()["size"], size);
+    EXPECT_EQ(get.last_json()["verified"], true);
+    auto o = c.object("t", key);
+    ASSERT_EQ(o["replicas"].size(), 2u) << o.dump();
+    EXPECT_NE(o["replicas"][0]["node"], o["replicas"][1]["node"]);
+  }
+  // A wrong expectation is caught: the check compares bytes.
+  auto wrong = c.get("t", "odd", 99);
+  EXPECT_FALSE(wrong.ok());
+  EXPECT_NE(wrong.output.find("differs"), std::string::npos) << wrong.output;
+
+  // A file round trip.
+  std::string text = "the quick brown fox\n";
+  for (int i = 0; i < 12; ++i) text += text;
+  std::ofstream(c.dir / "in.bin", std::ios::binary) << text;
+  auto put = run({"put", "--config", c.client_config.string(), "--tenant", "t", "--key", "file", "--file", (c.dir / "in.bin").string()});
+  ASSERT_TRUE(put.ok()) << put.output;
+  auto get = run({"get", "--config", c.client_config.string(), "--tenant", "t", "--key", "file", "--expect-file", (c.dir / "in.bin").string(),
+                  "--out", (c.dir / "out.bin").string()});
+  ASSERT_TRUE(get.ok()) << get.output;
+  EXPECT_EQ(fs::file_size(c.dir / "out.bin"), text.size());
+
+  auto usage = c.admin({"usage"});
+  EXPECT_EQ(usage["objects"], 4);
+  EXPECT_EQ(usage["tenants"]["t"]["used"], 2 * (1 + 100'003 + (3u << 20)) + text.size());
+  auto segments = c.admin({"segments"});
+  ASSERT_EQ(segments["segments"].size(), 2u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, StoreAcrossProcesses, ::testing::Values("tcp", "shm"),
+                         [](const auto& info) { return info.param; });
+
+TEST(StoreProcesses, NodesKilledWithAGetAndAPutInFlightLeaveThePoolConsistent) {
+  cluster c("tcp");
+  ASSERT_NO_FATAL_FAILURE(c.start_master());
+  for (auto n : {"n0", "n1", "n2"}) ASSERT_NO_FATAL_FAILURE(c.start_node(n));
+  const std::uint64_t size = 4u << 20;
+  ASSERT_TRUE(c.put("t", "kept", size, 7, 2).ok());
+  auto kept = c.object("t", "kept");
+  ASSERT_EQ(kept["replicas"].size(), 2u);
+  const std::string first = kept["replicas"][0]["node"], second = kept["replicas"][1]["node"];
+  std::string third;
+  for (auto n : {"n0", "n1", "n2"})
+    if (n != first && n != second) third = n;
+
+  // A get whose first replica's node freezes, then dies: the other replica serves it.
+  c.nodes.at(first)->kill(SIGSTOP);
+  auto reader = spawn({"get", "--config", c.client_config.string(), "--tenant", "t", "--key", "kept", "--expect-seed", "7"});
+  std::this_thread::sleep_for(500ms);  // its read is sent to the frozen node
+  c.kill_node(first);
+  auto line = reader->read_line(30s);
+  ASSERT_TRUE(line) << "the reader printed nothing";
+  EXPECT_EQ(json::parse(*line)["verified"], true) << *line;
+  EXPECT_EQ(reader->wait(), 0);
+
+  // The master drops the dead node and copies "kept" to the third node.
+  ASSERT_TRUE(c.wait_for({"objects", "--tenant", "t"}, [&](const json& r) {
+    const auto& o = r["objects"][0];
+    if (o["replicas"].size() != 2u) return false;
+    for (const auto& rep : o["replicas"])
+      if (rep["node"] == first) return false;
+    return true;
+  })) << c.admin({"objects"}).dump();
+
+  // A put whose replicas are on the two live nodes, one of which freezes then dies mid-write.
+  c.nodes.at(third)->kill(SIGSTOP);
+  auto writer = spawn({"put", "--config", c.client_config.string(), "--tenant", "t", "--key", "doomed", "--size",
+                       std::to_string(size), "--seed", "8", "--replicas", "2"});
+  ASSERT_TRUE(c.wait_for({"objects", "--tenant", "t"}, [](const json& r) { return r["objects"].size() == 2u; }));
+  auto doomed = c.object("t", "doomed");
+  EXPECT_EQ(doomed["committed"], false) << "the put is in flight";
+  auto early = c.get("t", "doomed", 8);
+  EXPECT_FALSE(early.ok()) << "no half object is visible: " << early.output;
+  EXPECT_NE(early.output.find("not found"), std::string::npos) << early.output;
+  c.kill_node(third);
+  const int status = writer->wait();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << status;
+
+  // Consistent: "doomed" is gone (aborted), "kept" is whole on the survivor, every byte accounted for.
+  ASSERT_TRUE(c.wait_for({"usage"}, [&](const json& r) { return r["nodes"].size() == 1u && r["objects"] == 1; }))
+      << c.admin({"usage"}).dump() << c.admin({"objects"}).dump();
+  EXPECT_FALSE(c.get("t", "doomed", 8).ok());
+  auto survivor = c.get("t", "kept", 7);
+  EXPECT_TRUE(survivor.ok()) << survivor.output;
+  auto usage = c.admin({"usage"});
+  EXPECT_EQ(usage["used"], size) << usage.dump();
+  EXPECT_EQ(usage["tenants"]["t"]["used"], 2 * size) << "charged for the replicas it asked for";
+  auto put = c.put("t", "after", 4096, 9);
+  EXPECT_TRUE(put.ok()) << put.output;
+}
+
+TEST(StoreProcesses, AWriterKilledBetweenAllocateAndCommitIsReclaimedAfterItsPutLease) {
+  cluster c("tcp");
+  ASSERT_NO_FATAL_FAILURE(c.start_master());
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n0"));
+  auto writer = spawn({"put", "--config", c.client_config.string(), "--tenant", "t", "--key", "half", "--size", "1MiB",
+                       "--hold-after-allocate"});
+  auto line = writer->read_line(30s);
+  ASSERT_TRUE(line) << "the writer printed nothing";
+  ASSERT_TRUE(json::parse(*line).contains("put_id")) << *line;
+  writer->kill(SIGKILL);
+  writer->wait();
+  auto usage = c.admin({"usage"});
+  EXPECT_EQ(usage["used"], 1 << 20) << usage.dump();
+  EXPECT_EQ(c.object("t", "half")["committed"], false);
+  auto get = c.get("t", "half", 1);
+  EXPECT_FALSE(get.ok());
+  EXPECT_NE(get.output.find("not found"), std::string::npos) << get.output;
+  // The put lease (1.5 s in this config) runs out: the space comes back.
+  ASSERT_TRUE(c.wait_for({"usage"}, [](const json& r) { return r["used"] == 0 && r["objects"] == 0; }))
+      << c.admin({"usage"}).dump();
+  EXPECT_EQ(c.admin({"usage"})["tenants"]["t"]["used"], 0);
+  auto again = c.put("t", "half", 1 << 20, 3);
+  EXPECT_TRUE(again.ok()) << again.output;
+  EXPECT_TRUE(c.get("t", "half", 3).ok());
+}
+
+TEST(StoreProcesses, AQuotaExceededIsAClearErrorInTheWritersProcess) {
+  cluster c("tcp");
+  ASSERT_NO_FATAL_FAILURE(c.start_master());
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n0"));
+  ASSERT_TRUE(c.put("capped", "a", 700 << 10, 1).ok());
+  auto over = c.put("capped", "b", 400 << 10, 2);
+  EXPECT_FALSE(over.ok());
+  EXPECT_NE(over.output.find("capacity exceeded"), std::string::npos) << over.output;
+  EXPECT_NE(over.output.find("tenant 'capped' quota of 1048576 bytes: 716800 used, put needs 409600"), std::string::npos)
+      << over.output;
+  EXPECT_TRUE(c.put("uncapped", "b", 400 << 10, 2).ok()) << "other tenants are not limited";
+  auto usage = c.admin({"usage"});
+  EXPECT_EQ(usage["tenants"]["capped"]["used"], 700 << 10);
+  EXPECT_EQ(usage["tenants"]["capped"]["quota"], 1 << 20);
+}
+
+TEST(StoreProcesses, DrainingANodeCopiesItsObjectsSoItCanLeave) {
+  cluster c("tcp");
+  ASSERT_NO_FATAL_FAILURE(c.start_master());
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n0"));
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(c.put("t", "k" + std::to_string(i), 256 << 10, 20 + i).ok());
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n1"));
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n2"));
+  auto drained = run({"admin", "--master", c.master_endpoint, "drain", "n0", "--wait", "20"});
+  ASSERT_TRUE(drained.ok()) << drained.output;
+  EXPECT_NE(drained.output.find("node 'n0': 3 objects, 0 only there"), std::string::npos) << drained.output;
+  const auto segments = c.admin({"segments"});
+  for (const auto& s : segments["segments"]) EXPECT_EQ(s["draining"], s["node"] == "n0");
+  c.kill_node("n0");
+  ASSERT_TRUE(c.wait_for({"segments"}, [](const json& r) { return r["segments"].size() == 2u; }));
+  for (int i = 0; i < 3; ++i) {
+    auto get = c.get("t", "k" + std::to_string(i), 20 + i);
+    EXPECT_TRUE(get.ok()) << get.output;
+  }
+  EXPECT_EQ(c.admin({"usage"})["objects"], 3);
+}
+
+}  // namespace

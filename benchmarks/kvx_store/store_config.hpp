@@ -1,0 +1,273 @@
+#pragma once
+// kvx-store's JSON configs: one flat object per mode, every key checked
+// (unknown keys, wrong types and missing fields are errors naming the field).
+// The reference for every key is docs/store.md, "Running the store".
+
+#include <chrono>
+#include <cstdint>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include <kvx/core/config.hpp>
+#include <kvx/core/log.hpp>
+#include <kvx/core/result.hpp>
+#include <kvx/store/master_state.hpp>
+
+namespace kvx_store {
+
+using kvx::errc;
+using kvx::error;
+using kvx::result;
+using json = nlohmann::json;
+
+struct host_port {
+  std::string host;
+  std::uint16_t port = 0;
+  [[nodiscard]] std::string text() const { return host + ":" + std::to_string(port); }
+};
+
+//! "HOST:PORT" ("[v6]:PORT"); `field` names the config field in the error.
+inline result<host_port> parse_host_port(const std::string& text, const std::string& field) {
+  auto bad = [&](const std::string& why) {
+    return error{errc::invalid_argument, "config field '" + field + "': '" + text + "' " + why};
+  };
+  const auto colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0) return bad("is not HOST:PORT");
+  std::string host = text.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  const auto port_text = text.substr(colon + 1);
+  if (port_text.empty() || port_text.size() > 5 || port_text.find_first_not_of("0123456789") != std::string::npos)
+    return bad("has no valid port");
+  const auto port = std::stoul(port_text);
+  if (port > 65535) return bad("has a port above 65535");
+  return host_port{host, static_cast<std::uint16_t>(port)};
+}
+
+inline result<json> read_config_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return error{errc::not_found, "cannot read config file '" + path + "'"};
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto doc = kvx::config::parse(ss.str());
+  if (!doc) return error{errc::invalid_argument, "config file '" + path + "' is not valid JSON"};
+  if (!doc->is_object()) return error{errc::invalid_argument, "config file '" + path + "': expected a JSON object"};
+  return doc;
+}
+
+inline result<kvx::log_level> parse_log_level(const kvx::config::view& v) {
+  auto name = v.optional<std::string>("log_level", "warn");
+  KVX_TRY(name);
+  for (auto l : {kvx::log_level::trace, kvx::log_level::debug, kvx::log_level::info, kvx::log_level::warn,
+                 kvx::log_level::error, kvx::log_level::off})
+    if (kvx::to_string(l) == *name) return l;
+  return error{errc::invalid_argument, "config field '" + v.path_of("log_level") + "': unknown level '" + *name +
+                                           "' (expected trace, debug, info, warn, error or off)"};
+}
+
+inline result<std::chrono::milliseconds> parse_ms(const kvx::config::view& v, std::string_view key,
+                                                  std::chrono::milliseconds fallback, std::uint64_t min_ms = 1) {
+  auto ms = v.optional<std::uint64_t>(key, static_cast<std::uint64_t>(fallback.count()));
+  KVX_TRY(ms);
+  if (*ms < min_ms)
+    return error{errc::invalid_argument, "config field '" + v.path_of(key) + "': must be at least " + std::to_string(min_ms)};
+  return std::chrono::milliseconds(*ms);
+}
+
+// --- master ------------------------------------------------------------------
+
+struct master_settings {
+  host_port listen;                        //!< where clients, nodes and admins reach the master
+  std::optional<host_port> metadata_server;  //!< serve the engines' metadata over HTTP here
+  std::chrono::milliseconds tick{200};
+  kvx::store::master_config state;
+  std::string eviction = "lru";
+  std::string placement = "random";
+  kvx::log_level log_level = kvx::log_level::warn;
+};
+
+inline result<master_settings> parse_master(const json& doc) {
+  kvx::config::view v(doc);
+  KVX_TRY(v.allow_only({"listen", "metadata_server", "tick_ms", "put_lease_ms", "read_lease_ms", "node_timeout_ms",
+                        "high_watermark", "low_watermark", "max_object_size", "eviction", "placement", "tenant_quota",
+                        "log_level"}));
+  master_settings s;
+  auto listen = v.required<std::string>("listen");
+  KVX_TRY(listen);
+  auto hp = parse_host_port(*listen, "listen");
+  KVX_TRY(hp);
+  s.listen = *hp;
+  if (v.contains("metadata_server")) {
+    auto text = v.required<std::string>("metadata_server");
+    KVX_TRY(text);
+    auto m = parse_host_port(*text, "metadata_server");
+    KVX_TRY(m);
+    s.metadata_server = *m;
+  }
+  auto tick = parse_ms(v, "tick_ms", s.tick);
+  KVX_TRY(tick);
+  s.tick = *tick;
+  auto put_lease = parse_ms(v, "put_lease_ms", std::chrono::milliseconds(30000));
+  KVX_TRY(put_lease);
+  s.state.put_lease = *put_lease;
+  auto read_lease = parse_ms(v, "read_lease_ms", std::chrono::milliseconds(5000));
+  KVX_TRY(read_lease);
+  s.state.read_lease = *read_lease;
+  auto node_timeout = parse_ms(v, "node_timeout_ms", std::chrono::milliseconds(5000));
+  KVX_TRY(node_timeout);
+  s.state.node_timeout = *node_timeout;
+  auto high = v.optional<double>("high_watermark", s.state.high_watermark);
+  KVX_TRY(high);
+  auto low = v.optional<double>("low_watermark", s.state.low_watermark);
+  KVX_TRY(low);
+  if (*high <= 0 || *high > 1)
+    return error{errc::invalid_argument, "config field 'high_watermark': must be in (0, 1]"};
+  if (*low <= 0 || *low > *high)
+    return error{errc::invalid_argument, "config field 'low_watermark': must be in (0, high_watermark]"};
+  s.state.high_watermark = *high;
+  s.state.low_watermark = *low;
+  auto max_object = v.optional<kvx::config::bytes>("max_object_size", {s.state.max_object_size});
+  KVX_TRY(max_object);
+  if (max_object->value == 0) return error{errc::invalid_argument, "config field 'max_object_size': must not be 0"};
+  s.state.max_object_size = max_object->value;
+  auto eviction = v.optional<std::string>("eviction", s.eviction);
+  KVX_TRY(eviction);
+  if (*eviction != "lru" && *eviction != "s3fifo" && *eviction != "sieve")
+    return error{errc::invalid_argument, "config field 'eviction': unknown policy '" + *eviction +
+                                             "' (expected lru, s3fifo or sieve)"};
+  s.eviction = *eviction;
+  auto placement = v.optional<std::string>("placement", s.placement);
+  KVX_TRY(placement);
+  if (*placement != "random" && *placement != "locality")
+    return error{errc::invalid_argument, "config field 'placement': unknown policy '" + *placement +
+                                             "' (expected random or locality)"};
+  s.placement = *placement;
+  if (v.contains("tenant_quota")) {
+    auto quotas = v.child("tenant_quota");
+    KVX_TRY(quotas);
+    for (auto it = quotas->raw().begin(); it != quotas->raw().end(); ++it) {
+      auto q = quotas->required<kvx::config::bytes>(it.key());
+      KVX_TRY(q);
+      s.state.tenant_quota[it.key()] = q->value;
+    }
+  }
+  auto level = parse_log_level(v);
+  KVX_TRY(level);
+  s.log_level = *level;
+  return s;
+}
+
+// --- nodes and clients: what an engine needs -----------------------------------
+
+struct engine_settings {
+  std::string name;
+  host_port master;
+  json metadata;                    //!< {"backend": "http", "url": ...} or any_metadata_backend's config
+  std::string transport = "tcp";    //!< tcp or shm
+  std::string address = "127.0.0.1";  //!< tcp: the address the transport listens on
+  kvx::log_level log_level = kvx::log_level::warn;
+};
+
+inline result<engine_settings> parse_engine(const kvx::config::view& v, bool name_required) {
+  engine_settings s;
+  auto name = name_required ? v.required<std::string>("name") : v.optional<std::string>("name", "");
+  KVX_TRY(name);
+  if (name_required && name->empty()) return error{errc::invalid_argument, "config field 'name': must not be empty"};
+  s.name = *name;
+  auto master = v.required<std::string>("master");
+  KVX_TRY(master);
+  auto hp = parse_host_port(*master, "master");
+  KVX_TRY(hp);
+  s.master = *hp;
+  auto meta = v.child("metadata");
+  KVX_TRY(meta);
+  auto backend = meta->required<std::string>("backend");
+  KVX_TRY(backend);
+  if (*backend == "embedded")
+    return error{errc::invalid_argument,
+                 "config field 'metadata.backend': \"embedded\" lives in one process; nodes and clients of a store need "
+                 "one they share: \"http\" (the master's metadata_server), \"etcd\" or \"redis\""};
+  s.metadata = meta->raw();
+  auto transport = v.optional<std::string>("transport", s.transport);
+  KVX_TRY(transport);
+  // UCX is not offered: its ops take a work guard on the engine's strand,
+  // which does not compile over any_metadata_backend's any_io_executor.
+  if (*transport != "tcp" && *transport != "shm")
+    return error{errc::invalid_argument, "config field 'transport': unknown transport '" + *transport +
+                                             "' (expected tcp or shm)"};
+  s.transport = *transport;
+  auto address = v.optional<std::string>("address", s.address);
+  KVX_TRY(address);
+  s.address = *address;
+  auto level = parse_log_level(v);
+  KVX_TRY(level);
+  s.log_level = *level;
+  return s;
+}
+
+struct ssd_settings {
+  std::string path;
+  std::uint64_t bytes = 0;
+  bool replace = false;
+};
+
+struct node_settings {
+  engine_settings engine;
+  std::uint64_t dram_bytes = 0;
+  std::optional<ssd_settings> ssd;
+  std::chrono::milliseconds heartbeat{500};
+};
+
+inline result<node_settings> parse_node(const json& doc) {
+  kvx::config::view v(doc);
+  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "dram", "ssd", "heartbeat_ms",
+                        "log_level"}));
+  node_settings s;
+  auto engine = parse_engine(v, /*name_required=*/true);
+  KVX_TRY(engine);
+  s.engine = std::move(*engine);
+  auto dram = v.optional<kvx::config::bytes>("dram", {0});
+  KVX_TRY(dram);
+  s.dram_bytes = dram->value;
+  if (v.contains("ssd")) {
+    auto ssd = v.child("ssd");
+    KVX_TRY(ssd);
+    KVX_TRY(ssd->allow_only({"path", "bytes", "replace"}));
+    auto path = ssd->required<std::string>("path");
+    KVX_TRY(path);
+    auto bytes = ssd->required<kvx::config::bytes>("bytes");
+    KVX_TRY(bytes);
+    if (bytes->value == 0) return error{errc::invalid_argument, "config field 'ssd.bytes': must not be 0"};
+    auto replace = ssd->optional<bool>("replace", false);
+    KVX_TRY(replace);
+    s.ssd = ssd_settings{*path, bytes->value, *replace};
+  }
+  if (s.dram_bytes == 0 && !s.ssd)
+    return error{errc::invalid_argument, "config field 'dram' is required (a byte size such as \"64MiB\") unless 'ssd' is given"};
+  auto hb = parse_ms(v, "heartbeat_ms", s.heartbeat);
+  KVX_TRY(hb);
+  s.heartbeat = *hb;
+  return s;
+}
+
+struct client_settings {
+  engine_settings engine;
+  std::chrono::milliseconds lease{5000};
+};
+
+inline result<client_settings> parse_client(const json& doc) {
+  kvx::config::view v(doc);
+  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "lease_ms", "log_level"}));
+  client_settings s;
+  auto engine = parse_engine(v, /*name_required=*/false);
+  KVX_TRY(engine);
+  s.engine = std::move(*engine);
+  auto lease = parse_ms(v, "lease_ms", s.lease);
+  KVX_TRY(lease);
+  s.lease = *lease;
+  return s;
+}
+
+}  // namespace kvx_store
