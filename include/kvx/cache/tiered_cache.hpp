@@ -374,7 +374,7 @@ class tiered_cache {
           if (make_room(t, bytes.size(), moves)) targets |= bit(t);
       entry& e = index_[k];
       e.bytes = bytes.size();
-      e.has_parent = parent.has_value();
+      e.has_parent = parent.has_value() ? 1 : 0;
       if (parent) e.parent = *parent;
       reserve(e, targets);
       for (std::size_t t = 0; t < state_.size(); ++t)
@@ -387,7 +387,7 @@ class tiered_cache {
     result<void> top;  // tier 0's outcome decides the insert's
     for (std::size_t t = 0; t < state_.size(); ++t) {
       if (!(targets & bit(t))) continue;
-      auto r = store_into(t, k, bytes, layout::slot[t] >= 0 ? where[slot(t)] : memory::allocation{});
+      auto r = store_into(t, k, bytes, layout::slot[t] >= 0 ? memory::allocation(where[slot(t)]) : memory::allocation{});
       if (r) stored |= bit(t);
       if (t == 0) top = std::move(r);
     }
@@ -506,7 +506,7 @@ class tiered_cache {
         }
         const std::size_t t = fastest(e.resident);
         ++e.pins;
-        plan.push_back({i, t, layout::slot[t] >= 0 ? e.where[slot(t)] : memory::allocation{},
+        plan.push_back({i, t, where_in(e, t),
                         static_cast<std::size_t>(e.bytes)});
       }
     }
@@ -625,7 +625,17 @@ class tiered_cache {
 
  private:
   using layout = detail::placement_layout<Tiers>;
-  using placements = std::array<memory::allocation, std::max<std::size_t>(layout::count, 1)>;
+  // A block's range in a placement tier, in 12 bytes so that an index entry
+  // with one such tier is one cache line (placed blocks are under 4 GiB).
+  struct [[gnu::packed]] placed_range {
+    std::uint64_t offset = 0;
+    std::uint32_t size = 0;
+    placed_range() = default;
+    placed_range(const memory::allocation& a) noexcept : offset(a.offset), size(static_cast<std::uint32_t>(a.size)) {}
+    operator memory::allocation() const noexcept { return {offset, size}; }
+  };
+  static constexpr std::uint64_t max_placed_bytes = UINT32_MAX;
+  using placements = std::array<placed_range, std::max<std::size_t>(layout::count, 1)>;
 
   struct entry {
     block_key parent{};
@@ -634,9 +644,9 @@ class tiered_cache {
     std::uint8_t resident = 0;  // tiers holding a complete copy
     std::uint8_t writing = 0;   // tiers being written (room reserved)
     std::uint8_t leaving = 0;   // resident tiers it is being moved out of: readable, no longer tracked or counted there
-    std::uint8_t moves = 0;     // moves of it in flight
-    bool has_parent = false;
-    placements where{};         // its range in each tier that takes placements (valid while resident or writing there)
+    std::uint8_t moves : 7 = 0;       // moves of it in flight
+    std::uint8_t has_parent : 1 = 0;
+    placements where{};  // its range in each tier that takes placements (valid while resident or writing there)
   };
   // A demotion decided under the lock and copied outside it.
   struct move {
@@ -657,6 +667,10 @@ class tiered_cache {
 
   static constexpr std::uint8_t bit(std::size_t t) noexcept { return static_cast<std::uint8_t>(1U << t); }
   static constexpr std::size_t slot(std::size_t t) noexcept { return static_cast<std::size_t>(layout::slot[t]); }
+  // e's range in tier t if t takes placements, else an empty one.
+  static memory::allocation where_in(const entry& e, std::size_t t) noexcept {
+    return layout::slot[t] >= 0 ? memory::allocation(e.where[slot(t)]) : memory::allocation{};
+  }
   static std::size_t fastest(std::uint8_t mask) noexcept {
     return static_cast<std::size_t>(std::countr_zero(static_cast<unsigned>(mask)));
   }
@@ -706,6 +720,10 @@ class tiered_cache {
           return true;
         }
         auto a = tier.place(e.bytes);
+        if (a && a->size > max_placed_bytes) {
+          tier.unplace(*a);
+          return false;
+        }
         if (a) e.where[slot(t)] = *a;
         return a.has_value();
       } else {
@@ -718,8 +736,8 @@ class tiered_cache {
   void unplace(std::size_t t, entry& e) {
     tiers_.visit(t, [&](auto& tier) {
       if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
-        memory::allocation& a = e.where[slot(t)];
-        if (a.size != 0) tier.unplace(std::exchange(a, memory::allocation{}));
+        placed_range& a = e.where[slot(t)];
+        if (a.size != 0) tier.unplace(std::exchange(a, placed_range{}));
       }
     });
   }
@@ -862,14 +880,14 @@ class tiered_cache {
       if (make_room(down, e.bytes, moves)) {
         reserve(e, bit(down));
         ++e.moves;
-        moves.push_back(move{*victim, e.bytes, layout::slot[t] >= 0 ? e.where[slot(t)] : memory::allocation{},
+        moves.push_back(move{*victim, e.bytes, where_in(e, t),
                              static_cast<std::uint8_t>(t), static_cast<std::uint8_t>(down)});
         return true;
       }
       e.leaving &= static_cast<std::uint8_t>(~bit(t));
     }
     if (layout::slot[t] >= 0 && spare_[t].size == 0)
-      spare_[t] = std::exchange(e.where[slot(t)], memory::allocation{});  // for the block this eviction makes room for
+      spare_[t] = std::exchange(e.where[slot(t)], placed_range{});  // for the block this eviction makes room for
     else
       free_in(t, *victim, e);
     e.resident &= static_cast<std::uint8_t>(~bit(t));
@@ -893,6 +911,10 @@ class tiered_cache {
             auto a = tier.place(m.bytes);
             if (!a) return false;
             to_at = *a;
+            if (to_at.size > max_placed_bytes) {
+              tier.unplace(to_at);
+              return false;
+            }
             if (tier.write_at(to_at, std::span<const std::byte>(buf))) return true;
             tier.unplace(to_at);
             return false;

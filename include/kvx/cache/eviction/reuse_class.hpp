@@ -50,6 +50,7 @@
 #include <vector>
 
 #include <kvx/cache/detail/flat_key_map.hpp>
+#include <kvx/cache/detail/node_pool.hpp>
 #include <kvx/cache/eviction/detail/keyed_list.hpp>
 #include <kvx/cache/eviction_policy.hpp>
 
@@ -79,7 +80,8 @@ class reuse_core {
   // `unit`: the clock span one unit of protection is worth (the capacity of
   // the cache whose clock ticks; shadows tick with the real cache's clock).
   reuse_core(std::size_t capacity, double ghost_factor, std::size_t unit)
-      : capacity_(std::max<std::size_t>(capacity, 1)),
+      : lists_(make_lists()),
+        capacity_(std::max<std::size_t>(capacity, 1)),
         unit_(std::max<std::size_t>(unit, 1)),
         ring_(std::max<std::size_t>(
             static_cast<std::size_t>(ghost_factor * static_cast<double>(std::max<std::size_t>(capacity, 1))), 1)) {}
@@ -140,7 +142,7 @@ class reuse_core {
   std::optional<block_key> victim(Evictable& evictable, const protection& p) {
     const double unit = static_cast<double>(std::max(unit_, size()));
     std::size_t best_class = reuse_classes;
-    std::list<node>::iterator best;
+    node_list::iterator best;
     double best_score = 0;
     for (std::size_t c = 0; c < reuse_classes; ++c) {
       auto& l = lists_[c];
@@ -185,21 +187,28 @@ class reuse_core {
     meta m;
     std::uint8_t klass;
   };
+  // The five lists share one pool of nodes (so nodes splice between them).
+  using node_list = std::list<node, cache::detail::pool_allocator<node>>;
+  static std::array<node_list, reuse_classes> make_lists() {
+    const cache::detail::pool_allocator<node> a(
+        std::make_shared<cache::detail::node_pool>(sizeof(node) + 2 * sizeof(void*)));  // a node and its links
+    return {node_list(a), node_list(a), node_list(a), node_list(a), node_list(a)};
+  }
   struct key_entry {
-    std::list<node>::iterator at{};  // tracked: its place in its class's list
+    node_list::iterator at{};  // tracked: its place in its class's list
     std::uint32_t ghost_count = 0;     // a ghost: the reads it had when evicted
     std::uint64_t ghost_seq = 0;       // a ghost: its ring slot's sequence number
     bool tracked = false;
   };
-  void relist(std::list<node>::iterator n) {
+  void relist(node_list::iterator n) {
     const auto to = static_cast<std::uint8_t>(class_of(n->m));
     lists_[to].splice(lists_[to].begin(), lists_[n->klass], n);
     n->klass = to;
   }
 
+  std::array<node_list, reuse_classes> lists_;
   std::size_t capacity_;
   std::size_t unit_;
-  std::array<std::list<node>, reuse_classes> lists_;
   cache::detail::flat_key_map<key_entry, key_hash> keys_;
   std::size_t tracked_ = 0;
   std::vector<std::pair<block_key, std::uint64_t>, cache::detail::huge_page_allocator<std::pair<block_key, std::uint64_t>>> ring_;
