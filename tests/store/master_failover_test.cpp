@@ -293,6 +293,25 @@ TEST_F(MasterFailover, ResignHandsOverAtOnceAndNoLeaderIsUnreachable) {
   }
 }
 
+TEST_F(MasterFailover, ALeaderThatCannotKeepItsLeaseAliveStopsServing) {
+  auto& a = add_master();
+  ASSERT_TRUE(run_until([&] { return a.is_leader(); }));
+  auto direct = kvx::store::master_client::create(io.get_executor(), a.endpoint());
+  ASSERT_FALSE(call(*direct, {{"op", "stats"}}).first);
+  server_->pause();  // etcd hangs: no keep-alive succeeds, the lease is presumed expired after the TTL
+  const bool stepped_down = run_until([&] { return !a.is_leader(); }, 4s);
+  server_->resume();
+  ASSERT_TRUE(stepped_down) << "within the TTL (1 s) plus a keep-alive period";
+  EXPECT_EQ(a.state(), nullptr) << "its state is dropped";
+  auto [ec, body] = call(*direct, {{"op", "stats"}});
+  EXPECT_TRUE(ec == kvx::errc::connection_lost || ec == kvx::errc::stale) << ec.message() << body.dump();
+  std::tie(ec, body) = call(*direct, {{"op", "stats"}});
+  EXPECT_EQ(ec, kvx::errc::stale) << "a standby now: " << body.dump();
+  ASSERT_TRUE(run_until([&] { return a.is_leader(); }, 5s)) << "with etcd back, it campaigns again and leads";
+  std::tie(ec, body) = call(*direct, {{"op", "stats"}});
+  EXPECT_FALSE(ec) << ec.message() << body.dump();
+}
+
 TEST_F(MasterFailover, LeadershipLostMidPutIsACleanErrorAndNothingHalfWrittenAppears) {
   auto& a = add_master();
   ASSERT_TRUE(run_until([&] { return a.is_leader(); }));
