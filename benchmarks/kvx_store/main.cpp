@@ -35,6 +35,7 @@
 #include <kvx/core/bytes.hpp>
 #include <kvx/memory/mapped_arena.hpp>
 #include <kvx/memory/mapped_file.hpp>
+#include <kvx/store/elected_master.hpp>
 #include <kvx/store/master_server.hpp>
 #include <kvx/store/metadata.hpp>
 #include <kvx/store/store_client.hpp>
@@ -58,7 +59,7 @@ const char* const top_usage =
     "  node   --config F.json   run a node that contributes DRAM (and an SSD file) to the pool\n"
     "  put    --config F.json --tenant T --key K (--file F | --size N [--seed S]) [--replicas N] [--pin]\n"
     "  get    --config F.json --tenant T --key K [--out F | --expect-file F | --expect-seed S]\n"
-    "  admin  --master HOST:PORT [--json] segments | objects [--tenant T] [--limit N] | usage | drain NODE [--wait S]\n"
+    "  admin  (--master HOST:PORT | --etcd HOST:PORT) [--json] segments | objects [--tenant T] [--limit N] | usage | drain NODE [--wait S]\n"
     "Configs: docs/store.md, \"Running the store\".\n";
 
 const char* const master_usage =
@@ -68,13 +69,15 @@ const char* const master_usage =
     "Config keys: listen (required, \"HOST:PORT\", port 0 = any), metadata_server (\"HOST:PORT\": serve the\n"
     "engines' metadata over HTTP), tick_ms, put_lease_ms, read_lease_ms, node_timeout_ms, high_watermark,\n"
     "low_watermark, max_object_size, eviction (lru|s3fifo|sieve), placement (random|locality),\n"
-    "tenant_quota ({\"tenant\": bytes}), log_level.\n";
+    "tenant_quota ({\"tenant\": bytes}), log_level, election ({\"address\": ETCD, \"prefix\", \"role\",\n"
+    "\"advertise\", \"ttl_ms\", \"poll_interval_ms\", \"takeover_grace_ms\"}: campaign on etcd, serve while leading).\n";
 
 const char* const node_usage =
     "usage: kvx-store node --config F.json [--die-with-parent]\n"
     "Contributes memory to the pool until SIGINT/SIGTERM. Prints one JSON line once registered:\n"
     "  {\"node\": NAME, \"segments\": [...]}\n"
-    "Config keys: name (required), master (required, \"HOST:PORT\"), metadata (required: {\"backend\": \"http\",\n"
+    "Config keys: name (required), master (required: \"HOST:PORT\", or {\"address\": ETCD, \"prefix\", \"role\"}\n"
+    "to follow the elected master), metadata (required: {\"backend\": \"http\",\n"
     "\"url\": ...} | {\"backend\": \"etcd\"|\"redis\", \"address\": ...}), transport (tcp|shm), address,\n"
     "dram (bytes, e.g. \"256MiB\"), ssd ({\"path\", \"bytes\", \"replace\"}: a file as an SSD segment,\n"
     "node \"NAME-ssd\"), heartbeat_ms, log_level.\n";
@@ -94,7 +97,7 @@ const char* const get_usage =
     "Prints {\"key\": ..., \"size\": N, \"verified\": true|false}; exit status 1 when it differs.\n";
 
 const char* const admin_usage =
-    "usage: kvx-store admin --master HOST:PORT [--json] COMMAND\n"
+    "usage: kvx-store admin (--master HOST:PORT | --etcd HOST:PORT [--prefix P] [--role R]) [--json] COMMAND\n"
     "  segments                        every segment: node, tier, capacity, used, draining\n"
     "  objects [--tenant T] [--limit N] objects: tenant, key, size, replicas, leases, pinned, state\n"
     "  usage                           bytes used per tier and per tenant (with quotas)\n"
@@ -177,14 +180,31 @@ template <class Eviction, class Placement>
 int run_master(const master_settings& s) {
   using state_type = kvx::store::master_state<Eviction, Placement>;
   asio::io_context io;
-  state_type state(s.state);
   kvx::store::master_server_config server_config;
   server_config.address = s.listen.host;
   server_config.port = s.listen.port;
   server_config.tick_interval = s.tick;
-  kvx::store::master_server<state_type> server(io.get_executor(), state, server_config);
-  if (auto started = server.start(); !started) return fail(started.error().message());
-  json hello{{"master", server.endpoint()}};
+  // Alone, or campaigning on etcd and serving only while it leads (a fresh state each term).
+  std::optional<state_type> state;
+  std::optional<kvx::store::master_server<state_type>> server;
+  std::optional<kvx::store::elected_master<state_type>> elected;
+  if (s.election) {
+    kvx::store::elected_master_config c;
+    c.server = server_config;
+    c.advertise = s.election->advertise;
+    c.role = s.election->where.role;
+    c.election = s.election->election;
+    c.takeover_grace = s.election->takeover_grace;
+    elected.emplace(kvx::store::etcd_metadata(io.get_executor(), s.election->where.etcd), c,
+                    [config = s.state] { return std::make_unique<state_type>(config); });
+    if (auto started = elected->start(); !started) return fail(started.error().message());
+  } else {
+    state.emplace(s.state);
+    server.emplace(io.get_executor(), *state, server_config);
+    if (auto started = server->start(); !started) return fail(started.error().message());
+  }
+  json hello{{"master", elected ? elected->endpoint() : server->endpoint()}};
+  if (elected) hello["role"] = s.election->where.role;
   kvx::transfer::embedded_metadata metadata(io.get_executor());
   std::optional<kvx::transfer::http_metadata_server<kvx::transfer::embedded_metadata>> metadata_server;
   if (s.metadata_server) {
@@ -197,7 +217,8 @@ int run_master(const master_settings& s) {
   }
   asio::signal_set signals(io, SIGINT, SIGTERM);
   stop_on_signals(io, signals, [&] {
-    server.stop();
+    if (server) server->stop();
+    if (elected) elected->stop();  // without resigning: a standby leads once the lease runs out
     if (metadata_server) metadata_server->stop();
   });
   print_line(hello);
@@ -317,6 +338,13 @@ result<std::unique_ptr<party<Transport>>> make_party(asio::io_context& io, const
   }
 }
 
+// The master at a fixed address, or the one leading the configured election.
+std::shared_ptr<kvx::store::master_client> connect_master(asio::io_context& io, const engine_settings& s) {
+  if (!s.leader) return kvx::store::master_client::create(io.get_executor(), s.master.text());
+  kvx::store::etcd_metadata etcd(io.get_executor(), s.leader->etcd);
+  return kvx::store::master_client::create(io.get_executor(), kvx::store::leader_lookup(etcd, s.leader->role));
+}
+
 // --- node --------------------------------------------------------------------------
 
 template <class Transport>
@@ -341,7 +369,7 @@ int run_node(const node_settings& settings, const std::string& path) {
   asio::io_context io;
   auto p = make_party<Transport>(io, s->engine, s->engine.name, s->ssd.has_value());
   if (!p) return fail(path + ": " + p.error().message());
-  auto master = kvx::store::master_client::create(io.get_executor(), s->engine.master.text());
+  auto master = connect_master(io, s->engine);
 
   struct contribution {
     std::string node, segment, tier;
@@ -463,7 +491,7 @@ int run_client(const std::string& mode, const args& a, const client_settings& se
   auto p = make_party<Transport>(io, s->engine, name, false);
   if (!p) return fail(*path + ": " + p.error().message());
   auto& engine = (*p)->engine;
-  auto master = kvx::store::master_client::create(io.get_executor(), s->engine.master.text());
+  auto master = connect_master(io, s->engine);
   kvx::store::client_options co;
   co.node = name;
   co.lease = s->lease;
@@ -544,6 +572,10 @@ int run_client(const std::string& mode, const args& a, const client_settings& se
     auto [rec, desc] = co_await engine.async_register_memory(region, name + "/buf", asio::as_tuple(asio::use_awaitable));
     if (rec) co_return fail("registering the buffer: " + rec.message());
     auto [ec, n] = co_await client.async_get(object, std::span<std::byte>(region.data(), size), asio::as_tuple(asio::use_awaitable));
+    // End the size probe's lease too, and wait for the answer: a release
+    // still queued when this process exits would leave the lease to expire.
+    (void)co_await master->async_call(kvx::store::protocol::make_request("release", "tenant", object.tenant, "key", object.key),
+                                      asio::as_tuple(asio::use_awaitable));
     if (ec) co_return fail("get '" + object.full() + "': " + ec.message());
     json line{{"key", object.full()}, {"size", n}};
     std::optional<std::uint64_t> differs;
@@ -619,8 +651,21 @@ void print_drain(const json& r) {
 
 int admin_mode(const args& a) {
   auto master_text = a.get("--master");
-  if (!master_text) return usage_error("admin needs --master HOST:PORT", admin_usage);
-  if (auto hp = parse_host_port(*master_text, "--master"); !hp) return usage_error(hp.error().message(), admin_usage);
+  auto etcd_text = a.get("--etcd");
+  if (!master_text == !etcd_text) return usage_error("admin needs --master HOST:PORT or --etcd HOST:PORT", admin_usage);
+  engine_settings where;
+  if (master_text) {
+    auto hp = parse_host_port(*master_text, "--master");
+    if (!hp) return usage_error(hp.error().context(), admin_usage);
+    where.master = *hp;
+  } else {
+    json e{{"address", *etcd_text}, {"prefix", a.get("--prefix").value_or("")},
+           {"role", a.get("--role").value_or(kvx::store::default_master_role)}};
+    auto leader = parse_etcd_role(kvx::config::view(e, "--etcd"), {});
+    if (!leader) return usage_error(leader.error().context(), admin_usage);
+    where.leader = std::move(*leader);
+  }
+  const std::string master_name = master_text ? *master_text : "leading '" + where.leader->role + "' on etcd " + *etcd_text;
   if (a.positional.empty()) return usage_error("admin needs a command", admin_usage);
   const auto& command = a.positional[0];
   json request;
@@ -647,12 +692,12 @@ int admin_mode(const args& a) {
   const bool as_json = a.has("--json");
 
   asio::io_context io;
-  auto master = kvx::store::master_client::create(io.get_executor(), *master_text);
+  auto master = connect_master(io, where);
   return run_until_done(io, [&]() -> asio::awaitable<int> {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(*wait_s);
     for (;;) {
       auto [ec, r] = co_await master->async_call(request, kvx::cancel_after(std::chrono::seconds(5), asio::as_tuple(asio::use_awaitable)));
-      if (ec) co_return fail("admin " + command + " (master " + *master_text + "): " + ec.message() + " " + r.value("message", std::string()));
+      if (ec) co_return fail("admin " + command + " (master " + master_name + "): " + ec.message() + " " + r.value("message", std::string()));
       r.erase("id");
       r.erase("ok");
       const bool waiting = command == "drain" && !r["drained"].get<bool>() && std::chrono::steady_clock::now() < deadline;
@@ -710,7 +755,7 @@ int main(int argc, char** argv) {
     a = parse_args(argc, argv, 2, {"--config", "--tenant", "--key", "--out", "--expect-file", "--expect-seed", "--seed"},
                    {"--die-with-parent"});
   else
-    a = parse_args(argc, argv, 2, {"--master", "--tenant", "--limit", "--wait"}, {"--json"});
+    a = parse_args(argc, argv, 2, {"--master", "--etcd", "--prefix", "--role", "--tenant", "--limit", "--wait"}, {"--json"});
   if (!a) return usage_error(a.error().message(), usage);
   if (mode != "admin" && !a->positional.empty()) return usage_error("unexpected argument '" + a->positional[0] + "'", usage);
   if (mode == "master") return master_mode(*a);

@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support/child_process.hpp"
+#include "support/servers.hpp"
 
 extern char** environ;
 
@@ -210,6 +211,7 @@ TEST_P(StoreAcrossProcesses, PutAndGetAreByteExactWithReplicasOnDistinctNodes) {
     EXPECT_EQ(get.last_json()["size"], size);
     EXPECT_EQ(get.last_json()["verified"], true);
     auto o = c.object("t", key);
+    EXPECT_EQ(o["lease_ms"], 0) << "the reader released its lease before it exited";
     ASSERT_EQ(o["replicas"].size(), 2u) << o.dump();
     EXPECT_NE(o["replicas"][0]["node"], o["replicas"][1]["node"]);
   }
@@ -359,6 +361,80 @@ TEST(StoreProcesses, DrainingANodeCopiesItsObjectsSoItCanLeave) {
     EXPECT_TRUE(get.ok()) << get.output;
   }
   EXPECT_EQ(c.admin({"usage"})["objects"], 3);
+}
+
+TEST(StoreProcesses, ClientsAndNodesFollowAStandbyMasterWhenTheLeaderIsKilled) {
+  auto etcd = kvx::test::etcd_server::start();
+  if (!etcd) GTEST_SKIP() << kvx::test::etcd_server::missing_reason();
+  cluster c("tcp");
+  const json where{{"address", etcd->address()}, {"prefix", "kvx-store-tool/"}};
+  json election = where;
+  election["ttl_ms"] = 1000;
+  election["poll_interval_ms"] = 50;
+  election["takeover_grace_ms"] = 300;
+  std::vector<std::unique_ptr<kvx::test::child_process>> masters;
+  std::vector<std::string> endpoints;
+  for (int i = 0; i < 2; ++i) {
+    const auto path = c.dir / ("master-" + std::to_string(i) + ".json");
+    write_json(path, {{"listen", "127.0.0.1:0"}, {"tick_ms", 50}, {"node_timeout_ms", 1500}, {"election", election}});
+    masters.push_back(spawn({"master", "--config", path.string()}));
+    auto line = masters.back()->read_line(30s);
+    ASSERT_TRUE(line) << "master " << i << " printed nothing";
+    endpoints.push_back(json::parse(*line)["master"]);
+  }
+  // Nodes and clients find the master through etcd, and share their segments' descriptors there.
+  json metadata = where;
+  metadata["backend"] = "etcd";
+  c.master_endpoint = endpoints[0];  // replaced below by the leader's
+  for (auto name : {"n0", "n1"}) {
+    const auto path = c.dir / (std::string(name) + ".json");
+    write_json(path, {{"name", name}, {"master", where}, {"metadata", metadata}, {"dram", "16MiB"}, {"heartbeat_ms", 100}});
+    auto& node = c.nodes[name] = spawn({"node", "--config", path.string()});
+    auto line = node->read_line(30s);
+    ASSERT_TRUE(line) << "node " << name << " printed nothing";
+  }
+  c.client_config = c.dir / "client.json";
+  write_json(c.client_config, {{"master", where}, {"metadata", metadata}});
+  auto admin_via_etcd = [&](const std::string& command) {
+    return run({"admin", "--etcd", etcd->address(), "--prefix", "kvx-store-tool/", "--json", command});
+  };
+  // A master takes puts once its takeover grace is over (busy until then).
+  auto put_eventually = [&](const std::string& key, int seed) {
+    const auto until = std::chrono::steady_clock::now() + 15s;
+    finished put;
+    while (!(put = c.put("t", key, 200'000, seed, 2)).ok() && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(100ms);
+    return put;
+  };
+  auto before = put_eventually("before", 5);
+  ASSERT_TRUE(before.ok()) << before.output;
+  ASSERT_TRUE(c.get("t", "before", 5).ok());
+  // The standby refuses; the leader answers.
+  std::size_t leader = 2;
+  for (std::size_t i = 0; i < 2; ++i)
+    if (run({"admin", "--master", endpoints[i], "--json", "usage"}).ok()) leader = i;
+  ASSERT_LT(leader, 2u) << "no master leads";
+  EXPECT_FALSE(run({"admin", "--master", endpoints[1 - leader], "usage"}).ok()) << "a standby answers nothing";
+
+  masters[leader]->kill(SIGKILL);
+  masters[leader]->wait();
+  // The standby leads within the TTL; both nodes register with it again.
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  json usage;
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto r = admin_via_etcd("usage");
+    if (r.ok() && (usage = r.last_json())["nodes"].size() == 2u) break;
+    std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_EQ(usage["nodes"].size(), 2u) << usage.dump();
+  // The new master starts empty (objects do not survive a failover) and takes puts after its grace.
+  EXPECT_FALSE(c.get("t", "before", 5).ok());
+  auto put = put_eventually("after", 6);
+  ASSERT_TRUE(put.ok()) << put.output;
+  auto get = c.get("t", "after", 6);
+  EXPECT_TRUE(get.ok()) << get.output;
+  c.nodes.clear();
+  masters.clear();
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // (unknown keys, wrong types and missing fields are errors naming the field).
 // The reference for every key is docs/store.md, "Running the store".
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <fstream>
@@ -10,10 +11,13 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <kvx/core/config.hpp>
 #include <kvx/core/log.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/store/elected_master.hpp>
+#include <kvx/store/etcd_metadata.hpp>
 #include <kvx/store/master_state.hpp>
 
 namespace kvx_store {
@@ -76,6 +80,63 @@ inline result<std::chrono::milliseconds> parse_ms(const kvx::config::view& v, st
   return std::chrono::milliseconds(*ms);
 }
 
+// --- master failover through etcd ------------------------------------------------
+
+//! Where the election lives: an etcd server, a key prefix, the role's name.
+struct etcd_role {
+  kvx::store::etcd_options etcd;
+  std::string role = kvx::store::default_master_role;
+};
+
+inline result<etcd_role> parse_etcd_role(const kvx::config::view& v, std::initializer_list<std::string_view> more_keys) {
+  std::vector<std::string_view> keys{"address", "prefix", "timeout_ms", "role"};
+  keys.insert(keys.end(), more_keys.begin(), more_keys.end());
+  for (auto it = v.raw().begin(); it != v.raw().end(); ++it)
+    if (std::find(keys.begin(), keys.end(), it.key()) == keys.end()) {
+      std::string list;
+      for (auto k : keys) list += (list.empty() ? "" : ", ") + std::string(k);
+      return error{errc::invalid_argument, "unknown config field '" + v.path_of(it.key()) + "' (allowed: " + list + ")"};
+    }
+  etcd_role r;
+  auto etcd = kvx::store::etcd_options::from_config(v);
+  KVX_TRY(etcd);
+  r.etcd = std::move(*etcd);
+  auto role = v.optional<std::string>("role", r.role);
+  KVX_TRY(role);
+  r.role = *role;
+  return r;
+}
+
+//! The master campaigns on etcd and serves only while it leads.
+struct election_settings {
+  etcd_role where;
+  std::string advertise;  //!< "host:port" published as leader; empty: the bound one
+  kvx::store::etcd_election_options election;
+  std::optional<std::chrono::milliseconds> takeover_grace;
+};
+
+inline result<election_settings> parse_election(const kvx::config::view& v) {
+  election_settings e;
+  auto where = parse_etcd_role(v, {"advertise", "ttl_ms", "poll_interval_ms", "takeover_grace_ms"});
+  KVX_TRY(where);
+  e.where = std::move(*where);
+  auto advertise = v.optional<std::string>("advertise", "");
+  KVX_TRY(advertise);
+  e.advertise = *advertise;
+  auto ttl = parse_ms(v, "ttl_ms", e.election.ttl, 1000);
+  KVX_TRY(ttl);
+  e.election.ttl = *ttl;
+  auto poll = parse_ms(v, "poll_interval_ms", e.election.poll_interval);
+  KVX_TRY(poll);
+  e.election.poll_interval = *poll;
+  if (v.contains("takeover_grace_ms")) {
+    auto grace = parse_ms(v, "takeover_grace_ms", std::chrono::milliseconds(0), 0);
+    KVX_TRY(grace);
+    e.takeover_grace = *grace;
+  }
+  return e;
+}
+
 // --- master ------------------------------------------------------------------
 
 struct master_settings {
@@ -86,13 +147,14 @@ struct master_settings {
   std::string eviction = "lru";
   std::string placement = "random";
   kvx::log_level log_level = kvx::log_level::warn;
+  std::optional<election_settings> election;  //!< campaign on etcd (failover) instead of serving alone
 };
 
 inline result<master_settings> parse_master(const json& doc) {
   kvx::config::view v(doc);
   KVX_TRY(v.allow_only({"listen", "metadata_server", "tick_ms", "put_lease_ms", "read_lease_ms", "node_timeout_ms",
                         "high_watermark", "low_watermark", "max_object_size", "eviction", "placement", "tenant_quota",
-                        "log_level"}));
+                        "log_level", "election"}));
   master_settings s;
   auto listen = v.required<std::string>("listen");
   KVX_TRY(listen);
@@ -156,6 +218,13 @@ inline result<master_settings> parse_master(const json& doc) {
   auto level = parse_log_level(v);
   KVX_TRY(level);
   s.log_level = *level;
+  if (v.contains("election")) {
+    auto e = v.child("election");
+    KVX_TRY(e);
+    auto election = parse_election(*e);
+    KVX_TRY(election);
+    s.election = std::move(*election);
+  }
   return s;
 }
 
@@ -163,7 +232,8 @@ inline result<master_settings> parse_master(const json& doc) {
 
 struct engine_settings {
   std::string name;
-  host_port master;
+  host_port master;                 //!< a fixed master ...
+  std::optional<etcd_role> leader;  //!< ... or whichever leads this election
   json metadata;                    //!< {"backend": "http", "url": ...} or any_metadata_backend's config
   std::string transport = "tcp";    //!< tcp or shm
   std::string address = "127.0.0.1";  //!< tcp: the address the transport listens on
@@ -176,11 +246,21 @@ inline result<engine_settings> parse_engine(const kvx::config::view& v, bool nam
   KVX_TRY(name);
   if (name_required && name->empty()) return error{errc::invalid_argument, "config field 'name': must not be empty"};
   s.name = *name;
-  auto master = v.required<std::string>("master");
-  KVX_TRY(master);
-  auto hp = parse_host_port(*master, "master");
-  KVX_TRY(hp);
-  s.master = *hp;
+  if (v.contains("master") && v.raw()["master"].is_object()) {
+    auto m = v.child("master");
+    KVX_TRY(m);
+    auto leader = parse_etcd_role(*m, {});
+    KVX_TRY(leader);
+    s.leader = std::move(*leader);
+  } else {
+    auto master = v.required<std::string>("master");
+    if (!master)
+      return error{errc::invalid_argument, master.error().context() +
+                                               " (\"HOST:PORT\", or {\"address\": ETCD, \"prefix\", \"role\"} to follow an elected master)"};
+    auto hp = parse_host_port(*master, "master");
+    KVX_TRY(hp);
+    s.master = *hp;
+  }
   auto meta = v.child("metadata");
   KVX_TRY(meta);
   auto backend = meta->required<std::string>("backend");
