@@ -5,9 +5,10 @@
 // remote tier.
 //
 // Set-up per run: a master and two storage nodes on one io_context thread
-// (the "server side"), clients on another (the "client side"): two threads,
-// like Redis's server process and benchmark process. Each client keeps one
-// operation outstanding, as redis-benchmark's clients do.
+// (the "server side"), clients on another (the "client side"), each side with
+// its own metadata client: two threads, like Redis's server process and
+// benchmark process. Each client keeps one operation outstanding, as
+// redis-benchmark's clients do.
 #include <kvx/cache/eviction/lru.hpp>
 #include <kvx/core/bytes.hpp>
 #include <kvx/memory/mapped_arena.hpp>

@@ -1,7 +1,8 @@
 // libFuzzer target: the store's control-plane path from raw bytes to a
 // response — frame splitting, request parsing and the master handler acting
-// on a real master state. Any input must yield well-formed responses and
-// leave the state consistent; crashes, leaks and UB are findings.
+// on a real master state. Any input must yield well-formed responses (none
+// for a notification) and leave the state consistent; crashes, leaks and UB
+// are findings.
 #include <kvx/store/master_handler.hpp>
 #include <kvx/cache/eviction/lru.hpp>
 
@@ -23,7 +24,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     auto frame = decoder.next();
     if (!frame || !*frame) break;
     auto response = handler.handle(**frame, now);
-    if (!response.is_object() || !response.contains("ok")) __builtin_trap();
+    // Null exactly for a well-formed notification ("reply": false); an object with "ok" otherwise.
+    const auto request = kvx::store::protocol::parse_request(**frame);
+    if (response.is_null() != (request && !request->reply)) __builtin_trap();
+    if (!response.is_null() && (!response.is_object() || !response.contains("ok"))) __builtin_trap();
     now += std::chrono::milliseconds(700);
     handler.tick(now);
   }

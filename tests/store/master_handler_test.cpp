@@ -44,6 +44,22 @@ TEST_F(MasterHandler, FullPutGetCycleOverTheProtocol) {
   EXPECT_EQ(stats["capacity"], 2 << 20);
 }
 
+TEST_F(MasterHandler, ANotificationIsActedOnAndAnsweredWithNothing) {
+  ASSERT_TRUE(call({{"id", 1}, {"op", "register_segment"}, {"node", "n0"}, {"segment", "s0"}, {"capacity", 1 << 20}})["ok"]);
+  auto put = call({{"id", 2}, {"op", "put_start"}, {"tenant", "t"}, {"key", "k"}, {"size", 4096}});
+  ASSERT_TRUE(put["ok"]) << put.dump();
+  ASSERT_TRUE(call({{"id", 3}, {"op", "put_commit"}, {"tenant", "t"}, {"key", "k"}, {"put_id", put["put_id"]}})["ok"]);
+  ASSERT_TRUE(call({{"id", 4}, {"op", "get"}, {"tenant", "t"}, {"key", "k"}, {"lease_ms", 60000}})["ok"]);
+  EXPECT_EQ(call({{"id", 5}, {"op", "remove"}, {"tenant", "t"}, {"key", "k"}})["error"], "busy");
+  auto released = call({{"id", 6}, {"op", "release"}, {"tenant", "t"}, {"key", "k"}, {"reply", false}});
+  EXPECT_TRUE(released.is_null()) << released.dump();
+  // The release took effect: the lease no longer holds the object.
+  EXPECT_TRUE(call({{"id", 7}, {"op", "remove"}, {"tenant", "t"}, {"key", "k"}, {"reply", true}})["ok"]);
+  // A failing notification is silent too.
+  auto failed = call({{"id", 8}, {"op", "release"}, {"tenant", "t"}, {"key", "k"}, {"reply", false}});
+  EXPECT_TRUE(failed.is_null()) << failed.dump();
+}
+
 TEST_F(MasterHandler, MalformedRequestsGetErrorsNamingTheField) {
   auto check = [&](const std::string& body, const std::string& code, const std::string& fragment) {
     auto r = handler.handle(body, now);
@@ -55,6 +71,7 @@ TEST_F(MasterHandler, MalformedRequestsGetErrorsNamingTheField) {
   check("[1,2]", "malformed_message", "not a JSON object");
   check(R"({"op":"get"})", "malformed_message", "request.id");
   check(R"({"id":1,"op":"launch_missiles"})", "malformed_message", "unknown op");
+  check(R"({"id":1,"op":"release","tenant":"t","key":"k","reply":"no"})", "malformed_message", "request.reply");
   check(R"({"id":1,"op":"get","tenant":"t"})", "invalid_argument", "get.key");
   check(R"({"id":1,"op":"put_start","tenant":"t","key":"k","size":"big"})", "invalid_argument", "put_start.size");
   check(R"({"id":1,"op":"put_start","tenant":"t","key":"k","size":-5})", "invalid_argument", "put_start.size");

@@ -9,6 +9,7 @@
 
 #include <list>
 #include <optional>
+#include <thread>
 
 namespace {
 
@@ -67,6 +68,49 @@ TEST_F(MasterServer, ManyPipelinedCallsAllComplete) {
   EXPECT_EQ(done, 200);
 }
 
+// A committed object `k` of tenant `t`, read with a long lease through `client`.
+void put_and_lease(MasterServer& f, kvx::store::master_client& client) {
+  ASSERT_FALSE(f.call(client, {{"op", "register_segment"}, {"node", "n"}, {"segment", "s"}, {"capacity", 1 << 20}}).first);
+  auto [ec, put] = f.call(client, {{"op", "put_start"}, {"tenant", "t"}, {"key", "k"}, {"size", 100}});
+  ASSERT_FALSE(ec);
+  ASSERT_FALSE(f.call(client, {{"op", "put_commit"}, {"tenant", "t"}, {"key", "k"}, {"put_id", put["put_id"]}}).first);
+  ASSERT_FALSE(f.call(client, {{"op", "get"}, {"tenant", "t"}, {"key", "k"}, {"lease_ms", 600000}}).first);
+  ASSERT_EQ(f.call(client, {{"op", "remove"}, {"tenant", "t"}, {"key", "k"}}).first, kvx::errc::busy);
+}
+
+TEST_F(MasterServer, ANotificationRidesWithTheNextCallInOrderAndGetsNoAnswer) {
+  auto client = kvx::store::master_client::create(io.get_executor(), server.endpoint());
+  put_and_lease(*this, *client);
+  client->notify({{"op", "release"}, {"tenant", "t"}, {"key", "k"}});
+  // The release reached the master before the remove (one connection, in
+  // order), though the lease has ten minutes left; no answer to the
+  // notification was taken for the remove's.
+  auto [ec, removed] = call(*client, {{"op", "remove"}, {"tenant", "t"}, {"key", "k"}});
+  EXPECT_FALSE(ec) << ec.message() << removed.dump();
+  auto [ec2, stats] = call(*client, {{"op", "stats"}});
+  ASSERT_FALSE(ec2);
+  EXPECT_EQ(stats["objects"], 0);
+}
+
+TEST_F(MasterServer, ANotificationWithNoCallAfterItStillLeaves) {
+  auto reader = kvx::store::master_client::create(io.get_executor(), server.endpoint());
+  auto other = kvx::store::master_client::create(io.get_executor(), server.endpoint());
+  put_and_lease(*this, *reader);
+  reader->notify({{"op", "release"}, {"tenant", "t"}, {"key", "k"}});
+  // Nothing else goes through `reader`: the release leaves on its own (the
+  // lease would hold the object for ten minutes), so another client's
+  // remove succeeds once it has arrived.
+  std::error_code ec = kvx::errc::busy;
+  for (int i = 0; i < 500 && ec == kvx::errc::busy; ++i) {
+    ec = call(*other, {{"op", "remove"}, {"tenant", "t"}, {"key", "k"}}).first;
+    if (ec == kvx::errc::busy) {
+      io.restart();
+      io.run_for(10ms);
+    }
+  }
+  EXPECT_FALSE(ec) << ec.message();
+}
+
 TEST_F(MasterServer, StoppedMasterGivesConnectionLostThenUnreachable) {
   auto client = kvx::store::master_client::create(io.get_executor(), server.endpoint());
   ASSERT_FALSE(call(*client, {{"op", "stats"}}).first);
@@ -93,16 +137,34 @@ TEST(MasterClient, DeadlineTurnsASilentMasterIntoTimedOut) {
   EXPECT_EQ(*out, kvx::errc::timed_out);
 }
 
-TEST(MasterServerRaw, OversizedFrameGetsAnErrorAndTheConnectionCloses) {
+// A master (or a standby) on its own thread, for tests that write the wire
+// format themselves.
+struct running_master {
   asio::io_context io;
   kvx::metrics::registry registry;
   state_type state{{}, {}, registry};
-  kvx::store::master_server<state_type> server(io.get_executor(), state);
-  ASSERT_TRUE(server.start());
-  std::thread runner([&] { io.run_for(5s); });
+  std::optional<kvx::store::master_server<state_type>> server;
+  std::thread runner;
+
+  explicit running_master(bool standby = false) {
+    if (standby)
+      server.emplace(io.get_executor(), kvx::store::master_server_config{});
+    else
+      server.emplace(io.get_executor(), state);
+    EXPECT_TRUE(server->start());
+    runner = std::thread([this] { io.run_for(5s); });
+  }
+  ~running_master() {
+    io.stop();
+    runner.join();
+  }
+};
+
+TEST(MasterServerRaw, OversizedFrameGetsAnErrorAndTheConnectionCloses) {
+  running_master master;
   asio::io_context cio;
   asio::ip::tcp::socket s(cio);
-  s.connect({asio::ip::make_address("127.0.0.1"), server.port()});
+  s.connect({asio::ip::make_address("127.0.0.1"), master.server->port()});
   const char huge[4] = {'\xff', '\xff', '\xff', '\x7f'};
   asio::write(s, asio::buffer(huge));
   std::string reply;
@@ -117,8 +179,52 @@ TEST(MasterServerRaw, OversizedFrameGetsAnErrorAndTheConnectionCloses) {
   ASSERT_GT(reply.size(), 4u);
   auto body = json::parse(reply.substr(4));
   EXPECT_EQ(body["error"], "malformed_message");
-  io.stop();
-  runner.join();
+}
+
+// Sends three requests in one write (a call, a notification, a call) to the
+// server on `port` and reads every answer until the server closes.
+std::vector<json> answers_to_call_notify_call(std::uint16_t port) {
+  asio::io_context cio;
+  asio::ip::tcp::socket s(cio);
+  s.connect({asio::ip::make_address("127.0.0.1"), port});
+  std::string frames = kvx::store::protocol::encode_frame({{"id", 1}, {"op", "exists"}, {"tenant", "t"}, {"key", "a"}}) +
+                       kvx::store::protocol::encode_frame({{"id", 2}, {"op", "release"}, {"tenant", "t"}, {"key", "a"}, {"reply", false}}) +
+                       kvx::store::protocol::encode_frame({{"id", 3}, {"op", "stats"}});
+  asio::write(s, asio::buffer(frames));
+  // Closing our side ends the session once it has answered what it read.
+  s.shutdown(asio::ip::tcp::socket::shutdown_send);
+  kvx::store::protocol::frame_decoder decoder;
+  std::vector<json> answers;
+  std::array<char, 4096> buf;
+  boost::system::error_code ec;
+  for (;;) {
+    auto n = s.read_some(asio::buffer(buf), ec);
+    if (ec) break;
+    decoder.feed(std::string_view(buf.data(), n));
+    for (auto body = decoder.next(); body && *body; body = decoder.next()) answers.push_back(json::parse(**body));
+  }
+  EXPECT_EQ(ec, asio::error::eof);
+  return answers;
+}
+
+TEST(MasterServerRaw, FramesOfOneWriteAreAnsweredInOrderAndANotificationNotAtAll) {
+  running_master master;
+  auto answers = answers_to_call_notify_call(master.server->port());
+  ASSERT_EQ(answers.size(), 2u);
+  EXPECT_EQ(answers[0]["id"], 1);
+  EXPECT_TRUE(answers[0]["ok"]);
+  EXPECT_EQ(answers[1]["id"], 3);
+  EXPECT_TRUE(answers[1]["ok"]);
+}
+
+TEST(MasterServerRaw, AStandbyRefusesCallsAndDropsNotificationsSilently) {
+  running_master standby(/*standby=*/true);
+  auto answers = answers_to_call_notify_call(standby.server->port());
+  ASSERT_EQ(answers.size(), 2u);
+  EXPECT_EQ(answers[0]["id"], 1);
+  EXPECT_EQ(answers[0]["error"], "stale");
+  EXPECT_EQ(answers[1]["id"], 3);
+  EXPECT_EQ(answers[1]["error"], "stale");
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 //! Runs on one strand; calls may be started from any thread.
 
 #include <charconv>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -39,6 +40,7 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
@@ -107,6 +109,17 @@ class master_client : public std::enable_shared_from_this<master_client> {
         token, std::move(request));
   }
 
+  //! Sends `request` as a notification (`"reply": false`): the master acts
+  //! on it in order with this client's other requests and answers nothing.
+  //! It rides with the next call's frame, or leaves on its own after
+  //! `notify_linger`; one not yet written when the connection fails is dropped.
+  void notify(json request) {
+    asio::dispatch(strand_, [self = shared_from_this(), req = std::move(request)]() mutable { self->start_notify(std::move(req)); });
+  }
+
+  //! How long a notification waits for a call to ride with.
+  static constexpr std::chrono::microseconds notify_linger{1000};
+
   //! Closes the connection; requests in flight complete with `connection_lost`.
   void close() {
     asio::dispatch(strand_, [self = shared_from_this()] { self->fail_all(errc::connection_lost, "closed by the client"); });
@@ -114,7 +127,26 @@ class master_client : public std::enable_shared_from_this<master_client> {
 
  private:
   master_client(executor_type ex, std::string endpoint, endpoint_lookup lookup)
-      : strand_(asio::make_strand(ex)), endpoint_(std::move(endpoint)), lookup_(std::move(lookup)), socket_(strand_) {}
+      : strand_(asio::make_strand(ex)), endpoint_(std::move(endpoint)), lookup_(std::move(lookup)), socket_(strand_),
+        linger_(strand_) {}
+
+  void start_notify(json req) {
+    req["id"] = ++next_id_;
+    req["reply"] = false;
+    outbox_.push_back(protocol::encode_frame(req));
+    if (state_ == state::idle) {
+      state_ = state::connecting;
+      asio::co_spawn(strand_, connect_and_run(shared_from_this()), asio::detached);
+    } else if (state_ == state::connected && !writing_ && !lingering_) {
+      lingering_ = true;
+      linger_.expires_after(notify_linger);
+      linger_.async_wait([self = shared_from_this()](boost::system::error_code) {
+        self->lingering_ = false;
+        if (self->state_ == state::connected && !self->writing_ && !self->outbox_.empty())
+          asio::co_spawn(self->strand_, write_loop(self), asio::detached);
+      });
+    }
+  }
 
   void start_call(json req, handler_type h, asio::cancellation_slot slot) {
     const auto id = ++next_id_;
@@ -212,10 +244,14 @@ class master_client : public std::enable_shared_from_this<master_client> {
   static asio::awaitable<void> write_loop(std::shared_ptr<master_client> self) {
     if (self->writing_) co_return;
     self->writing_ = true;
+    if (self->lingering_) self->linger_.cancel();  // waiting notifications leave now
+    std::string frames;
     while (self->state_ == state::connected && !self->outbox_.empty()) {
-      std::string frame = std::move(self->outbox_.front());
-      self->outbox_.pop_front();
-      auto [ec, n] = co_await asio::async_write(self->socket_, asio::buffer(frame), asio::as_tuple(asio::use_awaitable));
+      // Every frame waiting goes in one write.
+      frames.clear();
+      for (auto& f : self->outbox_) frames += f;
+      self->outbox_.clear();
+      auto [ec, n] = co_await asio::async_write(self->socket_, asio::buffer(frames), asio::as_tuple(asio::use_awaitable));
       if (ec) {
         self->writing_ = false;
         self->fail_all(errc::connection_lost, "write failed: " + ec.message());
@@ -273,6 +309,8 @@ class master_client : public std::enable_shared_from_this<master_client> {
   asio::ip::tcp::socket socket_;
   state state_ = state::idle;
   bool writing_ = false;
+  asio::steady_timer linger_;  // sends notifications no call took along
+  bool lingering_ = false;
   std::uint64_t next_id_ = 0;
   std::map<std::uint64_t, handler_type> pending_;
   std::deque<std::string> outbox_;

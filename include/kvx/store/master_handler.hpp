@@ -22,11 +22,14 @@ class master_handler {
  public:
   explicit master_handler(MasterState& state) : state_(state) {}
 
-  //! Answers one request body (after framing). Never throws on bad input.
+  //! Answers one request body (after framing): the response, or null for a
+  //! notification (`"reply": false`), whose outcome goes nowhere. Never
+  //! throws on bad input.
   protocol::json handle(std::string_view body, clock::time_point now) {
     auto req = protocol::parse_request(body);
     if (!req) return protocol::error_response(0, req.error());
     auto r = dispatch(*req, now);
+    if (!req->reply) return nullptr;
     if (!r) return protocol::error_response(req->id, r.error());
     (*r)["id"] = req->id;
     (*r)["ok"] = true;

@@ -140,8 +140,10 @@ class master_server {
     if (handler_ && !admit_) return handler_->handle(body, clock::now());
     auto req = protocol::parse_request(body);
     if (!req) return protocol::error_response(0, req.error());
-    if (!handler_) return protocol::error_response(req->id, error{errc::stale, refusal_});
-    if (auto admitted = admit_(*req); !admitted) return protocol::error_response(req->id, admitted.error());
+    // A refused notification is dropped without an answer, like its outcome would be.
+    if (!handler_) return req->reply ? protocol::error_response(req->id, error{errc::stale, refusal_}) : protocol::json();
+    if (auto admitted = admit_(*req); !admitted)
+      return req->reply ? protocol::error_response(req->id, admitted.error()) : protocol::json();
     return handler_->handle(body, clock::now());
   }
 
@@ -160,6 +162,7 @@ class master_server {
   asio::awaitable<void> session(socket_ptr sock, std::shared_ptr<bool> alive) {
     protocol::frame_decoder decoder;
     std::array<char, 64 * 1024> buf;
+    std::string replies;
     for (;;) {
       auto [ec, n] = co_await sock->async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
       if (ec || !*alive) co_return;
@@ -175,10 +178,14 @@ class master_server {
           co_return;
         }
         if (!*frame) break;
-        auto reply = protocol::encode_frame(answer(**frame));
-        auto [wec, wn] = co_await asio::async_write(*sock, asio::buffer(reply), asio::as_tuple(asio::use_awaitable));
-        if (wec) co_return;
+        // Answers to the frames of one read go back in one write; a
+        // notification (null) gets none.
+        if (auto response = answer(**frame); !response.is_null()) replies += protocol::encode_frame(response);
       }
+      if (replies.empty()) continue;
+      auto [wec, wn] = co_await asio::async_write(*sock, asio::buffer(replies), asio::as_tuple(asio::use_awaitable));
+      if (wec) co_return;
+      replies.clear();
     }
   }
 

@@ -6,7 +6,11 @@
 //! Frame: a 4-byte little-endian body length, then that many bytes of UTF-8
 //! JSON. Request: `{"id": <u64>, "op": "<name>", ...fields}`. Response:
 //! `{"id": <u64>, "ok": true, ...}` or `{"id": <u64>, "ok": false,
-//! "error": "<errc name>", "message": "<context>"}`.
+//! "error": "<errc name>", "message": "<context>"}`. A request with
+//! `"reply": false` is a notification: the master acts on it in order with
+//! the connection's other frames and sends nothing back, not even an error
+//! (a reader's `release` goes this way, so a get costs one round trip to the
+//! master, not two).
 //!
 //! The data plane never passes through here: bytes move node to client with
 //! the transfer engine, zero-copy.
@@ -95,6 +99,7 @@ struct request {
   std::uint64_t id = 0;
   std::string op;
   json body;
+  bool reply = true;  //!< false: a notification, answered with nothing
 };
 
 inline const std::vector<std::string>& known_ops() {
@@ -118,7 +123,9 @@ inline result<request> parse_request(std::string_view body) {
   bool known = false;
   for (const auto& k : known_ops()) known = known || k == *op;
   if (!known) return error{errc::malformed_message, "unknown op '" + *op + "'"};
-  return request{*id, std::move(*op), std::move(j)};
+  auto reply = v.optional<bool>("reply", true);
+  if (!reply) return error{errc::malformed_message, reply.error().context()};
+  return request{*id, std::move(*op), std::move(j), *reply};
 }
 
 namespace detail {

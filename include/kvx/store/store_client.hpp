@@ -12,7 +12,7 @@
 //! | operation | completion | semantics |
 //! | --- | --- | --- |
 //! | `async_put(key, bytes, options, token)` | `void(std::error_code)` | allocate on the master, write every replica, commit; on failure abort (nothing half-written is ever visible) |
-//! | `async_get(key, dst, token)` | `void(std::error_code, std::uint64_t size)` | lease, read from the nearest replica (the next one if it fails), release the lease |
+//! | `async_get(key, dst, token)` | `void(std::error_code, std::uint64_t size)` | lease, read from the nearest replica (the next one if it fails), release the lease (a notification sent without waiting) |
 //! | `async_remove(key, token)` | `void(std::error_code)` | `errc::busy` while a reader holds a lease |
 //! | `async_exists(key, token)` | `void(std::error_code, bool)` | |
 //! | `async_longest_prefix(tenant, keys, token)` | `void(std::error_code, std::size_t)` | how many leading keys are stored |
@@ -266,8 +266,10 @@ class store_client {
         if (tec == errc::cancelled || tec == errc::timed_out) break;
       }
     }
-    // Best effort: an unreleased lease only delays eviction until it expires.
-    (void)co_await call(protocol::make_request("release", "tenant", key.tenant, "key", key.key));
+    // A notification, not a call: the get completes without waiting for the
+    // master, and the release rides with this client's next request. Best
+    // effort: an unreleased lease only delays eviction until it expires.
+    master_->notify(protocol::make_request("release", "tenant", key.tenant, "key", key.key));
     co_return std::tuple{result, result ? std::uint64_t{0} : size};
   }
 
