@@ -13,7 +13,8 @@ fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
 x = range(len(runs))
 w = 0.27
 a.bar([i - w for i in x], [r["reference_bytes_per_s"] / gib for r in runs], w, label="O_DIRECT sequential pread (reference)")
-a.bar(list(x), [r["pread"]["bytes_per_s"] / gib for r in runs], w, label="file_tier load_many (pread)")
+a.bar(list(x), [r["pread"]["bytes_per_s"] / gib for r in runs], w,
+      label="file_tier load_many (pread, %s readers)" % runs[0].get("readers", 1))
 if all("uring" in r for r in runs):
     a.bar([i + w for i in x], [r["uring"]["bytes_per_s"] / gib for r in runs], w, label="uring_file_tier load_many")
 a.set_xticks(list(x), labels)

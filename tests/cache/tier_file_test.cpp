@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -92,31 +93,55 @@ TEST(FileTier, BadConfigThrowsNamingTheProblem) {
   }
 }
 
-TEST(FileTier, LoadManyReportsEachBlockInOrder) {
-  kc::file_tier<> t(file_cfg(1 << 20));
+// Loads 40 blocks of mixed sizes, one missing key and one short buffer with
+// `readers` preads in flight; returns the order in which they were reported.
+std::vector<std::size_t> load_many_with(unsigned readers) {
+  auto cfg = file_cfg(1 << 20);
+  cfg.readers = readers;
+  kc::file_tier<> t(cfg);
   std::vector<kc::block_key> keys;
   std::vector<std::vector<std::byte>> want, bufs;
-  for (std::uint64_t i = 0; i < 8; ++i) {
+  for (std::uint64_t i = 0; i < 40; ++i) {
     keys.push_back({7, i});
     want.push_back(pattern(4096 * (1 + i % 3), static_cast<unsigned>(i)));
-    ASSERT_TRUE(t.store(keys.back(), want.back()));
+    EXPECT_TRUE(t.store(keys.back(), want.back()));
     bufs.emplace_back(want.back().size());
   }
   keys.push_back({7, 99});  // missing
   bufs.emplace_back(10);
+  bufs[5].resize(100);  // short
   std::vector<std::span<std::byte>> outs(bufs.begin(), bufs.end());
   std::vector<std::size_t> order;
   std::vector<std::error_code> codes(keys.size());
+  const auto caller = std::this_thread::get_id();
   kc::load_many(t, keys, outs, [&](std::size_t i, std::error_code ec) {
+    EXPECT_EQ(std::this_thread::get_id(), caller);  // reported on the calling thread
     order.push_back(i);
     codes[i] = ec;
   });
-  ASSERT_EQ(order.size(), keys.size());
-  for (std::size_t i = 0; i < 8; ++i) {
+  EXPECT_EQ(order.size(), keys.size());
+  for (std::size_t i = 0; i < 40; ++i) {
+    if (i == 5) continue;
     EXPECT_FALSE(codes[i]) << i;
     EXPECT_EQ(bufs[i], want[i]) << i;
   }
-  EXPECT_EQ(codes[8], kvx::errc::not_found);
+  EXPECT_EQ(codes[5], kvx::errc::out_of_range);
+  EXPECT_EQ(codes[40], kvx::errc::not_found);
+  return order;
+}
+
+TEST(FileTier, LoadManyWithOneReaderReportsEachBlockInOrder) {
+  std::vector<std::size_t> in_order(41);
+  for (std::size_t i = 0; i < in_order.size(); ++i) in_order[i] = i;
+  EXPECT_EQ(load_many_with(1), in_order);
+}
+
+TEST(FileTier, LoadManyWithSeveralReadersReportsEachBlockOnceOnTheCallingThread) {
+  auto order = load_many_with(4);
+  std::sort(order.begin(), order.end());
+  std::vector<std::size_t> each_once(41);
+  for (std::size_t i = 0; i < each_once.size(); ++i) each_once[i] = i;
+  EXPECT_EQ(order, each_once);
 }
 
 TEST(FileTier, ConcurrentStoresAndLoadsOfDistinctKeys) {

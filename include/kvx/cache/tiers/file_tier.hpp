@@ -17,8 +17,10 @@
 //! unlinked at once (it disappears with the tier). The contents do not
 //! survive the tier (the index is in memory).
 //!
-//! `load_many` here reads one block after another, reporting each as it
-//! lands; `kvx/cache/tiers/uring_file_tier.hpp` keeps many reads in flight.
+//! `load_many` keeps `readers` preads in flight on as many threads (started
+//! per call, the calling thread being one of them), and reports each block on
+//! the calling thread as it lands; `kvx/cache/tiers/uring_file_tier.hpp`
+//! keeps many reads in flight on one io_uring instead.
 //!
 //! Thread safety: as for every tier (`kvx/cache/tier.hpp`): the index sits
 //! under a mutex, I/O runs outside it, concurrent calls on distinct keys
@@ -35,7 +37,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -48,8 +53,11 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <thread>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include <kvx/cache/block_key.hpp>
 #include <kvx/cache/tier.hpp>
@@ -66,6 +74,7 @@ struct file_tier_config {
   std::string name = "file";   //!< metrics label
   watermarks marks{};
   bool direct = true;          //!< try O_DIRECT (falls back with a log line)
+  unsigned readers = 4;        //!< preads `load_many` keeps in flight (threads; 1 = one block after another)
 };
 
 namespace detail {
@@ -226,16 +235,55 @@ class file_tier {
     return static_cast<std::size_t>(s->size);
   }
 
-  //! One block after another; `on_block(i, ec)` as each lands.
+  //! `on_block(i, ec)` for each key as it lands, on the calling thread, in
+  //! completion order; up to `readers` preads in flight (the calling thread
+  //! reads too, and delivers between its reads).
   template <class OnBlock>
   void load_many(std::span<const block_key> keys, std::span<const std::span<std::byte>> outs, OnBlock&& on_block) const {
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      if (i >= outs.size()) {
-        on_block(i, make_error_code(errc::out_of_range));
-        continue;
-      }
+    auto read_one = [&](std::size_t i) -> std::error_code {
+      if (i >= outs.size()) return make_error_code(errc::out_of_range);
       auto r = load(keys[i], outs[i]);
-      on_block(i, r ? std::error_code{} : r.code());
+      return r ? std::error_code{} : r.code();
+    };
+    const std::size_t helpers = std::min<std::size_t>(cfg_.readers > 0 ? cfg_.readers - 1 : 0, keys.size() / 2);
+    if (helpers == 0) {
+      for (std::size_t i = 0; i < keys.size(); ++i) on_block(i, read_one(i));
+      return;
+    }
+    std::mutex m;
+    std::condition_variable cv;
+    std::vector<std::pair<std::size_t, std::error_code>> landed;  // read by helpers, not yet reported
+    std::atomic<std::size_t> next{0};
+    auto help = [&] {
+      for (std::size_t i; (i = next.fetch_add(1)) < keys.size();) {
+        const std::error_code ec = read_one(i);
+        std::lock_guard lock(m);
+        landed.emplace_back(i, ec);
+        cv.notify_one();
+      }
+    };
+    std::vector<std::jthread> pool;  // joined before the state above goes, even if on_block throws
+    pool.reserve(helpers);
+    for (std::size_t h = 0; h < helpers; ++h) pool.emplace_back(help);
+    std::vector<std::pair<std::size_t, std::error_code>> batch;
+    for (std::size_t reported = 0; reported < keys.size();) {
+      {
+        std::unique_lock lock(m);
+        // Read a block of our own only when none is waiting to be reported.
+        if (landed.empty() && next.load() < keys.size()) {
+          lock.unlock();
+          if (const std::size_t i = next.fetch_add(1); i < keys.size()) {
+            on_block(i, read_one(i));
+            ++reported;
+          }
+          continue;
+        }
+        cv.wait(lock, [&] { return !landed.empty(); });
+        batch.swap(landed);
+      }
+      for (const auto& [i, ec] : batch) on_block(i, ec);
+      reported += batch.size();
+      batch.clear();
     }
   }
 
