@@ -123,9 +123,9 @@ struct cluster {
   }
 
   // Short leases and timeouts so a test sees reclaiming and dropping within seconds.
-  void start_master() {
+  void start_master(int node_timeout_ms = 1500) {
     write_json(dir / "master.json", {{"listen", "127.0.0.1:0"}, {"metadata_server", "127.0.0.1:0"}, {"tick_ms", 50},
-                                     {"node_timeout_ms", 1500}, {"put_lease_ms", 1500}, {"read_lease_ms", 2000},
+                                     {"node_timeout_ms", node_timeout_ms}, {"put_lease_ms", 1500}, {"read_lease_ms", 2000},
                                      {"tenant_quota", {{"capped", "1MiB"}}}});
     master = spawn({"master", "--config", (dir / "master.json").string()});
     auto line = master->read_line(30s);
@@ -243,7 +243,9 @@ INSTANTIATE_TEST_SUITE_P(Transports, StoreAcrossProcesses, ::testing::Values("tc
 
 TEST(StoreProcesses, NodesKilledWithAGetAndAPutInFlightLeaveThePoolConsistent) {
   cluster c("tcp");
-  ASSERT_NO_FATAL_FAILURE(c.start_master());
+  // A frozen node must not be dropped before the put below is placed on it,
+  // however slowly the writer process starts on a busy machine.
+  ASSERT_NO_FATAL_FAILURE(c.start_master(/*node_timeout_ms=*/3000));
   for (auto n : {"n0", "n1", "n2"}) ASSERT_NO_FATAL_FAILURE(c.start_node(n));
   const std::uint64_t size = 4u << 20;
   ASSERT_TRUE(c.put("t", "kept", size, 7, 2).ok());
