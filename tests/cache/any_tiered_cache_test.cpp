@@ -80,6 +80,9 @@ TEST(AnyTieredCache, ConfigErrorsNameTheField) {
                 .find("below one slab"),
             std::string::npos);
   EXPECT_NE(error_of("{not json").find("not valid JSON"), std::string::npos);
+  EXPECT_NE(error_of(R"({"block_bytes": 4096, "tiers": [{"kind": "file", "capacity": 65536, "path": "/tmp", "readers": "many"}]})")
+                .find("'tiers[0].readers'"),
+            std::string::npos);
 }
 
 TEST(AnyTieredCache, UringWithoutTheBackendIsRefusedWithAReason) {

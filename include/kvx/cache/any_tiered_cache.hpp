@@ -15,7 +15,8 @@
 //!     {"kind": "dram", "name": "dram", "capacity": "8GiB", "high": 0.95, "low": 0.85,
 //!      "allocator": "offset" | "slab", "alignment": 4096, "populate": true},
 //!     {"kind": "file", "name": "ssd", "path": "/mnt/nvme", "capacity": "64GiB",
-//!      "allocator": "offset" | "slab", "direct": true, "io": "pread" | "uring", "queue_depth": 32},
+//!      "allocator": "offset" | "slab", "direct": true, "io": "pread" | "uring", "queue_depth": 32,
+//!      "readers": 4},
 //!     {"kind": "cuda", "name": "gpu", "capacity": "16GiB", "device": 0, "lanes": 4,
 //!      "staging_chunk": "1MiB", "stage_loads": false}    // GPU memory: see tiers/cuda_tier.hpp
 //!   ]
@@ -216,7 +217,7 @@ class any_tiered_cache {
       });
     }
     if (*kind == "file") {
-      KVX_TRY(t.allow_only({"kind", "name", "capacity", "high", "low", "allocator", "path", "direct", "io", "queue_depth"}));
+      KVX_TRY(t.allow_only({"kind", "name", "capacity", "high", "low", "allocator", "path", "direct", "io", "queue_depth", "readers"}));
       file_tier_config c;
       auto n = t.optional<std::string>("name", "file");
       if (!n) return n.error();
@@ -228,11 +229,14 @@ class any_tiered_cache {
       if (!io) return io.error();
       auto depth = t.optional<unsigned>("queue_depth", 32);
       if (!depth) return depth.error();
+      auto readers = t.optional<unsigned>("readers", 4);
+      if (!readers) return readers.error();
       c.name = *n;
       c.path = *path;
       c.capacity = capacity->value;
       c.marks = *marks;
       c.direct = *direct;
+      c.readers = *readers;
       if (*io == "pread")
         return guarded(t, [&] {
           return slab ? any_tier::make<file_tier<memory::slab_allocator>>(c) : any_tier::make<file_tier<>>(c);
