@@ -217,6 +217,16 @@ struct kvx_run {
       cs[c].client = std::make_unique<kvx::store::store_client<engine_type>>(
           cs[c].p->engine, kvx::store::master_client::create(client_io.get_executor(), master.endpoint()),
           kvx::store::client_options{.node = name, .replicas = 1, .lease = std::chrono::milliseconds(5000)});
+      // Connect to both nodes before timing, as redis-benchmark connects its
+      // clients first: the first transfer to a segment opens it (for shm,
+      // maps and populates the node's whole pool: tens of ms).
+      kvx::transfer::batch warm;
+      for (int n = 0; n < 2; ++n) warm.read(cs[c].buffer.first(64), "node-" + std::to_string(n) + "/pool", 0);
+      auto warmed = cs[c].p->engine.async_transfer(std::move(warm), asio::use_future);
+      if (auto ec = std::get<0>(warmed.get())) {
+        stop_server();
+        return kvx::error{ec, "connecting " + name + " to the nodes"};
+      }
     }
     std::atomic<bool> failed{false};
     std::error_code failure;  // written once, by the client thread, before `failed`
