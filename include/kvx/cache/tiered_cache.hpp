@@ -482,6 +482,15 @@ class tiered_cache {
   //! have reads in flight into their buffers.
   template <class OnBlock>
   void read_many(std::span<const block_key> keys, std::span<const std::span<std::byte>> outs, OnBlock&& on_block) {
+    read_many(keys, outs, on_block, [] { return false; });
+  }
+  //! As above, asking `stopped()` before each block read in a tier read block
+  //! by block and before each tier's batch: once it returns true, the blocks
+  //! not yet started are reported with `errc::cancelled` and not read (a
+  //! batch already handed to a tier's `load_many` runs to its end).
+  template <class OnBlock, class Stopped>
+  void read_many(std::span<const block_key> keys, std::span<const std::span<std::byte>> outs, OnBlock&& on_block,
+                 Stopped&& stopped) {
     struct planned {
       std::size_t index;
       std::size_t tier;
@@ -536,9 +545,17 @@ class tiered_cache {
       for (std::size_t j = 0; j < plan.size(); ++j)
         if (plan[j].tier == t) picked.push_back(j);
       if (picked.empty()) continue;
+      if (stopped()) {
+        for (std::size_t j : picked) report(j, make_error_code(errc::cancelled));
+        continue;
+      }
       tiers_.visit(t, [&](auto& tier) {
         if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
           for (std::size_t j : picked) {
+            if (stopped()) {
+              report(j, make_error_code(errc::cancelled));
+              continue;
+            }
             auto r = tier.read_at(plan[j].at, outs[plan[j].index].first(plan[j].bytes));
             report(j, r ? std::error_code{} : r.code());
           }

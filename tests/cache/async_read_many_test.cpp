@@ -1,0 +1,96 @@
+#include <kvx/cache/async_read_many.hpp>
+
+#include <gtest/gtest.h>
+
+#include <future>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/thread_pool.hpp>
+
+#include <kvx/cache/eviction/lru.hpp>
+#include <kvx/cache/tiered_cache.hpp>
+#include <kvx/cache/tiers/dram_tier.hpp>
+
+namespace kc = kvx::cache;
+namespace asio = boost::asio;
+
+namespace {
+
+constexpr std::uint64_t block = 4096;
+using dram_cache = kc::tiered_cache<kc::tier_stack<kc::dram_tier<>>, kc::eviction::lru>;
+
+// A DRAM cache holding blocks 0..n-1 (block i all bytes i + 1), and buffers
+// to read them back with keys 0..n-1 then one missing key.
+struct setup {
+  static constexpr std::uint64_t n = 6;
+  kvx::metrics::registry reg;
+  dram_cache c{kc::tiered_cache_config{.block_bytes = block, .name = "async", .registry = &reg},
+               kc::dram_tier_config{.capacity = 8 * block}};
+  std::vector<kc::block_key> keys;
+  std::vector<std::vector<std::byte>> bufs;
+  std::vector<std::span<std::byte>> outs;
+  setup() {
+    for (std::uint64_t i = 0; i < n; ++i) {
+      keys.push_back({3, i});
+      EXPECT_TRUE(c.insert(keys.back(), std::vector<std::byte>(block, static_cast<std::byte>(i + 1))));
+    }
+    keys.push_back({3, 99});
+    bufs.assign(keys.size(), std::vector<std::byte>(block));
+    outs.assign(bufs.begin(), bufs.end());
+  }
+};
+
+}  // namespace
+
+TEST(AsyncReadMany, ReportsEveryBlockOnTheExecutorThenCompletes) {
+  setup f;
+  asio::thread_pool pool(1);
+  std::vector<std::error_code> codes(f.keys.size());
+  std::vector<std::thread::id> threads;
+  std::promise<std::error_code> done;
+  kc::async_read_many(
+      f.c, f.keys, f.outs,
+      [&](std::size_t i, std::error_code ec) {
+        codes[i] = ec;
+        threads.push_back(std::this_thread::get_id());
+      },
+      pool.get_executor(), [&](std::error_code ec) { done.set_value(ec); });
+  const std::error_code ec = done.get_future().get();
+  EXPECT_FALSE(ec) << ec.message();
+  ASSERT_EQ(threads.size(), f.keys.size());
+  for (auto id : threads) EXPECT_NE(id, std::this_thread::get_id());  // on the pool, not the caller
+  for (std::size_t i = 0; i < setup::n; ++i) {
+    EXPECT_FALSE(codes[i]) << i;
+    EXPECT_EQ(f.bufs[i], std::vector<std::byte>(block, static_cast<std::byte>(i + 1))) << i;
+  }
+  EXPECT_EQ(codes[setup::n], kvx::errc::not_found);  // a per-block error does not fail the operation
+  pool.join();
+}
+
+TEST(AsyncReadMany, CancellingStopsTheBlocksNotYetReadAndCompletesWithCancelled) {
+  setup f;
+  asio::thread_pool pool(1);
+  asio::cancellation_signal cancel;
+  std::vector<std::size_t> reported, skipped;
+  std::promise<std::error_code> done;
+  kc::async_read_many(
+      f.c, f.keys, f.outs,
+      [&](std::size_t i, std::error_code ec) {
+        if (ec == kvx::errc::cancelled) {
+          skipped.push_back(i);
+          return;
+        }
+        reported.push_back(i);
+        if (reported.size() == 2) cancel.emit(asio::cancellation_type::terminal);  // after the second report
+      },
+      pool.get_executor(),
+      asio::bind_cancellation_slot(cancel.slot(), [&](std::error_code ec) { done.set_value(ec); }));
+  EXPECT_EQ(done.get_future().get(), kvx::errc::cancelled);
+  EXPECT_EQ(reported, (std::vector<std::size_t>{6, 0}));  // the missing key (found up front), then block 0
+  EXPECT_EQ(skipped, (std::vector<std::size_t>{1, 2, 3, 4, 5}));
+  for (std::size_t i : skipped) EXPECT_TRUE(f.c.erase(f.keys[i])) << i;  // not left pinned
+  pool.join();
+}
