@@ -15,10 +15,13 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
+#include <set>
+#include <span>
+#include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <boost/asio/as_tuple.hpp>
