@@ -141,9 +141,10 @@ struct cluster {
     if (name != "client") j["name"] = name;  // clients default to a name of their pid
     return j;
   }
-  void start_node(const std::string& name, const std::string& dram = "16MiB") {
+  void start_node(const std::string& name, const std::string& dram = "16MiB", const json& more = json::object()) {
     auto config = engine_json(name);
     config["dram"] = dram;
+    config.update(more);
     config["heartbeat_ms"] = 100;
     const auto path = dir / (name + ".json");
     write_json(path, config);
@@ -240,6 +241,29 @@ TEST_P(StoreAcrossProcesses, PutAndGetAreByteExactWithReplicasOnDistinctNodes) {
 
 INSTANTIATE_TEST_SUITE_P(Transports, StoreAcrossProcesses, ::testing::Values("tcp", "shm"),
                          [](const auto& info) { return info.param; });
+
+TEST(StoreProcesses, AnSsdFileOfANodeTakesWhatItsDramCannotHold) {
+  cluster c("tcp");
+  ASSERT_NO_FATAL_FAILURE(c.start_master());
+  const auto pool = c.dir / "n0.pool";
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n0", "1MiB", {{"ssd", {{"path", pool.string()}, {"bytes", "8MiB"}}}}));
+  EXPECT_EQ(fs::file_size(pool), 8u << 20);
+  auto put = c.put("t", "big", 3u << 20, 4);
+  ASSERT_TRUE(put.ok()) << put.output;
+  auto o = c.object("t", "big");
+  ASSERT_EQ(o["replicas"].size(), 1u) << o.dump();
+  EXPECT_EQ(o["replicas"][0]["node"], "n0-ssd");
+  EXPECT_EQ(o["replicas"][0]["segment"], "n0-ssd/ssd");
+  auto get = c.get("t", "big", 4);
+  EXPECT_TRUE(get.ok()) << get.output;
+  auto usage = c.admin({"usage"});
+  EXPECT_EQ(usage["tiers"]["ssd"]["used"], 3u << 20) << usage.dump();
+  EXPECT_EQ(usage["tiers"]["dram"]["capacity"], 1u << 20);
+  // A clean stop removes the file.
+  c.nodes.at("n0")->kill(SIGTERM);
+  EXPECT_EQ(c.nodes.at("n0")->wait(), 0);
+  EXPECT_FALSE(fs::exists(pool));
+}
 
 TEST(StoreProcesses, NodesKilledWithAGetAndAPutInFlightLeaveThePoolConsistent) {
   cluster c("tcp");
