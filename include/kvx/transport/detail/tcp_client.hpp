@@ -110,7 +110,9 @@ class tcp_transfer_op final : public tcp_transfer {
     if (slot_.is_connected()) slot_.clear();
     auto work = std::move(work_);
     auto h = std::move(handler_);
-    auto ex = asio::get_associated_executor(h, default_executor(work));
+    // The tracked executor as the fallback, not an any_io_executor made from it: a
+    // type-erased handler's (any_completion_executor) does not convert to one.
+    auto ex = asio::get_associated_executor(h, work);
     asio::dispatch(ex, [h = std::move(h), ec]() mutable { std::move(h)(ec); });
   }
 
