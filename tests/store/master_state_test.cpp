@@ -190,6 +190,28 @@ TEST_F(MasterState, DeadNodeLosesOrReReplicates) {
   EXPECT_EQ(m.heartbeat(victim_node, t0 + 5s).code(), kvx::errc::not_found);
 }
 
+TEST_F(MasterState, APendingPutWhoseNodesAllDiedCannotCommit) {
+  auto m = make();
+  auto t = m.put_start(key("orphan"), 1000, reps(1), t0);
+  ASSERT_TRUE(t);
+  const auto victim_node = t->replicas[0].node;
+  for (int n = 0; n < 3; ++n)
+    if ("node" + std::to_string(n) != victim_node) {
+      ASSERT_TRUE(m.heartbeat("node" + std::to_string(n), t0 + 4s));
+    }
+  auto report = m.tick(t0 + 4s);
+  ASSERT_EQ(report.dropped_nodes, std::vector<std::string>{victim_node});
+  EXPECT_EQ(report.reclaimed_puts, std::vector<kvx::store::object_key>{key("orphan")});
+  EXPECT_TRUE(report.lost_objects.empty()) << "never visible, so not lost";
+  EXPECT_EQ(m.put_commit(key("orphan"), t->put_id, t0 + 4s).code(), kvx::errc::not_found);
+  EXPECT_FALSE(m.exists(key("orphan"))) << "no object without a replica becomes visible";
+  EXPECT_EQ(m.get(key("orphan"), t0 + 4s).code(), kvx::errc::not_found);
+  EXPECT_EQ(m.used_bytes(), 0u);
+  auto again = m.put_start(key("orphan"), 1000, reps(1), t0 + 4s);  // the key is free for a new writer
+  ASSERT_TRUE(again) << again.error().message();
+  EXPECT_NE(again->replicas[0].node, victim_node);
+}
+
 TEST_F(MasterState, TenantQuotaIsEnforced) {
   config.tenant_quota["small"] = 10000;
   auto m = make();

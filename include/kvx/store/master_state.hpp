@@ -88,7 +88,7 @@ struct replication_task {
 
 struct tick_report {
   std::vector<std::string> dropped_nodes;
-  std::vector<object_key> reclaimed_puts;  //!< pending puts whose writer never committed
+  std::vector<object_key> reclaimed_puts;  //!< pending puts whose writer never committed, or whose every node was dropped
   std::vector<object_key> lost_objects;    //!< every replica was on dropped nodes
   std::vector<replication_task> replications;
   std::size_t evicted = 0;
@@ -527,6 +527,11 @@ class master_state {
       if (obj.committed && obj.replicas.empty()) {
         report.lost_objects.push_back(it->first);
         m_lost_.add();
+        it = erase_object(it);
+      } else if (!obj.committed && obj.replicas.empty()) {
+        // A pending put whose every destination died: its commit must fail, or
+        // an object with no replica would become visible (exists, yet no get).
+        report.reclaimed_puts.push_back(it->first);
         it = erase_object(it);
       } else {
         ++it;
