@@ -48,6 +48,9 @@
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/shm.hpp>
 #include <kvx/transport/tcp.hpp>
+#if KVX_WITH_UCX
+#include <kvx/transport/ucx.hpp>
+#endif
 
 #include "store_config.hpp"
 
@@ -81,7 +84,8 @@ const char* const node_usage =
     "  {\"node\": NAME, \"segments\": [...]}\n"
     "Config keys: name (required), master (required: \"HOST:PORT\", or {\"address\": ETCD, \"prefix\", \"role\"}\n"
     "to follow the elected master), metadata (required: {\"backend\": \"http\",\n"
-    "\"url\": ...} | {\"backend\": \"etcd\"|\"redis\", \"address\": ...}), transport (tcp|shm), address,\n"
+    "\"url\": ...} | {\"backend\": \"etcd\"|\"redis\", \"address\": ...}), transport (tcp|shm|ucx), address,\n"
+    "ucx ({\"tls\", \"net_devices\", \"progress\": \"event\"|\"busy_poll\", \"settings\": {NAME: value}}: with ucx),\n"
     "dram (bytes, e.g. \"256MiB\"), ssd ({\"path\", \"bytes\", \"replace\"}: a file as an SSD segment,\n"
     "node \"NAME-ssd\"), heartbeat_ms, log_level.\n";
 
@@ -89,7 +93,7 @@ const char* const put_usage =
     "usage: kvx-store put --config F.json --tenant T --key K (--file F | --size N [--seed S]) [--replicas N] [--pin]\n"
     "                     [--die-with-parent]\n"
     "Puts one object: the bytes of F, or N bytes of the pattern seeded by S (default 1).\n"
-    "Config keys: name, master, metadata, transport, address, lease_ms, log_level (as the node's).\n"
+    "Config keys: name, master, metadata, transport, address, ucx, lease_ms, log_level (as the node's).\n"
     "Test-only: --hold-after-allocate allocates and writes the replicas, prints {\"put_id\": ...}, and waits\n"
     "(never commits) until killed.\n";
 
@@ -269,13 +273,18 @@ result<kvx::store::any_metadata_backend> make_metadata(asio::any_io_executor ex,
 
 // Each transport is its own instantiation of the engine, node and client
 // (the type-erased any_transport would cost a virtual call per operation).
-// Built in place (shm cannot move); throws std::system_error on a bad address.
+// Built in place (shm cannot move); throws std::system_error on a bad address
+// (tcp) or a UCX set-up failure (ucx: an unavailable "tls" say).
 template <class Transport>
 Transport make_transport(asio::any_io_executor ex, const engine_settings& s, bool grant_ptrace) {
   if constexpr (std::is_same_v<Transport, kvx::transport::tcp>) {
     kvx::transport::tcp::config c;
     c.address = s.address;
     return kvx::transport::tcp(ex, c);
+#if KVX_WITH_UCX
+  } else if constexpr (std::is_same_v<Transport, kvx::transport::ucx>) {
+    return kvx::transport::ucx(ex, s.ucx);
+#endif
   } else {
     kvx::transport::shm_options o;
     o.grant_ptrace = grant_ptrace;  // an SSD file is not a memfd: peers copy it with process_vm_*
@@ -287,10 +296,14 @@ Transport make_transport(asio::any_io_executor ex, const engine_settings& s, boo
 template <class F>
 int with_transport(const std::string& name, F&& f) {
   if (name == "shm") return f.template operator()<kvx::transport::shm>();
+#if KVX_WITH_UCX
+  if (name == "ucx") return f.template operator()<kvx::transport::ucx>();
+#endif
   return f.template operator()<kvx::transport::tcp>();
 }
 
-// Host memory the transport can serve: a memfd for shm (peers map it), an anonymous mapping otherwise.
+// Host memory the transport can serve: a memfd for shm (peers map it), an
+// anonymous mapping otherwise (ucx maps it with ucp_mem_map when registered).
 struct pool_memory {
   std::optional<kvx::transport::shm_memory> shm;
   std::optional<kvx::memory::mapped_arena> arena;
@@ -337,7 +350,7 @@ result<std::unique_ptr<party<Transport>>> make_party(asio::io_context& io, const
   try {
     return std::make_unique<party<Transport>>(std::move(*meta), s, name, grant_ptrace);
   } catch (const std::system_error& e) {
-    return error{e.code(), std::string("config field 'address': ") + e.what()};
+    return error{e.code(), std::string(s.transport == "ucx" ? "config field 'ucx': " : "config field 'address': ") + e.what()};
   }
 }
 

@@ -138,6 +138,7 @@ struct cluster {
   }
   json engine_json(const std::string& name) const {
     json j{{"master", master_endpoint}, {"metadata", {{"backend", "http"}, {"url", metadata_url}}}, {"transport", transport}};
+    if (transport == "ucx") j["ucx"] = {{"tls", "tcp"}};  // works on loopback between processes
     if (name != "client") j["name"] = name;  // clients default to a name of their pid
     return j;
   }
@@ -239,8 +240,12 @@ TEST_P(StoreAcrossProcesses, PutAndGetAreByteExactWithReplicasOnDistinctNodes) {
   ASSERT_EQ(segments["segments"].size(), 2u);
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, StoreAcrossProcesses, ::testing::Values("tcp", "shm"),
-                         [](const auto& info) { return info.param; });
+#if defined(KVX_STORE_TOOL_UCX)  // kvx-store is built with UCX
+const auto tool_transports = ::testing::Values("tcp", "shm", "ucx");
+#else
+const auto tool_transports = ::testing::Values("tcp", "shm");
+#endif
+INSTANTIATE_TEST_SUITE_P(Transports, StoreAcrossProcesses, tool_transports, [](const auto& info) { return info.param; });
 
 TEST(StoreProcesses, AnSsdFileOfANodeTakesWhatItsDramCannotHold) {
   cluster c("tcp");

@@ -16,9 +16,13 @@
 #include <kvx/core/config.hpp>
 #include <kvx/core/log.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/features.hpp>
 #include <kvx/store/elected_master.hpp>
 #include <kvx/store/etcd_metadata.hpp>
 #include <kvx/store/master_state.hpp>
+#if KVX_WITH_UCX
+#include <kvx/transport/ucx.hpp>
+#endif
 
 namespace kvx_store {
 
@@ -235,8 +239,11 @@ struct engine_settings {
   host_port master;                 //!< a fixed master ...
   std::optional<etcd_role> leader;  //!< ... or whichever leads this election
   json metadata;                    //!< {"backend": "http", "url": ...} or any_metadata_backend's config
-  std::string transport = "tcp";    //!< tcp or shm
+  std::string transport = "tcp";    //!< tcp, shm or ucx (where kvx-store is built with UCX)
   std::string address = "127.0.0.1";  //!< tcp: the address the transport listens on
+#if KVX_WITH_UCX
+  kvx::transport::ucx_options ucx{};  //!< ucx: the "ucx" object (tls, net_devices, progress, settings)
+#endif
   kvx::log_level log_level = kvx::log_level::warn;
 };
 
@@ -272,12 +279,26 @@ inline result<engine_settings> parse_engine(const kvx::config::view& v, bool nam
   s.metadata = meta->raw();
   auto transport = v.optional<std::string>("transport", s.transport);
   KVX_TRY(transport);
-  // UCX is not offered: its ops take a work guard on the engine's strand,
-  // which does not compile over any_metadata_backend's any_io_executor.
-  if (*transport != "tcp" && *transport != "shm")
+  if (*transport != "tcp" && *transport != "shm" && *transport != "ucx")
     return error{errc::invalid_argument, "config field 'transport': unknown transport '" + *transport +
-                                             "' (expected tcp or shm)"};
+                                             "' (expected tcp, shm or ucx)"};
+#if !KVX_WITH_UCX
+  if (*transport == "ucx")
+    return error{errc::not_supported, "config field 'transport': this kvx-store is built without UCX (the kvx::ucx "
+                                      "target, from Debian's libucx-dev)"};
+#endif
   s.transport = *transport;
+  if (v.contains("ucx")) {
+    if (s.transport != "ucx")
+      return error{errc::invalid_argument, "config field 'ucx': only with \"transport\": \"ucx\""};
+#if KVX_WITH_UCX
+    auto u = v.child("ucx");
+    KVX_TRY(u);
+    auto options = kvx::transport::ucx_options::from_config(*u);
+    KVX_TRY(options);
+    s.ucx = std::move(*options);
+#endif
+  }
   auto address = v.optional<std::string>("address", s.address);
   KVX_TRY(address);
   s.address = *address;
@@ -302,7 +323,7 @@ struct node_settings {
 
 inline result<node_settings> parse_node(const json& doc) {
   kvx::config::view v(doc);
-  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "dram", "ssd", "heartbeat_ms",
+  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "ucx", "dram", "ssd", "heartbeat_ms",
                         "log_level"}));
   node_settings s;
   auto engine = parse_engine(v, /*name_required=*/true);
@@ -339,7 +360,7 @@ struct client_settings {
 
 inline result<client_settings> parse_client(const json& doc) {
   kvx::config::view v(doc);
-  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "lease_ms", "log_level"}));
+  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "ucx", "lease_ms", "log_level"}));
   client_settings s;
   auto engine = parse_engine(v, /*name_required=*/false);
   KVX_TRY(engine);

@@ -56,12 +56,12 @@
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 
 #include <kvx/core/async.hpp>
 #include <kvx/core/config.hpp>
+#include <kvx/transport/detail/handler_work.hpp>
 #include <kvx/transport/detail/ucx_support.hpp>
 #include <kvx/transport/detail/ucx_worker.hpp>
 #include <kvx/transport/transport.hpp>
@@ -149,9 +149,7 @@ void ucx_post_completion(const asio::any_io_executor& ex, Handler&& handler, std
 
 template <class Handler>
 struct ucx_op final : ucx_op_base {
-  using work_executor = asio::associated_executor_t<Handler, asio::any_io_executor>;
-  ucx_op(Handler&& h, const asio::any_io_executor& ex)
-      : handler(std::move(h)), io_ex(ex), work(asio::make_work_guard(asio::get_associated_executor(*handler, ex))) {}
+  ucx_op(Handler&& h, const asio::any_io_executor& ex) : handler(std::move(h)), io_ex(ex), work(*handler, ex) {}
 
   void deliver(std::error_code ec) override {
     auto slot = asio::get_associated_cancellation_slot(handler);
@@ -163,7 +161,7 @@ struct ucx_op final : ucx_op_base {
 
   std::optional<Handler> handler;
   asio::any_io_executor io_ex;
-  asio::executor_work_guard<work_executor> work;
+  handler_work<Handler, asio::any_io_executor> work;  // not make_work_guard: see handler_work.hpp
 };
 }  // namespace detail
 

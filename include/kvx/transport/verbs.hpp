@@ -64,7 +64,6 @@
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
-#include <boost/asio/executor_work_guard.hpp>
 
 #include <kvx/core/async.hpp>
 #include <kvx/core/config.hpp>
@@ -72,6 +71,7 @@
 #include <kvx/memory/memory_region.hpp>
 #include <kvx/topology/topology.hpp>
 #include <kvx/transport/detail/verbs_device.hpp>
+#include <kvx/transport/detail/handler_work.hpp>
 #include <kvx/transport/detail/verbs_engine.hpp>
 #include <kvx/transport/detail/verbs_support.hpp>
 #include <kvx/transport/transport.hpp>
@@ -85,9 +85,7 @@ namespace kvx::transport {
 namespace detail {
 template <class Handler>
 struct verbs_op final : verbs_op_base {
-  using work_executor = asio::associated_executor_t<Handler, asio::any_io_executor>;
-  verbs_op(Handler&& h, const asio::any_io_executor& ex)
-      : handler(std::move(h)), io_ex(ex), work(asio::make_work_guard(asio::get_associated_executor(handler, ex))) {}
+  verbs_op(Handler&& h, const asio::any_io_executor& ex) : handler(std::move(h)), io_ex(ex), work(handler, ex) {}
 
   void finish(std::error_code ec) override {
     auto slot = asio::get_associated_cancellation_slot(handler);
@@ -100,7 +98,7 @@ struct verbs_op final : verbs_op_base {
 
   Handler handler;
   asio::any_io_executor io_ex;
-  asio::executor_work_guard<work_executor> work;
+  handler_work<Handler, asio::any_io_executor> work;  // not make_work_guard: see handler_work.hpp
 };
 }  // namespace detail
 
