@@ -111,8 +111,8 @@ class master_client : public std::enable_shared_from_this<master_client> {
 
   //! Sends `request` as a notification (`"reply": false`): the master acts
   //! on it in order with this client's other requests and answers nothing.
-  //! It leaves at once, with the frames of a write already under way (or
-  //! of calls made before that write starts), else in a write of its own;
+  //! It leaves at once, in a write of its own, or with the next write when
+  //! one is under way (every frame waiting goes in one write);
   //! one not yet written when the connection fails is dropped. (Holding it
   //! back for a call to ride with cost more than it saved: arming and
   //! cancelling a timer per notification took a store get of 64 KiB from
@@ -137,13 +137,13 @@ class master_client : public std::enable_shared_from_this<master_client> {
     send_outbox();
   }
 
-  // Connects, or starts writing the outbox unless a write is under way (its loop takes the new frames).
+  // Connects, or writes the outbox unless a write is under way (its completion writes what waits).
   void send_outbox() {
     if (state_ == state::idle) {
       state_ = state::connecting;
       asio::co_spawn(strand_, connect_and_run(shared_from_this()), asio::detached);
-    } else if (state_ == state::connected && !writing_) {
-      asio::co_spawn(strand_, write_loop(shared_from_this()), asio::detached);
+    } else {
+      start_write();
     }
   }
 
@@ -231,27 +231,24 @@ class master_client : public std::enable_shared_from_this<master_client> {
     boost::system::error_code ignored;
     self->socket_.set_option(asio::ip::tcp::no_delay(true), ignored);
     self->state_ = state::connected;
-    asio::co_spawn(self->strand_, write_loop(self), asio::detached);
+    self->start_write();
     co_await read_loop(self);
   }
 
-  static asio::awaitable<void> write_loop(std::shared_ptr<master_client> self) {
-    if (self->writing_) co_return;
-    self->writing_ = true;
-    std::string frames;
-    while (self->state_ == state::connected && !self->outbox_.empty()) {
-      // Every frame waiting goes in one write.
-      frames.clear();
-      for (auto& f : self->outbox_) frames += f;
-      self->outbox_.clear();
-      auto [ec, n] = co_await asio::async_write(self->socket_, asio::buffer(frames), asio::as_tuple(asio::use_awaitable));
-      if (ec) {
-        self->writing_ = false;
-        self->fail_all(errc::connection_lost, "write failed: " + ec.message());
-        co_return;
-      }
-    }
-    self->writing_ = false;
+  // Every frame waiting goes in one write; what is queued meanwhile goes in
+  // the next. A plain completion handler on the strand (the socket's
+  // executor), not a coroutine per write: no frame to allocate, no post.
+  void start_write() {
+    if (writing_ || state_ != state::connected || outbox_.empty()) return;
+    writing_ = true;
+    frames_.clear();
+    for (auto& f : outbox_) frames_ += f;
+    outbox_.clear();
+    asio::async_write(socket_, asio::buffer(frames_), [self = shared_from_this()](boost::system::error_code ec, std::size_t) {
+      self->writing_ = false;
+      if (ec) return self->fail_all(errc::connection_lost, "write failed: " + ec.message());
+      self->start_write();
+    });
   }
 
   static asio::awaitable<void> read_loop(std::shared_ptr<master_client> self) {
@@ -302,6 +299,7 @@ class master_client : public std::enable_shared_from_this<master_client> {
   asio::ip::tcp::socket socket_;
   state state_ = state::idle;
   bool writing_ = false;
+  std::string frames_;  // what the write under way sends
   std::uint64_t next_id_ = 0;
   std::map<std::uint64_t, handler_type> pending_;
   std::deque<std::string> outbox_;
