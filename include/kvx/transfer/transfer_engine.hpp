@@ -311,6 +311,13 @@ class transfer_engine {
     return desc;
   }
 
+  // The cached descriptor of `name`, or null.
+  descriptor_ptr cached(const std::string& name) {
+    std::lock_guard lock(cache_mutex_);
+    auto it = cache_.find(name);
+    return it == cache_.end() ? nullptr : it->second;
+  }
+
   // Resolves through the cache or the metadata backend; `cb` runs on the backend's executor or later.
   void resolve(const std::string& name, bool refresh, resolve_callback cb) {
     if (!refresh) {
@@ -463,6 +470,14 @@ class transfer_engine {
       for (auto& [name, seg] : segments) {
         seg.resolving = true;
         ++resolving;
+      }
+      for (auto& [name, seg] : segments) {
+        // A descriptor in the cache binds here, on the strand: no trip
+        // through the executor and back (two posts) for what is in hand.
+        if (auto d = eng->cached(name)) {
+          resolved(name, {}, std::move(d));
+          continue;
+        }
         eng->resolve(name, false, [me = this->shared_from_this(), name = name](kvx::error e, descriptor_ptr d) {
           asio::dispatch(me->strand, [me, name, e = std::move(e), d = std::move(d)] { me->resolved(name, e, d); });
         });
