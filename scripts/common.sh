@@ -14,7 +14,7 @@ die() {
 # Debian packages kvx builds, tests and benchmarks with.
 KVX_APT_PACKAGES=(
   build-essential cmake ninja-build pkg-config git python3 python3-pip python3-matplotlib
-  g++-12 clang-14 libclang-rt-14-dev
+  g++-12 clang-14 libclang-rt-14-dev lld
   libboost1.81-dev nlohmann-json3-dev librange-v3-dev libxxhash-dev
   liburing-dev libhiredis-dev libucx-dev ucx-utils libibverbs-dev librdmacm-dev
   libgtest-dev libgmock-dev libbenchmark-dev

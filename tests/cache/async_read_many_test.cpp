@@ -19,26 +19,26 @@ namespace asio = boost::asio;
 
 namespace {
 
-constexpr std::uint64_t block = 4096;
-using dram_cache = kc::tiered_cache<kc::tier_stack<kc::dram_tier<>>, kc::eviction::lru>;
+constexpr std::uint64_t read_block = 4096;
+using lru_dram_cache = kc::tiered_cache<kc::tier_stack<kc::dram_tier<>>, kc::eviction::lru>;
 
 // A DRAM cache holding blocks 0..n-1 (block i all bytes i + 1), and buffers
 // to read them back with keys 0..n-1 then one missing key.
 struct setup {
   static constexpr std::uint64_t n = 6;
   kvx::metrics::registry reg;
-  dram_cache c{kc::tiered_cache_config{.block_bytes = block, .name = "async", .registry = &reg},
-               kc::dram_tier_config{.capacity = 8 * block}};
+  lru_dram_cache c{kc::tiered_cache_config{.block_bytes = read_block, .name = "async", .registry = &reg},
+                   kc::dram_tier_config{.capacity = 8 * read_block}};
   std::vector<kc::block_key> keys;
   std::vector<std::vector<std::byte>> bufs;
   std::vector<std::span<std::byte>> outs;
   setup() {
     for (std::uint64_t i = 0; i < n; ++i) {
       keys.push_back({3, i});
-      EXPECT_TRUE(c.insert(keys.back(), std::vector<std::byte>(block, static_cast<std::byte>(i + 1))));
+      EXPECT_TRUE(c.insert(keys.back(), std::vector<std::byte>(read_block, static_cast<std::byte>(i + 1))));
     }
     keys.push_back({3, 99});
-    bufs.assign(keys.size(), std::vector<std::byte>(block));
+    bufs.assign(keys.size(), std::vector<std::byte>(read_block));
     outs.assign(bufs.begin(), bufs.end());
   }
 };
@@ -64,7 +64,7 @@ TEST(AsyncReadMany, ReportsEveryBlockOnTheExecutorThenCompletes) {
   for (auto id : threads) EXPECT_NE(id, std::this_thread::get_id());  // on the pool, not the caller
   for (std::size_t i = 0; i < setup::n; ++i) {
     EXPECT_FALSE(codes[i]) << i;
-    EXPECT_EQ(f.bufs[i], std::vector<std::byte>(block, static_cast<std::byte>(i + 1))) << i;
+    EXPECT_EQ(f.bufs[i], std::vector<std::byte>(read_block, static_cast<std::byte>(i + 1))) << i;
   }
   EXPECT_EQ(codes[setup::n], kvx::errc::not_found);  // a per-block error does not fail the operation
   pool.join();

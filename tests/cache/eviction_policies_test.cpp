@@ -15,7 +15,7 @@ using kvx::cache::block_key;
 
 namespace {
 
-block_key key(std::uint64_t i) { return block_key{0, i}; }
+block_key policy_key(std::uint64_t i) { return block_key{0, i}; }
 constexpr auto all = [](const block_key&) { return true; };
 
 // A demand cache of `capacity` blocks driven one access at a time (no
@@ -29,7 +29,7 @@ std::vector<bool> drive(P& p, std::size_t capacity, std::initializer_list<std::u
   for (auto id : seq) {
     const access_context ctx{++now};
     if (std::find(resident.begin(), resident.end(), id) != resident.end()) {
-      p.on_hit(key(id), ctx);
+      p.on_hit(policy_key(id), ctx);
       hits.push_back(true);
       continue;
     }
@@ -40,7 +40,7 @@ std::vector<bool> drive(P& p, std::size_t capacity, std::initializer_list<std::u
       std::erase(resident, v->lo);
       if (evicted) evicted->push_back(v->lo);
     }
-    p.on_insert(key(id), ctx);
+    p.on_insert(policy_key(id), ctx);
     resident.push_back(id);
   }
   return hits;
@@ -95,14 +95,14 @@ TEST(EvictionS3fifo, OneHitWondersLeaveThroughTheSmallQueueAndTheGhost) {
   drive(p, 10, {1, 2, 3});
   EXPECT_EQ(p.small_size(), 3u);
   EXPECT_EQ(p.main_size(), 0u);
-  p.on_hit(key(1), {});
+  p.on_hit(policy_key(1), {});
   // Small is over its share: 1 (read while there) moves to main, 2 leaves.
-  EXPECT_EQ(p.victim(all), key(2));
+  EXPECT_EQ(p.victim(all), policy_key(2));
   EXPECT_EQ(p.main_size(), 1u);
-  EXPECT_TRUE(p.in_ghost(key(2)));
-  p.on_insert(key(2), {});  // back from the ghost: straight to main
+  EXPECT_TRUE(p.in_ghost(policy_key(2)));
+  p.on_insert(policy_key(2), {});  // back from the ghost: straight to main
   EXPECT_EQ(p.main_size(), 2u);
-  EXPECT_FALSE(p.in_ghost(key(2)));
+  EXPECT_FALSE(p.in_ghost(policy_key(2)));
 }
 
 TEST(EvictionS3fifo, KeepsTheHotSetThroughAScan) { EXPECT_EQ(hot_hits_after_scan(ev::s3fifo(4), 4), 2u); }
@@ -116,8 +116,8 @@ TEST(EvictionArc, AGhostHitInB1GrowsTheRecencyTarget) {
   drive(p, 3, {1, 1, 2, 3, 4}, &evicted);
   EXPECT_EQ(evicted, (std::vector<std::uint64_t>{2}));
   EXPECT_EQ(p.target_recency(), 0.0);
-  ASSERT_EQ(p.victim(all), key(3));  // room for 2 again
-  p.on_insert(key(2), {});           // a hit in B1: recency deserved more room
+  ASSERT_EQ(p.victim(all), policy_key(3));  // room for 2 again
+  p.on_insert(policy_key(2), {});           // a hit in B1: recency deserved more room
   EXPECT_GT(p.target_recency(), 0.0);
 }
 
@@ -133,7 +133,7 @@ TEST(EvictionSieve, KeepsTheHotSetThroughAScan) { EXPECT_EQ(hot_hits_after_scan(
 
 TEST(EvictionPrefixAware, EvictsLeavesBeforeTheirParents) {
   ev::prefix_aware p(4);
-  const block_key a = key(1), b = key(2), c = key(3), d = key(4);
+  const block_key a = policy_key(1), b = policy_key(2), c = policy_key(3), d = policy_key(4);
   p.on_insert(a, {1});
   p.on_insert(b, {2, kvx::cache::never, 0, &a});
   p.on_insert(c, {3, kvx::cache::never, 0, &b});
@@ -148,7 +148,7 @@ TEST(EvictionPrefixAware, EvictsLeavesBeforeTheirParents) {
 
 TEST(EvictionPrefixAware, FallsBackToInnerBlocksWhenEveryLeafIsPinned) {
   ev::prefix_aware p(2);
-  const block_key a = key(1), b = key(2);
+  const block_key a = policy_key(1), b = policy_key(2);
   p.on_insert(a, {1});
   p.on_insert(b, {2, kvx::cache::never, 0, &a});
   EXPECT_EQ(p.victim([&](const block_key& k) { return k != b; }), a);
@@ -156,18 +156,18 @@ TEST(EvictionPrefixAware, FallsBackToInnerBlocksWhenEveryLeafIsPinned) {
 
 TEST(EvictionBelady, EvictsTheBlockUsedFarthestInTheFuture) {
   ev::belady p(2);
-  p.on_insert(key(1), {0, 10});
-  p.on_insert(key(2), {1, 5});
-  EXPECT_EQ(p.victim(all), key(1));
-  p.on_insert(key(3), {2, kvx::cache::never});
-  EXPECT_EQ(p.victim(all), key(3));
+  p.on_insert(policy_key(1), {0, 10});
+  p.on_insert(policy_key(2), {1, 5});
+  EXPECT_EQ(p.victim(all), policy_key(1));
+  p.on_insert(policy_key(3), {2, kvx::cache::never});
+  EXPECT_EQ(p.victim(all), policy_key(3));
 }
 
 TEST(EvictionReuseClass, EvictsARequestsTailBeforeAReusedBlock) {
   ev::reuse_class::options o;
   o.vectors = {{-2, -1.5, -1, 0, 1}};
   ev::reuse_class p(4, o);
-  const block_key a = key(1), tail = key(2);
+  const block_key a = policy_key(1), tail = policy_key(2);
   p.on_insert(a, {1});
   p.on_hit(a, {2});
   p.on_insert(tail, {3, kvx::cache::never, 0, nullptr});
@@ -192,8 +192,8 @@ TEST(AnyEvictionPolicy, BuildsEachNamedPolicyFromConfig) {
     auto p = ev::any_eviction_policy::from_config(kvx::config::view(cfg), 8);
     ASSERT_TRUE(p) << name << ": " << p.error().message();
     EXPECT_EQ(p->name(), name);
-    p->on_insert(key(1), {});
-    EXPECT_EQ(p->victim(all), key(1));
+    p->on_insert(policy_key(1), {});
+    EXPECT_EQ(p->victim(all), policy_key(1));
   }
 }
 

@@ -21,7 +21,7 @@ kc::dram_tier_config dram_cfg(std::uint64_t cap) {
   c.capacity = cap;
   return c;
 }
-std::vector<std::byte> pattern(std::size_t n, unsigned seed) {
+std::vector<std::byte> dram_pattern(std::size_t n, unsigned seed) {
   std::vector<std::byte> v(n);
   for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>((i * 31 + seed) & 0xFF);
   return v;
@@ -30,7 +30,7 @@ std::vector<std::byte> pattern(std::size_t n, unsigned seed) {
 
 TEST(DramTier, StoresAndLoadsBlocksByKey) {
   kc::dram_tier<> t(dram_cfg(1 << 20));
-  auto a = pattern(5000, 1), b = pattern(100, 2);
+  auto a = dram_pattern(5000, 1), b = dram_pattern(100, 2);
   ASSERT_TRUE(t.store({0, 1}, a));
   ASSERT_TRUE(t.store({0, 2}, b));
   std::vector<std::byte> out(8192);
@@ -54,7 +54,7 @@ TEST(DramTier, ReportsMissingDuplicateFullAndShortBuffer) {
   kc::dram_tier<> t(dram_cfg(64 * 1024));
   std::vector<std::byte> out(16);
   EXPECT_EQ(t.load({9, 9}, out).code(), kvx::errc::not_found);
-  auto big = pattern(40000, 3);
+  auto big = dram_pattern(40000, 3);
   ASSERT_TRUE(t.store({1, 1}, big));
   EXPECT_EQ(t.store({1, 1}, big).code(), kvx::errc::already_exists);
   auto r = t.store({1, 2}, big);
@@ -70,7 +70,7 @@ TEST(DramTier, ReportsMissingDuplicateFullAndShortBuffer) {
 TEST(DramTier, UsedBytesFollowStoresAndErases) {
   kc::dram_tier<> t(dram_cfg(1 << 20));
   EXPECT_EQ(t.used_bytes(), 0U);
-  ASSERT_TRUE(t.store({0, 1}, pattern(1000, 0)));
+  ASSERT_TRUE(t.store({0, 1}, dram_pattern(1000, 0)));
   EXPECT_GE(t.used_bytes(), 1000U);
   t.erase({0, 1});
   EXPECT_EQ(t.used_bytes(), 0U);
@@ -94,7 +94,7 @@ TEST(DramTier, ConcurrentStoresAndLoadsOfDistinctKeys) {
       std::vector<std::byte> out(4096);
       for (std::uint64_t i = 0; i < 200; ++i) {
         const kc::block_key k{w, i};
-        auto p = pattern(4096, static_cast<unsigned>(w * 1000 + i));
+        auto p = dram_pattern(4096, static_cast<unsigned>(w * 1000 + i));
         ASSERT_TRUE(t.store(k, p));
         ASSERT_TRUE(t.load(k, out));
         ASSERT_EQ(0, std::memcmp(out.data(), p.data(), p.size()));
@@ -112,7 +112,7 @@ TEST(DramTier, SlabAllocatorCarvesTheArenaInSizeClasses) {
   c.alignment = 4096;
   kc::dram_tier<kvx::memory::slab_allocator> t(c);
   EXPECT_EQ(t.footprint(5000), 8192U);  // the 8 KiB class
-  auto a = pattern(5000, 4);
+  auto a = dram_pattern(5000, 4);
   ASSERT_TRUE(t.store({3, 3}, a));
   std::vector<std::byte> out(5000);
   ASSERT_TRUE(t.load({3, 3}, out));
@@ -125,7 +125,7 @@ TEST(DramTier, PlacementsAreTheCallersAndShareTheArena) {
   auto a = t.place(5000);
   ASSERT_TRUE(a);
   EXPECT_EQ(a->size, t.footprint(5000));
-  auto bytes = pattern(5000, 4);
+  auto bytes = dram_pattern(5000, 4);
   ASSERT_TRUE(t.write_at(*a, bytes));
   std::vector<std::byte> out(5000);
   auto n = t.read_at(*a, out);
@@ -136,7 +136,7 @@ TEST(DramTier, PlacementsAreTheCallersAndShareTheArena) {
   EXPECT_EQ(t.used_bytes(), a->size);  // counted by the arena
   EXPECT_EQ(t.blocks(), 0U);            // but in no key index
   // Keyed blocks take other ranges of the same arena.
-  ASSERT_TRUE(t.store({0, 1}, pattern(100, 5)));
+  ASSERT_TRUE(t.store({0, 1}, dram_pattern(100, 5)));
   EXPECT_NE(t.locate({0, 1})->offset, a->offset);
   t.unplace(*a);
   EXPECT_EQ(t.used_bytes(), t.footprint(100));

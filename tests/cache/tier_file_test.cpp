@@ -24,7 +24,7 @@ kc::file_tier_config file_cfg(std::uint64_t cap, std::string path = KVX_BINARY_D
   c.capacity = cap;
   return c;
 }
-std::vector<std::byte> pattern(std::size_t n, unsigned seed) {
+std::vector<std::byte> file_pattern(std::size_t n, unsigned seed) {
   std::vector<std::byte> v(n);
   for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>((i * 7 + seed) & 0xFF);
   return v;
@@ -40,9 +40,9 @@ struct aligned_vec {
 
 TEST(FileTier, StoresAndLoadsAlignedAndUnalignedBlocks) {
   kc::file_tier<> t(file_cfg(1 << 20));
-  auto odd = pattern(5000, 1);  // not a multiple of 4 KiB: bounce-buffered under O_DIRECT
+  auto odd = file_pattern(5000, 1);  // not a multiple of 4 KiB: bounce-buffered under O_DIRECT
   aligned_vec al(8192);
-  auto p = pattern(8192, 2);
+  auto p = file_pattern(8192, 2);
   std::memcpy(al.p, p.data(), p.size());
   ASSERT_TRUE(t.store({0, 1}, odd));
   ASSERT_TRUE(t.store({0, 2}, std::span<const std::byte>(al.p, al.size)));
@@ -62,7 +62,7 @@ TEST(FileTier, ReportsMissingDuplicateFullAndShortBuffer) {
   kc::file_tier<> t(file_cfg(16 * 1024));
   std::vector<std::byte> out(10);
   EXPECT_EQ(t.load({1, 1}, out).code(), kvx::errc::not_found);
-  auto b = pattern(12000, 1);
+  auto b = file_pattern(12000, 1);
   ASSERT_TRUE(t.store({1, 1}, b));
   EXPECT_EQ(t.store({1, 1}, b).code(), kvx::errc::already_exists);
   EXPECT_EQ(t.store({1, 2}, b).code(), kvx::errc::capacity_exceeded);
@@ -76,7 +76,7 @@ TEST(FileTier, NamedFileIsCreatedAndSized) {
   std::filesystem::remove(path);
   {
     kc::file_tier<> t(file_cfg(64 * 1024, path.string()));
-    ASSERT_TRUE(t.store({2, 2}, pattern(4096, 9)));
+    ASSERT_TRUE(t.store({2, 2}, file_pattern(4096, 9)));
     EXPECT_EQ(std::filesystem::file_size(path), 64U * 1024);
   }
   std::filesystem::remove(path);
@@ -103,7 +103,7 @@ std::vector<std::size_t> load_many_with(unsigned readers) {
   std::vector<std::vector<std::byte>> want, bufs;
   for (std::uint64_t i = 0; i < 40; ++i) {
     keys.push_back({7, i});
-    want.push_back(pattern(4096 * (1 + i % 3), static_cast<unsigned>(i)));
+    want.push_back(file_pattern(4096 * (1 + i % 3), static_cast<unsigned>(i)));
     EXPECT_TRUE(t.store(keys.back(), want.back()));
     bufs.emplace_back(want.back().size());
   }
@@ -152,7 +152,7 @@ TEST(FileTier, ConcurrentStoresAndLoadsOfDistinctKeys) {
       std::vector<std::byte> out(4096);
       for (std::uint64_t i = 0; i < 50; ++i) {
         const kc::block_key k{w, i};
-        auto p = pattern(4096, static_cast<unsigned>(w * 100 + i));
+        auto p = file_pattern(4096, static_cast<unsigned>(w * 100 + i));
         ASSERT_TRUE(t.store(k, p));
         ASSERT_TRUE(t.load(k, out));
         ASSERT_EQ(out, p);

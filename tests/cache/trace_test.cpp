@@ -10,7 +10,7 @@
 
 namespace {
 
-std::string error_of(const std::string& text) {
+std::string trace_error_of(const std::string& text) {
   std::istringstream in(text);
   auto r = kvx::cache::parse_trace(in, "t.jsonl");
   return r ? std::string("no error") : r.error().message();
@@ -33,19 +33,19 @@ TEST(Trace, ParsesMooncakeLinesAndSkipsBlankOnes) {
 
 TEST(Trace, MalformedLinesNameTheLineAndTheField) {
   const std::string ok = "{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [1]}\n";
-  EXPECT_EQ(error_of(ok + "{not json\n"), "malformed message: t.jsonl line 2: not valid JSON");
-  EXPECT_EQ(error_of(ok + "[1, 2]\n"), "malformed message: t.jsonl line 2: expected a JSON object, got array");
-  EXPECT_EQ(error_of("{\"input_length\": 1, \"output_length\": 1, \"hash_ids\": []}\n"),
+  EXPECT_EQ(trace_error_of(ok + "{not json\n"), "malformed message: t.jsonl line 2: not valid JSON");
+  EXPECT_EQ(trace_error_of(ok + "[1, 2]\n"), "malformed message: t.jsonl line 2: expected a JSON object, got array");
+  EXPECT_EQ(trace_error_of("{\"input_length\": 1, \"output_length\": 1, \"hash_ids\": []}\n"),
             "malformed message: t.jsonl line 1: field 'timestamp' is missing");
-  EXPECT_EQ(error_of("{\"timestamp\": -3, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": []}"),
+  EXPECT_EQ(trace_error_of("{\"timestamp\": -3, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": []}"),
             "malformed message: t.jsonl line 1: field 'timestamp': expected a non-negative number, got -3");
-  EXPECT_EQ(error_of("{\"timestamp\": 1, \"input_length\": \"9\", \"output_length\": 1, \"hash_ids\": []}"),
+  EXPECT_EQ(trace_error_of("{\"timestamp\": 1, \"input_length\": \"9\", \"output_length\": 1, \"hash_ids\": []}"),
             "malformed message: t.jsonl line 1: field 'input_length': expected a non-negative number, got \"9\"");
-  EXPECT_EQ(error_of("{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1}"),
+  EXPECT_EQ(trace_error_of("{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1}"),
             "malformed message: t.jsonl line 1: field 'hash_ids' is missing");
-  EXPECT_EQ(error_of("{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": 5}"),
+  EXPECT_EQ(trace_error_of("{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": 5}"),
             "malformed message: t.jsonl line 1: field 'hash_ids': expected an array, got number");
-  EXPECT_EQ(error_of(ok + ok + "{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [3, -1]}"),
+  EXPECT_EQ(trace_error_of(ok + ok + "{\"timestamp\": 1, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": [3, -1]}"),
             "malformed message: t.jsonl line 3: field 'hash_ids[1]': expected a non-negative integer, got -1");
 }
 

@@ -22,18 +22,13 @@ namespace asio = boost::asio;
 using namespace std::chrono_literals;
 using kvx::testing::run_op;
 
-std::string fresh_prefix() {
-  static std::atomic<int> n{0};
-  return "election-" + std::to_string(::getpid()) + "-" + std::to_string(n++) + "/";
-}
-
 class EtcdElection : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { server_ = kvx::test::etcd_server::start(); }
   static void TearDownTestSuite() { server_.reset(); }
   void SetUp() override {
     if (!server_) GTEST_SKIP() << kvx::test::etcd_server::missing_reason();
-    prefix_ = fresh_prefix();
+    prefix_ = kvx::test::fresh_prefix("election");
     etcd_.emplace(io_.get_executor(), kvx::store::etcd_options{.address = server_->address(), .prefix = prefix_, .timeout = 2s});
   }
   std::unique_ptr<kvx::store::etcd_election> candidate(const std::string& id) {

@@ -22,14 +22,7 @@ namespace asio = boost::asio;
 using namespace std::chrono_literals;
 using kvx::testing::run_op;
 
-std::unique_ptr<kvx::test::etcd_server>& shared_etcd() {
-  static std::unique_ptr<kvx::test::etcd_server> server;
-  return server;
-}
-std::string fresh_prefix() {
-  static std::atomic<int> n{0};
-  return "test-" + std::to_string(::getpid()) + "-" + std::to_string(n++) + "/";
-}
+using kvx::test::shared_etcd;
 
 struct etcd_env {
   using backend_type = kvx::store::etcd_metadata;
@@ -38,7 +31,7 @@ struct etcd_env {
   }
   static void tear_down_suite() {}
   static std::string skip_reason() { return shared_etcd() ? "" : kvx::test::etcd_server::missing_reason(); }
-  explicit etcd_env(asio::io_context& io) : meta(io.get_executor(), {.address = shared_etcd()->address(), .prefix = fresh_prefix()}) {}
+  explicit etcd_env(asio::io_context& io) : meta(io.get_executor(), {.address = shared_etcd()->address(), .prefix = kvx::test::fresh_prefix("test")}) {}
   backend_type& backend() { return meta; }
   backend_type meta;
 };
@@ -56,7 +49,7 @@ class EtcdMetadata : public ::testing::Test {
   void SetUp() override {
     if (!server_) GTEST_SKIP() << kvx::test::etcd_server::missing_reason();
     meta_ = std::make_unique<kvx::store::etcd_metadata>(
-        io_.get_executor(), kvx::store::etcd_options{.address = server_->address(), .prefix = fresh_prefix(), .timeout = 3s});
+        io_.get_executor(), kvx::store::etcd_options{.address = server_->address(), .prefix = kvx::test::fresh_prefix("test"), .timeout = 3s});
   }
   std::error_code put(const std::string& k, const std::string& v) {
     return std::get<0>(run_op(io_, [&](auto h) { meta_->async_put(k, v, std::move(h)); }));

@@ -18,6 +18,7 @@
 #include <kvx/cache/eviction/lru.hpp>
 #include <kvx/memory/mapped_arena.hpp>
 #include <kvx/testing/metadata_conformance.hpp>
+#include <kvx/testing/random_bytes.hpp>
 #include <kvx/transfer/embedded_metadata.hpp>
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/local.hpp>
@@ -42,15 +43,6 @@ using engine_type = kvx::test::store_engine;
 using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
 using master_type = kvx::store::elected_master<state_type>;
 
-std::string fresh_prefix() {
-  static std::atomic<int> n{0};
-  return "failover-" + std::to_string(::getpid()) + "-" + std::to_string(n++) + "/";
-}
-
-void fill_random(std::span<std::byte> s, unsigned seed) {
-  std::mt19937 rng(seed);
-  for (auto& b : s) b = std::byte(rng());
-}
 
 using party = kvx::test::store_party;
 
@@ -61,7 +53,7 @@ class MasterFailover : public ::testing::Test {
 
   void SetUp() override {
     if (!server_) GTEST_SKIP() << kvx::test::etcd_server::missing_reason();
-    prefix_ = fresh_prefix();
+    prefix_ = kvx::test::fresh_prefix("failover");
     etcd_.emplace(io.get_executor(), kvx::store::etcd_options{.address = server_->address(), .prefix = prefix_, .timeout = 2s});
     config_.put_lease = 300ms;  // also the takeover grace
     config_.node_timeout = 2s;
@@ -229,7 +221,7 @@ TEST_F(MasterFailover, ClientsAndNodesFollowTheStandbyWhenTheLeaderDies) {
   auto writer = add_client("writer", 1 << 20);
   auto reader = add_client("reader", 1 << 20);
   auto first = std::span(writer.buffer).first(200000);
-  fill_random(first, 1);
+  kvx::testing::fill_random(first, 1);
   ASSERT_FALSE(put_through_failover(writer, "before", first)) << "after the takeover grace";
   auto [ec, n] = get(reader, "before", reader.buffer);
   ASSERT_FALSE(ec) << ec.message();
@@ -249,7 +241,7 @@ TEST_F(MasterFailover, ClientsAndNodesFollowTheStandbyWhenTheLeaderDies) {
   std::tie(ec, n) = get(reader, "before", reader.buffer);
   EXPECT_EQ(ec, kvx::errc::not_found) << "objects do not survive a failover (docs/store.md): a miss, never stale bytes";
   auto second = std::span(writer.buffer).subspan(200000, 300000);
-  fill_random(second, 2);
+  kvx::testing::fill_random(second, 2);
   std::vector<std::error_code> seen;
   ASSERT_FALSE(put_through_failover(writer, "after", second, &seen));
   std::fill(reader.buffer.begin(), reader.buffer.end(), std::byte{0});

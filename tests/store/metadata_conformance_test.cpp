@@ -37,10 +37,7 @@ struct any_embedded_env {
   backend_type meta;
 };
 
-std::unique_ptr<kvx::test::etcd_server>& shared_etcd() {
-  static std::unique_ptr<kvx::test::etcd_server> server;
-  return server;
-}
+using kvx::test::shared_etcd;
 
 struct any_etcd_env {
   using backend_type = kvx::store::any_metadata_backend;

@@ -9,6 +9,7 @@
 #include <kvx/cache/eviction/lru.hpp>
 #include <kvx/memory/mapped_arena.hpp>
 #include <kvx/memory/mapped_file.hpp>
+#include <kvx/testing/random_bytes.hpp>
 #include <kvx/transfer/embedded_metadata.hpp>
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/local.hpp>
@@ -117,10 +118,7 @@ struct StoreEndToEnd : ::testing::Test {
   }
 };
 
-void fill_random(std::span<std::byte> s, unsigned seed) {
-  std::mt19937 rng(seed);
-  for (auto& b : s) b = std::byte(rng());
-}
+using kvx::testing::fill_random;
 
 TEST_F(StoreEndToEnd, PutThenGetIsByteExactAcrossParties) {
   add_node("node-a", 4 << 20);

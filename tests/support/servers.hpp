@@ -22,6 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -315,5 +316,19 @@ class etcd_server : public detail::loopback_server {
     return reply.find("\"health\":\"true\"") != std::string::npos;
   }
 };
+
+//! The etcd every test of one executable shares (started by the first suite
+//! that needs it; null where etcd is missing). One server per process keeps
+//! a test run from starting an etcd per suite.
+inline std::unique_ptr<etcd_server>& shared_etcd() {
+  static std::unique_ptr<etcd_server> server;
+  return server;
+}
+
+//! A key prefix no other test of any process uses: `<stem>-<pid>-<n>/`.
+inline std::string fresh_prefix(const std::string& stem) {
+  static std::atomic<int> n{0};
+  return stem + "-" + std::to_string(::getpid()) + "-" + std::to_string(n++) + "/";
+}
 
 }  // namespace kvx::test

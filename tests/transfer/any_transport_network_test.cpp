@@ -20,7 +20,7 @@ namespace {
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
 using kvx::transfer::any_transport;
-using engine_t = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, any_transport>;
+using network_engine_t = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, any_transport>;
 
 struct AnyNetworkTransport : ::testing::TestWithParam<const char*> {
   asio::io_context io;
@@ -32,7 +32,7 @@ struct AnyNetworkTransport : ::testing::TestWithParam<const char*> {
     io.restart();
     while (!done() && std::chrono::steady_clock::now() < give_up) io.run_one_for(10ms);
   }
-  void reg(engine_t& e, std::vector<std::byte>& buf, const std::string& name) {
+  void reg(network_engine_t& e, std::vector<std::byte>& buf, const std::string& name) {
     std::optional<std::error_code> out;
     e.async_register_memory({buf.data(), buf.size()}, name, [&](std::error_code ec, const kvx::memory::segment_descriptor& d) {
       out = ec;
@@ -43,7 +43,7 @@ struct AnyNetworkTransport : ::testing::TestWithParam<const char*> {
     run_until([&] { return out.has_value(); });
     ASSERT_TRUE(out && !*out) << (out ? out->message() : "no completion");
   }
-  std::error_code transfer(engine_t& e, kvx::transfer::batch b) {
+  std::error_code transfer(network_engine_t& e, kvx::transfer::batch b) {
     std::optional<std::error_code> out;
     e.async_transfer(std::move(b), [&](std::error_code ec, kvx::transfer::batch_result) { out = ec; });
     run_until([&] { return out.has_value(); });
@@ -57,7 +57,7 @@ TEST_P(AnyNetworkTransport, BuiltFromJsonMovesBytesBothWaysThroughEngines) {
   ASSERT_TRUE(a) << a.error().message();
   ASSERT_TRUE(b) << b.error().message();
   EXPECT_EQ(a->runtime_name(), GetParam());
-  engine_t owner(meta, {.node = "owner"}, *a), user(meta, {.node = "user"}, *b);
+  network_engine_t owner(meta, {.node = "owner"}, *a), user(meta, {.node = "user"}, *b);
   std::vector<std::byte> remote(3u << 20), mine(3u << 20);
   kvx::testing::fill_random(remote, 11);
   kvx::testing::fill_random(mine, 12);

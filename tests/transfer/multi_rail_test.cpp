@@ -25,7 +25,7 @@ using kvx::transfer::batch;
 using kvx::transfer::batch_result;
 using kvx::transfer::embedded_metadata;
 using rails_t = kvx::transport::multi_rail<kvx::transport::tcp, kvx::topology::rail::round_robin>;
-using engine_t = kvx::transfer::transfer_engine<embedded_metadata, rails_t>;
+using rails_engine_t = kvx::transfer::transfer_engine<embedded_metadata, rails_t>;
 
 // A tcp transport that serves nothing: what a rail becomes when its NIC dies.
 kvx::transport::tcp dead_rail(asio::io_context& io) {
@@ -45,8 +45,8 @@ struct multi_rail_engines : ::testing::Test {
   asio::io_context io;
   embedded_metadata meta{io.get_executor()};
   rails_t owner_rails = make_rails(io, rails), my_rails = make_rails(io, rails);
-  engine_t owner{meta, {.node = "owner"}, owner_rails};
-  engine_t me{meta, {.node = "initiator", .slice_size = slice, .max_in_flight = 6}, my_rails};
+  rails_engine_t owner{meta, {.node = "owner"}, owner_rails};
+  rails_engine_t me{meta, {.node = "initiator", .slice_size = slice, .max_in_flight = 6}, my_rails};
   std::vector<std::byte> remote = std::vector<std::byte>(size), mine = std::vector<std::byte>(size);
   std::string name = kvx::testing::unique_segment_name("rails");
 
@@ -55,7 +55,7 @@ struct multi_rail_engines : ::testing::Test {
     reg(owner, remote, name);
     reg(me, mine, name + "-local");
   }
-  void reg(engine_t& e, std::vector<std::byte>& buf, const std::string& n) {
+  void reg(rails_engine_t& e, std::vector<std::byte>& buf, const std::string& n) {
     std::optional<std::error_code> out;
     e.async_register_memory({buf.data(), buf.size()}, n, [&](std::error_code ec, const kvx::memory::segment_descriptor& d) {
       out = ec;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "support/child_process.hpp"
+#include "support/run_until.hpp"
 
 namespace {
 
@@ -27,17 +28,7 @@ std::byte peer_pattern(std::size_t i, unsigned seed) {
   return std::byte(static_cast<unsigned char>((i * 131 + seed) ^ (i >> 9)));
 }
 
-// Runs `io` until `done` or a 5 s deadline; a hang is a failure, not a stuck test.
-template <class Pred>
-bool run_until(asio::io_context& io, Pred done) {
-  const auto deadline = std::chrono::steady_clock::now() + 5s;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    if (io.stopped()) io.restart();
-    io.run_one_for(5ms);
-  }
-  return true;
-}
+using kvx::test::run_until;
 
 std::error_code read(asio::io_context& io, kvx::transport::shm& t, const segment_descriptor& d, std::uint64_t off,
                      std::span<std::byte> dst) {

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "support/child_process.hpp"
+#include "support/run_until.hpp"
 
 namespace {
 
@@ -38,17 +39,7 @@ std::vector<std::byte> random_bytes(std::size_t n, std::uint64_t seed) {
   return v;
 }
 
-// Runs handlers until `done()`; false after `limit` (a failure, never a hang).
-template <class Pred>
-bool run_until(asio::io_context& io, Pred done, std::chrono::milliseconds limit = 10s) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    if (io.stopped()) io.restart();
-    io.run_one_for(5ms);
-  }
-  return true;
-}
+using kvx::test::run_until;
 
 tcp::config small_slices(unsigned connections = 4) {
   tcp::config c;

@@ -17,6 +17,7 @@
 
 #include "support/child_process.hpp"
 #include "support/cuda_pattern.hpp"
+#include "support/run_until.hpp"
 
 namespace {
 
@@ -30,16 +31,7 @@ using namespace std::chrono_literals;
     if (kvx::cuda::device_count() == 0) GTEST_SKIP() << kvx::cuda::skip_reason(); \
   } while (false)
 
-template <class Pred>
-bool run_until(asio::io_context& io, Pred done) {
-  const auto deadline = std::chrono::steady_clock::now() + 10s;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    if (io.stopped()) io.restart();
-    io.run_one_for(5ms);
-  }
-  return true;
-}
+using kvx::test::run_until;
 
 std::error_code op(asio::io_context& io, cuda_ipc& t, const segment_descriptor& d, std::uint64_t off, std::span<std::byte> buf,
                    bool read) {

@@ -18,6 +18,8 @@
 
 #include <kvx/core/config.hpp>
 
+#include "support/run_until.hpp"
+
 // Tests that need no RDMA device run everywhere; the rest skip with the reason
 // when ibv_get_device_list finds nothing (see docs/transport-verbs.md).
 namespace {
@@ -570,15 +572,7 @@ struct verbs_pair {
     if (auto why = missing_device(); !why.empty()) GTEST_SKIP() << why; \
   } while (0)
 
-template <class Pred>
-bool run_until(boost::asio::io_context& io, Pred done) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    io.run_one_for(std::chrono::milliseconds(5));
-  }
-  return true;
-}
+using kvx::test::run_until;
 
 TEST(VerbsDevice, ManyOutstandingOpsQueueAndCompleteByteExact) {
   KVX_NEED_RDMA_DEVICE();
