@@ -334,10 +334,11 @@ struct party {
   party(kvx::store::any_metadata_backend m, const engine_settings& s, const std::string& name, bool grant_ptrace)
       : metadata(std::move(m)),
         transport(make_transport<Transport>(metadata.get_executor(), s, grant_ptrace)),
-        engine(metadata, options(name), transport) {}
-  static kvx::transfer::engine_options options(const std::string& name) {
+        engine(metadata, options(s, name), transport) {}
+  static kvx::transfer::engine_options options(const engine_settings& s, const std::string& name) {
     kvx::transfer::engine_options o;
     o.node = name;
+    if (s.transfer_timeout.count() > 0) o.deadline = s.transfer_timeout;
     return o;
   }
 };

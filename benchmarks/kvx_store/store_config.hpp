@@ -245,6 +245,10 @@ struct engine_settings {
   kvx::transport::ucx_options ucx{};  //!< ucx: the "ucx" object (tls, net_devices, progress, settings)
 #endif
   kvx::log_level log_level = kvx::log_level::warn;
+  //! Deadline of each transfer batch (a put's writes, a get's read from one
+  //! replica, a node's copy); 0 = none. Without one, a read from a node that
+  //! died stalls where the transport cannot see deaths (UCX posix/sysv).
+  std::chrono::milliseconds transfer_timeout{30000};
 };
 
 inline result<engine_settings> parse_engine(const kvx::config::view& v, bool name_required) {
@@ -305,6 +309,9 @@ inline result<engine_settings> parse_engine(const kvx::config::view& v, bool nam
   auto level = parse_log_level(v);
   KVX_TRY(level);
   s.log_level = *level;
+  auto transfer_timeout = parse_ms(v, "transfer_timeout_ms", s.transfer_timeout, /*min_ms=*/0);
+  KVX_TRY(transfer_timeout);
+  s.transfer_timeout = *transfer_timeout;
   return s;
 }
 
@@ -324,7 +331,7 @@ struct node_settings {
 inline result<node_settings> parse_node(const json& doc) {
   kvx::config::view v(doc);
   KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "ucx", "dram", "ssd", "heartbeat_ms",
-                        "log_level"}));
+                        "log_level", "transfer_timeout_ms"}));
   node_settings s;
   auto engine = parse_engine(v, /*name_required=*/true);
   KVX_TRY(engine);
@@ -360,7 +367,8 @@ struct client_settings {
 
 inline result<client_settings> parse_client(const json& doc) {
   kvx::config::view v(doc);
-  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "ucx", "lease_ms", "log_level"}));
+  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "ucx", "lease_ms", "log_level",
+                        "transfer_timeout_ms"}));
   client_settings s;
   auto engine = parse_engine(v, /*name_required=*/false);
   KVX_TRY(engine);

@@ -1,5 +1,5 @@
 // store_bench: put/get throughput and latency of the kvx store (master +
-// nodes + clients, bytes moved by the transfer engine over tcp or shm)
+// nodes + clients, bytes moved by the transfer engine over tcp, shm or ucx)
 // against Redis (redis-server + redis-benchmark SET/GET) with the same value
 // sizes and client counts, in the same run. Redis is what LMCache uses as its
 // remote tier.
@@ -19,6 +19,9 @@
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/shm.hpp>
 #include <kvx/transport/tcp.hpp>
+#if KVX_WITH_UCX
+#include <kvx/transport/ucx.hpp>
+#endif
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -56,6 +59,7 @@ using json = nlohmann::json;
 
 struct options {
   std::string transport = "tcp";
+  std::string ucx_tls = "tcp";  // --transport ucx: the UCX transports (UCX_TLS) every party uses
   std::vector<std::uint64_t> sizes{4 * kvx::KiB, 64 * kvx::KiB, kvx::MiB, 16 * kvx::MiB};
   std::vector<unsigned> clients{1, 4};
   std::uint64_t ops = 0;  // per client and size; 0: scaled to move about 256 MiB (32 to 5,000 ops)
@@ -100,11 +104,19 @@ struct kvx_run {
   using engine_type = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, Transport>;
   using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
 
+  static Transport make_transport(asio::io_context& io, [[maybe_unused]] const options& o) {
+#if KVX_WITH_UCX
+    if constexpr (std::is_same_v<Transport, kvx::transport::ucx>) return Transport(io.get_executor(), {.tls = o.ucx_tls});
+    else
+#endif
+      return Transport(io.get_executor());
+  }
+
   struct party {
     Transport transport;
     engine_type engine;
-    party(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name)
-        : transport(io.get_executor()), engine(meta, {.node = name, .slice_size = 4 * kvx::MiB}, transport) {}
+    party(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name, const options& o)
+        : transport(make_transport(io, o)), engine(meta, {.node = name, .slice_size = 4 * kvx::MiB}, transport) {}
   };
 
   // Page-aligned memory, faulted in up front as a node's pool (registered,
@@ -138,7 +150,7 @@ struct kvx_run {
   }
 
   // Returns {put, get} figures for `clients` clients moving `size`-byte values.
-  static kvx::result<std::pair<figures, figures>> run(std::uint64_t size, unsigned clients, std::uint64_t ops) {
+  static kvx::result<std::pair<figures, figures>> run(const options& o, std::uint64_t size, unsigned clients, std::uint64_t ops) {
     asio::io_context server_io, client_io;
     // Each side has its own metadata client on its own thread, as separate
     // processes would (an engine runs on its metadata backend's executor):
@@ -180,7 +192,7 @@ struct kvx_run {
         stop_server();
         return region.error();
       }
-      auto& p = *parties.emplace_back(std::make_unique<party>(server_io, meta, name));
+      auto& p = *parties.emplace_back(std::make_unique<party>(server_io, meta, name, o));
       auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<engine_type>>(
           p.engine, kvx::store::master_client::create(server_io.get_executor(), master.endpoint()),
           kvx::store::node_options{.name = name, .segment = "", .tier = "dram", .heartbeat = std::chrono::milliseconds(500)}));
@@ -201,7 +213,7 @@ struct kvx_run {
     std::vector<client_state> cs(clients);
     for (unsigned c = 0; c < clients; ++c) {
       const auto name = "client-" + std::to_string(c);
-      cs[c].p = std::make_unique<party>(client_io, client_meta, name);
+      cs[c].p = std::make_unique<party>(client_io, client_meta, name, o);
       auto memory = buffer_memory(size, keep);
       if (!memory) {
         stop_server();
@@ -378,12 +390,21 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
+kvx::result<std::pair<figures, figures>> run_kvx(const options& o, std::uint64_t size, unsigned clients, std::uint64_t ops) {
+#if KVX_WITH_UCX
+  if (o.transport == "ucx") return kvx_run<kvx::transport::ucx>::run(o, size, clients, ops);
+#endif
+  if (o.transport == "shm") return kvx_run<kvx::transport::shm>::run(o, size, clients, ops);
+  return kvx_run<kvx::transport::tcp>::run(o, size, clients, ops);
+}
+
 int usage(int rc) {
   std::puts(
-      "usage: store_bench [--transport tcp|shm] [--sizes 4K,64K,1M,16M] [--clients 1,4] [--ops N] [--no-redis]\n"
-      "                   [--redis-bin-dir DIR] [--json OUT]\n"
+      "usage: store_bench [--transport tcp|shm|ucx] [--ucx-tls TLS] [--sizes 4K,64K,1M,16M] [--clients 1,4] [--ops N]\n"
+      "                   [--no-redis] [--redis-bin-dir DIR] [--json OUT]\n"
       "Put and get values through the kvx store (master + 2 nodes + N clients; one outstanding op per client)\n"
       "and, in the same run, Redis SET/GET with redis-benchmark at the same sizes and client counts.\n"
+      "--transport ucx: every party through kvx::transport::ucx (built with UCX only); --ucx-tls: its UCX_TLS (default tcp).\n"
       "--ops: operations per client per size (default: enough to move ~256 MiB, 32 to 5000).\n"
       "--redis-bin-dir: where redis-server and redis-benchmark are (default: found through PATH).\n"
       "--json: every row (transport, op, size, clients, kvx and redis figures, ratio) as a JSON array.");
@@ -406,6 +427,8 @@ int main(int argc, char** argv) {
     if (a == "--help" || a == "-h") return usage(0);
     if (a == "--transport") {
       o.transport = value();
+    } else if (a == "--ucx-tls") {
+      o.ucx_tls = value();
     } else if (a == "--sizes") {
       o.sizes.clear();
       for (const auto& s : split(value())) {
@@ -432,10 +455,16 @@ int main(int argc, char** argv) {
       return usage(2);
     }
   }
-  if (o.transport != "tcp" && o.transport != "shm") {
-    std::fprintf(stderr, "store_bench: --transport must be tcp or shm\n");
+  if (o.transport != "tcp" && o.transport != "shm" && o.transport != "ucx") {
+    std::fprintf(stderr, "store_bench: --transport must be tcp, shm or ucx\n");
     return 2;
   }
+#if !KVX_WITH_UCX
+  if (o.transport == "ucx") {
+    std::fprintf(stderr, "store_bench: --transport ucx: this store_bench is built without UCX (the kvx::ucx target, Debian's libucx-dev)\n");
+    return 2;
+  }
+#endif
   std::optional<redis_server> redis;
   if (o.redis) {
     redis.emplace();
@@ -451,8 +480,7 @@ int main(int argc, char** argv) {
   for (auto size : o.sizes)
     for (auto clients : o.clients) {
       const auto ops = ops_for(o, size);
-      auto r = o.transport == "tcp" ? kvx_run<kvx::transport::tcp>::run(size, clients, ops)
-                                    : kvx_run<kvx::transport::shm>::run(size, clients, ops);
+      auto r = run_kvx(o, size, clients, ops);
       if (!r) {
         std::fprintf(stderr, "store_bench: %s\n", r.error().message().c_str());
         return 1;
@@ -471,7 +499,7 @@ int main(int argc, char** argv) {
                       ref_f->ops_per_s > 0 ? k.ops_per_s / ref_f->ops_per_s : 0.0);
         else
           std::printf("%-28s | -\n", o.redis ? "(redis-benchmark failed)" : "(not run)");
-        json row{{"transport", o.transport}, {"op", op}, {"size", size}, {"clients", clients},
+        json row{{"transport", o.transport == "ucx" ? "ucx:" + o.ucx_tls : o.transport}, {"op", op}, {"size", size}, {"clients", clients},
                  {"kvx", {{"ops_per_s", k.ops_per_s}, {"gb_per_s", k.gb_per_s}, {"p50_us", k.p50_us}, {"p99_us", k.p99_us}}}};
         if (ref_f) {
           row["redis"] = {{"ops_per_s", ref_f->ops_per_s}, {"gb_per_s", ref_f->gb_per_s}, {"p50_us", ref_f->p50_us}, {"p99_us", ref_f->p99_us}};

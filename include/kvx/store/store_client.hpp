@@ -12,7 +12,7 @@
 //! | operation | completion | semantics |
 //! | --- | --- | --- |
 //! | `async_put(key, bytes, options, token)` | `void(std::error_code)` | allocate on the master, write every replica, commit; on failure abort (nothing half-written is ever visible) |
-//! | `async_get(key, dst, token)` | `void(std::error_code, std::uint64_t size)` | lease, read from the nearest replica (the next one if it fails), release the lease (a notification sent without waiting) |
+//! | `async_get(key, dst, token)` | `void(std::error_code, std::uint64_t size)` | lease, read from the nearest replica (the next one if it fails, or if the engine's batch deadline, `engine_options::deadline`, passes: the only end for a dead node over a transport that cannot see deaths), release the lease (a notification sent without waiting) |
 //! | `async_remove(key, token)` | `void(std::error_code)` | `errc::busy` while a reader holds a lease |
 //! | `async_exists(key, token)` | `void(std::error_code, bool)` | |
 //! | `async_longest_prefix(tenant, keys, token)` | `void(std::error_code, std::size_t)` | how many leading keys are stored |
@@ -263,7 +263,14 @@ class store_client {
         if (!tec) break;
         log(log_level::info, "store client: get '", key.full(), "' from ", r.node, ": ", res.first_error().message(),
             "; trying the next replica");
-        if (tec == errc::cancelled || tec == errc::timed_out) break;
+        if (tec == errc::cancelled) break;
+        // timed_out is either the engine's batch deadline (this replica is
+        // dead or stalled: try the next) or the caller's own deadline
+        // (kvx::cancel_after), which cancelled this coroutine: stop.
+        if (tec == errc::timed_out) {
+          const auto cs = co_await asio::this_coro::cancellation_state;
+          if (cs.cancelled() != asio::cancellation_type::none) break;
+        }
       }
     }
     // A notification, not a call: the get completes without waiting for the
