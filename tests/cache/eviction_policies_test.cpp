@@ -1,5 +1,6 @@
 #include <kvx/cache/eviction.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -183,6 +184,68 @@ TEST(EvictionReuseClass, StrongProtectionKeepsTheHotSetThroughAScan) {
 TEST(EvictionReuseClass, StartsAsLruAndDuelsOnlyWithSeveralVectors) {
   ev::reuse_class p(100);
   EXPECT_EQ(p.mode(), 0u);
+}
+
+// The ghost ring: a key's reads are remembered until its latest ring slot is
+// reused (ring of 2 here), also when its record was reused in between.
+TEST(EvictionReuseClass, AGhostRemembersReadsUntilItsRingSlotIsReused) {
+  ev::reuse_class::options o;
+  o.vectors = {{0, 0, 0, 4, 8}};  // read twice: +8 ticks, three times: +16 (unit = capacity 2)
+  o.ghost_factor = 1.0;
+  ev::reuse_class p(2, o);
+  const block_key a = policy_key(1), b = policy_key(2), c = policy_key(3), d = policy_key(4);
+  p.on_insert(a, {});
+  p.on_hit(a, {});
+  EXPECT_EQ(p.victim(all), a);  // a ghost, read twice (slot 0)
+  p.on_insert(b, {});
+  p.on_insert(a, {});            // three reads: frequent
+  EXPECT_EQ(p.victim(all), b);  // slot 1
+  p.on_insert(c, {});
+  EXPECT_EQ(p.victim(all), c);  // slot 0 again: a's old ghost is tracked now, kept
+  EXPECT_EQ(p.victim(all), a);  // slot 1: b's ghost forgotten
+  p.on_insert(b, {});           // read once (a remembered b would be protected)
+  p.on_insert(d, {});
+  EXPECT_EQ(p.victim(all), b);  // slot 0: c's ghost forgotten
+  p.on_insert(a, {});           // four reads, remembered
+  EXPECT_EQ(p.victim(all), d);
+  EXPECT_EQ(p.size(), 1u);
+}
+
+// prefetch is a hint: the same accesses with and without it evict the same
+// keys (also through any_eviction_policy, which forwards it).
+template <class P>
+void expect_prefetch_changes_no_decision() {
+  P with(8), without(8);
+  std::vector<std::uint64_t> resident;
+  std::uint64_t x = 1;
+  for (int step = 0; step < 5000; ++step) {
+    x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+    const std::uint64_t id = (x >> 33) % 40, parent_id = id == 0 ? 0 : id - 1;
+    const block_key k = policy_key(id), parent = policy_key(parent_id);
+    const access_context ctx{0, kvx::cache::never, 0, (x & 1) != 0 ? &parent : nullptr};
+    with.prefetch(policy_key((x >> 20) % 64));  // hints for keys not inserted, too
+    if (std::find(resident.begin(), resident.end(), id) != resident.end()) {
+      with.on_hit(k, ctx);
+      without.on_hit(k, ctx);
+      continue;
+    }
+    with.prefetch(k);
+    if (resident.size() >= 8) {
+      auto v = with.victim(all);
+      ASSERT_EQ(v, without.victim(all));
+      ASSERT_TRUE(v.has_value());
+      std::erase(resident, v->lo);
+    }
+    with.on_insert(k, ctx);
+    without.on_insert(k, ctx);
+    resident.push_back(id);
+    ASSERT_EQ(with.size(), without.size());
+  }
+}
+
+TEST(EvictionReuseClass, PrefetchChangesNoDecision) {
+  expect_prefetch_changes_no_decision<ev::reuse_class>();
+  expect_prefetch_changes_no_decision<ev::any_eviction_policy>();
 }
 
 TEST(AnyEvictionPolicy, BuildsEachNamedPolicyFromConfig) {

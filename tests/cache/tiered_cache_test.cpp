@@ -234,6 +234,7 @@ TEST(TieredCache, PinnedBlocksAreNeverEvictedAndFullTierSaysSo) {
     ASSERT_FALSE(r);
     EXPECT_EQ(r.code(), kvx::errc::capacity_exceeded);
     EXPECT_NE(r.error().message().find("pinned"), std::string::npos);
+    EXPECT_EQ(c.residency(key(2)), 0);
     EXPECT_EQ(c.erase(key(0)).code(), kvx::errc::busy);
     std::vector<std::byte> out(block);
     ASSERT_TRUE(c.read(key(0), out));
@@ -325,6 +326,7 @@ TEST(TieredCache, AdmissionRejectsOneHitWondersUnderPressure) {
   // Now inserting would cross 50%: a first-time key is rejected, a repeat one admitted.
   EXPECT_EQ(*c.insert(key(2), payload(2)), kc::insert_status::rejected);
   EXPECT_EQ(c.rejections(), 1U);
+  EXPECT_FALSE(c.contains(key(2)));
   EXPECT_EQ(*c.insert(key(2), payload(2)), kc::insert_status::inserted);
   EXPECT_TRUE(c.contains(key(2)));
 }

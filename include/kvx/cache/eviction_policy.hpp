@@ -20,6 +20,7 @@
 //! | `p.on_erase(k)` | any | `k` left for another reason (invalidated, moved); no effect if untracked |
 //! | `p.victim(ev)` | `std::optional<block_key>` | picks a tracked key with `ev(key) == true` and stops tracking it; `std::nullopt` if none qualifies. Keys with `ev(key) == false` (pinned: being read or transferred) are skipped but stay tracked |
 //! | `cp.size()` | `std::size_t` | tracked (resident) blocks; ghost history does not count |
+//! | `p.prefetch(k)` (optional) | any | a hint that `k` is about to be inserted (it may not be): the policy may start loading what `on_insert(k, ...)` will touch, so that those cache misses overlap the eviction's. No other effect; `tiered_cache` calls it where `P` has it |
 //!
 //! Thread safety: none. A policy is owned by one cache (or one tier of it),
 //! which serializes calls under its own lock. No call blocks or allocates

@@ -353,16 +353,24 @@ class tiered_cache {
     std::vector<move> moves;  // demotions this insert's evictions started
     {
       std::unique_lock lock(mu_);
-      if (auto it = index_.find(k); it != index_.end() && (it->second.resident | it->second.writing) != 0)
-        return insert_status::already_cached;
+      // k's entry is made now, not once there is room, so that writing it
+      // overlaps the eviction's cache misses instead of following them. The
+      // evictions below erase only other entries, which leaves `e` valid.
+      auto [it, fresh] = index_.try_emplace(k);
+      if (!fresh && (it->second.resident | it->second.writing) != 0) return insert_status::already_cached;
+      entry& e = it->second;
+      // The policy's own lookup of k starts now and overlaps the eviction's.
+      if constexpr (requires(Eviction& p) { p.prefetch(k); }) policies_[0].prefetch(k);
       tier_state& s0 = state_[0];
       const std::uint64_t fp0 = footprint_in(0, bytes.size());
       admission_context a{k, 0, bytes.size(), s0.reserved, s0.capacity, s0.reserved + fp0 > s0.high};
       if (!tiering_.admit(a)) {
+        if (fresh) index_.erase(it);
         rejections_->add();
         return insert_status::rejected;
       }
       if (auto room = make_room(0, bytes.size(), moves); !room) {
+        if (fresh) index_.erase(it);
         flush_spares();
         lock.unlock();
         run_moves(moves);
@@ -372,7 +380,6 @@ class tiered_cache {
       if (tiering_.writes_through())
         for (std::size_t t = 1; t < state_.size(); ++t)
           if (make_room(t, bytes.size(), moves)) targets |= bit(t);
-      entry& e = index_[k];
       e.bytes = bytes.size();
       e.has_parent = parent.has_value() ? 1 : 0;
       if (parent) e.parent = *parent;

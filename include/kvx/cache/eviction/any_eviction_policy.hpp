@@ -104,6 +104,8 @@ class any_eviction_policy {
   void on_insert(const block_key& k, const access_context& ctx) { self_->on_insert(k, ctx); }
   void on_hit(const block_key& k, const access_context& ctx) { self_->on_hit(k, ctx); }
   void on_erase(const block_key& k) { self_->on_erase(k); }
+  //! Forwards the hint to a policy that takes it (`eviction_policy.hpp`).
+  void prefetch(const block_key& k) { self_->prefetch(k); }
   template <class Evictable>
   std::optional<block_key> victim(Evictable&& evictable) {
     auto call = [](void* f, const block_key& k) -> bool { return (*static_cast<std::remove_reference_t<Evictable>*>(f))(k); };
@@ -120,6 +122,7 @@ class any_eviction_policy {
     virtual void on_insert(const block_key&, const access_context&) = 0;
     virtual void on_hit(const block_key&, const access_context&) = 0;
     virtual void on_erase(const block_key&) = 0;
+    virtual void prefetch(const block_key&) = 0;
     virtual std::optional<block_key> victim(evictable_fn, void*) = 0;
     virtual std::size_t size() const = 0;
   };
@@ -130,6 +133,9 @@ class any_eviction_policy {
     void on_insert(const block_key& k, const access_context& c) override { p.on_insert(k, c); }
     void on_hit(const block_key& k, const access_context& c) override { p.on_hit(k, c); }
     void on_erase(const block_key& k) override { p.on_erase(k); }
+    void prefetch(const block_key& k) override {
+      if constexpr (requires { p.prefetch(k); }) p.prefetch(k);
+    }
     std::optional<block_key> victim(evictable_fn f, void* ctx) override {
       return p.victim([f, ctx](const block_key& k) { return f(ctx, k); });
     }

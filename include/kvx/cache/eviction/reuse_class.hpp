@@ -42,15 +42,14 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
-#include <iterator>
-#include <list>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
 #include <kvx/cache/detail/flat_key_map.hpp>
-#include <kvx/cache/detail/node_pool.hpp>
+#include <kvx/cache/detail/huge_page_allocator.hpp>
 #include <kvx/cache/eviction/detail/keyed_list.hpp>
 #include <kvx/cache/eviction_policy.hpp>
 
@@ -62,12 +61,15 @@ inline constexpr std::size_t reuse_classes = 5;
 using protection = std::array<double, reuse_classes>;
 
 // The tracked blocks, in five LRU lists, and a ghost of recently evicted
-// keys with their read counts. One flat map holds both (a key is tracked or
-// a ghost, never both), so an eviction turns the victim's entry into its
-// ghost in place and an insert finds a ghost's count where it inserts: one
-// probe each instead of one per map. Ghosts sit in a ring; an entry carries
-// its ring slot's sequence number so a key evicted twice is dropped only
-// when its latest slot is overwritten.
+// keys with their read counts. A key, tracked or a ghost (never both), has
+// one node in a flat array, and the one flat map holds key -> node. Lists
+// link nodes by index, and a victim's node becomes its ghost in place, so an
+// eviction makes no map probe of its own; an insert finds a ghost's count
+// where it inserts. Ghosts sit in a ring of node indexes; a ghost node keeps
+// the sequence number of its ring slot, so a key evicted twice is dropped
+// only when its latest slot is overwritten. Freed nodes are recycled (the
+// next insert takes the node an expired ghost left), so the array stays at
+// the tracked blocks plus the ring.
 class reuse_core {
  public:
   struct meta {
@@ -80,16 +82,21 @@ class reuse_core {
   // `unit`: the clock span one unit of protection is worth (the capacity of
   // the cache whose clock ticks; shadows tick with the real cache's clock).
   reuse_core(std::size_t capacity, double ghost_factor, std::size_t unit)
-      : lists_(make_lists()),
-        capacity_(std::max<std::size_t>(capacity, 1)),
+      : capacity_(std::max<std::size_t>(capacity, 1)),
         unit_(std::max<std::size_t>(unit, 1)),
         ring_(std::max<std::size_t>(
-            static_cast<std::size_t>(ghost_factor * static_cast<double>(std::max<std::size_t>(capacity, 1))), 1)) {}
+                  static_cast<std::size_t>(ghost_factor * static_cast<double>(std::max<std::size_t>(capacity, 1))), 1),
+              nil) {}
 
   [[nodiscard]] std::size_t size() const noexcept { return tracked_; }
-  [[nodiscard]] const meta* find(const block_key& k) const {
-    auto it = keys_.find(k);
-    return it == keys_.end() || !it->second.tracked ? nullptr : &it->second.at->m;
+  // A hint that k is about to be inserted: looks it up now, so that the miss
+  // overlaps the eviction before the insert. The result is kept only so that
+  // the lookup is not optimized away.
+  void prefetch(const block_key& k) { prefetched_ = keys_.find(k) != keys_.end(); }
+  [[nodiscard]] std::optional<meta> find(const block_key& k) const {
+    const node* n = tracked(k);
+    if (n == nullptr) return std::nullopt;
+    return meta{n->tick, n->count, n->continuation, n->leaf};
   }
 
   // A miss: `continuation` and `leaf` given (shadows) or derived from the parent (real cache).
@@ -98,41 +105,56 @@ class reuse_core {
     if (given) {
       m = *given;
     } else if (parent != nullptr) {
-      if (const meta* p = find(*parent)) m.continuation = p->count >= 2 || p->continuation;
+      if (const node* p = tracked(*parent)) m.continuation = p->count >= 2 || p->continuation;
     }
     m.tick = tick;
-    auto [it, fresh] = keys_.try_emplace(k);
-    m.count = 1 + (fresh ? 0 : it->second.ghost_count);  // a ghost's count is taken, the ghost forgotten
+    spare_node();  // first: a failed allocation leaves the map as it was
+    auto [it, fresh] = keys_.try_emplace(k, free_);
+    if (fresh) free_ = nodes_[free_].newer;  // k takes the spare node
+    const std::uint32_t i = it->second;
+    node& n = nodes_[i];  // stays valid: nothing below allocates a node
+    std::uint32_t ghost_count = 0;
+    if (n.state == node_state::ghost) {
+      ghost_count = n.count;  // a ghost's count is taken, the ghost forgotten
+    } else if (n.state == node_state::tracked) {  // a broken precondition: start it over
+      unlink(i);
+      --tracked_;
+    }
+    n.state = node_state::free;  // untracked while the parent is marked: parent == k is a no-op, as before
+    m.count = 1 + ghost_count;
     if (given && given->count > m.count) m.count = given->count;
-    if (parent != nullptr) mark_inner(*parent);  // before k goes to the front (finds do not move `it`)
-    const auto c = static_cast<std::uint8_t>(class_of(m));
-    auto& l = lists_[c];
-    l.push_front(node{k, m, c});
-    it->second = key_entry{l.begin(), 0, 0, true};
+    if (parent != nullptr) mark_inner(*parent);  // before k goes to the front
+    n.key = k;
+    n.tick = m.tick;
+    n.count = m.count;
+    n.continuation = m.continuation;
+    n.leaf = m.leaf;
+    n.state = node_state::tracked;
+    push_front(i, static_cast<std::uint8_t>(class_of(m)));
     ++tracked_;
   }
 
   void hit(const block_key& k, std::uint64_t tick, const block_key* parent) {
     if (parent != nullptr) mark_inner(*parent);
-    auto it = keys_.find(k);
-    if (it == keys_.end() || !it->second.tracked) return;
-    auto n = it->second.at;
-    n->m.tick = tick;
-    if (n->m.count < UINT32_MAX) ++n->m.count;
-    relist(n);
+    node* n = tracked(k);
+    if (n == nullptr) return;
+    n->tick = tick;
+    if (n->count < UINT32_MAX) ++n->count;
+    relist(index_of(*n));
   }
 
   void mark_inner(const block_key& k) {
-    auto it = keys_.find(k);
-    if (it == keys_.end() || !it->second.tracked || !it->second.at->m.leaf) return;
-    it->second.at->m.leaf = false;
-    relist(it->second.at);
+    node* n = tracked(k);
+    if (n == nullptr || !n->leaf) return;
+    n->leaf = false;
+    relist(index_of(*n));
   }
 
   bool erase(const block_key& k) {
     auto it = keys_.find(k);
-    if (it == keys_.end() || !it->second.tracked) return false;
-    lists_[it->second.at->klass].erase(it->second.at);
+    if (it == keys_.end() || nodes_[it->second].state != node_state::tracked) return false;
+    unlink(it->second);
+    release(it->second);
     keys_.erase(it);
     --tracked_;
     return true;
@@ -140,38 +162,52 @@ class reuse_core {
 
   template <class Evictable>
   std::optional<block_key> victim(Evictable& evictable, const protection& p) {
+    // The ring slot this eviction's ghost takes: the ghost there before is
+    // forgotten, unless its key was re-inserted or evicted again since (its
+    // node then is tracked, or a ghost of a later slot, or recycled). Its map
+    // entry is found before the lists are walked, so that the two chains of
+    // cache misses (this one, and the tails' and the caller's `evictable`)
+    // overlap; the node of a slot a few evictions ahead is prefetched.
+    const std::size_t ring = ring_.size();
+    std::uint32_t& slot = ring_[seq_ % ring];
+    auto expired = keys_.end();
+    if (seq_ >= ring) {
+      const node& old = nodes_[slot];
+      if (old.state == node_state::ghost && old.tick == seq_ - ring) expired = keys_.find(old.key);
+    }
+    if (const std::uint32_t ahead = ring_[(seq_ + prefetch_distance) % ring]; ahead != nil)
+      __builtin_prefetch(&nodes_[ahead]);
+
     const double unit = static_cast<double>(std::max(unit_, size()));
     std::size_t best_class = reuse_classes;
-    node_list::iterator best;
+    std::uint32_t best = nil;
     double best_score = 0;
     for (std::size_t c = 0; c < reuse_classes; ++c) {
-      auto& l = lists_[c];
-      for (auto it = l.rbegin(); it != l.rend(); ++it) {
-        if (!evictable(it->key)) continue;
-        const double score = static_cast<double>(it->m.tick) + p[c] * unit;
+      for (std::uint32_t i = lists_[c].oldest; i != nil; i = nodes_[i].newer) {
+        const node& n = nodes_[i];
+        if (!evictable(n.key)) continue;
+        const double score = static_cast<double>(n.tick) + p[c] * unit;
         if (best_class == reuse_classes || score < best_score) {
           best_class = c;
-          best = std::prev(it.base());
+          best = i;
           best_score = score;
         }
         break;
       }
     }
     if (best_class == reuse_classes) return std::nullopt;
-    const block_key k = best->key;
-    // The ring slot this ghost takes: the ghost there before is forgotten,
-    // unless its key was re-inserted or evicted again since.
-    auto& slot = ring_[seq_ % ring_.size()];
-    if (seq_ >= ring_.size()) {
-      auto old = keys_.find(slot.first);
-      if (old != keys_.end() && !old->second.tracked && old->second.ghost_seq == slot.second) keys_.erase(old);
+    if (expired != keys_.end()) {  // still valid: `evictable` does not reach this map
+      release(expired->second);
+      keys_.erase(expired);
     }
-    slot = {k, seq_};
-    keys_.find(k)->second = key_entry{{}, best->m.count, seq_, false};
+    node& v = nodes_[best];
+    unlink(best);
+    v.state = node_state::ghost;
+    v.tick = seq_;  // a ghost's tick is its ring slot's sequence number
+    slot = best;
     ++seq_;
     --tracked_;
-    lists_[best_class].erase(best);
-    return k;
+    return v.key;
   }
 
   static std::size_t class_of(const meta& m) noexcept {
@@ -182,37 +218,82 @@ class reuse_core {
   }
 
  private:
+  static constexpr std::uint32_t nil = UINT32_MAX;
+  static constexpr std::size_t prefetch_distance = 4;  // evictions
+  enum class node_state : std::uint8_t { free, tracked, ghost };
+  // 40 bytes. Tracked: in list `klass`; a ghost: in no list, `tick` its
+  // ring slot's sequence number; free: `newer` links the free list.
   struct node {
     block_key key;
-    meta m;
-    std::uint8_t klass;
+    std::uint64_t tick = 0;
+    std::uint32_t count = 0;
+    std::uint32_t newer = nil;  // towards the list's newest (front)
+    std::uint32_t older = nil;  // towards its oldest (back)
+    std::uint8_t klass = 0;
+    bool continuation = false;
+    bool leaf = true;
+    node_state state = node_state::free;
   };
-  // The five lists share one pool of nodes (so nodes splice between them).
-  using node_list = std::list<node, cache::detail::pool_allocator<node>>;
-  static std::array<node_list, reuse_classes> make_lists() {
-    const cache::detail::pool_allocator<node> a(
-        std::make_shared<cache::detail::node_pool>(sizeof(node) + 2 * sizeof(void*)));  // a node and its links
-    return {node_list(a), node_list(a), node_list(a), node_list(a), node_list(a)};
+  struct list_ends {
+    std::uint32_t newest = nil, oldest = nil;
+  };
+
+  [[nodiscard]] const node* tracked(const block_key& k) const {
+    auto it = keys_.find(k);
+    return it == keys_.end() || nodes_[it->second].state != node_state::tracked ? nullptr : &nodes_[it->second];
   }
-  struct key_entry {
-    node_list::iterator at{};  // tracked: its place in its class's list
-    std::uint32_t ghost_count = 0;     // a ghost: the reads it had when evicted
-    std::uint64_t ghost_seq = 0;       // a ghost: its ring slot's sequence number
-    bool tracked = false;
-  };
-  void relist(node_list::iterator n) {
-    const auto to = static_cast<std::uint8_t>(class_of(n->m));
-    lists_[to].splice(lists_[to].begin(), lists_[n->klass], n);
-    n->klass = to;
+  [[nodiscard]] node* tracked(const block_key& k) {
+    return const_cast<node*>(std::as_const(*this).tracked(k));
+  }
+  [[nodiscard]] std::uint32_t index_of(const node& n) const noexcept {
+    return static_cast<std::uint32_t>(&n - nodes_.data());
+  }
+  static meta meta_of(const node& n) noexcept { return {n.tick, n.count, n.continuation, n.leaf}; }
+
+  // Makes sure the free list has a node.
+  void spare_node() {
+    if (free_ != nil) return;
+    if (nodes_.size() >= nil) throw std::length_error("kvx: reuse_class: more than 2^32 - 1 tracked and ghost blocks");
+    nodes_.emplace_back();  // its `newer` is nil: the free list's end
+    free_ = static_cast<std::uint32_t>(nodes_.size() - 1);
+  }
+  void release(std::uint32_t i) noexcept {
+    nodes_[i].state = node_state::free;
+    nodes_[i].newer = std::exchange(free_, i);
+  }
+  void push_front(std::uint32_t i, std::uint8_t c) noexcept {
+    node& n = nodes_[i];
+    list_ends& l = lists_[c];
+    n.klass = c;
+    n.newer = nil;
+    n.older = l.newest;
+    if (l.newest != nil)
+      nodes_[l.newest].newer = i;
+    else
+      l.oldest = i;
+    l.newest = i;
+  }
+  void unlink(std::uint32_t i) noexcept {
+    node& n = nodes_[i];
+    list_ends& l = lists_[n.klass];
+    (n.newer != nil ? nodes_[n.newer].older : l.newest) = n.older;
+    (n.older != nil ? nodes_[n.older].newer : l.oldest) = n.newer;
+  }
+  void relist(std::uint32_t i) noexcept {
+    unlink(i);
+    push_front(i, static_cast<std::uint8_t>(class_of(meta_of(nodes_[i]))));
   }
 
-  std::array<node_list, reuse_classes> lists_;
+  std::array<list_ends, reuse_classes> lists_{};
   std::size_t capacity_;
   std::size_t unit_;
-  cache::detail::flat_key_map<key_entry, key_hash> keys_;
+  std::vector<node, cache::detail::huge_page_allocator<node>> nodes_;
+  std::uint32_t free_ = nil;  // recycled nodes, linked through `newer`
+  cache::detail::flat_key_map<std::uint32_t, key_hash> keys_;  // tracked and ghost keys -> their node
   std::size_t tracked_ = 0;
-  std::vector<std::pair<block_key, std::uint64_t>, cache::detail::huge_page_allocator<std::pair<block_key, std::uint64_t>>> ring_;
+  std::vector<std::uint32_t, cache::detail::huge_page_allocator<std::uint32_t>> ring_;  // ghost nodes by slot
   std::uint64_t seq_ = 0;
+  bool prefetched_ = false;
 };
 
 }  // namespace detail
@@ -255,6 +336,8 @@ class reuse_class {
     shadow_access(k, ctx.parent);
   }
   void on_erase(const block_key& k) { real_.erase(k); }
+  //! A hint that `k` is about to be inserted (no effect on decisions).
+  void prefetch(const block_key& k) { real_.prefetch(k); }
 
   template <class Evictable>
   std::optional<block_key> victim(Evictable&& evictable) {
@@ -273,17 +356,17 @@ class reuse_class {
     if (parent != nullptr && sampled(*parent))
       for (auto& s : shadows_) s->mark_inner(*parent);
     if (!sampled(k)) return;
-    const auto* m = real_.find(k);
+    const auto m = real_.find(k);
     auto always = [](const block_key&) { return true; };
     for (std::size_t i = 0; i < shadows_.size(); ++i) {
       auto& s = *shadows_[i];
-      if (s.find(k) != nullptr) {
+      if (s.find(k)) {
         s.hit(k, tick_, nullptr);
         hits_[i] += 1;
         continue;
       }
       detail::reuse_core::meta given;
-      if (m != nullptr) {
+      if (m) {
         given.continuation = m->continuation;
         given.leaf = m->leaf;
       }
