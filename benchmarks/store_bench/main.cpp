@@ -121,10 +121,22 @@ struct kvx_run {
 
   // Page-aligned memory, faulted in up front as a node's pool (registered,
   // often pinned) and an engine's KV buffers are: the runs measure moving
-  // bytes, not the kernel zeroing fresh pages.
-  static kvx::result<kvx::memory::memory_region> pool_memory(std::size_t bytes, std::vector<std::shared_ptr<void>>& keep) {
+  // bytes, not the kernel zeroing fresh pages. Over UCX it is memory UCX
+  // allocated, which its shared-memory transports reach one-sidedly; over
+  // shm a node's pool is a memfd (peers map it), a client's buffer not.
+  static kvx::result<kvx::memory::memory_region> memory_for([[maybe_unused]] party& p, std::size_t bytes,
+                                                           std::vector<std::shared_ptr<void>>& keep, bool node_pool) {
     kvx::memory::memory_region region;
-    if constexpr (std::is_same_v<Transport, kvx::transport::shm>) {
+#if KVX_WITH_UCX
+    if constexpr (std::is_same_v<Transport, kvx::transport::ucx>) {
+      auto m = p.transport.allocate(bytes);
+      KVX_TRY(m);
+      auto held = std::make_shared<kvx::transport::ucx_buffer>(std::move(*m));
+      keep.push_back(held);
+      region = held->region();
+    } else
+#endif
+    if (std::is_same_v<Transport, kvx::transport::shm> && node_pool) {
       auto m = kvx::transport::shm_allocate(bytes);
       KVX_TRY(m);
       auto held = std::make_shared<kvx::transport::shm_memory>(std::move(*m));
@@ -139,14 +151,6 @@ struct kvx_run {
     }
     std::memset(region.address, 0, region.length);
     return region;
-  }
-  static kvx::result<kvx::memory::memory_region> buffer_memory(std::size_t bytes, std::vector<std::shared_ptr<void>>& keep) {
-    auto a = kvx::memory::mapped_arena::create(bytes);
-    KVX_TRY(a);
-    auto held = std::make_shared<kvx::memory::mapped_arena>(std::move(*a));
-    keep.push_back(held);
-    std::memset(held->data(), 0, bytes);
-    return held->region();
   }
 
   // Returns {put, get} figures for `clients` clients moving `size`-byte values.
@@ -187,12 +191,12 @@ struct kvx_run {
     };
     for (int n = 0; n < 2; ++n) {
       const auto name = "node-" + std::to_string(n);
-      auto region = pool_memory(node_bytes, keep);
+      auto& p = *parties.emplace_back(std::make_unique<party>(server_io, meta, name, o));
+      auto region = memory_for(p, node_bytes, keep, /*node_pool=*/true);
       if (!region) {
         stop_server();
         return region.error();
       }
-      auto& p = *parties.emplace_back(std::make_unique<party>(server_io, meta, name, o));
       auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<engine_type>>(
           p.engine, kvx::store::master_client::create(server_io.get_executor(), master.endpoint()),
           kvx::store::node_options{.name = name, .segment = "", .tier = "dram", .heartbeat = std::chrono::milliseconds(500)}));
@@ -214,7 +218,7 @@ struct kvx_run {
     for (unsigned c = 0; c < clients; ++c) {
       const auto name = "client-" + std::to_string(c);
       cs[c].p = std::make_unique<party>(client_io, client_meta, name, o);
-      auto memory = buffer_memory(size, keep);
+      auto memory = memory_for(*cs[c].p, size, keep, /*node_pool=*/false);
       if (!memory) {
         stop_server();
         return memory.error();
