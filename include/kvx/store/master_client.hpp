@@ -111,15 +111,19 @@ class master_client : public std::enable_shared_from_this<master_client> {
 
   //! Sends `request` as a notification (`"reply": false`): the master acts
   //! on it in order with this client's other requests and answers nothing.
-  //! It leaves at once, in a write of its own, or with the next write when
-  //! one is under way (every frame waiting goes in one write);
-  //! one not yet written when the connection fails is dropped. (Holding it
-  //! back for a call to ride with cost more than it saved: arming and
-  //! cancelling a timer per notification took a store get of 64 KiB from
-  //! 52 to 81 us at the median; docs/benchmarks.md.)
+  //! It rides with the next write (a call's, or one under way), and leaves
+  //! on its own at the latest `notify_linger` after the flush timer was
+  //! armed; one not yet written when the connection fails is dropped.
+  //! The timer is armed when a notification finds it idle and is never
+  //! cancelled: one arming per `notify_linger` at most, not one arming and
+  //! one cancel per notification (which cost a store get of 64 KiB 29 us
+  //! at the median on the 2-core VM; docs/benchmarks.md).
   void notify(json request) {
     asio::dispatch(strand_, [self = shared_from_this(), req = std::move(request)]() mutable { self->start_notify(std::move(req)); });
   }
+
+  //! The longest a notification waits for a write to ride with.
+  static constexpr std::chrono::microseconds notify_linger{1000};
 
   //! Closes the connection; requests in flight complete with `connection_lost`.
   void close() {
@@ -128,13 +132,28 @@ class master_client : public std::enable_shared_from_this<master_client> {
 
  private:
   master_client(executor_type ex, std::string endpoint, endpoint_lookup lookup)
-      : strand_(asio::make_strand(ex)), endpoint_(std::move(endpoint)), lookup_(std::move(lookup)), socket_(strand_) {}
+      : strand_(asio::make_strand(ex)), endpoint_(std::move(endpoint)), lookup_(std::move(lookup)), socket_(strand_),
+        flush_(strand_) {}
 
   void start_notify(json req) {
     req["id"] = ++next_id_;
     req["reply"] = false;
     outbox_.push_back(protocol::encode_frame(req));
-    send_outbox();
+    if (state_ != state::connected) return send_outbox();
+    // A write under way takes it along when it completes; else the next
+    // call's write, or the flush timer, whichever comes first.
+    if (writing_ || flush_armed_) return;
+    flush_armed_ = true;
+    flush_.expires_after(notify_linger);
+    // A weak reference: the pending wait must not keep the client alive (the
+    // timer is its member, so a strong one is a cycle that outlives its
+    // owners and leaks at exit when the io_context is not run to the end).
+    flush_.async_wait([weak = weak_from_this()](boost::system::error_code) {
+      auto self = weak.lock();
+      if (!self) return;
+      self->flush_armed_ = false;
+      self->start_write();
+    });
   }
 
   // Connects, or writes the outbox unless a write is under way (its completion writes what waits).
@@ -300,6 +319,8 @@ class master_client : public std::enable_shared_from_this<master_client> {
   state state_ = state::idle;
   bool writing_ = false;
   std::string frames_;  // what the write under way sends
+  asio::steady_timer flush_;  // writes notifications no call took along
+  bool flush_armed_ = false;
   std::uint64_t next_id_ = 0;
   std::map<std::uint64_t, handler_type> pending_;
   std::deque<std::string> outbox_;
