@@ -26,6 +26,7 @@
 //! co_await node.async_start(arena->region(), asio::use_awaitable);
 //! \endcode
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -33,7 +34,9 @@
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include <kvx/core/async.hpp>
@@ -83,18 +86,24 @@ class store_node {
   }
 
   //! Stops heartbeating; the master drops the node after its timeout.
+  //! Any thread may call it (the heartbeat's timer is cancelled on its
+  //! strand); destroy the node only once its executor no longer runs it
+  //! or on that executor, as for any Asio I/O object.
   void stop() {
     state_->running = false;
-    state_->timer.cancel();
+    asio::dispatch(state_->strand, [st = state_] { st->timer.cancel(); });
   }
 
  private:
+  // What the heartbeat loop shares with the node; atomics because stop() and
+  // the counters' readers may be on another thread than the loop.
   struct shared {
-    explicit shared(asio::any_io_executor ex) : timer(ex) {}
+    explicit shared(asio::any_io_executor ex) : strand(asio::make_strand(std::move(ex))), timer(strand) {}
+    asio::strand<asio::any_io_executor> strand;
     asio::steady_timer timer;
-    bool running = false;
-    std::size_t replications = 0;
-    std::size_t registrations = 0;
+    std::atomic<bool> running = false;
+    std::atomic<std::size_t> replications = 0;
+    std::atomic<std::size_t> registrations = 0;
   };
 
   asio::awaitable<std::error_code> start(memory::memory_region region) {
@@ -104,7 +113,7 @@ class store_node {
     if (auto mec = co_await register_segment(nullptr); mec) co_return mec;
     base_ = region.data();
     state_->running = true;
-    asio::co_spawn(engine_.get_executor(), heartbeat_loop(state_), asio::detached);
+    asio::co_spawn(state_->strand, heartbeat_loop(state_), asio::detached);
     co_return std::error_code{};
   }
 
