@@ -329,8 +329,7 @@ result<pool_memory> allocate([[maybe_unused]] Transport& transport, std::uint64_
     auto u = transport.allocate(bytes);
     KVX_TRY(u);
     m.ucx.emplace(std::move(*u));
-    return m;
-  }
+  } else
 #endif
   if constexpr (std::is_same_v<Transport, kvx::transport::shm>) {
     auto s = kvx::transport::shm_allocate(bytes);
