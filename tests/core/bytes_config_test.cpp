@@ -1,5 +1,6 @@
 #include <kvx/core/bytes.hpp>
 #include <kvx/core/config.hpp>
+#include <kvx/core/splitmix64.hpp>
 
 #include <gtest/gtest.h>
 
@@ -57,6 +58,25 @@ TEST(Config, IntegerRangeIsChecked) {
   EXPECT_FALSE(root.required<std::uint16_t>("small"));
   EXPECT_FALSE(root.required<unsigned>("neg"));
   EXPECT_EQ(*root.required<int>("neg"), -5);
+}
+
+}  // namespace
+
+namespace {
+
+// The published reference outputs of splitmix64 seeded with 0 (Vigna's C
+// implementation): every user of kvx::splitmix64_next depends on these bits.
+TEST(Splitmix64, MatchesTheReferenceSequenceAndIsConstexpr) {
+  std::uint64_t state = 0;
+  EXPECT_EQ(kvx::splitmix64_next(state), 0xe220a8397b1dcdafULL);
+  EXPECT_EQ(kvx::splitmix64_next(state), 0x6e789e6aa1b965f4ULL);
+  EXPECT_EQ(kvx::splitmix64_next(state), 0x06c45d188009454fULL);
+  EXPECT_EQ(state, 3 * kvx::splitmix64_increment);
+  static_assert([] {
+    std::uint64_t s = 0;
+    return kvx::splitmix64_next(s);
+  }() == 0xe220a8397b1dcdafULL);
+  EXPECT_EQ(kvx::splitmix64_mix(kvx::splitmix64_increment), 0xe220a8397b1dcdafULL);
 }
 
 }  // namespace

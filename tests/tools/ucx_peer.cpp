@@ -18,6 +18,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include <kvx/core/splitmix64.hpp>
 #include <kvx/memory/segment_table.hpp>
 
 namespace {
@@ -25,10 +26,7 @@ void fill(std::span<std::byte> out, std::uint64_t seed) {  // same as kvx::testi
   std::uint64_t s = seed;
   std::size_t i = 0;
   for (; i < out.size(); i += 8) {
-    std::uint64_t z = (s += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    z ^= z >> 31;
+    const std::uint64_t z = kvx::splitmix64_next(s);
     std::memcpy(out.data() + i, &z, std::min<std::size_t>(8, out.size() - i));
   }
 }

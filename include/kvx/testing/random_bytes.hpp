@@ -20,6 +20,7 @@
 #include <string>
 #include <string_view>
 
+#include <kvx/core/splitmix64.hpp>
 #include <kvx/memory/segment_table.hpp>
 
 namespace kvx::testing {
@@ -27,12 +28,7 @@ namespace kvx::testing {
 //! Deterministic pseudo-random bytes (splitmix64).
 inline void fill_random(std::span<std::byte> out, std::uint64_t seed) {
   std::uint64_t s = seed;
-  auto next = [&s] {
-    std::uint64_t z = (s += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  };
+  auto next = [&s] { return splitmix64_next(s); };
   std::size_t i = 0;
   for (; i + 8 <= out.size(); i += 8) {
     const std::uint64_t v = next();
@@ -48,12 +44,7 @@ inline void fill_random(std::span<std::byte> out, std::uint64_t seed) {
 class test_rng {
  public:
   explicit test_rng(std::uint64_t seed) : s_(seed) {}
-  std::uint64_t next() {
-    std::uint64_t z = (s_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
+  std::uint64_t next() { return splitmix64_next(s_); }
   //! Uniform in [lo, hi].
   std::uint64_t uniform(std::uint64_t lo, std::uint64_t hi) { return lo + next() % (hi - lo + 1); }
   //! Log-uniform in [lo, hi]: small and large sizes equally often.

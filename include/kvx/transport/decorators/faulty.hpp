@@ -42,6 +42,7 @@
 
 #include <kvx/core/async.hpp>
 #include <kvx/core/config.hpp>
+#include <kvx/core/splitmix64.hpp>
 #include <kvx/transport/detail/then_handler.hpp>
 #include <kvx/transport/local.hpp>
 #include <kvx/transport/transport.hpp>
@@ -171,12 +172,7 @@ class faulty {
     return {fate::clean, noise};
   }
 
-  std::uint64_t next() {  // splitmix64
-    std::uint64_t z = (rng_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
+  std::uint64_t next() { return splitmix64_next(rng_); }
 
   template <class Handler>
   void run(Handler&& handler, const memory::segment_descriptor& r, std::uint64_t off, std::byte* p, std::size_t n,

@@ -13,6 +13,7 @@
 #include <ucp/api/ucp.h>
 
 #include <kvx/core/error.hpp>
+#include <kvx/core/splitmix64.hpp>
 #include <kvx/core/result.hpp>
 
 namespace kvx::transport::detail {
@@ -77,12 +78,7 @@ inline result<std::string> from_hex(std::string_view hex, std::string_view field
 //! Binds a published entry to the descriptor's registration key without
 //! publishing the key twice (splitmix64 finaliser: a check, not a secret;
 //! the rkey is the access capability, as in RDMA).
-constexpr std::uint64_t ucx_key_check(std::uint64_t key) noexcept {
-  std::uint64_t z = key + 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
+constexpr std::uint64_t ucx_key_check(std::uint64_t key) noexcept { return splitmix64_next(key); }
 
 //! The UCP context, shared by the transport and by the buffers it allocated
 //! (a buffer may outlive its transport; the context goes last).
