@@ -17,3 +17,13 @@ write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/kvxConfigVersion.cm
                                  ARCH_INDEPENDENT)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/kvxConfig.cmake ${CMAKE_CURRENT_BINARY_DIR}/kvxConfigVersion.cmake
               cmake/kvxDependencies.cmake DESTINATION ${kvx_cmake_dir})
+
+# The command-line tools, when built here (KVX_BUILD_BENCHMARKS): the store's
+# processes, the planner, the topology probe and the measuring CLIs, so a
+# serving platform can package them beside the headers (`cmake --install
+# BUILD --component tools`).
+foreach(tool kvx-store kvx-plan kvx-topo transfer_bench store_bench trace_replay file_tier_bench ucx_bench)
+  if(TARGET ${tool})
+    install(TARGETS ${tool} RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} COMPONENT tools)
+  endif()
+endforeach()
