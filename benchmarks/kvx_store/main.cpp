@@ -87,7 +87,8 @@ const char* const node_usage =
     "\"url\": ...} | {\"backend\": \"etcd\"|\"redis\", \"address\": ...}), transport (tcp|shm|ucx), address,\n"
     "ucx ({\"tls\", \"net_devices\", \"progress\": \"event\"|\"busy_poll\", \"settings\": {NAME: value}}: with ucx),\n"
     "dram (bytes, e.g. \"256MiB\"), ssd ({\"path\", \"bytes\", \"replace\"}: a file as an SSD segment,\n"
-    "node \"NAME-ssd\"), heartbeat_ms, log_level.\n";
+    "node \"NAME-ssd\"), host (the machine, for replica spreading; default NAME, shared by NAME-ssd),\n"
+    "heartbeat_ms, log_level.\n";
 
 const char* const put_usage =
     "usage: kvx-store put --config F.json --tenant T --key K (--file F | --size N [--seed S]) [--replicas N] [--pin]\n"
@@ -435,6 +436,7 @@ int run_node(const node_settings& settings, const std::string& path) {
     o.name = part.node;
     o.segment = part.segment;
     o.tier = part.tier;
+    o.host = s->host;
     o.heartbeat = s->heartbeat;
     part.node_object = std::make_unique<kvx::store::store_node<engine_type>>((*p)->engine, master, o);
     part.node_object->async_start(part.region(), [&, seg = part.segment](std::error_code ec) {
@@ -446,7 +448,8 @@ int run_node(const node_settings& settings, const std::string& path) {
       if (++started < parts.size()) return;
       json segs = json::array();
       for (const auto& q : parts)
-        segs.push_back({{"node", q.node}, {"segment", q.segment}, {"tier", q.tier}, {"capacity", q.region().length}});
+        segs.push_back({{"node", q.node}, {"segment", q.segment}, {"tier", q.tier}, {"host", s->host},
+                        {"capacity", q.region().length}});
       print_line({{"node", s->engine.name}, {"segments", std::move(segs)}});
     });
   }
@@ -566,7 +569,7 @@ int run_client(const std::string& mode, const args& a, const client_settings& se
             kvx::store::protocol::make_request("put_start", "tenant", object.tenant, "key", object.key, "size", n,
                                                "replicas", po.replicas),
             asio::as_tuple(asio::use_awaitable));
-        if (ec) co_return fail("put_start: " + ec.message() + " " + ticket.value("message", std::string()));
+        if (ec) co_return fail("put_start: " + kvx::store::protocol::describe(ec, ticket));
         kvx::transfer::batch b;
         for (const auto& r : ticket["replicas"]) b.write(src, r.value("segment", std::string()), r.value("offset", std::uint64_t{0}));
         auto [tec, res] = co_await engine.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
@@ -600,7 +603,7 @@ int run_client(const std::string& mode, const args& a, const client_settings& se
     auto [sec, grant] = co_await master->async_call(
         kvx::store::protocol::make_request("get", "tenant", object.tenant, "key", object.key),
         asio::as_tuple(asio::use_awaitable));
-    if (sec) co_return fail("get '" + object.full() + "': " + sec.message() + " " + grant.value("message", std::string()));
+    if (sec) co_return fail("get '" + object.full() + "': " + kvx::store::protocol::describe(sec, grant));
     const auto size = grant.value("size", std::uint64_t{0});
     auto memory = allocate((*p)->transport, std::max<std::uint64_t>(size, 1));
     if (!memory) co_return fail(memory.error().message());
@@ -640,12 +643,14 @@ int run_client(const std::string& mode, const args& a, const client_settings& se
 std::string size_text(std::uint64_t n) { return kvx::format_size(n); }
 
 void print_segments(const json& r) {
-  std::printf("%-24s %-16s %-5s %12s %12s %6s %s\n", "segment", "node", "tier", "capacity", "used", "used%", "");
+  std::printf("%-24s %-16s %-16s %-5s %12s %12s %6s %s\n", "segment", "node", "host", "tier", "capacity", "used", "used%",
+              "");
   for (const auto& s : r["segments"]) {
     const auto cap = s["capacity"].get<std::uint64_t>();
     const auto used = s["used"].get<std::uint64_t>();
-    std::printf("%-24s %-16s %-5s %12s %12s %5.1f%% %s\n", s["name"].get<std::string>().c_str(),
-                s["node"].get<std::string>().c_str(), s["tier"].get<std::string>().c_str(), size_text(cap).c_str(),
+    std::printf("%-24s %-16s %-16s %-5s %12s %12s %5.1f%% %s\n", s["name"].get<std::string>().c_str(),
+                s["node"].get<std::string>().c_str(), s.value("host", std::string()).c_str(),
+                s["tier"].get<std::string>().c_str(), size_text(cap).c_str(),
                 size_text(used).c_str(), cap ? 100.0 * static_cast<double>(used) / static_cast<double>(cap) : 0.0,
                 s["draining"].get<bool>() ? "draining" : "");
   }
@@ -733,7 +738,7 @@ int admin_mode(const args& a) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(*wait_s);
     for (;;) {
       auto [ec, r] = co_await master->async_call(request, kvx::cancel_after(std::chrono::seconds(5), asio::as_tuple(asio::use_awaitable)));
-      if (ec) co_return fail("admin " + command + " (master " + master_name + "): " + ec.message() + " " + r.value("message", std::string()));
+      if (ec) co_return fail("admin " + command + " (master " + master_name + "): " + kvx::store::protocol::describe(ec, r));
       r.erase("id");
       r.erase("ok");
       const bool waiting = command == "drain" && !r["drained"].get<bool>() && std::chrono::steady_clock::now() < deadline;

@@ -326,16 +326,21 @@ struct node_settings {
   std::uint64_t dram_bytes = 0;
   std::optional<ssd_settings> ssd;
   std::chrono::milliseconds heartbeat{500};
+  std::string host{};  //!< failure domain of both the DRAM and the SSD node; the node's name by default
 };
 
 inline result<node_settings> parse_node(const json& doc) {
   kvx::config::view v(doc);
   KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "ucx", "dram", "ssd", "heartbeat_ms",
-                        "log_level", "transfer_timeout_ms"}));
+                        "log_level", "transfer_timeout_ms", "host"}));
   node_settings s;
   auto engine = parse_engine(v, /*name_required=*/true);
   KVX_TRY(engine);
   s.engine = std::move(*engine);
+  auto host = v.optional<std::string>("host", s.engine.name);
+  KVX_TRY(host);
+  if (host->empty()) return error{errc::invalid_argument, "config field 'host': must not be empty"};
+  s.host = std::move(*host);
   auto dram = v.optional<kvx::config::bytes>("dram", {0});
   KVX_TRY(dram);
   s.dram_bytes = dram->value;

@@ -59,6 +59,7 @@ TEST_F(MasterAdmin, ListSegmentsGivesNodeTierCapacityAndUse) {
   for (const auto& s : r["segments"]) {
     used += s["used"].get<std::uint64_t>();
     EXPECT_FALSE(s["draining"]);
+    EXPECT_EQ(s["host"], s["node"]) << "a node that names no host is its own";
     if (s["node"] == "n1") {
       EXPECT_EQ(s["tier"], "ssd");
       EXPECT_EQ(s["capacity"], 4 << 20);
@@ -219,6 +220,8 @@ TEST_F(MasterAdmin, MalformedAdminRequestsGetErrorsNamingTheField) {
     EXPECT_NE(r["message"].get<std::string>().find(fragment), std::string::npos) << r.dump();
   };
   check({{"op", "drain_node"}}, "invalid_argument", "drain_node.node");
+  check({{"op", "register_segment"}, {"node", "n9"}, {"segment", "n9/x"}, {"capacity", 1}, {"host", 5}}, "invalid_argument",
+        "register_segment.host");
   check({{"op", "drain_node"}, {"node", 7}}, "invalid_argument", "drain_node.node");
   check({{"op", "drain_node"}, {"node", "ghost"}}, "not_found", "ghost");
   check({{"op", "list_objects"}, {"tenant", 3}}, "invalid_argument", "list_objects.tenant");

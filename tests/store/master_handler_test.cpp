@@ -60,6 +60,24 @@ TEST_F(MasterHandler, ANotificationIsActedOnAndAnsweredWithNothing) {
   EXPECT_TRUE(failed.is_null()) << failed.dump();
 }
 
+TEST_F(MasterHandler, AnErrorsMessageIsItsContextSoTheCodeIsNamedOnce) {
+  ASSERT_TRUE(call({{"id", 1}, {"op", "register_segment"}, {"node", "n0"}, {"segment", "s0"}, {"capacity", 4096}})["ok"]);
+  auto r = call({{"id", 2}, {"op", "put_start"}, {"tenant", "t"}, {"key", "k"}, {"size", 1 << 20}});
+  ASSERT_FALSE(r["ok"]) << r.dump();
+  ASSERT_EQ(r["error"], "capacity_exceeded");
+  const auto ec = make_error_code(kvx::errc::capacity_exceeded);
+  const std::string message = r["message"].get<std::string>();
+  EXPECT_FALSE(message.empty());
+  EXPECT_EQ(message.find(ec.message()), std::string::npos) << message;
+  const std::string logged = kvx::store::protocol::describe(ec, r);
+  EXPECT_EQ(logged, ec.message() + ": " + message);
+  // What a client turns the response into says the code once too.
+  auto checked = kvx::store::protocol::check_response(r);
+  ASSERT_FALSE(checked);
+  EXPECT_EQ(checked.error().message(), logged);
+  EXPECT_EQ(kvx::store::protocol::describe(ec, json::object()), ec.message());
+}
+
 TEST_F(MasterHandler, MalformedRequestsGetErrorsNamingTheField) {
   auto check = [&](const std::string& body, const std::string& code, const std::string& fragment) {
     auto r = handler.handle(body, now);

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <list>
+#include <set>
 #include <unordered_map>
 
 namespace {
@@ -267,6 +268,76 @@ TEST(Placement, RandomWithCapacityPrefersDramAndSkipsFullSegments) {
     EXPECT_EQ(chosen[0], 1u);
     EXPECT_EQ(chosen[1], 0u);
   }
+}
+
+TEST(Placement, ReplicasGoToOtherHostsBeforeASecondNodeOfOneHost) {
+  // Host x has a DRAM node and an SSD node; host y one small DRAM node.
+  std::vector<kvx::store::placement_candidate> c{{"x", "x/dram", "dram", 1 << 30, 1 << 30, "x"},
+                                                 {"x-ssd", "x-ssd/ssd", "ssd", 1 << 30, 1 << 30, "x"},
+                                                 {"y", "y/dram", "dram", 1000, 1000, "y"}};
+  kvx::store::placement::random_with_capacity p(11);
+  for (int i = 0; i < 20; ++i) {
+    auto two = p.choose(c, {500, 2, {}});
+    ASSERT_EQ(two.size(), 2u);
+    std::set<std::string> hosts{c[two[0]].host, c[two[1]].host};
+    EXPECT_EQ(hosts.size(), 2u) << "both replicas on host " << *hosts.begin();
+    // Three replicas: only two hosts exist, so the third shares one (distinct nodes still).
+    auto three = p.choose(c, {500, 3, {}});
+    ASSERT_EQ(three.size(), 3u);
+    EXPECT_EQ(three.back(), 1u) << "the SSD node of x comes last: its host already holds a replica";
+    // Re-replication: a copy already lives on x, so y comes first.
+    auto more = p.choose(c, {500, 1, {}, {"x"}});
+    ASSERT_EQ(more.size(), 1u);
+    EXPECT_EQ(more[0], 2u);
+  }
+  // A candidate without a host is its own host (the node's name).
+  std::vector<kvx::store::placement_candidate> plain{{"a", "sa", "dram", 1000, 1000}, {"b", "sb", "dram", 1000, 1000}};
+  EXPECT_EQ(p.choose(plain, {500, 1, {}, {"a"}}), std::vector<std::size_t>{1});
+  // locality_aware: the preferred node first, the others on other hosts.
+  kvx::store::placement::locality_aware l(5);
+  for (int i = 0; i < 20; ++i) {
+    auto chosen = l.choose(c, {500, 2, "x"});
+    ASSERT_EQ(chosen.size(), 2u);
+    EXPECT_EQ(chosen[0], 0u);
+    EXPECT_EQ(chosen[1], 2u) << "x-ssd is on the preferred node's host";
+  }
+}
+
+TEST_F(MasterState, ReReplicationPrefersAnotherHostAndANodeStaysOnOneHost) {
+  master m(config, kvx::store::placement::random_with_capacity{}, registry);
+  ASSERT_TRUE(m.add_segment({"a/dram", "a", 1 << 20, "dram", "host-a"}, t0));
+  ASSERT_TRUE(m.add_segment({"a-ssd/ssd", "a-ssd", 1 << 20, "ssd", "host-a"}, t0));
+  ASSERT_TRUE(m.add_segment({"b/dram", "b", 1 << 20, "dram", "host-b"}, t0));
+  ASSERT_TRUE(m.add_segment({"c/dram", "c", 1 << 20, "dram", "host-c"}, t0));
+  auto other_host = m.add_segment({"a/second", "a", 1 << 20, "dram", "host-z"}, t0);
+  ASSERT_FALSE(other_host);
+  EXPECT_EQ(other_host.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(other_host.error().message().find("host-a"), std::string::npos) << other_host.error().message();
+  EXPECT_TRUE(m.add_segment({"a/second", "a", 1 << 20, "dram", "host-a"}, t0));
+
+  auto t = m.put_start(key("k"), 1000, reps(2), t0);
+  ASSERT_TRUE(t);
+  ASSERT_TRUE(m.put_commit(key("k"), t->put_id, t0));
+  auto host_of = [](const std::string& node) { return node.substr(0, 1); };
+  EXPECT_NE(host_of(t->replicas[0].node), host_of(t->replicas[1].node)) << t->replicas[0].node << " " << t->replicas[1].node;
+  // Drop whichever of b and c holds a replica (the other stays): the new copy
+  // must avoid the surviving replica's host, so it lands on the free one of b/c
+  // or, when the survivor is on b or c, on host a's DRAM.
+  std::string victim = "b", survivor_host;
+  for (const auto& r : t->replicas)
+    if (r.node == "b" || r.node == "c") victim = r.node;
+  for (const auto& r : t->replicas)
+    if (r.node != victim) survivor_host = host_of(r.node);
+  for (const char* n : {"a", "a-ssd", "b", "c"}) {
+    if (n != victim) {
+      ASSERT_TRUE(m.heartbeat(n, t0 + 4s));
+    }
+  }
+  auto report = m.tick(t0 + 4s);
+  ASSERT_EQ(report.replications.size(), 1u);
+  const auto& target = report.replications[0].target;
+  EXPECT_NE(host_of(target.node), survivor_host) << "copy placed on " << target.node;
+  EXPECT_NE(target.node, "a-ssd") << "DRAM on a new host comes before SSD";
 }
 
 }  // namespace

@@ -73,7 +73,9 @@ class master_handler {
       KVX_TRY(cap);
       auto tier = v.optional<std::string>("tier", "dram");
       KVX_TRY(tier);
-      KVX_TRY(state_.add_segment({*seg, *node, *cap, *tier}, now));
+      auto host = v.optional<std::string>("host", "");
+      KVX_TRY(host);
+      KVX_TRY(state_.add_segment({*seg, *node, *cap, *tier, *host}, now));
       return json::object();
     }
     if (op == "heartbeat") {
@@ -168,7 +170,7 @@ class master_handler {
     if (op == "list_segments") {
       json segs = json::array();
       for (const auto& s : state_.segments())
-        segs.push_back({{"name", s.info.name}, {"node", s.info.node}, {"tier", s.info.tier},
+        segs.push_back({{"name", s.info.name}, {"node", s.info.node}, {"host", s.info.host_or_node()}, {"tier", s.info.tier},
                         {"capacity", s.info.capacity}, {"used", s.used}, {"draining", s.draining}});
       return json{{"segments", std::move(segs)}};
     }

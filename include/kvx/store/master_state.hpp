@@ -154,6 +154,11 @@ class master_state {
     if (s.tier != "dram" && s.tier != "ssd")
       return error{errc::invalid_argument, "segment '" + s.name + "': tier must be dram or ssd, not '" + s.tier + "'"};
     if (segments_.count(s.name)) return error{errc::already_exists, "segment '" + s.name + "'"};
+    if (auto n = nodes_.find(s.node); n != nodes_.end())
+      for (const auto& other : n->second.segments)
+        if (auto o = segments_.find(other); o != segments_.end() && o->second.info.host_or_node() != s.host_or_node())
+          return error{errc::invalid_argument, "segment '" + s.name + "': node '" + s.node + "' is on host '" +
+                                                   o->second.info.host_or_node() + "', not '" + s.host_or_node() + "'"};
     segments_.emplace(s.name, segment_state{s, Allocator(s.capacity)});
     nodes_[s.node].last_heartbeat = now;
     nodes_[s.node].segments.insert(s.name);
@@ -468,15 +473,16 @@ class master_state {
     std::vector<placement_candidate> c;
     for (const auto& [name, s] : segments_)
       if (!exclude_nodes.count(s.info.node) && !draining_.count(s.info.node))
-        c.push_back({s.info.node, name, s.info.tier, s.allocator.free_bytes(), s.allocator.largest_free_block()});
+        c.push_back({s.info.node, name, s.info.tier, s.allocator.free_bytes(), s.allocator.largest_free_block(),
+                     s.info.host_or_node()});
     return c;
   }
 
   std::vector<placed> place(std::uint64_t size, unsigned replicas, const std::string& preferred,
-                            const std::set<std::string>& exclude) {
+                            const std::set<std::string>& exclude, std::vector<std::string> hosts_in_use = {}) {
     auto c = candidates(exclude);
     std::vector<placed> out;
-    for (auto i : placement_.choose(c, placement_request{size, replicas, preferred})) {
+    for (auto i : placement_.choose(c, placement_request{size, replicas, preferred, std::move(hosts_in_use)})) {
       if (i >= c.size() || out.size() == replicas) break;
       auto& seg = segments_.at(c[i].segment);
       auto a = seg.allocator.allocate(size, config_.alignment);
@@ -488,8 +494,14 @@ class master_state {
     return out;
   }
 
+  //! Room for `n` more replicas of an object whose replicas are on `exclude`
+  //! (nodes): on other hosts than theirs where any fits.
   std::vector<placed> allocate_excluding(std::uint64_t size, unsigned n, const std::set<std::string>& exclude) {
-    return place(size, n, {}, exclude);
+    std::vector<std::string> hosts;
+    for (const auto& node : exclude)
+      for (const auto& [_, seg] : segments_)
+        if (seg.info.node == node) hosts.push_back(seg.info.host_or_node());
+    return place(size, n, {}, exclude, std::move(hosts));
   }
 
   void release(std::vector<placed>& replicas) {

@@ -9,13 +9,15 @@
 //! | expression | type | semantics |
 //! | --- | --- | --- |
 //! | `typename P::placement_policy_concept` | `placement_policy_tag` | opts in |
-//! | `p.choose(c, r)` | `std::vector<std::size_t>` | indices into `c` of up to `r.replicas` candidates, on distinct nodes, each with `largest_free >= r.size`, best first. Fewer than asked when not enough fit; the master decides whether that is an error. |
+//! | `p.choose(c, r)` | `std::vector<std::size_t>` | indices into `c` of up to `r.replicas` candidates, on distinct nodes, each with `largest_free >= r.size`, best first; hosts not in `r.hosts_in_use` and not already chosen should come before a second replica on one host. Fewer than asked when not enough fit; the master decides whether that is an error. |
 //!
 //! The master calls `choose` under its lock: it must not block.
 //!
 //! Policies: `random_with_capacity` (weighted by free bytes, the default) and
 //! `locality_aware` (the writer's or expected reader's node first, then the
-//! default's choice).
+//! default's choice). Both spread an object's replicas over hosts (failure
+//! domains: a DRAM node and the SSD node of one machine share one) before
+//! putting two on one host, and only then on another node of a used host.
 
 #include <algorithm>
 #include <concepts>
@@ -37,12 +39,16 @@ struct placement_candidate {
   std::string tier;               //!< "dram" or "ssd"
   std::uint64_t free_bytes = 0;
   std::uint64_t largest_free = 0;  //!< largest allocation that would succeed
+  std::string host{};              //!< failure domain; the node's name when it named none
 };
 
 struct placement_request {
   std::uint64_t size = 0;
   unsigned replicas = 1;
   std::string preferred_node;  //!< the writer or the expected reader; empty if none
+  //! Hosts already holding a replica of the object (re-replication): a copy
+  //! there survives less than one elsewhere.
+  std::vector<std::string> hosts_in_use{};
 };
 
 template <class P>
@@ -74,24 +80,31 @@ class random_with_capacity {
   std::vector<std::size_t> choose(std::span<const placement_candidate> c, const placement_request& r) {
     std::vector<std::size_t> out;
     std::set<std::string> used_nodes;
-    for (const char* tier : {"dram", "ssd"}) {
-      while (out.size() < r.replicas) {
-        std::vector<std::size_t> fit;
-        std::vector<double> weight;
-        for (std::size_t i = 0; i < c.size(); ++i)
-          if (c[i].tier == tier && c[i].largest_free >= r.size && !used_nodes.count(c[i].node)) {
-            fit.push_back(i);
-            weight.push_back(static_cast<double>(c[i].free_bytes) + 1.0);
-          }
-        if (fit.empty()) break;
-        std::discrete_distribution<std::size_t> pick(weight.begin(), weight.end());
-        const auto chosen = fit[pick(rng_)];
-        out.push_back(chosen);
-        used_nodes.insert(c[chosen].node);
+    std::set<std::string> used_hosts(r.hosts_in_use.begin(), r.hosts_in_use.end());
+    // New hosts first (DRAM, then SSD), then new nodes on hosts already used.
+    for (const bool new_host : {true, false})
+      for (const char* tier : {"dram", "ssd"}) {
+        while (out.size() < r.replicas) {
+          std::vector<std::size_t> fit;
+          std::vector<double> weight;
+          for (std::size_t i = 0; i < c.size(); ++i)
+            if (c[i].tier == tier && c[i].largest_free >= r.size && !used_nodes.count(c[i].node) &&
+                (!new_host || !used_hosts.count(host_of(c[i])))) {
+              fit.push_back(i);
+              weight.push_back(static_cast<double>(c[i].free_bytes) + 1.0);
+            }
+          if (fit.empty()) break;
+          std::discrete_distribution<std::size_t> pick(weight.begin(), weight.end());
+          const auto chosen = fit[pick(rng_)];
+          out.push_back(chosen);
+          used_nodes.insert(c[chosen].node);
+          used_hosts.insert(host_of(c[chosen]));
+        }
       }
-    }
     return out;
   }
+
+  static const std::string& host_of(const placement_candidate& c) noexcept { return c.host.empty() ? c.node : c.host; }
 
  private:
   std::mt19937_64 rng_;
@@ -124,7 +137,9 @@ class locality_aware {
           rest.push_back(c[i]);
           index.push_back(i);
         }
-      auto more = fallback_.choose(rest, {r.size, static_cast<unsigned>(r.replicas - out.size()), {}});
+      auto in_use = r.hosts_in_use;
+      if (!out.empty()) in_use.push_back(random_with_capacity::host_of(c[out.front()]));
+      auto more = fallback_.choose(rest, {r.size, static_cast<unsigned>(r.replicas - out.size()), {}, std::move(in_use)});
       for (auto m : more) out.push_back(index[m]);
     }
     return out;

@@ -17,7 +17,7 @@
 //!
 //! | op | fields | response fields |
 //! | --- | --- | --- |
-//! | `register_segment` | `node, segment, capacity, tier` | |
+//! | `register_segment` | `node, segment, capacity, tier, host` (`host` optional: the failure domain, default the node) | |
 //! | `heartbeat` | `node` | `tasks` (replication tasks for this node) |
 //! | `put_start` | `tenant, key, size, replicas?, preferred_node?, soft_pin?` | `put_id, replicas, deadline_ms` |
 //! | `put_commit` / `put_abort` | `tenant, key, put_id` | |
@@ -26,7 +26,7 @@
 //! | `longest_prefix` | `tenant, keys` | `count` |
 //! | `replication_done` | `tenant, key, put_id, target` | |
 //! | `stats` | | `used, capacity, objects, nodes` |
-//! | `list_segments` (admin) | | `segments: [{name, node, tier, capacity, used, draining}]` |
+//! | `list_segments` (admin) | | `segments: [{name, node, host, tier, capacity, used, draining}]` |
 //! | `list_objects` (admin) | `tenant?, limit?` | `objects: [{tenant, key, size, committed, pinned, replicas_wanted, replicas, copying, lease_ms}], truncated` |
 //! | `usage` (admin) | | `used, capacity, objects, nodes, tiers: {tier: {used, capacity}}, tenants: {tenant: {used, quota?}}` |
 //! | `drain_node` (admin) | `node` | `node, objects, only_here, copying, drained` |
@@ -151,7 +151,18 @@ json make_request(const char* op, Fields&&... fields) {
 
 inline json error_response(std::uint64_t id, const kvx::error& e) {
   const auto* name = e.code().category() == error_category() ? to_string(static_cast<errc>(e.code().value())) : "internal";
-  return {{"id", id}, {"ok", false}, {"error", name}, {"message", e.message()}};
+  // The context only: the code travels as "error", and a reader that prints
+  // both (see `describe`) would otherwise name the code twice.
+  return {{"id", id}, {"ok", false}, {"error", name}, {"message", e.context()}};
+}
+
+//! A failed call's code and the context the master (or the client) gave, for logs.
+inline std::string describe(std::error_code ec, const json& response) {
+  std::string why = ec.message();
+  if (response.is_object() && response.contains("message") && response["message"].is_string() &&
+      !response["message"].get_ref<const std::string&>().empty())
+    why += ": " + response["message"].get<std::string>();
+  return why;
 }
 
 //! Turns a response into the `kvx::error` it carries, if any.

@@ -200,7 +200,7 @@ class store_client {
 
   asio::awaitable<std::tuple<std::error_code, json>> call(json request) {
     auto [ec, r] = co_await master_->async_call(std::move(request), asio::as_tuple(asio::use_awaitable));
-    if (ec) log(log_level::info, "store client '", options_.node, "': master: ", ec.message(), " ", r.value("message", std::string()));
+    if (ec) log(log_level::info, "store client '", options_.node, "': master: ", protocol::describe(ec, r));
     co_return std::tuple{std::error_code(ec), std::move(r)};
   }
 

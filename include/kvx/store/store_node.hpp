@@ -51,6 +51,10 @@ struct node_options {
   std::string name;                 //!< node name, unique in the cluster
   std::string segment;              //!< segment name; "<name>/pool" when empty
   std::string tier = "dram";        //!< "dram" or "ssd"
+  //! The machine (failure domain) the node runs on; its DRAM and SSD nodes
+  //! name the same one so the master spreads replicas over machines. Empty:
+  //! the node counts as its own machine.
+  std::string host{};
   std::chrono::milliseconds heartbeat{500};
 };
 
@@ -119,12 +123,12 @@ class store_node {
 
   // `st`: the heartbeat loop's (the node may be gone when it is not running); null from start.
   asio::awaitable<std::error_code> register_segment(std::shared_ptr<shared> st) {
-    auto [ec, r] = co_await master_->async_call(protocol::make_request("register_segment", "node", options_.name, "segment", options_.segment, "capacity", capacity_, "tier", options_.tier),
+    auto [ec, r] = co_await master_->async_call(protocol::make_request("register_segment", "node", options_.name, "segment", options_.segment, "capacity", capacity_, "tier", options_.tier, "host", options_.host),
                                                 asio::as_tuple(asio::use_awaitable));
     if (st && !st->running) co_return ec;
     if (ec)
-      log(log_level::warn, "store node '", options_.name, "': registering with the master: ", ec.message(), " ",
-          r.value("message", std::string()));
+      log(log_level::warn, "store node '", options_.name, "': registering with the master: ",
+          protocol::describe(ec, r));
     co_return ec;
   }
 

@@ -44,6 +44,12 @@ struct segment_info {
   std::string node;
   std::uint64_t capacity = 0;
   std::string tier = "dram";  //!< "dram" or "ssd": placement prefers dram
+  //! The failure domain (a machine): a DRAM node and the SSD node of one host
+  //! name the same host, so replicas land on other hosts first. Empty: the
+  //! node is its own host.
+  std::string host{};
+
+  [[nodiscard]] const std::string& host_or_node() const noexcept { return host.empty() ? node : host; }
 };
 
 }  // namespace kvx::store
