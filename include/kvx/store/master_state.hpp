@@ -498,9 +498,10 @@ class master_state {
   //! (nodes): on other hosts than theirs where any fits.
   std::vector<placed> allocate_excluding(std::uint64_t size, unsigned n, const std::set<std::string>& exclude) {
     std::vector<std::string> hosts;
-    for (const auto& node : exclude)
-      for (const auto& [_, seg] : segments_)
-        if (seg.info.node == node) hosts.push_back(seg.info.host_or_node());
+    for (const auto& node : exclude)  // a node's segments all name one host (add_segment)
+      if (auto it = nodes_.find(node); it != nodes_.end() && !it->second.segments.empty())
+        if (auto seg = segments_.find(*it->second.segments.begin()); seg != segments_.end())
+          hosts.push_back(seg->second.info.host_or_node());
     return place(size, n, {}, exclude, std::move(hosts));
   }
 
