@@ -22,9 +22,9 @@
 #include <cstdint>
 #include <optional>
 #include <set>
-#include <unordered_map>
 #include <utility>
 
+#include <kvx/cache/detail/flat_key_map.hpp>
 #include <kvx/cache/eviction/detail/keyed_list.hpp>
 #include <kvx/cache/eviction_policy.hpp>
 
@@ -111,10 +111,10 @@ class prefix_aware {
     }
   }
 
-  std::unordered_map<block_key, entry, detail::key_hash> meta_;
+  cache::detail::flat_key_map<entry, detail::key_hash> meta_;
   // Tracked children per parent key, whether or not the parent is tracked, so
   // a parent re-inserted under cached children is known as inner at once.
-  std::unordered_map<block_key, std::uint32_t, detail::key_hash> children_;
+  cache::detail::flat_key_map<std::uint32_t, detail::key_hash> children_;
   ordered leaves_, inner_;
   std::uint64_t tick_ = 0;
 };
