@@ -61,6 +61,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cassert>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -380,6 +381,8 @@ class tiered_cache {
       if (tiering_.writes_through())
         for (std::size_t t = 1; t < state_.size(); ++t)
           if (make_room(t, bytes.size(), moves)) targets |= bit(t);
+      // A flat map moves its entries only when it grows; make_room erases.
+      assert(index_.find(k) != index_.end() && &index_.find(k)->second == &e);
       e.bytes = bytes.size();
       e.has_parent = parent.has_value() ? 1 : 0;
       if (parent) e.parent = *parent;

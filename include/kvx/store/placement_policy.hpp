@@ -39,7 +39,9 @@ struct placement_candidate {
   std::string tier;               //!< "dram" or "ssd"
   std::uint64_t free_bytes = 0;
   std::uint64_t largest_free = 0;  //!< largest allocation that would succeed
-  std::string host{};              //!< failure domain; the node's name when it named none
+  std::string host{};              //!< failure domain; empty: the node is its own host
+
+  [[nodiscard]] const std::string& host_or_node() const noexcept { return host.empty() ? node : host; }
 };
 
 struct placement_request {
@@ -89,7 +91,7 @@ class random_with_capacity {
           std::vector<double> weight;
           for (std::size_t i = 0; i < c.size(); ++i)
             if (c[i].tier == tier && c[i].largest_free >= r.size && !used_nodes.count(c[i].node) &&
-                (!new_host || !used_hosts.count(host_of(c[i])))) {
+                (!new_host || !used_hosts.count(c[i].host_or_node()))) {
               fit.push_back(i);
               weight.push_back(static_cast<double>(c[i].free_bytes) + 1.0);
             }
@@ -98,13 +100,11 @@ class random_with_capacity {
           const auto chosen = fit[pick(rng_)];
           out.push_back(chosen);
           used_nodes.insert(c[chosen].node);
-          used_hosts.insert(host_of(c[chosen]));
+          used_hosts.insert(c[chosen].host_or_node());
         }
       }
     return out;
   }
-
-  static const std::string& host_of(const placement_candidate& c) noexcept { return c.host.empty() ? c.node : c.host; }
 
  private:
   std::mt19937_64 rng_;
@@ -138,7 +138,7 @@ class locality_aware {
           index.push_back(i);
         }
       auto in_use = r.hosts_in_use;
-      if (!out.empty()) in_use.push_back(random_with_capacity::host_of(c[out.front()]));
+      if (!out.empty()) in_use.push_back(c[out.front()].host_or_node());
       auto more = fallback_.choose(rest, {r.size, static_cast<unsigned>(r.replicas - out.size()), {}, std::move(in_use)});
       for (auto m : more) out.push_back(index[m]);
     }
