@@ -155,6 +155,52 @@ TEST(EvictionPrefixAware, FallsBackToInnerBlocksWhenEveryLeafIsPinned) {
   EXPECT_EQ(p.victim([&](const block_key& k) { return k != b; }), a);
 }
 
+TEST(EvictionPrefixAware, ABlockChangingClassTakesItsRecencyPlace) {
+  ev::prefix_aware p(8);
+  const block_key r1 = policy_key(1), a = policy_key(2), r2 = policy_key(3);
+  const block_key c1 = policy_key(11), c2 = policy_key(12), ca = policy_key(13);
+  p.on_insert(r1, {1});
+  p.on_insert(a, {2});
+  p.on_insert(r2, {3});
+  p.on_insert(c1, {4, kvx::cache::never, 0, &r1});
+  p.on_insert(c2, {5, kvx::cache::never, 0, &r2});
+  p.on_insert(ca, {6, kvx::cache::never, 0, &a});  // a joins r2 and r1 between them
+  const auto roots = [&](const block_key& k) { return k == r1 || k == a || k == r2; };
+  p.on_erase(c1);  // r1 becomes a leaf again, older than every other leaf
+  EXPECT_EQ(p.victim(all), r1);
+  EXPECT_EQ(p.victim(roots), a);
+  EXPECT_EQ(p.victim(roots), r2);
+  EXPECT_EQ(p.approximate_placements(), 0u);
+}
+
+TEST(EvictionPrefixAware, AChildInsertedAgainCountsOnceForItsParent) {
+  ev::prefix_aware p(4);
+  const block_key a = policy_key(1), b = policy_key(2);
+  p.on_insert(a, {1});
+  p.on_insert(b, {2, kvx::cache::never, 0, &a});
+  p.on_insert(b, {3, kvx::cache::never, 0, &a});
+  EXPECT_EQ(p.size(), 2u);
+  p.on_erase(b);
+  EXPECT_TRUE(p.is_leaf(a));
+  EXPECT_EQ(p.victim(all), a);
+}
+
+TEST(EvictionPrefixAware, ALongPlacementWalkStopsAndPlacesAfterTheOlderBlocksItPassed) {
+  ev::prefix_aware p(400);
+  constexpr std::uint64_t half = 2 * ev::prefix_aware::max_placement_steps + 20;
+  std::uint64_t now = 0;
+  for (std::uint64_t i = 0; i < half; ++i) p.on_insert(policy_key(i), {++now});
+  const block_key parent = policy_key(1000), child = policy_key(1001);
+  p.on_insert(parent, {++now});
+  for (std::uint64_t i = half; i < 2 * half; ++i) p.on_insert(policy_key(i), {++now});
+  p.on_insert(child, {++now, kvx::cache::never, 0, &parent});
+  EXPECT_EQ(p.approximate_placements(), 0u);  // into the empty inner list
+  p.on_erase(child);  // back among the leaves, with `half` newer and older ones
+  EXPECT_EQ(p.approximate_placements(), 1u);
+  for (std::uint64_t i = 0; i < ev::prefix_aware::max_placement_steps; ++i) EXPECT_EQ(p.victim(all), policy_key(i));
+  EXPECT_EQ(p.victim(all), parent);
+}
+
 TEST(EvictionBelady, EvictsTheBlockUsedFarthestInTheFuture) {
   ev::belady p(2);
   p.on_insert(policy_key(1), {0, 10});

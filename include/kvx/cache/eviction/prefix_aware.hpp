@@ -9,7 +9,18 @@
 //! least recently used block with none; only when every leaf is pinned does
 //! it fall back to the least recently used inner block. In a chat trace the
 //! leaf of a request is also its last, usually partial, block, which is
-//! almost never read again. O(log n) per call; not thread-safe.
+//! almost never read again.
+//!
+//! Leaves and inner blocks are two recency lists, so a hit or an insert is a
+//! hash lookup and a splice (O(1)). A block that changes class (its first
+//! child arrives, its last child leaves) is placed in the other list by its
+//! last access: the walk goes from both ends at once, which is short in the
+//! common cases (a parent gaining a child was just read, so it belongs near
+//! the newest end; a parent losing its last child is usually old). A walk
+//! stops after `max_placement_steps` steps from each end and then places the
+//! block just after the older blocks it passed (counted by
+//! `approximate_placements()`), so no call costs more than O(1).
+//! Not thread-safe.
 //!
 //! \code
 //! kvx::cache::eviction::prefix_aware p(1000);
@@ -20,9 +31,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <list>
 #include <optional>
-#include <set>
-#include <utility>
 
 #include <kvx/cache/detail/flat_key_map.hpp>
 #include <kvx/cache/eviction/detail/keyed_list.hpp>
@@ -33,40 +43,44 @@ namespace kvx::cache::eviction {
 class prefix_aware {
  public:
   using eviction_policy_concept = eviction_policy_tag;
+  //! Steps a class change may walk from each end of the other list.
+  static constexpr std::size_t max_placement_steps = 64;
+
   explicit prefix_aware(std::size_t /*capacity_in_blocks*/ = 0) {}
 
   void on_insert(const block_key& k, const access_context& ctx) {
-    entry e{++tick_, false, {}};
+    // A key inserted again (the caller re-admits it) first leaves, so that
+    // its parent does not count it twice.
+    if (index_.count(k) != 0) remove(k);
+    entry e{k, ++tick_, false, {}, true};
     if (ctx.parent != nullptr && *ctx.parent != k) {
       e.has_parent = true;
       e.parent = *ctx.parent;
-      if (++children_[e.parent] == 1) reclassify(e.parent, /*was_leaf=*/true);
+      if (++children_[e.parent] == 1) reclassify(e.parent);
     }
-    auto [it, fresh] = meta_.try_emplace(k, e);
-    if (!fresh) {
-      set_of(k).erase({it->second.tick, k});
-      it->second = e;
-    }
-    set_of(k).insert({e.tick, k});
+    e.in_leaves = is_leaf(k);
+    auto& l = e.in_leaves ? leaves_ : inner_;
+    l.push_front(e);
+    index_.emplace(k, l.begin());
   }
   void on_hit(const block_key& k, const access_context&) {
-    auto it = meta_.find(k);
-    if (it == meta_.end()) return;
-    auto& s = set_of(k);
-    s.erase({it->second.tick, k});
-    it->second.tick = ++tick_;
-    s.insert({it->second.tick, k});
+    auto it = index_.find(k);
+    if (it == index_.end()) return;
+    auto pos = it->second;
+    pos->tick = ++tick_;
+    auto& l = pos->in_leaves ? leaves_ : inner_;
+    l.splice(l.begin(), l, pos);
   }
   void on_erase(const block_key& k) {
-    if (meta_.count(k) != 0) remove(k);
+    if (index_.count(k) != 0) remove(k);
   }
 
   template <class Evictable>
   std::optional<block_key> victim(Evictable&& evictable) {
-    for (auto* s : {&leaves_, &inner_}) {
-      for (const auto& [tick, k] : *s) {
-        if (!evictable(k)) continue;
-        const block_key key = k;
+    for (auto* l : {&leaves_, &inner_}) {
+      for (auto it = l->rbegin(); it != l->rend(); ++it) {
+        if (!evictable(it->key)) continue;
+        const block_key key = it->key;
         remove(key);
         return key;
       }
@@ -74,49 +88,73 @@ class prefix_aware {
     return std::nullopt;
   }
 
-  [[nodiscard]] std::size_t size() const noexcept { return meta_.size(); }
+  [[nodiscard]] std::size_t size() const noexcept { return index_.size(); }
   //! True if no tracked block names `k` as its parent.
   [[nodiscard]] bool is_leaf(const block_key& k) const { return children_.count(k) == 0; }
+  //! Class changes whose walk ran out of steps and placed the block near,
+  //! not exactly at, its recency place.
+  [[nodiscard]] std::uint64_t approximate_placements() const noexcept { return approximate_; }
 
  private:
   struct entry {
-    std::uint64_t tick = 0;
+    block_key key{};
+    std::uint64_t tick = 0;  // last access; each list is ordered by it, newest first
     bool has_parent = false;
     block_key parent{};
+    bool in_leaves = true;
   };
-  using ordered = std::set<std::pair<std::uint64_t, block_key>>;
+  using list = std::list<entry>;
 
-  ordered& set_of(const block_key& k) { return is_leaf(k) ? leaves_ : inner_; }
+  // k's leaf status just flipped; if tracked, move it to the other list at
+  // its recency place.
+  void reclassify(const block_key& k) {
+    auto found = index_.find(k);
+    if (found == index_.end()) return;
+    auto pos = found->second;
+    list& from = pos->in_leaves ? leaves_ : inner_;
+    list& to = pos->in_leaves ? inner_ : leaves_;
+    to.splice(place_in(to, pos->tick), from, pos);
+    pos->in_leaves = !pos->in_leaves;
+  }
 
-  // k's leaf status just flipped; move it between the sets if tracked.
-  void reclassify(const block_key& k, bool was_leaf) {
-    auto it = meta_.find(k);
-    if (it == meta_.end()) return;
-    const std::pair<std::uint64_t, block_key> item{it->second.tick, k};
-    (was_leaf ? leaves_ : inner_).erase(item);
-    (was_leaf ? inner_ : leaves_).insert(item);
+  // Where an entry last accessed at `tick` goes in `l`: before the first
+  // older entry. Walks from both ends, at most max_placement_steps each.
+  list::iterator place_in(list& l, std::uint64_t tick) {
+    auto newer = l.begin();
+    auto older = l.rbegin();
+    for (std::size_t step = 0; step < max_placement_steps; ++step) {
+      if (newer == l.end() || newer->tick < tick) return newer;
+      ++newer;
+      if (older == l.rend() || older->tick > tick) return older.base();
+      ++older;
+    }
+    ++approximate_;
+    return older.base();
   }
 
   void remove(const block_key& k) {
-    auto it = meta_.find(k);
-    const entry e = it->second;
-    set_of(k).erase({e.tick, k});
-    meta_.erase(it);
-    if (e.has_parent) {
-      auto c = children_.find(e.parent);
+    auto found = index_.find(k);
+    const auto pos = found->second;
+    const bool has_parent = pos->has_parent;
+    const block_key parent = pos->parent;
+    (pos->in_leaves ? leaves_ : inner_).erase(pos);
+    index_.erase(found);
+    if (has_parent) {
+      auto c = children_.find(parent);
       if (c != children_.end() && --c->second == 0) {
         children_.erase(c);
-        reclassify(e.parent, /*was_leaf=*/false);
+        reclassify(parent);
       }
     }
   }
 
-  cache::detail::flat_key_map<entry, detail::key_hash> meta_;
+  cache::detail::flat_key_map<list::iterator, detail::key_hash> index_;
   // Tracked children per parent key, whether or not the parent is tracked, so
   // a parent re-inserted under cached children is known as inner at once.
   cache::detail::flat_key_map<std::uint32_t, detail::key_hash> children_;
-  ordered leaves_, inner_;
+  list leaves_, inner_;
   std::uint64_t tick_ = 0;
+  std::uint64_t approximate_ = 0;
 };
 
 }  // namespace kvx::cache::eviction
