@@ -31,6 +31,7 @@
 #include <random>
 #include <thread>
 
+#include "support/run_until.hpp"
 #include "support/servers.hpp"
 #include "support/store_parties.hpp"
 
@@ -79,10 +80,7 @@ class MasterFailover : public ::testing::Test {
   }
 
   bool run_until(const std::function<bool()>& done, std::chrono::milliseconds limit = 5s) {
-    const auto give_up = std::chrono::steady_clock::now() + limit;
-    io.restart();
-    while (!done() && std::chrono::steady_clock::now() < give_up) io.run_one_for(20ms);
-    return done();
+    return kvx::test::run_until(io, done, limit);
   }
   void run_for(std::chrono::milliseconds d) {
     io.restart();

@@ -21,6 +21,8 @@
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/tcp.hpp>
 
+#include "support/run_until.hpp"
+
 namespace {
 
 namespace asio = boost::asio;
@@ -81,9 +83,7 @@ struct nearest_rails : ::testing::Test {
   }
   template <class Pred>
   void run_until(Pred done) {
-    const auto give_up = std::chrono::steady_clock::now() + 20s;
-    io.restart();
-    while (!done() && std::chrono::steady_clock::now() < give_up) io.run_one_for(10ms);
+    kvx::test::run_until(io, done, 20s);
   }
   std::uint64_t carried_on(const std::set<std::size_t>& rails) {
     const auto per_rail = my_rails.ops_per_rail();

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "support/run_until.hpp"
+
 namespace {
 
 namespace asio = boost::asio;
@@ -28,9 +30,7 @@ struct AnyNetworkTransport : ::testing::TestWithParam<const char*> {
 
   template <class Pred>
   void run_until(Pred done) {
-    const auto give_up = std::chrono::steady_clock::now() + 20s;
-    io.restart();
-    while (!done() && std::chrono::steady_clock::now() < give_up) io.run_one_for(10ms);
+    kvx::test::run_until(io, done, 20s);
   }
   void reg(network_engine_t& e, std::vector<std::byte>& buf, const std::string& name) {
     std::optional<std::error_code> out;

@@ -17,6 +17,8 @@
 #include <kvx/transfer/transfer_engine.hpp>
 #include <kvx/transport/tcp.hpp>
 
+#include "support/run_until.hpp"
+
 namespace {
 
 namespace asio = boost::asio;
@@ -68,9 +70,7 @@ struct multi_rail_engines : ::testing::Test {
   }
   template <class Pred>
   void run_until(Pred done) {
-    const auto give_up = std::chrono::steady_clock::now() + 20s;
-    io.restart();
-    while (!done() && std::chrono::steady_clock::now() < give_up) io.run_one_for(10ms);
+    kvx::test::run_until(io, done, 20s);
   }
   std::uint64_t carried_total() {
     std::uint64_t n = 0;

@@ -30,6 +30,7 @@
 #include <kvx/testing/random_bytes.hpp>
 
 #include "support/child_process.hpp"
+#include "support/run_until.hpp"
 
 // TSan cannot see UCX's acknowledgements through uninstrumented memory; see
 // tests/transport/ucx/ucx_tsan.supp for why these UCX-internal copies are suppressed.
@@ -96,13 +97,7 @@ struct store_over_ucx {
   // Runs the io_context until `done()` or `limit` passes; false then.
   template <class Done>
   bool run_until(Done done, std::chrono::milliseconds limit = 15s) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    io.restart();
-    while (!done()) {
-      if (std::chrono::steady_clock::now() > deadline) return false;
-      io.run_for(5ms);
-    }
-    return true;
+    return kvx::test::run_until(io, done, limit);
   }
 
   // A node process; registered (with the master and the metadata) once it prints its line.

@@ -14,6 +14,7 @@
 #include <kvx/testing/transport_conformance.hpp>
 
 #include "support/child_process.hpp"
+#include "support/run_until.hpp"
 
 // UCX's own leak on force-closed shared-memory endpoints; see ucx_lsan.supp for why.
 extern "C" const char* __lsan_default_suppressions();
@@ -62,12 +63,7 @@ struct initiator {
 
   template <class Pred>
   bool run_until(Pred done, std::chrono::seconds limit = 20s) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    while (!done()) {
-      if (std::chrono::steady_clock::now() > deadline) return false;
-      io.run_one_for(5ms);
-    }
-    return true;
+    return kvx::test::run_until(io, done, limit);
   }
   std::error_code read(const segment_descriptor& d, std::uint64_t off, std::span<std::byte> dst) {
     std::optional<std::error_code> out;
