@@ -29,6 +29,7 @@
 #include <kvx/cache/trace.hpp>
 #include <kvx/disagg/layouts/layer_first.hpp>
 #include <kvx/disagg/planner/block_cache.hpp>
+#include <kvx/disagg/planner/calibrate.hpp>
 #include <kvx/disagg/planner/deployment.hpp>
 #include <kvx/disagg/planner/hardware.hpp>
 #include <kvx/disagg/planner/links.hpp>
@@ -131,6 +132,18 @@ Validation
                           other processes used during the demo, or over 2 s now without --demo-binary)
   --cores-window S        with --demo-binary, the cores free are taken over spans of S seconds of each
                           mode's replay (default 0.25; the CPU is sampled every 50 ms)
+  --engine-speed FROM     where the tiny engine's speed comes from: 'mode' (fitted to the CPU time
+                          the compared mode's own instances took to compute each request in the
+                          demo run: their latencies are still the planner's to predict),
+                          'colocated' (fitted to the demo's colocated run), or 'measured' (measured
+                          here after the demo); default: the first of these the report has timings
+                          for. The gated ratios with each available speed are printed after the
+                          table
+  --sharing MODEL         how the instances share the cores free: 'per-core' (default: one run queue
+                          per core of this machine; an instance that starts computing joins the
+                          shortest, an empty queue pulls from the longest, and a queue's instances
+                          share its core) or 'fluid' (every computing instance at min(1, cores / k));
+                          the other model's gated ratios are printed after the table
   --wake-burst S          for the 'wake burst' column (not gated): how long an instance that starts
                           computing after being idle runs at a whole core before it shares
                           (seconds); default: measured just before and after the demo (a thread
@@ -407,6 +420,8 @@ struct demo_options {
          prefill = 2, decode = 2, cores = 0, cores_window_s = 0.25;
   double wake_burst_s = -1;  // < 0: measured (probe_wake_burst) around the demo
   std::string binary;  // run kvx_pd_demo first, measuring the CPU others used meanwhile
+  std::string engine_speed;  // "mode", "colocated", "measured", or empty: the first the report has timings for
+  bool fluid_sharing = false;  // --sharing fluid: every computing instance at min(1, cores / k), no run queues
 };
 
 // CPU seconds every core of this machine has spent busy since boot (/proc/stat).
@@ -612,7 +627,7 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
                                         "--requests", fmt(o.requests), "--prefill", fmt(o.prefill), "--decode",
                                         fmt(o.decode), "--tokens-per-hash", fmt(o.tokens_per_hash), "--max-prompt",
                                         fmt(o.max_prompt), "--max-output", fmt(o.max_output), "--concurrency",
-                                        fmt(o.concurrency), "--modes", "push,pull"};
+                                        fmt(o.concurrency), "--modes", "colocated,push,pull"};
     std::string shown;
     for (const auto& a : args) shown += (shown.empty() ? "" : " ") + a;
     std::printf("running: %s\n", shown.c_str());
@@ -745,19 +760,98 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
   mo.repeats = 5;
   auto hw = kp::measure_tiny_hardware(cfg, mo);
   if (!hw) die(hw.error().message());
+  // The speed the engine had in the demo itself: its colocated run's compute,
+  // request by request (CPU time: waits for a core are the planner's to
+  // predict). A speed measured apart is the machine's speed of another
+  // moment; on a shared machine that differs by 20-50% (docs/benchmarks/planner.md).
   hw->decode.max_batch = 1;  // a demo decode instance runs one request at a time
   const auto links = load_links(link_files, network_transport, model, block);
   kp::apply_links(*hw, links.figures);
-  std::printf("kvx_pd_demo report %s: %zu requests, %u in flight, %uP+%uD, %u tokens per hash block\n",
-              report_path.c_str(), nreq, C, P, D, K);
-  std::printf("tiny engine (demo model) measured: prefill %.0f tokens/s + %.3g s per token pair, decode %.3g s + %.3g s "
-              "per KV token; network %.2f GB/s; cores shared by the instances: %s\n",
-              hw->prefill.tokens_per_s, hw->prefill.attention_s_per_pair, hw->decode.s_per_seq, hw->decode.s_per_token,
-              hw->network_bytes_per_s / 1e9, cores_from.c_str());
+  std::printf("kvx_pd_demo report %s: %zu requests, %u in flight, %uP+%uD, %u tokens per hash block; network %.2f GB/s; "
+              "cores shared by the instances: %s\n",
+              report_path.c_str(), nreq, C, P, D, K, hw->network_bytes_per_s / 1e9, cores_from.c_str());
+  // The engine's speed, from where it was timed: measured here after the
+  // demo, and fitted to what the demo's instances timed while they served
+  // (each mode's own compute: CPU time, not latency; waits for a core,
+  // queueing and transfers stay the planner's to predict). A speed measured
+  // apart is another moment's: on a shared machine that differs by 20-50%
+  // (docs/benchmarks/planner.md).
+  struct engine_speed {
+    kp::hardware hw;
+    std::string from;
+  };
+  std::map<std::string, engine_speed> speeds;
+  speeds["measured"] = {*hw, "measured here after the demo (fastest of 5)"};
+  json speeds_json = json::object();
+  auto coefficients = [](const kp::hardware& h) {
+    return json{{"prefill_tokens_per_s", h.prefill.tokens_per_s}, {"attention_s_per_pair", h.prefill.attention_s_per_pair},
+                {"decode_s_per_seq", h.decode.s_per_seq}, {"decode_s_per_token", h.decode.s_per_token}};
+  };
+  for (const auto& m : report["modes"]) {
+    const std::string name = m.value("mode", std::string{});
+    if (!m.contains("compute_samples")) continue;
+    if (!m["compute_samples"].is_array()) die(report_path + ": mode '" + name + "': 'compute_samples' is not an array");
+    std::vector<kp::compute_sample> timed;
+    for (const auto& c : m["compute_samples"]) {
+      auto field = [&](const char* k) {
+        if (!c.is_object() || !c.contains(k) || !c[k].is_number() || c[k].get<double>() < 0)
+          die(report_path + ": mode '" + name + "': a compute sample without a non-negative number '" + k + "'");
+        return c[k].get<double>();
+      };
+      const auto prompt = static_cast<std::uint32_t>(field("prompt")), out = static_cast<std::uint32_t>(field("output"));
+      // Decode steps 1..out-1 each read the prompt and the tokens before them.
+      const double steps = out > 0 ? out - 1 : 0;
+      timed.push_back({.prompt_tokens = prompt,
+                       .cached_tokens = c.contains("cached") ? static_cast<std::uint32_t>(field("cached")) : 0U,
+                       .prefill_cpu_s = field("prefill_cpu_s"),
+                       .decode_steps = static_cast<std::uint32_t>(steps),
+                       .decode_kv_tokens = steps * prompt + steps * (steps + 1) / 2,
+                       .decode_cpu_s = steps > 0 ? field("decode_cpu_s") : 0});  // one token: no decode step
+    }
+    if (timed.empty()) continue;
+    auto fit = kp::fit_compute_speed(timed);
+    if (!fit) die(report_path + ": mode '" + name + "': its compute timings: " + fit.error().message());
+    auto h = *hw;
+    h.prefill = fit->prefill;
+    h.decode.step_s = fit->decode.step_s;
+    h.decode.s_per_seq = fit->decode.s_per_seq;
+    h.decode.s_per_token = fit->decode.s_per_token;
+    const auto pct = [](double r) { return std::to_string(static_cast<int>(r * 100 + 0.5)) + "%"; };
+    speeds[name] = {h, "fitted to the demo's " + name + " run (" + std::to_string(fit->prefill_samples) + " prefills, rms " +
+                           pct(fit->prefill_rms_relative) + "; " + std::to_string(fit->decode_samples) +
+                           " decodes, rms " + pct(fit->decode_rms_relative) + ")"};
+  }
+  if (!o.engine_speed.empty() && o.engine_speed != "mode" && !speeds.contains(o.engine_speed))
+    die(report_path + ": --engine-speed " + o.engine_speed + " needs the " + o.engine_speed +
+        " mode's compute_samples (run kvx_pd_demo with --modes colocated,push,pull; an older report: --engine-speed "
+        "measured)");
+  for (const auto& [name, sp] : speeds) {
+    std::printf("tiny engine (demo model), %s: prefill %.0f tokens/s + %.3g s per token pair, decode %.3g s + %.3g s per "
+                "KV token\n",
+                sp.from.c_str(), sp.hw.prefill.tokens_per_s, sp.hw.prefill.attention_s_per_pair, sp.hw.decode.s_per_seq,
+                sp.hw.decode.s_per_token);
+    speeds_json[name] = coefficients(sp.hw);
+    speeds_json[name]["from"] = sp.from;
+  }
+  // Which speed a mode is predicted with: --engine-speed, or by default the
+  // mode's own timings, else the colocated run's, else the one measured here.
+  auto speed_for = [&](const std::string& mode) -> std::string {
+    if (o.engine_speed == "mode") {
+      if (!speeds.contains(mode))
+        die(report_path + ": --engine-speed mode needs the " + mode + " mode's compute_samples (a report of an older "
+                          "kvx_pd_demo: --engine-speed measured)");
+      return mode;
+    }
+    if (!o.engine_speed.empty()) return o.engine_speed;
+    for (const std::string& s : {mode, std::string("colocated")})
+      if (speeds.contains(s)) return s;
+    return "measured";
+  };
 
   json out{{"validation", "kvx_pd_demo"}, {"report", report_path}, {"requests", nreq}, {"concurrency", C},
            {"prefill_instances", P}, {"decode_instances", D}, {"cores_from", cores_from},
            {"cpu", cpu_json},
+           {"engine_speeds", speeds_json},
            {"hardware", {{"prefill_tokens_per_s", hw->prefill.tokens_per_s},
                          {"attention_s_per_pair", hw->prefill.attention_s_per_pair},
                          {"decode_s_per_seq", hw->decode.s_per_seq},
@@ -786,6 +880,9 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
       std::printf("%-6s replay %.1f-%.1f s: the demo's processes used %.2f cores, other processes %.2f\n", name.c_str(), t0, t1,
                   ran->demo_cores(t0, t1), others);
     }
+    const std::string speed = speed_for(name);
+    const kp::hardware& mhw = speeds.at(speed).hw;
+    std::printf("%-6s engine speed: %s\n", name.c_str(), speeds.at(speed).from.c_str());
     const auto demo_ttft = m["ttft_samples_s"].get<std::vector<double>>();
     const auto demo_tpot = m["tpot_samples_s"].get<std::vector<double>>();
     kp::deployment d;
@@ -809,26 +906,29 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     };
     // Processor sharing over the cores free at each moment of the replay.
     if (!timeline) timeline = kp::core_timeline::constant(cores);
-    auto shared = kp::simulate_processor_sharing(*w, model, *hw, d, {}, *timeline);
+    // Per-core run queues (the machine's cores) unless --sharing fluid.
+    timeline->run_queues = o.fluid_sharing ? 0U : static_cast<std::uint32_t>(machine_cores);
+    auto shared = kp::simulate_processor_sharing(*w, model, mhw, d, {}, *timeline);
     if (!shared) die(shared.error().message());
     const auto sim = metrics(*shared);
     // With the scheduler's wake-up burst, for comparison: it gets the short
     // decodes right but not the gated figures (docs/benchmarks/planner.md).
     auto with_burst = *timeline;
+    with_burst.run_queues = 0;  // the burst models fluid sharing
     with_burst.wake_burst_s = burst.wake_burst_s;
     with_burst.wake_burst_speed = burst.wake_burst_speed;
-    auto bursting = kp::simulate_processor_sharing(*w, model, *hw, d, {}, with_burst);
+    auto bursting = kp::simulate_processor_sharing(*w, model, mhw, d, {}, with_burst);
     if (!bursting) die(bursting.error().message());
     const auto wb = metrics(*bursting);
     // The mean-field model (one slowdown per kind of work), for comparison.
-    auto mean_field = kp::simulate_shared_cores(*w, model, *hw, d, {}, cores);
+    auto mean_field = kp::simulate_shared_cores(*w, model, mhw, d, {}, cores);
     if (!mean_field) die(mean_field.error().message());
     const auto mf = metrics(mean_field->report);
     const std::pair slowdown{mean_field->prefill_slowdown, mean_field->decode_slowdown};
-    auto dedicated = kp::simulate(*w, model, *hw, d, {});
+    auto dedicated = kp::simulate(*w, model, mhw, d, {});
     if (!dedicated) die(dedicated.error().message());
     const auto ded = metrics(*dedicated);
-    json mj{{"mode", name}, {"cores", cores}, {"cpu", mode_cpu}, {"prefill_slowdown", slowdown.first},
+    json mj{{"mode", name}, {"engine_speed", speed}, {"cores", cores}, {"cpu", mode_cpu}, {"prefill_slowdown", slowdown.first},
             {"decode_slowdown", slowdown.second}, {"metrics", json::array()},
             {"free_cores", {{"from_s", timeline->from_s}, {"cores", timeline->cores}}}};
     // Request by request (the demo's samples are in request order; its TPOT
@@ -872,9 +972,37 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     row("TPOT mean", mean_of, true, true);
     row("TPOT p50", p50, true, false);
     row("TPOT p90", p90, true, true);
-    std::printf("%-6s planner: processor sharing over %zu spans of the cores free (mean %.2f); mean-field: prefill x%.2f, "
-                "decode x%.2f from %.2f cores; dedicated: a core per instance\n",
-                name.c_str(), timeline->cores.size(), cores, slowdown.first, slowdown.second, cores);
+    // The same prediction with each speed the engine was timed at: how much
+    // of the difference is the speed's moment rather than the model.
+    auto gated_ratios = [&](const std::string& label, const kp::hardware& h, const kp::core_timeline& c) {
+      auto r = kp::simulate_processor_sharing(*w, model, h, d, {}, c);
+      if (!r) die(r.error().message());
+      const auto mt = metrics(*r);
+      auto ratio = [](double plan, double demo) { return demo > 0 ? plan / demo : 0.0; };
+      const double rs[4] = {ratio(mean_of(mt.first), mean_of(demo_ttft)), ratio(p90(mt.first), p90(demo_ttft)),
+                            ratio(mean_of(mt.second), mean_of(demo_tpot)), ratio(p90(mt.second), p90(demo_tpot))};
+      const bool all = std::all_of(std::begin(rs), std::end(rs), [](double x) { return std::abs(x - 1) <= 0.25; });
+      std::printf("%-6s %-34s TTFT mean %.3f, p90 %.3f; TPOT mean %.3f, p90 %.3f%s\n", name.c_str(), label.c_str(), rs[0],
+                  rs[1], rs[2], rs[3], all ? "" : "  (some beyond 25%)");
+      return json{{"ttft_mean_ratio", rs[0]}, {"ttft_p90_ratio", rs[1]}, {"tpot_mean_ratio", rs[2]},
+                  {"tpot_p90_ratio", rs[3]}, {"within_25_percent", all}};
+    };
+    // The same prediction with each speed the engine was timed at (how much
+    // of the difference is the speed's moment), and with the other sharing model.
+    json by_speed = json::object();
+    for (const std::string& other : {name, std::string("colocated"), std::string("measured")})
+      if (speeds.contains(other) && !by_speed.contains(other))
+        by_speed[other] = gated_ratios("with the speed of " + other + ":", speeds.at(other).hw, *timeline);
+    mj["gated_ratios_by_engine_speed"] = std::move(by_speed);
+    auto other_sharing = *timeline;
+    other_sharing.run_queues = o.fluid_sharing ? static_cast<std::uint32_t>(machine_cores) : 0U;
+    mj["gated_ratios_other_sharing"] =
+        gated_ratios(o.fluid_sharing ? "with per-core run queues:" : "with fluid sharing (no run queues):", mhw,
+                     other_sharing);
+    std::printf("%-6s planner: %s over %zu spans of the cores free (mean %.2f); wake burst: fluid sharing with the burst; "
+                "mean-field: prefill x%.2f, decode x%.2f from %.2f cores; dedicated: a core per instance\n",
+                name.c_str(), o.fluid_sharing ? "fluid processor sharing" : "per-core run queues", timeline->cores.size(),
+                cores, slowdown.first, slowdown.second, cores);
     out["modes"].push_back(mj);
   }
   if (!any) die(report_path + ": no push or pull mode in the report (run the demo with --modes push,pull or the default)");
@@ -930,6 +1058,16 @@ int main(int argc, char** argv) {
       if (!(demo.wake_burst_s >= 0 && demo.wake_burst_s <= 1)) die("--wake-burst must be between 0 and 1 s");
     }
     else if (a == "--demo-binary") demo.binary = next();
+    else if (a == "--sharing") {
+      const std::string v = next();
+      if (v != "per-core" && v != "fluid") die("--sharing must be 'per-core' or 'fluid', not '" + v + "'");
+      demo.fluid_sharing = v == "fluid";
+    }
+    else if (a == "--engine-speed") {
+      demo.engine_speed = next();
+      if (demo.engine_speed != "mode" && demo.engine_speed != "colocated" && demo.engine_speed != "measured")
+        die("--engine-speed must be 'mode', 'colocated' or 'measured', not '" + demo.engine_speed + "'");
+    }
     else if (a == "--block-tokens") block_tokens = number(next(), a);
     else if (a == "--time-scale") time_scale = number(next(), a);
     else if (a == "--token-scale") token_scale = number(next(), a);

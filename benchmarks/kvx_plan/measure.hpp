@@ -24,7 +24,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
-#include <ctime>
 #include <string>
 #include <vector>
 
@@ -46,13 +45,6 @@ struct measure_options {
   bool per_core = true;               //!< time by the thread's CPU time (false: wall clock)
 };
 
-//! CPU seconds the calling thread has used.
-inline double thread_cpu_s() noexcept {
-  timespec ts{};
-  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
-}
-
 //! Fits a line y = a + b x through two points, with b >= 0 and a > 0.
 inline void fit_nonnegative(double x1, double y1, double x2, double y2, double& a, double& b) {
   b = x2 != x1 ? (y2 - y1) / (x2 - x1) : 0.0;
@@ -70,7 +62,7 @@ inline result<hardware> measure_tiny_hardware(const tiny::model_config& cfg, con
   auto best = [&](std::uint32_t prompt) -> result<tiny::engine_speed> {
     tiny::engine_speed b{};
     for (unsigned i = 0; i < opt.repeats; ++i) {
-      auto s = opt.per_core ? tiny::measure_engine<layouts::layer_first>(cfg, prompt, opt.decode_steps, thread_cpu_s)
+      auto s = opt.per_core ? tiny::measure_engine<layouts::layer_first>(cfg, prompt, opt.decode_steps, tiny::thread_cpu_seconds{})
                             : tiny::measure_engine<layouts::layer_first>(cfg, prompt, opt.decode_steps);
       if (!s) return s.error();
       if (i == 0 || s->prefill_tokens_per_s > b.prefill_tokens_per_s) b.prefill_tokens_per_s = s->prefill_tokens_per_s;

@@ -125,8 +125,11 @@ inline int serve_colocated(const worker_spec& spec, const std::shared_ptr<channe
               auto blocks = alloc.allocate(static_cast<std::uint32_t>((prompt.size() + n + cfg.block_tokens - 1) / cfg.block_tokens));
               if (!blocks) return ch->send({{"op", "failed"}, {"id", id}, {"stage", "serve"}, {"error", blocks.error().message()}});
               const kd::kv_sequence seq{*blocks};
+              // The compute thread's CPU time (not its latency): kvx-plan fits the engine's speed to it.
+              const double c0 = tiny::thread_cpu_seconds{}();
               auto first = engine.prefill(prompt, seq);
               const auto t1 = now_ns();
+              const double c1 = tiny::thread_cpu_seconds{}();
               if (!first) {
                 alloc.free(*blocks);
                 return ch->send({{"op", "failed"}, {"id", id}, {"stage", "serve"}, {"error", first.error().message()}});
@@ -135,8 +138,10 @@ inline int serve_colocated(const worker_spec& spec, const std::shared_ptr<channe
               for (std::uint32_t k = 1; k < n; ++k)
                 out.push_back(engine.decode(out.back(), static_cast<std::uint32_t>(prompt.size() + k - 1), seq).value());
               const double tpot = n > 1 ? static_cast<double>(now_ns() - t1) / 1e9 / (n - 1) : 0.0;
+              const double c2 = tiny::thread_cpu_seconds{}();
               alloc.free(*blocks);
-              ch->send({{"op", "done"}, {"id", id}, {"tokens", out}, {"first_token_ns", t1}, {"tpot_s", tpot}});
+              ch->send({{"op", "done"}, {"id", id}, {"tokens", out}, {"first_token_ns", t1}, {"tpot_s", tpot},
+                        {"prefill_cpu_s", c1 - c0}, {"decode_cpu_s", n > 1 ? c2 - c1 : 0.0}});
             },
             0);
       });
@@ -217,7 +222,7 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
               return fail(id, "prefill", pre.error());
             }
             ch->send({{"op", "prefilled"}, {"id", id}, {"cached", pre->cached_tokens}, {"save_busy_s", pre->saved.busy_s},
-                      {"save_tail_s", pre->save_tail_s}, {"bytes", pre->saved.bytes}});
+                      {"save_tail_s", pre->save_tail_s}, {"bytes", pre->saved.bytes}, {"prefill_cpu_s", pre->compute_cpu_s}});
           },
           0);
     } else if (op == "admit") {
@@ -256,7 +261,8 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
                   }
                   ch->send({{"op", "done"}, {"id", id}, {"tokens", out->tokens},
                             {"first_token_ns", start + static_cast<std::int64_t>(out->first_token_s * 1e9)},
-                            {"tpot_s", out->tpot_s}, {"recomputed", out->recomputed_tokens}, {"bytes", out->load.bytes}});
+                            {"tpot_s", out->tpot_s}, {"recomputed", out->recomputed_tokens}, {"bytes", out->load.bytes},
+                            {"decode_cpu_s", out->steps_cpu_s}});
                 },
                 n);
           },
@@ -775,6 +781,7 @@ class coordinator {
       f.rec.save_tail_s = m.value("save_tail_s", 0.0);
       f.rec.bytes += m.value("bytes", std::uint64_t{0});
       f.rec.save_bytes = m.value("bytes", std::uint64_t{0});
+      f.rec.prefill_cpu_s = m.value("prefill_cpu_s", 0.0);
       load(workers_[f.p], -static_cast<std::int64_t>(reqs_[f.i].prompt.size()));
       if (pooled_) {
         router_.on_stored(kd::pool_location, f.keys);
@@ -790,6 +797,8 @@ class coordinator {
       f.rec.tokens = m.at("tokens").get<std::vector<std::uint32_t>>();
       f.rec.ttft_s = static_cast<double>(m.at("first_token_ns").get<std::int64_t>() - f.arrive_ns) / 1e9;
       f.rec.tpot_s = m.value("tpot_s", 0.0);
+      if (colocated_) f.rec.prefill_cpu_s = m.value("prefill_cpu_s", 0.0);
+      f.rec.decode_cpu_s = m.value("decode_cpu_s", 0.0);
       f.rec.recomputed += m.value("recomputed", 0u);
       f.rec.bytes += m.value("bytes", std::uint64_t{0});
       if (colocated_ || pooled_ || f.prefilled) complete(it);  // push: also wait for the prefill side's report

@@ -15,6 +15,7 @@ struct record {
   double save_busy_s = 0, save_tail_s = 0;
   std::uint64_t bytes = 0;
   std::uint64_t save_bytes = 0;   // what the prefill side's saves moved (push: into decode; pull: into the pool)
+  double prefill_cpu_s = 0, decode_cpu_s = 0;  // the instances' compute threads' CPU time (0: not timed)
 };
 
 struct mode_result {
@@ -68,10 +69,17 @@ void summarize(mode_result& m, const std::vector<record>& reference) {
 
 nlohmann::json report_json(const mode_result& m) {
   std::vector<double> ttft, tpot;
+  // The engine's compute, request by request, as the instances timed it
+  // (prefill: the forward pass; decode: the steps after the first token):
+  // what kvx-plan --validate-demo fits the engine's speed to.
+  auto compute = nlohmann::json::array();
   for (const auto& r : m.records)
     if (r.error.empty()) {
       ttft.push_back(r.ttft_s);
       if (r.tpot_s > 0) tpot.push_back(r.tpot_s);
+      if (r.prefill_cpu_s > 0)
+        compute.push_back({{"prompt", r.prompt}, {"cached", r.cached}, {"output", r.tokens.size()}, {"prefill_cpu_s", r.prefill_cpu_s},
+                           {"decode_cpu_s", r.decode_cpu_s}});
     }
   auto pct = [](const std::vector<double>& v) {
     return nlohmann::json{{"p50", percentile(v, 0.5)}, {"p90", percentile(v, 0.9)}, {"p99", percentile(v, 0.99)}};
@@ -93,6 +101,7 @@ nlohmann::json report_json(const mode_result& m) {
           {"pool_ssd_bytes", m.pool_ssd_bytes},
           {"ttft_samples_s", ttft},
           {"tpot_samples_s", tpot},
+          {"compute_samples", compute},
           {"mismatches", m.mismatches}};
 }
 

@@ -2,6 +2,7 @@
 
 #include <kvx/cache/trace.hpp>
 #include <kvx/disagg/planner/block_cache.hpp>
+#include <kvx/disagg/planner/calibrate.hpp>
 #include <kvx/disagg/planner/deployment.hpp>
 #include <kvx/disagg/planner/hardware.hpp>
 #include <kvx/disagg/planner/links.hpp>
@@ -565,6 +566,46 @@ TEST(PlannerSharing, ABurstTakesTheCoreFromTheOthersAndConservesTheirWork) {
   EXPECT_NEAR(r.requests[1].first_token_s, 3.1, 1e-9);
 }
 
+TEST(PlannerSharing, PerCoreRunQueuesGiveAWokenDecodeHalfACoreBesideOnePrefill) {
+  // Two prefill instances and a decode on two cores. Request 0's 1 s prefill
+  // ends at 1 s, its KV lands at 1.1 s; request 1's 4 s prefill runs from
+  // 0 s on the other instance, request 2's 2 s one from 1 s on the first.
+  // At 1.1 s the decode wakes beside two computing prefills, one per core:
+  // it joins one of them at half a core, so its 10 steps of 10 ms take
+  // 0.2 s (fluid sharing: two thirds of a core each, 0.15 s).
+  const auto w = make_workload({req(0, 1000, 11), req(0, 4000, 1), req(1000, 2000, 1)});
+  auto cpu = kp::core_timeline::constant(2);
+  const auto fluid = run_sharing(w, disagg(2, 1), cpu);
+  EXPECT_NEAR(fluid.requests[0].finish_s, 1.1 + 0.15, 1e-9);
+  cpu.run_queues = 2;
+  const auto queues = run_sharing(w, disagg(2, 1), cpu);
+  EXPECT_NEAR(queues.requests[0].first_step_s, 1.12, 1e-9);
+  EXPECT_NEAR(queues.requests[0].finish_s, 1.3, 1e-9);
+  // It joined the first queue, request 2's prefill: that one lost 0.1 s of
+  // work and ends at 3.1 s; request 1's kept its core and ends on time, at 4 s.
+  EXPECT_NEAR(queues.requests[2].first_token_s, 3.1, 1e-9);
+  EXPECT_NEAR(queues.requests[1].first_token_s, 4.0, 1e-9);
+  // Work is conserved, and one queue per instance is a core each.
+  EXPECT_NEAR(queues.prefill_busy_s, fluid.prefill_busy_s, 1e-9);
+  cpu.run_queues = 3;
+  const auto alone = run(w, disagg(2, 1));
+  const auto three = run_sharing(w, disagg(2, 1), kp::core_timeline{{0.0}, {3.0}, 0, 1, 3});
+  for (std::size_t i = 0; i < 3; ++i) EXPECT_NEAR(three.requests[i].finish_s, alone.requests[i].finish_s, 1e-9) << i;
+}
+
+TEST(PlannerSharing, AnIdleRunQueuePullsTheLastInstancePlacedOnTheLongest) {
+  // Three prefills from 0 s on two cores: 3 s, 0.5 s and 3 s of work. The
+  // first two take a queue each, the third joins the first (a tie goes to
+  // the first queue): half a core each. At 0.5 s the short one ends and its
+  // empty queue pulls the third: from then on both run at a whole core, with
+  // 2.75 s of work left each, and end at 3.25 s (without pulling, at 6 s).
+  const auto w = make_workload({req(0, 3000, 1), req(0, 500, 1), req(0, 3000, 1)});
+  const auto r = run_sharing(w, disagg(3, 1), kp::core_timeline{{0.0}, {2.0}, 0, 1, 2});
+  EXPECT_NEAR(r.requests[1].first_token_s, 0.5, 1e-9);
+  EXPECT_NEAR(r.requests[0].first_token_s, 3.25, 1e-9);
+  EXPECT_NEAR(r.requests[2].first_token_s, 3.25, 1e-9);
+}
+
 TEST(PlannerSharing, EveryRequestFinishesInOrderAndWorkIsConservedWhileTheCoresChange) {
   // Cores changing every 0.25 s between 0.3 and 2.5, batched decode and
   // colocated chunked prefill: every request's events stay in order, the work
@@ -621,6 +662,9 @@ TEST(PlannerSharing, ABadCoreTimelineIsAnErrorThatSaysWhy) {
   EXPECT_NE(bad(burst).find("wake_burst_speed"), std::string::npos);
   burst.wake_burst_speed = 1.5;
   EXPECT_NE(bad(burst).find("wake_burst_speed"), std::string::npos);
+  burst.wake_burst_speed = 1;
+  burst.run_queues = 2;
+  EXPECT_NE(bad(burst).find("wake_burst_s models fluid sharing; set run_queues to 0 with it"), std::string::npos);
   const kp::core_timeline c{{0.0, 1.0}, {0.5, 2.0}};
   EXPECT_DOUBLE_EQ(c.at(-1), 0.5);
   EXPECT_DOUBLE_EQ(c.at(0.99), 0.5);
@@ -738,4 +782,99 @@ TEST(PlannerLinks, MalformedResultsAreErrorsThatSayWhereAndWhy) {
             std::string::npos);
   EXPECT_NE(msg("[]").find("f.json: no measurements"), std::string::npos);
   EXPECT_NE(msg("\n\n").find("no measurements"), std::string::npos);
+}
+
+// ---- fit_compute_speed (calibrate.hpp) -------------------------------------------
+
+namespace {
+// Timings an engine of exactly these coefficients would report.
+std::vector<kp::compute_sample> timed_by(double tokens_per_s, double per_pair, double per_seq, double per_token,
+                                         std::initializer_list<std::pair<std::uint32_t, std::uint32_t>> prompts_outputs) {
+  std::vector<kp::compute_sample> s;
+  for (auto [prompt, out] : prompts_outputs) {
+    const double n = prompt, steps = out - 1, kv = steps * prompt + steps * (steps + 1) / 2;
+    s.push_back({.prompt_tokens = prompt, .cached_tokens = 0,
+                 .prefill_cpu_s = n / tokens_per_s + per_pair * n * (n / 2),
+                 .decode_steps = out - 1, .decode_kv_tokens = kv, .decode_cpu_s = steps * per_seq + per_token * kv});
+  }
+  return s;
+}
+}  // namespace
+
+TEST(PlannerCalibration, ExactTimingsGiveBackTheirCoefficients) {
+  const auto s = timed_by(1800, 1.5e-6, 6e-4, 2e-6, {{64, 8}, {128, 8}, {320, 8}, {200, 4}, {28, 2}});
+  const auto f = kp::fit_compute_speed(s);
+  ASSERT_TRUE(f.has_value()) << f.error().message();
+  EXPECT_NEAR(f->prefill.tokens_per_s, 1800, 1e-6);
+  EXPECT_NEAR(f->prefill.attention_s_per_pair, 1.5e-6, 1e-15);
+  EXPECT_NEAR(f->decode.s_per_seq, 6e-4, 1e-12);
+  EXPECT_NEAR(f->decode.s_per_token, 2e-6, 1e-15);
+  EXPECT_EQ(f->prefill_samples, 5U);
+  EXPECT_EQ(f->decode_samples, 5U);
+  EXPECT_LT(f->prefill_rms_relative, 1e-9);
+  // The fitted model predicts what hardware.hpp computes from the same figures.
+  kp::prefill_cost truth;
+  truth.tokens_per_s = 1800;
+  truth.attention_s_per_pair = 1.5e-6;
+  truth.overhead_s = 0;
+  EXPECT_NEAR(f->prefill.seconds(500, 0), truth.seconds(500, 0), 1e-9);
+}
+
+TEST(PlannerCalibration, CachedTokensCountAsContextNotAsWork) {
+  auto s = timed_by(2000, 1e-6, 5e-4, 1e-6, {{100, 2}, {300, 2}});
+  // A third prefill computed 100 tokens after 200 cached ones.
+  s.push_back({.prompt_tokens = 300, .cached_tokens = 200, .prefill_cpu_s = 100 / 2000.0 + 1e-6 * 100 * (200 + 50)});
+  const auto f = kp::fit_compute_speed(s);
+  ASSERT_TRUE(f.has_value()) << f.error().message();
+  EXPECT_NEAR(f->prefill.tokens_per_s, 2000, 1e-6);
+  EXPECT_NEAR(f->prefill.attention_s_per_pair, 1e-6, 1e-15);
+}
+
+TEST(PlannerCalibration, ANegativeBestFitIsClampedToZero) {
+  // Per-token time that falls with the prompt (a warm cache): unconstrained,
+  // the pair term would be negative; the fit keeps it at zero.
+  std::vector<kp::compute_sample> s = timed_by(1000, 0, 1e-3, 0, {{100, 3}, {400, 5}});
+  s[1].prefill_cpu_s *= 0.8;
+  s[1].decode_cpu_s *= 0.9;
+  const auto f = kp::fit_compute_speed(s);
+  ASSERT_TRUE(f.has_value()) << f.error().message();
+  EXPECT_EQ(f->prefill.attention_s_per_pair, 0.0);
+  EXPECT_GT(f->prefill.tokens_per_s, 1000);
+  EXPECT_LT(f->prefill.tokens_per_s, 1250);
+  EXPECT_EQ(f->decode.s_per_token, 0.0);
+  EXPECT_GT(f->decode.s_per_seq, 0.0);
+}
+
+TEST(PlannerCalibration, TooFewOrInconsistentTimingsAreErrorsNamingWhy) {
+  auto message = [](const std::vector<kp::compute_sample>& s) {
+    auto f = kp::fit_compute_speed(s);
+    return f ? std::string("fitted") : f.error().message();
+  };
+  EXPECT_NE(message({}).find("needs timed prefills of at least two prompt sizes (got 0 prefills)"), std::string::npos);
+  EXPECT_NE(message(timed_by(1000, 1e-6, 1e-3, 1e-6, {{64, 4}, {64, 4}})).find("at least two prompt sizes (got 2"),
+            std::string::npos);
+  auto prefill_only = timed_by(1000, 1e-6, 1e-3, 1e-6, {{64, 1}, {128, 1}});
+  EXPECT_NE(message(prefill_only).find("needs timed decodes at at least two context sizes (got 0 decodes)"),
+            std::string::npos);
+  auto s = timed_by(1000, 1e-6, 1e-3, 1e-6, {{64, 4}, {128, 4}});
+  auto bad = s;
+  bad[1].cached_tokens = 129;
+  EXPECT_NE(message(bad).find("sample 1: 129 cached tokens of a 128-token prompt"), std::string::npos);
+  bad = s;
+  bad[0].prefill_cpu_s = -1;
+  EXPECT_NE(message(bad).find("sample 0: times and token counts must be finite and >= 0"), std::string::npos);
+  bad = s;
+  bad[0].decode_cpu_s = std::nan("");
+  EXPECT_NE(message(bad).find("sample 0: times and token counts must be finite"), std::string::npos);
+  bad = s;
+  bad[1].decode_steps = 0;
+  EXPECT_NE(message(bad).find("sample 1: a decode time without steps"), std::string::npos);
+  bad = s;
+  bad[0].cached_tokens = 64;
+  EXPECT_NE(message(bad).find("sample 0: a prefill time without tokens to compute"), std::string::npos);
+  // Timings that grow with attention pairs alone leave no speed to fit.
+  auto quadratic = timed_by(1e12, 1e-6, 1e-3, 1e-6, {{64, 4}, {128, 4}});
+  for (auto& q : quadratic) q.prefill_cpu_s = 1e-6 * q.prompt_tokens * (q.prompt_tokens / 2.0);
+  EXPECT_NE(message(quadratic).find("fit no per-token term"), std::string::npos);
+  EXPECT_EQ(message(s), "fitted");
 }

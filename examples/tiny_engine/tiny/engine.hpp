@@ -49,6 +49,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <span>
 #include <string>
@@ -493,6 +494,17 @@ class engine {
 struct wall_seconds {
   double operator()() const noexcept {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+};
+
+//! CPU seconds the calling thread has used: compute timed by it leaves out
+//! the waits for a core (a tool on a loaded machine, and a worker reporting
+//! what its engine took, time with it).
+struct thread_cpu_seconds {
+  double operator()() const noexcept {
+    timespec ts{};
+    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
   }
 };
 

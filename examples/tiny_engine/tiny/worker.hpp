@@ -108,6 +108,7 @@ struct prefill_outcome {
   std::uint32_t cached_tokens = 0;     //!< loaded instead of computed (pool hit)
   std::uint32_t recomputed_tokens = 0; //!< cached tokens whose load failed and were recomputed
   double compute_s = 0;                //!< the forward pass (with per-layer waits)
+  double compute_cpu_s = 0;            //!< the same, in the calling thread's CPU time (waits not counted)
   double save_tail_s = 0;              //!< time from the end of compute until every save finished (the exposed transfer)
   save_report saved;
 };
@@ -127,6 +128,7 @@ struct decode_outcome {
   std::uint32_t recomputed_tokens = 0;
   double first_token_s = 0;            //!< waits for the load + computes the uncached tail
   double tpot_s = 0;                   //!< mean time per output token after the first
+  double steps_cpu_s = 0;              //!< the steps after the first token, in the calling thread's CPU time
   load_report load;
 };
 
@@ -203,6 +205,7 @@ class worker {
     out.cached_tokens = *matched;
     if (auto ok = conn_->start_load_kv(req.id); !ok) return fail(ok.error());
     const auto t0 = clock::now();
+    const double c0 = thread_cpu_seconds{}();
     auto first = engine_->prefill(req.tokens, seq, *matched, conn_->hooks(req.id));
     if (!first)
       if (auto e = conn_->load_error(req.id)) return fail(e);
@@ -217,6 +220,7 @@ class worker {
     }
     const auto t1 = clock::now();
     out.compute_s = std::chrono::duration<double>(t1 - t0).count();
+    out.compute_cpu_s = thread_cpu_seconds{}() - c0;
     if (!first) return fail(first.error());
     out.first_token = *first;
     auto saved = conn_->wait_for_save(req.id);
@@ -275,12 +279,16 @@ class worker {
     out.first_token_s = std::chrono::duration<double>(t1 - t0).count();
     out.tokens.push_back(*first);
     const auto len = static_cast<std::uint32_t>(req.tokens.size());
+    const double c1 = thread_cpu_seconds{}();
     for (std::uint32_t i = 1; i < n; ++i) {
       auto next = engine_->decode(out.tokens.back(), len + i - 1, seq);
       if (!next) return next.error();
       out.tokens.push_back(*next);
     }
-    if (n > 1) out.tpot_s = std::chrono::duration<double>(clock::now() - t1).count() / (n - 1);
+    if (n > 1) {
+      out.tpot_s = std::chrono::duration<double>(clock::now() - t1).count() / (n - 1);
+      out.steps_cpu_s = thread_cpu_seconds{}() - c1;
+    }
     KVX_TRY(conn_->request_finished(req.id));
     release(t);
     return out;

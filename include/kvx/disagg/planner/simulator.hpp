@@ -169,11 +169,24 @@ struct sim_report {
 //! `wake_burst_speed` of a core (what `kvx-plan` measures with a thread that
 //! sleeps, wakes and computes on a core another thread keeps busy); 0
 //! models no burst.
+//!
+//! `run_queues` models the scheduler's per-core run queues instead of fluid
+//! sharing (0: fluid, every computing instance at min(1, cores / k)). With N
+//! queues (the host's cores), an instance that starts computing joins the
+//! queue with the fewest computing instances (its previous one on a tie), a
+//! queue two shorter than another pulls the last instance placed there (idle
+//! balancing), and the instances on one queue share that core's part of the
+//! cores free, (cores / N) / n each, at most 1. Why: with two prefills
+//! computing on two cores, a decode that wakes shares one core with one of
+//! them (half a core, what kvx_pd_demo's decodes measured) instead of
+//! two thirds of each; fluid sharing under-predicts its TPOT. Bursts are not
+//! applied then.
 struct core_timeline {
   std::vector<double> from_s;
   std::vector<double> cores;
   double wake_burst_s = 0;
   double wake_burst_speed = 1;
+  std::uint32_t run_queues = 0;
 
   [[nodiscard]] static core_timeline constant(double c) { return {{0.0}, {c}}; }
   [[nodiscard]] result<void> validate() const {
@@ -183,6 +196,8 @@ struct core_timeline {
       return error{errc::invalid_argument, "core_timeline: wake_burst_s must be finite and >= 0"};
     if (!(wake_burst_speed > 0 && wake_burst_speed <= 1))
       return error{errc::invalid_argument, "core_timeline: wake_burst_speed must be in (0, 1]"};
+    if (run_queues > 0 && wake_burst_s > 0)
+      return error{errc::invalid_argument, "core_timeline: wake_burst_s models fluid sharing; set run_queues to 0 with it"};
     for (std::size_t i = 0; i < cores.size(); ++i) {
       if (!(cores[i] > 0) || !std::isfinite(cores[i]) || !std::isfinite(from_s[i]))
         return error{errc::invalid_argument, "core_timeline: core count " + std::to_string(i) + " is not positive and finite"};
@@ -286,6 +301,9 @@ class simulation {
     bool busy = false;
     double rate = 1;
     double burst_end = 0;             // until then a wake-up burst (sharing cores)
+    std::int32_t queue = -1;          // per-core run queues: the one it computes on (-1: none)
+    std::int32_t last_queue = -1;     // the one it last computed on
+    std::uint64_t placed = 0;         // when it joined `queue` (a sequence number)
     std::uint32_t version = 0;
     double it_end = 0;
     double it_work = 0;               // work to its end
@@ -350,6 +368,7 @@ class simulation {
   // rescheduled.
   void reshare() {
     if (!cpu_) return;
+    if (cpu_->run_queues > 0) return reshare_run_queues();
     std::uint32_t bursting = 0;
     for (const auto& in : instances_) bursting += in.busy && now_ < in.burst_end;
     const double burst_rate = cpu_->wake_burst_speed;
@@ -359,6 +378,50 @@ class simulation {
       auto& in = instances_[i];
       if (!in.busy) continue;
       const double rate = now_ < in.burst_end ? burst_rate : shared;
+      if (rate == in.rate) continue;
+      progress(in);
+      in.rate = rate;
+      schedule(i);
+    }
+  }
+  // Per-core run queues (core_timeline::run_queues): places the instances
+  // that started computing, balances, and sets each one's rate.
+  void reshare_run_queues() {
+    const std::uint32_t n = cpu_->run_queues;
+    queue_len_.assign(n, 0);
+    for (auto& in : instances_) {
+      if (!in.busy) in.queue = -1;
+      if (in.queue >= 0) ++queue_len_[static_cast<std::uint32_t>(in.queue)];
+    }
+    auto shortest = [&] {
+      return static_cast<std::uint32_t>(std::min_element(queue_len_.begin(), queue_len_.end()) - queue_len_.begin());
+    };
+    for (auto& in : instances_) {
+      if (!in.busy || in.queue >= 0) continue;
+      std::uint32_t q = shortest();
+      if (in.last_queue >= 0 && queue_len_[static_cast<std::uint32_t>(in.last_queue)] == queue_len_[q])
+        q = static_cast<std::uint32_t>(in.last_queue);
+      in.queue = in.last_queue = static_cast<std::int32_t>(q);
+      in.placed = ++placements_;
+      ++queue_len_[q];
+    }
+    for (;;) {  // idle balancing: a queue two shorter pulls the last one placed on the longest
+      const auto longest = static_cast<std::uint32_t>(std::max_element(queue_len_.begin(), queue_len_.end()) - queue_len_.begin());
+      const std::uint32_t to = shortest();
+      if (queue_len_[longest] < queue_len_[to] + 2) break;
+      instance* last = nullptr;
+      for (auto& in : instances_)
+        if (in.queue == static_cast<std::int32_t>(longest) && (!last || in.placed > last->placed)) last = &in;
+      last->queue = last->last_queue = static_cast<std::int32_t>(to);
+      last->placed = ++placements_;
+      --queue_len_[longest];
+      ++queue_len_[to];
+    }
+    const double per_queue = cpu_->at(now_) / n;
+    for (std::uint32_t i = 0; i < instances_.size(); ++i) {
+      auto& in = instances_[i];
+      if (!in.busy) continue;
+      const double rate = std::min(1.0, per_queue / queue_len_[static_cast<std::uint32_t>(in.queue)]);
       if (rate == in.rate) continue;
       progress(in);
       in.rate = rate;
@@ -844,6 +907,8 @@ class simulation {
   std::uint32_t in_flight_ = 0;  // arrived, not finished or rejected
   std::uint32_t busy_ = 0;       // instances with an iteration in flight
   std::uint32_t busy_prefill_ = 0, busy_decode_ = 0;  // of those, with prefill work and decode-only
+  std::vector<std::uint32_t> queue_len_;  // per-core run queues: computing instances on each
+  std::uint64_t placements_ = 0;
   sim_report report_;
 };
 
@@ -870,8 +935,9 @@ inline result<sim_report> simulate(const workload& w, const model_shape& m, cons
 //! is slower than one that runs alone, and one that runs while other
 //! processes take the machine slower still. Unlike `simulate_shared_cores`
 //! (one mean slowdown per kind of work) it predicts the spread of TPOT, not
-//! only its mean. Not modelled: CPU used outside the instances' compute,
-//! the OS scheduler's time slices and per-core placement. Errors: those of
+//! only its mean. With `cpu.run_queues` set, per-core placement instead of
+//! fluid sharing (see `core_timeline`). Not modelled: CPU used outside the
+//! instances' compute, the OS scheduler's time slices. Errors: those of
 //! `simulate`, and an invalid `cpu` (`errc::invalid_argument`).
 inline result<sim_report> simulate_processor_sharing(const workload& w, const model_shape& m, const hardware& hw,
                                                      const deployment& d, const slo_target& s, const core_timeline& cpu) {
