@@ -117,10 +117,10 @@ Validation
                           prediction from the measured cost model
   --validate-demo REPORT  compare with what kvx_pd_demo measured (its --json REPORT): the same trace
                           slice, token scaling, closed-loop concurrency and instance counts,
-                          simulated with the tiny engine's measured speed (CPU time) on instances
-                          that share the cores other processes left free, moment by moment
-                          (processor sharing); exits 1 unless the mean and p90 TTFT and TPOT of the
-                          push and pull modes are within 25% of the demo's
+                          simulated with the tiny engine's speed (CPU time; see --engine-speed) on
+                          instances that share the cores other processes left free, moment by
+                          moment (see --sharing); exits 1 unless the mean and p90 TTFT and TPOT of
+                          the push and pull modes are within 25% of the demo's
   --demo-skip N, --demo-requests N, --demo-tokens-per-hash K, --demo-max-prompt T,
   --demo-max-output T, --demo-concurrency C, --demo-prefill N, --demo-decode M
                           the demo options the report was made with (defaults: the demo's own:
@@ -760,10 +760,6 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
   mo.repeats = 5;
   auto hw = kp::measure_tiny_hardware(cfg, mo);
   if (!hw) die(hw.error().message());
-  // The speed the engine had in the demo itself: its colocated run's compute,
-  // request by request (CPU time: waits for a core are the planner's to
-  // predict). A speed measured apart is the machine's speed of another
-  // moment; on a shared machine that differs by 20-50% (docs/benchmarks/planner.md).
   hw->decode.max_batch = 1;  // a demo decode instance runs one request at a time
   const auto links = load_links(link_files, network_transport, model, block);
   kp::apply_links(*hw, links.figures);
@@ -785,7 +781,8 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
   json speeds_json = json::object();
   auto coefficients = [](const kp::hardware& h) {
     return json{{"prefill_tokens_per_s", h.prefill.tokens_per_s}, {"attention_s_per_pair", h.prefill.attention_s_per_pair},
-                {"decode_s_per_seq", h.decode.s_per_seq}, {"decode_s_per_token", h.decode.s_per_token}};
+                {"decode_s_per_seq", h.decode.s_per_seq}, {"decode_s_per_token", h.decode.s_per_token},
+                {"prefill_cv", h.prefill.cv}, {"decode_cv", h.decode.cv}};
   };
   for (const auto& m : report["modes"]) {
     const std::string name = m.value("mode", std::string{});
@@ -816,6 +813,10 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     h.decode.step_s = fit->decode.step_s;
     h.decode.s_per_seq = fit->decode.s_per_seq;
     h.decode.s_per_token = fit->decode.s_per_token;
+    // How far the requests' timings spread around the fitted model: each
+    // simulated request draws its own factor with that spread (hardware.hpp).
+    h.prefill.cv = fit->prefill_rms_relative;
+    h.decode.cv = fit->decode_rms_relative;
     const auto pct = [](double r) { return std::to_string(static_cast<int>(r * 100 + 0.5)) + "%"; };
     speeds[name] = {h, "fitted to the demo's " + name + " run (" + std::to_string(fit->prefill_samples) + " prefills, rms " +
                            pct(fit->prefill_rms_relative) + "; " + std::to_string(fit->decode_samples) +
@@ -827,9 +828,9 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
         "measured)");
   for (const auto& [name, sp] : speeds) {
     std::printf("tiny engine (demo model), %s: prefill %.0f tokens/s + %.3g s per token pair, decode %.3g s + %.3g s per "
-                "KV token\n",
+                "KV token; spread per request %.0f%% / %.0f%%\n",
                 sp.from.c_str(), sp.hw.prefill.tokens_per_s, sp.hw.prefill.attention_s_per_pair, sp.hw.decode.s_per_seq,
-                sp.hw.decode.s_per_token);
+                sp.hw.decode.s_per_token, sp.hw.prefill.cv * 100, sp.hw.decode.cv * 100);
     speeds_json[name] = coefficients(sp.hw);
     speeds_json[name]["from"] = sp.from;
   }
@@ -972,8 +973,6 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     row("TPOT mean", mean_of, true, true);
     row("TPOT p50", p50, true, false);
     row("TPOT p90", p90, true, true);
-    // The same prediction with each speed the engine was timed at: how much
-    // of the difference is the speed's moment rather than the model.
     auto gated_ratios = [&](const std::string& label, const kp::hardware& h, const kp::core_timeline& c) {
       auto r = kp::simulate_processor_sharing(*w, model, h, d, {}, c);
       if (!r) die(r.error().message());
@@ -999,6 +998,9 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     mj["gated_ratios_other_sharing"] =
         gated_ratios(o.fluid_sharing ? "with per-core run queues:" : "with fluid sharing (no run queues):", mhw,
                      other_sharing);
+    auto no_spread = mhw;
+    no_spread.prefill.cv = no_spread.decode.cv = 0;
+    mj["gated_ratios_without_spread"] = gated_ratios("without the per-request spread:", no_spread, *timeline);
     std::printf("%-6s planner: %s over %zu spans of the cores free (mean %.2f); wake burst: fluid sharing with the burst; "
                 "mean-field: prefill x%.2f, decode x%.2f from %.2f cores; dedicated: a core per instance\n",
                 name.c_str(), o.fluid_sharing ? "fluid processor sharing" : "per-core run queues", timeline->cores.size(),

@@ -318,6 +318,46 @@ TEST(Planner, RooflineOfA70bModelOnEightH100s) {
   EXPECT_NEAR(hw->kv_capacity_bytes, 8 * 80e9 * 0.9 - 141.2e9, 1);
 }
 
+TEST(Planner, EachRequestDrawsItsOwnSpeedWithTheHardwaresSpreadAndRunsRepeat) {
+  // 400 requests one at a time (no queueing, no sharing): 0.1 s prefill,
+  // then 10 decode steps of 10 ms. With decode.cv 0.2 each request's steps
+  // take 10 ms times its own factor: mean 1, spread 0.2; prefill.cv 0.1
+  // likewise for TTFT. cv 0 is exactly the model.
+  std::vector<trace_request> t;
+  for (std::uint64_t i = 0; i < 400; ++i) t.push_back(req(i * 2000, 100, 11));
+  const auto w = make_workload(t);
+  auto hw = simple_hardware();
+  const auto exact = run(w, disagg(1, 1), {}, hw);
+  hw.prefill.cv = 0.1;
+  hw.decode.cv = 0.2;
+  const auto spread = run(w, disagg(1, 1), {}, hw);
+  auto moments = [&](auto value) {
+    double sum = 0, sq = 0;
+    for (const auto& q : spread.requests) sum += value(q);
+    const double mean = sum / 400;
+    for (const auto& q : spread.requests) sq += (value(q) - mean) * (value(q) - mean);
+    return std::pair{mean, std::sqrt(sq / 399) / mean};
+  };
+  const auto [step, step_cv] = moments([](const kp::request_result& q) { return (q.finish_s - q.first_step_s) / 9; });
+  EXPECT_NEAR(step, 0.01, 0.0004);
+  EXPECT_NEAR(step_cv, 0.2, 0.03);
+  const auto [prefill, prefill_cv] = moments([](const kp::request_result& q) { return q.first_token_s - q.arrival_s; });
+  EXPECT_NEAR(prefill, 0.1, 0.003);
+  EXPECT_NEAR(prefill_cv, 0.1, 0.015);
+  for (const auto& q : exact.requests) EXPECT_NEAR(q.first_token_s - q.arrival_s, 0.1, 1e-9);
+  const auto again = run(w, disagg(1, 1), {}, hw);
+  for (std::size_t i = 0; i < w.size(); ++i) EXPECT_EQ(again.requests[i].finish_s, spread.requests[i].finish_s) << i;
+  // The spread is a hardware figure: read from a file, checked.
+  const auto doc = kvx::config::parse(R"({"prefill": {"tokens_per_s": 1000, "cv": 0.1}, "decode": {"step_s": 0.01, "cv": 0.25},
+                                          "kv_capacity_gb": 1})");
+  auto parsed = kp::hardware_from_config(kvx::config::view(*doc), small_model());
+  ASSERT_TRUE(parsed) << parsed.error().message();
+  EXPECT_DOUBLE_EQ(parsed->prefill.cv, 0.1);
+  EXPECT_DOUBLE_EQ(parsed->decode.cv, 0.25);
+  hw.decode.cv = -0.1;
+  EXPECT_NE(hw.validate().error().message().find("prefill.cv and decode.cv must be in [0, 2]"), std::string::npos);
+}
+
 TEST(PlannerBlockCache, EvictsWithTheRealPolicyAndNeverAPinnedBlock) {
   auto c = *kp::block_cache::make("lru", 2);
   const kvx::cache::block_key a{0, 1}, b{0, 2}, x{0, 3};
@@ -604,6 +644,26 @@ TEST(PlannerSharing, AnIdleRunQueuePullsTheLastInstancePlacedOnTheLongest) {
   EXPECT_NEAR(r.requests[1].first_token_s, 0.5, 1e-9);
   EXPECT_NEAR(r.requests[0].first_token_s, 3.25, 1e-9);
   EXPECT_NEAR(r.requests[2].first_token_s, 3.25, 1e-9);
+}
+
+TEST(PlannerSharing, OtherProcessesKeepTheirCoreAndAnInstanceBesideThemGetsHalf) {
+  // Two 1 s prefills from 0 s on two cores with one core's worth taken by
+  // other processes: the first instance takes the free core (a whole one),
+  // the second shares the busy one (half). When the first ends at 1 s, its
+  // queue pulls the second (0.5 s done), which ends at 1.5 s. Fluid sharing
+  // runs both at half a core until 2 s.
+  const auto w = make_workload({req(0, 1000, 1), req(0, 1000, 1)});
+  kp::core_timeline cpu{{0.0}, {1.0}, 0, 1, 2};
+  const auto queues = run_sharing(w, disagg(2, 1), cpu);
+  EXPECT_NEAR(queues.requests[0].first_token_s, 1.0, 1e-9);
+  EXPECT_NEAR(queues.requests[1].first_token_s, 1.5, 1e-9);
+  cpu.run_queues = 0;
+  const auto fluid = run_sharing(w, disagg(2, 1), cpu);
+  EXPECT_NEAR(fluid.requests[0].first_token_s, 2.0, 1e-9);
+  EXPECT_NEAR(fluid.requests[1].first_token_s, 2.0, 1e-9);
+  // One instance alone beside them has the free core: as fast as alone.
+  const auto one = run_sharing(make_workload({req(0, 1000, 1)}), disagg(1, 1), {{0.0}, {1.0}, 0, 1, 2});
+  EXPECT_NEAR(one.requests[0].first_token_s, 1.0, 1e-9);
 }
 
 TEST(PlannerSharing, EveryRequestFinishesInOrderAndWorkIsConservedWhileTheCoresChange) {

@@ -10,6 +10,14 @@
 //!                                                 + attention_s_per_pair * n * (c + n / 2)
 //!     decode step(batch B, KV tokens S)         = step_s + s_per_seq * B + s_per_token * S
 //!
+//! Real engines do not take the same time for the same work every time
+//! (caches, other tenants, the host): `prefill.cv` and `decode.cv` spread
+//! each request's time around the model, as a coefficient of variation: the
+//! simulator multiplies a request's prefill, and its decode steps, by a
+//! factor drawn for that request (log-normal, mean 1, seeded by the
+//! request's index, so runs repeat). 0 (the default) is no spread. The TPOT
+//! percentiles depend on it; the means hardly do.
+//!
 //! Coefficients come from a JSON file the user writes, from a roofline over
 //! the accelerator's datasheet figures (`gpus`, `tflops_per_gpu`,
 //! `hbm_tb_s_per_gpu`, `mfu`, `mbu`; explicit coefficients override it), or
@@ -40,6 +48,7 @@ struct prefill_cost {
   double tokens_per_s = 10000;       //!< dense compute speed
   double overhead_s = 0;             //!< per prefill iteration (launch, scheduling)
   double attention_s_per_pair = 0;   //!< per (new token, context token) pair of causal attention
+  double cv = 0;                     //!< spread of one request's prefill time around the model (see `hardware`)
 
   //! `n` new tokens after `c` tokens already in the KV cache.
   [[nodiscard]] double seconds(double n, double c) const noexcept {
@@ -53,6 +62,7 @@ struct decode_cost {
   double s_per_seq = 0;        //!< dense compute per sequence in the batch
   double s_per_token = 0;      //!< reading one token of KV
   std::uint32_t max_batch = 128;
+  double cv = 0;               //!< spread of one request's decode steps around the model (see `hardware`)
 
   [[nodiscard]] double step(double batch, double kv_tokens) const noexcept {
     return step_s + s_per_seq * batch + s_per_token * kv_tokens;
@@ -79,6 +89,8 @@ struct hardware {
       return bad("decode coefficients must be >= 0");
     if (!(decode.step_s + decode.s_per_seq > 0)) return bad("a decode step must take time (step_s or s_per_seq > 0)");
     if (decode.max_batch == 0) return bad("decode.max_batch must be positive");
+    if (!(prefill.cv >= 0 && prefill.cv <= 2) || !(decode.cv >= 0 && decode.cv <= 2))
+      return bad("prefill.cv and decode.cv must be in [0, 2]");
     if (!(kv_capacity_bytes > 0)) return bad("no HBM is left for KV (kv_capacity_gb <= 0: does the model fit?)");
     if (!(network_bytes_per_s > 0) || !(ssd_bytes_per_s > 0) || !(dram_bytes_per_s > 0))
       return bad("link bandwidths must be positive");
@@ -160,7 +172,8 @@ inline result<hardware> hardware_from_config(const config::view& cfg, const mode
   if (cfg.contains("prefill")) {
     auto p = cfg.child("prefill");
     if (!p) return p.error();
-    KVX_TRY(p->allow_only({"tokens_per_s", "overhead_s", "attention_s_per_pair"}));
+    KVX_TRY(p->allow_only({"tokens_per_s", "overhead_s", "attention_s_per_pair", "cv"}));
+    KVX_TRY(detail::read_number(*p, "cv", h.prefill.cv));
     KVX_TRY(detail::read_number(*p, "tokens_per_s", h.prefill.tokens_per_s));
     KVX_TRY(detail::read_number(*p, "overhead_s", h.prefill.overhead_s));
     KVX_TRY(detail::read_number(*p, "attention_s_per_pair", h.prefill.attention_s_per_pair));
@@ -168,7 +181,8 @@ inline result<hardware> hardware_from_config(const config::view& cfg, const mode
   if (cfg.contains("decode")) {
     auto d = cfg.child("decode");
     if (!d) return d.error();
-    KVX_TRY(d->allow_only({"step_s", "s_per_seq", "s_per_token", "max_batch"}));
+    KVX_TRY(d->allow_only({"step_s", "s_per_seq", "s_per_token", "max_batch", "cv"}));
+    KVX_TRY(detail::read_number(*d, "cv", h.decode.cv));
     KVX_TRY(detail::read_number(*d, "step_s", h.decode.step_s));
     KVX_TRY(detail::read_number(*d, "s_per_seq", h.decode.s_per_seq));
     KVX_TRY(detail::read_number(*d, "s_per_token", h.decode.s_per_token));

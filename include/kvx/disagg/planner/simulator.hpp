@@ -60,6 +60,7 @@
 #include <kvx/cache/block_key.hpp>
 #include <kvx/cache/eviction_policy.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/core/splitmix64.hpp>
 #include <kvx/disagg/planner/block_cache.hpp>
 #include <kvx/disagg/planner/deployment.hpp>
 #include <kvx/disagg/planner/hardware.hpp>
@@ -173,10 +174,12 @@ struct sim_report {
 //! `run_queues` models the scheduler's per-core run queues instead of fluid
 //! sharing (0: fluid, every computing instance at min(1, cores / k)). With N
 //! queues (the host's cores), an instance that starts computing joins the
-//! queue with the fewest computing instances (its previous one on a tie), a
-//! queue two shorter than another pulls the last instance placed there (idle
-//! balancing), and the instances on one queue share that core's part of the
-//! cores free, (cores / N) / n each, at most 1. Why: with two prefills
+//! least loaded queue (its previous one on a tie), a queue more than one
+//! task lighter than another pulls the last instance placed there (idle
+//! balancing), and the tasks on one queue share its core. The other
+//! processes' load (N less the cores free) sits on the queues as tasks too,
+//! a core's worth on each from the first: an instance beside a busy process
+//! gets half a core, one on a free core a whole one. Why: with two prefills
 //! computing on two cores, a decode that wakes shares one core with one of
 //! them (half a core, what kvx_pd_demo's decodes measured) instead of
 //! two thirds of each; fluid sharing under-predicts its TPOT. Bursts are not
@@ -350,6 +353,8 @@ class simulation {
     if (!ssd) return ssd.error();
     ssd_ = std::move(*ssd);
     states_.resize(w_.size());
+    prefill_factor_ = spread_factors(hw_.prefill.cv, 0);
+    decode_factor_ = spread_factors(hw_.decode.cv, 1);
     report_.requests.resize(w_.size());
     report_.label = d_.label();
     if (cpu_) {
@@ -388,40 +393,48 @@ class simulation {
   // that started computing, balances, and sets each one's rate.
   void reshare_run_queues() {
     const std::uint32_t n = cpu_->run_queues;
-    queue_len_.assign(n, 0);
+    // The other processes' load (cores less the cores free) fills queues
+    // from the first, a core's worth each: a busy process keeps its core.
+    double others = std::max(0.0, n - cpu_->at(now_));
+    queue_load_.assign(n, 0.0);
+    for (auto& l : queue_load_) {
+      l = std::min(1.0, others);
+      others -= l;
+    }
     for (auto& in : instances_) {
       if (!in.busy) in.queue = -1;
-      if (in.queue >= 0) ++queue_len_[static_cast<std::uint32_t>(in.queue)];
+      if (in.queue >= 0) queue_load_[static_cast<std::uint32_t>(in.queue)] += 1;
     }
-    auto shortest = [&] {
-      return static_cast<std::uint32_t>(std::min_element(queue_len_.begin(), queue_len_.end()) - queue_len_.begin());
+    auto least = [&] {
+      return static_cast<std::uint32_t>(std::min_element(queue_load_.begin(), queue_load_.end()) - queue_load_.begin());
     };
     for (auto& in : instances_) {
       if (!in.busy || in.queue >= 0) continue;
-      std::uint32_t q = shortest();
-      if (in.last_queue >= 0 && queue_len_[static_cast<std::uint32_t>(in.last_queue)] == queue_len_[q])
+      std::uint32_t q = least();
+      if (in.last_queue >= 0 && queue_load_[static_cast<std::uint32_t>(in.last_queue)] <= queue_load_[q] + 1e-9)
         q = static_cast<std::uint32_t>(in.last_queue);
       in.queue = in.last_queue = static_cast<std::int32_t>(q);
       in.placed = ++placements_;
-      ++queue_len_[q];
+      queue_load_[q] += 1;
     }
-    for (;;) {  // idle balancing: a queue two shorter pulls the last one placed on the longest
-      const auto longest = static_cast<std::uint32_t>(std::max_element(queue_len_.begin(), queue_len_.end()) - queue_len_.begin());
-      const std::uint32_t to = shortest();
-      if (queue_len_[longest] < queue_len_[to] + 2) break;
+    for (;;) {  // idle balancing: a queue more than one task lighter pulls the last one placed on the heaviest
+      const auto most = static_cast<std::uint32_t>(std::max_element(queue_load_.begin(), queue_load_.end()) - queue_load_.begin());
+      const std::uint32_t to = least();
       instance* last = nullptr;
       for (auto& in : instances_)
-        if (in.queue == static_cast<std::int32_t>(longest) && (!last || in.placed > last->placed)) last = &in;
+        if (in.queue == static_cast<std::int32_t>(most) && (!last || in.placed > last->placed)) last = &in;
+      if (!last || queue_load_[most] - queue_load_[to] <= 1 + 1e-9) break;
       last->queue = last->last_queue = static_cast<std::int32_t>(to);
       last->placed = ++placements_;
-      --queue_len_[longest];
-      ++queue_len_[to];
+      queue_load_[most] -= 1;
+      queue_load_[to] += 1;
     }
-    const double per_queue = cpu_->at(now_) / n;
     for (std::uint32_t i = 0; i < instances_.size(); ++i) {
       auto& in = instances_[i];
       if (!in.busy) continue;
-      const double rate = std::min(1.0, per_queue / queue_len_[static_cast<std::uint32_t>(in.queue)]);
+      // A queue's tasks share its core: each instance one share, the other
+      // processes on it their part of a core.
+      const double rate = std::min(1.0, 1.0 / queue_load_[static_cast<std::uint32_t>(in.queue)]);
       if (rate == in.rate) continue;
       progress(in);
       in.rate = rate;
@@ -604,6 +617,30 @@ class simulation {
     return m;
   }
 
+  // hardware::prefill.cv / decode.cv: one factor per request, log-normal
+  // with mean 1 and that coefficient of variation, drawn from the request's
+  // index (and the kind of work) so that every run draws the same.
+  std::vector<double> spread_factors(double cv, std::uint64_t kind) const {
+    std::vector<double> f(w_.size(), 1.0);
+    if (!(cv > 0)) return f;
+    const double var = std::log1p(cv * cv), sigma = std::sqrt(var);
+    for (std::size_t r = 0; r < f.size(); ++r) {
+      std::uint64_t state = (static_cast<std::uint64_t>(r) << 1 | kind) * 0xD1B54A32D192ED03ULL;
+      auto uniform = [&] { return (static_cast<double>(splitmix64_next(state) >> 11) + 0.5) * 0x1p-53; };
+      const double u1 = uniform(), u2 = uniform();
+      const double z = std::sqrt(-2 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+      f[r] = std::exp(sigma * z - var / 2);
+    }
+    return f;
+  }
+  // The decode factor of a batch: its members' mean.
+  double batch_factor(const instance& in) const {
+    if (in.batch.empty()) return 1.0;
+    double sum = 0;
+    for (const auto& mb : in.batch) sum += decode_factor_[mb.req];
+    return sum / static_cast<double>(in.batch.size());
+  }
+
   void start_iteration(std::uint32_t i) {
     auto& in = instances_[i];
     if (in.busy) return;
@@ -634,17 +671,18 @@ class simulation {
       const std::uint32_t left = st.compute - in.pf_done;
       in.it_chunk = in.decodes ? std::min(left, d_.chunk_tokens) : left;
       in.it_prefill_s = (in.pf_done == 0 ? st.fetch_s : 0.0) +
-                        hw_.prefill.seconds(in.it_chunk, static_cast<double>(st.cached) + in.pf_done);
+                        hw_.prefill.seconds(in.it_chunk, static_cast<double>(st.cached) + in.pf_done) *
+                            prefill_factor_[in.pf_req];
       in.it_steps = in.batch.empty() ? 0 : 1;
-      in.it_a = in.batch.empty() ? 0 : hw_.decode.step(batch, in.batch_ctx);
+      in.it_a = in.batch.empty() ? 0 : hw_.decode.step(batch, in.batch_ctx) * batch_factor(in);
       in.it_c = 0;
       in.it_work = in.it_prefill_s + in.it_a;
     } else if (!in.batch.empty()) {
       std::uint32_t steps = UINT32_MAX;
       for (const auto& mb : in.batch) steps = std::min(steps, mb.remaining);
       in.it_steps = steps;
-      in.it_a = hw_.decode.step(batch, in.batch_ctx);
-      in.it_c = hw_.decode.s_per_token * batch;
+      in.it_a = hw_.decode.step(batch, in.batch_ctx) * batch_factor(in);
+      in.it_c = hw_.decode.s_per_token * batch * batch_factor(in);
       in.it_work = step_work(in, steps);
     } else {
       return;
@@ -907,7 +945,8 @@ class simulation {
   std::uint32_t in_flight_ = 0;  // arrived, not finished or rejected
   std::uint32_t busy_ = 0;       // instances with an iteration in flight
   std::uint32_t busy_prefill_ = 0, busy_decode_ = 0;  // of those, with prefill work and decode-only
-  std::vector<std::uint32_t> queue_len_;  // per-core run queues: computing instances on each
+  std::vector<double> queue_load_;  // per-core run queues: computing instances on each, plus other processes
+  std::vector<double> prefill_factor_, decode_factor_;  // per request (hardware's cv)
   std::uint64_t placements_ = 0;
   sim_report report_;
 };
