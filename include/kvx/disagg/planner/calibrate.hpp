@@ -63,6 +63,16 @@ namespace detail {
 struct nnls2_result {
   double x1 = 0, x2 = 0;
 };
+//! Sum over rows of ((a1 x1 + a2 x2 - y) / y)^2: what nnls2 minimises.
+template <class Rows>
+double weighted_residual(const Rows& rows, nnls2_result x) {
+  double r = 0;
+  for (const auto& [a1, a2, y] : rows) {
+    const double e = (a1 * x.x1 + a2 * x.x2 - y) / y;
+    r += e * e;
+  }
+  return r;
+}
 template <class Rows>
 nnls2_result nnls2(const Rows& rows) {
   double s11 = 0, s12 = 0, s22 = 0, b1 = 0, b2 = 0;
@@ -75,19 +85,12 @@ nnls2_result nnls2(const Rows& rows) {
     const nnls2_result both{(b1 * s22 - b2 * s12) / det, (b2 * s11 - b1 * s12) / det};
     if (both.x1 >= 0 && both.x2 >= 0) return both;
   }
-  auto residual = [&](double x1, double x2) {
-    double r = 0;
-    for (const auto& [a1, a2, y] : rows) r += (a1 * x1 + a2 * x2 - y) * (a1 * x1 + a2 * x2 - y) / (y * y);
-    return r;
-  };
   const nnls2_result only1{s11 > 0 ? b1 / s11 : 0, 0}, only2{0, s22 > 0 ? b2 / s22 : 0};
-  return residual(only1.x1, 0) <= residual(0, only2.x2) ? only1 : only2;
+  return weighted_residual(rows, only1) <= weighted_residual(rows, only2) ? only1 : only2;
 }
 template <class Rows>
 double rms_relative(const Rows& rows, nnls2_result x) {
-  double r = 0;
-  for (const auto& [a1, a2, y] : rows) r += (a1 * x.x1 + a2 * x.x2 - y) * (a1 * x.x1 + a2 * x.x2 - y) / (y * y);
-  return rows.empty() ? 0 : std::sqrt(r / static_cast<double>(rows.size()));
+  return rows.empty() ? 0 : std::sqrt(weighted_residual(rows, x) / static_cast<double>(rows.size()));
 }
 struct fit_row {
   double a1, a2, y;
