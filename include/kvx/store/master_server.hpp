@@ -93,6 +93,8 @@ class master_server {
   }
 
   //! Stops accepting and closes every session; in-flight requests are dropped.
+  //! On the strand, like `serve` and `refuse` (or while no thread runs its
+  //! io_context): it closes sockets the sessions' coroutines are reading.
   void stop() {
     if (alive_) *alive_ = false;
     boost::system::error_code ignored;

@@ -51,7 +51,7 @@ class prefix_aware {
   void on_insert(const block_key& k, const access_context& ctx) {
     // A key inserted again (the caller re-admits it) first leaves, so that
     // its parent does not count it twice.
-    if (index_.count(k) != 0) remove(k);
+    if (auto found = index_.find(k); found != index_.end()) remove(found);
     entry e{k, ++tick_, false, {}, true};
     if (ctx.parent != nullptr && *ctx.parent != k) {
       e.has_parent = true;
@@ -72,7 +72,7 @@ class prefix_aware {
     l.splice(l.begin(), l, pos);
   }
   void on_erase(const block_key& k) {
-    if (index_.count(k) != 0) remove(k);
+    if (auto found = index_.find(k); found != index_.end()) remove(found);
   }
 
   template <class Evictable>
@@ -81,7 +81,7 @@ class prefix_aware {
       for (auto it = l->rbegin(); it != l->rend(); ++it) {
         if (!evictable(it->key)) continue;
         const block_key key = it->key;
-        remove(key);
+        remove(index_.find(key));
         return key;
       }
     }
@@ -104,6 +104,7 @@ class prefix_aware {
     bool in_leaves = true;
   };
   using list = std::list<entry>;
+  using index_map = cache::detail::flat_key_map<list::iterator, detail::key_hash>;
 
   // k's leaf status just flipped; if tracked, move it to the other list at
   // its recency place.
@@ -132,8 +133,8 @@ class prefix_aware {
     return older.base();
   }
 
-  void remove(const block_key& k) {
-    auto found = index_.find(k);
+  // `found`: the key's entry in index_ (it must have one).
+  void remove(index_map::iterator found) {
     const auto pos = found->second;
     const bool has_parent = pos->has_parent;
     const block_key parent = pos->parent;
@@ -148,7 +149,7 @@ class prefix_aware {
     }
   }
 
-  cache::detail::flat_key_map<list::iterator, detail::key_hash> index_;
+  index_map index_;
   // Tracked children per parent key, whether or not the parent is tracked, so
   // a parent re-inserted under cached children is known as inner at once.
   cache::detail::flat_key_map<std::uint32_t, detail::key_hash> children_;
