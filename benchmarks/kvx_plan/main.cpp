@@ -13,6 +13,7 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
@@ -132,6 +133,9 @@ Validation
                           other processes used during the demo, or over 2 s now without --demo-binary)
   --cores-window S        with --demo-binary, the cores free are taken over spans of S seconds of each
                           mode's replay (default 0.25; the CPU is sampled every 50 ms)
+  --cores-from FILE       the cores free of each mode as an earlier run of --validate-demo --json FILE
+                          recorded them during the demo that made REPORT: compares another model or
+                          option on the same run without running the demo again
   --engine-speed FROM     where the tiny engine's speed comes from: 'mode' (fitted to the CPU time
                           the compared mode's own instances took to compute each request in the
                           demo run: their latencies are still the planner's to predict),
@@ -142,8 +146,10 @@ Validation
   --sharing MODEL         how the instances share the cores free: 'per-core' (default: one run queue
                           per core of this machine; an instance that starts computing joins the
                           shortest, an empty queue pulls from the longest, and a queue's instances
-                          share its core) or 'fluid' (every computing instance at min(1, cores / k));
-                          the other model's gated ratios are printed after the table
+                          share its core; other processes' load runs on the cores no instance uses,
+                          and what has no core of its own turns the sharing fluid in proportion) or
+                          'fluid' (every computing instance at min(1, cores / k)); the other model's
+                          gated ratios are printed after the table
   --wake-burst S          for the 'wake burst' column (not gated): how long an instance that starts
                           computing after being idle runs at a whole core before it shares
                           (seconds); default: measured just before and after the demo (a thread
@@ -420,6 +426,7 @@ struct demo_options {
          prefill = 2, decode = 2, cores = 0, cores_window_s = 0.25;
   double wake_burst_s = -1;  // < 0: measured (probe_wake_burst) around the demo
   std::string binary;  // run kvx_pd_demo first, measuring the CPU others used meanwhile
+  std::string cores_from;  // an earlier --validate-demo --json: its modes' free_cores timelines
   std::string engine_speed;  // "mode", "colocated", "measured", or empty: the first the report has timings for
   bool fluid_sharing = false;  // --sharing fluid: every computing instance at min(1, cores / k), no run queues
 };
@@ -610,6 +617,35 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
   double cores_now = 0;
   std::string cores_from = "--cores";
   json cpu_json = json::object();
+  // --cores-from: each mode's cores free as an earlier --validate-demo
+  // --json recorded them (read now: a bad file fails before any measuring).
+  struct recorded_cores {
+    kp::core_timeline free;
+    double mean = 0;  // over the replay (the mean-field column's cores)
+    json cpu;
+  };
+  std::map<std::string, recorded_cores> recorded;  // by mode
+  if (!o.cores_from.empty()) {
+    if (!o.binary.empty()) die("--cores-from takes the cores free from an earlier run; with --demo-binary they are measured: give one");
+    if (o.cores > 0) die("--cores-from and --cores both say which cores were free: give one");
+    const json rec = read_json_file(o.cores_from);
+    if (!rec.is_object() || rec.value("validation", std::string{}) != "kvx_pd_demo" || !rec.contains("modes") ||
+        !rec["modes"].is_array())
+      die(o.cores_from + ": not the --json output of kvx-plan --validate-demo");
+    for (const auto& rm : rec["modes"]) {
+      if (!rm.is_object()) die(o.cores_from + ": 'modes' holds something other than a mode's object");
+      const std::string name = rm.value("mode", std::string{});
+      try {
+        kp::core_timeline t{rm.at("free_cores").at("from_s").get<std::vector<double>>(),
+                            rm.at("free_cores").at("cores").get<std::vector<double>>()};
+        if (auto v = t.validate(); !v) die(o.cores_from + ": mode '" + name + "': " + v.error().message());
+        const double mean = std::accumulate(t.cores.begin(), t.cores.end(), 0.0) / static_cast<double>(t.cores.size());
+        recorded[name] = {std::move(t), rm.value("cores", mean), rm.value("cpu", json::object())};
+      } catch (const json::exception& e) {
+        die(o.cores_from + ": mode '" + name + "': " + e.what());
+      }
+    }
+  }
   // The scheduler's wake-up burst, measured under the load of the moment:
   // before and after the demo (not during: the probe would take its CPU).
   std::vector<kp::wake_burst> probes;
@@ -638,6 +674,8 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     std::printf("during the demo (%.1f s): the demo's processes used %.2f cores, other processes %.2f of %g\n", ran->wall_s,
                 ran->demo_cores(0, ran->wall_s), ran->others(0, ran->wall_s), machine_cores);
     if (o.cores <= 0) cores_from = "the cores other processes left free while the mode ran";
+  } else if (!o.cores_from.empty()) {
+    cores_from = "the cores other processes left free while the mode ran, as " + o.cores_from + " recorded them";
   } else if (o.cores <= 0) {
     const double busy0 = machine_busy_s();
     const auto t0 = std::chrono::steady_clock::now();
@@ -675,6 +713,10 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
   if (!report.is_object() || !report.contains("source") || !report["source"].is_string() || !report.contains("modes") ||
       !report["modes"].is_array())
     die(report_path + ": not a kvx_pd_demo --json report (needs 'source' and 'modes')");
+  if (!o.cores_from.empty())
+    for (const auto& m : report["modes"])
+      if (const std::string name = m.value("mode", std::string{}); (name == "push" || name == "pull") && !recorded.contains(name))
+        die(o.cores_from + ": no cores free recorded for mode '" + name + "' (not the validation of " + report_path + "?)");
   const std::string source = report["source"].get<std::string>();
   const std::string lines = " (lines " + std::to_string(skip + 1) + "..)";
   const std::string expected = o.trace + lines;
@@ -880,6 +922,11 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
       mode_cpu = {{"from_s", t0}, {"to_s", t1}, {"other_processes_cores", others}, {"demo_cores", ran->demo_cores(t0, t1)}};
       std::printf("%-6s replay %.1f-%.1f s: the demo's processes used %.2f cores, other processes %.2f\n", name.c_str(), t0, t1,
                   ran->demo_cores(t0, t1), others);
+    } else if (!o.cores_from.empty()) {
+      const auto& r = recorded.at(name);  // checked with the report
+      timeline = r.free;
+      cores = std::max(0.25, r.mean);
+      mode_cpu = r.cpu;
     }
     const std::string speed = speed_for(name);
     const kp::hardware& mhw = speeds.at(speed).hw;
@@ -1055,6 +1102,7 @@ int main(int argc, char** argv) {
     else if (a == "--demo-decode") demo.decode = number(next(), a);
     else if (a == "--cores") demo.cores = number(next(), a);
     else if (a == "--cores-window") demo.cores_window_s = number(next(), a);
+    else if (a == "--cores-from") demo.cores_from = next();
     else if (a == "--wake-burst") {
       demo.wake_burst_s = number(next(), a);
       if (!(demo.wake_burst_s >= 0 && demo.wake_burst_s <= 1)) die("--wake-burst must be between 0 and 1 s");

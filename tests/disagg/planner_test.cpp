@@ -646,24 +646,43 @@ TEST(PlannerSharing, AnIdleRunQueuePullsTheLastInstancePlacedOnTheLongest) {
   EXPECT_NEAR(r.requests[2].first_token_s, 3.25, 1e-9);
 }
 
-TEST(PlannerSharing, OtherProcessesKeepTheirCoreAndAnInstanceBesideThemGetsHalf) {
-  // Two 1 s prefills from 0 s on two cores with one core's worth taken by
-  // other processes: the first instance takes the free core (a whole one),
-  // the second shares the busy one (half). When the first ends at 1 s, its
-  // queue pulls the second (0.5 s done), which ends at 1.5 s. Fluid sharing
-  // runs both at half a core until 2 s.
-  const auto w = make_workload({req(0, 1000, 1), req(0, 1000, 1)});
-  kp::core_timeline cpu{{0.0}, {1.0}, 0, 1, 2};
-  const auto queues = run_sharing(w, disagg(2, 1), cpu);
-  EXPECT_NEAR(queues.requests[0].first_token_s, 1.0, 1e-9);
-  EXPECT_NEAR(queues.requests[1].first_token_s, 1.5, 1e-9);
-  cpu.run_queues = 0;
-  const auto fluid = run_sharing(w, disagg(2, 1), cpu);
-  EXPECT_NEAR(fluid.requests[0].first_token_s, 2.0, 1e-9);
-  EXPECT_NEAR(fluid.requests[1].first_token_s, 2.0, 1e-9);
-  // One instance alone beside them has the free core: as fast as alone.
-  const auto one = run_sharing(make_workload({req(0, 1000, 1)}), disagg(1, 1), {{0.0}, {1.0}, 0, 1, 2});
+TEST(PlannerSharing, OtherProcessesRunOnTheCoreNoInstanceComputesOn) {
+  // One core's worth of other processes on two cores: one instance alone
+  // has the other core, as fast as alone; two instances leave the load no
+  // core of its own (a core's worth: fluid), so both run at half a core, as
+  // with fluid sharing, and not one whole and one half (1.5 cores for the
+  // instances where 1 is free).
+  const kp::core_timeline cpu{{0.0}, {1.0}, 0, 1, 2};
+  const auto one = run_sharing(make_workload({req(0, 1000, 1)}), disagg(1, 1), cpu);
   EXPECT_NEAR(one.requests[0].first_token_s, 1.0, 1e-9);
+  const auto w = make_workload({req(0, 1000, 1), req(0, 1000, 1)});
+  const auto queues = run_sharing(w, disagg(2, 1), cpu);
+  auto fluid_cpu = cpu;
+  fluid_cpu.run_queues = 0;
+  const auto fluid = run_sharing(w, disagg(2, 1), fluid_cpu);
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_NEAR(queues.requests[i].first_token_s, 2.0, 1e-9) << i;
+    EXPECT_NEAR(fluid.requests[i].first_token_s, 2.0, 1e-9) << i;
+  }
+}
+
+TEST(PlannerSharing, HomelessLoadMixesPerCoreAndFluidSharingInProportion) {
+  // Three prefills from 0 s on two cores (3 s, 0.5 s and 3 s of work), half
+  // a core taken by other processes. The instances occupy both queues (two
+  // on the first, one on the second), so the half core has none of its own:
+  // per core, each queue keeps 0.75 of its core (0.375, 0.75, 0.375 per
+  // instance); fluid, 1.5 / 3 = 0.5 each; mixed half and half: 0.4375,
+  // 0.625, 0.4375 (1.5 cores in all). The short one ends at 0.5 / 0.625 =
+  // 0.8 s; its queue pulls the third, and both remaining run at 0.75 (per
+  // core and fluid agree) with 3 - 0.35 = 2.65 s of work left: 0.8 + 2.65 /
+  // 0.75 = 4.3333 s. 6.5 s of work over 1.5 cores: the cores free are used
+  // exactly.
+  const auto w = make_workload({req(0, 3000, 1), req(0, 500, 1), req(0, 3000, 1)});
+  const auto r = run_sharing(w, disagg(3, 1), kp::core_timeline{{0.0}, {1.5}, 0, 1, 2});
+  EXPECT_NEAR(r.requests[1].first_token_s, 0.8, 1e-9);
+  EXPECT_NEAR(r.requests[0].first_token_s, 0.8 + 2.65 / 0.75, 1e-9);
+  EXPECT_NEAR(r.requests[2].first_token_s, 0.8 + 2.65 / 0.75, 1e-9);
+  EXPECT_NEAR(6.5 / 1.5, r.requests[0].first_token_s, 1e-9);
 }
 
 TEST(PlannerSharing, EveryRequestFinishesInOrderAndWorkIsConservedWhileTheCoresChange) {
@@ -676,10 +695,12 @@ TEST(PlannerSharing, EveryRequestFinishesInOrderAndWorkIsConservedWhileTheCoresC
     cpu.from_s.push_back(0.25 * i);
     cpu.cores.push_back(0.3 + 2.2 * ((i * 37) % 11) / 10.0);
   }
-  for (double burst : {0.0, 0.003})
+  // Fluid sharing without and with a wake-up burst, and per-core run queues.
+  for (const auto& [burst, queues] : {std::pair{0.0, 0U}, std::pair{0.003, 0U}, std::pair{0.0, 2U}})
   for (const auto& d : {disagg(2, 2), kp::deployment{.mode = kp::serving_mode::colocated, .prefill_instances = 3}}) {
-    SCOPED_TRACE(d.label() + ", wake burst " + std::to_string(burst));
+    SCOPED_TRACE(d.label() + ", wake burst " + std::to_string(burst) + ", run queues " + std::to_string(queues));
     cpu.wake_burst_s = burst;
+    cpu.run_queues = queues;
     const auto r = run_sharing(w, d, cpu);
     const auto alone = run(w, d);
     ASSERT_EQ(r.completed, w.size());

@@ -174,16 +174,21 @@ struct sim_report {
 //! `run_queues` models the scheduler's per-core run queues instead of fluid
 //! sharing (0: fluid, every computing instance at min(1, cores / k)). With N
 //! queues (the host's cores), an instance that starts computing joins the
-//! least loaded queue (its previous one on a tie), a queue more than one
-//! task lighter than another pulls the last instance placed there (idle
-//! balancing), and the tasks on one queue share its core. The other
-//! processes' load (N less the cores free) sits on the queues as tasks too,
-//! a core's worth on each from the first: an instance beside a busy process
-//! gets half a core, one on a free core a whole one. Why: with two prefills
-//! computing on two cores, a decode that wakes shares one core with one of
-//! them (half a core, what kvx_pd_demo's decodes measured) instead of
-//! two thirds of each; fluid sharing under-predicts its TPOT. Bursts are not
-//! applied then.
+//! queue with the fewest instances (its previous one on a tie), a queue more
+//! than one instance lighter than another pulls the last instance placed
+//! there (idle balancing), and the instances on one queue share its core.
+//! Why: with two prefills computing on two cores, a decode that wakes shares
+//! one core with one of them (half a core, what kvx_pd_demo's decodes
+//! measured) instead of two thirds of each; fluid sharing under-predicts its
+//! TPOT. The other processes' load (N less the cores free) runs first on the
+//! cores no instance computes on, a core's worth each; what is left of it
+//! ("homeless", h cores) is spread evenly over the instances' cores, and the
+//! instances' rates are (1 - min(1, h)) times that per-core share plus
+//! min(1, h) times fluid sharing: a busy process with no core of its own is
+//! moved between the instances' cores by the balancer, and the instances
+//! with it, so their sharing turns fluid (kvx_pd_demo beside a busy loop:
+//! docs/benchmarks/planner.md). Either way the instances together get the
+//! cores free, never more. Bursts are not applied then.
 struct core_timeline {
   std::vector<double> from_s;
   std::vector<double> cores;
@@ -393,14 +398,7 @@ class simulation {
   // that started computing, balances, and sets each one's rate.
   void reshare_run_queues() {
     const std::uint32_t n = cpu_->run_queues;
-    // The other processes' load (cores less the cores free) fills queues
-    // from the first, a core's worth each: a busy process keeps its core.
-    double others = std::max(0.0, n - cpu_->at(now_));
-    queue_load_.assign(n, 0.0);
-    for (auto& l : queue_load_) {
-      l = std::min(1.0, others);
-      others -= l;
-    }
+    queue_load_.assign(n, 0.0);  // instances per queue
     for (auto& in : instances_) {
       if (!in.busy) in.queue = -1;
       if (in.queue >= 0) queue_load_[static_cast<std::uint32_t>(in.queue)] += 1;
@@ -411,7 +409,7 @@ class simulation {
     for (auto& in : instances_) {
       if (!in.busy || in.queue >= 0) continue;
       std::uint32_t q = least();
-      if (in.last_queue >= 0 && queue_load_[static_cast<std::uint32_t>(in.last_queue)] <= queue_load_[q] + 1e-9)
+      if (in.last_queue >= 0 && queue_load_[static_cast<std::uint32_t>(in.last_queue)] <= queue_load_[q])
         q = static_cast<std::uint32_t>(in.last_queue);
       in.queue = in.last_queue = static_cast<std::int32_t>(q);
       in.placed = ++placements_;
@@ -423,18 +421,32 @@ class simulation {
       instance* last = nullptr;
       for (auto& in : instances_)
         if (in.queue == static_cast<std::int32_t>(most) && (!last || in.placed > last->placed)) last = &in;
-      if (!last || queue_load_[most] - queue_load_[to] <= 1 + 1e-9) break;
+      if (!last || queue_load_[most] - queue_load_[to] <= 1) break;
       last->queue = last->last_queue = static_cast<std::int32_t>(to);
       last->placed = ++placements_;
       queue_load_[most] -= 1;
       queue_load_[to] += 1;
     }
+    // The other processes' load (cores less the cores free) runs first on
+    // the cores no instance computes on, a core's worth each. What is left
+    // of it has no core of its own: the balancer keeps moving it between
+    // the instances' cores, and the instances with it, so the sharing turns
+    // fluid: the instances' rates mix their per-core share of the cores the
+    // load leaves (spread evenly over their cores) with fluid sharing, in
+    // proportion to that homeless load (a core's worth or more: fluid).
+    // Both conserve the cores free, so the instances never get more.
+    const auto idle = static_cast<std::uint32_t>(std::count(queue_load_.begin(), queue_load_.end(), 0.0));
+    const double cores_free = cpu_->at(now_);
+    const double homeless = std::max(0.0, n - cores_free - idle);
+    const double core = idle < n ? std::max(0.0, 1.0 - homeless / (n - idle)) : 1.0;
+    const double mix = std::min(1.0, homeless);
+    const double fluid = std::min(1.0, cores_free / std::max(1U, busy_));
     for (std::uint32_t i = 0; i < instances_.size(); ++i) {
       auto& in = instances_[i];
       if (!in.busy) continue;
-      // A queue's tasks share its core: each instance one share, the other
-      // processes on it their part of a core.
-      const double rate = std::min(1.0, 1.0 / queue_load_[static_cast<std::uint32_t>(in.queue)]);
+      // A queue's instances share what the homeless load leaves of its core.
+      const double per_core = core / queue_load_[static_cast<std::uint32_t>(in.queue)];
+      const double rate = (1 - mix) * per_core + mix * fluid;
       if (rate == in.rate) continue;
       progress(in);
       in.rate = rate;
