@@ -142,7 +142,8 @@ Validation
                           'colocated' (fitted to the demo's colocated run), or 'measured' (measured
                           here after the demo); default: the first of these the report has timings
                           for. The gated ratios with each available speed are printed after the
-                          table
+                          table (the engine is measured here only for 'measured', a mode without
+                          timings, or with --demo-binary)
   --sharing MODEL         how the instances share the cores free: 'per-core' (default: one run queue
                           per core of this machine; an instance that starts computing joins the
                           shortest, an empty queue pulls from the longest, and a queue's instances
@@ -800,14 +801,14 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
   mo.long_prompt = std::max(128U, max_prompt);
   mo.decode_steps = 16;
   mo.repeats = 5;
-  auto hw = kp::measure_tiny_hardware(cfg, mo);
-  if (!hw) die(hw.error().message());
-  hw->decode.max_batch = 1;  // a demo decode instance runs one request at a time
+  // What is not timed (capacity, links); each speed below fills in the rest.
+  kp::hardware base = kp::tiny_hardware_base(mo);
+  base.decode.max_batch = 1;  // a demo decode instance runs one request at a time
   const auto links = load_links(link_files, network_transport, model, block);
-  kp::apply_links(*hw, links.figures);
+  kp::apply_links(base, links.figures);
   std::printf("kvx_pd_demo report %s: %zu requests, %u in flight, %uP+%uD, %u tokens per hash block; network %.2f GB/s; "
               "cores shared by the instances: %s\n",
-              report_path.c_str(), nreq, C, P, D, K, hw->network_bytes_per_s / 1e9, cores_from.c_str());
+              report_path.c_str(), nreq, C, P, D, K, base.network_bytes_per_s / 1e9, cores_from.c_str());
   // The engine's speed, from where it was timed: measured here after the
   // demo, and fitted to what the demo's instances timed while they served
   // (each mode's own compute: CPU time, not latency; waits for a core,
@@ -819,7 +820,6 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     std::string from;
   };
   std::map<std::string, engine_speed> speeds;
-  speeds["measured"] = {*hw, "measured here after the demo (fastest of 5)"};
   json speeds_json = json::object();
   auto coefficients = [](const kp::hardware& h) {
     return json{{"prefill_tokens_per_s", h.prefill.tokens_per_s}, {"attention_s_per_pair", h.prefill.attention_s_per_pair},
@@ -850,7 +850,7 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     if (timed.empty()) continue;
     auto fit = kp::fit_compute_speed(timed);
     if (!fit) die(report_path + ": mode '" + name + "': its compute timings: " + fit.error().message());
-    auto h = *hw;
+    auto h = base;
     h.prefill = fit->prefill;
     h.decode.step_s = fit->decode.step_s;
     h.decode.s_per_seq = fit->decode.s_per_seq;
@@ -863,6 +863,22 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
     speeds[name] = {h, "fitted to the demo's " + name + " run (" + std::to_string(fit->prefill_samples) + " prefills, rms " +
                            pct(fit->prefill_rms_relative) + "; " + std::to_string(fit->decode_samples) +
                            " decodes, rms " + pct(fit->decode_rms_relative) + ")"};
+  }
+  // The speed measured here (seconds of CPU): when asked for, when a mode
+  // has no timings of its own nor the colocated run's, and after a demo run
+  // (the comparison is part of its record).
+  bool measure = !o.binary.empty() || o.engine_speed == "measured";
+  for (const auto& m : report["modes"])
+    if (const std::string name = m.value("mode", std::string{}); name == "push" || name == "pull")
+      measure = measure || (o.engine_speed.empty() && !speeds.contains(name) && !speeds.contains("colocated"));
+  std::optional<kp::hardware> measured;
+  if (measure) {
+    auto hw = kp::measure_tiny_hardware(cfg, mo);
+    if (!hw) die(hw.error().message());
+    hw->decode.max_batch = base.decode.max_batch;
+    kp::apply_links(*hw, links.figures);
+    measured = *hw;
+    speeds["measured"] = {*hw, "measured here after the demo (fastest of 5)"};
   }
   if (!o.engine_speed.empty() && o.engine_speed != "mode" && !speeds.contains(o.engine_speed))
     die(report_path + ": --engine-speed " + o.engine_speed + " needs the " + o.engine_speed +
@@ -895,12 +911,13 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
            {"prefill_instances", P}, {"decode_instances", D}, {"cores_from", cores_from},
            {"cpu", cpu_json},
            {"engine_speeds", speeds_json},
-           {"measured_hardware", {{"prefill_tokens_per_s", hw->prefill.tokens_per_s},
-                                  {"attention_s_per_pair", hw->prefill.attention_s_per_pair},
-                                  {"decode_s_per_seq", hw->decode.s_per_seq},
-                                  {"decode_s_per_token", hw->decode.s_per_token},
-                                  {"network_gb_s", hw->network_bytes_per_s / 1e9}}},
            {"links", links.as_json}, {"modes", json::array()}};
+  if (measured)
+    out["measured_hardware"] = {{"prefill_tokens_per_s", measured->prefill.tokens_per_s},
+                                {"attention_s_per_pair", measured->prefill.attention_s_per_pair},
+                                {"decode_s_per_seq", measured->decode.s_per_seq},
+                                {"decode_s_per_token", measured->decode.s_per_token},
+                                {"network_gb_s", measured->network_bytes_per_s / 1e9}};
   bool ok = true, any = false;
   std::printf("wake-up burst (the wake burst column, not gated): %.2f ms at %.3f of a core (%s)\n",
               burst.wake_burst_s * 1e3, burst.wake_burst_speed, o.wake_burst_s < 0 ? "measured" : "--wake-burst");

@@ -56,6 +56,20 @@ inline void fit_nonnegative(double x1, double y1, double x2, double y2, double& 
   }
 }
 
+//! The tiny engine's figures that are not timed (KV capacity, links, price),
+//! as `measure_tiny_hardware` sets them around its timings; the speeds are
+//! left for the caller (a fit to timings taken elsewhere, or a measurement).
+inline hardware tiny_hardware_base(const measure_options& opt = {}) {
+  hardware hw;
+  hw.name = "tiny engine";
+  hw.decode.max_batch = 64;
+  hw.kv_capacity_bytes = opt.kv_capacity_gb * 1e9;
+  hw.network_bytes_per_s = opt.network_gb_s * 1e9;
+  hw.ssd_bytes_per_s = opt.ssd_gb_s * 1e9;
+  hw.price_per_hour = 1;
+  return hw;
+}
+
 inline result<hardware> measure_tiny_hardware(const tiny::model_config& cfg, const measure_options& opt = {}) {
   if (opt.short_prompt == 0 || opt.long_prompt <= opt.short_prompt || opt.repeats == 0)
     return error{errc::invalid_argument, "measure_tiny_hardware: needs 0 < short_prompt < long_prompt and repeats > 0"};
@@ -75,7 +89,7 @@ inline result<hardware> measure_tiny_hardware(const tiny::model_config& cfg, con
   if (!s1) return s1.error();
   auto s2 = best(opt.long_prompt);
   if (!s2) return s2.error();
-  hardware hw;
+  hardware hw = tiny_hardware_base(opt);
   hw.name = "tiny engine, measured";
   // Seconds per token grow linearly with the prompt under causal attention.
   const double n1 = opt.short_prompt, n2 = opt.long_prompt;
@@ -88,11 +102,6 @@ inline result<hardware> measure_tiny_hardware(const tiny::model_config& cfg, con
   hw.decode.step_s = 0;
   hw.decode.s_per_seq = a;
   hw.decode.s_per_token = b;
-  hw.decode.max_batch = 64;
-  hw.kv_capacity_bytes = opt.kv_capacity_gb * 1e9;
-  hw.network_bytes_per_s = opt.network_gb_s * 1e9;
-  hw.ssd_bytes_per_s = opt.ssd_gb_s * 1e9;
-  hw.price_per_hour = 1;
   KVX_TRY(hw.validate());
   return hw;
 }
