@@ -32,6 +32,7 @@
 
 #include <kvx/core/error.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/cuda/driver_entry.hpp>
 
 namespace kvx::cuda {
 
@@ -95,16 +96,7 @@ inline result<dmabuf> export_dmabuf(const void* ptr, std::size_t length) {
   auto span = detail::page_span_of(reinterpret_cast<std::uintptr_t>(ptr), length, page > 0 ? static_cast<std::size_t>(page) : 4096);
   KVX_TRY(span);
   using get_handle_fn = CUresult (*)(void*, CUdeviceptr, std::size_t, CUmemRangeHandleType, unsigned long long);
-  static const get_handle_fn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuMemGetHandleForAddressRange", &f, 11070, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return static_cast<get_handle_fn>(nullptr);
-    }
-    return reinterpret_cast<get_handle_fn>(f);
-  }();
+  static const auto fn = driver_entry<get_handle_fn>("cuMemGetHandleForAddressRange", 11070);
   if (!fn)
     return kvx::error{errc::not_supported, "dma-buf export: the CUDA driver has no cuMemGetHandleForAddressRange (needs 11.7+)"};
   int fd = -1;

@@ -77,19 +77,7 @@ struct redis_options {
   //! fields are the caller's to check); errors name the field.
   static result<redis_options> from_config(const config::view& v) {
     redis_options o;
-    auto address = v.optional<std::string>("address", o.address);
-    if (!address) return address.error();
-    if (auto parsed = detail::parse_host_port(*address, v.path_of("address")); !parsed) return parsed.error();
-    o.address = *address;
-    auto prefix = v.optional<std::string>("prefix", o.prefix);
-    if (!prefix) return prefix.error();
-    o.prefix = *prefix;
-    auto timeout = v.optional<std::uint32_t>("timeout_ms", static_cast<std::uint32_t>(o.timeout.count()));
-    if (!timeout) return timeout.error();
-    o.timeout = std::chrono::milliseconds(*timeout);
-    auto idle = v.optional<std::uint32_t>("max_idle_connections", static_cast<std::uint32_t>(o.max_idle_connections));
-    if (!idle) return idle.error();
-    o.max_idle_connections = *idle;
+    KVX_TRY(detail::read_client_options(v, o));
     return o;
   }
 };

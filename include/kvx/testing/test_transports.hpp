@@ -38,6 +38,7 @@
 #include <boost/asio/associated_cancellation_slot.hpp>
 
 #include <kvx/core/async.hpp>
+#include <kvx/transport/decorators/decorator.hpp>
 #include <kvx/transport/local.hpp>
 #include <kvx/transport/transport.hpp>
 
@@ -93,29 +94,15 @@ static_assert(transport::check_transport<failing_transport>());
 
 //! Holds each operation until the test releases it to `Inner` or fails it.
 template <class Inner = transport::local>
-class impulse {
-  static_assert(transport::check_transport<Inner>());
-
+class impulse : public transport::decorator<Inner> {
  public:
-  using transport_concept = transport::transport_tag;
-  using executor_type = decltype(std::declval<Inner&>().get_executor());
-  static constexpr transport::transport_capabilities capabilities = Inner::capabilities;
-  static constexpr std::string_view name() noexcept { return Inner::name(); }
-
   template <class... Args>
-  explicit impulse(Args&&... args) : inner_(std::forward<Args>(args)...) {}
+  explicit impulse(Args&&... args) : transport::decorator<Inner>(std::in_place, std::forward<Args>(args)...) {}
 
   impulse(const impulse&) = delete;
   impulse& operator=(const impulse&) = delete;
   //! Fails what is still queued with `cancelled`, so no handler is lost.
   ~impulse() { fail_all(errc::cancelled); }
-
-  [[nodiscard]] executor_type get_executor() const noexcept { return inner_.get_executor(); }
-  Inner& inner() noexcept { return inner_; }
-
-  result<nlohmann::json> register_memory(const memory::local_segment& s) { return inner_.register_memory(s); }
-  result<void> deregister_memory(const memory::local_segment& s) { return inner_.deregister_memory(s); }
-  [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& r) const { return inner_.can_transfer(r); }
 
   template <asio::completion_token_for<void(std::error_code)> CompletionToken>
   auto async_read(const memory::segment_descriptor& remote, std::uint64_t offset, std::span<std::byte> dst,
@@ -150,9 +137,9 @@ class impulse {
     auto o = pop();
     if (!o) return false;
     if (o->is_read)
-      inner_.async_read(o->remote, o->offset, std::span<std::byte>(o->data, o->length), std::move(o->handler));
+      this->inner_.async_read(o->remote, o->offset, std::span<std::byte>(o->data, o->length), std::move(o->handler));
     else
-      inner_.async_write(o->remote, o->offset, std::span<const std::byte>(o->data, o->length), std::move(o->handler));
+      this->inner_.async_write(o->remote, o->offset, std::span<const std::byte>(o->data, o->length), std::move(o->handler));
     return true;
   }
   //! Releases every pending operation; returns how many.
@@ -165,7 +152,7 @@ class impulse {
   bool fail_one(std::error_code ec) {
     auto o = pop();
     if (!o) return false;
-    kvx::detail::post_completion(inner_.get_executor(), std::move(o->handler), ec);
+    kvx::detail::post_completion(this->inner_.get_executor(), std::move(o->handler), ec);
     return true;
   }
   std::size_t fail_all(std::error_code ec) {
@@ -209,7 +196,7 @@ class impulse {
         }
       }
     }
-    if (found) kvx::detail::post_completion(inner_.get_executor(), std::move(found->handler), make_error_code(errc::cancelled));
+    if (found) kvx::detail::post_completion(this->inner_.get_executor(), std::move(found->handler), make_error_code(errc::cancelled));
   }
 
   std::optional<op> pop() {
@@ -222,7 +209,6 @@ class impulse {
     return o;
   }
 
-  Inner inner_;
   mutable std::mutex mutex_;
   std::deque<op> queue_;
   std::uint64_t next_id_ = 0;

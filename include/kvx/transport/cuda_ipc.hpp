@@ -81,6 +81,7 @@
 #include <kvx/core/async.hpp>
 #include <kvx/core/log.hpp>
 #include <kvx/cuda/device.hpp>
+#include <kvx/cuda/driver_entry.hpp>
 #include <kvx/cuda/error.hpp>
 #include <kvx/cuda/event_poller.hpp>
 #include <kvx/cuda/stream.hpp>
@@ -198,16 +199,7 @@ inline bool from_hex(std::string_view s, void* out, std::size_t n) {
 // through the runtime so that nothing links libcuda).
 inline result<std::pair<std::uintptr_t, std::size_t>> allocation_range(const void* p) {
   using get_range_fn = CUresult (*)(CUdeviceptr*, std::size_t*, CUdeviceptr);
-  static get_range_fn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return static_cast<get_range_fn>(nullptr);
-    }
-    return reinterpret_cast<get_range_fn>(f);
-  }();
+  static const auto fn = kvx::cuda::driver_entry<get_range_fn>("cuMemGetAddressRange", 12000);
   if (!fn) return kvx::error{errc::not_supported, "cuMemGetAddressRange is not available from the CUDA driver"};
   CUdeviceptr base = 0;
   std::size_t size = 0;

@@ -32,6 +32,7 @@
 #include <boost/asio/use_awaitable.hpp>
 
 #include <kvx/core/async.hpp>
+#include <kvx/core/config.hpp>
 #include <kvx/core/result.hpp>
 
 namespace kvx::store::detail {
@@ -63,6 +64,27 @@ inline result<host_port> parse_host_port(std::string_view text, std::string_view
   if (ec != std::errc{} || end != port_text.data() + port_text.size() || port == 0 || port > 65535)
     return bad("has no valid port (1-65535)");
   return host_port{std::string(host), static_cast<std::uint16_t>(port)};
+}
+
+//! Reads the fields every networked backend's options have (`address`,
+//! `prefix`, `timeout_ms`, `max_idle_connections`) into `o`, keeping its
+//! defaults for those absent; errors name the field.
+template <class Options>
+result<void> read_client_options(const config::view& v, Options& o) {
+  auto address = v.optional<std::string>("address", o.address);
+  if (!address) return address.error();
+  if (auto parsed = parse_host_port(*address, v.path_of("address")); !parsed) return parsed.error();
+  o.address = *address;
+  auto prefix = v.optional<std::string>("prefix", o.prefix);
+  if (!prefix) return prefix.error();
+  o.prefix = *prefix;
+  auto timeout = v.optional<std::uint32_t>("timeout_ms", static_cast<std::uint32_t>(o.timeout.count()));
+  if (!timeout) return timeout.error();
+  o.timeout = std::chrono::milliseconds(*timeout);
+  auto idle = v.optional<std::uint32_t>("max_idle_connections", static_cast<std::uint32_t>(o.max_idle_connections));
+  if (!idle) return idle.error();
+  o.max_idle_connections = *idle;
+  return {};
 }
 
 // The user's handler, with `fallback` as its executor when it has none, so

@@ -59,6 +59,7 @@
 #include <kvx/memory/segment_table.hpp>
 #include <kvx/transport/detail/then_handler.hpp>
 #include <kvx/transport/local.hpp>
+#include <kvx/transport/decorators/decorator.hpp>
 #include <kvx/transport/transport.hpp>
 
 namespace kvx::transport {
@@ -81,42 +82,26 @@ inline std::uint64_t chunked_xxh3(std::span<const std::byte> bytes, std::size_t 
 }  // namespace detail
 
 template <class T>
-class checksummed {
-  static_assert(check_transport<T>());
-
+class checksummed : public decorator<T> {
  public:
-  using transport_concept = transport_tag;
-  using inner_type = T;
-  using executor_type = decltype(std::declval<T&>().get_executor());
-  static constexpr transport_capabilities capabilities = T::capabilities;
-  static constexpr std::string_view name() noexcept { return T::name(); }
-
   //! Registers the scratch memory with the inner transport; throws
   //! `std::runtime_error` when that fails (a set-up failure).
   template <class... Args>
   explicit checksummed(checksummed_config cfg, Args&&... inner_args)
-      : inner_(std::forward<Args>(inner_args)...), cfg_(cfg) {
+      : decorator<T>(std::in_place, std::forward<Args>(inner_args)...), cfg_(cfg) {
     if (cfg_.scratch_chunk == 0 || cfg_.scratch_chunks == 0)
       throw std::invalid_argument("kvx: checksummed_config needs scratch_chunk > 0 and scratch_chunks > 0");
     scratch_.assign(cfg_.scratch_chunk * cfg_.scratch_chunks, std::byte{0});  // touched: pre-faulted
     scratch_seg_ = memory::local_segment{"kvx-checksum-scratch-" + std::to_string(memory::detail::random_u64()),
                                          memory::memory_region{scratch_.data(), scratch_.size()},
                                          memory::detail::random_u64(), memory::detail::random_u64()};
-    auto reg = inner_.register_memory(scratch_seg_);
+    auto reg = this->inner_.register_memory(scratch_seg_);
     if (!reg) throw std::runtime_error("kvx: checksummed<" + std::string(T::name()) + ">: " + reg.error().message());
     for (std::size_t i = 0; i < cfg_.scratch_chunks; ++i) free_.push_back(i);
   }
   checksummed(const checksummed&) = delete;
   checksummed& operator=(const checksummed&) = delete;
-  ~checksummed() { (void)inner_.deregister_memory(scratch_seg_); }
-
-  [[nodiscard]] executor_type get_executor() const noexcept { return inner_.get_executor(); }
-  T& inner() noexcept { return inner_; }
-  const T& inner() const noexcept { return inner_; }
-
-  result<nlohmann::json> register_memory(const memory::local_segment& s) { return inner_.register_memory(s); }
-  result<void> deregister_memory(const memory::local_segment& s) { return inner_.deregister_memory(s); }
-  [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& r) const { return inner_.can_transfer(r); }
+  ~checksummed() { (void)this->inner_.deregister_memory(scratch_seg_); }
 
   template <asio::completion_token_for<void(std::error_code)> CompletionToken>
   auto async_read(const memory::segment_descriptor& remote, std::uint64_t offset, std::span<std::byte> dst,
@@ -124,7 +109,7 @@ class checksummed {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(
         [this](auto handler, const memory::segment_descriptor& r, std::uint64_t off, std::span<std::byte> d) {
           auto rc = std::make_shared<memory::segment_descriptor>(r);
-          inner_.async_read(*rc, off, d,
+          this->inner_.async_read(*rc, off, d,
                             detail::make_then_handler(std::move(handler), [this, rc, off, d](auto h, std::error_code ec) {
                               if (ec) return std::move(h)(ec);
                               this->verify(std::move(h), std::move(rc), off, d.size(), detail::chunked_xxh3(d, this->cfg_.scratch_chunk));
@@ -140,7 +125,7 @@ class checksummed {
         [this](auto handler, const memory::segment_descriptor& r, std::uint64_t off, std::span<const std::byte> s) {
           auto rc = std::make_shared<memory::segment_descriptor>(r);
           const std::uint64_t expected = detail::chunked_xxh3(s, cfg_.scratch_chunk);
-          inner_.async_write(*rc, off, s,
+          this->inner_.async_write(*rc, off, s,
                              detail::make_then_handler(std::move(handler),
                                                        [this, rc, off, n = s.size(), expected](auto h, std::error_code ec) {
                                                          if (ec) return std::move(h)(ec);
@@ -221,7 +206,6 @@ class checksummed {
     w(chunk);
   }
 
-  T inner_;
   checksummed_config cfg_;
   std::vector<std::byte> scratch_;
   memory::local_segment scratch_seg_;

@@ -45,6 +45,7 @@
 #include <kvx/core/splitmix64.hpp>
 #include <kvx/transport/detail/then_handler.hpp>
 #include <kvx/transport/local.hpp>
+#include <kvx/transport/decorators/decorator.hpp>
 #include <kvx/transport/transport.hpp>
 
 namespace kvx::transport {
@@ -97,31 +98,17 @@ struct fault_counts {
 };
 
 template <class T>
-class faulty {
-  static_assert(check_transport<T>());
-
+class faulty : public decorator<T> {
  public:
-  using transport_concept = transport_tag;
-  using inner_type = T;
-  using executor_type = decltype(std::declval<T&>().get_executor());
-  static constexpr transport_capabilities capabilities = T::capabilities;
-  static constexpr std::string_view name() noexcept { return T::name(); }
-
   template <class... Args>
-  explicit faulty(faulty_config cfg, Args&&... inner_args) : inner_(std::forward<Args>(inner_args)...), cfg_(cfg), rng_(cfg.seed) {}
+  explicit faulty(faulty_config cfg, Args&&... inner_args)
+      : decorator<T>(std::in_place, std::forward<Args>(inner_args)...), cfg_(cfg), rng_(cfg.seed) {}
 
-  [[nodiscard]] executor_type get_executor() const noexcept { return inner_.get_executor(); }
-  T& inner() noexcept { return inner_; }
-  const T& inner() const noexcept { return inner_; }
   [[nodiscard]] const faulty_config& config() const noexcept { return cfg_; }
   [[nodiscard]] fault_counts counts() const {
     std::lock_guard lock(mutex_);
     return counts_;
   }
-
-  result<nlohmann::json> register_memory(const memory::local_segment& s) { return inner_.register_memory(s); }
-  result<void> deregister_memory(const memory::local_segment& s) { return inner_.deregister_memory(s); }
-  [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& r) const { return inner_.can_transfer(r); }
 
   template <asio::completion_token_for<void(std::error_code)> CompletionToken>
   auto async_read(const memory::segment_descriptor& remote, std::uint64_t offset, std::span<std::byte> dst,
@@ -178,9 +165,9 @@ class faulty {
   void run(Handler&& handler, const memory::segment_descriptor& r, std::uint64_t off, std::byte* p, std::size_t n,
            bool is_read) {
     if (is_read)
-      inner_.async_read(r, off, std::span<std::byte>(p, n), std::forward<Handler>(handler));
+      this->inner_.async_read(r, off, std::span<std::byte>(p, n), std::forward<Handler>(handler));
     else
-      inner_.async_write(r, off, std::span<const std::byte>(p, n), std::forward<Handler>(handler));
+      this->inner_.async_write(r, off, std::span<const std::byte>(p, n), std::forward<Handler>(handler));
   }
 
   template <class Handler>
@@ -191,7 +178,7 @@ class faulty {
       case fate::clean:
         return run(std::move(handler), r, off, p, n, is_read);
       case fate::down:
-        return kvx::detail::post_completion(inner_.get_executor(), std::move(handler), make_error_code(errc::connection_lost));
+        return kvx::detail::post_completion(this->inner_.get_executor(), std::move(handler), make_error_code(errc::connection_lost));
       case fate::drop:
         return after(std::move(handler), cfg_.drop_timeout, [this](auto h) {
           kvx::detail::post_completion(this->inner_.get_executor(), std::move(h), make_error_code(errc::timed_out));
@@ -203,7 +190,7 @@ class faulty {
       }
       case fate::disconnect: {
         if (n / 2 == 0)
-          return kvx::detail::post_completion(inner_.get_executor(), std::move(handler), make_error_code(errc::connection_lost));
+          return kvx::detail::post_completion(this->inner_.get_executor(), std::move(handler), make_error_code(errc::connection_lost));
         return run(detail::make_then_handler(std::move(handler),
                                              [](auto h, std::error_code ec) {
                                                std::move(h)(ec ? ec : make_error_code(errc::connection_lost));
@@ -232,7 +219,7 @@ class faulty {
   // Runs `then(handler)` after `d`, or completes with `cancelled` when the caller cancels first.
   template <class Handler, class Then>
   void after(Handler handler, std::chrono::microseconds d, Then then) {
-    auto timer = std::make_shared<asio::steady_timer>(inner_.get_executor(), d);
+    auto timer = std::make_shared<asio::steady_timer>(this->inner_.get_executor(), d);
     if (auto slot = asio::get_associated_cancellation_slot(handler); slot.is_connected())
       slot.assign([weak = std::weak_ptr<asio::steady_timer>(timer)](asio::cancellation_type_t) {
         if (auto t = weak.lock()) t->cancel();
@@ -246,7 +233,6 @@ class faulty {
     });
   }
 
-  T inner_;
   faulty_config cfg_;
   mutable std::mutex mutex_;
   std::uint64_t rng_;

@@ -32,6 +32,7 @@
 #include <kvx/core/metrics.hpp>
 #include <kvx/transport/detail/then_handler.hpp>
 #include <kvx/transport/local.hpp>
+#include <kvx/transport/decorators/decorator.hpp>
 #include <kvx/transport/transport.hpp>
 
 namespace kvx::transport {
@@ -43,36 +44,20 @@ struct metered_config {
 };
 
 template <class T>
-class metered {
-  static_assert(check_transport<T>());
-
+class metered : public decorator<T> {
  public:
-  using transport_concept = transport_tag;
-  using inner_type = T;
-  using executor_type = decltype(std::declval<T&>().get_executor());
-  static constexpr transport_capabilities capabilities = T::capabilities;
-  static constexpr std::string_view name() noexcept { return T::name(); }
-
   template <class... Args>
   explicit metered(metered_config cfg, Args&&... inner_args)
-      : inner_(std::forward<Args>(inner_args)...),
+      : decorator<T>(std::in_place, std::forward<Args>(inner_args)...),
         read_(*cfg.registry, cfg.label.empty() ? std::string(T::name()) : cfg.label, "read"),
         write_(*cfg.registry, cfg.label.empty() ? std::string(T::name()) : cfg.label, "write") {}
-
-  [[nodiscard]] executor_type get_executor() const noexcept { return inner_.get_executor(); }
-  T& inner() noexcept { return inner_; }
-  const T& inner() const noexcept { return inner_; }
-
-  result<nlohmann::json> register_memory(const memory::local_segment& s) { return inner_.register_memory(s); }
-  result<void> deregister_memory(const memory::local_segment& s) { return inner_.deregister_memory(s); }
-  [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& r) const { return inner_.can_transfer(r); }
 
   template <asio::completion_token_for<void(std::error_code)> CompletionToken>
   auto async_read(const memory::segment_descriptor& remote, std::uint64_t offset, std::span<std::byte> dst,
                   CompletionToken&& token) {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(
         [this](auto handler, const memory::segment_descriptor& r, std::uint64_t off, std::span<std::byte> d) {
-          inner_.async_read(r, off, d, wrap(std::move(handler), read_, d.size()));
+          this->inner_.async_read(r, off, d, wrap(std::move(handler), read_, d.size()));
         },
         token, std::cref(remote), offset, dst);
   }
@@ -82,7 +67,7 @@ class metered {
                    CompletionToken&& token) {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(
         [this](auto handler, const memory::segment_descriptor& r, std::uint64_t off, std::span<const std::byte> s) {
-          inner_.async_write(r, off, s, wrap(std::move(handler), write_, s.size()));
+          this->inner_.async_write(r, off, s, wrap(std::move(handler), write_, s.size()));
         },
         token, std::cref(remote), offset, src);
   }
@@ -117,7 +102,6 @@ class metered {
                                      });
   }
 
-  T inner_;
   op_metrics read_;
   op_metrics write_;
 };
