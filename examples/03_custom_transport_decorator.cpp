@@ -1,8 +1,12 @@
 // A user-written transport decorator in one short file: `counting<T>` counts
-// the bytes each direction moves and otherwise forwards to T. It opts in with
-// the transport tag, passes kvx::transport::check_transport, and passes the
-// transport conformance suite (tests/transport/custom_decorator_test.cpp
-// includes this file with KVX_EXAMPLE_NO_MAIN defined).
+// the bytes each direction moves and otherwise forwards to T. Its base,
+// kvx::transport::decorator<T>, owns T, opts in with the transport tag and
+// forwards executor, capabilities, name, registration and can_transfer (a
+// transport written from scratch declares those itself: docs/transfer.md);
+// it passes kvx::transport::check_transport and the transport conformance
+// suite (tests/transport/custom_decorator_test.cpp includes this file with
+// KVX_EXAMPLE_NO_MAIN defined).
+#include <kvx/transport/decorators/decorator.hpp>
 #include <kvx/transport/local.hpp>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -13,19 +17,10 @@
 namespace example {
 
 template <class T>
-class counting {
+class counting : public kvx::transport::decorator<T> {
  public:
-  using transport_concept = kvx::transport::transport_tag;  // opts in
-  static constexpr kvx::transport::transport_capabilities capabilities = T::capabilities;
-  static constexpr std::string_view name() noexcept { return T::name(); }  // reuse T's descriptor entry
-
   template <class... Args>
-  explicit counting(Args&&... args) : inner_(std::forward<Args>(args)...) {}
-
-  auto get_executor() const { return inner_.get_executor(); }
-  kvx::result<nlohmann::json> register_memory(const kvx::memory::local_segment& s) { return inner_.register_memory(s); }
-  kvx::result<void> deregister_memory(const kvx::memory::local_segment& s) { return inner_.deregister_memory(s); }
-  std::error_code can_transfer(const kvx::memory::segment_descriptor& r) const { return inner_.can_transfer(r); }
+  explicit counting(Args&&... args) : kvx::transport::decorator<T>(std::in_place, std::forward<Args>(args)...) {}
 
   // T does the work (it never completes inline and honours cancellation); the
   // wrapper counts after success and keeps the caller's executor and cancellation slot.
@@ -33,7 +28,7 @@ class counting {
   auto async_read(const kvx::memory::segment_descriptor& r, std::uint64_t off, std::span<std::byte> dst, Token&& token) {
     return kvx::asio::async_initiate<Token, void(std::error_code)>(
         [this, &r, off, dst](auto handler) {
-          inner_.async_read(r, off, dst, count(std::move(handler), read_, dst.size()));
+          this->inner().async_read(r, off, dst, count(std::move(handler), read_, dst.size()));
         },
         token);
   }
@@ -41,7 +36,7 @@ class counting {
   auto async_write(const kvx::memory::segment_descriptor& r, std::uint64_t off, std::span<const std::byte> src, Token&& token) {
     return kvx::asio::async_initiate<Token, void(std::error_code)>(
         [this, &r, off, src](auto handler) {
-          inner_.async_write(r, off, src, count(std::move(handler), written_, src.size()));
+          this->inner().async_write(r, off, src, count(std::move(handler), written_, src.size()));
         },
         token);
   }
@@ -52,7 +47,7 @@ class counting {
  private:
   template <class Handler>
   auto count(Handler h, std::atomic<std::uint64_t>& n, std::size_t len) {
-    auto ex = kvx::asio::get_associated_executor(h, inner_.get_executor());
+    auto ex = kvx::asio::get_associated_executor(h, this->get_executor());
     auto slot = kvx::asio::get_associated_cancellation_slot(h);
     return kvx::asio::bind_cancellation_slot(
         slot, kvx::asio::bind_executor(ex, [h = std::move(h), &n, len](std::error_code ec) mutable {
@@ -60,7 +55,6 @@ class counting {
           std::move(h)(ec);
         }));
   }
-  T inner_;
   std::atomic<std::uint64_t> read_{0}, written_{0};
 };
 
