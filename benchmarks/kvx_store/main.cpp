@@ -76,7 +76,8 @@ const char* const master_usage =
     "engines' metadata over HTTP), tick_ms, put_lease_ms, read_lease_ms, node_timeout_ms, high_watermark,\n"
     "low_watermark, max_object_size, eviction (lru|s3fifo|sieve), placement (random|locality),\n"
     "tenant_quota ({\"tenant\": bytes}), log_level, election ({\"address\": ETCD, \"prefix\", \"role\",\n"
-    "\"advertise\", \"ttl_ms\", \"poll_interval_ms\", \"takeover_grace_ms\"}: campaign on etcd, serve while leading).\n";
+    "\"advertise\", \"ttl_ms\", \"poll_interval_ms\", \"takeover_grace_ms\"}: campaign on etcd, serve while leading),\n"
+    "recover_objects (default: true with election: nodes keep ledgers so objects survive a failover).\n";
 
 const char* const node_usage =
     "usage: kvx-store node --config F.json [--die-with-parent]\n"

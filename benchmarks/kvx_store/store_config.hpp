@@ -158,7 +158,7 @@ inline result<master_settings> parse_master(const json& doc) {
   kvx::config::view v(doc);
   KVX_TRY(v.allow_only({"listen", "metadata_server", "tick_ms", "put_lease_ms", "read_lease_ms", "node_timeout_ms",
                         "high_watermark", "low_watermark", "max_object_size", "eviction", "placement", "tenant_quota",
-                        "log_level", "election"}));
+                        "log_level", "election", "recover_objects"}));
   master_settings s;
   auto listen = v.required<std::string>("listen");
   KVX_TRY(listen);
@@ -229,6 +229,10 @@ inline result<master_settings> parse_master(const json& doc) {
     KVX_TRY(election);
     s.election = std::move(*election);
   }
+  // Ledgers cost a checksum per put: on by default where a failover can happen.
+  auto recover = v.optional<bool>("recover_objects", s.election.has_value());
+  KVX_TRY(recover);
+  s.state.recover_objects = *recover;
   return s;
 }
 

@@ -66,6 +66,7 @@ struct options {
   bool redis = true;
   std::string redis_bin_dir;  // where redis-server and redis-benchmark are; empty: PATH
   std::string json_out;
+  bool recover_objects = false;  // ledgers for failover (a checksum per put, changes on heartbeats)
 };
 
 struct figures {
@@ -162,7 +163,9 @@ struct kvx_run {
     kvx::transfer::embedded_metadata meta(server_io.get_executor());
     kvx::transfer::embedded_metadata client_meta(client_io.get_executor());
     kvx::metrics::registry registry;
-    state_type state({}, {}, registry);
+    kvx::store::master_config config;
+    config.recover_objects = o.recover_objects;
+    state_type state(config, {}, registry);
     kvx::store::master_server<state_type> master(server_io.get_executor(), state);
     KVX_TRY(master.start());
     std::vector<std::shared_ptr<void>> keep;
@@ -405,12 +408,13 @@ kvx::result<std::pair<figures, figures>> run_kvx(const options& o, std::uint64_t
 int usage(int rc) {
   std::puts(
       "usage: store_bench [--transport tcp|shm|ucx] [--ucx-tls TLS] [--sizes 4K,64K,1M,16M] [--clients 1,4] [--ops N]\n"
-      "                   [--no-redis] [--redis-bin-dir DIR] [--json OUT]\n"
+      "                   [--no-redis] [--redis-bin-dir DIR] [--recover-objects] [--json OUT]\n"
       "Put and get values through the kvx store (master + 2 nodes + N clients; one outstanding op per client)\n"
       "and, in the same run, Redis SET/GET with redis-benchmark at the same sizes and client counts.\n"
       "--transport ucx: every party through kvx::transport::ucx (built with UCX only); --ucx-tls: its UCX_TLS (default tcp).\n"
       "--ops: operations per client per size (default: enough to move ~256 MiB, 32 to 5000).\n"
       "--redis-bin-dir: where redis-server and redis-benchmark are (default: found through PATH).\n"
+      "--recover-objects: the master keeps the nodes' ledgers (master_config::recover_objects): writers checksum each value.\n"
       "--json: every row (transport, op, size, clients, kvx and redis figures, ratio) as a JSON array.");
   return rc;
 }
@@ -452,6 +456,8 @@ int main(int argc, char** argv) {
       o.redis = false;
     } else if (a == "--redis-bin-dir") {
       o.redis_bin_dir = value();
+    } else if (a == "--recover-objects") {
+      o.recover_objects = true;
     } else if (a == "--json") {
       o.json_out = value();
     } else {

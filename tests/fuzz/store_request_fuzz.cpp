@@ -12,7 +12,9 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   kvx::metrics::registry registry;
-  kvx::store::master_state<kvx::cache::eviction::lru> state({}, {}, registry);
+  kvx::store::master_config config;
+  config.recover_objects = true;  // ledgers on heartbeats, checksums on commits, `recover` reports
+  kvx::store::master_state<kvx::cache::eviction::lru> state(config, {}, registry);
   kvx::store::master_handler<kvx::store::master_state<kvx::cache::eviction::lru>> handler(state);
   auto now = kvx::store::clock::time_point{};
   (void)state.add_segment({"s0", "n0", 1 << 20, "dram"}, now);

@@ -11,6 +11,33 @@ namespace km = kvx::memory;
 
 static_assert(km::allocator<km::offset_allocator>);
 static_assert(km::check_allocator<km::offset_allocator>());
+static_assert(km::allocator_with_placement<km::offset_allocator>);
+
+TEST(OffsetAllocator, AllocateAtTakesExactlyTheNamedFreeRange) {
+  km::offset_allocator a(16 * 1024, 1024);
+  auto x = a.allocate_at(4096, 1000);
+  ASSERT_TRUE(x);
+  EXPECT_EQ(*x, (km::allocation{4096, 1024}));
+  EXPECT_EQ(a.free_bytes(), 15U * 1024);
+  EXPECT_EQ(a.free_ranges(), 2U) << "the free range split around it";
+  EXPECT_FALSE(a.allocate_at(4096, 1)) << "taken";
+  EXPECT_FALSE(a.allocate_at(3072, 2048)) << "overlaps the taken range";
+  EXPECT_FALSE(a.allocate_at(100, 10)) << "not on a granule: nothing handed out starts there";
+  EXPECT_FALSE(a.allocate_at(15 * 1024, 2048)) << "runs past the end";
+  EXPECT_FALSE(a.allocate_at(~std::uint64_t{0} - 1023, 1024)) << "offset far past the end";
+  auto y = a.allocate_at(0, 4096);  // the whole range below x
+  ASSERT_TRUE(y);
+  auto z = a.allocate_at(5120, 11 * 1024);  // the whole range above x
+  ASSERT_TRUE(z);
+  EXPECT_EQ(a.free_bytes(), 0U);
+  EXPECT_EQ(a.free_ranges(), 0U);
+  a.deallocate(*x);
+  a.deallocate(*y);
+  a.deallocate(*z);
+  EXPECT_EQ(a.free_ranges(), 1U) << "ranges from allocate_at coalesce like any other";
+  EXPECT_EQ(a.largest_free_block(), 16U * 1024);
+  EXPECT_THROW((void)a.allocate_at(0, 0), std::invalid_argument);
+}
 
 TEST(OffsetAllocator, HandsOutGranuleRoundedAlignedRanges) {
   km::offset_allocator a(1 << 20, 256);

@@ -166,6 +166,24 @@ class MasterFailover : public ::testing::Test {
     });
   }
 
+  // The leader (masters.front(), for the test to destroy), a standby, two
+  // nodes and a writer and a reader, all following whichever leads.
+  struct failover_cast {
+    master_type& standby;
+    kvx::store::store_node<engine_type>& node_a;
+    kvx::store::store_node<engine_type>& node_b;
+    client_party writer;
+    client_party reader;
+  };
+  failover_cast leader_standby_nodes_and_clients() {
+    add_master();
+    EXPECT_TRUE(run_until([&] { return masters.front()->is_leader(); }));
+    auto& standby = add_master();
+    auto& node_a = add_node("node-a", 2 << 20);
+    auto& node_b = add_node("node-b", 2 << 20);
+    return {standby, node_a, node_b, add_client("writer", 1 << 20), add_client("reader", 1 << 20)};
+  }
+
   static inline std::unique_ptr<kvx::test::etcd_server> server_;
   asio::io_context io;
   std::string prefix_;
@@ -204,51 +222,95 @@ TEST_F(MasterFailover, OneMasterLeadsAndTheStandbyRefusesWithAClearError) {
 }
 
 TEST_F(MasterFailover, ClientsAndNodesFollowTheStandbyWhenTheLeaderDies) {
-  masters.push_back(nullptr);  // slot of the leader, destroyed mid-test
-  masters.front() = std::make_unique<master_type>(
-      *etcd_,
-      kvx::store::elected_master_config{.server = {.address = "127.0.0.1", .port = 0, .tick_interval = 50ms},
-                                        .election = {.ttl = 1s, .poll_interval = 50ms}},
-      [this] { return std::make_unique<state_type>(config_, kvx::store::placement::random_with_capacity{}, registry); });
-  ASSERT_TRUE(masters.front()->start());
-  ASSERT_TRUE(run_until([&] { return masters.front()->is_leader(); }));
-  auto& b = add_master();
-
-  auto& node_a = add_node("node-a", 2 << 20);
-  auto& node_b = add_node("node-b", 2 << 20);
-  auto writer = add_client("writer", 1 << 20);
-  auto reader = add_client("reader", 1 << 20);
-  auto first = std::span(writer.buffer).first(200000);
+  auto cast = leader_standby_nodes_and_clients();
+  ASSERT_TRUE(masters.front()->is_leader());
+  auto first = std::span(cast.writer.buffer).first(200000);
   kvx::testing::fill_random(first, 1);
-  ASSERT_FALSE(put_through_failover(writer, "before", first)) << "after the takeover grace";
-  auto [ec, n] = get(reader, "before", reader.buffer);
+  ASSERT_FALSE(put_through_failover(cast.writer, "before", first)) << "after the takeover grace";
+  auto [ec, n] = get(cast.reader, "before", cast.reader.buffer);
   ASSERT_FALSE(ec) << ec.message();
   ASSERT_EQ(n, first.size());
-  EXPECT_TRUE(std::equal(first.begin(), first.end(), reader.buffer.begin()));
+  EXPECT_TRUE(std::equal(first.begin(), first.end(), cast.reader.buffer.begin()));
 
   // The leader dies: no resignation, its lease runs out (TTL 1 s).
   masters.front().reset();
-  ASSERT_TRUE(run_until([&] { return b.is_leader(); }, 5s)) << "the standby takes over within the TTL plus polling";
-  ASSERT_TRUE(run_until([&] { return node_a.reregistrations() > 0 && node_b.reregistrations() > 0; }, 3s))
+  ASSERT_TRUE(run_until([&] { return cast.standby.is_leader(); }, 5s)) << "the standby takes over within the TTL plus polling";
+  ASSERT_TRUE(run_until([&] { return cast.node_a.reregistrations() > 0 && cast.node_b.reregistrations() > 0; }, 3s))
       << "the nodes register again with the new master";
-  ASSERT_TRUE(b.state());
-  EXPECT_EQ(b.state()->nodes().size(), 2u);
-  EXPECT_EQ(b.state()->capacity_bytes(), std::uint64_t{4} << 20) << "their whole segments, empty";
+  ASSERT_TRUE(cast.standby.state());
+  EXPECT_EQ(cast.standby.state()->nodes().size(), 2u);
+  EXPECT_EQ(cast.standby.state()->capacity_bytes(), std::uint64_t{4} << 20) << "their whole segments, empty";
 
   // The same client objects, through the same engines.
-  std::tie(ec, n) = get(reader, "before", reader.buffer);
+  std::tie(ec, n) = get(cast.reader, "before", cast.reader.buffer);
   EXPECT_EQ(ec, kvx::errc::not_found) << "objects do not survive a failover (docs/store.md): a miss, never stale bytes";
-  auto second = std::span(writer.buffer).subspan(200000, 300000);
+  auto second = std::span(cast.writer.buffer).subspan(200000, 300000);
   kvx::testing::fill_random(second, 2);
   std::vector<std::error_code> seen;
-  ASSERT_FALSE(put_through_failover(writer, "after", second, &seen));
-  std::fill(reader.buffer.begin(), reader.buffer.end(), std::byte{0});
-  std::tie(ec, n) = get(reader, "after", reader.buffer);
+  ASSERT_FALSE(put_through_failover(cast.writer, "after", second, &seen));
+  std::fill(cast.reader.buffer.begin(), cast.reader.buffer.end(), std::byte{0});
+  std::tie(ec, n) = get(cast.reader, "after", cast.reader.buffer);
   ASSERT_FALSE(ec) << ec.message();
   ASSERT_EQ(n, second.size());
-  EXPECT_TRUE(std::equal(second.begin(), second.end(), reader.buffer.begin()));
-  EXPECT_EQ(b.state()->object_count(), 1u);
+  EXPECT_TRUE(std::equal(second.begin(), second.end(), cast.reader.buffer.begin()));
+  EXPECT_EQ(cast.standby.state()->object_count(), 1u);
   for (auto e : seen) EXPECT_EQ(e, kvx::errc::busy) << "once the standby led, only its grace held puts back: " << e.message();
+}
+
+// master_config::recover_objects: the nodes' ledgers bring the old leader's
+// objects back; one whose bytes changed (as if its range had been reused by
+// a put whose removal the node never heard of) and one removed do not.
+TEST_F(MasterFailover, WithLedgersTheOldLeadersObjectsComeBackUnlessTheirBytesChanged) {
+  config_.recover_objects = true;
+  auto cast = leader_standby_nodes_and_clients();
+  ASSERT_TRUE(masters.front()->is_leader());
+  auto kept = std::span(cast.writer.buffer).first(200000);
+  auto clobbered = std::span(cast.writer.buffer).subspan(200000, 100000);
+  auto removed = std::span(cast.writer.buffer).subspan(300000, 50000);
+  kvx::testing::fill_random(cast.writer.buffer, 3);
+  ASSERT_FALSE(put_through_failover(cast.writer, "kept", kept));
+  ASSERT_FALSE(put_through_failover(cast.writer, "clobbered", clobbered));
+  ASSERT_FALSE(put_through_failover(cast.writer, "removed", removed));
+  auto admin = following_client();
+  auto [rec, rbody] = call(*admin, {{"op", "remove"}, {"tenant", "t"}, {"key", "removed"}});
+  ASSERT_FALSE(rec) << rec.message() << rbody.dump();
+  const auto listed = masters.front()->state()->objects("t", 10, kvx::store::clock::now());
+  auto at = std::find_if(listed.begin(), listed.end(), [](const auto& o) { return o.key.key == "clobbered"; });
+  ASSERT_NE(at, listed.end());
+  ASSERT_EQ(at->replicas.size(), 1u);
+  run_for(300ms);  // a few heartbeats: the ledgers reach the nodes
+
+  const auto& where = at->replicas[0];
+  auto& arena = arenas[where.node == "node-a" ? 0 : 1];
+  arena.data()[where.offset + 777] ^= std::byte{0x5a};
+  masters.front().reset();
+  ASSERT_TRUE(run_until([&] { return cast.standby.is_leader(); }, 5s));
+  ASSERT_TRUE(run_until([&] { return cast.node_a.recovered() + cast.node_b.recovered() >= 1 &&
+                                     cast.node_a.recovery_mismatches() + cast.node_b.recovery_mismatches() >= 1; }, 5s))
+      << "after the grace (300 ms) the nodes report what their ledgers name and still match";
+  EXPECT_EQ(cast.node_a.recovered() + cast.node_b.recovered(), 1u);
+  EXPECT_EQ(cast.node_a.recovery_mismatches() + cast.node_b.recovery_mismatches(), 1u);
+  ASSERT_TRUE(cast.standby.state());
+  EXPECT_EQ(cast.standby.state()->object_count(), 1u);
+
+  std::fill(cast.reader.buffer.begin(), cast.reader.buffer.end(), std::byte{0});
+  auto [ec, n] = get(cast.reader, "kept", cast.reader.buffer);
+  ASSERT_FALSE(ec) << ec.message();
+  ASSERT_EQ(n, kept.size());
+  EXPECT_TRUE(std::equal(kept.begin(), kept.end(), cast.reader.buffer.begin())) << "byte-exact through the new master";
+  std::tie(ec, n) = get(cast.reader, "clobbered", cast.reader.buffer);
+  EXPECT_EQ(ec, kvx::errc::not_found) << "changed bytes are never served";
+  std::tie(ec, n) = get(cast.reader, "removed", cast.reader.buffer);
+  EXPECT_EQ(ec, kvx::errc::not_found) << "the removal reached the ledger";
+  // The pool goes on: a new put lands beside what was taken back.
+  auto after = std::span(cast.writer.buffer).subspan(400000, 300000);
+  ASSERT_FALSE(put_through_failover(cast.writer, "after", after));
+  std::tie(ec, n) = get(cast.reader, "after", cast.reader.buffer);
+  ASSERT_FALSE(ec) << ec.message();
+  EXPECT_TRUE(std::equal(after.begin(), after.end(), cast.reader.buffer.begin()));
+  std::tie(ec, n) = get(cast.reader, "kept", cast.reader.buffer);
+  ASSERT_FALSE(ec);
+  EXPECT_TRUE(std::equal(kept.begin(), kept.end(), cast.reader.buffer.begin()));
 }
 
 TEST_F(MasterFailover, ResignHandsOverAtOnceAndNoLeaderIsUnreachable) {

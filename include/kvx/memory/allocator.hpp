@@ -21,7 +21,11 @@
 //! | `ca.largest_free_block()` | `std::uint64_t` | the largest `n` that `allocate(n, 1)` can currently satisfy |
 //!
 //! Optional: `ca.granted_size(n)` -> `std::uint64_t`, the size an allocation
-//! of `n` bytes occupies, so an owner can account for rounding up front.
+//! of `n` bytes occupies, so an owner can account for rounding up front; and
+//! `a.allocate_at(offset, n)` -> `std::optional<allocation>`, exactly the
+//! range `[offset, offset + granted)` if all of it is free, else
+//! `std::nullopt` (the store master rebuilds its books from what nodes
+//! report after a failover with it: `allocator_with_placement`).
 //!
 //! Thread safety: none; the owner (a tier, a store segment) serializes calls.
 //! No call blocks; costs are O(log n) in the number of free ranges for
@@ -65,6 +69,10 @@ concept has_allocator_stats = requires(const A& a) {
   { a.free_bytes() } -> std::convertible_to<std::uint64_t>;
   { a.largest_free_block() } -> std::convertible_to<std::uint64_t>;
 };
+template <class A>
+concept has_allocate_at = requires(A& a, std::uint64_t n) {
+  { a.allocate_at(n, n) } -> std::same_as<std::optional<allocation>>;
+};
 }  // namespace detail
 
 //! `A` carves `[0, capacity)` into allocations; see the requirements table above.
@@ -85,6 +93,10 @@ constexpr bool check_allocator() {
                 "kvx: allocator A lacks capacity(), free_bytes() or largest_free_block() (const, -> std::uint64_t)");
   return allocator<A>;
 }
+
+//! An allocator that can also hand out a range named by its offset.
+template <class A>
+concept allocator_with_placement = allocator<A> && detail::has_allocate_at<A>;
 
 namespace detail {
 constexpr bool is_pow2(std::uint64_t v) noexcept { return v != 0 && (v & (v - 1)) == 0; }

@@ -66,6 +66,26 @@ class offset_allocator {
     return std::nullopt;
   }
 
+  //! Exactly `[offset, offset + granted_size(size))` if every byte of it is
+  //! free; `std::nullopt` if any is taken, it runs past the end, or `offset`
+  //! is not a multiple of the granule (no range handed out starts there).
+  [[nodiscard]] std::optional<allocation> allocate_at(std::uint64_t offset, std::uint64_t size) {
+    if (size == 0) throw std::invalid_argument("kvx: offset_allocator::allocate_at of 0 bytes");
+    const std::uint64_t need = detail::align_up(size, granule_);
+    if (offset % granule_ != 0 || offset > capacity_ || need > capacity_ - offset || need < size) return std::nullopt;
+    auto it = by_offset_.upper_bound(offset);
+    if (it == by_offset_.begin()) return std::nullopt;
+    --it;  // the free range starting at or before `offset`
+    const auto [off, len] = *it;
+    if (off + len < offset + need) return std::nullopt;
+    by_size_.erase({len, off});
+    by_offset_.erase(it);
+    if (offset > off) insert_free(off, offset - off);
+    if (offset + need < off + len) insert_free(offset + need, off + len - offset - need);
+    free_bytes_ -= need;
+    return allocation{offset, need};
+  }
+
   void deallocate(const allocation& x) {
     if (x.size == 0 || x.offset % granule_ != 0 || x.size % granule_ != 0 || x.offset > capacity_ ||
         x.size > capacity_ - x.offset)

@@ -16,8 +16,11 @@
 //! What a new leader knows (docs/store.md, "Master failover"): nothing from
 //! its predecessor. Nodes find it through the lookup and re-register their
 //! segments on their next heartbeat (the new master answers the heartbeat of
-//! a node it does not know with `not_found`); objects of the old master are
-//! gone (the pool is a cache: a miss means recompute). For `takeover_grace`
+//! a node it does not know with `not_found`). Objects of the old master are
+//! gone (the pool is a cache: a miss means recompute) unless the state keeps
+//! ledgers (`master_config::recover_objects`): then each node, once the
+//! grace is over, reports the objects its ledger names whose bytes still
+//! match their writer's checksum, and the new master takes them back. For `takeover_grace`
 //! (default: the state's `put_lease`) it refuses `put_start` with
 //! `errc::busy`: writers and readers holding the old master's allocations
 //! may still be moving bytes into or out of the ranges it would hand out.
@@ -195,6 +198,9 @@ class elected_master {
       const auto grace = config.takeover_grace.value_or(
           std::chrono::duration_cast<std::chrono::milliseconds>(state->config().put_lease));
       const auto since = clock::now();
+      // Nodes' reports of what they hold (master_config::recover_objects)
+      // wait out the grace too: until then old writers may change the bytes.
+      if constexpr (requires { state->hold_recovery_until(since + grace); }) state->hold_recovery_until(since + grace);
       auto admit = [since, grace](const protocol::request& r) -> result<void> {
         if (r.op != "put_start") return {};
         const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(clock::now() - since);

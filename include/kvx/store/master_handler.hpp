@@ -76,11 +76,13 @@ class master_handler {
       auto host = v.optional<std::string>("host", "");
       KVX_TRY(host);
       KVX_TRY(state_.add_segment({*seg, *node, *cap, *tier, *host}, now));
-      return json::object();
+      return json{{"recover_after_ms", ms_until(now + state_.recovery_wait(*node, now), now)}};
     }
     if (op == "heartbeat") {
       auto node = v.required<std::string>("node");
       KVX_TRY(node);
+      auto ack = v.optional<std::uint64_t>("ledger_ack", 0);
+      KVX_TRY(ack);
       KVX_TRY(state_.heartbeat(*node, now));
       json tasks = json::array();
       auto& queue = tasks_[*node];
@@ -88,7 +90,28 @@ class master_handler {
         tasks.push_back({{"tenant", t.key.tenant}, {"key", t.key.key}, {"put_id", t.put_id},
                          {"source", protocol::to_json(t.source)}, {"target", protocol::to_json(t.target)}});
       queue.clear();
-      return json{{"tasks", std::move(tasks)}};
+      auto changes = state_.ledger_since(*node, *ack, max_ledger_changes);
+      KVX_TRY(changes);
+      json ledger = json::array();
+      for (const auto& c : *changes) ledger.push_back(protocol::to_json(c));
+      return json{{"tasks", std::move(tasks)}, {"ledger", std::move(ledger)}};
+    }
+    if (op == "recover") {
+      auto node = v.required<std::string>("node");
+      KVX_TRY(node);
+      const auto& list = req.body.contains("objects") ? req.body["objects"] : json();
+      if (!list.is_array() || list.size() > max_recover_entries)
+        return error{errc::malformed_message, "field 'recover.objects' must be an array of at most " +
+                                                  std::to_string(max_recover_entries) + " ledger entries"};
+      std::vector<ledger_entry> entries;
+      for (std::size_t i = 0; i < list.size(); ++i) {
+        auto e = protocol::ledger_entry_from_json(list[i], "recover.objects[" + std::to_string(i) + "]");
+        KVX_TRY(e);
+        entries.push_back(std::move(*e));
+      }
+      auto report = state_.recover(*node, entries, now);
+      KVX_TRY(report);
+      return json{{"objects", report->objects}, {"replicas", report->replicas}, {"rejected", report->rejected}};
     }
     if (op == "stats")
       return json{{"used", state_.used_bytes()}, {"capacity", state_.capacity_bytes()},
@@ -124,12 +147,21 @@ class master_handler {
       KVX_TRY(t);
       json reps = json::array();
       for (const auto& r : t->replicas) reps.push_back(protocol::to_json(r));
-      return json{{"put_id", t->put_id}, {"replicas", std::move(reps)}, {"deadline_ms", ms_until(t->deadline, now)}};
+      return json{{"put_id", t->put_id}, {"replicas", std::move(reps)}, {"deadline_ms", ms_until(t->deadline, now)},
+                  {"checksum", state_.config().recover_objects}};
     }
     if (op == "put_commit" || op == "put_abort" || op == "replication_done") {
       auto id = v.required<std::uint64_t>("put_id");
       KVX_TRY(id);
-      if (op == "put_commit") KVX_TRY(state_.put_commit(*key, *id, now));
+      if (op == "put_commit") {
+        std::optional<std::uint64_t> checksum;
+        if (req.body.contains("checksum")) {
+          auto c = v.required<std::uint64_t>("checksum");
+          KVX_TRY(c);
+          checksum = *c;
+        }
+        KVX_TRY(state_.put_commit(*key, *id, now, checksum));
+      }
       if (op == "put_abort") KVX_TRY(state_.put_abort(*key, *id));
       if (op == "replication_done") {
         if (!req.body.contains("target")) return error{errc::malformed_message, "field 'replication_done.target' is required"};
@@ -216,6 +248,11 @@ class master_handler {
     }
     return std::nullopt;
   }
+
+  // Bound the frames: a heartbeat answer carries this many ledger changes at
+  // most (the rest come with the next ones), a report this many entries.
+  static constexpr std::size_t max_ledger_changes = 4096;
+  static constexpr std::size_t max_recover_entries = 10000;
 
   MasterState& state_;
   std::map<std::string, std::deque<replication_task>> tasks_;

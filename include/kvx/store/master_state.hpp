@@ -22,12 +22,18 @@
 //!   dropped: its replicas are forgotten, objects left with none are lost
 //!   (reported), objects left with fewer than asked get re-replication tasks.
 //! - **Quotas** per tenant, in bytes.
+//! - **Recovery** (`recover_objects`): each node is told, with its heartbeat
+//!   answers, which committed objects its segment holds (a ledger; the
+//!   writer's checksum comes with each); after a failover the nodes check
+//!   those checksums against their bytes and report the objects that pass,
+//!   and a new master takes them back (`recover`).
 //!
 //! Not thread-safe: one owner serializes calls.
 
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -58,6 +64,13 @@ struct master_config {
   std::uint64_t alignment = 64;  //!< replica offsets are multiples of this
   std::uint64_t max_object_size = std::uint64_t{64} << 30;
   std::map<std::string, std::uint64_t> tenant_quota;  //!< bytes per tenant; absent = unlimited
+  //! Keep each node's ledger of its committed objects (sent with heartbeat
+  //! answers; writers send a checksum with each commit) so that a new master
+  //! takes the objects back from the nodes' reports after a failover.
+  bool recover_objects = false;
+  //! Ledger changes kept per node until it acknowledges them; past this the
+  //! oldest are dropped and the node, seeing the gap, forgets its ledger.
+  std::size_t ledger_backlog = std::size_t{1} << 20;
 };
 
 struct put_options {
@@ -84,6 +97,13 @@ struct replication_task {
   replica_location source;
   replica_location target;
   std::uint64_t put_id = 0;  //!< commit with `replication_done(key, put_id, target)`
+};
+
+//! What `master_state::recover` did with a node's report.
+struct recovery_report {
+  std::size_t objects = 0;   //!< objects taken back
+  std::size_t replicas = 0;  //!< further copies of objects already taken back (from other nodes)
+  std::vector<std::string> rejected;  //!< one line per entry not taken, saying why
 };
 
 struct tick_report {
@@ -182,6 +202,59 @@ class master_state {
     return report;
   }
 
+  // --- recovery (recover_objects) ------------------------------------------
+
+  //! Ledger changes for `node` after `ack` (the last one it applied), at
+  //! most `max`; those up to `ack` are forgotten.
+  result<std::vector<ledger_event>> ledger_since(const std::string& node, std::uint64_t ack, std::size_t max) {
+    auto it = nodes_.find(node);
+    if (it == nodes_.end()) return error{errc::not_found, "ledger of unknown node '" + node + "'"};
+    auto& q = it->second.ledger;
+    while (!q.empty() && q.front().seq <= ack) q.pop_front();
+    return std::vector<ledger_event>(q.begin(), q.begin() + static_cast<std::ptrdiff_t>(std::min(max, q.size())));
+  }
+
+  //! Reports are refused (`busy`) before `t`: until then writers holding a
+  //! previous master's allocations may still change the bytes a node checks.
+  void hold_recovery_until(clock::time_point t) noexcept { recovery_from_ = t; }
+  //! How long `node` must wait before reporting: the hold above, and for a
+  //! node this master dropped, a put lease from the drop (writers holding
+  //! tickets for its ranges may still write them).
+  [[nodiscard]] clock::duration recovery_wait(const std::string& node, clock::time_point now) const {
+    auto from = recovery_from_;
+    if (auto d = dropped_at_.find(node); d != dropped_at_.end()) from = std::max(from, d->second + config_.put_lease);
+    return from > now ? from - now : clock::duration::zero();
+  }
+
+  //! Takes back the objects `node` reports (its ledger, checksums already
+  //! checked against its bytes). Per entry: a key this master does not hold
+  //! becomes a committed object on exactly the reported range; a further copy
+  //! of an object already taken back (same put, size and checksum) becomes
+  //! one more replica; a newer version (higher put id) replaces one taken
+  //! back earlier and not leased. Refused, with the reason in the report: a
+  //! segment not the node's, a range outside it or already allocated, an
+  //! older version, or any key a put of this master wrote.
+  result<recovery_report> recover(const std::string& node, std::span<const ledger_entry> entries, clock::time_point now) {
+    if (!config_.recover_objects)
+      return error{errc::invalid_argument, "recover: this master does not recover objects (recover_objects is off)"};
+    if (!nodes_.count(node)) return error{errc::not_found, "recover: unknown node '" + node + "'"};
+    if (const auto wait = recovery_wait(node, now); wait > clock::duration::zero())
+      return error{errc::busy, "recover: reports are taken in " +
+                                   std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(wait).count()) +
+                                   " ms (writers holding earlier tickets may still change the bytes)"};
+    if constexpr (!memory::allocator_with_placement<Allocator>) {
+      return error{errc::not_supported, "recover: the segment allocator cannot allocate a named range (allocate_at)"};
+    } else {
+      recovery_report report;
+      for (const auto& e : entries) {
+        auto why = take_back(node, e, now, report);
+        if (!why.empty()) report.rejected.push_back(e.key.full() + " put " + std::to_string(e.put_id) + ": " + why);
+      }
+      m_used_.set(static_cast<double>(used_));
+      return report;
+    }
+  }
+
   // --- objects -------------------------------------------------------------
 
   result<put_ticket> put_start(const object_key& key, std::uint64_t size, const put_options& opt,
@@ -226,7 +299,10 @@ class master_state {
     return t;
   }
 
-  result<void> put_commit(const object_key& key, std::uint64_t put_id, clock::time_point now) {
+  //! `checksum`: XXH3-64 of the bytes written (with `recover_objects`, an
+  //! object committed without one is not in the nodes' ledgers).
+  result<void> put_commit(const object_key& key, std::uint64_t put_id, clock::time_point now,
+                          std::optional<std::uint64_t> checksum = std::nullopt) {
     auto it = objects_.find(key);
     if (it == objects_.end() || it->second.put_id != put_id || it->second.committed)
       return error{errc::not_found, "commit '" + key.full() + "' put " + std::to_string(put_id) +
@@ -236,9 +312,9 @@ class master_state {
       return error{errc::timed_out, "commit '" + key.full() + "': put lease expired; space reclaimed"};
     }
     it->second.committed = true;
-    it->second.eviction_id = ++next_eviction_id_;
-    eviction_keys_.emplace(it->second.eviction_id, key);
-    eviction_.on_insert(evict_key(it->second.eviction_id), cache::access_context{tick_++, cache::never, it->second.size});
+    it->second.checksum = checksum;
+    track(it);
+    announce(it->first, it->second, it->second.replicas, true);
     m_puts_.add();
     evict_until(target_after_watermark(), now);
     return {};
@@ -304,6 +380,7 @@ class master_state {
     auto it = objects_.find(key);
     if (it == objects_.end()) return error{errc::not_found, "pin '" + key.full() + "'"};
     it->second.pinned = pinned;
+    if (it->second.committed) announce(it->first, it->second, it->second.replicas, true);  // the entry, pinned or not
     return {};
   }
 
@@ -315,6 +392,7 @@ class master_state {
       if (r.location == target && r.put_id == put_id) {
         it->second.replicas.push_back(r);
         it->second.pending_replicas.erase(it->second.pending_replicas.begin() + (&r - it->second.pending_replicas.data()));
+        announce(it->first, it->second, std::span(it->second.replicas).last(1), true);
         return {};
       }
     return error{errc::not_found, "replication of '" + key.full() + "': unknown target"};
@@ -323,6 +401,8 @@ class master_state {
   //! Expires put leases, drops silent nodes, plans re-replication, evicts above the watermark.
   tick_report tick(clock::time_point now) {
     tick_report report;
+    last_tick_ = now;
+    std::erase_if(dropped_at_, [&](const auto& d) { return d.second + config_.put_lease < now; });
     std::vector<std::string> silent;
     for (const auto& [name, n] : nodes_)
       if (now - n.last_heartbeat > config_.node_timeout) silent.push_back(name);
@@ -453,14 +533,93 @@ class master_state {
     clock::time_point lease_until{};
     std::vector<placed> replicas;
     std::vector<placed> pending_replicas;
+    std::optional<std::uint64_t> checksum;  // from the writer; without one the object is in no ledger
+    bool recovered = false;                 // taken back from a node's report (`recover`)
   };
   struct node_state {
     clock::time_point last_heartbeat{};
     std::set<std::string> segments;
+    std::deque<ledger_event> ledger;  // changes the node has not acknowledged
+    std::uint64_t ledger_seq = 0;
   };
   using object_map = std::map<object_key, object_state>;
 
   static cache::block_key evict_key(std::uint64_t id) noexcept { return {0, id}; }
+
+  // A committed object enters the eviction order.
+  void track(typename object_map::iterator it) {
+    it->second.eviction_id = ++next_eviction_id_;
+    eviction_keys_.emplace(it->second.eviction_id, it->first);
+    eviction_.on_insert(evict_key(it->second.eviction_id), cache::access_context{tick_++, cache::never, it->second.size});
+  }
+
+  // Tells the nodes holding `replicas` of a committed object that they hold
+  // it (`add`) or no longer do, through their ledgers.
+  void announce(const object_key& key, const object_state& obj, std::span<const placed> replicas, bool add) {
+    if (!config_.recover_objects || !obj.checksum) return;
+    for (const auto& r : replicas) {
+      auto n = nodes_.find(r.location.node);
+      if (n == nodes_.end()) continue;
+      auto& q = n->second.ledger;
+      q.push_back({++n->second.ledger_seq, add,
+                   ledger_entry{key, obj.put_id, r.location.segment, r.location.offset, obj.size, *obj.checksum,
+                                obj.replicas_wanted, obj.pinned}});
+      if (q.size() > config_.ledger_backlog) q.pop_front();  // the node sees the gap and forgets its ledger
+    }
+  }
+
+  // One reported entry; the reason it was refused, or empty.
+  std::string take_back(const std::string& node, const ledger_entry& e, clock::time_point now, recovery_report& report) {
+    auto seg = segments_.find(e.segment);
+    if (seg == segments_.end() || seg->second.info.node != node)
+      return "segment '" + e.segment + "' is not one of node '" + node + "''s";
+    if (e.key.key.empty() || e.size == 0 || e.put_id == 0 || e.replicas_wanted == 0)
+      return "empty key, size 0, put id 0 or 0 replicas";
+    if (e.size > config_.max_object_size) return "larger than the maximum object size";
+    auto it = objects_.find(e.key);
+    const bool another_copy = it != objects_.end() && it->second.recovered && it->second.put_id == e.put_id;
+    if (another_copy) {
+      auto& obj = it->second;
+      if (obj.size != e.size || obj.checksum != e.checksum) return "same put as a copy taken back, other size or checksum";
+      for (const auto& r : obj.replicas)
+        if (r.location.node == node) return "a copy on this node was taken back already";
+      for (const auto& r : obj.pending_replicas)
+        if (r.location.node == node) return "a copy to this node is being made";
+    } else if (it != objects_.end()) {
+      if (!it->second.recovered) return "this master holds a put of the key";
+      if (it->second.put_id > e.put_id) return "a newer version was taken back";
+      if (it->second.lease_until > now) return "an older version taken back is being read";
+    }
+    auto alloc = seg->second.allocator.allocate_at(e.offset, e.size);
+    if (!alloc)
+      return "range [" + std::to_string(e.offset) + ", +" + std::to_string(e.size) + ") of '" + e.segment +
+             "' is outside it or taken";
+    used_ += alloc->size;
+    next_put_id_ = std::max(next_put_id_, e.put_id);  // this master's puts stay newer than what it took back
+    placed p{replica_location{node, e.segment, e.offset, e.size}, *alloc, 0};
+    if (another_copy) {
+      it->second.replicas.push_back(p);
+      announce(it->first, it->second, std::span(it->second.replicas).last(1), true);
+      ++report.replicas;
+      return {};
+    }
+    if (it != objects_.end()) erase_object(it);  // an older version taken back earlier
+    object_state obj;
+    obj.size = e.size;
+    obj.replicas_wanted = e.replicas_wanted;
+    obj.committed = true;
+    obj.pinned = e.pinned;
+    obj.put_id = e.put_id;
+    obj.checksum = e.checksum;
+    obj.recovered = true;
+    obj.replicas.push_back(p);
+    tenant_used_[e.key.tenant] += e.size * e.replicas_wanted;
+    auto [ins, _] = objects_.emplace(e.key, std::move(obj));
+    track(ins);
+    announce(ins->first, ins->second, ins->second.replicas, true);
+    ++report.objects;
+    return {};
+  }
 
   // Replicas (readable or being copied) on nodes that are not being drained.
   std::size_t kept_replicas(const object_state& obj) const {
@@ -519,6 +678,7 @@ class master_state {
   typename object_map::iterator erase_object(typename object_map::iterator it) {
     auto& obj = it->second;
     tenant_used_[it->first.tenant] -= obj.size * obj.replicas_wanted;
+    if (obj.committed) announce(it->first, obj, obj.replicas, false);
     release(obj.replicas);
     release(obj.pending_replicas);
     if (obj.committed) {
@@ -559,6 +719,7 @@ class master_state {
     }
     nodes_.erase(n);
     draining_.erase(node);
+    dropped_at_[node] = last_tick_;
     report.dropped_nodes.push_back(node);
     m_used_.set(static_cast<double>(used_));
     m_capacity_.set(static_cast<double>(capacity_));
@@ -586,6 +747,7 @@ class master_state {
       eviction_keys_.erase(e);
       auto& obj = it->second;
       tenant_used_[it->first.tenant] -= obj.size * obj.replicas_wanted;
+      announce(it->first, obj, obj.replicas, false);
       release(obj.replicas);
       release(obj.pending_replicas);
       objects_.erase(it);  // the policy already stopped tracking it
@@ -614,6 +776,9 @@ class master_state {
   std::uint64_t capacity_ = 0;
   std::uint64_t next_put_id_ = 0;
   std::uint64_t next_eviction_id_ = 0;
+  clock::time_point recovery_from_{};
+  clock::time_point last_tick_{};  // the time a node dropped by `remove_node` is taken to have left
+  std::map<std::string, clock::time_point> dropped_at_;  // nodes dropped within a put lease
   std::uint64_t tick_ = 0;
   metrics::counter& m_puts_;
   metrics::counter& m_gets_;

@@ -17,10 +17,11 @@
 //!
 //! | op | fields | response fields |
 //! | --- | --- | --- |
-//! | `register_segment` | `node, segment, capacity, tier, host` (`host` optional: the failure domain, default the node) | |
-//! | `heartbeat` | `node` | `tasks` (replication tasks for this node) |
-//! | `put_start` | `tenant, key, size, replicas?, preferred_node?, soft_pin?` | `put_id, replicas, deadline_ms` |
-//! | `put_commit` / `put_abort` | `tenant, key, put_id` | |
+//! | `register_segment` | `node, segment, capacity, tier, host` (`host` optional: the failure domain, default the node) | `recover_after_ms` (when the node may report its ledger) |
+//! | `heartbeat` | `node, ledger_ack?` (the last ledger change applied) | `tasks` (replication tasks for this node), `ledger` (changes after `ledger_ack`) |
+//! | `put_start` | `tenant, key, size, replicas?, preferred_node?, soft_pin?` | `put_id, replicas, deadline_ms, checksum` (true: send one with the commit) |
+//! | `put_commit` / `put_abort` | `tenant, key, put_id`, commit: `checksum?` (XXH3-64 of the bytes) | |
+//! | `recover` | `node, objects: [ledger entry]` (at most 10,000) | `objects, replicas, rejected: [why]` |
 //! | `get` | `tenant, key, reader_node?, lease_ms?` | `size, replicas, lease_ms` |
 //! | `release` / `remove` / `exists` | `tenant, key` | `exists` for exists |
 //! | `longest_prefix` | `tenant, keys` | `count` |
@@ -43,6 +44,11 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#ifndef XXH_INLINE_ALL
+#define XXH_INLINE_ALL
+#endif
+#include <xxhash.h>
 
 #include <kvx/core/config.hpp>
 #include <kvx/core/result.hpp>
@@ -106,7 +112,7 @@ inline const std::vector<std::string>& known_ops() {
   static const std::vector<std::string> ops{"register_segment", "heartbeat", "put_start", "put_commit", "put_abort",
                                             "get", "release", "remove", "exists", "longest_prefix",
                                             "replication_done", "stats", "list_segments", "list_objects", "usage",
-                                            "drain_node"};
+                                            "drain_node", "recover"};
   return ops;
 }
 
@@ -189,6 +195,63 @@ inline result<replica_location> replica_from_json(const json& j, const std::stri
   auto size = v.required<std::uint64_t>("size");
   KVX_TRY(size);
   return replica_location{*node, *segment, *offset, *size};
+}
+
+//! The checksum a writer sends with its commit and a node checks before
+//! reporting the object after a failover: XXH3-64 (seed 0) of the bytes.
+inline std::uint64_t object_checksum(const void* bytes, std::size_t size) noexcept { return XXH3_64bits(bytes, size); }
+
+//! A ledger entry, as a `recover` report and a ledger change carry it.
+inline json to_json(const ledger_entry& e) {
+  return {{"tenant", e.key.tenant}, {"key", e.key.key},   {"put_id", e.put_id},
+          {"segment", e.segment},   {"offset", e.offset}, {"size", e.size},
+          {"checksum", e.checksum}, {"replicas_wanted", e.replicas_wanted}, {"pinned", e.pinned}};
+}
+
+inline result<ledger_entry> ledger_entry_from_json(const json& j, const std::string& path) {
+  if (!j.is_object()) return error{errc::malformed_message, "field '" + path + "' is not an object"};
+  config::view v(j, path);
+  ledger_entry e;
+  auto tenant = v.required<std::string>("tenant");
+  KVX_TRY(tenant);
+  auto key = v.required<std::string>("key");
+  KVX_TRY(key);
+  e.key = {std::move(*tenant), std::move(*key)};
+  auto segment = v.required<std::string>("segment");
+  KVX_TRY(segment);
+  e.segment = std::move(*segment);
+  for (auto [name, field] : {std::pair{"put_id", &e.put_id}, std::pair{"offset", &e.offset}, std::pair{"size", &e.size},
+                             std::pair{"checksum", &e.checksum}}) {
+    auto n = v.required<std::uint64_t>(name);
+    KVX_TRY(n);
+    *field = *n;
+  }
+  auto wanted = v.optional<unsigned>("replicas_wanted", 1);
+  KVX_TRY(wanted);
+  e.replicas_wanted = *wanted;
+  auto pinned = v.optional<bool>("pinned", false);
+  KVX_TRY(pinned);
+  e.pinned = *pinned;
+  return e;
+}
+
+inline json to_json(const ledger_event& ev) {
+  json j = to_json(ev.entry);
+  j["seq"] = ev.seq;
+  j["op"] = ev.add ? "add" : "drop";
+  return j;
+}
+
+inline result<ledger_event> ledger_event_from_json(const json& j, const std::string& path) {
+  auto entry = ledger_entry_from_json(j, path);
+  KVX_TRY(entry);
+  config::view v(j, path);
+  auto seq = v.required<std::uint64_t>("seq");
+  KVX_TRY(seq);
+  auto op = v.required<std::string>("op");
+  KVX_TRY(op);
+  if (*op != "add" && *op != "drop") return error{errc::malformed_message, "field '" + path + ".op' is not add or drop"};
+  return ledger_event{*seq, *op == "add", std::move(*entry)};
 }
 
 inline result<std::vector<replica_location>> replicas_from_json(const json& j, const std::string& path) {

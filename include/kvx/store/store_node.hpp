@@ -20,6 +20,17 @@
 //! `master_client` that follows the leader, the node reaches a new master
 //! without being recreated.
 //!
+//! Ledger (`master_config::recover_objects`): heartbeat answers carry the
+//! changes to the list of committed objects this segment holds (key, put,
+//! range, the writer's checksum); the node applies them in order and
+//! acknowledges the last. When it registers again, the ledger it had is what
+//! the previous master knew; once the new master's `recover_after_ms` has
+//! passed, the node hashes each listed range (XXH3-64, on its executor) and
+//! reports those whose bytes still match (`recover`), so the objects come
+//! back instead of being lost. A range whose bytes changed (reused by a put
+//! whose removal notice the node never got) fails the check and is not
+//! reported.
+//!
 //! \code
 //! auto arena = kvx::memory::mapped_arena::create(1 << 30);
 //! kvx::store::store_node node(engine, master, {.name = "node-0", .segment = "node-0/pool"});
@@ -28,8 +39,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -74,6 +87,10 @@ class store_node {
   [[nodiscard]] std::size_t replications_done() const noexcept { return state_->replications; }
   //! Times the node registered again with a master that did not know it.
   [[nodiscard]] std::size_t reregistrations() const noexcept { return state_->registrations; }
+  //! Objects (and further copies) a new master took back from this node's reports.
+  [[nodiscard]] std::size_t recovered() const noexcept { return state_->recovered; }
+  //! Ledger entries whose bytes no longer matched their checksum (not reported).
+  [[nodiscard]] std::size_t recovery_mismatches() const noexcept { return state_->mismatches; }
 
   //! Registers `region` with the engine and the master, then heartbeats
   //! until `stop()`. Completion: `void(std::error_code)` once registered.
@@ -108,6 +125,15 @@ class store_node {
     std::atomic<bool> running = false;
     std::atomic<std::size_t> replications = 0;
     std::atomic<std::size_t> registrations = 0;
+    std::atomic<std::size_t> recovered = 0;
+    std::atomic<std::size_t> mismatches = 0;
+    // The ledger (on the strand): this master's view of the segment's
+    // committed objects, by offset; and what an earlier master's view left
+    // to report to this one, from `recover_at` on.
+    std::map<std::uint64_t, ledger_entry> ledger;
+    std::uint64_t ledger_applied = 0;
+    std::vector<ledger_entry> to_report;
+    clock::time_point recover_at{};
   };
 
   asio::awaitable<std::error_code> start(memory::memory_region region) {
@@ -129,26 +155,101 @@ class store_node {
     if (ec)
       log(log_level::warn, "store node '", options_.name, "': registering with the master: ",
           protocol::describe(ec, r));
+    else if (st)
+      st->recover_at = clock::now() + std::chrono::milliseconds(std::max<std::int64_t>(0, r.value("recover_after_ms", std::int64_t{0})));
     co_return ec;
   }
 
   asio::awaitable<void> heartbeat_loop(std::shared_ptr<shared> st) {
     while (st->running) {
-      auto [ec, r] = co_await master_->async_call(protocol::make_request("heartbeat", "node", options_.name),
+      auto [ec, r] = co_await master_->async_call(protocol::make_request("heartbeat", "node", options_.name, "ledger_ack", st->ledger_applied),
                                                   kvx::cancel_after(options_.heartbeat * 4, asio::as_tuple(asio::use_awaitable)));
       if (!st->running) co_return;
       if (ec == errc::not_found) {
         log(log_level::info, "store node '", options_.name, "': the master does not know this node; registering again");
+        // What the previous master told us is ours to report to this one.
+        for (auto& [offset, entry] : st->ledger) st->to_report.push_back(std::move(entry));
+        st->ledger.clear();
+        st->ledger_applied = 0;
         auto rec = co_await register_segment(st);
         if (!st->running) co_return;
         if (!rec || rec == errc::already_exists) ++st->registrations;
       } else if (ec) {
         log(log_level::warn, "store node '", options_.name, "': heartbeat: ", ec.message());
       } else {
+        apply_ledger(r.value("ledger", protocol::json::array()), *st);
         for (const auto& task : r.value("tasks", protocol::json::array())) co_await replicate(task, st);
       }
+      if (st->running && !st->to_report.empty() && clock::now() >= st->recover_at) co_await report_ledger(st);
       st->timer.expires_after(options_.heartbeat);
       co_await st->timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+  }
+
+  // Applies ledger changes in order; a gap (the master dropped changes it
+  // could not keep) makes the ledger untrustworthy, so it is forgotten.
+  void apply_ledger(const protocol::json& changes, shared& st) {
+    if (!changes.is_array()) return;
+    for (std::size_t i = 0; i < changes.size(); ++i) {
+      auto ev = protocol::ledger_event_from_json(changes[i], "heartbeat.ledger[" + std::to_string(i) + "]");
+      if (!ev) {
+        log(log_level::warn, "store node '", options_.name, "': ignoring a malformed ledger change: ", ev.error().message());
+        return;  // not acknowledged: the master sends it again
+      }
+      if (ev->seq <= st.ledger_applied) continue;
+      if (ev->seq != st.ledger_applied + 1) {
+        log(log_level::warn, "store node '", options_.name, "': ledger changes ", st.ledger_applied + 1, " to ",
+            ev->seq - 1, " were dropped by the master; forgetting the ledger");
+        st.ledger.clear();
+      }
+      st.ledger_applied = ev->seq;
+      if (ev->entry.segment != options_.segment) continue;
+      if (ev->add) {
+        st.ledger[ev->entry.offset] = std::move(ev->entry);
+      } else if (auto it = st.ledger.find(ev->entry.offset); it != st.ledger.end() && it->second.put_id == ev->entry.put_id) {
+        st.ledger.erase(it);
+      }
+    }
+  }
+
+  // Reports the previous master's ledger entries whose bytes still match
+  // their checksum, in chunks; `busy` (too early) keeps them for later.
+  asio::awaitable<void> report_ledger(std::shared_ptr<shared> st) {
+    constexpr std::size_t chunk = 1000;
+    while (st->running && !st->to_report.empty()) {
+      protocol::json objects = protocol::json::array();
+      std::size_t taken = 0;
+      for (; taken < st->to_report.size() && objects.size() < chunk; ++taken) {
+        const auto& e = st->to_report[taken];
+        const bool inside = e.offset <= capacity_ && e.size <= capacity_ - e.offset;
+        if (inside && protocol::object_checksum(base_ + e.offset, e.size) == e.checksum) {
+          objects.push_back(protocol::to_json(e));
+        } else {
+          ++st->mismatches;
+          log(log_level::info, "store node '", options_.name, "': '", e.key.full(), "' at ", e.offset,
+              " no longer holds its bytes; not reported");
+        }
+      }
+      if (objects.empty()) {
+        st->to_report.erase(st->to_report.begin(), st->to_report.begin() + static_cast<std::ptrdiff_t>(taken));
+        continue;
+      }
+      auto [ec, r] = co_await master_->async_call(protocol::make_request("recover", "node", options_.name, "objects", std::move(objects)),
+                                                  kvx::cancel_after(options_.heartbeat * 4, asio::as_tuple(asio::use_awaitable)));
+      if (!st->running) co_return;
+      if (ec == errc::busy || ec == errc::connection_lost || ec == errc::unreachable || ec == errc::stale ||
+          ec == errc::timed_out || ec == errc::cancelled) {
+        st->recover_at = clock::now() + options_.heartbeat;  // try again after the next heartbeat
+        co_return;
+      }
+      st->to_report.erase(st->to_report.begin(), st->to_report.begin() + static_cast<std::ptrdiff_t>(taken));
+      if (ec) {
+        log(log_level::warn, "store node '", options_.name, "': reporting its objects: ", protocol::describe(ec, r));
+        continue;
+      }
+      st->recovered += r.value("objects", std::size_t{0}) + r.value("replicas", std::size_t{0});
+      for (const auto& why : r.value("rejected", protocol::json::array()))
+        log(log_level::info, "store node '", options_.name, "': not taken back: ", why.dump());
     }
   }
 

@@ -38,6 +38,29 @@ inline void to_json(nlohmann::json& j, const replica_location& r) {
   j = {{"node", r.node}, {"segment", r.segment}, {"offset", r.offset}, {"size", r.size}};
 }
 
+//! One committed replica as the node holding it keeps it in its ledger
+//! (`master_config::recover_objects`): what a new master needs to take the
+//! object back after a failover, once the node has checked `checksum`
+//! against the bytes it holds.
+struct ledger_entry {
+  object_key key;
+  std::uint64_t put_id = 0;  //!< the put that wrote the object: of two versions of a key, the higher is newer
+  std::string segment;
+  std::uint64_t offset = 0;
+  std::uint64_t size = 0;
+  std::uint64_t checksum = 0;  //!< XXH3-64 of the object's bytes, as its writer computed it
+  unsigned replicas_wanted = 1;
+  bool pinned = false;
+};
+
+//! A change to one node's ledger; numbered per node from 1, without gaps
+//! unless the master had to forget some (the node then forgets its ledger).
+struct ledger_event {
+  std::uint64_t seq = 0;
+  bool add = true;  //!< false: put `entry.put_id`'s replica at `entry.offset` of `entry.segment` is gone
+  ledger_entry entry;
+};
+
 //! What a node contributes: a segment (DRAM or SSD) of `capacity` bytes.
 struct segment_info {
   std::string name;
