@@ -57,9 +57,9 @@
 
 #include <kvx/core/async.hpp>
 #include <kvx/memory/segment_table.hpp>
+#include <kvx/transport/decorators/decorator.hpp>
 #include <kvx/transport/detail/then_handler.hpp>
 #include <kvx/transport/local.hpp>
-#include <kvx/transport/decorators/decorator.hpp>
 #include <kvx/transport/transport.hpp>
 
 namespace kvx::transport {

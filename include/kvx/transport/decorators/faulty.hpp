@@ -43,9 +43,9 @@
 #include <kvx/core/async.hpp>
 #include <kvx/core/config.hpp>
 #include <kvx/core/splitmix64.hpp>
+#include <kvx/transport/decorators/decorator.hpp>
 #include <kvx/transport/detail/then_handler.hpp>
 #include <kvx/transport/local.hpp>
-#include <kvx/transport/decorators/decorator.hpp>
 #include <kvx/transport/transport.hpp>
 
 namespace kvx::transport {
