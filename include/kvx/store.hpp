@@ -7,6 +7,7 @@
 #include <kvx/store/master_handler.hpp>
 #include <kvx/store/master_server.hpp>
 #include <kvx/store/master_state.hpp>
+#include <kvx/store/node_ledger.hpp>
 #include <kvx/store/placement_policy.hpp>
 #include <kvx/store/protocol.hpp>
 #include <kvx/store/store_client.hpp>

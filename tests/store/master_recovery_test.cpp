@@ -4,6 +4,7 @@
 
 #include <kvx/store/master_handler.hpp>
 #include <kvx/store/master_state.hpp>
+#include <kvx/store/node_ledger.hpp>
 #include <kvx/cache/eviction/lru.hpp>
 
 #include <gtest/gtest.h>
@@ -289,6 +290,57 @@ TEST_F(MasterRecovery, ABacklogPastItsLimitDropsTheOldestChanges) {
   auto changes = m.ledger_since("node0", 0, 10);
   ASSERT_EQ(changes->size(), 2u);
   EXPECT_EQ(changes->front().seq, 2u) << "change 1 was dropped: the node sees the gap and forgets its ledger";
+}
+
+// --- the node's side ----------------------------------------------------------
+
+json change(std::uint64_t seq, bool add, const std::string& k, std::uint64_t offset, std::uint64_t put_id,
+            const std::string& segment = "seg0") {
+  return kvx::store::protocol::to_json(kvx::store::ledger_event{seq, add, ledger_entry{{"t", k}, put_id, segment, offset, 100, 9, 1, false}});
+}
+
+TEST(NodeLedger, AppliesChangesInOrderAndSkipsThoseAlreadyApplied) {
+  kvx::store::node_ledger l("seg0");
+  EXPECT_EQ(l.apply(json::array({change(1, true, "a", 0, 1), change(2, true, "b", 256, 2)})), "");
+  EXPECT_EQ(l.applied(), 2u);
+  ASSERT_EQ(l.entries().size(), 2u);
+  // The master sends again what was not acknowledged: applied once.
+  EXPECT_EQ(l.apply(json::array({change(2, true, "b", 256, 2), change(3, false, "a", 0, 1)})), "");
+  EXPECT_EQ(l.applied(), 3u);
+  ASSERT_EQ(l.entries().size(), 1u);
+  EXPECT_EQ(l.entries().begin()->second.key.key, "b");
+  // A drop of another put at that offset (the range was reused) leaves the newer entry.
+  EXPECT_EQ(l.apply(json::array({change(4, false, "b", 256, 1)})), "");
+  EXPECT_EQ(l.entries().size(), 1u);
+  // Another segment's changes count, but do not enter.
+  EXPECT_EQ(l.apply(json::array({change(5, true, "x", 0, 7, "seg9")})), "");
+  EXPECT_EQ(l.applied(), 5u);
+  EXPECT_EQ(l.entries().size(), 1u);
+  auto taken = l.take();
+  ASSERT_EQ(taken.size(), 1u);
+  EXPECT_EQ(taken[0].key.key, "b");
+  EXPECT_EQ(l.applied(), 0u) << "a new master numbers from 1";
+  EXPECT_TRUE(l.entries().empty());
+}
+
+TEST(NodeLedger, AGapForgetsTheLedgerAndAMalformedChangeStopsTheBatchUnacknowledged) {
+  kvx::store::node_ledger l("seg0");
+  ASSERT_EQ(l.apply(json::array({change(1, true, "a", 0, 1)})), "");
+  auto why = l.apply(json::array({change(4, true, "d", 512, 4)}));
+  EXPECT_NE(why.find("ledger changes 2 to 3 were dropped by the master"), std::string::npos) << why;
+  ASSERT_EQ(l.entries().size(), 1u) << "a is forgotten: a removal of it may be among the lost changes";
+  EXPECT_EQ(l.entries().begin()->second.key.key, "d");
+  EXPECT_EQ(l.applied(), 4u);
+
+  auto bad = change(6, true, "f", 1024, 6);
+  bad.erase("checksum");
+  why = l.apply(json::array({change(5, true, "e", 768, 5), bad, change(7, true, "g", 2048, 7)}));
+  EXPECT_NE(why.find("malformed ledger change, not acknowledged"), std::string::npos) << why;
+  EXPECT_NE(why.find("heartbeat.ledger[1].checksum"), std::string::npos) << why;
+  EXPECT_EQ(l.applied(), 5u) << "the batch stops at the malformed change; the master sends it again";
+  EXPECT_EQ(l.entries().size(), 2u);
+  EXPECT_NE(l.apply(json::object()).find("not an array"), std::string::npos);
+  EXPECT_EQ(l.applied(), 5u);
 }
 
 // --- over the protocol -----------------------------------------------------

@@ -49,7 +49,12 @@ struct StoreEndToEnd : ::testing::Test {
   std::vector<kvx::memory::mapped_arena> arenas;
   std::vector<std::unique_ptr<kvx::store::store_node<engine_type>>> nodes;
 
-  void SetUp() override { ASSERT_TRUE(server.start()); }
+  std::string master_endpoint;  // where nodes and clients made from now on find the master
+
+  void SetUp() override {
+    ASSERT_TRUE(server.start());
+    master_endpoint = server.endpoint();
+  }
   void TearDown() override {
     for (auto& n : nodes) n->stop();
     server.stop();
@@ -70,7 +75,7 @@ struct StoreEndToEnd : ::testing::Test {
   }
   kvx::store::store_node<engine_type>& add_node(const std::string& name, kvx::memory::memory_region region, const std::string& tier) {
     auto& p = add_party(name);
-    auto master = kvx::store::master_client::create(io.get_executor(), server.endpoint());
+    auto master = kvx::store::master_client::create(io.get_executor(), master_endpoint);
     auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<engine_type>>(
         p.engine, master, kvx::store::node_options{.name = name, .segment = "", .tier = tier, .heartbeat = 50ms}));
     auto ec = wait([&]() -> asio::awaitable<std::error_code> {
@@ -97,7 +102,7 @@ struct StoreEndToEnd : ::testing::Test {
     });
     EXPECT_FALSE(ec) << ec.message();
     c.client = std::make_unique<kvx::store::store_client<engine_type>>(
-        p.engine, kvx::store::master_client::create(io.get_executor(), server.endpoint()),
+        p.engine, kvx::store::master_client::create(io.get_executor(), master_endpoint),
         kvx::store::client_options{.node = name, .replicas = replicas, .lease = 1000ms});
     return c;
   }
@@ -219,6 +224,54 @@ TEST_F(StoreEndToEnd, BatchFormsAndPrefixLookup) {
   });
   ASSERT_FALSE(gec) << gec.message();
   EXPECT_TRUE(std::equal(dst.begin(), dst.end(), c.buffer.begin()));
+}
+
+// A master restarted on its port (no election) with ledgers
+// (recover_objects) gets its objects back from the nodes, both replicas,
+// once a put lease has passed since it started.
+TEST_F(StoreEndToEnd, AMasterRestartedOnItsPortTakesItsObjectsBackFromTheNodes) {
+  server.stop();
+  config.recover_objects = true;
+  config.put_lease = 300ms;
+  auto first = std::make_unique<state_type>(config, kvx::store::placement::random_with_capacity{}, registry);
+  auto first_server = std::make_unique<kvx::store::master_server<state_type>>(
+      io.get_executor(), *first, kvx::store::master_server_config{.address = "127.0.0.1", .port = 0, .tick_interval = 50ms});
+  ASSERT_TRUE(first_server->start());
+  master_endpoint = first_server->endpoint();
+  const auto port = first_server->port();
+  auto& a = add_node("node-a", 2 << 20);
+  auto& b = add_node("node-b", 2 << 20);
+  auto writer = add_client("writer", 1 << 20, 2);
+  auto reader = add_client("reader", 1 << 20);
+  auto src = std::span(writer.buffer).first(123457);
+  fill_random(src, 9);
+  ASSERT_FALSE(put(writer, "kept", src));
+  io.restart();
+  io.run_for(200ms);  // heartbeats carry the commit to both ledgers
+
+  first_server->stop();
+  first_server.reset();
+  first.reset();
+  state_type second(config, kvx::store::placement::random_with_capacity{}, registry);
+  kvx::store::master_server<state_type> second_server(io.get_executor(), second,
+                                                      {.address = "127.0.0.1", .port = port, .tick_interval = 50ms});
+  ASSERT_TRUE(second_server.start());
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (a.recovered() + b.recovered() < 2 && std::chrono::steady_clock::now() < until) {
+    io.restart();
+    io.run_for(50ms);
+  }
+  EXPECT_EQ(a.recovered() + b.recovered(), 2u) << "the object and its second copy";
+  EXPECT_EQ(a.reregistrations() + b.reregistrations(), 2u);
+  auto [ec, n] = get(reader, "kept", reader.buffer);
+  ASSERT_FALSE(ec) << ec.message();
+  ASSERT_EQ(n, src.size());
+  EXPECT_TRUE(std::equal(src.begin(), src.end(), reader.buffer.begin()));
+  EXPECT_EQ(second.get({"t", "kept"}, kvx::store::clock::now())->replicas.size(), 2u);
+  for (auto& node : nodes) node->stop();
+  second_server.stop();
+  io.restart();
+  io.run_for(100ms);
 }
 
 TEST_F(StoreEndToEnd, WriterThatNeverCommitsLeavesNoVisibleObjectAndItsSpaceReturns) {

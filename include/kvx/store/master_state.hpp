@@ -70,7 +70,7 @@ struct master_config {
   bool recover_objects = false;
   //! Ledger changes kept per node until it acknowledges them; past this the
   //! oldest are dropped and the node, seeing the gap, forgets its ledger.
-  std::size_t ledger_backlog = std::size_t{1} << 20;
+  std::size_t ledger_backlog = std::size_t{1} << 17;
 };
 
 struct put_options {

@@ -39,8 +39,8 @@
 
 #include <atomic>
 #include <chrono>
-#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -56,6 +56,7 @@
 #include <kvx/core/log.hpp>
 #include <kvx/memory/memory_region.hpp>
 #include <kvx/store/master_client.hpp>
+#include <kvx/store/node_ledger.hpp>
 #include <kvx/transfer/batch.hpp>
 
 namespace kvx::store {
@@ -130,8 +131,7 @@ class store_node {
     // The ledger (on the strand): this master's view of the segment's
     // committed objects, by offset; and what an earlier master's view left
     // to report to this one, from `recover_at` on.
-    std::map<std::uint64_t, ledger_entry> ledger;
-    std::uint64_t ledger_applied = 0;
+    std::optional<node_ledger> ledger;  // set at start, with the segment's name
     std::vector<ledger_entry> to_report;
     clock::time_point recover_at{};
   };
@@ -142,6 +142,7 @@ class store_node {
     capacity_ = region.length;
     if (auto mec = co_await register_segment(nullptr); mec) co_return mec;
     base_ = region.data();
+    state_->ledger.emplace(options_.segment);
     state_->running = true;
     asio::co_spawn(state_->strand, heartbeat_loop(state_), asio::detached);
     co_return std::error_code{};
@@ -162,53 +163,26 @@ class store_node {
 
   asio::awaitable<void> heartbeat_loop(std::shared_ptr<shared> st) {
     while (st->running) {
-      auto [ec, r] = co_await master_->async_call(protocol::make_request("heartbeat", "node", options_.name, "ledger_ack", st->ledger_applied),
+      auto [ec, r] = co_await master_->async_call(protocol::make_request("heartbeat", "node", options_.name, "ledger_ack", st->ledger->applied()),
                                                   kvx::cancel_after(options_.heartbeat * 4, asio::as_tuple(asio::use_awaitable)));
       if (!st->running) co_return;
       if (ec == errc::not_found) {
         log(log_level::info, "store node '", options_.name, "': the master does not know this node; registering again");
         // What the previous master told us is ours to report to this one.
-        for (auto& [offset, entry] : st->ledger) st->to_report.push_back(std::move(entry));
-        st->ledger.clear();
-        st->ledger_applied = 0;
+        for (auto& entry : st->ledger->take()) st->to_report.push_back(std::move(entry));
         auto rec = co_await register_segment(st);
         if (!st->running) co_return;
         if (!rec || rec == errc::already_exists) ++st->registrations;
       } else if (ec) {
         log(log_level::warn, "store node '", options_.name, "': heartbeat: ", ec.message());
       } else {
-        apply_ledger(r.value("ledger", protocol::json::array()), *st);
+        if (auto why = st->ledger->apply(r.value("ledger", protocol::json::array())); !why.empty())
+          log(log_level::warn, "store node '", options_.name, "': ", why);
         for (const auto& task : r.value("tasks", protocol::json::array())) co_await replicate(task, st);
       }
       if (st->running && !st->to_report.empty() && clock::now() >= st->recover_at) co_await report_ledger(st);
       st->timer.expires_after(options_.heartbeat);
       co_await st->timer.async_wait(asio::as_tuple(asio::use_awaitable));
-    }
-  }
-
-  // Applies ledger changes in order; a gap (the master dropped changes it
-  // could not keep) makes the ledger untrustworthy, so it is forgotten.
-  void apply_ledger(const protocol::json& changes, shared& st) {
-    if (!changes.is_array()) return;
-    for (std::size_t i = 0; i < changes.size(); ++i) {
-      auto ev = protocol::ledger_event_from_json(changes[i], "heartbeat.ledger[" + std::to_string(i) + "]");
-      if (!ev) {
-        log(log_level::warn, "store node '", options_.name, "': ignoring a malformed ledger change: ", ev.error().message());
-        return;  // not acknowledged: the master sends it again
-      }
-      if (ev->seq <= st.ledger_applied) continue;
-      if (ev->seq != st.ledger_applied + 1) {
-        log(log_level::warn, "store node '", options_.name, "': ledger changes ", st.ledger_applied + 1, " to ",
-            ev->seq - 1, " were dropped by the master; forgetting the ledger");
-        st.ledger.clear();
-      }
-      st.ledger_applied = ev->seq;
-      if (ev->entry.segment != options_.segment) continue;
-      if (ev->add) {
-        st.ledger[ev->entry.offset] = std::move(ev->entry);
-      } else if (auto it = st.ledger.find(ev->entry.offset); it != st.ledger.end() && it->second.put_id == ev->entry.put_id) {
-        st.ledger.erase(it);
-      }
     }
   }
 
