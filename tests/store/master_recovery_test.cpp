@@ -281,6 +281,27 @@ TEST_F(MasterRecovery, ANodeDroppedAndBackReportsAfterAPutLeaseAndItsLostObjectC
   EXPECT_TRUE(m->get(key("only"), t0 + 16s));
 }
 
+TEST_F(MasterRecovery, CopiesOfAnObjectTakenBackWaitForTheOtherHoldersReports) {
+  auto old = make();
+  const auto where = put(*old, "two", 5000, 2, 3, t0);
+  auto l = ledgers(*old);
+  auto fresh = make();
+  fresh->hold_recovery_until(t0 + 1s);
+  ASSERT_EQ(fresh->recover(where[0].node, entries(l[where[0].node]), t0 + 1s)->objects, 1u);
+  for (const auto& n : fresh->nodes()) ASSERT_TRUE(fresh->heartbeat(n, t0 + 2s));
+  EXPECT_TRUE(fresh->tick(t0 + 2s).replications.empty()) << "within a node timeout (5 s) of reports opening: no copy yet";
+  auto r = fresh->recover(where[1].node, entries(l[where[1].node]), t0 + 2s);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->replicas, 1u) << "the second holder's own copy is taken, not refused for a copy in flight";
+  EXPECT_EQ(fresh->get(key("two"), t0 + 2s)->replicas.size(), 2u);
+  // With one holder only, the copy is made once the wait is over.
+  auto lone = make();
+  lone->hold_recovery_until(t0 + 1s);
+  ASSERT_EQ(lone->recover(where[0].node, entries(l[where[0].node]), t0 + 1s)->objects, 1u);
+  for (const auto& n : lone->nodes()) ASSERT_TRUE(lone->heartbeat(n, t0 + 6500ms));
+  EXPECT_EQ(lone->tick(t0 + 6500ms).replications.size(), 1u);
+}
+
 TEST_F(MasterRecovery, ABacklogPastItsLimitDropsTheOldestChanges) {
   auto small = config;
   small.ledger_backlog = 2;

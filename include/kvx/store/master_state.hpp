@@ -417,6 +417,10 @@ class master_state {
     }
     for (auto& [key, obj] : objects_) {
       if (!obj.committed || obj.replicas.empty()) continue;
+      // Objects taken back wait a node timeout after reports open: the other
+      // holders' reports are still coming, and a copy made meanwhile would
+      // make them refuse their own ("a copy to this node is being made").
+      if (obj.recovered && now < recovery_from_ + config_.node_timeout) continue;
       const auto have = kept_replicas(obj);  // a draining node's copies are about to go
       if (have >= obj.replicas_wanted) continue;
       std::set<std::string> nodes;
