@@ -63,8 +63,12 @@ class channel : public std::enable_shared_from_this<channel> {
     }));
   }
 
+  // out_.front() is the line being written: it stays until the write's
+  // handler runs, even when the channel shuts meanwhile (the handler then
+  // drops the rest).
   void write() {
     asio::async_write(socket_, asio::buffer(out_.front()), asio::bind_executor(strand_, [self = shared_from_this()](std::error_code ec, std::size_t) {
+      if (self->closed_) return self->out_.clear();
       if (ec) return self->shut(ec, ec.message());
       self->out_.pop_front();
       if (!self->out_.empty()) self->write();
@@ -77,7 +81,6 @@ class channel : public std::enable_shared_from_this<channel> {
     boost::system::error_code ignored;
     socket_.shutdown(tcp_socket::shutdown_both, ignored);
     socket_.close(ignored);
-    out_.clear();
     if (auto h = std::move(on_close_)) h(ec, why);
     on_message_ = nullptr;
   }
