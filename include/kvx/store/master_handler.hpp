@@ -99,7 +99,8 @@ class master_handler {
     if (op == "recover") {
       auto node = v.required<std::string>("node");
       KVX_TRY(node);
-      const auto& list = req.body.contains("objects") ? req.body["objects"] : json();
+      static const json absent;
+      const json& list = req.body.contains("objects") ? req.body["objects"] : absent;
       if (!list.is_array() || list.size() > max_recover_entries)
         return error{errc::malformed_message, "field 'recover.objects' must be an array of at most " +
                                                   std::to_string(max_recover_entries) + " ledger entries"};

@@ -39,6 +39,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <string>
@@ -187,36 +188,39 @@ class store_node {
   }
 
   // Reports the previous master's ledger entries whose bytes still match
-  // their checksum, in chunks; `busy` (too early) keeps them for later.
+  // their checksum, in chunks. An entry that fails the check is dropped for
+  // good; a chunk the master could not take now (`busy`: too early, or the
+  // master is away) goes back to the front, to be checked and sent again
+  // after the next heartbeat.
   asio::awaitable<void> report_ledger(std::shared_ptr<shared> st) {
     constexpr std::size_t chunk = 1000;
     while (st->running && !st->to_report.empty()) {
+      std::vector<ledger_entry> checked;
       protocol::json objects = protocol::json::array();
       std::size_t taken = 0;
-      for (; taken < st->to_report.size() && objects.size() < chunk; ++taken) {
-        const auto& e = st->to_report[taken];
+      for (; taken < st->to_report.size() && checked.size() < chunk; ++taken) {
+        auto& e = st->to_report[taken];
         const bool inside = e.offset <= capacity_ && e.size <= capacity_ - e.offset;
         if (inside && protocol::object_checksum(base_ + e.offset, e.size) == e.checksum) {
           objects.push_back(protocol::to_json(e));
+          checked.push_back(std::move(e));
         } else {
           ++st->mismatches;
           log(log_level::info, "store node '", options_.name, "': '", e.key.full(), "' at ", e.offset,
               " no longer holds its bytes; not reported");
         }
       }
-      if (objects.empty()) {
-        st->to_report.erase(st->to_report.begin(), st->to_report.begin() + static_cast<std::ptrdiff_t>(taken));
-        continue;
-      }
+      st->to_report.erase(st->to_report.begin(), st->to_report.begin() + static_cast<std::ptrdiff_t>(taken));
+      if (checked.empty()) continue;
       auto [ec, r] = co_await master_->async_call(protocol::make_request("recover", "node", options_.name, "objects", std::move(objects)),
                                                   kvx::cancel_after(options_.heartbeat * 4, asio::as_tuple(asio::use_awaitable)));
       if (!st->running) co_return;
       if (ec == errc::busy || ec == errc::connection_lost || ec == errc::unreachable || ec == errc::stale ||
           ec == errc::timed_out || ec == errc::cancelled) {
-        st->recover_at = clock::now() + options_.heartbeat;  // try again after the next heartbeat
+        st->to_report.insert(st->to_report.begin(), std::make_move_iterator(checked.begin()), std::make_move_iterator(checked.end()));
+        st->recover_at = clock::now() + options_.heartbeat;
         co_return;
       }
-      st->to_report.erase(st->to_report.begin(), st->to_report.begin() + static_cast<std::ptrdiff_t>(taken));
       if (ec) {
         log(log_level::warn, "store node '", options_.name, "': reporting its objects: ", protocol::describe(ec, r));
         continue;
