@@ -158,7 +158,7 @@ class store_node {
       log(log_level::warn, "store node '", options_.name, "': registering with the master: ",
           protocol::describe(ec, r));
     else if (st)
-      st->recover_at = clock::now() + std::chrono::milliseconds(std::max<std::int64_t>(0, r.value("recover_after_ms", std::int64_t{0})));
+      st->recover_at = clock::now() + std::chrono::milliseconds(answered(r, "register_segment", "recover_after_ms"));
     co_return ec;
   }
 
@@ -185,6 +185,15 @@ class store_node {
       st->timer.expires_after(options_.heartbeat);
       co_await st->timer.async_wait(asio::as_tuple(asio::use_awaitable));
     }
+  }
+
+  // A count in a master's answer; 0, logged, when it is not one (a json
+  // `value` of the wrong type would throw and end the heartbeat loop).
+  std::uint64_t answered(const protocol::json& answer, const char* op, const char* field) const {
+    auto n = config::view(answer, op).optional<std::uint64_t>(field, 0);
+    if (n) return *n;
+    log(log_level::warn, "store node '", options_.name, "': ", n.error().context());
+    return 0;
   }
 
   // Reports the previous master's ledger entries whose bytes still match
@@ -225,7 +234,7 @@ class store_node {
         log(log_level::warn, "store node '", options_.name, "': reporting its objects: ", protocol::describe(ec, r));
         continue;
       }
-      st->recovered += r.value("objects", std::size_t{0}) + r.value("replicas", std::size_t{0});
+      st->recovered += answered(r, "recover", "objects") + answered(r, "recover", "replicas");
       for (const auto& why : r.value("rejected", protocol::json::array()))
         log(log_level::info, "store node '", options_.name, "': not taken back: ", why.dump());
     }
