@@ -4,7 +4,13 @@
 //
 //   ucx_bench --tls posix [--sizes 65536,1048576,67108864] [--memory ucx|plain]
 //             [--window 16] [--seconds 1] [--json results.jsonl] [--perftest ucx_perftest]
-//             [--progress event|busy_poll] [--lat-iters 2000] [--latency-only]
+//             [--progress event|busy_poll] [--lat-iters 2000] [--latency-only] [--rounds 1]
+//
+// --rounds N runs, for each size, N rounds of (kvx write, kvx read, plain
+// memcpy of the same size, ucx_perftest) back to back and prints medians and
+// the spread of the per-round ratio: on hosts whose copy rate drifts between
+// half-second runs (the lent 16-core VM: 15 to 33 GB/s for the same raw UCX
+// put loop) one pair of runs decides nothing.
 //
 // The target is this binary started again with --serve; it registers one
 // segment, answers the ping-pong rounds, and serves until killed. kvx writes
@@ -64,6 +70,7 @@ struct args_t {
   std::string progress = "event";  // the initiator's progress policy (ucx_options::busy_poll)
   int lat_iters = 2000;
   bool latency_only = false;  // skip the bandwidth sizes
+  int rounds = 1;              // bandwidth rounds per size, alternated with ucx_perftest
   int pingpong = 0;  // --serve: answer this many ping-pong rounds first (descriptor on stdin)
   bool serve = false;
   std::uint64_t serve_bytes = 0;
@@ -296,6 +303,28 @@ double kvx_bandwidth(asio::io_context& io, kvx::transport::ucx& t, const kvx::me
   return static_cast<double>(done_bytes) / secs / 1e9;
 }
 
+// A plain memcpy of `size` bytes within `local`, repeated for `seconds`: the
+// copy rate of this core at this moment, beside the UCX figures of the round.
+double memcpy_bandwidth(std::span<std::byte> local, std::uint64_t size, double seconds) {
+  static std::vector<std::byte> dst;
+  dst.resize(size);
+  std::uint64_t copied = 0;
+  const auto start = clock_type::now();
+  const auto until = start + std::chrono::duration<double>(seconds);
+  do {
+    std::memcpy(dst.data(), local.data(), size);
+    copied += size;
+  } while (clock_type::now() < until);
+  const double secs = std::chrono::duration<double>(clock_type::now() - start).count();
+  return static_cast<double>(copied) / secs / 1e9;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const auto n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
 // Latency: one op in flight, timed from initiation to the handler running;
 // percentiles of `n` completions (after 100 warm-up ops), in microseconds.
 struct latency_us {
@@ -396,11 +425,13 @@ int main(int argc, char** argv) {
     else if (k == "--progress") a.progress = next();
     else if (k == "--lat-iters") a.lat_iters = std::stoi(next());
     else if (k == "--latency-only") a.latency_only = true;
+    else if (k == "--rounds") a.rounds = std::stoi(next());
     else if (k == "--pingpong") a.pingpong = std::stoi(next());
     else if (k == "--serve") { a.serve = true; a.serve_bytes = std::stoull(next()); }
     else {
       std::cerr << "usage: ucx_bench --tls T [--sizes a,b,c] [--memory ucx|plain] [--window N] [--seconds S] [--json FILE]\n"
-                   "                 [--progress event|busy_poll] [--lat-iters N] [--latency-only] [--perftest PATH]\n";
+                   "                 [--progress event|busy_poll] [--lat-iters N] [--latency-only] [--perftest PATH]\n"
+                   "                 [--rounds N]\n";
       return 2;
     }
   }
@@ -419,6 +450,10 @@ int main(int argc, char** argv) {
   if (a.latency_only) a.sizes.clear();
   if (a.lat_iters < 1) {
     std::cerr << "--lat-iters must be at least 1\n";
+    return 2;
+  }
+  if (a.rounds < 1) {
+    std::cerr << "--rounds must be at least 1\n";
     return 2;
   }
   if (a.serve) return serve(a);
@@ -459,22 +494,30 @@ int main(int argc, char** argv) {
 
   std::ofstream json;
   if (!a.json.empty()) json.open(a.json, std::ios::app);
-  std::printf("UCX_TLS=%s memory=%s window=%d\n", a.tls.c_str(), a.memory.c_str(), a.window);
-  std::printf("%10s %14s %14s %14s %8s\n", "size", "kvx write GB/s", "kvx read GB/s", "perftest GB/s", "ratio");
+  std::printf("UCX_TLS=%s memory=%s window=%d rounds=%d\n", a.tls.c_str(), a.memory.c_str(), a.window, a.rounds);
+  std::printf("%10s %14s %14s %14s %14s %8s %15s\n", "size", "kvx write GB/s", "kvx read GB/s", "memcpy GB/s",
+              "perftest GB/s", "ratio", "ratio min-max");
   for (auto size : a.sizes) {
     std::uint64_t moved = 0, moved_r = 0;
     kvx_bandwidth(io, t, desc, local, size, a.window, std::min(0.2, a.seconds), true, moved);  // warm-up
-    const double w = kvx_bandwidth(io, t, desc, local, size, a.window, a.seconds, true, moved);
-    const double r = kvx_bandwidth(io, t, desc, local, size, a.window, a.seconds, false, moved_r);
-    const auto iters = std::max<std::uint64_t>(moved / size, 20);
-    auto pf = perftest(a, "ucp_put_bw", size, iters);
-    const double p = pf[5] * 1048576.0 / 1e9;
-    std::printf("%10llu %14.3f %14.3f %14.3f %8.2f\n", static_cast<unsigned long long>(size), w, r, p, w / p);
-    if (json.is_open())
-      json << nlohmann::json{{"tls", a.tls}, {"memory", a.memory}, {"kind", "bandwidth"}, {"size", size},
-                             {"kvx_write_gbps", w}, {"kvx_read_gbps", r}, {"perftest_put_gbps", p},
-                             {"ratio", w / p}}.dump()
-           << "\n";
+    std::vector<double> ws, rs, ms, ps, ratios;
+    for (int round = 0; round < a.rounds; ++round) {
+      const double w = kvx_bandwidth(io, t, desc, local, size, a.window, a.seconds, true, moved);
+      const double r = kvx_bandwidth(io, t, desc, local, size, a.window, a.seconds, false, moved_r);
+      const double m = memcpy_bandwidth(local, size, a.seconds / 2);
+      const auto iters = std::max<std::uint64_t>(moved / size, 20);
+      auto pf = perftest(a, "ucp_put_bw", size, iters);
+      const double p = pf[5] * 1048576.0 / 1e9;
+      ws.push_back(w), rs.push_back(r), ms.push_back(m), ps.push_back(p), ratios.push_back(w / p);
+      if (json.is_open())
+        json << nlohmann::json{{"tls", a.tls}, {"memory", a.memory}, {"kind", "bandwidth"}, {"size", size},
+                               {"round", round}, {"kvx_write_gbps", w}, {"kvx_read_gbps", r}, {"memcpy_gbps", m},
+                               {"perftest_put_gbps", p}, {"ratio", w / p}}.dump()
+             << "\n";
+    }
+    const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
+    std::printf("%10llu %14.3f %14.3f %14.3f %14.3f %8.2f %7.2f-%-7.2f\n", static_cast<unsigned long long>(size),
+                median(ws), median(rs), median(ms), median(ps), median(ratios), *lo, *hi);
   }
   // ucp_put_lat is a ping-pong: each side puts, the other spins on the last
   // byte, and the figure is half the round trip (p50). A kvx write completes
