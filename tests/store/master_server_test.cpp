@@ -5,8 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/asio/use_future.hpp>
 
+#include <array>
 #include <list>
 #include <optional>
 #include <thread>
@@ -135,6 +138,60 @@ TEST(MasterClient, DeadlineTurnsASilentMasterIntoTimedOut) {
   }
   ASSERT_TRUE(out);
   EXPECT_EQ(*out, kvx::errc::timed_out);
+}
+
+// close() while a write is stuck (the peer reads nothing): the aborted write
+// and read of that connection must not touch the next one. A call made right
+// after close() goes out on a fresh connection and gets its answer (it used
+// to fail with "write failed: Operation canceled" when the old write's
+// completion ran after the new connection began).
+TEST(MasterClient, ACallAfterCloseWithAWriteStuckGoesOutOnAFreshConnection) {
+  asio::io_context io;
+  asio::ip::tcp::acceptor master(io);
+  master.open(asio::ip::tcp::v4());
+  master.set_option(asio::socket_base::receive_buffer_size(4096));  // accepted sockets inherit it: the write stalls
+  master.bind({asio::ip::make_address("127.0.0.1"), 0});
+  master.listen();
+  asio::ip::tcp::socket first(io), second(io);
+  bool first_accepted = false;
+  std::array<unsigned char, 4> header{};
+  std::string body;
+  master.async_accept(first, [&](boost::system::error_code ec) {
+    ASSERT_FALSE(ec) << ec.message();
+    first_accepted = true;
+    master.async_accept(second, [&](boost::system::error_code ec2) {
+      ASSERT_FALSE(ec2) << ec2.message();
+      asio::async_read(second, asio::buffer(header), [&](boost::system::error_code ec3, std::size_t) {
+        ASSERT_FALSE(ec3) << ec3.message();
+        body.resize(header[0] | header[1] << 8 | header[2] << 16 | static_cast<std::size_t>(header[3]) << 24);
+        asio::async_read(second, asio::buffer(body), [&](boost::system::error_code ec4, std::size_t) {
+          ASSERT_FALSE(ec4) << ec4.message();
+          const auto request = json::parse(body);
+          static std::string answer;
+          answer = kvx::store::protocol::encode_frame({{"id", request["id"]}, {"ok", true}, {"answer", 42}});
+          asio::async_write(second, asio::buffer(answer), [](boost::system::error_code, std::size_t) {});
+        });
+      });
+    });
+  });
+  auto client = kvx::store::master_client::create(io.get_executor(), "127.0.0.1:" + std::to_string(master.local_endpoint().port()));
+  std::optional<std::error_code> stuck;
+  client->async_call({{"op", "stats"}, {"pad", std::string(8u << 20, 'x')}}, [&](std::error_code ec, json) { stuck = ec; });
+  while (!first_accepted && io.run_one_for(5s)) {
+  }
+  ASSERT_TRUE(first_accepted);
+  io.run_for(50ms);  // the client writes what the buffers take; the rest waits
+  ASSERT_FALSE(stuck) << "the 8 MiB write was expected to stall";
+  client->close();
+  std::optional<std::pair<std::error_code, json>> next;
+  client->async_call({{"op", "stats"}}, [&](std::error_code ec, json b) { next.emplace(ec, std::move(b)); });
+  while (!next && io.run_one_for(5s)) {
+  }
+  ASSERT_TRUE(stuck);
+  EXPECT_EQ(*stuck, kvx::errc::connection_lost);
+  ASSERT_TRUE(next);
+  ASSERT_FALSE(next->first) << next->first.message() << " " << next->second.dump();
+  EXPECT_EQ(next->second.value("answer", 0), 42);
 }
 
 // A master (or a standby) on its own thread, for tests that write the wire

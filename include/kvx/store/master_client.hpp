@@ -132,8 +132,19 @@ class master_client : public std::enable_shared_from_this<master_client> {
 
  private:
   master_client(executor_type ex, std::string endpoint, endpoint_lookup lookup)
-      : strand_(asio::make_strand(ex)), endpoint_(std::move(endpoint)), lookup_(std::move(lookup)), socket_(strand_),
-        flush_(strand_) {}
+      : strand_(asio::make_strand(ex)), endpoint_(std::move(endpoint)), lookup_(std::move(lookup)), flush_(strand_) {}
+
+  // One connection attempt and what is written on it. Each has its own
+  // socket: operations of a connection that failed (or was closed) complete
+  // later with errors, and must find it is no longer `conn_` instead of
+  // failing the calls of the next one.
+  struct connection {
+    explicit connection(const asio::strand<executor_type>& s) : socket(s) {}
+    asio::ip::tcp::socket socket;
+    bool writing = false;
+    std::string frames;  // what the write under way sends
+  };
+  [[nodiscard]] bool current(const std::shared_ptr<connection>& c) const { return conn_ == c; }
 
   void start_notify(json req) {
     req["id"] = ++next_id_;
@@ -142,7 +153,7 @@ class master_client : public std::enable_shared_from_this<master_client> {
     if (state_ != state::connected) return send_outbox();
     // A write under way takes it along when it completes; else the next
     // call's write, or the flush timer, whichever comes first.
-    if (writing_ || flush_armed_) return;
+    if ((conn_ && conn_->writing) || flush_armed_) return;
     flush_armed_ = true;
     flush_.expires_after(notify_linger);
     // A weak reference: the pending wait must not keep the client alive (the
@@ -160,7 +171,8 @@ class master_client : public std::enable_shared_from_this<master_client> {
   void send_outbox() {
     if (state_ == state::idle) {
       state_ = state::connecting;
-      asio::co_spawn(strand_, connect_and_run(shared_from_this()), asio::detached);
+      conn_ = std::make_shared<connection>(strand_);
+      asio::co_spawn(strand_, connect_and_run(shared_from_this(), conn_), asio::detached);
     } else {
       start_write();
     }
@@ -189,8 +201,11 @@ class master_client : public std::enable_shared_from_this<master_client> {
   }
 
   void fail_all(errc code, const std::string& why) {
-    boost::system::error_code ignored;
-    socket_.close(ignored);
+    if (conn_) {
+      boost::system::error_code ignored;
+      conn_->socket.close(ignored);
+      conn_.reset();
+    }
     outbox_.clear();
     state_ = state::idle;
     // A following client looks the master up again after any failure.
@@ -203,11 +218,13 @@ class master_client : public std::enable_shared_from_this<master_client> {
   }
 
   // A following client's master, looked up when the last one failed.
-  static asio::awaitable<bool> look_up(std::shared_ptr<master_client> self) {
+  // False when the attempt ends here (failed, or superseded meanwhile).
+  static asio::awaitable<bool> look_up(std::shared_ptr<master_client> self, const std::shared_ptr<connection>& c) {
     if (!self->lookup_ || self->looked_up_) co_return true;
     auto token = asio::as_tuple(asio::use_awaitable);
     auto [ec, found] = co_await asio::async_initiate<decltype(token), void(std::error_code, std::string)>(
         [&self](auto h) { self->lookup_(std::move(h)); }, token);
+    if (!self->current(c)) co_return false;
     if (ec == errc::not_found) {
       self->fail_all(errc::unreachable, "no master leads now (lookup found none)");
       co_return false;
@@ -229,8 +246,10 @@ class master_client : public std::enable_shared_from_this<master_client> {
     co_return true;
   }
 
-  static asio::awaitable<void> connect_and_run(std::shared_ptr<master_client> self) {
-    if (!co_await look_up(self)) co_return;
+  // After each wait: a close (or another failure) meanwhile ended this
+  // attempt, and the client may already be on the next one.
+  static asio::awaitable<void> connect_and_run(std::shared_ptr<master_client> self, std::shared_ptr<connection> c) {
+    if (!co_await look_up(self, c)) co_return;
     auto parts = split_master_endpoint(self->endpoint_, "master endpoint");
     if (!parts) {
       self->fail_all(errc::invalid_argument, parts.error().context());
@@ -238,43 +257,48 @@ class master_client : public std::enable_shared_from_this<master_client> {
     }
     asio::ip::tcp::resolver resolver(self->strand_);
     auto [rec, results] = co_await resolver.async_resolve(parts->first, parts->second, asio::as_tuple(asio::use_awaitable));
+    if (!self->current(c)) co_return;
     if (rec) {
       self->fail_all(errc::unreachable, "resolve failed: " + rec.message());
       co_return;
     }
-    auto [cec, ep] = co_await asio::async_connect(self->socket_, results, asio::as_tuple(asio::use_awaitable));
+    auto [cec, ep] = co_await asio::async_connect(c->socket, results, asio::as_tuple(asio::use_awaitable));
+    if (!self->current(c)) co_return;
     if (cec) {
       self->fail_all(errc::unreachable, "connect failed: " + cec.message());
       co_return;
     }
     boost::system::error_code ignored;
-    self->socket_.set_option(asio::ip::tcp::no_delay(true), ignored);
+    c->socket.set_option(asio::ip::tcp::no_delay(true), ignored);
     self->state_ = state::connected;
     self->start_write();
-    co_await read_loop(self);
+    co_await read_loop(self, c);
   }
 
   // Every frame waiting goes in one write; what is queued meanwhile goes in
   // the next. A plain completion handler on the strand (the socket's
   // executor), not a coroutine per write: no frame to allocate, no post.
   void start_write() {
-    if (writing_ || state_ != state::connected || outbox_.empty()) return;
-    writing_ = true;
-    frames_.clear();
-    for (auto& f : outbox_) frames_ += f;
+    if (!conn_ || conn_->writing || state_ != state::connected || outbox_.empty()) return;
+    auto c = conn_;
+    c->writing = true;
+    c->frames.clear();
+    for (auto& f : outbox_) c->frames += f;
     outbox_.clear();
-    asio::async_write(socket_, asio::buffer(frames_), [self = shared_from_this()](boost::system::error_code ec, std::size_t) {
-      self->writing_ = false;
+    asio::async_write(c->socket, asio::buffer(c->frames), [self = shared_from_this(), c](boost::system::error_code ec, std::size_t) {
+      c->writing = false;
+      if (!self->current(c)) return;
       if (ec) return self->fail_all(errc::connection_lost, "write failed: " + ec.message());
       self->start_write();
     });
   }
 
-  static asio::awaitable<void> read_loop(std::shared_ptr<master_client> self) {
+  static asio::awaitable<void> read_loop(std::shared_ptr<master_client> self, std::shared_ptr<connection> c) {
     protocol::frame_decoder decoder;
     std::array<char, 64 * 1024> buf;
     for (;;) {
-      auto [ec, n] = co_await self->socket_.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+      auto [ec, n] = co_await c->socket.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+      if (!self->current(c)) co_return;
       if (ec) {
         self->fail_all(errc::connection_lost, "connection lost: " + ec.message());
         co_return;
@@ -315,10 +339,8 @@ class master_client : public std::enable_shared_from_this<master_client> {
   std::string endpoint_;
   endpoint_lookup lookup_;
   bool looked_up_ = false;
-  asio::ip::tcp::socket socket_;
+  std::shared_ptr<connection> conn_;  // the attempt under way or connected; none while idle
   state state_ = state::idle;
-  bool writing_ = false;
-  std::string frames_;  // what the write under way sends
   asio::steady_timer flush_;  // writes notifications no call took along
   bool flush_armed_ = false;
   std::uint64_t next_id_ = 0;

@@ -48,14 +48,6 @@ class master_handler {
  private:
   using json = protocol::json;
 
-  static result<object_key> key_of(const config::view& v) {
-    auto tenant = v.required<std::string>("tenant");
-    KVX_TRY(tenant);
-    auto key = v.required<std::string>("key");
-    KVX_TRY(key);
-    return object_key{std::move(*tenant), std::move(*key)};
-  }
-
   static std::int64_t ms_until(clock::time_point t, clock::time_point now) {
     return std::chrono::duration_cast<std::chrono::milliseconds>(t - now).count();
   }
@@ -86,9 +78,7 @@ class master_handler {
       KVX_TRY(state_.heartbeat(*node, now));
       json tasks = json::array();
       auto& queue = tasks_[*node];
-      for (const auto& t : queue)
-        tasks.push_back({{"tenant", t.key.tenant}, {"key", t.key.key}, {"put_id", t.put_id},
-                         {"source", protocol::to_json(t.source)}, {"target", protocol::to_json(t.target)}});
+      for (const auto& t : queue) tasks.push_back(protocol::to_json(t));
       queue.clear();
       auto changes = state_.ledger_since(*node, *ack, max_ledger_changes);
       KVX_TRY(changes);
@@ -129,7 +119,7 @@ class master_handler {
       }
       return json{{"count", state_.longest_prefix(*tenant, keys)}};
     }
-    auto key = key_of(v);
+    auto key = protocol::object_key_from(v);
     KVX_TRY(key);
     if (op == "put_start") {
       put_options opt;

@@ -91,14 +91,6 @@ struct get_grant {
   clock::time_point lease_until;
 };
 
-//! Ask a node holding `source` to copy it into `target` (re-replication).
-struct replication_task {
-  object_key key;
-  replica_location source;
-  replica_location target;
-  std::uint64_t put_id = 0;  //!< commit with `replication_done(key, put_id, target)`
-};
-
 //! What `master_state::recover` did with a node's report.
 struct recovery_report {
   std::size_t objects = 0;   //!< objects taken back

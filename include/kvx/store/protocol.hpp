@@ -208,15 +208,22 @@ inline json to_json(const ledger_entry& e) {
           {"checksum", e.checksum}, {"replicas_wanted", e.replicas_wanted}, {"pinned", e.pinned}};
 }
 
-inline result<ledger_entry> ledger_entry_from_json(const json& j, const std::string& path) {
-  if (!j.is_object()) return error{errc::malformed_message, "field '" + path + "' is not an object"};
-  config::view v(j, path);
-  ledger_entry e;
+//! The object a message names, from its "tenant" and "key" fields.
+inline result<object_key> object_key_from(const config::view& v) {
   auto tenant = v.required<std::string>("tenant");
   KVX_TRY(tenant);
   auto key = v.required<std::string>("key");
   KVX_TRY(key);
-  e.key = {std::move(*tenant), std::move(*key)};
+  return object_key{std::move(*tenant), std::move(*key)};
+}
+
+inline result<ledger_entry> ledger_entry_from_json(const json& j, const std::string& path) {
+  if (!j.is_object()) return error{errc::malformed_message, "field '" + path + "' is not an object"};
+  config::view v(j, path);
+  ledger_entry e;
+  auto key = object_key_from(v);
+  KVX_TRY(key);
+  e.key = std::move(*key);
   auto segment = v.required<std::string>("segment");
   KVX_TRY(segment);
   e.segment = std::move(*segment);
@@ -252,6 +259,31 @@ inline result<ledger_event> ledger_event_from_json(const json& j, const std::str
   KVX_TRY(op);
   if (*op != "add" && *op != "drop") return error{errc::malformed_message, "field '" + path + ".op' is not add or drop"};
   return ledger_event{*seq, *op == "add", std::move(*entry)};
+}
+
+//! A re-replication task, as a heartbeat answer carries it to the source's node.
+inline json to_json(const replication_task& t) {
+  return {{"tenant", t.key.tenant}, {"key", t.key.key}, {"put_id", t.put_id},
+          {"source", to_json(t.source)}, {"target", to_json(t.target)}};
+}
+
+inline result<replication_task> replication_task_from_json(const json& j, const std::string& path) {
+  if (!j.is_object()) return error{errc::malformed_message, "field '" + path + "' is not an object"};
+  config::view v(j, path);
+  auto key = object_key_from(v);
+  KVX_TRY(key);
+  auto put_id = v.required<std::uint64_t>("put_id");
+  KVX_TRY(put_id);
+  replication_task t;
+  t.key = std::move(*key);
+  t.put_id = *put_id;
+  for (auto [name, where] : {std::pair{"source", &t.source}, std::pair{"target", &t.target}}) {
+    if (!j.contains(name)) return error{errc::malformed_message, "field '" + v.path_of(name) + "' is required"};
+    auto r = replica_from_json(j[name], v.path_of(name));
+    KVX_TRY(r);
+    *where = std::move(*r);
+  }
+  return t;
 }
 
 inline result<std::vector<replica_location>> replicas_from_json(const json& j, const std::string& path) {

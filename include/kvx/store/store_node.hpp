@@ -179,7 +179,7 @@ class store_node {
       } else {
         if (auto why = st->ledger->apply(r.value("ledger", protocol::json::array())); !why.empty())
           log(log_level::warn, "store node '", options_.name, "': ", why);
-        for (const auto& task : r.value("tasks", protocol::json::array())) co_await replicate(task, st);
+        co_await replicate_all(r, st);
       }
       if (st->running && !st->to_report.empty() && clock::now() >= st->recover_at) co_await report_ledger(st);
       st->timer.expires_after(options_.heartbeat);
@@ -240,23 +240,46 @@ class store_node {
     }
   }
 
-  // Copies a replica this node holds into the target segment, then tells the master.
-  asio::awaitable<void> replicate(const protocol::json& task, std::shared_ptr<shared> st) {
-    auto source = protocol::replica_from_json(task.value("source", protocol::json::object()), "task.source");
-    auto target = protocol::replica_from_json(task.value("target", protocol::json::object()), "task.target");
-    if (!source || !target || source->segment != options_.segment) {
-      log(log_level::warn, "store node '", options_.name, "': ignoring malformed replication task ", task.dump());
+  // The heartbeat answer's re-replication tasks. One that is malformed, or
+  // names bytes this node does not hold, is logged and skipped: a master's
+  // bad answer must neither end the heartbeat loop nor read outside the segment.
+  asio::awaitable<void> replicate_all(const protocol::json& answer, std::shared_ptr<shared> st) {
+    if (!answer.contains("tasks")) co_return;
+    const auto& tasks = answer["tasks"];
+    if (!tasks.is_array()) {
+      log(log_level::warn, "store node '", options_.name, "': the heartbeat answer's 'tasks' is not an array; ignored");
       co_return;
     }
+    for (std::size_t i = 0; i < tasks.size() && st->running; ++i) {
+      auto task = protocol::replication_task_from_json(tasks[i], "heartbeat.tasks[" + std::to_string(i) + "]");
+      if (!task) {
+        log(log_level::warn, "store node '", options_.name, "': ignoring a malformed replication task: ", task.error().context());
+        continue;
+      }
+      const auto& source = task->source;
+      if (source.segment != options_.segment || source.offset > capacity_ || source.size > capacity_ - source.offset) {
+        log(log_level::warn, "store node '", options_.name, "': ignoring a replication task for ", source.size,
+            " bytes at ", source.offset, " of '", source.segment, "': not inside this node's segment '",
+            options_.segment, "' (", capacity_, " bytes)");
+        continue;
+      }
+      co_await replicate(*task, st);
+    }
+  }
+
+  // Copies a replica this node holds into the target segment, then tells the master.
+  asio::awaitable<void> replicate(const replication_task& task, std::shared_ptr<shared> st) {
+    const auto& source = task.source;
+    const auto& target = task.target;
     transfer::batch b;
-    b.write(std::span<const std::byte>(base_ + source->offset, source->size), target->segment, target->offset);
+    b.write(std::span<const std::byte>(base_ + source.offset, source.size), target.segment, target.offset);
     auto [tec, res] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
     if (!st->running) co_return;  // stopped (maybe destroyed) meanwhile
     if (tec) {
       log(log_level::warn, "store node '", options_.name, "': replication: ", res.first_error().message());
       co_return;
     }
-    auto [ec, r] = co_await master_->async_call(protocol::make_request("replication_done", "tenant", task.value("tenant", ""), "key", task.value("key", ""), "put_id", task.value("put_id", 0), "target", protocol::to_json(*target)),
+    auto [ec, r] = co_await master_->async_call(protocol::make_request("replication_done", "tenant", task.key.tenant, "key", task.key.key, "put_id", task.put_id, "target", protocol::to_json(target)),
                                                 asio::as_tuple(asio::use_awaitable));
     if (!ec && st->running) ++st->replications;
   }

@@ -34,6 +34,14 @@ struct replica_location {
   friend bool operator==(const replica_location&, const replica_location&) = default;
 };
 
+//! Ask a node holding `source` to copy it into `target` (re-replication).
+struct replication_task {
+  object_key key;
+  replica_location source;
+  replica_location target;
+  std::uint64_t put_id = 0;  //!< commit with `replication_done(key, put_id, target)`
+};
+
 inline void to_json(nlohmann::json& j, const replica_location& r) {
   j = {{"node", r.node}, {"segment", r.segment}, {"offset", r.offset}, {"size", r.size}};
 }
