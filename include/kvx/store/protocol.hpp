@@ -208,6 +208,15 @@ inline json to_json(const ledger_entry& e) {
           {"checksum", e.checksum}, {"replicas_wanted", e.replicas_wanted}, {"pinned", e.pinned}};
 }
 
+//! A field of a master's answer, `fallback` when absent; `protocol_error`
+//! naming `op.field` when it has the wrong type (json's value() would throw).
+template <class T>
+result<T> answer_field(const json& answer, const char* op, const char* field, T fallback) {
+  auto v = config::view(answer, op).optional<T>(field, std::move(fallback));
+  if (v) return v;
+  return error{errc::protocol_error, v.error().context()};
+}
+
 //! The object a message names, from its "tenant" and "key" fields.
 inline result<object_key> object_key_from(const config::view& v) {
   auto tenant = v.required<std::string>("tenant");

@@ -89,7 +89,9 @@ class store_client {
     return run<void(std::error_code, bool)>(std::forward<CompletionToken>(token),
                                             [this, key = std::move(key)]() -> asio::awaitable<std::tuple<std::error_code, bool>> {
                                               auto [ec, r] = co_await call(protocol::make_request("exists", "tenant", key.tenant, "key", key.key));
-                                              co_return std::tuple{ec, !ec && r.value("exists", false)};
+                                              if (ec) co_return std::tuple{ec, false};
+                                              auto exists = answered<bool>(r, "exists", "exists", false);
+                                              co_return std::tuple{exists ? std::error_code{} : exists.code(), exists && *exists};
                                             });
   }
 
@@ -99,7 +101,9 @@ class store_client {
         std::forward<CompletionToken>(token),
         [this, tenant = std::move(tenant), keys = std::move(keys)]() -> asio::awaitable<std::tuple<std::error_code, std::size_t>> {
           auto [ec, r] = co_await call(protocol::make_request("longest_prefix", "tenant", tenant, "keys", keys));
-          co_return std::tuple{ec, ec ? std::size_t{0} : r.value("count", std::size_t{0})};
+          if (ec) co_return std::tuple{ec, std::size_t{0}};
+          auto count = answered<std::uint64_t>(r, "longest_prefix", "count", 0);
+          co_return std::tuple{count ? std::error_code{} : count.code(), count ? static_cast<std::size_t>(*count) : 0};
         });
   }
 
@@ -224,26 +228,41 @@ class store_client {
     co_return std::tuple{first, std::move(codes)};
   }
 
+  // A field of the master's answer (`fallback` when absent); a wrong type is
+  // logged and is `protocol_error` (json's value() would throw instead).
+  template <class T>
+  result<T> answered(const json& answer, const char* op, const char* field, T fallback) const {
+    auto v = protocol::answer_field<T>(answer, op, field, std::move(fallback));
+    if (!v) log(log_level::warn, "store client '", options_.node, "': ", v.error().context());
+    return v;
+  }
+
   // Coroutine parameters by value: callers pass temporaries.
   asio::awaitable<std::error_code> put_impl(object_key key, std::span<const std::byte> bytes, put_options opt) {
     auto [ec, ticket] = co_await call(protocol::make_request("put_start", "tenant", key.tenant, "key", key.key, "size", bytes.size(), "replicas", opt.replicas, "preferred_node", opt.preferred_node, "soft_pin", opt.soft_pin));
     if (ec) co_return ec;
     auto replicas = protocol::replicas_from_json(ticket.value("replicas", json::array()), "put_start.replicas");
-    if (!replicas) co_return errc::protocol_error;
-    const auto put_id = ticket.value("put_id", std::uint64_t{0});
+    auto put_id = answered<std::uint64_t>(ticket, "put_start", "put_id", 0);
+    auto checksum = answered<bool>(ticket, "put_start", "checksum", false);
+    if (!replicas || !put_id || !checksum) {
+      // Unusable: the master reclaims the allocation when the put lease ends.
+      log(log_level::warn, "store client '", options_.node, "': put '", key.full(), "': ",
+          !replicas ? replicas.error().context() : "malformed put_start answer");
+      co_return errc::protocol_error;
+    }
     transfer::batch b;
     for (const auto& r : *replicas) b.write(bytes, r.segment, r.offset);
     auto [tec, result] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
     if (tec) {
       log(log_level::info, "store client '", options_.node, "': put '", key.full(), "': ", result.first_error().message());
       // Best effort: if the abort is lost, the master reclaims the space when the put lease expires.
-      (void)co_await call(protocol::make_request("put_abort", "tenant", key.tenant, "key", key.key, "put_id", put_id));
+      (void)co_await call(protocol::make_request("put_abort", "tenant", key.tenant, "key", key.key, "put_id", *put_id));
       co_return tec;
     }
-    auto commit = protocol::make_request("put_commit", "tenant", key.tenant, "key", key.key, "put_id", put_id);
+    auto commit = protocol::make_request("put_commit", "tenant", key.tenant, "key", key.key, "put_id", *put_id);
     // The master keeps ledgers for recovery after a failover: the nodes
     // check this against their bytes before reporting the object.
-    if (ticket.value("checksum", false)) commit["checksum"] = protocol::object_checksum(bytes.data(), bytes.size());
+    if (*checksum) commit["checksum"] = protocol::object_checksum(bytes.data(), bytes.size());
     auto [cec, committed] = co_await call(std::move(commit));
     co_return cec;
   }
@@ -251,9 +270,11 @@ class store_client {
   asio::awaitable<std::tuple<std::error_code, std::uint64_t>> get_impl(object_key key, std::span<std::byte> dst) {
     auto [ec, grant] = co_await call(protocol::make_request("get", "tenant", key.tenant, "key", key.key, "reader_node", options_.node, "lease_ms", options_.lease.count()));
     if (ec) co_return std::tuple{ec, std::uint64_t{0}};
-    const auto size = grant.value("size", std::uint64_t{0});
+    auto answered_size = answered<std::uint64_t>(grant, "get", "size", 0);
+    const auto size = answered_size ? *answered_size : 0;
     auto replicas = protocol::replicas_from_json(grant.value("replicas", json::array()), "get.replicas");
-    std::error_code result = replicas ? std::error_code{} : make_error_code(errc::protocol_error);
+    std::error_code result = replicas && answered_size ? std::error_code{} : make_error_code(errc::protocol_error);
+    if (!replicas) log(log_level::warn, "store client '", options_.node, "': get '", key.full(), "': ", replicas.error().context());
     if (!result && dst.size() < size) {
       log(log_level::info, "store client: get '", key.full(), "': buffer of ", dst.size(), " bytes for a ", size, "-byte object");
       result = errc::out_of_range;

@@ -190,7 +190,7 @@ class store_node {
   // A count in a master's answer; 0, logged, when it is not one (a json
   // `value` of the wrong type would throw and end the heartbeat loop).
   std::uint64_t answered(const protocol::json& answer, const char* op, const char* field) const {
-    auto n = config::view(answer, op).optional<std::uint64_t>(field, 0);
+    auto n = protocol::answer_field<std::uint64_t>(answer, op, field, 0);
     if (n) return *n;
     log(log_level::warn, "store node '", options_.name, "': ", n.error().context());
     return 0;

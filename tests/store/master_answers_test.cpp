@@ -1,7 +1,10 @@
-// A store node facing a master that answers wrongly: every malformed answer
-// (register_segment, heartbeat tasks and ledger changes) is logged and
-// skipped, the node keeps heartbeating, and no task makes it read outside
-// its segment. The master here is a fake speaking the wire format.
+// Nodes and clients facing a master that answers wrongly. A node logs and
+// skips every malformed answer (register_segment, heartbeat tasks and ledger
+// changes), keeps heartbeating, and no task makes it read outside its
+// segment; a client's call ends with `protocol_error` (not an exception's
+// `internal`), and a get still releases its lease. The master here is a fake
+// speaking the wire format.
+#include <kvx/store/store_client.hpp>
 #include <kvx/store/store_node.hpp>
 
 #include <gtest/gtest.h>
@@ -119,6 +122,55 @@ TEST(StoreNode, MalformedMasterAnswersAreSkippedAndTheNodeHeartbeatsOn) {
   node.stop();
   io.restart();
   io.run_for(50ms);
+}
+
+TEST(StoreClient, MalformedMasterAnswersEndTheCallWithProtocolErrorAndAGetStillReleases) {
+  asio::io_context io;
+  scripted_master master(io);
+  master.script["exists"] = {json{{"exists", "yes"}}};
+  master.script["longest_prefix"] = {json{{"count", "three"}}};
+  master.script["put_start"] = {json{{"put_id", "seven"}, {"replicas", json::array()}},
+                                json{{"put_id", 1u}, {"replicas", "none"}},
+                                json{{"put_id", 1u}, {"replicas", json::array()}, {"checksum", "yes"}}};
+  master.script["get"] = {json{{"size", "big"}, {"replicas", json::array()}},
+                          json{{"size", 10u}, {"replicas", json::array({json{{"node", 5}}})}}};
+  kvx::transfer::embedded_metadata meta{io.get_executor()};
+  kvx::test::store_party party(io, meta, "client-x");
+  kvx::store::store_client<kvx::test::store_engine> client(
+      party.engine, kvx::store::master_client::create(io.get_executor(), master.endpoint()),
+      kvx::store::client_options{.node = "client-x", .replicas = 1, .lease = 1000ms});
+  const kvx::store::object_key key{"t", "k"};
+  std::vector<std::byte> bytes(64);
+
+  auto exists = kvx::test::run_coroutine(io, [&]() -> asio::awaitable<std::error_code> {
+    auto [e, found] = co_await client.async_exists(key, asio::as_tuple(asio::use_awaitable));
+    co_return e;
+  });
+  EXPECT_EQ(exists, kvx::errc::protocol_error) << exists.message();
+  // Built outside the coroutine: g++ 12 rejects an initializer list inside a co_await expression.
+  const std::vector<std::string> keys{"a", "b"};
+  auto prefix = kvx::test::run_coroutine(io, [&]() -> asio::awaitable<std::error_code> {
+    auto [e, n] = co_await client.async_longest_prefix(key.tenant, keys, asio::as_tuple(asio::use_awaitable));
+    co_return e;
+  });
+  EXPECT_EQ(prefix, kvx::errc::protocol_error) << prefix.message();
+  for (int i = 0; i < 3; ++i) {
+    auto put = kvx::test::run_coroutine(io, [&]() -> asio::awaitable<std::error_code> {
+      auto [e] = co_await client.async_put(key, bytes, asio::as_tuple(asio::use_awaitable));
+      co_return e;
+    });
+    EXPECT_EQ(put, kvx::errc::protocol_error) << "put_start answer " << i << ": " << put.message();
+  }
+  EXPECT_EQ(master.seen["put_commit"], 0u);
+  for (int i = 0; i < 2; ++i) {
+    auto get = kvx::test::run_coroutine(io, [&]() -> asio::awaitable<std::error_code> {
+      auto [e, n] = co_await client.async_get(key, bytes, asio::as_tuple(asio::use_awaitable));
+      co_return e;
+    });
+    EXPECT_EQ(get, kvx::errc::protocol_error) << "get answer " << i << ": " << get.message();
+  }
+  // The releases are notifications: they leave with the next write or the linger timer.
+  EXPECT_TRUE(kvx::test::run_until(io, [&] { return master.seen["release"] == 2; }, 5s)) << master.seen["release"];
 }
 
 TEST(StoreProtocol, AReplicationTaskRoundTripsAndEachMissingOrWrongFieldIsNamed) {
