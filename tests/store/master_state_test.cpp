@@ -191,6 +191,26 @@ TEST_F(MasterState, DeadNodeLosesOrReReplicates) {
   EXPECT_EQ(m.heartbeat(victim_node, t0 + 5s).code(), kvx::errc::not_found);
 }
 
+TEST_F(MasterState, ARemovedNodeLeavesAtOnceAndItsReportsWaitAPutLeaseFromThen) {
+  auto m = make();
+  auto t = m.put_start(key("one-copy"), 1000, reps(1), t0);
+  ASSERT_TRUE(m.put_commit(key("one-copy"), t->put_id, t0));
+  const auto victim = t->replicas[0].node;
+  EXPECT_EQ(m.remove_node("no-such-node", t0).code(), kvx::errc::not_found);
+  auto report = m.remove_node(victim, t0 + 2s);
+  ASSERT_TRUE(report) << report.error().message();
+  EXPECT_EQ(report->dropped_nodes, std::vector<std::string>{victim});
+  ASSERT_EQ(report->lost_objects.size(), 1u);
+  EXPECT_EQ(report->lost_objects[0], key("one-copy"));
+  EXPECT_FALSE(m.exists(key("one-copy")));
+  // Dated at the removal (no tick ran yet): writers holding tickets for its
+  // ranges may write for a put lease from then.
+  EXPECT_EQ(m.recovery_wait(victim, t0 + 2s), config.put_lease);
+  EXPECT_EQ(m.recovery_wait(victim, t0 + 2s + config.put_lease), clock::duration::zero());
+  EXPECT_EQ(m.heartbeat(victim, t0 + 3s).code(), kvx::errc::not_found);
+  EXPECT_EQ(m.remove_node(victim, t0 + 3s).code(), kvx::errc::not_found);
+}
+
 TEST_F(MasterState, APendingPutWhoseNodesAllDiedCannotCommit) {
   auto m = make();
   auto t = m.put_start(key("orphan"), 1000, reps(1), t0);

@@ -186,11 +186,13 @@ class master_state {
     return {};
   }
 
-  //! A node leaves (cleanly or declared dead): its replicas are forgotten.
-  result<tick_report> remove_node(const std::string& node) {
+  //! A node leaves at `now` (cleanly, or declared dead by its operator):
+  //! its replicas are forgotten, objects it alone held are reported lost,
+  //! and its reports wait a put lease from `now` (recovery_wait).
+  result<tick_report> remove_node(const std::string& node, clock::time_point now) {
     if (!nodes_.count(node)) return error{errc::not_found, "node '" + node + "'"};
     tick_report report;
-    drop_node(node, report);
+    drop_node(node, now, report);
     return report;
   }
 
@@ -393,12 +395,11 @@ class master_state {
   //! Expires put leases, drops silent nodes, plans re-replication, evicts above the watermark.
   tick_report tick(clock::time_point now) {
     tick_report report;
-    last_tick_ = now;
     std::erase_if(dropped_at_, [&](const auto& d) { return d.second + config_.put_lease < now; });
     std::vector<std::string> silent;
     for (const auto& [name, n] : nodes_)
       if (now - n.last_heartbeat > config_.node_timeout) silent.push_back(name);
-    for (const auto& name : silent) drop_node(name, report);
+    for (const auto& name : silent) drop_node(name, now, report);
     for (auto it = objects_.begin(); it != objects_.end();) {
       if (!it->second.committed && now > it->second.put_deadline) {
         report.reclaimed_puts.push_back(it->first);
@@ -684,7 +685,7 @@ class master_state {
     return objects_.erase(it);
   }
 
-  void drop_node(const std::string& node, tick_report& report) {
+  void drop_node(const std::string& node, clock::time_point when, tick_report& report) {
     auto n = nodes_.find(node);
     if (n == nodes_.end()) return;
     for (auto it = objects_.begin(); it != objects_.end();) {
@@ -715,7 +716,7 @@ class master_state {
     }
     nodes_.erase(n);
     draining_.erase(node);
-    dropped_at_[node] = last_tick_;
+    dropped_at_[node] = when;
     report.dropped_nodes.push_back(node);
     m_used_.set(static_cast<double>(used_));
     m_capacity_.set(static_cast<double>(capacity_));
@@ -773,7 +774,6 @@ class master_state {
   std::uint64_t next_put_id_ = 0;
   std::uint64_t next_eviction_id_ = 0;
   clock::time_point recovery_from_{};
-  clock::time_point last_tick_{};  // the time a node dropped by `remove_node` is taken to have left
   std::map<std::string, clock::time_point> dropped_at_;  // nodes dropped within a put lease
   std::uint64_t tick_ = 0;
   metrics::counter& m_puts_;
