@@ -5,15 +5,23 @@
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/read_until.hpp>
+#include <boost/asio/streambuf.hpp>
+#include <boost/asio/write.hpp>
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
+#include <deque>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
 
 #include <kvx/testing/metadata_conformance.hpp>
 
+#include "support/accept_each.hpp"
 #include "support/servers.hpp"
 
 namespace {
@@ -220,6 +228,76 @@ TEST_F(EtcdMetadata, CallerCancellationCompletesWithCancelled) {
   server_->resume();
   ASSERT_TRUE(result);
   EXPECT_EQ(*result, kvx::errc::cancelled) << result->message();
+}
+
+// An HTTP server on loopback that answers each etcd gateway path with the
+// next scripted body (200 OK), "{}" once they run out: replies etcd would
+// never send, to check each is an error naming its shape, not an exception.
+struct scripted_etcd {
+  asio::ip::tcp::acceptor acceptor;
+  std::map<std::string, std::deque<std::string>> replies;  // path -> bodies, in order
+
+  explicit scripted_etcd(asio::io_context& io) : acceptor(io, {asio::ip::make_address("127.0.0.1"), 0}) {
+    asio::co_spawn(io, kvx::test::accept_each(acceptor, [this](asio::ip::tcp::socket s) { return serve(std::move(s)); }),
+                   asio::detached);
+  }
+  [[nodiscard]] std::string address() const { return "127.0.0.1:" + std::to_string(acceptor.local_endpoint().port()); }
+
+  asio::awaitable<void> serve(asio::ip::tcp::socket socket) {
+    asio::streambuf in;
+    for (;;) {
+      auto [ec, n] = co_await asio::async_read_until(socket, in, "\r\n\r\n", asio::as_tuple(asio::use_awaitable));
+      if (ec) co_return;
+      std::string head(asio::buffers_begin(in.data()), asio::buffers_begin(in.data()) + static_cast<std::ptrdiff_t>(n));
+      in.consume(n);
+      const auto path = head.substr(head.find(' ') + 1, head.find(' ', head.find(' ') + 1) - head.find(' ') - 1);
+      std::size_t length = 0;
+      for (const char* name : {"Content-Length: ", "content-length: "})
+        if (auto at = head.find(name); at != std::string::npos) length = std::stoul(head.substr(at + std::strlen(name)));
+      if (in.size() < length) {
+        auto [rec, r] = co_await asio::async_read(socket, in, asio::transfer_exactly(length - in.size()), asio::as_tuple(asio::use_awaitable));
+        if (rec) co_return;
+      }
+      in.consume(length);
+      std::string body = "{}";
+      if (auto& q = replies[path]; !q.empty()) {
+        body = q.front();
+        q.pop_front();
+      }
+      static thread_local std::string out;
+      out = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+      auto [wec, w] = co_await asio::async_write(socket, asio::buffer(out), asio::as_tuple(asio::use_awaitable));
+      if (wec) co_return;
+    }
+  }
+};
+
+TEST(EtcdMetadataGarbage, RepliesOfTheWrongShapeAreMalformedMessageNotInternal) {
+  asio::io_context io;
+  scripted_etcd etcd(io);
+  kvx::store::etcd_metadata meta(io.get_executor(), {.address = etcd.address(), .prefix = "g", .timeout = 3s});
+  etcd.replies["/v3/kv/range"] = {R"({"kvs": [{"key": 5}]})", "not json", R"({"kvs": [{"key": "a2V5", "value": 7}]})",
+                                  R"({"kvs": [{"key": "a2V5", "value": "bw=="}]})"};
+  etcd.replies["/v3/kv/txn"] = {R"({"succeeded": "yes"})", R"({"responses": [5]})",
+                                R"({"responses": [{"response_range": 7}]})", R"({"succeeded": 1})"};
+  auto get = [&] { return std::get<0>(run_op<std::string>(io, [&](auto h) { meta.async_get("k", std::move(h)); })); };
+  auto create = [&] { return std::get<0>(run_op(io, [&](auto h) { meta.async_create("k", "v", 0, std::move(h)); })); };
+  for (int i = 0; i < 3; ++i) {
+    const auto ec = get();
+    EXPECT_EQ(ec, kvx::errc::malformed_message) << "range reply " << i << ": " << ec.message();
+  }
+  for (int i = 0; i < 2; ++i) {
+    const auto ec = create();
+    EXPECT_EQ(ec, kvx::errc::malformed_message) << "txn reply " << i << ": " << ec.message();
+  }
+  // The lease's holder is "o" (the fourth range reply); the delete's txn answers garbage.
+  const auto released = std::get<0>(run_op(io, [&](auto h) { meta.async_release_lease("n", "o", std::move(h)); }));
+  EXPECT_EQ(released, kvx::errc::malformed_message) << released.message();
+  const auto swapped =
+      std::get<0>(run_op(io, [&](auto h) { meta.async_compare_and_swap("k", std::nullopt, "v", std::move(h)); }));
+  EXPECT_EQ(swapped, kvx::errc::malformed_message) << swapped.message();
+  EXPECT_TRUE(etcd.replies["/v3/kv/range"].empty());
+  EXPECT_TRUE(etcd.replies["/v3/kv/txn"].empty());
 }
 
 TEST(EtcdHelpers, Base64RoundTripsEveryByteAndRejectsGarbage) {

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "support/accept_each.hpp"
 #include "support/run_until.hpp"
 #include "support/store_parties.hpp"
 
@@ -39,17 +40,11 @@ struct scripted_master {
   std::map<std::string, std::size_t> seen;          // op -> requests received
 
   explicit scripted_master(asio::io_context& io) : acceptor(io, {asio::ip::make_address("127.0.0.1"), 0}) {
-    asio::co_spawn(io, accept(), asio::detached);
+    asio::co_spawn(io, kvx::test::accept_each(acceptor, [this](asio::ip::tcp::socket s) { return serve(std::move(s)); }),
+                   asio::detached);
   }
   [[nodiscard]] std::string endpoint() const { return "127.0.0.1:" + std::to_string(acceptor.local_endpoint().port()); }
 
-  asio::awaitable<void> accept() {
-    for (;;) {
-      auto [ec, socket] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
-      if (ec) co_return;
-      asio::co_spawn(acceptor.get_executor(), serve(std::move(socket)), asio::detached);
-    }
-  }
 
   asio::awaitable<void> serve(asio::ip::tcp::socket socket) {
     kvx::store::protocol::frame_decoder decoder;

@@ -140,9 +140,15 @@ struct etcd_state {
     }
   }
 
+  // A kv of a range reply; nothing when it is not one (proto3 JSON leaves an
+  // empty value out, so only the key must be there).
   static std::optional<etcd_entry> entry_of(const json& kv, std::size_t strip) {
-    auto key = base64_decode(kv.value("key", ""));
-    auto value = base64_decode(kv.value("value", ""));
+    if (!kv.is_object()) return std::nullopt;
+    auto k = kv.find("key");
+    auto v = kv.find("value");
+    if (k == kv.end() || !k->is_string() || (v != kv.end() && !v->is_string())) return std::nullopt;
+    auto key = base64_decode(k->get_ref<const std::string&>());
+    auto value = base64_decode(v == kv.end() ? std::string() : v->get_ref<const std::string&>());
     if (!key || !value || key->size() < strip) return std::nullopt;
     return etcd_entry{key->substr(strip), std::move(*value), etcd_int(kv, "create_revision"), etcd_int(kv, "mod_revision"),
                       etcd_int(kv, "lease")};
@@ -201,18 +207,20 @@ struct etcd_state {
               {"failure", json::array({json{{"request_range", json{{"key", k}}}}})}};
     auto [ec, reply] = co_await call("/v3/kv/txn", body);
     if (ec) co_return std::tuple{ec, etcd_entry{}};
-    if (reply.value("succeeded", false)) {
+    auto succeeded = etcd_succeeded(reply);
+    if (!succeeded) co_return std::tuple{succeeded.code(), etcd_entry{}};
+    if (*succeeded) {
       const auto revision = reply.contains("header") ? etcd_int(reply["header"], "revision") : 0;
       co_return std::tuple{std::error_code{}, etcd_entry{full_key.substr(strip), std::move(value), revision, revision, lease}};
     }
     // The failure branch's range tells who holds the key (it may have gone
     // meanwhile: then the caller sees already_exists with an empty entry).
     etcd_entry present;
-    if (auto responses = reply.find("responses"); responses != reply.end() && responses->is_array() && !responses->empty()) {
-      const auto& range = (*responses)[0].value("response_range", json::object());
-      if (auto kvs = range.find("kvs"); kvs != range.end() && kvs->is_array() && !kvs->empty())
+    auto range = etcd_failure_range(reply);
+    if (!range) co_return std::tuple{range.code(), etcd_entry{}};
+    if (*range)
+      if (auto kvs = (*range)->find("kvs"); kvs != (*range)->end() && kvs->is_array() && !kvs->empty())
         if (auto e = entry_of(kvs->front(), strip)) present = std::move(*e);
-    }
     co_return std::tuple{make_error_code(errc::already_exists), std::move(present)};
   }
 
@@ -227,11 +235,13 @@ struct etcd_state {
               {"failure", json::array({json{{"request_range", json{{"key", k}}}}})}};
     auto [ec, reply] = co_await call("/v3/kv/txn", body);
     if (ec) co_return ec;
-    if (reply.value("succeeded", false)) co_return std::error_code{};
-    if (auto responses = reply.find("responses"); responses != reply.end() && responses->is_array() && !responses->empty()) {
-      const auto& range = (*responses)[0].value("response_range", json::object());
-      if (auto kvs = range.find("kvs"); kvs != range.end() && kvs->is_array() && !kvs->empty()) co_return errc::busy;
-    }
+    auto succeeded = etcd_succeeded(reply);
+    if (!succeeded) co_return succeeded.code();
+    if (*succeeded) co_return std::error_code{};
+    auto range = etcd_failure_range(reply);
+    if (!range) co_return range.code();
+    if (*range)
+      if (auto kvs = (*range)->find("kvs"); kvs != (*range)->end() && kvs->is_array() && !kvs->empty()) co_return errc::busy;
     co_return errc::not_found;
   }
 };
@@ -377,7 +387,10 @@ class etcd_metadata {
               {"success", detail::json::array({detail::json{
                               {"request_put", detail::json{{"key", k64}, {"value", detail::base64_encode(desired)}}}}})}};
           auto [ec, reply] = co_await s->call("/v3/kv/txn", body);
-          if (!ec && !reply.value("succeeded", false)) ec = errc::busy;
+          if (!ec) {
+            auto succeeded = detail::etcd_succeeded(reply);
+            ec = !succeeded ? succeeded.code() : *succeeded ? std::error_code{} : make_error_code(errc::busy);
+          }
           co_return std::tuple{ec};
         });
   }

@@ -22,6 +22,7 @@
 #include <boost/beast/http/write.hpp>
 #include <nlohmann/json.hpp>
 
+#include <kvx/core/result.hpp>
 #include <kvx/store/detail/metadata_client.hpp>
 
 namespace kvx::store::detail {
@@ -102,6 +103,29 @@ inline std::int64_t etcd_int(const json& object, const char* field) {
   if (it->is_number_integer()) return it->get<std::int64_t>();
   if (it->is_string()) return std::strtoll(it->get_ref<const std::string&>().c_str(), nullptr, 10);
   return 0;
+}
+
+//! A txn reply's "succeeded" (proto3 JSON leaves a false one out); an error
+//! when it is there but not a boolean (json's value() would throw).
+inline result<bool> etcd_succeeded(const json& reply) {
+  auto it = reply.find("succeeded");
+  if (it == reply.end()) return false;
+  if (!it->is_boolean()) return error{errc::malformed_message, "etcd txn reply: 'succeeded' is not a boolean"};
+  return it->get<bool>();
+}
+
+//! The range a failed txn's first response carries (`request_range` in its
+//! failure branch): null when the reply has none; an error when the
+//! responses are not objects.
+inline result<const json*> etcd_failure_range(const json& reply) {
+  auto responses = reply.find("responses");
+  if (responses == reply.end() || !responses->is_array() || responses->empty()) return nullptr;
+  const auto& first = responses->front();
+  if (!first.is_object()) return error{errc::malformed_message, "etcd txn reply: 'responses[0]' is not an object"};
+  auto range = first.find("response_range");
+  if (range == first.end()) return nullptr;
+  if (!range->is_object()) return error{errc::malformed_message, "etcd txn reply: 'response_range' is not an object"};
+  return &*range;
 }
 
 //! The gRPC status code in an error body, as a kvx code.
