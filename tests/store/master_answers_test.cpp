@@ -168,6 +168,22 @@ TEST(StoreClient, MalformedMasterAnswersEndTheCallWithProtocolErrorAndAGetStillR
   EXPECT_TRUE(kvx::test::run_until(io, [&] { return master.seen["release"] == 2; }, 5s)) << master.seen["release"];
 }
 
+// An error answer whose fields have the wrong type used to throw inside the
+// client's read loop, which ended silently: every call then hung.
+TEST(MasterClientAnswers, AnErrorAnswerOfTheWrongShapeIsProtocolErrorNotAHang) {
+  asio::io_context io;
+  scripted_master master(io);
+  master.script["stats"] = {json{{"ok", false}, {"error", 5}}, json{{"ok", false}, {"error", "not_found"}, {"message", 7}},
+                            json{{"ok", false}}};
+  auto client = kvx::store::master_client::create(io.get_executor(), master.endpoint());
+  for (auto expected : {kvx::errc::protocol_error, kvx::errc::not_found, kvx::errc::internal}) {
+    std::optional<std::error_code> out;
+    client->async_call({{"op", "stats"}}, [&](std::error_code ec, json) { out = ec; });
+    ASSERT_TRUE(kvx::test::run_until(io, [&] { return out.has_value(); }, 5s)) << "the call hung";
+    EXPECT_EQ(*out, expected) << out->message();
+  }
+}
+
 TEST(StoreProtocol, AReplicationTaskRoundTripsAndEachMissingOrWrongFieldIsNamed) {
   const kvx::store::replication_task t{{"tenant", "key"}, {"a", "a/pool", 10, 20}, {"b", "b/pool", 30, 20}, 7};
   auto back = kvx::store::protocol::replication_task_from_json(kvx::store::protocol::to_json(t), "task");

@@ -176,8 +176,14 @@ inline result<json> check_response(json response) {
   if (!response.is_object() || !response.contains("ok") || !response["ok"].is_boolean())
     return error{errc::protocol_error, "master response lacks 'ok'"};
   if (response["ok"].get<bool>()) return response;
-  const auto code = response.value("error", std::string("internal"));
-  return error{errc_from_string(code), response.value("message", std::string())};
+  // Read with care: json's value() throws on a wrong type, and this runs in
+  // the client's read loop, which an exception would end without a word.
+  const auto code = response.find("error");
+  if (code != response.end() && !code->is_string())
+    return error{errc::protocol_error, "master error response: 'error' is not a string: " + code->dump()};
+  const auto message = response.find("message");
+  return error{errc_from_string(code == response.end() ? "internal" : code->get_ref<const std::string&>()),
+               message != response.end() && message->is_string() ? message->get<std::string>() : std::string()};
 }
 
 inline json to_json(const replica_location& r) {

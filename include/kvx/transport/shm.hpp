@@ -531,7 +531,9 @@ class shm_state : public std::enable_shared_from_this<shm_state> {
     auto mapping = std::make_shared<shm_mapping>();
     if (auto e = body.find("errc"); e != body.end()) {
       ec = errc_from_wire(*e);
-      log(log_level::debug, "shm transport: owner '", peer->socket, "' refused: ", body.value("message", ""));
+      const auto message = body.find("message");
+      log(log_level::debug, "shm transport: owner '", peer->socket, "' refused: ",
+          message != body.end() && message->is_string() ? message->get_ref<const std::string&>() : std::string());
     } else {
       ec = build_mapping(*mapping, req.key, body, fds);
     }
