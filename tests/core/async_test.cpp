@@ -71,6 +71,11 @@ TEST(CancelAfter, WorksWithCoroutines) {
   EXPECT_EQ(*result, kvx::errc::timed_out);
 }
 
+TEST(ExceptionMessage, NamesWhatOrSaysItIsNotAStdException) {
+  EXPECT_EQ(kvx::exception_message(std::make_exception_ptr(std::runtime_error("the disk is gone"))), "the disk is gone");
+  EXPECT_EQ(kvx::exception_message(std::make_exception_ptr(42)), "an exception that is not a std::exception");
+}
+
 TEST(ToStd, MapsAsioErrorsOntoKvxCodes) {
   EXPECT_EQ(kvx::to_std(asio::error::operation_aborted), kvx::errc::cancelled);
   EXPECT_EQ(kvx::to_std(asio::error::eof), kvx::errc::connection_lost);

@@ -22,8 +22,10 @@
 //! \endcode
 
 #include <chrono>
+#include <exception>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <system_error>
 #include <type_traits>
 #include <utility>
@@ -57,6 +59,19 @@ inline std::error_code to_std(const boost::system::error_code& ec) noexcept {
       ec == asio::error::network_unreachable)
     return errc::unreachable;
   return std::error_code(ec);
+}
+
+//! What ended a coroutine by an exception, for a log line: its what(), or a
+//! note that it was not a std::exception. (A detached coroutine's exception
+//! is otherwise lost without a word.)
+inline std::string exception_message(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "an exception that is not a std::exception";
+  }
 }
 
 //! A completion token adapter: `Token`, cancelled after `timeout`.

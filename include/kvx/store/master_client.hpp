@@ -37,7 +37,6 @@
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/connect.hpp>
-#include <boost/asio/detached.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -172,7 +171,11 @@ class master_client : public std::enable_shared_from_this<master_client> {
     if (state_ == state::idle) {
       state_ = state::connecting;
       conn_ = std::make_shared<connection>(strand_);
-      asio::co_spawn(strand_, connect_and_run(shared_from_this(), conn_), asio::detached);
+      // An exception (none is expected) must not end the connection silently,
+      // leaving its calls to hang: they fail with `internal` instead.
+      asio::co_spawn(strand_, connect_and_run(shared_from_this(), conn_), [self = shared_from_this(), c = conn_](std::exception_ptr e) {
+        if (e && self->current(c)) self->fail_all(errc::internal, "the connection ended by an exception: " + exception_message(e));
+      });
     } else {
       start_write();
     }

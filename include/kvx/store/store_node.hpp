@@ -47,7 +47,6 @@
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
-#include <boost/asio/detached.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
@@ -145,7 +144,10 @@ class store_node {
     base_ = region.data();
     state_->ledger.emplace(options_.segment);
     state_->running = true;
-    asio::co_spawn(state_->strand, heartbeat_loop(state_), asio::detached);
+    asio::co_spawn(state_->strand, heartbeat_loop(state_), [name = options_.name](std::exception_ptr e) {
+      // None is expected; without this line the node would only be seen to go silent.
+      if (e) log(log_level::error, "store node '", name, "': heartbeats ended by an exception: ", exception_message(e));
+    });
     co_return std::error_code{};
   }
 

@@ -273,14 +273,7 @@ class http_metadata_service : public std::enable_shared_from_this<http_metadata_
 
   static auto log_escape(const char* what) {
     return [what](std::exception_ptr e) {
-      if (!e) return;
-      try {
-        std::rethrow_exception(e);
-      } catch (const std::exception& x) {
-        log(log_level::error, "kvx http_metadata_server: ", what, " ended by an exception: ", x.what());
-      } catch (...) {
-        log(log_level::error, "kvx http_metadata_server: ", what, " ended by an exception");
-      }
+      if (e) log(log_level::error, "kvx http_metadata_server: ", what, " ended by an exception: ", exception_message(e));
     };
   }
 
