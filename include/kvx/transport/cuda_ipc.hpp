@@ -66,6 +66,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <span>
 #include <string>
@@ -489,11 +490,24 @@ class cuda_ipc {
       if (it == remote.transports.end() || !it->is_object())
         return kvx::error{errc::unreachable, "cuda_ipc: segment '" + remote.name + "' has no cuda_ipc entry"};
       const auto& e = *it;
+      // The entry comes from a peer: a field of the wrong type is malformed,
+      // not an exception out of the initiating function (json's value() throws).
+      auto text = [&e](const char* field) -> std::optional<std::string> {
+        auto f = e.find(field);
+        if (f == e.end()) return std::string();
+        if (!f->is_string()) return std::nullopt;
+        return f->template get<std::string>();
+      };
+      const auto malformed = [&remote] {
+        return kvx::error{errc::malformed_message, "cuda_ipc: malformed entry for segment '" + remote.name + "'"};
+      };
+      const auto process = text("process");
+      if (!process) return malformed();
       route r;
       r.key = remote.key;
       r.generation = remote.generation;
       r.length = remote.length;
-      if (e.value("process", std::string()) == process_token()) {
+      if (*process == process_token()) {
         std::lock_guard lock(exports_mutex());
         auto x = exports().find(remote.name);
         if (x == exports().end())
@@ -507,24 +521,28 @@ class cuda_ipc {
         return r;
       }
       cudaIpcMemHandle_t handle{};
-      r.handle = e.value("handle", std::string());
-      const auto table_name = e.value("revocation", std::string());
-      const auto uuid = e.value("device_uuid", std::string());
+      const auto handle_hex = text("handle");
+      const auto table_name = text("revocation");
+      const auto uuid_text = text("device_uuid");
       auto non_negative = [&](const char* field) {
         auto f = e.find(field);
         return f != e.end() && f->is_number_integer() && f->template get<std::int64_t>() >= 0;
       };
-      if (!detail::from_hex(r.handle, &handle, sizeof handle) || table_name.empty() || !non_negative("slot") ||
+      const auto pid = e.find("pid");
+      if (!handle_hex || !table_name || !uuid_text || (pid != e.end() && !pid->is_number_integer())) return malformed();
+      r.handle = *handle_hex;
+      const auto& uuid = *uuid_text;
+      if (!detail::from_hex(r.handle, &handle, sizeof handle) || table_name->empty() || !non_negative("slot") ||
           !non_negative("offset"))
-        return kvx::error{errc::malformed_message, "cuda_ipc: malformed entry for segment '" + remote.name + "'"};
+        return malformed();
       r.slot = e["slot"].get<std::size_t>();
-      r.pid = e.value("pid", 0);
+      r.pid = pid == e.end() ? 0 : pid->template get<int>();
       const auto base_offset = e["offset"].get<std::uint64_t>();
-      auto table = peer_table(table_name);
+      auto table = peer_table(*table_name);
       KVX_TRY(table);
       r.table = std::move(*table);
       if (r.slot >= r.table->size())
-        return kvx::error{errc::malformed_message, "cuda_ipc: slot " + std::to_string(r.slot) + " outside " + table_name};
+        return kvx::error{errc::malformed_message, "cuda_ipc: slot " + std::to_string(r.slot) + " outside " + *table_name};
       if (r.pid > 0 && ::kill(r.pid, 0) != 0 && errno == ESRCH)
         return kvx::error{errc::connection_lost, "cuda_ipc: the owner of segment '" + remote.name + "' (pid " +
                                                      std::to_string(r.pid) + ") has exited"};

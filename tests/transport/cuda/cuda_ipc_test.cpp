@@ -121,6 +121,14 @@ TEST(CudaIpc, MalformedEntriesAreRefusedWithAClearCode) {
   auto no_slot = foreign_descriptor(4096);
   no_slot.transports["cuda_ipc"].erase("slot");
   EXPECT_EQ(op(io, t, no_slot, 0, buf, true), kvx::errc::malformed_message);
+  // Fields of the wrong type (a peer's entry): malformed, not an exception from the initiating call.
+  for (auto [field, value] : {std::pair<const char*, nlohmann::json>{"handle", 5}, {"process", 7},
+                              {"revocation", nlohmann::json::array()}, {"device_uuid", nlohmann::json::object()},
+                              {"pid", "x"}}) {
+    auto wrong = foreign_descriptor(4096);
+    wrong.transports["cuda_ipc"][field] = value;
+    EXPECT_EQ(op(io, t, wrong, 0, buf, true), kvx::errc::malformed_message) << field;
+  }
   auto gone = foreign_descriptor(4096);  // its revocation table does not exist: the owner is gone
   EXPECT_EQ(op(io, t, gone, 0, buf, true), kvx::errc::stale);
 }
