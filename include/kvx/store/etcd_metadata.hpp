@@ -216,11 +216,10 @@ struct etcd_state {
     // The failure branch's range tells who holds the key (it may have gone
     // meanwhile: then the caller sees already_exists with an empty entry).
     etcd_entry present;
-    auto range = etcd_failure_range(reply);
-    if (!range) co_return std::tuple{range.code(), etcd_entry{}};
-    if (*range)
-      if (auto kvs = (*range)->find("kvs"); kvs != (*range)->end() && kvs->is_array() && !kvs->empty())
-        if (auto e = entry_of(kvs->front(), strip)) present = std::move(*e);
+    auto kv = etcd_failure_kv(reply);
+    if (!kv) co_return std::tuple{kv.code(), etcd_entry{}};
+    if (*kv)
+      if (auto e = entry_of(**kv, strip)) present = std::move(*e);
     co_return std::tuple{make_error_code(errc::already_exists), std::move(present)};
   }
 
@@ -238,11 +237,9 @@ struct etcd_state {
     auto succeeded = etcd_succeeded(reply);
     if (!succeeded) co_return succeeded.code();
     if (*succeeded) co_return std::error_code{};
-    auto range = etcd_failure_range(reply);
-    if (!range) co_return range.code();
-    if (*range)
-      if (auto kvs = (*range)->find("kvs"); kvs != (*range)->end() && kvs->is_array() && !kvs->empty()) co_return errc::busy;
-    co_return errc::not_found;
+    auto kv = etcd_failure_kv(reply);
+    if (!kv) co_return kv.code();
+    co_return *kv ? errc::busy : errc::not_found;
   }
 };
 

@@ -114,10 +114,10 @@ inline result<bool> etcd_succeeded(const json& reply) {
   return it->get<bool>();
 }
 
-//! The range a failed txn's first response carries (`request_range` in its
-//! failure branch): null when the reply has none; an error when the
-//! responses are not objects.
-inline result<const json*> etcd_failure_range(const json& reply) {
+//! The first kv of the range a failed txn's first response carries (its
+//! failure branch's `request_range`): null when there is none (the key is
+//! absent); an error when the responses or the range are not objects.
+inline result<const json*> etcd_failure_kv(const json& reply) {
   auto responses = reply.find("responses");
   if (responses == reply.end() || !responses->is_array() || responses->empty()) return nullptr;
   const auto& first = responses->front();
@@ -125,7 +125,9 @@ inline result<const json*> etcd_failure_range(const json& reply) {
   auto range = first.find("response_range");
   if (range == first.end()) return nullptr;
   if (!range->is_object()) return error{errc::malformed_message, "etcd txn reply: 'response_range' is not an object"};
-  return &*range;
+  auto kvs = range->find("kvs");
+  if (kvs == range->end() || !kvs->is_array() || kvs->empty()) return nullptr;
+  return &kvs->front();
 }
 
 //! The gRPC status code in an error body, as a kvx code.
