@@ -5,12 +5,17 @@
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <limits>
+#include <memory>
 #include <optional>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -307,6 +312,56 @@ TEST(ShmTransport, OwnerHangsUpOnAMalformedRequestAndKeepsServing) {
   std::vector<std::byte> buf(16);
   ASSERT_FALSE(read(io, initiator, d, 0, buf));
   EXPECT_EQ(buf[15], std::byte{7});
+}
+
+TEST(ShmTransport, AnOwnerClaimingMoreBytesThanItsFileHoldsIsAProtocolErrorNotASigbus) {
+  namespace d = kvx::transport::detail;
+  asio::io_context io;
+  kvx::memory::segment_table table("lying-owner");
+  kvx::transport::shm owner(io.get_executor());
+  kvx::transport::shm initiator(io.get_executor());
+  std::vector<std::byte> mem(1 << 20);
+  auto seg = *table.add("lying", memory_region{mem.data(), mem.size()});
+  auto desc = table.describe(seg);
+  desc.transports["shm"] = *owner.register_memory(seg);
+  // A fake owner on its own socket: it answers every open with a 4 KiB memfd
+  // but says the segment is 1 MiB long (or lies about the offset).
+  const std::string name = "@kvx-test-lying-" + std::to_string(::getpid());
+  auto listener = d::shm_listener::open(io.get_executor(), name);
+  ASSERT_TRUE(listener) << listener.error().message();
+  auto control = d::control_page::create();
+  ASSERT_TRUE(control);
+  d::unique_fd data(::memfd_create("kvx-test-lying", MFD_CLOEXEC));
+  ASSERT_GE(data.get(), 0);
+  ASSERT_EQ(::ftruncate(data.get(), 4096), 0);
+  nlohmann::json claim{{"length", 1 << 20}, {"offset", 0}};
+  std::vector<std::shared_ptr<d::shm_channel>> channels;
+  (*listener)->start([&](std::shared_ptr<d::shm_channel> ch) {
+    channels.push_back(ch);
+    std::weak_ptr<d::shm_channel> weak = ch;
+    ch->start(
+        [&, weak](nlohmann::json&& body, std::vector<d::unique_fd>&&) {
+          auto c = weak.lock();
+          if (!c) return;
+          nlohmann::json reply = claim;
+          reply["id"] = body["id"];
+          reply["mode"] = "memfd";
+          (void)c->send(reply, {control->fd(), data.get()});
+        },
+        [] {});
+  });
+  desc.transports["shm"]["socket"] = name;
+  std::vector<std::byte> buf(8192);
+  EXPECT_EQ(read(io, initiator, desc, 0, buf), kvx::errc::protocol_error);
+  // Same file, a length that fits, an offset past its end.
+  claim = {{"length", 4096}, {"offset", 4096}};
+  kvx::transport::shm second(io.get_executor());  // no cached mapping
+  EXPECT_EQ(read(io, second, desc, 0, std::span(buf).first(16)), kvx::errc::protocol_error);
+  // And a length whose page rounding would wrap.
+  claim = {{"length", std::numeric_limits<std::uint64_t>::max()}, {"offset", 4095}};
+  kvx::transport::shm third(io.get_executor());
+  EXPECT_EQ(read(io, third, desc, 0, std::span(buf).first(16)), kvx::errc::protocol_error);
+  (*listener)->close();
 }
 
 // ---- two processes -------------------------------------------------------------

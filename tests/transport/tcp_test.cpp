@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -10,10 +12,12 @@
 #include <boost/asio/write.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <csignal>
-#include <functional>
 #include <cstring>
+#include <functional>
+#include <future>
 #include <limits>
 #include <optional>
 #include <random>
@@ -46,6 +50,15 @@ tcp::config small_slices(unsigned connections = 4) {
   c.connections = connections;
   c.slice_size = 64 * 1024;
   return c;
+}
+
+// A descriptor naming a tcp endpoint on loopback, for peers played by a test.
+kvx::memory::segment_descriptor loopback_descriptor(std::string name, std::uint64_t length, std::uint16_t port) {
+  kvx::memory::segment_descriptor d;
+  d.name = std::move(name);
+  d.length = length;
+  d.transports["tcp"] = {{"host", "127.0.0.1"}, {"port", port}};
+  return d;
 }
 
 // Two transports on one io_context, a 1 MiB segment served by the owner.
@@ -182,8 +195,8 @@ TEST_F(tcp_pair, RefusalsCarryTheOwnersCheckAndLeaveMemoryUntouched) {
 
 TEST_F(tcp_pair, OpsLargerThanThePeersMaxRequestAreCutToIt) {
   auto d = desc;
-  d.transports["tcp"]["max_request"] = 1000;  // the peer says so: slices obey it
-  std::vector<std::byte> buf(10'000);
+  d.transports["tcp"]["max_request"] = 4096;  // the peer says so: slices obey it
+  std::vector<std::byte> buf(40'000);
   ASSERT_FALSE(read(d, 17, buf));
   EXPECT_EQ(std::memcmp(buf.data(), region.data() + 17, buf.size()), 0);
   EXPECT_EQ(owner.stats().requests_served, 10u);
@@ -268,17 +281,24 @@ TEST(TcpTransport, ConnectionRefusedIsUnreachable) {
   EXPECT_EQ(*out, kvx::errc::unreachable);
 }
 
+// Accepts, reads nothing, answers nothing.
+struct silent_peer {
+  asio::ip::tcp::acceptor acceptor;
+  asio::ip::tcp::socket accepted;
+  explicit silent_peer(asio::io_context& io)
+      : acceptor(io, asio::ip::tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)), accepted(io) {
+    acceptor.async_accept(accepted, [](const boost::system::error_code&) {});
+  }
+  kvx::memory::segment_descriptor descriptor(std::uint64_t length) const {
+    return loopback_descriptor("silent", length, acceptor.local_endpoint().port());
+  }
+};
+
 TEST(TcpTransport, APeerThatNeverAnswersEndsInTimedOutWithCancelAfter) {
   asio::io_context io;
   tcp initiator(io.get_executor());
-  // Accepts, reads nothing, answers nothing.
-  asio::ip::tcp::acceptor silent(io, asio::ip::tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
-  asio::ip::tcp::socket accepted(io);
-  silent.async_accept(accepted, [](const boost::system::error_code&) {});
-  kvx::memory::segment_descriptor d;
-  d.name = "silent";
-  d.length = 1 << 20;
-  d.transports["tcp"] = {{"host", "127.0.0.1"}, {"port", silent.local_endpoint().port()}};
+  silent_peer silent(io);
+  const auto d = silent.descriptor(1 << 20);
   std::vector<std::byte> buf(1 << 20, std::byte{0x33});
   std::optional<std::error_code> r1, r2;
   // The handlers name the io_context as their executor, so the deadline timers run there too.
@@ -718,6 +738,177 @@ struct flowing_reads {
   }
   bool all_ended() const { return !errors.empty() && issued == done; }
 };
+
+// --- peers that misbehave -----------------------------------------------------
+
+// A blocking socket served by a thread of its own; reads time out instead of hanging.
+struct scripted_peer {
+  asio::io_context io;
+  asio::ip::tcp::acceptor acceptor{io, asio::ip::tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)};
+  asio::ip::tcp::socket socket{io};
+
+  kvx::memory::segment_descriptor descriptor(std::uint64_t length) const {
+    return loopback_descriptor("scripted", length, acceptor.local_endpoint().port());
+  }
+  void accept(int receive_buffer = 0) {
+    if (receive_buffer > 0) acceptor.set_option(asio::socket_base::receive_buffer_size(receive_buffer));
+    acceptor.accept(socket);
+    timeval tv{2, 0};
+    ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  }
+  wire::request_header read_request_head() {
+    wire::request_bytes hb;
+    asio::read(socket, asio::buffer(hb));
+    auto p = wire::parse_request_header(hb, wire::limits{});
+    EXPECT_EQ(p.state, wire::parse_state::complete) << p.reason;
+    std::string name(p.header.name_length, '\0');
+    asio::read(socket, asio::buffer(name));
+    return p.header;
+  }
+  void refuse(const wire::request_header& h, kvx::errc code, std::string_view text) {
+    const auto rh = wire::encode_response(static_cast<std::uint8_t>(code), h.request_id, text.size());
+    asio::write(socket, asio::buffer(rh));
+    asio::write(socket, asio::buffer(text.data(), text.size()));
+  }
+};
+
+// An owner that answers a write (refuses it, or acknowledges it) before it has
+// read the payload: the caller may reuse its buffer as soon as the write
+// completes, so no byte of it may leave after that.
+void expect_no_byte_sent_after_completion(kvx::errc answer) {
+  scripted_peer peer;
+  std::atomic<bool> reused_bytes_seen{false};
+  std::atomic<std::uint64_t> payload_seen{0};
+  std::thread server([&] {
+    peer.accept(64 << 10);
+    const auto h = peer.read_request_head();
+    if (answer == kvx::errc{})
+      asio::write(peer.socket, asio::buffer(wire::encode_response(0, h.request_id, 0)));
+    else
+      peer.refuse(h, answer, "larger than this server takes");
+    std::this_thread::sleep_for(300ms);  // a handler run now would reuse the buffer mid-send
+    std::vector<std::byte> buf(64 << 10);
+    boost::system::error_code ec;
+    for (;;) {
+      const auto n = peer.socket.read_some(asio::buffer(buf), ec);
+      if (ec) break;
+      payload_seen += n;
+      if (std::any_of(buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(n), [](std::byte b) { return b == std::byte{0xab}; }))
+        reused_bytes_seen = true;
+    }
+  });
+  asio::io_context io;
+  tcp::config c;
+  c.serve = false;
+  c.connections = 1;
+  c.slice_size = 16 << 20;
+  c.socket_buffer = 64 << 10;
+  tcp initiator(io.get_executor(), c);
+  auto src = random_bytes(16 << 20, 9);
+  std::replace(src.begin(), src.end(), std::byte{0xab}, std::byte{0xac});
+  std::optional<std::error_code> out;
+  initiator.async_write(peer.descriptor(src.size()), 0, src, [&](std::error_code ec) {
+    out = ec;
+    std::fill(src.begin(), src.end(), std::byte{0xab});  // the caller reuses its buffer
+  });
+  EXPECT_TRUE(run_until(io, [&] { return out.has_value(); }, 5s));
+  if (out && answer == kvx::errc{}) {
+    EXPECT_FALSE(*out) << out->message();
+  } else if (out) {
+    EXPECT_EQ(*out, answer) << out->message();
+  }
+  initiator.close();
+  io.run_for(100ms);
+  server.join();
+  EXPECT_FALSE(reused_bytes_seen) << "bytes written into the buffer after completion went out (" << payload_seen << " payload bytes seen)";
+}
+
+TEST(TcpTransport, AWriteRefusedBeforeItsPayloadIsSentCompletesOnlyOnceItsBufferIsNoLongerRead) {
+  expect_no_byte_sent_after_completion(kvx::errc::capacity_exceeded);
+}
+
+TEST(TcpTransport, AWriteAcknowledgedBeforeItsPayloadIsSentCompletesOnlyOnceItsBufferIsNoLongerRead) {
+  expect_no_byte_sent_after_completion(kvx::errc{});
+}
+
+TEST(TcpTransport, ACancellationEmittedOnTheStrandBeforeTheOpStartsIsKept) {
+  asio::io_context io;
+  tcp initiator(io.get_executor());
+  silent_peer silent(io);
+  const auto d = silent.descriptor(4096);
+  std::vector<std::byte> buf(4096);
+  asio::cancellation_signal signal;
+  std::optional<std::error_code> out;
+  // On the strand: the slot's handler runs inline there, before the op's start.
+  asio::post(initiator.get_executor(), [&] {
+    initiator.async_read(d, 0, buf, asio::bind_cancellation_slot(signal.slot(), [&](std::error_code ec) { out = ec; }));
+    signal.emit(asio::cancellation_type::terminal);
+  });
+  ASSERT_TRUE(run_until(io, [&] { return out.has_value(); }, 3s)) << "the cancellation was lost";
+  EXPECT_EQ(*out, kvx::errc::cancelled);
+}
+
+TEST(TcpTransport, ATinyMaxRequestIsRefusedInConfigAndInAPeersDescriptor) {
+  asio::io_context io;
+  tcp initiator(io.get_executor());
+  kvx::memory::segment_descriptor d;
+  d.name = "tiny";
+  d.length = 64 << 20;
+  d.transports["tcp"] = {{"host", "127.0.0.1"}, {"port", 9}, {"max_request", 1}};
+  EXPECT_EQ(initiator.can_transfer(d), kvx::errc::protocol_error);
+  std::vector<std::byte> buf(1 << 20);
+  std::optional<std::error_code> out;
+  initiator.async_read(d, 0, buf, [&](std::error_code ec) { out = ec; });
+  ASSERT_TRUE(run_until(io, [&] { return out.has_value(); }));
+  EXPECT_EQ(*out, kvx::errc::protocol_error);
+  d.transports["tcp"]["max_request"] = "64MiB";
+  EXPECT_EQ(initiator.can_transfer(d), kvx::errc::protocol_error);
+  for (const auto& [field, value] : {std::pair<std::string, int>{"slice_size", 1}, {"max_request", 100}}) {
+    auto c = tcp::config::from_json(nlohmann::json{{field, value}});
+    ASSERT_FALSE(c) << field;
+    EXPECT_NE(c.error().message().find("tcp." + field), std::string::npos) << c.error().message();
+  }
+  EXPECT_TRUE(tcp::config::from_json(nlohmann::json::parse(R"({"slice_size": 0})")));
+}
+
+TEST(TcpTransport, DeregisterOffTheIoThreadClosesASessionStalledMidPayload) {
+  asio::io_context io;
+  tcp owner(io.get_executor());
+  kvx::memory::segment_table table("stall-owner");
+  std::vector<std::byte> region(1 << 20);
+  auto seg = *table.add("stall-kv", memory_region{region.data(), region.size()});
+  ASSERT_TRUE(owner.register_memory(seg));
+  std::thread runner([&] {
+    auto guard = asio::make_work_guard(io);
+    io.run();
+  });
+  asio::io_context client_io;
+  asio::ip::tcp::socket sock(client_io);
+  sock.connect(owner.local_endpoint());
+  // A write of 4096 bytes whose payload stops after 100: the session waits, pinned.
+  wire::request_header h;
+  h.op = wire::opcode::write;
+  h.name_length = static_cast<std::uint16_t>(seg.name.size());
+  h.request_id = 5;
+  h.key = seg.key;
+  h.generation = seg.generation;
+  h.offset = 0;
+  h.length = 4096;
+  const auto hb = wire::encode_request(h);
+  asio::write(sock, asio::buffer(hb));
+  asio::write(sock, asio::buffer(seg.name));
+  std::vector<std::byte> part(100, std::byte{7});
+  asio::write(sock, asio::buffer(part));
+  std::this_thread::sleep_for(100ms);  // the session has read the head and pinned the segment
+  auto dereg = std::async(std::launch::async, [&] { return owner.deregister_memory(seg); });
+  const bool returned = dereg.wait_for(3s) == std::future_status::ready;
+  boost::system::error_code ec;
+  sock.close(ec);  // lets a hung deregister end, so the test fails instead of hanging
+  EXPECT_TRUE(returned) << "deregister_memory waited on a stalled peer";
+  EXPECT_TRUE(dereg.get());
+  io.stop();
+  runner.join();
+}
 
 TEST(TcpTwoProcesses, KilledPeerFailsInFlightOpsWithConnectionLostQuickly) {
   peer_process peer(16 << 20);

@@ -18,6 +18,7 @@
 //! \endcode
 
 #include <atomic>
+#include <concepts>
 #include <cstdint>
 #include <fstream>
 #include <map>
@@ -135,6 +136,13 @@ class segment_table {
 
   //! Deregisters `name`, waiting for accesses in flight to finish.
   result<void> remove(const std::string& name) {
+    return remove(name, [] {});
+  }
+  //! As above; `stop_accesses` runs once no new access can start, before the
+  //! wait: it ends the accesses that would not end on their own (a server
+  //! session waiting on a stalled peer).
+  template <std::invocable<> StopAccesses>
+  result<void> remove(const std::string& name, StopAccesses&& stop_accesses) {
     std::shared_ptr<detail::segment_entry> entry;
     {
       std::unique_lock lock(mutex_);
@@ -144,6 +152,7 @@ class segment_table {
       segments_.erase(it);
     }
     entry->removed.store(true, std::memory_order_release);
+    std::forward<StopAccesses>(stop_accesses)();
     while (entry->in_flight.load(std::memory_order_acquire) != 0) std::this_thread::yield();
     return {};
   }

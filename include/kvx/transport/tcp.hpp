@@ -32,10 +32,11 @@
 //! several threads is also safe. `async_read`, `async_write`,
 //! `register_memory`, `can_transfer`, `stats` and `close` may be called from
 //! any thread. `deregister_memory` waits for server accesses in flight on the
-//! segment; called from a thread running a single-threaded `io_context`, it
-//! first closes the server connections moving that segment's bytes (they
-//! could not progress while it waits). With a multi-threaded `io_context`,
-//! call it from a thread that is not running the context. Nothing blocks
+//! segment, first closing the server connections moving that segment's
+//! bytes (from a thread running a single-threaded `io_context` they could not
+//! progress while it waits; from another thread the peer may have stalled).
+//! With a multi-threaded `io_context`, call it from a thread that is not
+//! running the context. Nothing blocks
 //! except `deregister_memory`; no threads are started.
 //!
 //! \code
@@ -49,6 +50,7 @@
 //! \endcode
 
 #include <cstdint>
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <span>
@@ -129,8 +131,15 @@ class tcp_state : public std::enable_shared_from_this<tcp_state> {
     t.endpoint = asio::ip::tcp::endpoint(addr, static_cast<std::uint16_t>(port->get<std::int64_t>()));
     t.max_request = tcp_wire::limits{}.max_request;
     // JSON built in C++ holds signed numbers, parsed JSON unsigned ones: accept both.
-    if (auto m = it->find("max_request"); m != it->end() && m->is_number_integer() && m->get<std::int64_t>() > 0)
-      t.max_request = m->get<std::uint64_t>();
+    if (auto m = it->find("max_request"); m != it->end()) {
+      const std::uint64_t v = !m->is_number_integer()  ? 0
+                              : m->is_number_unsigned() ? m->get<std::uint64_t>()
+                                                        : static_cast<std::uint64_t>(std::max<std::int64_t>(0, m->get<std::int64_t>()));
+      if (v < tcp_wire::min_request)
+        return error{errc::protocol_error, "segment '" + remote.name + "': tcp max_request must be an integer of at least " +
+                                               std::to_string(tcp_wire::min_request) + " bytes"};
+      t.max_request = v;
+    }
     t.key = host->get<std::string>() + ":" + std::to_string(t.endpoint.port());
     return t;
   }
@@ -169,9 +178,9 @@ class tcp_state : public std::enable_shared_from_this<tcp_state> {
 
   void start(std::shared_ptr<tcp_transfer> t, const tcp_target& target, tcp_wire::opcode op, std::uint64_t offset,
              std::byte* data, std::size_t length) {
-    if (closed || t->done()) {
+    if (closed || t->done() || t->cancel_requested()) {
       t->pending = 1;
-      t->finish_one(closed ? errc::cancelled : std::error_code{});
+      t->finish_one(closed || t->cancel_requested() ? errc::cancelled : std::error_code{});
       return;
     }
     auto& pool = peers[target.key];
@@ -315,8 +324,15 @@ class tcp {
 
   //! Stops serving `seg`; returns once no server access touches it (see thread safety).
   result<void> deregister_memory(const memory::local_segment& seg) {
-    if (state_->server && state_->on_io_thread()) state_->server->revoke(seg.name);
-    return state_->table->remove(seg.name);
+    return state_->table->remove(seg.name, [&] {
+      if (!state_->server) return;
+      // Sessions hold their pin while they wait on the peer, which may never
+      // come back: close those moving this segment's bytes (on the strand).
+      if (state_->on_io_thread())
+        state_->server->revoke(seg.name);
+      else
+        asio::post(state_->strand, [server = state_->server, name = seg.name] { server->revoke(name); });
+    });
   }
 
   //! No I/O: the descriptor has a usable tcp entry and host memory.

@@ -161,6 +161,14 @@ struct shm_mapping {
 
   //! Maps `length` bytes at `offset` of `fd`, pre-faulting the page tables.
   result<void> map_memfd(int fd, std::uint64_t offset) {
+    // The owner says where the segment lies in its file; a range past the
+    // file's end would map (and fault with SIGBUS on the first copy).
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return error{errc::io_error, "shm: fstat of segment '" + name + "': " + errno_text(errno)};
+    const auto file_size = static_cast<std::uint64_t>(st.st_size);
+    if (length == 0 || offset > file_size || length > file_size - offset)
+      return error{errc::protocol_error, "shm: segment '" + name + "' claims " + std::to_string(length) + " bytes at offset " +
+                                             std::to_string(offset) + " of a " + std::to_string(file_size) + "-byte file"};
     const std::uint64_t start = offset / page_size() * page_size();
     const std::uint64_t delta = offset - start;
     map_length = static_cast<std::size_t>((delta + length + page_size() - 1) / page_size() * page_size());

@@ -80,6 +80,8 @@ class tcp_transfer {
     }
   }
   [[nodiscard]] bool done() const noexcept { return done_; }
+  //! A cancellation that arrived before `start` cut the op into requests.
+  [[nodiscard]] bool cancel_requested() const noexcept { return cancel_requested_; }
   void cancel();
 
  protected:
@@ -88,6 +90,7 @@ class tcp_transfer {
  private:
   std::error_code first_error_;
   bool done_ = false;
+  bool cancel_requested_ = false;
 };
 
 template <class Handler>
@@ -137,6 +140,7 @@ struct tcp_request {
   tcp_wire::request_bytes header{};
   stage st = stage::queued;
   bool abandoned = false;
+  bool answered = false;  // the owner answered while the request's batch was still being sent
   std::error_code pending_error;
 };
 
@@ -206,8 +210,9 @@ class tcp_connection : public std::enable_shared_from_this<tcp_connection> {
     in_flight_.clear();
     std::vector<std::shared_ptr<tcp_request>> now(queued.begin(), queued.end());
     for (auto& [id, r] : flight) {
-      if (r->st == tcp_request::stage::sending || r->st == tcp_request::stage::receiving)
-        r->pending_error = ec;  // completed by its I/O handler, which the close delivers
+      if (r->st == tcp_request::stage::sending || r->st == tcp_request::stage::receiving) {
+        if (!r->pending_error) r->pending_error = ec;  // completed by its I/O handler, which the close delivers
+      }
       else
         now.push_back(r);
     }
@@ -296,11 +301,16 @@ class tcp_connection : public std::enable_shared_from_this<tcp_connection> {
     }
     if (l != link_) {  // failed, now or before: no byte of this batch is touched any more
       for (auto& r : batch)
-        if (r->st == tcp_request::stage::sending) finish(r, pending_or_lost(*r));
+        if (r->st == tcp_request::stage::sending) finish(r, r->answered ? r->pending_error : pending_or_lost(*r));
       return;
     }
-    for (auto& r : batch)
-      if (r->st == tcp_request::stage::sending) r->st = tcp_request::stage::awaiting;
+    for (auto& r : batch) {
+      if (r->st != tcp_request::stage::sending) continue;
+      if (r->answered)
+        finish(r, r->pending_error);
+      else
+        r->st = tcp_request::stage::awaiting;
+    }
     start_write();
   }
 
@@ -309,6 +319,16 @@ class tcp_connection : public std::enable_shared_from_this<tcp_connection> {
                      [self = shared_from_this(), l](const boost::system::error_code& ec, std::size_t) {
                        self->on_response(l, ec);
                      });
+  }
+
+  // An answer can arrive while the gathered write that carries its request is
+  // still sending (later requests of the batch, or this one's payload when the
+  // owner refused it early): that write may still read the caller's buffer,
+  // so the request completes from on_written, with this result.
+  void answered_while_sending(const link_ptr& l, const std::shared_ptr<tcp_request>& r, std::error_code result) {
+    r->answered = true;
+    r->pending_error = result;
+    start_read(l);
   }
 
   void on_response(const link_ptr& l, const boost::system::error_code& ec) {
@@ -329,6 +349,7 @@ class tcp_connection : public std::enable_shared_from_this<tcp_connection> {
                          log(log_level::debug, "tcp transport: peer ", self->endpoint_, " refused request ", r->id, ": ",
                              make_error_code(status).message(), ": ", l->text);
                          self->in_flight_.erase(r->id);
+                         if (r->st == tcp_request::stage::sending) return self->answered_while_sending(l, r, status);
                          self->start_read(l);
                          self->finish(r, status);
                        });
@@ -338,6 +359,7 @@ class tcp_connection : public std::enable_shared_from_this<tcp_connection> {
       if (p.header.length != 0) return fail(errc::protocol_error, "write response carries a payload");
       if (p.header.pad != 0) return fail(errc::protocol_error, "write response carries padding");
       in_flight_.erase(it);
+      if (r->st == tcp_request::stage::sending) return answered_while_sending(l, r, {});
       start_read(l);
       return finish(r, {});
     }
@@ -395,6 +417,7 @@ class tcp_connection : public std::enable_shared_from_this<tcp_connection> {
 
 inline void tcp_transfer::cancel() {
   if (done_) return;
+  cancel_requested_ = true;  // `start` may not have run yet (a cancellation emitted on the strand)
   auto reqs = requests;  // cancelling may complete this transfer and run the caller's handler
   for (auto& w : reqs)
     if (auto r = w.lock())

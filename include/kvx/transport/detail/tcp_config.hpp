@@ -80,9 +80,12 @@ struct tcp_config {
     if (connections == 0 || connections > 256)
       return error{errc::invalid_argument, "config field '" + v.path_of("connections") + "': must be 1..256, got " +
                                                std::to_string(connections)};
-    if (max_request == 0 || max_request > (std::uint64_t{1} << 40))
-      return error{errc::invalid_argument,
-                   "config field '" + v.path_of("max_request") + "': must be 1 byte..1 TiB, got " + std::to_string(max_request)};
+    if (max_request < detail::tcp_wire::min_request || max_request > (std::uint64_t{1} << 40))
+      return error{errc::invalid_argument, "config field '" + v.path_of("max_request") + "': must be 4 KiB..1 TiB, got " +
+                                               std::to_string(max_request)};
+    if (slice_size != 0 && (slice_size < detail::tcp_wire::min_request || slice_size > (std::uint64_t{1} << 40)))
+      return error{errc::invalid_argument, "config field '" + v.path_of("slice_size") + "': must be 0 (max_request) or 4 KiB..1 TiB, got " +
+                                               std::to_string(slice_size)};
     if (socket_buffer > (std::uint64_t{1} << 30))
       return error{errc::invalid_argument, "config field '" + v.path_of("socket_buffer") + "': at most 1 GiB"};
     if (address.empty()) return error{errc::invalid_argument, "config field '" + v.path_of("address") + "': empty"};

@@ -71,6 +71,9 @@ enum class parse_state : std::uint8_t { complete, need_more, invalid };
 struct limits {
   std::uint64_t max_request = 64ull << 20;  // payload bytes one request may move
 };
+// The smallest max_request (and slice) kvx accepts: below it an op becomes
+// one request per few bytes, all allocated at once.
+inline constexpr std::uint64_t min_request = 4096;
 
 template <class T>
 constexpr T byte_swap(T v) noexcept {  // std::byteswap is C++23
