@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -83,6 +84,63 @@ TEST(AnyTieredCache, ConfigErrorsNameTheField) {
   EXPECT_NE(config_error_of(R"({"block_bytes": 4096, "tiers": [{"kind": "file", "capacity": 65536, "path": "/tmp", "readers": "many"}]})")
                 .find("'tiers[0].readers'"),
             std::string::npos);
+}
+
+// Sizes that would make a policy allocate without bound, or convert a
+// double out of range, are config errors naming the field, never exceptions.
+TEST(AnyTieredCache, AGhostFactorOutOfRangeIsAConfigError) {
+  for (const std::string eviction : {R"({"policy": "auto", "ghost_factor": 1e17})",
+                                     R"({"policy": "reuse_class", "ghost_factor": 65})",
+                                     R"({"policy": "s3fifo", "ghost_factor": 1e300})"}) {
+    const std::string json = R"({"block_bytes": 4096, "eviction": )" + eviction +
+                             R"(, "tiers": [{"kind": "dram", "capacity": "64KiB"}]})";
+    std::string err;
+    EXPECT_NO_THROW(err = config_error_of(json)) << eviction;
+    EXPECT_NE(err.find("'eviction.ghost_factor': must be in [0, 64]"), std::string::npos) << err;
+  }
+  EXPECT_EQ(config_error_of(R"({"block_bytes": 4096, "eviction": {"policy": "s3fifo", "ghost_factor": 64},
+                                "tiers": [{"kind": "dram", "capacity": "64KiB"}]})"),
+            "no error");
+}
+
+TEST(AnyTieredCache, ATierOfTooManyBlocksIsAConfigError) {
+  std::string err;
+  EXPECT_NO_THROW(err = config_error_of(
+                      R"({"block_bytes": 1, "tiers": [{"kind": "dram", "capacity": "64GiB", "populate": false}]})"));
+  EXPECT_NE(err.find("'tiers[0].capacity'"), std::string::npos) << err;
+  EXPECT_NE(err.find("block_bytes"), std::string::npos) << err;
+}
+
+// Within the bound on blocks, a policy may still refuse its size when the
+// cache builds it (reuse_class: tracked and remembered keys under 2^32).
+TEST(AnyTieredCache, APolicyThatCannotBeBuiltForATierIsAConfigError) {
+  std::string err;
+  EXPECT_NO_THROW(err = config_error_of(R"({"block_bytes": 1, "eviction": {"policy": "auto", "ghost_factor": 64},
+                                            "tiers": [{"kind": "dram", "capacity": "64MiB", "populate": false}]})"));
+  EXPECT_EQ(err.find("invalid argument: config field 'eviction': "), 0U) << err;
+  EXPECT_NE(err.find("ghost_factor"), std::string::npos) << err;
+}
+
+// Two tiers on one file would overwrite each other's blocks: the second is
+// refused, also across caches (and processes), until the first is gone.
+TEST(AnyTieredCache, TwoFileTiersOnOneFileAreRefused) {
+  const std::string path = std::string(KVX_BINARY_DIR) + "/any_tiered_cache_shared_file.tier";
+  const std::string tier = R"({"kind": "file", "capacity": "1MiB", "path": ")" + path + R"("})";
+  const std::string both = R"({"block_bytes": 4096, "tiers": [)" + tier + ", " + tier + "]}";
+  const std::string err = config_error_of(both);
+  EXPECT_NE(err.find("'tiers[1]'"), std::string::npos) << err;
+  EXPECT_NE(err.find("in use by another tier or process"), std::string::npos) << err;
+  const std::string one = R"({"block_bytes": 4096, "tiers": [)" + tier + "]}";
+  {
+    kvx::metrics::registry reg;
+    auto first = kc::any_tiered_cache::make(one, &reg);
+    ASSERT_TRUE(first) << first.error().message();
+    const std::string second = config_error_of(one);
+    EXPECT_NE(second.find("'tiers[0]'"), std::string::npos) << second;
+    EXPECT_NE(second.find("in use by another tier or process"), std::string::npos) << second;
+  }
+  EXPECT_EQ(config_error_of(one), "no error");
+  std::remove(path.c_str());
 }
 
 TEST(AnyTieredCache, UringWithoutTheBackendIsRefusedWithAReason) {

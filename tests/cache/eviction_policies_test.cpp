@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <stdexcept>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -325,6 +326,26 @@ TEST(AnyEvictionPolicy, RejectsUnknownNamesAndFieldsWithTheirPath) {
   auto d = ev::any_eviction_policy::from_config(kvx::config::view(missing), 8);
   ASSERT_FALSE(d);
   EXPECT_NE(d.error().message().find("'policy' is required"), std::string::npos);
+}
+
+// ghost_factor x capacity sizes the ghost: out of [0, 64] it is a size no
+// allocation or conversion takes, so the constructor refuses it.
+TEST(EvictionPolicies, AGhostFactorOutOfRangeIsRefusedByTheConstructor) {
+  ev::s3fifo::options s;
+  s.ghost_factor = 1e300;
+  EXPECT_THROW(ev::s3fifo(8, s), std::invalid_argument);
+  s.ghost_factor = -1;
+  EXPECT_THROW(ev::s3fifo(8, s), std::invalid_argument);
+  s.ghost_factor = ev::s3fifo::max_ghost_factor;
+  EXPECT_NO_THROW(ev::s3fifo(8, s));
+  ev::reuse_class::options r;
+  r.ghost_factor = 1e17;
+  EXPECT_THROW(ev::reuse_class(8, r), std::invalid_argument);
+  r.ghost_factor = ev::reuse_class::max_ghost_factor;
+  EXPECT_NO_THROW(ev::reuse_class(8, r));
+  // Tracked and remembered keys are numbered in 32 bits.
+  r.ghost_factor = 4;
+  EXPECT_THROW(ev::reuse_class(std::size_t{1} << 30, r), std::invalid_argument);
 }
 
 TEST(AnyEvictionPolicy, ForwardsOptions) {

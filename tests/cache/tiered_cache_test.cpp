@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <string>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -19,6 +20,7 @@
 #include <kvx/cache/tiers/dram_tier.hpp>
 #include <kvx/cache/tiers/file_tier.hpp>
 #include <kvx/cache/eviction/lru.hpp>
+#include <kvx/core/log.hpp>
 
 namespace kc = kvx::cache;
 
@@ -160,6 +162,33 @@ class gated_tier {
   std::map<kc::block_key, std::vector<std::byte>> blocks_;
 };
 static_assert(kc::check_tier<gated_tier>());
+
+// A key-indexed tier whose every store fails, like a disk that is full or
+// failing (ENOSPC, EIO).
+class failing_tier {
+ public:
+  using tier_concept = kc::tier_tag;
+  static constexpr bool host_accessible = true;
+  explicit failing_tier(std::uint64_t capacity) : capacity_(capacity) {}
+
+  std::string_view name() const { return "failing"; }
+  std::uint64_t capacity() const { return capacity_; }
+  std::uint64_t used_bytes() const { return 0; }
+  kc::watermarks marks() const { return {1.0, 1.0}; }
+  kvx::result<void> store(const kc::block_key& k, std::span<const std::byte>) {
+    return kvx::error{kvx::errc::io_error, "failing tier: write block " + k.to_string()};
+  }
+  kvx::result<std::size_t> load(const kc::block_key&, std::span<std::byte>) {
+    return kvx::error{kvx::errc::not_found, "failing"};
+  }
+  bool erase(const kc::block_key&) { return false; }
+  bool contains(const kc::block_key&) const { return false; }
+  std::optional<std::uint64_t> size_of(const kc::block_key&) const { return std::nullopt; }
+
+ private:
+  std::uint64_t capacity_;
+};
+static_assert(kc::check_tier<failing_tier>());
 
 using dram_cache = kc::tiered_cache<kc::tier_stack<kc::dram_tier<>>, test_lru>;
 using two_tier = kc::tiered_cache<kc::tier_stack<kc::dram_tier<>, kc::file_tier<>>, test_lru, kc::tiering::write_back>;
@@ -461,6 +490,57 @@ TEST(TieredCache, LookupsAndReadsDuringASlowDemotionAreNotBlockedByIt) {
     ASSERT_TRUE(c.read(key(i), out));
     EXPECT_EQ(out, payload(i)) << i;
   }
+}
+
+// Write-back: a block evicted from DRAM whose copy into the tier below fails
+// stays in DRAM (it was the only copy); the insert that needed its room fails.
+// Write-through: the same for a block whose lower copy failed when inserted.
+template <class Tiering>
+void a_failed_demotion_keeps_the_block() {
+  kvx::metrics::registry reg;
+  std::vector<std::string> warnings;
+  std::mutex warnings_mu;
+  kvx::set_log_sink([&](kvx::log_level l, std::string_view msg) {
+    std::lock_guard lock(warnings_mu);
+    if (l == kvx::log_level::warn) warnings.emplace_back(msg);
+  });
+  kc::tiered_cache<kc::tier_stack<kc::dram_tier<>, failing_tier>, test_lru, Tiering> c(cache_cfg(reg), dram(2),
+                                                                                        8 * block);
+  ASSERT_TRUE(c.insert(key(0), payload(0)));
+  ASSERT_TRUE(c.insert(key(1), payload(1)));
+  auto r = c.insert(key(2), payload(2));  // evicts key 0, whose copy down fails
+  kvx::set_log_sink({});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), kvx::errc::capacity_exceeded);
+  EXPECT_NE(r.error().message().find("demoting"), std::string::npos) << r.error().message();
+  EXPECT_FALSE(c.contains(key(2)));
+  ASSERT_TRUE(c.contains(key(0)));
+  EXPECT_EQ(c.residency(key(0)), 0b01);
+  std::vector<std::byte> out(block);
+  for (std::uint64_t i = 0; i < 2; ++i) {
+    ASSERT_TRUE(c.read(key(i), out)) << i;
+    EXPECT_EQ(out, payload(i)) << i;
+  }
+  EXPECT_EQ(c.stats(0).used_bytes, 2 * block);
+  EXPECT_EQ(c.stats(1).used_bytes, 0U);
+  EXPECT_EQ(c.stats(1).demotion_failures, 1U);
+  EXPECT_EQ(c.stats(0).evictions, 0U);  // undone, so not counted
+  const std::string text = reg.prometheus_text();
+  EXPECT_NE(text.find("kvx_cache_demotion_failures_total{cache=\"test\",tier=\"failing\"} 1"), std::string::npos)
+      << text;
+  ASSERT_EQ(warnings.size(), 1U);
+  EXPECT_NE(warnings[0].find(key(0).to_string()), std::string::npos) << warnings[0];
+  EXPECT_NE(warnings[0].find("I/O error"), std::string::npos) << warnings[0];
+  // Key 0 is an ordinary block again: erasable, and its room reusable.
+  ASSERT_TRUE(c.erase(key(0)));
+  EXPECT_EQ(*c.insert(key(2), payload(2)), kc::insert_status::inserted);
+}
+
+TEST(TieredCache, AFailedDemotionKeepsTheBlockAndFailsTheInsertThatNeededItsRoom) {
+  a_failed_demotion_keeps_the_block<kc::tiering::write_back>();
+}
+TEST(TieredCache, AFailedDemotionKeepsTheBlockInWriteThroughToo) {
+  a_failed_demotion_keeps_the_block<kc::tiering::write_through>();
 }
 
 TEST(TieredCache, LocateGivesTheBlockInTheDramArena) {

@@ -49,6 +49,21 @@ TEST(Trace, MalformedLinesNameTheLineAndTheField) {
             "malformed message: t.jsonl line 3: field 'hash_ids[1]': expected a non-negative integer, got -1");
 }
 
+// A float of 2^64 or more has no uint64 value: the cast would be undefined
+// behaviour (in practice 0 or 2^63), so it is an error, not a wrong number.
+TEST(Trace, ANumberOfTwoToThe64OrMoreIsAnError) {
+  EXPECT_EQ(trace_error_of("{\"timestamp\": 1e20, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": []}"),
+            "malformed message: t.jsonl line 1: field 'timestamp': expected a non-negative number below 2^64, got 1e+20");
+  EXPECT_EQ(trace_error_of("{\"timestamp\": 1, \"input_length\": 18446744073709551616.0, \"output_length\": 1, "
+                           "\"hash_ids\": []}"),
+            "malformed message: t.jsonl line 1: field 'input_length': expected a non-negative number below 2^64, got "
+            "1.8446744073709552e+19");
+  std::istringstream in("{\"timestamp\": 1.8e19, \"input_length\": 1, \"output_length\": 1, \"hash_ids\": []}");
+  auto t = kvx::cache::parse_trace(in);
+  ASSERT_TRUE(t) << t.error().message();
+  EXPECT_EQ((*t)[0].timestamp_ms, 18'000'000'000'000'000'000u);
+}
+
 TEST(Trace, AMissingFileIsNotFound) {
   auto r = kvx::cache::read_trace("/nonexistent/trace.jsonl");
   ASSERT_FALSE(r);

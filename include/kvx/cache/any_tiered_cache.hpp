@@ -22,6 +22,12 @@
 //!   ]
 //! }
 //! ```
+//! A tier holds at most `max_tier_blocks` blocks of `block_bytes` (a smaller
+//! `block_bytes` is almost surely a typo, and each block costs index and
+//! policy memory up front). Two file tiers, in this process or another, may
+//! not share one file: the second is refused ("in use by another tier or
+//! process"). No config makes `make` throw: exceptions from building the
+//! tiers or the policies come back as errors naming the field.
 //! `"io": "uring"` needs the `kvx::uring` target (`KVX_WITH_URING`) and
 //! `"kind": "cuda"` the `kvx::cuda` target (`KVX_WITH_CUDA`) and a device;
 //! without them the config is refused (`not_supported`) with a message saying so.
@@ -37,9 +43,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -69,6 +77,9 @@ class any_tiered_cache {
  public:
   using cache_type = tiered_cache<tier_vector, eviction::any_eviction_policy, tiering::any_tiering>;
   using pin_handle = cache_type::pin_handle;
+  //! The most blocks of `block_bytes` one tier may hold (2^28: a 64 TiB tier
+  //! of 256 KiB blocks; their index alone takes over 8 GiB).
+  static constexpr std::uint64_t max_tier_blocks = std::uint64_t{1} << 28;
 
   //! Builds a cache from JSON text; `registry` receives its metrics (null: the default registry).
   static result<std::unique_ptr<any_tiered_cache>> make(std::string_view json_text,
@@ -108,8 +119,12 @@ class any_tiered_cache {
       return error{errc::invalid_argument, "config field '" + policy_path +
                                                "': belady needs the future and is for trace replay only"};
     // Build one now so that a bad name or option is reported against its field.
-    if (auto probe = eviction::any_eviction_policy::from_config(config::view(policy, policy_path), 1); !probe)
-      return probe.error();
+    try {
+      if (auto probe = eviction::any_eviction_policy::from_config(config::view(policy, policy_path), 1); !probe)
+        return probe.error();
+    } catch (const std::exception& e) {
+      return error{errc::invalid_argument, "config field '" + policy_path + "': " + e.what()};
+    }
 
     tiering::any_tiering tiering;
     if (v.contains("tiering")) {
@@ -126,7 +141,7 @@ class any_tiered_cache {
       return error{errc::invalid_argument, "config field '" + v.path_of("tiers") + "': expected an array of 1 to 8 tiers"};
     tier_vector tiers;
     for (std::size_t i = 0; i < arr.size(); ++i) {
-      auto t = make_tier(config::view(arr[i], v.path_of("tiers") + "[" + std::to_string(i) + "]"));
+      auto t = make_tier(config::view(arr[i], v.path_of("tiers") + "[" + std::to_string(i) + "]"), cc.block_bytes);
       if (!t) return t.error();
       tiers.push_back(std::move(*t));
     }
@@ -134,10 +149,31 @@ class any_tiered_cache {
     cache_type::options opts;
     opts.config = std::move(cc);
     opts.tiering = std::move(tiering);
-    opts.make_eviction = [policy, policy_path](std::size_t, std::size_t blocks) {
-      return std::move(*eviction::any_eviction_policy::from_config(config::view(policy, policy_path), blocks));
+    const std::string tiers_path = v.path_of("tiers");
+    opts.make_eviction = [policy, policy_path, tiers_path](std::size_t t, std::size_t blocks) {
+      // A policy may refuse its real size (the probe above had 1 block).
+      auto refused = [&](const std::string& why) {
+        return policy_failure("config field '" + policy_path + "': for the " + std::to_string(blocks) + " blocks of '" +
+                              tiers_path + "[" + std::to_string(t) + "]': " + why);
+      };
+      try {
+        auto p = eviction::any_eviction_policy::from_config(config::view(policy, policy_path), blocks);
+        if (!p) throw refused(p.error().message());
+        return std::move(*p);
+      } catch (const policy_failure&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw refused(e.what());
+      }
     };
-    return std::unique_ptr<any_tiered_cache>(new any_tiered_cache(std::move(opts), std::move(tiers)));
+    try {
+      return std::unique_ptr<any_tiered_cache>(new any_tiered_cache(std::move(opts), std::move(tiers)));
+    } catch (const policy_failure& e) {
+      return error{errc::invalid_argument, e.what()};
+    } catch (const std::exception& e) {
+      const std::string where = v.path().empty() ? "config" : "config field '" + v.path() + "'";
+      return error{errc::invalid_argument, where + ": building the cache: " + e.what()};
+    }
   }
 
   // The operations of `tiered_cache` (see tiered_cache.hpp).
@@ -163,6 +199,11 @@ class any_tiered_cache {
  private:
   any_tiered_cache(cache_type::options opts, tier_vector tiers) : c_(std::move(opts), std::move(tiers)) {}
 
+  // An eviction policy that could not be built for a tier, its message naming the fields.
+  struct policy_failure : std::runtime_error {
+    using std::runtime_error::runtime_error;
+  };
+
   static result<watermarks> read_marks(const config::view& t) {
     auto high = t.optional<double>("high", 0.95);
     if (!high) return high.error();
@@ -184,11 +225,17 @@ class any_tiered_cache {
     }
   }
 
-  static result<any_tier> make_tier(const config::view& t) {
+  static result<any_tier> make_tier(const config::view& t, std::uint64_t block_bytes) {
     auto kind = t.required<std::string>("kind");
     if (!kind) return kind.error();
     auto capacity = t.required<config::bytes>("capacity");
     if (!capacity) return capacity.error();
+    if (const std::uint64_t blocks = capacity->value / block_bytes; blocks > max_tier_blocks)
+      return error{errc::invalid_argument, "config field '" + t.path_of("capacity") + "': " +
+                                               std::to_string(capacity->value) + " bytes are " + std::to_string(blocks) +
+                                               " blocks of block_bytes " + std::to_string(block_bytes) +
+                                               ", more than the " + std::to_string(max_tier_blocks) +
+                                               " a tier may hold (is block_bytes too small?)"};
     auto marks = read_marks(t);
     if (!marks) return marks.error();
     auto allocator = t.optional<std::string>("allocator", "offset");

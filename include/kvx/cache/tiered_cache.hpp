@@ -31,6 +31,14 @@
 //!   dropped. If nothing can be evicted (all pinned or being written) and the
 //!   block does not fit, `insert` fails with `errc::capacity_exceeded`;
 //!   pinned blocks are never evicted or erased.
+//! - A demotion whose copy fails (the tier below refuses or fails the write,
+//!   a full or failing disk) is undone: the block may be its only copy, so it
+//!   stays in its tier, resident and evictable as before, the tier below
+//!   counts `kvx_cache_demotion_failures_total` and a warning is logged. The
+//!   insert or promotion that needed its room then fails with
+//!   `errc::capacity_exceeded` (naming the failed demotion) unless the room
+//!   is there anyway; it does not evict further blocks towards a tier that
+//!   just failed.
 //! - `read` serves from the fastest tier holding the block and, if the
 //!   tiering policy promotes on hit, copies it into tier 0.
 //!
@@ -49,8 +57,10 @@
 //!   erased nor re-inserted meanwhile); the thread that caused the eviction
 //!   copies it down after releasing the lock, then, under the lock, makes the
 //!   lower copy resident and frees the old one (or, if a reader pinned it
-//!   meanwhile, the last unpin frees it). A reader or a lookup during the
-//!   move finds the block in its old tier and is never blocked by the copy.
+//!   meanwhile, the last unpin frees it); if the copy failed, it clears the
+//!   mark instead and the block is back in its tier. A reader or a lookup
+//!   during the move finds the block in its old tier and is never blocked by
+//!   the copy.
 //! Pins, `writing` and `leaving` marks and the tier's own per-key contract
 //! (tier.hpp) make sure no byte range is freed or reused while a copy uses it.
 //!
@@ -85,6 +95,7 @@
 #include <kvx/cache/tiering/write_back.hpp>
 #include <kvx/cache/tiering_policy.hpp>
 #include <kvx/cache/tiers/tier_stack.hpp>
+#include <kvx/core/log.hpp>
 #include <kvx/core/metrics.hpp>
 #include <kvx/core/result.hpp>
 #include <kvx/memory/allocator.hpp>
@@ -125,6 +136,7 @@ struct read_result {
 //! Counters of one tier, read from the cache's metrics.
 struct tier_stats {
   std::uint64_t hits = 0, evictions = 0, promotions = 0, demotions = 0, used_bytes = 0, blocks = 0;
+  std::uint64_t demotion_failures = 0;  //!< blocks that could not be moved into this tier (kept above)
 };
 
 namespace detail {
@@ -260,6 +272,8 @@ class tiered_cache {
       s.evictions = &reg.counter("kvx_cache_evictions_total", "Blocks evicted from a tier", l);
       s.promotions = &reg.counter("kvx_cache_promotions_total", "Blocks copied into tier 0 on a hit in this tier", l);
       s.demotions = &reg.counter("kvx_cache_demotions_total", "Blocks moved into this tier on eviction above", l);
+      s.demotion_failures = &reg.counter("kvx_cache_demotion_failures_total",
+                                         "Blocks whose move into this tier failed; they stay in the tier above", l);
       s.bytes = &reg.gauge("kvx_cache_bytes", "Bytes held or being written in a tier", l);
       s.bytes->set(0);
       state_.push_back(s);
@@ -374,7 +388,7 @@ class tiered_cache {
         if (fresh) index_.erase(it);
         flush_spares();
         lock.unlock();
-        run_moves(moves);
+        (void)run_moves(moves);  // a failure is logged and counted there
         return room.error();
       }
       targets = bit(0);
@@ -391,13 +405,15 @@ class tiered_cache {
         if ((targets & bit(t)) && layout::slot[t] >= 0 && try_place(t, e)) where[slot(t)] = e.where[slot(t)];
       flush_spares();
     }
-    run_moves(moves);  // outside the lock, before the copies that need their room
+    // Outside the lock, before the copies that need their room.
+    const result<void> demoted = run_moves(moves);
     // Copies outside the lock; the `writing` mark keeps the entry alive.
     std::uint8_t stored = 0;
     result<void> top;  // tier 0's outcome decides the insert's
     for (std::size_t t = 0; t < state_.size(); ++t) {
       if (!(targets & bit(t))) continue;
-      auto r = store_into(t, k, bytes, layout::slot[t] >= 0 ? memory::allocation(where[slot(t)]) : memory::allocation{});
+      auto r = store_into(t, k, bytes, layout::slot[t] >= 0 ? memory::allocation(where[slot(t)]) : memory::allocation{},
+                          demoted);
       if (r) stored |= bit(t);
       if (t == 0) top = std::move(r);
     }
@@ -461,13 +477,13 @@ class tiered_cache {
       flush_spares();
       if (!promote) unpin_locked(k);
     }
-    run_moves(moves);
+    const result<void> demoted = run_moves(moves);
     if (!r) {
       if (promote) finish_promotion(k, false);
       return error{r.code(), ctx_msg("read from tier " + std::to_string(t) + ": " + r.error().context(), k)};
     }
     if (promote) {
-      const bool ok = static_cast<bool>(store_into(0, k, out.first(static_cast<std::size_t>(size)), placed));
+      const bool ok = static_cast<bool>(store_into(0, k, out.first(static_cast<std::size_t>(size)), placed, demoted));
       finish_promotion(k, ok);
       if (ok) state_[t].promotions->add();
       res.promoted = ok;
@@ -642,7 +658,7 @@ class tiered_cache {
     std::lock_guard lock(mu_);
     const tier_state& s = state_.at(t);
     return {s.hits->value(), s.evictions->value(), s.promotions->value(), s.demotions->value(), s.reserved,
-            policies_[t].size()};
+            policies_[t].size(), s.demotion_failures->value()};
   }
   [[nodiscard]] std::uint64_t misses() const { return misses_->value(); }
   [[nodiscard]] std::uint64_t rejections() const { return rejections_->value(); }
@@ -689,6 +705,7 @@ class tiered_cache {
     metrics::counter* evictions = nullptr;
     metrics::counter* promotions = nullptr;
     metrics::counter* demotions = nullptr;
+    metrics::counter* demotion_failures = nullptr;
     metrics::gauge* bytes = nullptr;
   };
 
@@ -796,7 +813,9 @@ class tiered_cache {
   // Outside mu_: copies `bytes` as block k into tier t, whose room is
   // reserved. A placement tier writes at `at` when the caller got a range
   // under the lock (size > 0), else a range is had here, evicting if needed.
-  result<void> store_into(std::size_t t, const block_key& k, std::span<const std::byte> bytes, memory::allocation at) {
+  // `demoted`: how the demotions that made the room went.
+  result<void> store_into(std::size_t t, const block_key& k, std::span<const std::byte> bytes, memory::allocation at,
+                          result<void> demoted = {}) {
     std::vector<move> moves;
     // The tier's allocator may be fragmented, or blocks leaving it not yet
     // gone, although the bytes fit the accounting: evict a few more blocks
@@ -820,11 +839,15 @@ class tiered_cache {
             continue;
           }
         }
+        // The room was to come from a demotion that failed: evicting more
+        // would send more blocks to the tier that just refused one.
+        if (!demoted)
+          return error{errc::capacity_exceeded, "tier " + std::to_string(t) + " is full and " + demoted.error().context()};
         const bool evicted = evict_one(t, moves);
         flush_spares();
         if (!evicted) return r;
       }
-      run_moves(moves);
+      demoted = run_moves(moves);
     }
   }
 
@@ -898,7 +921,6 @@ class tiered_cache {
     auto it = index_.find(*victim);
     entry& e = it->second;
     release(t, e.bytes);
-    state_[t].evictions->add();
     const std::size_t down = t + 1;
     if (down < state_.size() && !(e.resident & bit(down)) && tiering_.demote_on_evict(t)) {
       e.leaving |= bit(t);  // still readable in t; no longer evictable or counted there
@@ -909,10 +931,11 @@ class tiered_cache {
         ++e.moves;
         moves.push_back(move{*victim, e.bytes, where_in(e, t),
                              static_cast<std::uint8_t>(t), static_cast<std::uint8_t>(down)});
-        return true;
+        return true;  // counted as evicted once the move lands (run_moves)
       }
       e.leaving &= static_cast<std::uint8_t>(~bit(t));
     }
+    state_[t].evictions->add();
     if (layout::slot[t] >= 0 && spare_[t].size == 0)
       spare_[t] = std::exchange(e.where[slot(t)], placed_range{});  // for the block this eviction makes room for
     else
@@ -926,45 +949,80 @@ class tiered_cache {
   // the lock makes that copy resident and frees the old one. Runs the moves
   // in the order they were started: a move out of a lower tier, started by
   // making room for one from above, frees the room that one lands in.
-  void run_moves(std::vector<move>& moves) {
+  // A move whose copy fails is undone: the `leaving` mark kept the block
+  // whole in its tier, so it becomes resident, counted and tracked there
+  // again instead of being dropped (it may have been the only copy). Returns
+  // the first failure, for the caller that needed the room.
+  result<void> run_moves(std::vector<move>& moves) {
+    result<void> outcome;
     for (const move& m : moves) {
       static thread_local detail::scratch_buffer scratch;
       std::span<std::byte> buf = scratch.get(static_cast<std::size_t>(m.bytes));
       memory::allocation to_at{};
-      bool ok = static_cast<bool>(load_from(m.from, m.key, m.from_at, buf));
-      if (ok)
-        ok = tiers_.visit(m.to, [&](auto& tier) -> bool {
-          if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
-            auto a = tier.place(m.bytes);
-            if (!a) return false;
-            to_at = *a;
-            if (to_at.size > max_placed_bytes) {
-              tier.unplace(to_at);
-              return false;
-            }
-            if (tier.write_at(to_at, std::span<const std::byte>(buf))) return true;
-            tier.unplace(to_at);
-            return false;
-          } else {
-            return static_cast<bool>(tier.store(m.key, std::span<const std::byte>(buf)));
-          }
-        });
-      std::lock_guard lock(mu_);
-      auto it = index_.find(m.key);
-      entry& e = it->second;
-      e.writing &= static_cast<std::uint8_t>(~bit(m.to));
-      --e.moves;
-      if (ok) {
-        e.resident |= bit(m.to);
-        if (layout::slot[m.to] >= 0) e.where[slot(m.to)] = to_at;
-        policies_[m.to].on_insert(m.key, context(e));
-        state_[m.to].demotions->add();
-      } else {
-        release(m.to, e.bytes);
+      const result<void> copied = copy_down(m, buf, to_at);
+      {
+        std::lock_guard lock(mu_);
+        auto it = index_.find(m.key);
+        entry& e = it->second;
+        e.writing &= static_cast<std::uint8_t>(~bit(m.to));
+        --e.moves;
+        land_or_undo(m, e, copied, to_at);
+        drop_left(it);  // or, if a reader pinned it meanwhile, its last unpin
       }
-      drop_left(it);  // or, if a reader pinned it meanwhile, its last unpin
+      if (!copied) {
+        const std::string what = "demoting block " + m.key.to_string() + " from tier " + std::to_string(m.from) +
+                                 " to tier " + std::to_string(m.to) + " failed (" + copied.error().message() + ")";
+        kvx::log(log_level::warn, "tiered_cache '", cfg_.name, "': ", what, "; it stays in tier ", int{m.from});
+        if (outcome) outcome = error{copied.code(), what};
+      }
     }
     moves.clear();
+    return outcome;
+  }
+
+  // Outside mu_: copies a demoted block from its tier into the one below
+  // through `buf`; a placement tier's new range goes to `to_at`.
+  result<void> copy_down(const move& m, std::span<std::byte> buf, memory::allocation& to_at) {
+    if (auto r = load_from(m.from, m.key, m.from_at, buf); !r) return r.error();
+    return tiers_.visit(m.to, [&](auto& tier) -> result<void> {
+      if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
+        auto a = tier.place(m.bytes);
+        if (!a) return error{errc::capacity_exceeded, "no free range of " + std::to_string(m.bytes) + " bytes"};
+        if (a->size > max_placed_bytes) {
+          tier.unplace(*a);
+          return error{errc::capacity_exceeded, "a placed block must be under 4 GiB"};
+        }
+        if (auto w = tier.write_at(*a, std::span<const std::byte>(buf)); !w) {
+          tier.unplace(*a);
+          return w;
+        }
+        to_at = *a;
+        return {};
+      } else {
+        return tier.store(m.key, std::span<const std::byte>(buf));
+      }
+    });
+  }
+
+  // Under mu_, for a move whose copy has ended: makes the lower copy
+  // resident, or gives back its room below and undoes the eviction.
+  void land_or_undo(const move& m, entry& e, const result<void>& copied, const memory::allocation& to_at) {
+    if (copied) {
+      e.resident |= bit(m.to);
+      if (layout::slot[m.to] >= 0) e.where[slot(m.to)] = to_at;
+      policies_[m.to].on_insert(m.key, context(e));
+      state_[m.to].demotions->add();
+      state_[m.from].evictions->add();
+      return;
+    }
+    release(m.to, e.bytes);
+    // Still resident in m.from (drop_left frees a leaving copy only once no
+    // move is in flight, and this move is the only one: a block being
+    // written is never a victim), untracked there since victim() returned it.
+    e.leaving &= static_cast<std::uint8_t>(~bit(m.from));
+    add_bytes(m.from, e.bytes);
+    policies_[m.from].on_insert(m.key, context(e));
+    state_[m.to].demotion_failures->add();
   }
 
   tiered_cache_config cfg_;

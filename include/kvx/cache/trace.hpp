@@ -50,6 +50,10 @@ inline result<trace_request> parse_trace_line(std::string_view line, const std::
     if (it->is_number_unsigned()) {
       out = it->get<std::uint64_t>();
     } else if (it->is_number_float() && it->get<double>() >= 0) {
+      // 2^64 and above have no uint64 value (converting them is undefined).
+      if (it->get<double>() >= 18446744073709551616.0)
+        return error{errc::malformed_message,
+                     where + ": field '" + field + "': expected a non-negative number below 2^64, got " + it->dump()};
       out = static_cast<std::uint64_t>(it->get<double>());
     } else {
       return error{errc::malformed_message,

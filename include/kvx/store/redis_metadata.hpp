@@ -94,6 +94,10 @@ struct redis_state {
       : ex(std::move(e)), strand(asio::make_strand(ex)), options(std::move(o)), pool(options.max_idle_connections) {
     auto parsed = parse_host_port(options.address);
     if (!parsed) throw std::invalid_argument("kvx::store::redis_metadata: " + parsed.error().message());
+    // A SCAN or MGET answer of more elements than the reply parser takes would fail every list.
+    if (options.list_batch == 0 || options.list_batch > static_cast<std::size_t>(max_reply_elements))
+      throw std::invalid_argument("kvx::store::redis_metadata: list_batch must be 1.." + std::to_string(max_reply_elements) +
+                                  ", got " + std::to_string(options.list_batch));
     where = *parsed;
   }
 
@@ -179,7 +183,8 @@ class redis_metadata {
   using executor_type = asio::any_io_executor;
 
   //! Throws `std::invalid_argument` if `options.address` is not host:port
-  //! (validate config with `redis_options::from_config` to get an error instead).
+  //! (validate config with `redis_options::from_config` to get an error instead)
+  //! or `options.list_batch` is 0 or above `detail::max_reply_elements`.
   redis_metadata(executor_type ex, redis_options options)
       : state_(std::make_shared<detail::redis_state>(std::move(ex), std::move(options))) {}
 

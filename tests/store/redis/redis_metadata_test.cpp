@@ -247,6 +247,42 @@ TEST(RedisProtocol, MalformedRepliesAreErrorsNotCrashes) {
   EXPECT_EQ(r.code(), kvx::errc::malformed_message);
 }
 
+// An array header is a count the server claims, not memory to set aside:
+// a huge one is refused (no allocation, nothing thrown through hiredis's C
+// frames) and a large honest one grows as its elements arrive.
+TEST(RedisProtocol, AHugeArrayHeaderIsAnErrorNotAnAllocation) {
+  kvx::store::detail::redis_reader reader;
+  const std::string_view huge = "*2147483647\r\n";
+  ASSERT_TRUE(reader.feed(huge.data(), huge.size()));
+  kvx::result<std::optional<kvx::store::detail::redis_reply>> r = std::optional<kvx::store::detail::redis_reply>{};
+  EXPECT_NO_THROW(r = reader.next());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), kvx::errc::malformed_message);
+  EXPECT_NE(r.error().message().find("2147483647"), std::string::npos) << r.error().message();
+
+  kvx::store::detail::redis_reader nested;
+  const std::string_view inner = "*2\r\n:1\r\n*20000000\r\n";
+  ASSERT_TRUE(nested.feed(inner.data(), inner.size()));
+  auto n = nested.next();
+  ASSERT_FALSE(n);
+  EXPECT_EQ(n.code(), kvx::errc::malformed_message);
+
+  kvx::store::detail::redis_reader honest;
+  std::string wire = "*3\r\n*2\r\n$1\r\na\r\n:5\r\n$-1\r\n*1000\r\n";
+  for (int i = 0; i < 1000; ++i) wire += ":" + std::to_string(i) + "\r\n";
+  ASSERT_TRUE(honest.feed(wire.data(), wire.size()));
+  auto h = honest.next();
+  ASSERT_TRUE(h && *h) << (h ? "incomplete" : h.error().message());
+  const auto& top = **h;
+  ASSERT_EQ(top.elements.size(), 3u);
+  ASSERT_EQ(top.elements[0].elements.size(), 2u);
+  EXPECT_EQ(top.elements[0].elements[0].str, "a");
+  EXPECT_EQ(top.elements[0].elements[1].integer, 5);
+  EXPECT_TRUE(top.elements[1].is_nil());
+  ASSERT_EQ(top.elements[2].elements.size(), 1000u);
+  EXPECT_EQ(top.elements[2].elements[999].integer, 999);
+}
+
 TEST(RedisProtocol, CommandsAreFramedAsBulkStringArrays) {
   const std::string big(5000, 'v');
   kvx::store::detail::redis_command c;
@@ -276,6 +312,18 @@ TEST(RedisOptions, ConfigErrorsNameTheField) {
   ASSERT_TRUE(o) << o.error().message();
   EXPECT_EQ(o->timeout, 250ms);
   EXPECT_EQ(o->prefix, "p/");
+}
+
+TEST(RedisOptions, AListBatchTheReplyParserCannotTakeIsRefusedAtConstruction) {
+  boost::asio::io_context io;
+  for (std::size_t bad : {std::size_t{0}, static_cast<std::size_t>(kvx::store::detail::max_reply_elements) + 1}) {
+    kvx::store::redis_options o;
+    o.list_batch = bad;
+    EXPECT_THROW(kvx::store::redis_metadata(io.get_executor(), o), std::invalid_argument) << bad;
+  }
+  kvx::store::redis_options ok;
+  ok.list_batch = static_cast<std::size_t>(kvx::store::detail::max_reply_elements);
+  EXPECT_NO_THROW(kvx::store::redis_metadata(io.get_executor(), ok));
 }
 
 }  // namespace

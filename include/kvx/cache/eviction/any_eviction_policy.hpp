@@ -79,7 +79,7 @@ class any_eviction_policy {
       if (!g) return g.error();
       if (*r <= 0 || *r >= 1)
         return error{errc::invalid_argument, "config field '" + cfg.path_of("small_ratio") + "': must be in (0, 1)"};
-      if (*g < 0) return error{errc::invalid_argument, "config field '" + cfg.path_of("ghost_factor") + "': must be >= 0"};
+      if (!(*g >= 0 && *g <= s3fifo::max_ghost_factor)) return ghost_factor_error(cfg);
       o.small_ratio = *r;
       o.ghost_factor = *g;
       return any_eviction_policy(std::in_place_type<s3fifo>, n, c, o);
@@ -91,7 +91,7 @@ class any_eviction_policy {
       if (!g) return g.error();
       auto s = cfg.optional<std::size_t>("shadow_blocks", o.shadow_blocks);
       if (!s) return s.error();
-      if (*g < 0) return error{errc::invalid_argument, "config field '" + cfg.path_of("ghost_factor") + "': must be >= 0"};
+      if (!(*g >= 0 && *g <= reuse_class::max_ghost_factor)) return ghost_factor_error(cfg);
       if (*s == 0) return error{errc::invalid_argument, "config field '" + cfg.path_of("shadow_blocks") + "': must be > 0"};
       o.ghost_factor = *g;
       o.shadow_blocks = *s;
@@ -116,6 +116,11 @@ class any_eviction_policy {
   [[nodiscard]] const std::string& name() const noexcept { return name_; }
 
  private:
+  static error ghost_factor_error(const config::view& cfg) {
+    static_assert(s3fifo::max_ghost_factor == 64.0 && reuse_class::max_ghost_factor == 64.0);
+    return error{errc::invalid_argument, "config field '" + cfg.path_of("ghost_factor") + "': must be in [0, 64]"};
+  }
+
   using evictable_fn = bool (*)(void*, const block_key&);
   struct concept_base {
     virtual ~concept_base() = default;

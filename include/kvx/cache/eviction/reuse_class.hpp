@@ -45,6 +45,7 @@
 #include <memory>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -313,9 +314,16 @@ class reuse_class {
     std::size_t shadow_blocks = 1024;  //!< capacity of each dueling shadow cache
   };
 
+  //! The largest `ghost_factor`: far more memory than the reuse distances
+  //! measured need, and it keeps the ghost's length a number of keys.
+  static constexpr double max_ghost_factor = 64.0;
+
   explicit reuse_class(std::size_t capacity_in_blocks = 0) : reuse_class(capacity_in_blocks, options{}) {}
+  //! Throws `std::invalid_argument` for a `ghost_factor` outside [0,
+  //! `max_ghost_factor`], or when capacity x (1 + ghost_factor) keys, tracked
+  //! and remembered, would not fit the 32-bit node numbers.
   reuse_class(std::size_t capacity_in_blocks, options o)
-      : opt_(o),
+      : opt_(validated(o, capacity_in_blocks)),
         capacity_(std::max<std::size_t>(capacity_in_blocks, 1)),
         sample_(std::max<std::size_t>(1, capacity_ / std::max<std::size_t>(o.shadow_blocks, 1))),
         real_(capacity_, o.ghost_factor, capacity_) {
@@ -350,6 +358,20 @@ class reuse_class {
 
  private:
   [[nodiscard]] bool sampled(const block_key& k) const { return detail::key_hash{}(k) % sample_ == 0; }
+
+  static options validated(const options& o, std::size_t capacity_in_blocks) {
+    if (!(o.ghost_factor >= 0.0 && o.ghost_factor <= max_ghost_factor))
+      throw std::invalid_argument("kvx: reuse_class: ghost_factor " + std::to_string(o.ghost_factor) +
+                                  " is outside [0, 64]");
+    // Checked here, before the ghost ring of ghost_factor x capacity is
+    // allocated, rather than when the nodes run out mid-insert.
+    const double keys = static_cast<double>(std::max<std::size_t>(capacity_in_blocks, 1)) * (1.0 + o.ghost_factor);
+    if (keys >= static_cast<double>(UINT32_MAX))
+      throw std::invalid_argument("kvx: reuse_class: " + std::to_string(capacity_in_blocks) +
+                                  " blocks x (1 + ghost_factor " + std::to_string(o.ghost_factor) +
+                                  ") is more than the 2^32 - 1 keys it can track and remember");
+    return o;
+  }
 
   void shadow_access(const block_key& k, const block_key* parent) {
     if (shadows_.empty()) return;

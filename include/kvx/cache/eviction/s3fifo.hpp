@@ -24,6 +24,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <stdexcept>
+#include <string>
 
 #include <kvx/cache/eviction/detail/keyed_list.hpp>
 #include <kvx/cache/eviction_policy.hpp>
@@ -38,8 +40,16 @@ class s3fifo {
     double ghost_factor = 4.0;  //!< ghost keys kept, as a multiple of capacity
   };
 
+  //! The largest `ghost_factor`: far more memory than the reuse distances
+  //! measured need, and it keeps the ghost's length a number of keys.
+  static constexpr double max_ghost_factor = 64.0;
+
   explicit s3fifo(std::size_t capacity_in_blocks = 0) : s3fifo(capacity_in_blocks, options{}) {}
-  s3fifo(std::size_t capacity_in_blocks, options o) : capacity_(std::max<std::size_t>(capacity_in_blocks, 1)), opt_(o) {}
+  //! Throws `std::invalid_argument` for a `ghost_factor` outside [0, `max_ghost_factor`].
+  s3fifo(std::size_t capacity_in_blocks, options o)
+      : capacity_(std::max<std::size_t>(capacity_in_blocks, 1)),
+        opt_(validated(o)),
+        ghost_limit_(ghost_limit(opt_.ghost_factor, capacity_)) {}
 
   void on_insert(const block_key& k, const access_context&) {
     if (ghost_.erase(k))
@@ -76,6 +86,18 @@ class s3fifo {
  private:
   [[nodiscard]] std::size_t target() const noexcept { return std::max(capacity_, size()); }
 
+  static options validated(options o) {
+    if (!(o.ghost_factor >= 0.0 && o.ghost_factor <= max_ghost_factor))
+      throw std::invalid_argument("kvx: s3fifo: ghost_factor " + std::to_string(o.ghost_factor) +
+                                  " is outside [0, 64]");
+    return o;
+  }
+  static std::size_t ghost_limit(double factor, std::size_t capacity) noexcept {
+    const double n = factor * static_cast<double>(capacity);
+    // Capped at 2^63, where the conversion is still defined; a ghost that long never fills.
+    return n < 9223372036854775808.0 ? static_cast<std::size_t>(n) : std::size_t{1} << 63;
+  }
+
   template <class Evictable>
   std::optional<block_key> evict_small(Evictable& evictable) {
     for (std::size_t n = small_.size(); n > 0 && !small_.empty(); --n) {
@@ -88,8 +110,7 @@ class s3fifo {
       } else {
         small_.pop_back();
         ghost_.push_front(k);
-        const auto limit = static_cast<std::size_t>(opt_.ghost_factor * static_cast<double>(capacity_));
-        while (ghost_.size() > limit) ghost_.pop_back();
+        while (ghost_.size() > ghost_limit_) ghost_.pop_back();
         return k;
       }
     }
@@ -117,6 +138,7 @@ class s3fifo {
 
   std::size_t capacity_;
   options opt_;
+  std::size_t ghost_limit_;  // ghost keys kept
   detail::keyed_list<std::uint8_t> small_;
   detail::keyed_list<std::uint8_t> main_;
   detail::keyed_list<> ghost_;

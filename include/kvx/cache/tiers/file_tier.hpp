@@ -15,7 +15,10 @@
 //! `config.path` names a file, created if missing and truncated to the
 //! capacity, or a directory, in which an anonymous file is created and
 //! unlinked at once (it disappears with the tier). The contents do not
-//! survive the tier (the index is in memory).
+//! survive the tier (the index is in memory). A named file is locked
+//! (`flock`) for the tier's life: a second tier on it, in this process or
+//! another, would overwrite its blocks, so its constructor throws ("in use by
+//! another tier or process").
 //!
 //! `load_many` keeps `readers` preads in flight on as many threads (started
 //! per call, the calling thread being one of them), and reports each block on
@@ -25,7 +28,8 @@
 //! Thread safety: as for every tier (`kvx/cache/tier.hpp`): the index sits
 //! under a mutex, I/O runs outside it, concurrent calls on distinct keys
 //! overlap. The constructor throws `std::system_error` when the file cannot
-//! be opened or sized and `std::invalid_argument` for a bad config.
+//! be opened or sized or is in use by another tier, and
+//! `std::invalid_argument` for a bad config.
 //!
 //! \code
 //! kvx::cache::file_tier<> ssd({.path = "/mnt/nvme/kvx", .capacity = 64ULL << 30});
@@ -34,6 +38,7 @@
 //! \endcode
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -126,6 +131,19 @@ struct tier_file {
     }
     if (fd < 0) fd = open_it(0);
     if (fd < 0) throw std::system_error(errno, std::generic_category(), "kvx: file tier '" + cfg.name + "': open " + cfg.path);
+    // Before the truncate, which would already damage the holder's blocks.
+    // flock belongs to the open file description, so it also tells two tiers
+    // of one process apart.
+    if (!is_dir && ::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      const int e = errno;
+      if (e == EWOULDBLOCK) {
+        ::close(fd);
+        throw std::system_error(e, std::generic_category(),
+                                "kvx: file tier '" + cfg.name + "': " + cfg.path + " is in use by another tier or process");
+      }
+      kvx::log(log_level::warn, "file tier '", cfg.name, "': cannot lock ", cfg.path, " (", std::strerror(e),
+               "); another tier on the same file would not be detected");
+    }
     if (::ftruncate(fd, static_cast<off_t>(cfg.capacity)) != 0) {
       const int e = errno;
       ::close(fd);

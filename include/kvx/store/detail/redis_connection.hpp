@@ -4,6 +4,7 @@
 // mid-command is dropped, never reused (its reply stream is out of step).
 
 #include <array>
+#include <cstddef>
 #include <span>
 #include <string>
 #include <system_error>
@@ -32,9 +33,11 @@ class redis_connection {
   asio::awaitable<std::tuple<std::error_code, std::vector<redis_reply>>> execute(std::span<const redis_command> commands,
                                                                                 bool& received_any) {
     received_any = false;
-    std::string frame;
+    // One frame per command, sized before any is written: a command's buffers
+    // point into its frame, which a later command's appends must not move.
+    std::vector<std::string> frames(commands.size());
     std::vector<asio::const_buffer> buffers;
-    for (const auto& c : commands) c.gather(frame, buffers);
+    for (std::size_t i = 0; i < commands.size(); ++i) commands[i].gather(frames[i], buffers);
     auto [wec, written] = co_await asio::async_write(socket_, buffers, use_tuple);
     (void)written;
     std::vector<redis_reply> replies;

@@ -3,6 +3,7 @@
 // never copied into a command buffer) and replies are parsed by hiredis's
 // reader, building kvx's own reply tree directly (no redisReply copy).
 
+#include <algorithm>
 #include <cstddef>
 #include <memory>
 #include <new>
@@ -33,44 +34,73 @@ struct redis_reply {
   [[nodiscard]] bool is_error() const noexcept { return type == kind::error; }
 };
 
+//! The most elements kvx takes in one reply array (its largest replies are
+//! SCAN and MGET batches of `list_batch` keys); a larger count is refused as
+//! malformed rather than waited for.
+inline constexpr long long max_reply_elements = 1LL << 24;
+
 // hiredis reader callbacks: roots are heap-allocated, children live inside
-// their parent's `elements` (hiredis only frees roots).
+// their parent's `elements` (hiredis only frees roots). They run inside
+// hiredis's C frames, so none may throw: a failure returns nullptr, which
+// hiredis turns into a reader error. `task->privdata` is the reader's
+// `std::string` for the reason, when there is a better one than hiredis's
+// "Out of memory".
 namespace redis_reader_fn {
+inline void refuse_array(const redisReadTask* task, int elements) noexcept {
+  if (!task->privdata) return;
+  try {
+    *static_cast<std::string*>(task->privdata) = "an array of " + std::to_string(elements) +
+                                                 " elements, more than the " + std::to_string(max_reply_elements) +
+                                                 " kvx takes";
+  } catch (...) {  // hiredis's own message stands
+  }
+}
 inline redis_reply* place(const redisReadTask* task) {
   if (task->parent) {
-    auto* parent = static_cast<redis_reply*>(task->parent->obj);
-    return &parent->elements[static_cast<std::size_t>(task->idx)];
+    // An array's elements grow as they arrive (hiredis builds them in
+    // order), never from the count its header claims.
+    auto& elements = static_cast<redis_reply*>(task->parent->obj)->elements;
+    if (static_cast<std::size_t>(task->idx) != elements.size()) return nullptr;
+    return &elements.emplace_back();
   }
-  return new (std::nothrow) redis_reply{};
+  return new redis_reply{};
+}
+template <class Build>
+void* create(const redisReadTask* task, Build&& build) noexcept {
+  try {
+    redis_reply* r = place(task);
+    if (r) build(*r);
+    return r;
+  } catch (...) {
+    return nullptr;
+  }
 }
 inline void* create_string(const redisReadTask* task, char* str, std::size_t len) {
-  auto* r = place(task);
-  if (!r) return nullptr;
-  r->type = task->type == REDIS_REPLY_ERROR    ? redis_reply::kind::error
-            : task->type == REDIS_REPLY_STATUS ? redis_reply::kind::status
-                                               : redis_reply::kind::string;
-  r->str.assign(str, len);
-  return r;
+  return create(task, [&](redis_reply& r) {
+    r.type = task->type == REDIS_REPLY_ERROR    ? redis_reply::kind::error
+             : task->type == REDIS_REPLY_STATUS ? redis_reply::kind::status
+                                                : redis_reply::kind::string;
+    r.str.assign(str, len);
+  });
 }
 inline void* create_array(const redisReadTask* task, int elements) {
-  auto* r = place(task);
-  if (!r) return nullptr;
-  r->type = redis_reply::kind::array;
-  r->elements.resize(elements > 0 ? static_cast<std::size_t>(elements) : 0);
-  return r;
+  if (elements > max_reply_elements) {
+    refuse_array(task, elements);
+    return nullptr;
+  }
+  return create(task, [&](redis_reply& r) {
+    r.type = redis_reply::kind::array;
+    r.elements.reserve(static_cast<std::size_t>(std::clamp(elements, 0, 1024)));
+  });
 }
 inline void* create_integer(const redisReadTask* task, long long value) {
-  auto* r = place(task);
-  if (!r) return nullptr;
-  r->type = redis_reply::kind::integer;
-  r->integer = value;
-  return r;
+  return create(task, [&](redis_reply& r) {
+    r.type = redis_reply::kind::integer;
+    r.integer = value;
+  });
 }
 inline void* create_nil(const redisReadTask* task) {
-  auto* r = place(task);
-  if (!r) return nullptr;
-  r->type = redis_reply::kind::nil;
-  return r;
+  return create(task, [](redis_reply& r) { r.type = redis_reply::kind::nil; });
 }
 inline void free_object(void* p) { delete static_cast<redis_reply*>(p); }
 inline redisReplyObjectFunctions* functions() {
@@ -84,6 +114,7 @@ class redis_reader {
  public:
   redis_reader() : reader_(redisReaderCreateWithFunctions(redis_reader_fn::functions())) {
     if (!reader_) throw std::bad_alloc();
+    reader_->privdata = &refused_;
   }
   redis_reader(const redis_reader&) = delete;
   redis_reader& operator=(const redis_reader&) = delete;
@@ -100,7 +131,7 @@ class redis_reader {
   result<std::optional<redis_reply>> next() {
     void* raw = nullptr;
     if (redisReaderGetReply(reader_, &raw) != REDIS_OK)
-      return error{errc::malformed_message, std::string("redis reply: ") + reader_->errstr};
+      return error{errc::malformed_message, "redis reply: " + (refused_.empty() ? std::string(reader_->errstr) : refused_)};
     if (!raw) return std::optional<redis_reply>{};
     std::unique_ptr<redis_reply> owned(static_cast<redis_reply*>(raw));
     return std::optional<redis_reply>(std::move(*owned));
@@ -108,6 +139,7 @@ class redis_reader {
 
  private:
   redisReader* reader_;
+  std::string refused_;  // why a callback refused the reply, if it said
 };
 
 //! A command framed as RESP (an array of bulk strings). Small arguments are
@@ -128,7 +160,8 @@ class redis_command {
   }
 
   //! Appends this command's buffers to `out`; `frame` holds the copied bytes
-  //! and must outlive the write.
+  //! and must outlive the write, unchanged: the buffers point into it, so
+  //! each command of a pipeline needs a frame of its own.
   void gather(std::string& frame, std::vector<asio::const_buffer>& out) const {
     struct piece {
       bool external;
