@@ -504,6 +504,169 @@ TEST_F(ConnectorTest, BestEffortPastTheDeadlineCancelsTheLoadsAndRecomputesEvery
   EXPECT_EQ(out->tokens, reference(tokens, 3));
 }
 
+TEST_F(ConnectorTest, PushProducerWhoseBlocksHoldOtherBytesIsRefusedAndTheDecodeEndsPromptly) {
+  // TP, block size and layers agree; head_dim does not: every block of every
+  // layer is 16384 bytes on the prefill side and 8192 on the decode side.
+  auto wide = model();
+  wide.head_dim = 32;
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "hp", .role = connector_role::producer, .model = wide, .num_blocks = 16});
+  auto* wu = push_worker<kd::layouts::layer_first>({.name = "hwu", .role = connector_role::consumer, .model = model(), .num_blocks = 16},
+                                                   kd::load::wait_until{10s});
+  auto* be = push_worker<kd::layouts::layer_first, kd::load::best_effort>(
+      {.name = "hbe", .role = connector_role::consumer, .model = model(), .num_blocks = 16}, kd::load::best_effort{10s});
+  const auto tokens = prompt(40, 30);
+
+  const kd::kv_request req{200, tokens};
+  auto t = wu->admit(req, 3).value();
+  auto pre = p->run_prefill(req);
+  ASSERT_FALSE(pre) << "the decode side would have decoded half of every block";
+  EXPECT_EQ(pre.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(pre.error().message().find("8192 bytes"), std::string::npos) << pre.error().message();
+  EXPECT_NE(pre.error().message().find("16384"), std::string::npos) << pre.error().message();
+  auto t0 = std::chrono::steady_clock::now();
+  auto failed = wu->run_decode(req, t, 3);
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.code(), kvx::errc::invalid_argument) << failed.error().message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s) << "every layer's notice failed: nothing is waited for";
+  EXPECT_TRUE(wu->abort(t, false));
+
+  const kd::kv_request req2{201, tokens};
+  auto t2 = be->admit(req2, 3).value();
+  ASSERT_FALSE(p->run_prefill(req2));
+  t0 = std::chrono::steady_clock::now();
+  auto out = be->run_decode(req2, t2, 3);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  EXPECT_EQ(out->load.valid_tokens, 0u) << "everything is recomputed";
+  EXPECT_EQ(out->tokens, reference(tokens, 3));
+}
+
+TEST_F(ConnectorTest, PushProducerOfAnotherBlockSizeEndsABestEffortDecodePromptly) {
+  // The geometry check fails at the producer's update_state_after_alloc: a
+  // failing notice for every layer, not only layer 0, or the decode side
+  // waits for layers 1 and 2 until its deadline and reports timed_out.
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "gp", .role = connector_role::producer, .model = model(1, 32), .num_blocks = 16});
+  auto* d = push_worker<kd::layouts::layer_first, kd::load::best_effort>(
+      {.name = "gd", .role = connector_role::consumer, .model = model(), .num_blocks = 16}, kd::load::best_effort{10s});
+  const auto tokens = prompt(40, 31);
+  const kd::kv_request req{205, tokens};
+  auto t = d->admit(req, 3).value();
+  auto pre = p->run_prefill(req);
+  ASSERT_FALSE(pre);
+  EXPECT_EQ(pre.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(pre.error().message().find("16-token blocks"), std::string::npos) << pre.error().message();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto out = d->run_decode(req, t, 3);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  EXPECT_EQ(out->load.valid_tokens, 0u);
+  EXPECT_EQ(out->tokens, reference(tokens, 3));
+}
+
+TEST_F(ConnectorTest, AFailureNoticeNamingBlocksPastTheRequestFailsTheWholeLayer) {
+  // A notice (from the wire, or a buggy producer) names source blocks the
+  // request does not have: the layer is lost all the same, and must not be
+  // reported as loaded.
+  auto* d = push_worker<kd::layouts::layer_first, kd::load::best_effort>(
+      {.name = "od", .role = connector_role::consumer, .model = model(), .num_blocks = 16});
+  const auto tokens = prompt(40, 32);
+  const kd::kv_request req{210, tokens};
+  auto t = d->admit(req, 3).value();
+  auto target = link->take(req.id).value();
+  ASSERT_EQ(target->source_blocks, 3u);
+  const auto lost = make_error_code(kvx::errc::connection_lost);
+  target->notify({.request = req.id, .epoch = target->epoch, .layer = 0, .code = lost, .context = "forged", .failed_blocks = {99}, .bytes = 0});
+  target->notify({.request = req.id, .epoch = target->epoch, .layer = 1, .code = lost, .context = "forged", .failed_blocks = {UINT32_MAX}, .bytes = 0});
+  target->notify({.request = req.id, .epoch = target->epoch, .layer = 2, .code = {}, .context = {}, .failed_blocks = {}, .bytes = 0});
+  auto out = d->run_decode(req, t, 3);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_FALSE(out->load.complete());
+  EXPECT_EQ(out->load.valid_tokens, 0u);
+  EXPECT_EQ(out->load.failed_blocks, (std::vector<std::uint32_t>{t.blocks[0], t.blocks[1], t.blocks[2]}));
+  EXPECT_EQ(d->connector().stats().failed_blocks, 3u);
+  EXPECT_EQ(out->tokens, reference(tokens, 3));
+}
+
+TEST_F(ConnectorTest, StagingBlocksAStuckPrefillMayStillWriteStayQuarantinedAfterTheRequestFinishes) {
+  // prefill-0 holds every write until the test releases it; the decode side
+  // stages (other block size), gives up on request A and serves request B
+  // from prefill-1. A's late writes must not land in B's staging blocks.
+  auto& stuck = add_impulse("qp0");
+  using stuck_worker = tiny::worker<kd::layouts::layer_first, impulse_engine, kd::transfer_mode::push, kd::load::wait_until>;
+  auto* p0 = keep(stuck_worker::make(stuck.engine, {.name = "qp0", .role = connector_role::producer, .model = model(), .num_blocks = 16, .save_timeout = 20s},
+                                     {link}, {}).value());
+  auto* p1 = push_worker<kd::layouts::layer_first>({.name = "qp1", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  auto* d = push_worker<kd::layouts::page_first, kd::load::best_effort>({.name = "qd",
+                                                                          .role = connector_role::consumer,
+                                                                          .model = model(1, 32),
+                                                                          .num_blocks = 16,
+                                                                          .source_block_tokens = 16,
+                                                                          .staging_blocks = 8},
+                                                                         kd::load::best_effort{300ms});
+  auto& dc = d->connector();
+  const auto tokens_a = prompt(50, 35), tokens_b = prompt(50, 36);
+  const kd::kv_request a{230, tokens_a}, b{231, tokens_b};
+  auto ta = d->admit(a, 3).value();
+  std::jthread prefill_a([&] { (void)p0->run_prefill(a); });
+  // 3 layers x 4 blocks: every write of A waits in prefill-0's transport.
+  for (const auto until = std::chrono::steady_clock::now() + 10s; stuck.transport.pending() < 12u && std::chrono::steady_clock::now() < until;)
+    std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(stuck.transport.pending(), 12u);
+  auto failed = d->run_decode(a, ta, 3);
+  EXPECT_FALSE(failed);
+  EXPECT_EQ(failed.code(), kvx::errc::timed_out);
+  // A late writer cannot be fenced off: even under best_effort the request is abandoned.
+  EXPECT_EQ(dc.wait_for_layer_load(a.id, 1).code(), kvx::errc::timed_out);
+  EXPECT_EQ(dc.finish_load(a.id).code(), kvx::errc::timed_out);
+  EXPECT_TRUE(d->abort(ta, /*quarantine=*/true));
+  EXPECT_EQ(dc.stats().staging_quarantined, 4u) << "A's staging blocks are not handed out again";
+
+  auto tb = d->admit(b, 3);
+  EXPECT_TRUE(tb) << tb.error().message();
+  EXPECT_TRUE(p1->run_prefill(b));
+  // prefill-0 comes back: its writes land, its notices are stale.
+  const auto stale = dc.stats().stale_notices;
+  asio::post(io, [&stuck] { stuck.transport.release_all(); });
+  for (const auto until = std::chrono::steady_clock::now() + 10s; dc.stats().stale_notices < stale + 3 && std::chrono::steady_clock::now() < until;)
+    std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(dc.stats().stale_notices, stale + 3);
+  prefill_a.join();
+  ASSERT_TRUE(tb);
+  auto out = d->run_decode(b, *tb, 3);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_TRUE(out->load.complete());
+  EXPECT_EQ(out->tokens, reference(tokens_b, 3)) << "B's staging blocks held A's KV";
+  EXPECT_EQ(dc.stats().staging_quarantined, 0u) << "every late layer reported: A's blocks are free again";
+  const auto tokens_c = prompt(128, 37);  // needs all 8 staging blocks
+  auto tc = d->admit({232, tokens_c}, 3);
+  ASSERT_TRUE(tc) << tc.error().message();
+  EXPECT_TRUE(d->abort(*tc, false));
+}
+
+TEST_F(ConnectorTest, WaitFullWithTheLongestTimeoutWaitsAndANegativeWaitIsRefused) {
+  // now + duration::max() overflowed (undefined; in practice a deadline in the past).
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "lp", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  auto* d = push_worker<kd::layouts::layer_first, kd::load::wait_full>(
+      {.name = "ld", .role = connector_role::consumer, .model = model(), .num_blocks = 16},
+      kd::load::wait_full{std::chrono::steady_clock::duration::max()});
+  const auto tokens = prompt(40, 33);
+  const kd::kv_request req{215, tokens};
+  auto t = d->admit(req, 3).value();
+  ASSERT_TRUE(p->run_prefill(req));
+  auto out = d->run_decode(req, t, 3);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_TRUE(out->load.complete());
+  EXPECT_EQ(out->tokens, reference(tokens, 3));
+
+  auto& e = add_local("neg");
+  using neg_worker = tiny::worker<kd::layouts::layer_first, local_engine, kd::transfer_mode::push, kd::load::wait_until>;
+  auto neg = neg_worker::make(e, {.name = "neg", .role = connector_role::consumer, .model = model(), .num_blocks = 16}, {link},
+                              kd::load::wait_until{-1ms});
+  ASSERT_FALSE(neg);
+  EXPECT_EQ(neg.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(neg.error().message().find("negative"), std::string::npos) << neg.error().message();
+}
+
 }  // namespace
 
 // ---- hybrid models: recurrent state beside the paged KV ---------------------------
@@ -795,6 +958,30 @@ TEST_F(ConnectorTest, HybridPushStateThatFailsToArriveIsRecomputedUnderBestEffor
   EXPECT_EQ(failed.code(), kvx::errc::unknown_segment);
   EXPECT_NE(failed.error().message().find("layer 1 state"), std::string::npos) << failed.error().message();
   EXPECT_TRUE(wu->abort(t2, false));
+}
+
+TEST_F(ConnectorTest, HybridPushProducerWithAnotherStateSizeIsRefusedAndTheDecodeEndsPromptly) {
+  // The attention blocks agree; the recurrent state is 128 bytes per layer
+  // here and 64 on the decode side.
+  auto big_state = hybrid_state::hybrid();
+  big_state.state_dim = 32;
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "sp", .role = connector_role::producer, .model = big_state, .num_blocks = 16});
+  auto* d = push_worker<kd::layouts::layer_first>({.name = "sd", .role = connector_role::consumer, .model = hybrid_state::hybrid(), .num_blocks = 16},
+                                                  kd::load::wait_until{10s});
+  const auto tokens = prompt(40, 34);
+  const kd::kv_request req{220, tokens};
+  auto t = d->admit(req, 3).value();
+  auto pre = p->run_prefill(req);
+  ASSERT_FALSE(pre);
+  EXPECT_EQ(pre.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(pre.error().message().find("64 bytes"), std::string::npos) << pre.error().message();
+  EXPECT_NE(pre.error().message().find("layer 1"), std::string::npos) << pre.error().message();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto failed = d->run_decode(req, t, 3);
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.code(), kvx::errc::invalid_argument) << failed.error().message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  EXPECT_TRUE(d->abort(t, false));
 }
 
 TEST_F(ConnectorTest, HybridMisuseGetsClearErrors) {

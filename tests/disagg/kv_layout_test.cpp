@@ -131,6 +131,30 @@ TEST(KvShape, ValidateNamesTheBadField) {
   EXPECT_NE(s.validate().error().message().find("state_bytes"), std::string::npos);
 }
 
+TEST(KvShape, SizesThatOverflow64BitsAreRefused) {
+  // head_dim x dtype_bytes x kv_heads x 2 x block_tokens = 2^64: it wrapped to 0 and passed the 1 TiB check.
+  kd::kv_shape s{.layers = 1, .block_tokens = 2, .kv_heads = 1, .head_dim = 1U << 31, .dtype_bytes = 1U << 31};
+  auto r = s.validate();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(r.error().message().find("overflows 64 bits"), std::string::npos) << r.error().message();
+  EXPECT_FALSE(kd::layouts::layer_first::make(s, 4));
+
+  // 2^24 + 1 attention layers of 1 TiB blocks each.
+  s = {.layers = (1U << 24) + 1, .block_tokens = 1U << 19, .kv_heads = 1, .head_dim = 1U << 18, .dtype_bytes = 4};
+  ASSERT_EQ(s.block_layer_bytes(), std::uint64_t{1} << 40);
+  r = s.validate();
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message().find("all attention layers"), std::string::npos) << r.error().message();
+
+  // Two recurrent layers of 2^63 state bytes: request_state_bytes wrapped to 0.
+  s = hybrid_shape();
+  s.state_bytes = std::uint64_t{1} << 63;
+  r = s.validate();
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message().find("state_bytes"), std::string::npos) << r.error().message();
+}
+
 TEST(KvShape, SizesCountOnlyAttentionLayersForKv) {
   auto s = hybrid_shape();
   EXPECT_EQ(s.attention_layers(), 2U);
@@ -323,6 +347,10 @@ TEST(AnyKvLayout, BadConfigsNameTheField) {
   EXPECT_NE(error_of(R"({"layout": "page_first", "num_blocks": 4,
       "shape": {"layers": 2, "block_tokens": 16, "kv_heads": 0, "head_dim": 128, "dtype": "bf16"}})").find("kv_heads"),
             std::string::npos);
+  const auto wraps = error_of(R"({"layout": "page_first", "num_blocks": 4,
+      "shape": {"layers": 1, "block_tokens": 2, "kv_heads": 1, "head_dim": 2147483648, "dtype_bytes": 2147483648}})");
+  EXPECT_NE(wraps.find("'kv.shape'"), std::string::npos) << wraps;
+  EXPECT_NE(wraps.find("overflows 64 bits"), std::string::npos) << wraps;
   EXPECT_NE(error_of("{not json").find("JSON"), std::string::npos);
 }
 

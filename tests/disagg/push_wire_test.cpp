@@ -121,6 +121,29 @@ TEST(PushWire, TargetFieldsAreCheckedAndNamed) {
   expect_malformed(j, "target.destinations");
 }
 
+TEST(PushWire, RangesWhoseChunksOverlapOrAreTooManyAreRefused) {
+  // 2^40 one-byte chunks: the producer would list every one of them.
+  auto j = kd::to_json(sample_target());
+  j["destinations"][2]["ranges"][0] = json::array({0, 1, 1, 1ULL << 40});
+  expect_malformed(j, "target.destinations[2].ranges[0].count");
+  // Chunks on top of each other; length x count wraps to 4096 bytes.
+  j = kd::to_json(sample_target());
+  j["destinations"][2]["ranges"][0] = json::array({0, 4096, 0, (1ULL << 52) + 1});
+  expect_malformed(j, "target.destinations[2].ranges[0].stride");
+  j = kd::to_json(sample_target());
+  j["destinations"][2]["ranges"][0] = json::array({0, 512, 256, 4});
+  expect_malformed(j, "target.destinations[2].ranges[0].stride");
+  // The cap counts every range of a destination together.
+  j = kd::to_json(sample_target());
+  j["destinations"][4]["ranges"][0] = json::array({0, 1, 1, 1ULL << 20});
+  j["destinations"][4]["ranges"][1] = json::array({1ULL << 21, 1, 1, 1});
+  expect_malformed(j, "target.destinations[4].ranges[1].count");
+  // A stride below the length is harmless for a single chunk (the sample's stride 0).
+  j = kd::to_json(sample_target());
+  j["destinations"][2]["ranges"][0] = json::array({0, 4096, 0, 1});
+  EXPECT_TRUE(kd::push_target_from_json(wire(j)));
+}
+
 TEST(PushWire, NoticeRoundTripsSuccessAndFailure) {
   kd::push_notice ok{.request = 9, .epoch = 3, .layer = 1, .code = {}, .context = {}, .failed_blocks = {}, .bytes = 8192};
   auto a = kd::push_notice_from_json(json::parse(kd::to_json(ok).dump()));

@@ -156,6 +156,7 @@ struct connector_stats {
   std::uint64_t failed_blocks = 0;    //!< source blocks whose load failed
   std::uint64_t stale_notices = 0;    //!< push notices for requests that moved on
   std::uint64_t layers_converted = 0; //!< staged layers converted into the engine's layout
+  std::uint64_t staging_quarantined = 0;  //!< push: staging blocks of finished requests a prefill may still write (now)
 };
 
 template <kv_layout Layout, class Engine, kv_transfer_mode Mode, load_policy Load = load::wait_full>
@@ -179,6 +180,9 @@ class kv_connector {
                                                     std::vector<kv_shard<Layout>> shards, Mode mode, Load load = {}) {
     auto bad = [&](errc c, std::string why) { return error{c, "kv_connector '" + cfg.name + "': " + std::move(why)}; };
     if (shards.empty()) return bad(errc::invalid_argument, "no shards");
+    if (load.max_wait() < clock::duration::zero())
+      return bad(errc::invalid_argument, "the load policy's max_wait is negative (" +
+                                             std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(load.max_wait()).count()) + " ms)");
     const kv_shape shape = shards[0].layout.shape();
     for (std::size_t i = 0; i < shards.size(); ++i) {
       if (!(shards[i].layout.shape() == shape)) return bad(errc::invalid_argument, "shard " + std::to_string(i) + " has another shape");
@@ -419,6 +423,7 @@ class kv_connector {
     r->snapshot_at = snapshot_at;
     r->saved.assign(shape_.layers, 0);
     r->pending.assign(shape_.layers, 0);
+    r->heard.assign(shape_.layers, 0);
     r->converted.assign(shape_.layers, 0);
     if constexpr (Mode::pooled) r->keys = hasher_->keys(req.tokens);
 
@@ -434,24 +439,29 @@ class kv_connector {
       r->src_failed.assign(r->nsrc, 0);
       if (!direct_) {
         const std::size_t need = std::size_t{r->nsrc} * src_tp_;
-        if (stage_free_.size() < need)
+        auto& free_blocks = st_->stage_free;
+        auto& free_slots = st_->stage_state_free;
+        if (free_blocks.size() < need)
           return error{errc::capacity_exceeded, who() + ": needs " + std::to_string(need) + " staging blocks, " +
-                                                    std::to_string(stage_free_.size()) + " are free"};
+                                                    std::to_string(free_blocks.size()) + " are free" +
+                                                    (st_->stats.staging_quarantined > 0 ? " (" + std::to_string(st_->stats.staging_quarantined) +
+                                                                                              " quarantined)"
+                                                                                        : std::string())};
         const std::size_t need_state = shape_.recurrent_layers() > 0 ? src_tp_ : 0;
-        if (stage_state_free_.size() < need_state)
+        if (free_slots.size() < need_state)
           return error{errc::capacity_exceeded, who() + ": needs " + std::to_string(need_state) + " staging state slots, " +
-                                                    std::to_string(stage_state_free_.size()) + " are free"};
-        r->stage.assign(stage_free_.end() - static_cast<std::ptrdiff_t>(need), stage_free_.end());
-        stage_free_.resize(stage_free_.size() - need);
-        r->stage_state.assign(stage_state_free_.end() - static_cast<std::ptrdiff_t>(need_state), stage_state_free_.end());
-        stage_state_free_.resize(stage_state_free_.size() - need_state);
+                                                    std::to_string(free_slots.size()) + " are free"};
+        r->stage.assign(free_blocks.end() - static_cast<std::ptrdiff_t>(need), free_blocks.end());
+        free_blocks.resize(free_blocks.size() - need);
+        r->stage_state.assign(free_slots.end() - static_cast<std::ptrdiff_t>(need_state), free_slots.end());
+        free_slots.resize(free_slots.size() - need_state);
       }
       for (std::uint32_t l = 0; l < shape_.layers; ++l)
         r->pending[l] = !Mode::pooled ? 1 : shape_.is_attention(l) ? r->nsrc * src_tp_ : src_tp_;
       if constexpr (!Mode::pooled) {
         auto t = make_target(*r);
         if (auto ok = mode_.link->publish(t); !ok) {
-          release_stage(*r);
+          release_stage(*st_, *r);
           return ok.error();
         }
         r->published = true;
@@ -462,13 +472,34 @@ class kv_connector {
         if (!t) return t.error();
         const auto& tg = **t;
         if (tg.source_tp != tp_ || tg.source_block_tokens != bt || tg.layers != shape_.layers ||
-            tg.source_blocks != (n + bt - 1) / bt) {
-          tg.notify({req.id, tg.epoch, 0, make_error_code(errc::invalid_argument), "the prefill instance's geometry differs", {}, 0});
+            tg.source_blocks != (n + bt - 1) / bt ||
+            tg.destinations.size() != std::uint64_t{tg.source_tp} * tg.layers * tg.source_blocks) {
+          refuse_target(tg, req.id, "prefill '" + cfg_.name + "' has another geometry");
           return error{errc::invalid_argument, who() + ": decode '" + tg.node + "' expects tp " + std::to_string(tg.source_tp) + ", " +
                                                    std::to_string(tg.source_block_tokens) + "-token blocks, " +
-                                                   std::to_string(tg.source_blocks) + " blocks; this instance has tp " +
-                                                   std::to_string(tp_) + ", " + std::to_string(bt) + "-token blocks"};
+                                                   std::to_string(tg.layers) + " layers, " + std::to_string(tg.source_blocks) +
+                                                   " blocks; this instance has tp " + std::to_string(tp_) + ", " + std::to_string(bt) +
+                                                   "-token blocks, " + std::to_string(shape_.layers) + " layers"};
         }
+        // The geometry does not pin the bytes (head_dim, dtype, kv_heads and
+        // layer kinds may still differ), and pair_streams copies only the
+        // shorter stream: both sides would succeed over wrong KV.
+        for (std::uint32_t s = 0; s < tp_; ++s)
+          for (std::uint32_t l = 0; l < shape_.layers; ++l)
+            for (std::uint32_t i = 0; i < tg.source_blocks; ++i) {
+              const bool state = !shape_.is_attention(l);
+              const std::uint64_t sends = !state ? shape_.block_layer_bytes() : i == 0 ? shape_.state_bytes : 0;
+              const auto holds = detail::checked_total_bytes(tg.at(s, l, i).ranges);
+              if (holds && *holds == sends) continue;
+              const std::string where = "shard " + std::to_string(s) + ", layer " + std::to_string(l) + ", block " + std::to_string(i) +
+                                        (state ? " (recurrent state)" : "");
+              const std::string expects = holds ? std::to_string(*holds) + " bytes" : "more than 2^64 bytes";
+              refuse_target(tg, req.id, "prefill '" + cfg_.name + "' sends " + std::to_string(sends) + " bytes for " + where +
+                                            " where " + expects + " are expected");
+              return error{errc::invalid_argument, who() + ": decode '" + tg.node + "' expects " + expects + " for " + where +
+                                                       "; this instance sends " + std::to_string(sends) +
+                                                       " (head_dim, dtype, kv_heads, state size or layer kinds differ)"};
+            }
         r->target = std::move(*t);
       }
     }
@@ -479,7 +510,11 @@ class kv_connector {
 
   //! The request left the engine: forgets it and frees its staging blocks.
   //! Loads still in flight (pull) are cancelled and waited for; `errc::busy`
-  //! while saves still read its blocks (`wait_for_save` first).
+  //! while saves still read its blocks (`wait_for_save` first). Push: staging
+  //! blocks of layers whose notice never came (a prefill that timed out may
+  //! still write them) stay quarantined until those notices arrive
+  //! (`connector_stats::staging_quarantined`); the engine's own blocks are
+  //! the engine's to quarantine.
   result<void> request_finished(request_id id) {
     std::unique_lock lock(st_->mu);
     auto r = find(id, "request_finished");
@@ -489,9 +524,23 @@ class kv_connector {
     if ((*r)->inflight > 0)
       return error{errc::busy, "kv_connector '" + cfg_.name + "': request_finished(request " + std::to_string(id) + "): " +
                                    std::to_string((*r)->inflight) + " transfers still touch its blocks"};
-    if constexpr (!Mode::pooled)
-      if ((*r)->published) mode_.link->withdraw(id, (*r)->epoch);
-    release_stage(**r);
+    if constexpr (!Mode::pooled) {
+      auto& req = **r;
+      // A target still on the link was never taken: nobody writes for it.
+      const bool taken = req.published && !mode_.link->withdraw(id, req.epoch);
+      if (taken && (!req.stage.empty() || !req.stage_state.empty()) &&
+          std::any_of(req.heard.begin(), req.heard.end(), [](std::uint8_t h) { return h == 0; })) {
+        auto& q = st_->quarantine[req.epoch];
+        q.request = id;
+        q.blocks = std::move(req.stage);
+        q.state_slots = std::move(req.stage_state);
+        for (auto h : req.heard) q.unheard.push_back(h ? 0 : 1);
+        st_->stats.staging_quarantined += q.blocks.size();
+        req.stage.clear();
+        req.stage_state.clear();
+      }
+    }
+    release_stage(*st_, **r);
     st_->requests.erase(id);
     return {};
   }
@@ -508,7 +557,10 @@ class kv_connector {
     if (r->load_started)
       return error{errc::invalid_argument, "kv_connector '" + cfg_.name + "': start_load_kv called twice for request " + std::to_string(id)};
     r->load_started = true;
-    r->deadline = clock::now() + load_.max_wait();
+    // wait_full{duration::max()} means no deadline: saturate, not overflow.
+    const auto now = clock::now();
+    const auto wait = std::max(load_.max_wait(), clock::duration::zero());
+    r->deadline = wait > clock::time_point::max() - now ? clock::time_point::max() : now + wait;
     if (r->external == 0) return {};
     if constexpr (Mode::pooled) {
       std::vector<get_op> ops;
@@ -546,7 +598,9 @@ class kv_connector {
   //! transfer's error) under a `fail` policy; under `recompute` a missing
   //! block is recorded for `finish_load` and the wait succeeds (push: a layer
   //! still in flight at the deadline is an error even then, because a late
-  //! remote writer cannot be fenced off from blocks the engine recomputes).
+  //! remote writer cannot be fenced off from blocks the engine recomputes;
+  //! the request is abandoned, and every later wait and `finish_load` of it
+  //! fail the same way).
   result<void> wait_for_layer_load(request_id id, std::uint32_t layer) {
     std::unique_lock lock(st_->mu);
     auto found = find(id, "wait_for_layer_load");
@@ -574,6 +628,7 @@ class kv_connector {
           }
         r->load_code = make_error_code(errc::timed_out);
         r->load_context = "the prefill instance did not deliver layer " + std::to_string(layer) + " in time";
+        r->abandoned = true;
         return error{errc::timed_out, who() + ": " + r->load_context};
       }
       if (!r->load_code) {
@@ -581,7 +636,8 @@ class kv_connector {
         r->load_context = "layer " + std::to_string(layer) + " did not arrive in time";
       }
     }
-    if (fails && r->load_code) return error{r->load_code, who() + ": " + r->load_context};
+    // Abandoned (push, late): whatever the policy, no layer of it is usable.
+    if ((fails || r->abandoned) && r->load_code) return error{r->load_code, who() + ": " + r->load_context};
     if (!direct_ && !r->converted[layer]) {
       r->converted[layer] = 1;
       lock.unlock();
@@ -621,7 +677,7 @@ class kv_connector {
     if (shape_.recurrent_layers() > 0 && (r.state_failed || rep.valid_tokens < r.external)) rep.valid_tokens = 0;
     r.load_resolved = true;
     r.valid = rep.valid_tokens;
-    release_stage(r);
+    release_stage(*st_, r);
     if (!rep.complete()) {
       // The engine re-runs the step from `valid_tokens`: every layer may be
       // saved again, from the first block that is not valid.
@@ -667,15 +723,9 @@ class kv_connector {
       std::vector<std::uint32_t> op_block;
       for (std::uint32_t s = 0; s < tp_ && state; ++s) {
         // The snapshot, into the destination of (shard, layer, block 0).
+        // (update_state_after_alloc checked that the destination holds exactly these bytes.)
         const auto& d = t.at(s, layer, 0);
         const auto src = shards_[s].layout.state_layer_ranges(r->snapshot_slot, layer);
-        std::uint64_t want = 0;
-        for (const auto& x : d.ranges) want += x.bytes();
-        if (want != total_bytes(src)) {
-          r->saved[layer] = 0;
-          return error{errc::invalid_argument, who() + ": decode '" + t.node + "' expects " + std::to_string(want) +
-                                                   " state bytes per shard, this instance has " + std::to_string(total_bytes(src))};
-        }
         detail::pair_streams(src, d.ranges, [&](std::uint64_t so, std::uint64_t dof, std::uint64_t n) {
           b.write(std::span<const std::byte>(shards_[s].memory.data() + so, n), t.segments[d.segment], dof);
           op_block.push_back(0);
@@ -811,6 +861,8 @@ class kv_connector {
     std::uint32_t snapshot_at = 0;                // ... taken at this position (0: none to send)
     bool state_failed = false;
     std::vector<std::uint32_t> pending;
+    std::vector<std::uint8_t> heard;  // push: the layer's notice came (its writes ended), even after a timeout
+    bool abandoned = false;           // push: a layer was late; every later wait fails
     std::vector<std::uint8_t> converted;
     std::vector<std::uint8_t> src_failed;
     std::uint32_t first_failed_layer = UINT32_MAX;
@@ -830,10 +882,20 @@ class kv_connector {
     std::string save_context;
     save_report save;
   };
+  // Staging of a finished push request whose prefill may still write it.
+  struct quarantined_stage {
+    request_id request = 0;
+    std::vector<std::uint32_t> blocks;
+    std::vector<std::uint32_t> state_slots;
+    std::vector<std::uint8_t> unheard;  // per layer: 1 until its notice comes
+  };
   struct shared_state {
     std::mutex mu;
     std::condition_variable cv;
     std::map<request_id, std::shared_ptr<request>> requests;
+    std::vector<std::uint32_t> stage_free;        // LIFO: a freed block is the next one handed out
+    std::vector<std::uint32_t> stage_state_free;
+    std::map<std::uint64_t, quarantined_stage> quarantine;  // by the request's epoch
     std::uint64_t epochs = 0;
     std::size_t inflight = 0;
     connector_stats stats;
@@ -940,12 +1002,20 @@ class kv_connector {
         st_(std::make_shared<shared_state>()) {
     if (stage_) {
       stage_mem_.assign(stage_->bytes_required(), std::byte{0});
-      for (std::uint32_t b = stage_->num_blocks(); b-- > 0;) stage_free_.push_back(b);
-      for (std::uint32_t b = stage_->state_slots(); b-- > 0;) stage_state_free_.push_back(b);
+      for (std::uint32_t b = stage_->num_blocks(); b-- > 0;) st_->stage_free.push_back(b);
+      for (std::uint32_t b = stage_->state_slots(); b-- > 0;) st_->stage_state_free.push_back(b);
     }
   }
 
   static constexpr std::uint32_t no_block = UINT32_MAX;  // a failure of a layer's state, not of a block
+
+  // A target this producer cannot serve: a failing notice for every layer,
+  // so the decode side gives up now rather than wait out its deadline for
+  // layers nobody will send.
+  static void refuse_target(const push_target& t, request_id id, const std::string& why) {
+    if (!t.notify) return;
+    for (std::uint32_t l = 0; l < t.layers; ++l) t.notify({id, t.epoch, l, make_error_code(errc::invalid_argument), why, {}, 0});
+  }
 
   static std::uint32_t first_attention(const kv_shape& s) {
     std::uint32_t l = 0;
@@ -1017,11 +1087,23 @@ class kv_connector {
                                         " is unknown (update_state_after_alloc first, and not after request_finished)"};
     return it->second;
   }
-  void release_stage(request& r) {
-    stage_free_.insert(stage_free_.end(), r.stage.begin(), r.stage.end());
+  static void release_stage(shared_state& st, request& r) {
+    st.stage_free.insert(st.stage_free.end(), r.stage.begin(), r.stage.end());
     r.stage.clear();
-    stage_state_free_.insert(stage_state_free_.end(), r.stage_state.begin(), r.stage_state.end());
+    st.stage_state_free.insert(st.stage_state_free.end(), r.stage_state.begin(), r.stage_state.end());
     r.stage_state.clear();
+  }
+  // A notice for a finished request: its layer's writes ended; the last one frees its staging.
+  static void hear_quarantined(shared_state& st, const push_notice& n) {
+    auto it = st.quarantine.find(n.epoch);
+    if (it == st.quarantine.end() || it->second.request != n.request || n.layer >= it->second.unheard.size()) return;
+    auto& q = it->second;
+    q.unheard[n.layer] = 0;
+    if (std::any_of(q.unheard.begin(), q.unheard.end(), [](std::uint8_t u) { return u != 0; })) return;
+    st.stage_free.insert(st.stage_free.end(), q.blocks.begin(), q.blocks.end());
+    st.stage_state_free.insert(st.stage_state_free.end(), q.state_slots.begin(), q.state_slots.end());
+    st.stats.staging_quarantined -= q.blocks.size();
+    st.quarantine.erase(it);
   }
   // `block` is a source block index, or `no_block` for the layer's state.
   static void mark_failed(shared_state& st, request& r, std::uint32_t layer, std::uint32_t block, std::error_code ec,
@@ -1118,8 +1200,10 @@ class kv_connector {
       if (!st) return;
       std::lock_guard lock(st->mu);
       auto it = st->requests.find(n.request);
-      if (it == st->requests.end() || it->second->epoch != n.epoch || n.layer >= it->second->pending.size() ||
-          it->second->pending[n.layer] == 0) {
+      const bool current = it != st->requests.end() && it->second->epoch == n.epoch && n.layer < it->second->pending.size();
+      if (current) it->second->heard[n.layer] = 1;
+      if (!current || it->second->pending[n.layer] == 0) {
+        if (it == st->requests.end() || it->second->epoch != n.epoch) hear_quarantined(*st, n);
         ++st->stats.stale_notices;
         return;
       }
@@ -1127,9 +1211,14 @@ class kv_connector {
       if (n.code && recurrent[n.layer]) {
         mark_failed(*st, r, n.layer, no_block, n.code, n.context);
       } else if (n.code) {
-        if (n.failed_blocks.empty())
+        // A block the request does not have (a corrupt notice, or no_block on
+        // a KV layer) marks nothing by itself, yet the layer failed: all of it.
+        const bool whole_layer = n.failed_blocks.empty() || std::any_of(n.failed_blocks.begin(), n.failed_blocks.end(),
+                                                                         [&](std::uint32_t i) { return i >= r.nsrc; });
+        if (whole_layer)
           for (std::uint32_t i = 0; i < r.nsrc; ++i) mark_failed(*st, r, n.layer, i, n.code, n.context);
-        for (auto i : n.failed_blocks) mark_failed(*st, r, n.layer, i, n.code, n.context);
+        else
+          for (auto i : n.failed_blocks) mark_failed(*st, r, n.layer, i, n.code, n.context);
       }
       r.load_bytes += n.bytes;
       st->stats.bytes_loaded += n.bytes;
@@ -1174,8 +1263,6 @@ class kv_connector {
   bool direct_;
   std::optional<layouts::page_first> stage_;
   std::vector<std::byte> stage_mem_;
-  std::vector<std::uint32_t> stage_free_;  // guarded by st_->mu
-  std::vector<std::uint32_t> stage_state_free_;  // guarded by st_->mu
   std::optional<cache::block_hasher> hasher_;
   std::shared_ptr<shared_state> st_;
   std::vector<std::string> registered_;

@@ -107,7 +107,8 @@ struct kv_shape {
   [[nodiscard]] std::uint64_t request_state_bytes() const noexcept { return state_bytes * recurrent_layers(); }
 
   //! `errc::invalid_argument`, naming the field, unless every size is positive,
-  //! `kinds` is empty or has one entry per layer, and recurrent layers have state.
+  //! `kinds` is empty or has one entry per layer, recurrent layers have state,
+  //! one block of one layer is at most 1 TiB and every size above fits 64 bits.
   [[nodiscard]] result<void> validate() const {
     auto bad = [](std::string what) { return error{errc::invalid_argument, "kv_shape: " + std::move(what)}; };
     if (layers == 0) return bad("layers must be positive");
@@ -117,9 +118,27 @@ struct kv_shape {
     if (dtype_bytes == 0) return bad("dtype_bytes must be positive");
     if (!kinds.empty() && kinds.size() != layers)
       return bad("kinds has " + std::to_string(kinds.size()) + " entries for " + std::to_string(layers) + " layers");
-    if (recurrent_layers() > 0 && state_bytes == 0) return bad("recurrent layers need state_bytes > 0");
-    // Keep every offset inside 64 bits (and far inside): a shape this large is a typo.
-    if (block_layer_bytes() > (std::uint64_t{1} << 40)) return bad("one block of one layer exceeds 1 TiB");
+    const std::uint32_t attention = attention_layers(), recurrent = layers - attention;  // one pass: layers may be many
+    if (recurrent > 0 && state_bytes == 0) return bad("recurrent layers need state_bytes > 0");
+    // Keep every offset inside 64 bits (and far inside): a shape this large is
+    // a typo. Each product is checked as it is formed, since a wrapped one
+    // (2^64 -> 0) would pass any bound checked afterwards.
+    auto dims = [&] {
+      return "head_dim x dtype_bytes x kv_heads x 2 x block_tokens (" + std::to_string(head_dim) + " x " + std::to_string(dtype_bytes) +
+             " x " + std::to_string(kv_heads) + " x 2 x " + std::to_string(block_tokens) + ")";
+    };
+    std::uint64_t bytes = head_bytes();  // two 32-bit factors cannot overflow
+    if (__builtin_mul_overflow(bytes, std::uint64_t{kv_heads}, &bytes) || __builtin_mul_overflow(bytes, std::uint64_t{2}, &bytes) ||
+        __builtin_mul_overflow(bytes, std::uint64_t{block_tokens}, &bytes))
+      return bad(dims() + " overflows 64 bits");
+    if (bytes > (std::uint64_t{1} << 40)) return bad(dims() + ": one block of one layer exceeds 1 TiB");
+    const std::uint64_t layer_bytes = bytes;
+    if (__builtin_mul_overflow(layer_bytes, std::uint64_t{attention}, &bytes))
+      return bad("one block over all attention layers (" + std::to_string(attention) + " x " + std::to_string(layer_bytes) +
+                 " bytes) overflows 64 bits");
+    if (__builtin_mul_overflow(state_bytes, std::uint64_t{recurrent}, &bytes))
+      return bad("state_bytes x recurrent layers (" + std::to_string(state_bytes) + " x " + std::to_string(recurrent) +
+                 ") overflows 64 bits");
     return {};
   }
 

@@ -11,7 +11,7 @@
 //! | expression | type | semantics |
 //! | --- | --- | --- |
 //! | `typename P::load_policy_concept` | `load_policy_tag` | opts `P` in |
-//! | `p.max_wait()` | `std::chrono::steady_clock::duration` | the longest a load may take, counted from `start_load_kv`; past it, what has not arrived is missing |
+//! | `p.max_wait()` | `std::chrono::steady_clock::duration` | the longest a load may take, counted from `start_load_kv`; past it, what has not arrived is missing. Not negative (`kv_connector::make` refuses it); `duration::max()` waits without a deadline |
 //! | `p.on_missing()` | `missing_action` | `fail`: a missing or failed block fails the request (`wait_for_layer_load` returns the error: the engine aborts the step and the router retries elsewhere); `recompute`: missing blocks are reported by `blocks_with_load_errors()` and the engine recomputes from the first of them |
 //!
 //! Policies are small values, copied into the connector; nothing blocks.

@@ -16,8 +16,11 @@
 //!
 //! Decoding validates everything the producer will act on: the destination
 //! table has exactly `source_tp * layers * source_blocks` entries, each names
-//! an existing segment, counts and sizes fit their types, and an error names
-//! the field (`destinations[12].ranges[0].length`). The bytes themselves are
+//! an existing segment, counts and sizes fit their types, a range's chunks
+//! do not overlap (`stride >= length`), a destination lists at most 2^20
+//! chunks, and an error names the field (`destinations[12].ranges[0].length`).
+//! The producer then checks that each destination holds exactly the bytes of
+//! its block (`update_state_after_alloc`). The bytes themselves are
 //! still checked by the owner's transport against its registered regions,
 //! so a hostile target cannot write outside the decode instance's memory.
 //!
@@ -53,6 +56,9 @@ namespace detail {
 inline constexpr std::uint64_t max_wire_destinations = std::uint64_t{1} << 24;
 inline constexpr std::uint64_t max_wire_ranges = 64;
 inline constexpr std::uint64_t max_wire_segments = 4096;
+//! Chunks (strided counts, all ranges together) per destination: the producer
+//! lists each one, so a count of 2^40 would hang it under its lock.
+inline constexpr std::uint64_t max_wire_chunks = std::uint64_t{1} << 20;
 
 inline nlohmann::json error_code_to_json(const std::error_code& ec) {
   if (!ec) return nullptr;
@@ -163,6 +169,7 @@ inline result<push_target> push_target_from_json(const nlohmann::json& j) {
                                                 std::to_string(detail::max_wire_ranges) + " [offset, length, stride, count]"};
     auto& out = t.destinations.emplace_back();
     out.segment = *seg;
+    std::uint64_t chunks = 0;
     for (std::size_t k = 0; k < ranges->size(); ++k) {
       const auto& r = (*ranges)[k];
       const std::string rpath = path + ".ranges[" + std::to_string(k) + "]";
@@ -181,6 +188,17 @@ inline result<push_target> push_target_from_json(const nlohmann::json& j) {
           (x.count > 1 && x.stride > (std::numeric_limits<std::uint64_t>::max() - x.offset - x.length) / (x.count - 1)) ||
           x.offset > std::numeric_limits<std::uint64_t>::max() - x.length)
         return error{errc::malformed_message, "push wire: field '" + rpath + "' is empty or overflows 64 bits"};
+      // Overlapping chunks would count bytes twice: the byte total the producer checks would lie.
+      if (x.count > 1 && x.stride < x.length)
+        return error{errc::malformed_message, "push wire: field '" + rpath + ".stride': " + std::to_string(x.stride) +
+                                                  " is below the length " + std::to_string(x.length) + ", so the chunks overlap"};
+      std::uint64_t bytes = 0;
+      if (__builtin_mul_overflow(x.length, x.count, &bytes))
+        return error{errc::malformed_message, "push wire: field '" + rpath + ".count': length x count overflows 64 bits"};
+      if (x.count > detail::max_wire_chunks - chunks)
+        return error{errc::malformed_message, "push wire: field '" + rpath + ".count': " + path + " lists more than " +
+                                                  std::to_string(detail::max_wire_chunks) + " chunks"};
+      chunks += x.count;
       out.ranges.push_back(x);
     }
   }

@@ -9,6 +9,7 @@
 #include <boost/container/small_vector.hpp>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include <kvx/core/result.hpp>
@@ -30,7 +31,21 @@ stream_chunks expand(const Ranges& ranges) {
   return out;
 }
 
+//! The bytes `ranges` describe, or nothing when counting them overflows 64
+//! bits (a decoded target's ranges are the peer's to choose).
+template <class Ranges>
+std::optional<std::uint64_t> checked_total_bytes(const Ranges& ranges) noexcept {
+  std::uint64_t total = 0;
+  for (const auto& r : ranges) {
+    std::uint64_t n = 0;
+    if (__builtin_mul_overflow(r.length, r.count, &n) || __builtin_add_overflow(total, n, &total)) return std::nullopt;
+  }
+  return total;
+}
+
 //! Pairs the pieces of two streams of equal length: `emit(src_offset, dst_offset, length)`.
+//! It stops at the end of the shorter one, so callers check the lengths
+//! first (`kv_connector` does when it takes a push target).
 template <class Src, class Dst, class Emit>
 void pair_streams(const Src& src, const Dst& dst, Emit&& emit) {
   const auto a = expand(src), b = expand(dst);
