@@ -52,6 +52,25 @@ TEST(Config, ErrorsNameTheBadField) {
   EXPECT_EQ(kvx::config::parse("{not json").code(), kvx::errc::invalid_argument);
 }
 
+// A wrong value may come from a peer: it is named by type, never printed
+// whole (printing nests as deep as the value and is as long as it).
+TEST(Config, AWrongValueIsQuotedBoundedAndNestedOnesByTypeOnly) {
+  const std::string deep = std::string(100'000, '[') + std::string(100'000, ']');
+  const std::string long_text(100'000, 'x');
+  auto doc = kvx::config::parse(R"({"deep": )" + deep + R"(, "long": ")" + long_text + R"(", "short": "four"})");
+  ASSERT_TRUE(doc);
+  kvx::config::view root(*doc);
+  auto nested = root.required<std::string>("deep");
+  ASSERT_FALSE(nested);
+  EXPECT_EQ(nested.error().context(), "config field 'deep': expected a string, got array");
+  auto long_value = root.required<unsigned>("long");
+  ASSERT_FALSE(long_value);
+  EXPECT_LT(long_value.error().context().size(), 200u);
+  EXPECT_NE(long_value.error().context().find("got string \"xxx"), std::string::npos) << long_value.error().context();
+  EXPECT_EQ(root.required<unsigned>("short").error().context(),
+            "config field 'short': expected an unsigned integer, got string \"four\"");
+}
+
 TEST(Config, IntegerRangeIsChecked) {
   auto doc = kvx::config::parse(R"({"small": 70000, "neg": -5})");
   kvx::config::view root(*doc);

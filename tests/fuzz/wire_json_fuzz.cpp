@@ -4,9 +4,11 @@
 //   1: a push notice, from a prefill instance
 //   2: an HTTP metadata list body (kvx/transfer/detail/http_metadata_protocol.hpp), from a metadata server
 //   3: a percent-encoded key, from an HTTP request path
+//   4: a segment descriptor (kvx/memory/segment.hpp), from the metadata backend
 // Whatever a parser accepts must survive its encoder unchanged; crashes,
 // leaks, UB and broken round trips are findings.
 #include <kvx/disagg/push_wire.hpp>
+#include <kvx/memory/segment.hpp>
 #include <kvx/transfer/detail/http_metadata_protocol.hpp>
 
 #include <cstddef>
@@ -25,7 +27,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::string_view text(reinterpret_cast<const char*>(data) + 1, size - 1);
   namespace kd = kvx::disagg;
   namespace wire = kvx::transfer::detail;
-  switch (data[0] % 4) {
+  switch (data[0] % 5) {
     case 0: {
       auto j = nlohmann::json::parse(text, nullptr, false);
       if (j.is_discarded()) return 0;
@@ -55,9 +57,19 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       check(back.has_value() && *back == *entries);
       break;
     }
-    default: {
+    case 3: {
       check(wire::percent_decode(wire::percent_encode(text)) == std::string(text));
       (void)wire::percent_decode(text);
+      break;
+    }
+    default: {
+      // Parsed with a depth bound, as the transfer engine resolves one.
+      auto d = kvx::memory::segment_descriptor::parse(text);
+      if (!d) return 0;
+      // The printed form is the fixed point (1e999 parses as inf and prints as null).
+      const auto again = d->to_json().dump();
+      auto back = kvx::memory::segment_descriptor::parse(again);
+      check(back.has_value() && back->to_json().dump() == again);
       break;
     }
   }

@@ -363,6 +363,14 @@ TEST(HttpMetadataServer, StartErrorsAreClear) {
   EXPECT_EQ(bad.code(), kvx::errc::invalid_argument);
   EXPECT_NE(bad.error().message().find("'address': 'nowhere'"), std::string::npos) << bad.error().message();
 
+  http_metadata_server_config negative;
+  negative.idle_timeout = -1ms;
+  http_metadata_server<embedded_metadata> fourth(io.get_executor(), meta, negative);
+  auto refused = fourth.start();
+  ASSERT_FALSE(refused) << "a negative idle_timeout closes every connection before its first request";
+  EXPECT_EQ(refused.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(refused.error().message().find("'idle_timeout'"), std::string::npos) << refused.error().message();
+
   first.stop();
   auto restarted = first.start();
   ASSERT_FALSE(restarted);
@@ -612,6 +620,21 @@ TEST(HttpMetadata, ReusesConnectionsAndReconnectsWhenTheServerClosedThem) {
   ASSERT_FALSE(ec) << ec.message();
   EXPECT_EQ(v, "v");
   EXPECT_EQ(s.server.connections_accepted(), 2u);
+}
+
+TEST(HttpMetadata, AZeroIdleTimeoutKeepsConnectionsOpen) {
+  http_metadata_server_config config;
+  config.idle_timeout = 0ms;  // as the client's timeout: 0 = none
+  served<> s(config);
+  asio::io_context io;
+  http_metadata client(io.get_executor(), client_config(s.port()));
+  auto stored = put(io, client, "k", "v");
+  ASSERT_FALSE(stored) << stored.message();
+  std::this_thread::sleep_for(50ms);
+  auto [ec, v] = get(io, client, "k");
+  ASSERT_FALSE(ec) << ec.message();
+  EXPECT_EQ(v, "v");
+  EXPECT_EQ(s.server.connections_accepted(), 1u) << "the idle connection was closed";
 }
 
 TEST(HttpMetadata, ReconnectsToARestartedServer) {

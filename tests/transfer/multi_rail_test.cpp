@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/io_context.hpp>
 
 #include <optional>
@@ -145,6 +147,70 @@ TEST(MultiRail, ADescriptorWithoutRailsIsUnreachable) {
   for (int i = 0; i < 500 && !out; ++i) io.run_one_for(10ms);  // the rails' acceptors keep io busy
   ASSERT_TRUE(out);
   EXPECT_EQ(*out, kvx::errc::unreachable);
+}
+
+// Two impulse rails: the test decides when each rail's operation ends.
+using impulse_rails_t = kvx::transport::multi_rail<kvx::testing::impulse<>, kvx::topology::rail::round_robin>;
+
+impulse_rails_t make_impulse_rails(asio::io_context& io) {
+  std::vector<std::unique_ptr<kvx::testing::impulse<>>> v;
+  for (int i = 0; i < 2; ++i) v.push_back(std::make_unique<kvx::testing::impulse<>>(io.get_executor()));
+  return impulse_rails_t(kvx::topology::rail::round_robin(2), std::move(v));
+}
+
+// A descriptor with one rail entry per rail; impulse rails never look inside.
+kvx::memory::segment_descriptor two_rail_descriptor() {
+  kvx::memory::segment_descriptor d;
+  d.name = "remote";
+  d.length = 4096;
+  d.transports["local"] = {{"rails", {nlohmann::json::object(), nlohmann::json::object()}}};
+  return d;
+}
+
+std::size_t rail_pending(impulse_rails_t& r, std::size_t i) { return r.rail(i).pending(); }
+
+// A read on two impulse rails, bound to a cancellation signal, started and polled once.
+struct cancellable_rail_read {
+  asio::io_context io;
+  impulse_rails_t r = make_impulse_rails(io);
+  std::vector<std::byte> buf = std::vector<std::byte>(16);
+  asio::cancellation_signal sig;
+  std::optional<std::error_code> out;
+
+  cancellable_rail_read() {
+    r.async_read(two_rail_descriptor(), 0, std::span(buf),
+                 asio::bind_cancellation_slot(sig.slot(), [this](std::error_code ec) { out = ec; }));
+    io.poll();
+  }
+  void cancel_and_poll() {
+    sig.emit(asio::cancellation_type::terminal);
+    io.restart();
+    io.poll();
+  }
+};
+
+TEST(MultiRail, ACancellationReachesTheRailsOperation) {
+  cancellable_rail_read rd;
+  ASSERT_EQ(rail_pending(rd.r, 0) + rail_pending(rd.r, 1), 1u);
+  rd.cancel_and_poll();
+  ASSERT_TRUE(rd.out) << "the cancellation did not reach the rail";
+  EXPECT_EQ(*rd.out, kvx::errc::cancelled);
+  EXPECT_EQ(rail_pending(rd.r, 0) + rail_pending(rd.r, 1), 0u);
+}
+
+// The batch deadline fires while a failed rail's completion waits to be
+// failed over: the cancellation lands in the finished operation, and the
+// operation on the next rail must not start as if nothing happened.
+TEST(MultiRail, ACancellationDuringFailoverIsNotLost) {
+  cancellable_rail_read rd;
+  const std::size_t first = rail_pending(rd.r, 0) == 1 ? 0 : 1;
+  ASSERT_EQ(rail_pending(rd.r, first), 1u);
+  ASSERT_TRUE(rd.r.rail(first).fail_one(kvx::errc::connection_lost));  // its completion is queued, not run
+  rd.cancel_and_poll();
+  ASSERT_TRUE(rd.out) << "the cancellation was lost: rail " << 1 - first << " has " << rail_pending(rd.r, 1 - first)
+                      << " operation(s) that nothing will end";
+  EXPECT_EQ(*rd.out, kvx::errc::cancelled);
+  EXPECT_EQ(rail_pending(rd.r, 0) + rail_pending(rd.r, 1), 0u);
 }
 
 }  // namespace

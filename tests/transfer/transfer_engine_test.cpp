@@ -572,3 +572,199 @@ TEST(TransferEngineSlowMetadata, ABatchThatTimesOutWhileResolvingIgnoresTheLateA
 }
 
 }  // namespace
+
+namespace {
+
+// ---- a metadata backend that fails on demand ---------------------------------
+
+// embedded_metadata whose puts and removes fail with a chosen error while one
+// is set. A failing put may still land (`put_lands`): its answer was lost,
+// as when a timed-out request reached the server after all.
+class flaky_metadata {
+ public:
+  using metadata_backend_concept = kvx::transfer::metadata_backend_tag;
+  explicit flaky_metadata(asio::any_io_executor ex) : inner(std::move(ex)) {}
+  auto get_executor() const { return inner.get_executor(); }
+  template <class Handler>
+  void async_put(std::string k, std::string v, Handler&& h) {
+    ++puts;
+    if (!put_error) return inner.async_put(std::move(k), std::move(v), std::forward<Handler>(h));
+    if (put_lands) inner.async_put(std::move(k), std::move(v), [](std::error_code) {});
+    kvx::detail::post_completion(inner.get_executor(), std::forward<Handler>(h), put_error);
+  }
+  template <class Handler>
+  void async_get(std::string k, Handler&& h) {
+    inner.async_get(std::move(k), std::forward<Handler>(h));
+  }
+  template <class Handler>
+  void async_remove(std::string k, Handler&& h) {
+    ++removes;
+    if (!remove_error) return inner.async_remove(std::move(k), std::forward<Handler>(h));
+    kvx::detail::post_completion(inner.get_executor(), std::forward<Handler>(h), remove_error);
+  }
+  template <class Handler>
+  void async_list(std::string p, Handler&& h) {
+    inner.async_list(std::move(p), std::forward<Handler>(h));
+  }
+
+  embedded_metadata inner;
+  std::error_code put_error, remove_error;
+  bool put_lands = false;
+  int puts = 0, removes = 0;
+};
+
+using flaky_engine_t = kvx::transfer::transfer_engine<flaky_metadata, local>;
+
+std::optional<std::error_code> register_now(asio::io_context& io, flaky_engine_t& e, std::vector<std::byte>& buf,
+                                            const std::string& name) {
+  std::optional<std::error_code> out;
+  e.async_register_memory(memory_region{buf.data(), buf.size()}, name,
+                          [&](std::error_code ec, kvx::memory::segment_descriptor) { out = ec; });
+  io.restart();
+  while (!out && io.run_one_for(5s)) {
+  }
+  return out;
+}
+
+std::optional<std::error_code> deregister_now(asio::io_context& io, flaky_engine_t& e, const std::string& name) {
+  std::optional<std::error_code> out;
+  e.async_deregister_memory(name, [&](std::error_code ec) { out = ec; });
+  io.restart();
+  while (!out && io.run_one_for(5s)) {
+  }
+  return out;
+}
+
+bool published(asio::io_context& io, flaky_metadata& meta, const std::string& name) {
+  std::optional<bool> found;
+  meta.inner.async_get(kvx::transfer::segment_metadata_key(name), [&](std::error_code ec, std::string) { found = !ec; });
+  io.restart();
+  while (!found && io.run_one_for(5s)) {
+  }
+  return found.value_or(false);
+}
+
+// An engine over a metadata backend whose puts and removes fail on demand.
+struct TransferEngineMetadataFailures : ::testing::Test {
+  asio::io_context io;
+  flaky_metadata meta{io.get_executor()};
+  local net{io.get_executor()};
+  flaky_engine_t e{meta, {.node = "n"}, net};
+  std::vector<std::byte> buf = std::vector<std::byte>(4096);
+};
+
+TEST_F(TransferEngineMetadataFailures, AFailedPublishUndoesTheRegistrationAndARetrySucceeds) {
+  const auto name = unique("unpublished");
+  for (auto error : {kvx::errc::internal, kvx::errc::timed_out}) {
+    meta.put_error = error;
+    meta.put_lands = error == kvx::errc::timed_out;  // the put reached the backend, its answer did not
+    const int removes_before = meta.removes;
+    auto out = register_now(io, e, buf, name);
+    ASSERT_TRUE(out) << "no completion";
+    EXPECT_EQ(*out, error);
+    EXPECT_EQ(e.segments().find(name).code(), kvx::errc::unknown_segment) << "the table still holds the segment";
+    EXPECT_FALSE(published(io, meta, name)) << "a descriptor nobody serves stays published";
+    EXPECT_EQ(meta.removes - removes_before, error == kvx::errc::timed_out ? 1 : 0)
+        << "only a put whose outcome is unknown is withdrawn";
+  }
+  meta.put_error = {};
+  auto again = register_now(io, e, buf, name);
+  ASSERT_TRUE(again);
+  EXPECT_FALSE(*again) << again->message() << ": the transports still held the first registration";
+  EXPECT_TRUE(published(io, meta, name));
+}
+
+TEST_F(TransferEngineMetadataFailures, ANameThatIsNotUtf8IsRefusedWithoutThrowing) {
+  const std::string name = unique("bad") + "\xff";
+  std::optional<std::error_code> out;
+  EXPECT_NO_THROW(out = register_now(io, e, buf, name));
+  ASSERT_TRUE(out) << "no completion";
+  EXPECT_EQ(*out, kvx::errc::invalid_argument);
+  EXPECT_EQ(e.segments().find(name).code(), kvx::errc::unknown_segment);
+  EXPECT_EQ(meta.puts, 0);
+}
+
+TEST_F(TransferEngineMetadataFailures, AFailedWithdrawalIsRetriedByTheNextDeregister) {
+  const auto name = unique("withdrawn");
+  ASSERT_EQ(register_now(io, e, buf, name), std::error_code{});
+  meta.remove_error = kvx::errc::connection_lost;
+  EXPECT_EQ(deregister_now(io, e, name), std::error_code{kvx::errc::connection_lost});
+  EXPECT_TRUE(published(io, meta, name));
+  meta.remove_error = {};
+  EXPECT_EQ(deregister_now(io, e, name), std::error_code{}) << "the retry withdraws the stale descriptor";
+  EXPECT_FALSE(published(io, meta, name));
+  EXPECT_EQ(deregister_now(io, e, name), std::error_code{kvx::errc::unknown_segment}) << "and then it is gone";
+}
+
+// ---- descriptors from peers are untrusted ------------------------------------
+
+TEST(TransferEngineUntrustedMetadata, DeeplyNestedOrInvalidDescriptorsAreMalformedNotACrash) {
+  asio::io_context io;
+  embedded_metadata meta(io.get_executor());
+  local net(io.get_executor());
+  kvx::transfer::transfer_engine<embedded_metadata, local> e(meta, {.node = "n"}, net);
+  std::vector<std::byte> mine(4096);
+  register_on(io, e, mine, unique("untrusted-local"));
+  // 100,000 nested arrays: copying or printing them recursively overflows the stack.
+  const std::string deep = std::string(100'000, '[') + std::string(100'000, ']');
+  const std::string fields = R"("node": "peer", "length": 4096, "location": "host", "key": 1, "generation": 1)";
+  const std::vector<std::pair<std::string, std::string>> descriptors = {
+      {unique("deep-transports"), R"({"name": "x", )" + fields + R"(, "transports": {"tcp": )" + deep + "}}"},
+      {unique("deep-name"), R"({"name": )" + deep + ", " + fields + "}"},
+      {unique("no-key"), R"({"name": "x", "node": "peer", "length": 4096, "location": "host", "generation": 1})"},
+      {unique("not-json"), "{"},
+  };
+  batch b;
+  for (const auto& [segment, text] : descriptors) {
+    meta.async_put(kvx::transfer::segment_metadata_key(segment), text, [](std::error_code) {});
+    b.read(std::span(mine).first(16), segment, 0);
+  }
+  auto [ec, r] = run_batch(io, e, std::move(b));
+  EXPECT_EQ(ec, kvx::errc::malformed_message);
+  ASSERT_EQ(r.ops.size(), descriptors.size());
+  for (std::size_t i = 0; i < descriptors.size(); ++i) {
+    EXPECT_EQ(r.ops[i].code, kvx::errc::malformed_message) << r.ops[i].context;
+    EXPECT_NE(r.ops[i].context.find(descriptors[i].first), std::string::npos) << r.ops[i].context;
+    EXPECT_LT(r.ops[i].context.size(), 1000u) << "the error quotes a bounded prefix at most";
+  }
+}
+
+TEST(TransferEngineUntrustedMetadata, DescriptorsParseWithABoundedDepth) {
+  const std::string deep = std::string(100'000, '[') + std::string(100'000, ']');
+  auto parsed = kvx::memory::segment_descriptor::parse(R"({"transports": {"tcp": )" + deep + "}}");
+  EXPECT_EQ(parsed.code(), kvx::errc::malformed_message);
+  EXPECT_NE(parsed.error().message().find("deeper"), std::string::npos) << parsed.error().message();
+  // from_json on a document parsed elsewhere (no depth bound) refuses it too.
+  auto j = nlohmann::json::parse(R"({"name": "x", "node": "n", "length": 1, "location": "host", "key": 1, "generation": 1,
+                                     "transports": {"tcp": )" + deep + "}}");
+  auto d = kvx::memory::segment_descriptor::from_json(j);
+  EXPECT_EQ(d.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(d.error().message().find("segment.transports"), std::string::npos) << d.error().message();
+  // A real descriptor round-trips.
+  kvx::memory::segment_descriptor ok;
+  ok.name = "kv";
+  ok.node = "n";
+  ok.length = 4096;
+  ok.transports["tcp"] = {{"rails", {{{"host", "10.0.0.1"}, {"port", 1}}, {{"host", "10.0.1.1"}, {"port", 2}}}}};
+  auto back = kvx::memory::segment_descriptor::parse(ok.to_json().dump());
+  ASSERT_TRUE(back) << back.error().message();
+  EXPECT_EQ(back->to_json(), ok.to_json());
+}
+
+// ---- limits -----------------------------------------------------------------
+
+TEST_F(two_engines, AnUnboundedMaxInFlightIsAcceptedNotThrown) {
+  local net(io.get_executor());
+  kvx::transfer::transfer_engine<embedded_metadata, local> e(
+      meta, {.node = "unbounded", .slice_size = 4096, .max_in_flight = SIZE_MAX}, net);
+  std::vector<std::byte> mine(1u << 20);
+  register_on(io, e, mine, unique("unbounded-local"));
+  batch b;
+  b.read(std::span(mine), pname, 0);
+  std::pair<std::error_code, batch_result> out;
+  ASSERT_NO_THROW(out = run_batch(io, e, std::move(b)));
+  ASSERT_FALSE(out.first) << out.second.first_error().message();
+  EXPECT_TRUE(std::equal(mine.begin(), mine.end(), pbuf.begin()));
+}
+
+}  // namespace

@@ -47,11 +47,21 @@ inline result<json> parse(std::string_view text) {
 namespace detail {
 inline const char* type_name(const json& j) { return j.type_name(); }
 
+//! The wrong value as an error quotes it: scalars up to 64 characters,
+//! arrays and objects by type only. The value may come from a peer, and
+//! printing it whole recurses as deep as it nests and is as long as it is.
+inline std::string describe_value(const json& j) {
+  if (j.is_structured()) return type_name(j);
+  constexpr std::size_t max_quoted = 64;
+  auto text = j.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (text.size() > max_quoted) text = text.substr(0, max_quoted) + "...";
+  return std::string(type_name(j)) + " " + text;
+}
+
 template <class T>
 result<T> convert(const json& j, const std::string& path) {
   auto wrong = [&](const char* expected) {
-    return error{errc::invalid_argument,
-                 "config field '" + path + "': expected " + expected + ", got " + type_name(j) + " " + j.dump()};
+    return error{errc::invalid_argument, "config field '" + path + "': expected " + expected + ", got " + describe_value(j)};
   };
   if constexpr (std::is_same_v<T, bool>) {
     if (!j.is_boolean()) return wrong("a boolean");

@@ -22,7 +22,8 @@
 //! A backend error is a 5xx whose body is the error's message. Every refusal
 //! carries a `kvx-error` header naming the `kvx::errc` (`not_found`,
 //! `capacity_exceeded`, ...), which the client turns back into that code.
-//! Connections are keep-alive; one idle longer than `idle_timeout` is closed.
+//! Connections are keep-alive; one idle longer than `idle_timeout` is closed
+//! (0: never, as the client's `timeout`; a negative one is refused by `start`).
 //!
 //! Threading: each connection runs on its own strand, the listener on
 //! another, so any number of threads may run the executor. `start`, `stop`
@@ -90,7 +91,8 @@ struct http_metadata_server_config {
   std::string address = "127.0.0.1";                //!< IP address to listen on ("0.0.0.0": every interface)
   std::uint16_t port = 0;                           //!< 0: an ephemeral port, read back with `endpoint()`
   std::size_t max_body = std::size_t{1} << 20;      //!< largest PUT body accepted (413 above)
-  std::chrono::milliseconds idle_timeout{30'000};   //!< a connection idle (or stalled mid-request) this long is closed
+  //! A connection idle (or stalled mid-request) this long is closed; 0: never.
+  std::chrono::milliseconds idle_timeout{30'000};
 };
 
 namespace detail {
@@ -202,6 +204,10 @@ class http_metadata_service : public std::enable_shared_from_this<http_metadata_
     std::lock_guard lock(mutex_);
     if (stopped_) return error{errc::invalid_argument, "http_metadata_server: stopped; a stopped server does not restart"};
     if (started_) return error{errc::invalid_argument, "http_metadata_server: already started on " + url_locked()};
+    // Negative would end every read before it starts: connections closed unanswered.
+    if (config_.idle_timeout.count() < 0)
+      return error{errc::invalid_argument, "http_metadata_server: config field 'idle_timeout': " +
+                                               std::to_string(config_.idle_timeout.count()) + " ms is negative (0: never)"};
     boost::system::error_code ec;
     const auto address = asio::ip::make_address(config_.address, ec);
     if (ec)
@@ -308,7 +314,7 @@ class http_metadata_service : public std::enable_shared_from_this<http_metadata_
       http::request_parser<http::string_body> parser;
       parser.body_limit(self->config_.max_body);
       parser.header_limit(http_metadata_header_limit);
-      c->stream.expires_after(self->config_.idle_timeout);
+      self->arm_idle_timeout(*c);
       auto [ec, n] = co_await http::async_read_header(c->stream, c->buffer, parser, use_tuple);
       if (!ec && !parser.is_done()) {
         // curl asks before sending a body above 1 KiB and would otherwise wait a second.
@@ -334,7 +340,7 @@ class http_metadata_service : public std::enable_shared_from_this<http_metadata_
       res.keep_alive(request.keep_alive());
       res.set(http::field::server, "kvx-metadata");
       res.prepare_payload();
-      c->stream.expires_after(self->config_.idle_timeout);
+      self->arm_idle_timeout(*c);
       auto [wec, wn] = co_await http::async_write(c->stream, res, use_tuple);
       (void)wn;
       if (wec || !request.keep_alive()) break;
@@ -360,19 +366,30 @@ class http_metadata_service : public std::enable_shared_from_this<http_metadata_
     res.keep_alive(false);
     res.set(http::field::server, "kvx-metadata");
     res.prepare_payload();
-    c->stream.expires_after(self->config_.idle_timeout);
+    self->arm_idle_timeout(*c);
     auto [wec, wn] = co_await http::async_write(c->stream, res, use_tuple);
     (void)wn;
     if (wec) co_return;
     boost::system::error_code ignored;
     c->stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
-    c->stream.expires_after(std::min<std::chrono::steady_clock::duration>(self->config_.idle_timeout, std::chrono::seconds(2)));
+    // Draining is bounded even when idle connections are kept forever.
+    const std::chrono::steady_clock::duration drain_for = std::chrono::seconds(2);
+    c->stream.expires_after(self->config_.idle_timeout.count() == 0 ? drain_for
+                                                                     : std::min<std::chrono::steady_clock::duration>(
+                                                                           self->config_.idle_timeout, drain_for));
     std::vector<char> sink(64 * 1024);
     for (;;) {
       auto [rec, got] = co_await c->stream.async_read_some(asio::buffer(sink), use_tuple);
       (void)got;
       if (rec) break;
     }
+  }
+
+  void arm_idle_timeout(connection& c) const {
+    if (config_.idle_timeout.count() == 0)
+      c.stream.expires_never();
+    else
+      c.stream.expires_after(config_.idle_timeout);
   }
 
   bool stopping() {

@@ -9,19 +9,26 @@
 //!   can touch its memory kind, and its descriptor (with one entry per
 //!   transport) is published to the metadata backend under
 //!   `kvx/segment/<name>`. Any sub-range of a registered region can then be
-//!   the local side of an operation with nothing new to register.
+//!   the local side of an operation with nothing new to register. A name (or
+//!   node) that is not UTF-8 is `errc::invalid_argument`; when publishing
+//!   fails the registration is undone, so a retry starts afresh.
 //! - **Resolution**: remote segment names resolve through the metadata backend
-//!   once and are cached (`async_open` resolves ahead of time).
+//!   once and are cached (`async_open` resolves ahead of time). A descriptor
+//!   that is not JSON, nests deeper than `memory::max_descriptor_depth` or
+//!   lacks a field is `errc::malformed_message`.
 //! - **Transport choice**, per operation, by locality then pack order:
 //!   transports with `same_process_only` first, then `same_host_only`, then
-//!   the rest; the first whose `can_transfer(descriptor)` succeeds and which
-//!   can touch the local memory kind carries the operation. So
+//!   the rest (capabilities as `runtime_capabilities()` reports them where a
+//!   transport has it, as `any_transport` does); the first whose
+//!   `can_transfer(descriptor)` succeeds and which can touch the local memory
+//!   kind carries the operation. So
 //!   `transfer_engine<M, local, shm, tcp>` picks local in-process, shm on the
 //!   same host and tcp elsewhere.
 //! - **Slicing and striping**: each operation is cut into slices of at most
 //!   `slice_size` bytes, or the chosen transport's `capabilities.min_slice`
 //!   when larger (contiguous strided blocks are coalesced first); slices
-//!   of all operations are kept in flight together, at most `max_in_flight`.
+//!   of all operations are kept in flight together, at most `max_in_flight`
+//!   (any value: the window grows with the slices in flight).
 //! - **Retries**: a slice that fails with `connection_lost`, `timed_out` or
 //!   `checksum_mismatch` is re-issued up to `max_retries` times, after a
 //!   backoff that doubles per attempt (`retry_backoff`, `max_retry_backoff`). A slice that
@@ -66,7 +73,9 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <tuple>
 #include <utility>
@@ -94,7 +103,7 @@ namespace kvx::transfer {
 struct engine_options {
   std::string node = "kvx-node";          //!< this node's name (descriptors carry it)
   std::uint64_t slice_size = 1u << 20;    //!< largest slice handed to a transport
-  std::size_t max_in_flight = 32;         //!< slices in flight per batch
+  std::size_t max_in_flight = 32;         //!< slices in flight per batch (0 counts as 1; no upper limit)
   std::uint32_t max_retries = 3;          //!< re-issues of one slice after transient errors
   //! Wait before the first re-issue of a slice; doubles with each further
   //! attempt, at most `max_retry_backoff`. Zero re-issues at once. A peer that
@@ -118,6 +127,49 @@ namespace detail {
 constexpr int locality_rank(const transport::transport_capabilities& c) noexcept {
   return c.same_process_only ? 0 : c.same_host_only ? 1 : 2;
 }
+
+// Names are published inside JSON, which must be UTF-8 (nlohmann throws
+// when dumping anything else).
+constexpr bool is_utf8(std::string_view s) noexcept {
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto lead = static_cast<unsigned char>(s[i]);
+    if (lead < 0x80) {
+      ++i;
+      continue;
+    }
+    // Continuation bytes, and the range of the first (no overlongs, no surrogates, nothing above U+10FFFF).
+    std::size_t n = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (lead >= 0xC2 && lead <= 0xDF) {
+      n = 1;
+    } else if (lead >= 0xE0 && lead <= 0xEF) {
+      n = 2;
+      if (lead == 0xE0) lo = 0xA0;
+      if (lead == 0xED) hi = 0x9F;
+    } else if (lead >= 0xF0 && lead <= 0xF4) {
+      n = 3;
+      if (lead == 0xF0) lo = 0x90;
+      if (lead == 0xF4) hi = 0x8F;
+    } else {
+      return false;
+    }
+    if (s.size() - i <= n) return false;
+    for (std::size_t k = 1; k <= n; ++k) {
+      const auto c = static_cast<unsigned char>(s[i + k]);
+      if (c < (k == 1 ? lo : 0x80) || c > (k == 1 ? hi : 0xBF)) return false;
+    }
+    i += n + 1;
+  }
+  return true;
+}
+static_assert(is_utf8("kv/layer-0") && is_utf8("\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80"));
+static_assert(!is_utf8("bad\xFF") && !is_utf8("\xC3") && !is_utf8("\xC0\xAF") && !is_utf8("\xED\xA0\x80"));
+
+// `s` quoted for an error message, with what is not UTF-8 shown as U+FFFD.
+inline std::string quoted(const std::string& s) {
+  return nlohmann::json(s).dump(-1, ' ', /*ensure_ascii=*/true, nlohmann::json::error_handler_t::replace);
+}
 }  // namespace detail
 
 template <class Metadata, class... Transports>
@@ -135,15 +187,18 @@ class transfer_engine {
       : meta_(meta), ex_(meta.get_executor()), opts_(std::move(options)), table_(opts_.node), transports_(&transports...) {
     if (opts_.slice_size == 0) opts_.slice_size = 1;
     if (opts_.max_in_flight == 0) opts_.max_in_flight = 1;
-    // Preference order: locality rank, then pack order.
-    constexpr std::array<int, transport_count> ranks{detail::locality_rank(Transports::capabilities)...};
-    for (std::size_t i = 0; i < transport_count; ++i) order_[i] = i;
-    std::stable_sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) { return ranks[a] < ranks[b]; });
+    // A type-erased transport's static capabilities are the loosest (every
+    // memory kind, no locality); what it wraps is known only at run time.
     for_each_transport([&](auto& t, std::size_t i) {
       if constexpr (requires { t.runtime_capabilities(); })
-        min_slice_[i] = t.runtime_capabilities().min_slice;
+        caps_[i] = t.runtime_capabilities();
       else
-        min_slice_[i] = std::remove_reference_t<decltype(t)>::capabilities.min_slice;
+        caps_[i] = std::remove_reference_t<decltype(t)>::capabilities;
+    });
+    // Preference order: locality rank, then pack order.
+    for (std::size_t i = 0; i < transport_count; ++i) order_[i] = i;
+    std::stable_sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) {
+      return detail::locality_rank(caps_[a]) < detail::locality_rank(caps_[b]);
     });
   }
 
@@ -162,8 +217,8 @@ class transfer_engine {
     for (const auto& n : names) {
       auto seg = table_.find(n);
       if (!seg) continue;
-      for_each_transport([&](auto& t, std::size_t) {
-        if (transport_can_touch(t, seg->region.where)) (void)t.deregister_memory(*seg);
+      for_each_transport([&](auto& t, std::size_t i) {
+        if (can_touch(i, seg->region.where)) (void)t.deregister_memory(*seg);
       });
       (void)table_.remove(n);
     }
@@ -177,11 +232,21 @@ class transfer_engine {
 
   //! Registers `region` as segment `name` with every transport that can touch
   //! it and publishes its descriptor. Completion `void(std::error_code, memory::segment_descriptor)`.
+  //!
+  //! A name or node that is not UTF-8 is `errc::invalid_argument`. When the
+  //! metadata backend fails the put, the registration is undone (transports,
+  //! table) before the completion reports the backend's error, so the memory
+  //! may be freed and the call retried; after `timed_out` or
+  //! `connection_lost` the put may have landed, so the descriptor is also
+  //! withdrawn (best effort) first.
   template <asio::completion_token_for<void(std::error_code, memory::segment_descriptor)> CompletionToken>
   auto async_register_memory(const memory::memory_region& region, std::string name, CompletionToken&& token) {
     return asio::async_initiate<CompletionToken, void(std::error_code, memory::segment_descriptor)>(
         [this](auto handler, memory::memory_region r, std::string n) {
-          auto desc = register_locally(r, n);
+          auto desc = [&]() -> result<memory::segment_descriptor> {
+            if (auto unpublishable = check_publishable(n)) return unpublishable;
+            return register_locally(r, n);
+          }();
           if (!desc) {
             log(log_level::warn, "transfer engine '", opts_.node, "': ", desc.error().message());
             return kvx::detail::post_completion(ex_, std::move(handler), desc.code(), memory::segment_descriptor{});
@@ -190,7 +255,24 @@ class transfer_engine {
           auto text = d.to_json().dump();
           meta_.async_put(segment_metadata_key(d.name), std::move(text),
                           [h = std::move(handler), d, this](std::error_code ec) mutable {
-                            kvx::detail::post_completion(ex_, std::move(h), ec, std::move(d));
+                            if (!ec) {
+                              {
+                                std::lock_guard lock(cache_mutex_);
+                                left_published_.erase(d.name);  // the put replaced what was left published
+                              }
+                              return kvx::detail::post_completion(ex_, std::move(h), ec, std::move(d));
+                            }
+                            log(log_level::warn, "transfer engine '", opts_.node, "': publishing segment '", d.name,
+                                "' failed (", ec.message(), "); its registration is undone");
+                            undo_registration(d);
+                            if (ec != errc::timed_out && ec != errc::connection_lost)
+                              return kvx::detail::post_completion(ex_, std::move(h), ec, memory::segment_descriptor{});
+                            // Completing only after the remove keeps it from overtaking a retry's put.
+                            meta_.async_remove(segment_metadata_key(d.name),
+                                               [h = std::move(h), ec, this](std::error_code) mutable {
+                                                 kvx::detail::post_completion(ex_, std::move(h), ec,
+                                                                              memory::segment_descriptor{});
+                                               });
                           });
         },
         token, region, std::move(name));
@@ -198,22 +280,32 @@ class transfer_engine {
 
   //! Withdraws segment `name`: deregisters it from the transports (waiting
   //! for remote accesses in flight), the table and the metadata backend.
+  //! When the backend fails the remove, the completion reports its error and
+  //! the descriptor stays published; the local registration is gone already,
+  //! and calling this again with the same name retries the remove.
   template <asio::completion_token_for<void(std::error_code)> CompletionToken>
   auto async_deregister_memory(std::string name, CompletionToken&& token) {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(
         [this](auto handler, std::string n) {
           auto seg = table_.find(n);
-          if (!seg) return kvx::detail::post_completion(ex_, std::move(handler), seg.code());
-          for_each_transport([&](auto& t, std::size_t) {
-            if (transport_can_touch(t, seg->region.where)) (void)t.deregister_memory(*seg);
-          });
-          (void)table_.remove(n);
-          {
-            std::lock_guard lock(cache_mutex_);
-            std::erase(registered_, n);
+          if (seg) {
+            withdraw_locally(*seg);
+          } else if (!is_left_published(n)) {
+            return kvx::detail::post_completion(ex_, std::move(handler), seg.code());
           }
-          meta_.async_remove(segment_metadata_key(n), [h = std::move(handler), this](std::error_code ec) mutable {
-            kvx::detail::post_completion(ex_, std::move(h), ec == errc::not_found ? std::error_code{} : ec);
+          meta_.async_remove(segment_metadata_key(n), [h = std::move(handler), n, this](std::error_code ec) mutable {
+            if (ec == errc::not_found) ec = {};
+            {
+              std::lock_guard lock(cache_mutex_);
+              if (ec)
+                left_published_.insert(n);
+              else
+                left_published_.erase(n);
+            }
+            if (ec)
+              log(log_level::warn, "transfer engine '", opts_.node, "': withdrawing segment '", n, "' failed (", ec.message(),
+                  "); its descriptor stays published until async_deregister_memory('", n, "') succeeds");
+            kvx::detail::post_completion(ex_, std::move(h), ec);
           });
         },
         token, std::move(name));
@@ -253,9 +345,8 @@ class transfer_engine {
   using completion_handler = asio::any_completion_handler<void(std::error_code, batch_result)>;
   using resolve_callback = std::function<void(kvx::error, descriptor_ptr)>;
 
-  template <class T>
-  static bool transport_can_touch(const T&, const memory::location& where) {
-    return transport::has(T::capabilities.memory, transport::kind_of(where));
+  bool can_touch(std::size_t transport_index, const memory::location& where) const {
+    return transport::has(caps_[transport_index].memory, transport::kind_of(where));
   }
 
   template <class F>
@@ -283,6 +374,37 @@ class transfer_engine {
     return n;
   }
 
+  // Why `name` cannot be published in a descriptor, if it cannot.
+  kvx::error check_publishable(const std::string& name) const {
+    if (!detail::is_utf8(name))
+      return {errc::invalid_argument, "segment name " + detail::quoted(name) + " is not UTF-8 (descriptors are JSON)"};
+    if (!detail::is_utf8(opts_.node))
+      return {errc::invalid_argument, "node name " + detail::quoted(opts_.node) + " is not UTF-8 (descriptors are JSON)"};
+    return {};
+  }
+
+  bool is_left_published(const std::string& name) {
+    std::lock_guard lock(cache_mutex_);
+    return left_published_.contains(name);
+  }
+
+  // Drops `seg` from the transports that took it and from the table.
+  void withdraw_locally(const memory::local_segment& seg) {
+    for_each_transport([&](auto& t, std::size_t i) {
+      if (can_touch(i, seg.region.where)) (void)t.deregister_memory(seg);
+    });
+    (void)table_.remove(seg.name);
+    std::lock_guard lock(cache_mutex_);
+    std::erase(registered_, seg.name);
+  }
+
+  // Undoes the registration `d` describes, unless a deregister (and perhaps
+  // a new registration under the same name) came first.
+  void undo_registration(const memory::segment_descriptor& d) {
+    auto seg = table_.find(d.name);
+    if (seg && seg->key == d.key) withdraw_locally(*seg);
+  }
+
   result<memory::segment_descriptor> register_locally(const memory::memory_region& r, const std::string& name) {
     auto seg = table_.add(name, r);
     KVX_TRY(seg);
@@ -290,7 +412,7 @@ class transfer_engine {
     std::vector<std::size_t> done;
     kvx::error failure;
     for_each_transport([&](auto& t, std::size_t i) {
-      if (failure || !transport_can_touch(t, r.where)) return;
+      if (failure || !can_touch(i, r.where)) return;
       auto entry = t.register_memory(*seg);
       if (!entry) {
         failure = kvx::error{entry.code(), "register '" + name + "' with " + entry_key(t) + ": " +
@@ -332,10 +454,9 @@ class transfer_engine {
       if (ec == errc::not_found)
         return cb(kvx::error{errc::unknown_segment, "segment '" + name + "' is not in the metadata backend"}, nullptr);
       if (ec) return cb(kvx::error{ec, "resolving segment '" + name + "'"}, nullptr);
-      auto j = nlohmann::json::parse(text, nullptr, false);
-      auto d = j.is_discarded() ? result<memory::segment_descriptor>(kvx::error{errc::malformed_message, "not JSON"})
-                                : memory::segment_descriptor::from_json(j);
-      if (!d) return cb(kvx::error{d.code(), "descriptor of segment '" + name + "': " + d.error().message()}, nullptr);
+      // Whatever the backend holds came from a peer: parse() bounds the nesting.
+      auto d = memory::segment_descriptor::parse(text);
+      if (!d) return cb(kvx::error{d.code(), "descriptor of segment '" + name + "': " + d.error().context()}, nullptr);
       auto p = std::make_shared<const memory::segment_descriptor>(std::move(*d));
       {
         std::lock_guard lock(cache_mutex_);
@@ -351,7 +472,7 @@ class transfer_engine {
     for (std::size_t idx : order_) {
       std::error_code ec;
       with_transport(idx, [&](auto& t) {
-        if (!transport_can_touch(t, where))
+        if (!can_touch(idx, where))
           ec = errc::not_supported;
         else
           ec = t.can_transfer(d);
@@ -399,10 +520,8 @@ class transfer_engine {
   struct batch_state : std::enable_shared_from_this<batch_state> {
     batch_state(transfer_engine* e, batch b, completion_handler h)
         : eng(e), strand(asio::make_strand(e->ex_)), bt(std::move(b)), handler(std::move(h)),
-          ops(bt.ops.size()), window(e->opts_.max_in_flight), timer(strand) {
+          ops(bt.ops.size()), timer(strand) {
       result.ops.resize(bt.ops.size());
-      free_slots.reserve(window.size());
-      for (std::size_t i = window.size(); i-- > 0;) free_slots.push_back(i);
     }
 
     transfer_engine* eng;
@@ -415,7 +534,9 @@ class transfer_engine {
     std::deque<std::size_t> ready_ops;
     std::deque<slice> retries;
     std::list<asio::steady_timer> backoff_timers;  // slices waiting out their retry backoff
-    std::vector<window_slot> window;
+    // Grows to the most slices in flight at once, at most max_in_flight (which
+    // may be huge); a deque keeps the slots' signals in place as it grows.
+    std::deque<window_slot> window;
     std::vector<std::size_t> free_slots;
     std::size_t in_flight = 0;
     std::size_t resolving = 0;
@@ -570,7 +691,7 @@ class transfer_engine {
           continue;
         }
         const auto& op = bt.ops[i];
-        const std::uint64_t slice_size = std::max(eng->opts_.slice_size, eng->min_slice_[st.transport]);
+        const std::uint64_t slice_size = std::max(eng->opts_.slice_size, eng->caps_[st.transport].min_slice);
         const std::uint64_t n = std::min<std::uint64_t>(slice_size, st.run_length - st.in_run);
         slice s{i, st.run * op.local_stride() + st.in_run, op.remote.offset + st.run * op.remote_stride() + st.in_run, n, 0,
                 st.desc};
@@ -585,7 +706,7 @@ class transfer_engine {
     }
 
     void pump() {
-      while (!stopping && in_flight < window.size()) {
+      while (!stopping && in_flight < eng->opts_.max_in_flight) {
         auto s = next_slice();
         if (!s) break;
         if (ops[s->op].failed) continue;
@@ -603,6 +724,10 @@ class transfer_engine {
     }
 
     void issue(slice s) {
+      if (free_slots.empty()) {
+        free_slots.push_back(window.size());
+        window.emplace_back();
+      }
       const std::size_t slot = free_slots.back();
       free_slots.pop_back();
       window[slot].busy = true;
@@ -763,11 +888,14 @@ class transfer_engine {
   engine_options opts_;
   memory::segment_table table_;
   std::tuple<Transports*...> transports_;
-  std::array<std::uint64_t, sizeof...(Transports)> min_slice_{};  // per transport, from its capabilities
+  std::array<transport::transport_capabilities, transport_count> caps_{};  // per transport, run-time where known
   std::array<std::size_t, transport_count> order_{};
   std::mutex cache_mutex_;
   std::map<std::string, descriptor_ptr, std::less<>> cache_;
   std::vector<std::string> registered_;  // guarded by cache_mutex_
+  // Deregistered here, but the backend's remove failed: the descriptor may
+  // still be published. Guarded by cache_mutex_.
+  std::set<std::string, std::less<>> left_published_;
 };
 
 }  // namespace kvx::transfer

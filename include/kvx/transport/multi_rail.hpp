@@ -23,7 +23,11 @@
 //!   memory the NUMA node of its first page (both from the registered
 //!   segment that contains it), and the slice's running index.
 //!
-//! Cancellation reaches the rail's operation through the handler's slot.
+//! Cancellation reaches the rail's operation through the handler's slot;
+//! once cancelled, an operation whose rail fails is not failed over but
+//! completes with `errc::cancelled` (the cancellation may have reached the
+//! failed rail's operation after it had finished, and nothing else would end
+//! the next rail's).
 //! Thread safety: all members are thread-safe (the selector, which is not,
 //! runs under a mutex). `multi_rail` owns its rails.
 //!
@@ -52,6 +56,7 @@
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 
 #include <kvx/core/async.hpp>
 #include <kvx/topology/rail_selector.hpp>
@@ -221,7 +226,8 @@ class multi_rail {
     }
   };
 
-  // One operation: tries rails until one succeeds, the error is final, or every rail failed it.
+  // One operation: tries rails until one succeeds, the error is final, the
+  // caller cancels, or every rail failed it.
   template <class Handler>
   struct attempt {
     std::shared_ptr<state> st;
@@ -232,6 +238,25 @@ class multi_rail {
     bool read;
     std::uint64_t tried = 0;  // rails already tried (bit mask)
     Handler handler;
+    // The rail operation's own signal: the caller's slot holds one handler,
+    // which outlives each rail's operation and remembers that it fired.
+    asio::cancellation_signal rail_signal{};
+    std::atomic<bool> cancelled{false};
+
+    // Runs before the first rail starts; the handler stays until completion.
+    void watch_caller_cancellation() {
+      auto slot = asio::get_associated_cancellation_slot(handler);
+      if (!slot.is_connected()) return;
+      slot.assign([this](asio::cancellation_type_t type) {
+        cancelled.store(true, std::memory_order_release);
+        rail_signal.emit(type);
+      });
+    }
+
+    // Before the handler runs (or is posted): the slot's handler points here.
+    void stop_watching() {
+      if (auto slot = asio::get_associated_cancellation_slot(handler); slot.is_connected()) slot.clear();
+    }
 
     static void run(std::unique_ptr<attempt> self, std::error_code last) {
       auto rail = self->st->pick(self->local, self->tried);
@@ -240,16 +265,18 @@ class multi_rail {
       self->tried |= std::uint64_t{1} << *rail;
       auto& t = *self->st->rails[*rail];
       auto* raw = self.get();
-      // Completion where the caller asked, and the caller's cancellation reaches the rail's op.
+      // Completion where the caller asked; the caller's cancellation reaches the rail's op through rail_signal.
       auto ex = asio::get_associated_executor(raw->handler, t.get_executor());
-      auto slot = asio::get_associated_cancellation_slot(raw->handler);
       auto next = asio::bind_cancellation_slot(
-          slot, asio::bind_executor(ex, [self = std::move(self), r = *rail](std::error_code ec) mutable {
+          raw->rail_signal.slot(), asio::bind_executor(ex, [self = std::move(self), r = *rail](std::error_code ec) mutable {
             if (ec && is_link_error(ec)) {
               self->st->mark_failed(r);
+              if (self->cancelled.load(std::memory_order_acquire))
+                return finish(std::move(self), make_error_code(errc::cancelled));
               return run(std::move(self), ec);
             }
             self->st->carried[r].fetch_add(1, std::memory_order_relaxed);
+            self->stop_watching();
             std::move(self->handler)(ec);
           }));
       const auto& view = *(*raw->views)[*rail];
@@ -260,6 +287,7 @@ class multi_rail {
     }
 
     static void finish(std::unique_ptr<attempt> self, std::error_code ec) {
+      self->stop_watching();
       auto ex = self->st->rails.front()->get_executor();
       kvx::detail::post_completion(ex, std::move(self->handler), ec);
     }
@@ -276,8 +304,9 @@ class multi_rail {
         kvx::detail::post_completion(st->rails.front()->get_executor(), std::forward<Handler>(handler), views.code());
         return;
       }
-      op::run(std::unique_ptr<op>(new op{st, std::move(*views), offset, local, length, read, 0, std::forward<Handler>(handler)}),
-              {});
+      std::unique_ptr<op> self(new op{st, std::move(*views), offset, local, length, read, 0, std::forward<Handler>(handler)});
+      self->watch_caller_cancellation();
+      op::run(std::move(self), {});
     }
   };
 
