@@ -72,6 +72,16 @@ TEST_F(local_fixture, RefusesOutOfRangeBadKeyUnknownSegmentAndStaleGeneration) {
   elsewhere.transports["local"]["process"] = "another-process";
   EXPECT_EQ(t.can_transfer(elsewhere), kvx::errc::unreachable);
   EXPECT_EQ(read(0, std::span(local_bytes).first(8), elsewhere), kvx::errc::unreachable);
+  // A peer's descriptor with a field of another type is another process, not an exception.
+  for (const auto& wrong : {nlohmann::json(7), nlohmann::json::array(), nlohmann::json(nullptr)}) {
+    auto odd = desc;
+    odd.transports["local"]["process"] = wrong;
+    EXPECT_NO_THROW(EXPECT_EQ(t.can_transfer(odd), kvx::errc::unreachable)) << wrong;
+    EXPECT_NO_THROW(EXPECT_EQ(read(0, std::span(local_bytes).first(8), odd), kvx::errc::unreachable)) << wrong;
+  }
+  auto no_process = desc;
+  no_process.transports["local"] = nlohmann::json::object();
+  EXPECT_EQ(t.can_transfer(no_process), kvx::errc::unreachable);
 }
 
 TEST(LocalTransport, RegisteringTwiceOrDeviceMemoryIsRefused) {

@@ -67,7 +67,10 @@ class local {
   [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& remote) const {
     if (remote.host_id != memory::this_host_id()) return errc::unreachable;
     auto it = remote.transports.find(name());
-    if (it == remote.transports.end() || !it->is_object() || it->value("process", std::string()) != process_token())
+    if (it == remote.transports.end() || !it->is_object()) return errc::unreachable;
+    // A peer's descriptor: a "process" of another type is another process, not an exception.
+    const auto process = it->find("process");
+    if (process == it->end() || !process->is_string() || process->get_ref<const std::string&>() != process_token())
       return errc::unreachable;
     if (!has(capabilities.memory, kind_of(remote.where))) return errc::not_supported;
     return {};

@@ -11,7 +11,8 @@
 //!   operations are in flight, for the lowest latency.
 //! - `register_memory(seg)` maps the region (`ucp_mem_map`) and returns the
 //!   entry peers need: `{"worker_address", "rkey", "base", "length", "segment",
-//!   "generation", "key_check"}` (hex blobs). Peers create one endpoint per
+//!   "generation", "key_check", "blob_check"}` (hex blobs; `blob_check` is
+//!   compared before UCX parses either blob). Peers create one endpoint per
 //!   worker address (error mode PEER, so a dead peer is `connection_lost`, not
 //!   a hang) and cache unpacked rkeys per (segment, generation).
 //! - `async_read` is `ucp_get_nbx`; `async_write` is `ucp_put_nbx` followed by

@@ -8,8 +8,10 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include <kvx/core/log.hpp>
 #include <kvx/memory/segment_table.hpp>
 #include <kvx/testing/transport_conformance.hpp>
 
@@ -199,6 +201,34 @@ TEST_P(UcxTwoProcess, BadRkeyBadAddressAndOutOfRangeAreRefused) {
   EXPECT_FALSE(ini.read(peer.desc, 100, buf));
 }
 
+TEST_P(UcxTwoProcess, ATruncatedRkeyOrWorkerAddressIsRefusedBeforeUcxReadsIt) {
+  // UCX parses both blobs without a length: a prefix of a real one made it
+  // read past the buffer (a crash in ucp_ep_rkey_unpack on posix).
+  peer_process peer(GetParam(), 65536, /*allocate=*/true);
+  initiator ini(GetParam(), 65536);
+  auto buf = std::span(ini.mem).first(4096);
+  ASSERT_FALSE(ini.read(peer.desc, 0, buf));
+
+  const auto& entry = peer.desc.transports["ucx"];
+  auto truncated_rkey = peer.desc;
+  truncated_rkey.name = "ucx-peer-segment-truncated";  // a fresh cache entry, so the blob would be unpacked
+  truncated_rkey.transports["ucx"]["segment"] = truncated_rkey.name;
+  const auto rkey = entry["rkey"].get<std::string>();
+  truncated_rkey.transports["ucx"]["rkey"] = rkey.substr(0, rkey.size() / 2 & ~std::size_t{1});
+  EXPECT_EQ(ini.read(truncated_rkey, 0, buf), kvx::errc::bad_key);
+
+  auto truncated_address = peer.desc;
+  const auto address = entry["worker_address"].get<std::string>();
+  truncated_address.transports["ucx"]["worker_address"] = address.substr(0, address.size() / 2 & ~std::size_t{1});
+  EXPECT_EQ(ini.read(truncated_address, 0, buf), kvx::errc::malformed_message);
+
+  auto no_check = peer.desc;
+  no_check.transports["ucx"].erase("blob_check");
+  EXPECT_EQ(ini.read(no_check, 0, buf), kvx::errc::malformed_message);
+  // The transport still works.
+  EXPECT_FALSE(ini.read(peer.desc, 100, buf));
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, UcxTwoProcess, ::testing::Values("posix", "sysv", "cma,tcp", "tcp"),
                          [](const auto& info) {
                            std::string n = info.param;
@@ -234,6 +264,36 @@ TEST(UcxOptions, AnUnavailableTransportIsASetUpError) {
   ASSERT_FALSE(t);
   EXPECT_NE(t.error().message().find("ucp_init"), std::string::npos) << t.error().message();
   EXPECT_THROW(kvx::transport::ucx(io.get_executor(), {.tls = "no_such_transport"}), std::system_error);
+}
+
+TEST(UcxEndpoints, AnUnreachablePeerDoesNotTurnOffDeadPeerReportsForLaterEndpoints) {
+  // A tcp-only initiator cannot reach a posix-only worker in either error
+  // mode; only a transport that refuses PEER mode may switch the worker to
+  // mode NONE (which loses dead-peer reports for every endpoint after).
+  asio::io_context io;
+  kvx::transport::ucx owner(io.get_executor(), {.tls = "posix"});
+  kvx::transport::ucx tcp_only(io.get_executor(), {.tls = "tcp"});
+  auto mem = owner.allocate(4096);
+  ASSERT_TRUE(mem) << mem.error().message();
+  kvx::memory::segment_table table("ucx-posix-owner");
+  auto seg = *table.add("ucx-posix-only", mem->region());
+  auto entry = owner.register_memory(seg);
+  ASSERT_TRUE(entry) << entry.error().message();
+  auto d = table.describe(seg);
+  d.transports["ucx"] = *entry;
+  std::vector<std::string> lines;
+  kvx::set_log_level(kvx::log_level::info);
+  kvx::set_log_sink([&](kvx::log_level, std::string_view msg) { lines.emplace_back(msg); });
+  std::vector<std::byte> buf(64);
+  std::optional<std::error_code> out;
+  tcp_only.async_read(d, 0, buf, [&](std::error_code ec) { out = ec; });
+  const bool done = kvx::test::run_until(io, [&] { return out.has_value(); });
+  kvx::set_log_sink({});
+  kvx::set_log_level(kvx::log_level::warn);
+  ASSERT_TRUE(done);
+  EXPECT_EQ(*out, kvx::errc::unreachable) << out->message();
+  for (const auto& l : lines) EXPECT_EQ(l.find("using mode NONE"), std::string::npos) << l;
+  (void)owner.deregister_memory(seg);
 }
 
 TEST(UcxMemory, HostAlwaysCudaOnlyWhenUcxReportsIt) {

@@ -12,6 +12,11 @@
 
 #include <ucp/api/ucp.h>
 
+#ifndef XXH_INLINE_ALL
+#define XXH_INLINE_ALL
+#endif
+#include <xxhash.h>
+
 #include <kvx/core/error.hpp>
 #include <kvx/core/splitmix64.hpp>
 #include <kvx/core/result.hpp>
@@ -54,7 +59,12 @@ inline std::string to_hex(const void* data, std::size_t n) {
   return out;
 }
 
-//! Decodes lowercase or uppercase hex; an odd length or a non-hex digit is malformed.
+inline constexpr std::size_t ucx_blob_slack = 256;
+
+//! Decodes lowercase or uppercase hex for UCX; an odd length or a non-hex
+//! digit is malformed. The bytes are followed by `ucx_blob_slack` zero bytes
+//! (counted in the size): UCX reads a blob without its length, and a blob
+//! shorter than it expects must not make it read past the buffer.
 inline result<std::string> from_hex(std::string_view hex, std::string_view field) {
   if (hex.empty() || hex.size() % 2 != 0)
     return error{errc::malformed_message, "ucx entry field '" + std::string(field) + "': not an even-length hex string"};
@@ -64,8 +74,9 @@ inline result<std::string> from_hex(std::string_view hex, std::string_view field
     if (c >= 'A' && c <= 'F') return c - 'A' + 10;
     return -1;
   };
-  std::string out(hex.size() / 2, '\0');
-  for (std::size_t i = 0; i < out.size(); ++i) {
+  const std::size_t n = hex.size() / 2;
+  std::string out(n + ucx_blob_slack, '\0');
+  for (std::size_t i = 0; i < n; ++i) {
     const int hi = nibble(hex[2 * i]);
     const int lo = nibble(hex[2 * i + 1]);
     if (hi < 0 || lo < 0)
@@ -73,6 +84,15 @@ inline result<std::string> from_hex(std::string_view hex, std::string_view field
     out[i] = static_cast<char>((hi << 4) | lo);
   }
   return out;
+}
+
+//! A check over the worker address and rkey an entry carries. UCX parses
+//! both blobs without a length, so a truncated or corrupted one would be read
+//! past its end (a crash in `ucp_ep_rkey_unpack`); the initiator compares
+//! this before handing a blob to UCX. It catches corruption, not forgery
+//! (the rkey is the access capability, as in RDMA).
+inline std::uint64_t ucx_blob_check(std::string_view address_hex, std::string_view rkey_hex) noexcept {
+  return XXH3_64bits_withSeed(rkey_hex.data(), rkey_hex.size(), XXH3_64bits(address_hex.data(), address_hex.size()));
 }
 
 //! Binds a published entry to the descriptor's registration key without

@@ -96,9 +96,10 @@ struct ucx_entry_fields {
   const std::uint64_t* length = nullptr;
   const std::uint64_t* generation = nullptr;
   const std::uint64_t* key_check = nullptr;
+  const std::uint64_t* blob_check = nullptr;
 
   [[nodiscard]] bool complete() const noexcept {
-    return worker_address && rkey && segment && base && length && generation && key_check;
+    return worker_address && rkey && segment && base && length && generation && key_check && blob_check;
   }
 
   // One walk over the object instead of a map lookup per field: this runs on
@@ -118,7 +119,10 @@ struct ucx_entry_fields {
           break;
         case 7: if (k == "segment") f.segment = str; break;
         case 6: if (k == "length") f.length = num; break;
-        case 10: if (k == "generation") f.generation = num; break;
+        case 10:
+          if (k == "generation") f.generation = num;
+          else if (k == "blob_check") f.blob_check = num;
+          break;
         case 9: if (k == "key_check") f.key_check = num; break;
         default: break;
       }
@@ -136,6 +140,7 @@ struct ucx_peer {
   ucs_status_t failure = UCS_OK;
   ucx_op_base* cancelled_by = nullptr;
   std::unordered_map<std::string, ucx_rkey_entry> rkeys;  // name \n generation
+  std::vector<ucp_rkey_h> retired_rkeys;  // replaced by a re-registration; destroyed with the endpoint
   // The rkey used last and what it was resolved from: consecutive operations
   // on one segment skip building the map key and hashing it.
   const ucx_rkey_entry* last_rkey = nullptr;
@@ -228,7 +233,8 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
                          {"length", static_cast<std::uint64_t>(seg.region.length)},
                          {"segment", seg.name},
                          {"generation", seg.generation},
-                         {"key_check", ucx_key_check(seg.key)}};
+                         {"key_check", ucx_key_check(seg.key)},
+                         {"blob_check", ucx_blob_check(address_hex_, reg.rkey_hex)}};
     registrations_.emplace(seg.name, std::move(reg));
     return entry;
   }
@@ -292,7 +298,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     if (*f.generation != remote.generation) return errc::stale;
     const std::uint64_t limit = std::min<std::uint64_t>(remote.length, *len);
     if (offset > limit || length > limit - offset) return errc::out_of_range;
-    auto peer = get_peer(*addr);
+    auto peer = get_peer(*addr, *rkey, *f.blob_check);
     if (!peer) {
       log(log_level::debug, "ucx: ", peer.error().message());
       return peer.code();
@@ -303,7 +309,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
       if (!r.registrations.count(ucx_process_registry::key(*addr, remote.name, remote.generation, *rkey)))
         return errc::unknown_segment;
     }
-    auto rk = get_rkey(**peer, remote, *rkey);
+    auto rk = get_rkey(**peer, remote, *rkey, *addr, *f.blob_check);
     if (!rk) {
       log(log_level::debug, "ucx: ", rk.error().message());
       return rk.code();
@@ -360,8 +366,10 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     if (shut_down_ || !op->peer || !op->peer->ops.count(op)) return;
     auto peer = op->peer;
     if (!peer->cancelled_by) peer->cancelled_by = op;
-    peers_.erase(peer->address);
-    last_peer_.reset();
+    // The address may already name a newer endpoint (an earlier cancel closed
+    // this one): only this peer leaves the cache.
+    if (auto it = peers_.find(peer->address); it != peers_.end() && it->second == peer) peers_.erase(it);
+    if (last_peer_ == peer) last_peer_.reset();
     asio::post(ex_, [weak = weak_from_this(), peer] {
       if (auto self = weak.lock()) {
         std::lock_guard l(self->mutex_);
@@ -393,7 +401,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     while ((in_flight_ > 0 || !closing_.empty()) && std::chrono::steady_clock::now() < deadline)
       ucp_worker_progress(worker_);
     for (auto& c : closing_)  // a close that did not finish in time: drop its rkeys anyway
-      for (auto& [_, rk] : c->rkeys) ucp_rkey_destroy(rk.rkey);
+      destroy_rkeys(*c);
     closing_.clear();
     for (auto& [_, reg] : registrations_) release(reg);
     registrations_.clear();
@@ -494,7 +502,16 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     reg.allocation.reset();
   }
 
-  result<std::shared_ptr<ucx_peer>> get_peer(const std::string& address) {
+  // Checks the blobs before UCX parses one (see ucx_blob_check): only on a
+  // cache miss, so the per-operation path stays a comparison.
+  static result<void> check_blobs(const std::string& address_hex, const std::string& rkey_hex, std::uint64_t check) {
+    if (ucx_blob_check(address_hex, rkey_hex) != check)
+      return error{errc::malformed_message, "ucx: the entry's worker_address or rkey does not match its blob_check "
+                                            "(truncated or corrupted in the metadata)"};
+    return {};
+  }
+
+  result<std::shared_ptr<ucx_peer>> get_peer(const std::string& address, const std::string& rkey_hex, std::uint64_t blob_check) {
     // Consecutive operations usually go to one peer: compare before hashing
     // the (long) address. The pointer is cleared wherever peers_ drops a peer.
     if (last_peer_ && last_peer_->address == address) return last_peer_;
@@ -502,6 +519,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
       last_peer_ = it->second;
       return it->second;
     }
+    KVX_TRY(check_blobs(address, rkey_hex, blob_check));
     auto bytes = from_hex(address, "worker_address");
     KVX_TRY(bytes);
     auto peer = std::make_shared<ucx_peer>();
@@ -521,10 +539,15 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     ep.name = "kvx";
     auto s = ucp_ep_create(worker_, &ep, &peer->ep);
     if (s == UCS_ERR_UNREACHABLE && peer_mode_) {
-      peer_mode_ = false;
-      log(log_level::info, "ucx: these transports cannot report a dead peer (error mode PEER refused); using mode NONE");
       ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
       s = ucp_ep_create(worker_, &ep, &peer->ep);
+      // Only a transport that refused PEER mode switches the worker over; a
+      // peer that is simply unreachable must not cost every later endpoint
+      // its dead-peer reports.
+      if (s == UCS_OK) {
+        peer_mode_ = false;
+        log(log_level::info, "ucx: these transports cannot report a dead peer (error mode PEER refused); using mode NONE");
+      }
     }
     if (s != UCS_OK) {
       // UCX reads the address blob without a length; a corrupt blob surfaces here.
@@ -540,7 +563,8 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     return peer;
   }
 
-  result<ucp_rkey_h> get_rkey(ucx_peer& peer, const memory::segment_descriptor& remote, const std::string& blob_hex) {
+  result<ucp_rkey_h> get_rkey(ucx_peer& peer, const memory::segment_descriptor& remote, const std::string& blob_hex,
+                              const std::string& address_hex, std::uint64_t blob_check) {
     if (peer.last_rkey && peer.last_rkey_generation == remote.generation && peer.last_rkey_segment == remote.name &&
         peer.last_rkey->blob_hex == blob_hex)
       return peer.last_rkey->rkey;
@@ -548,20 +572,25 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     key.append(1, '\n').append(std::to_string(remote.generation));
     peer.last_rkey = nullptr;
     auto it = peer.rkeys.find(key);
-    if (it != peer.rkeys.end()) {
-      if (it->second.blob_hex == blob_hex) {
-        remember_rkey(peer, remote, it->second);
-        return it->second.rkey;
-      }
-      ucp_rkey_destroy(it->second.rkey);  // re-registered under the same name and generation
-      peer.rkeys.erase(it);
+    if (it != peer.rkeys.end() && it->second.blob_hex == blob_hex) {
+      remember_rkey(peer, remote, it->second);
+      return it->second.rkey;
     }
+    if (auto ok = check_blobs(address_hex, blob_hex, blob_check); !ok)
+      return error{errc::bad_key, "ucx: rkey of segment '" + remote.name + "': " + ok.error().context()};
     auto blob = from_hex(blob_hex, "rkey");
     if (!blob) return error{errc::bad_key, "ucx: rkey of segment '" + remote.name + "': " + blob.error().context()};
     ucp_rkey_h rkey = nullptr;
     if (auto s = ucp_ep_rkey_unpack(peer.ep, blob->data(), &rkey); s != UCS_OK)
       return error{errc::bad_key, "ucx: ucp_ep_rkey_unpack for segment '" + remote.name + "' failed (UCX: " +
                                       std::string(ucs_status_string(s)) + ")"};
+    if (it != peer.rkeys.end()) {
+      // Re-registered under the same name and generation. Operations in
+      // flight may still use the old rkey, which UCX lets go only once they
+      // are flushed: it is destroyed with the endpoint.
+      peer.retired_rkeys.push_back(it->second.rkey);
+      peer.rkeys.erase(it);
+    }
     auto placed = peer.rkeys.emplace(std::move(key), ucx_rkey_entry{blob_hex, rkey});
     remember_rkey(peer, remote, placed.first->second);
     return rkey;
@@ -634,9 +663,15 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     else kick();
   }
 
+  static void destroy_rkeys(ucx_peer& peer) {
+    for (auto& [_, rk] : peer.rkeys) ucp_rkey_destroy(rk.rkey);
+    peer.rkeys.clear();
+    for (auto rk : peer.retired_rkeys) ucp_rkey_destroy(rk);
+    peer.retired_rkeys.clear();
+  }
+
   void closed(ucx_peer* peer) {
-    for (auto& [_, rk] : peer->rkeys) ucp_rkey_destroy(rk.rkey);
-    peer->rkeys.clear();
+    destroy_rkeys(*peer);
     peer->last_rkey = nullptr;
     // With error mode NONE (posix, sysv) a forced close leaves requests that
     // were queued on the endpoint uncompleted; the endpoint is gone, so UCX
