@@ -44,6 +44,44 @@ TEST_F(MasterHandler, FullPutGetCycleOverTheProtocol) {
   EXPECT_EQ(stats["capacity"], 2 << 20);
 }
 
+TEST_F(MasterHandler, AReleaseNamesItsLeaseAndLeavesOtherReaders) {
+  ASSERT_TRUE(call({{"id", 1}, {"op", "register_segment"}, {"node", "n0"}, {"segment", "s0"}, {"capacity", 1 << 20}})["ok"]);
+  auto put = call({{"id", 2}, {"op", "put_start"}, {"tenant", "t"}, {"key", "k"}, {"size", 4096}});
+  ASSERT_TRUE(call({{"id", 3}, {"op", "put_commit"}, {"tenant", "t"}, {"key", "k"}, {"put_id", put["put_id"]}})["ok"]);
+  auto a = call({{"id", 4}, {"op", "get"}, {"tenant", "t"}, {"key", "k"}});
+  auto b = call({{"id", 5}, {"op", "get"}, {"tenant", "t"}, {"key", "k"}});
+  ASSERT_TRUE(a["lease_id"].is_number_unsigned()) << a.dump();
+  ASSERT_TRUE(b["lease_id"].is_number_unsigned()) << b.dump();
+  EXPECT_NE(a["lease_id"], b["lease_id"]);
+  EXPECT_EQ(call({{"id", 6}, {"op", "release"}, {"tenant", "t"}, {"key", "k"}, {"lease_id", "x"}})["error"], "invalid_argument");
+  ASSERT_TRUE(call({{"id", 7}, {"op", "release"}, {"tenant", "t"}, {"key", "k"}, {"lease_id", a["lease_id"]}})["ok"]);
+  EXPECT_EQ(call({{"id", 8}, {"op", "remove"}, {"tenant", "t"}, {"key", "k"}})["error"], "busy") << "b still reads";
+  ASSERT_TRUE(call({{"id", 9}, {"op", "release"}, {"tenant", "t"}, {"key", "k"}, {"lease_id", b["lease_id"]}})["ok"]);
+  EXPECT_TRUE(call({{"id", 10}, {"op", "remove"}, {"tenant", "t"}, {"key", "k"}})["ok"]);
+}
+
+// A task whose copy is no longer wanted (its target's node left, or the
+// object is gone) used to be handed to the source anyway, which then wrote
+// a range that may hold another object by now.
+TEST_F(MasterHandler, AHeartbeatCarriesNoTaskForACopyNoLongerWanted) {
+  for (int n = 0; n < 3; ++n) {
+    const auto i = std::to_string(n);
+    ASSERT_TRUE(call({{"id", 1}, {"op", "register_segment"}, {"node", "n" + i}, {"segment", "s" + i}, {"capacity", 1 << 20}})["ok"]);
+  }
+  auto put = call({{"id", 2}, {"op", "put_start"}, {"tenant", "t"}, {"key", "x"}, {"size", 4096}, {"replicas", 2}});
+  ASSERT_TRUE(put["ok"]) << put.dump();
+  ASSERT_TRUE(call({{"id", 3}, {"op", "put_commit"}, {"tenant", "t"}, {"key", "x"}, {"put_id", put["put_id"]}})["ok"]);
+  ASSERT_TRUE(state.remove_node(put["replicas"][1]["node"].get<std::string>(), now));
+  auto report = handler.tick(now + 1s);
+  ASSERT_EQ(report.replications.size(), 1u);
+  const auto source = report.replications[0].source.node;
+  ASSERT_TRUE(state.remove_node(report.replications[0].target.node, now + 1s));  // the copy's target leaves
+  now += 1s;
+  auto beat = call({{"id", 4}, {"op", "heartbeat"}, {"node", source}});
+  ASSERT_TRUE(beat["ok"]) << beat.dump();
+  EXPECT_TRUE(beat["tasks"].empty()) << beat.dump();
+}
+
 TEST_F(MasterHandler, ANotificationIsActedOnAndAnsweredWithNothing) {
   ASSERT_TRUE(call({{"id", 1}, {"op", "register_segment"}, {"node", "n0"}, {"segment", "s0"}, {"capacity", 1 << 20}})["ok"]);
   auto put = call({{"id", 2}, {"op", "put_start"}, {"tenant", "t"}, {"key", "k"}, {"size", 4096}});

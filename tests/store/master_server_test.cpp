@@ -114,6 +114,25 @@ TEST_F(MasterServer, ANotificationWithNoCallAfterItStillLeaves) {
   EXPECT_FALSE(ec) << ec.message();
 }
 
+// A key or name that is not UTF-8 made the encoding throw inside the
+// client's strand handler, out of io.run(): std::terminate (`kvx-store admin
+// drain $'\xff'`). The call is refused, the connection carries on.
+TEST_F(MasterServer, ACallWithAFieldThatIsNotUtf8IsInvalidArgumentNotACrash) {
+  auto client = kvx::store::master_client::create(io.get_executor(), server.endpoint());
+  auto [ec, body] = call(*client, {{"op", "get"}, {"tenant", "t"}, {"key", "\xff"}});
+  EXPECT_EQ(ec, kvx::errc::invalid_argument) << ec.message();
+  EXPECT_NE(body.value("message", std::string()).find("'key'"), std::string::npos) << body.dump();
+  auto [ec2, body2] = call(*client, {{"op", "drain_node"}, {"node", "n\xc3"}});
+  EXPECT_EQ(ec2, kvx::errc::invalid_argument) << ec2.message();
+  auto [ec3, body3] = call(*client, {{"op", "longest_prefix"}, {"tenant", "t"}, {"keys", {"a", "\xed\xa0\x80"}}});
+  EXPECT_EQ(ec3, kvx::errc::invalid_argument) << ec3.message();
+  EXPECT_NE(body3.value("message", std::string()).find("'keys[1]'"), std::string::npos) << body3.dump();
+  client->notify({{"op", "release"}, {"tenant", "t"}, {"key", "\xff"}});  // dropped, logged
+  auto [ec4, exists] = call(*client, {{"op", "exists"}, {"tenant", "t"}, {"key", "caf\xc3\xa9 \xf0\x9f\x98\x80"}});
+  EXPECT_FALSE(ec4) << ec4.message() << " (valid UTF-8 still goes through)";
+  EXPECT_EQ(exists["exists"], false) << exists.dump();
+}
+
 TEST_F(MasterServer, StoppedMasterGivesConnectionLostThenUnreachable) {
   auto client = kvx::store::master_client::create(io.get_executor(), server.endpoint());
   ASSERT_FALSE(call(*client, {{"op", "stats"}}).first);

@@ -121,6 +121,30 @@ TEST_F(MasterState, ReadLeaseBlocksRemoveAndEviction) {
   EXPECT_FALSE(m.exists(key("leased")));
 }
 
+// Reader A's release used to end every reader's lease (lease_until =
+// min(latest, now)): reader B's range could be removed and reused mid-read.
+TEST_F(MasterState, OneReadersReleaseLeavesAnotherReadersLease) {
+  auto m = make();
+  auto t = m.put_start(key("shared"), 1000, {}, t0);
+  ASSERT_TRUE(m.put_commit(key("shared"), t->put_id, t0));
+  auto a = m.get(key("shared"), t0);        // until t0 + 5s
+  auto b = m.get(key("shared"), t0 + 1s);   // until t0 + 6s
+  ASSERT_TRUE(a);
+  ASSERT_TRUE(b);
+  EXPECT_NE(a->lease_id, b->lease_id);
+  // A release without an id (an older client) cannot say whose lease ended: with two it ends none.
+  EXPECT_TRUE(m.release_lease(key("shared"), t0 + 2s));
+  EXPECT_EQ(m.remove(key("shared"), t0 + 2s).code(), kvx::errc::busy);
+  EXPECT_TRUE(m.release_lease(key("shared"), t0 + 2s, a->lease_id));
+  EXPECT_EQ(m.remove(key("shared"), t0 + 2s).code(), kvx::errc::busy) << "B still reads";
+  // Releasing A again, or an id never granted, changes nothing.
+  EXPECT_TRUE(m.release_lease(key("shared"), t0 + 2s, a->lease_id));
+  EXPECT_TRUE(m.release_lease(key("shared"), t0 + 2s, 999));
+  EXPECT_EQ(m.remove(key("shared"), t0 + 2s).code(), kvx::errc::busy);
+  EXPECT_TRUE(m.release_lease(key("shared"), t0 + 3s, b->lease_id));
+  EXPECT_TRUE(m.remove(key("shared"), t0 + 3s));
+}
+
 TEST_F(MasterState, EvictionFollowsThePolicyAndRespectsSoftPins) {
   auto m = make();
   auto put = [&](const std::string& k, bool pin) {
@@ -157,6 +181,75 @@ TEST_F(MasterState, ReplicasNeedDistinctNodes) {
   auto m = make();
   EXPECT_EQ(m.put_start(key("r4"), 10, reps(4), t0).code(), kvx::errc::capacity_exceeded);
   EXPECT_EQ(m.used_bytes(), 0u) << "a refused put leaves nothing allocated";
+}
+
+// A put no eviction can make room for (more replicas than nodes, or larger
+// than every segment) used to evict the whole pool, pinned objects too.
+TEST_F(MasterState, APutThatCanNeverFitEvictsNothing) {
+  auto m = make();
+  for (int i = 0; i < 3; ++i) {
+    auto t = m.put_start(key("kept" + std::to_string(i)), 1000, pinned(i == 0), t0);
+    ASSERT_TRUE(t);
+    ASSERT_TRUE(m.put_commit(key("kept" + std::to_string(i)), t->put_id, t0));
+  }
+  auto four = m.put_start(key("r4"), 1000, reps(4), t0 + 1s);
+  EXPECT_EQ(four.code(), kvx::errc::capacity_exceeded);
+  EXPECT_NE(four.error().context().find("distinct nodes"), std::string::npos) << four.error().context();
+  auto huge = m.put_start(key("huge"), (1 << 20) + (1 << 19), {}, t0 + 1s);  // 1.5 MiB: the pool has 3, no segment 1.5
+  EXPECT_EQ(huge.code(), kvx::errc::capacity_exceeded);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(m.exists(key("kept" + std::to_string(i)))) << i;
+  EXPECT_EQ(m.object_count(), 3u);
+}
+
+// Removing (or evicting) an object whose copy was planned used to free the
+// copy's target while the task still waited for its source's heartbeat: the
+// source then wrote the old bytes over the next object placed there.
+TEST_F(MasterState, AnObjectBeingCopiedIsNeitherRemovedNorEvicted) {
+  auto m = make();
+  auto t = m.put_start(key("x"), 1000, reps(2), t0);
+  ASSERT_TRUE(m.put_commit(key("x"), t->put_id, t0));
+  ASSERT_TRUE(m.remove_node(t->replicas[1].node, t0));
+  auto report = m.tick(t0 + 1s);
+  ASSERT_EQ(report.replications.size(), 1u);
+  const auto task = report.replications[0];
+  const auto used = m.used_bytes();
+  EXPECT_EQ(m.remove(key("x"), t0 + 1s).code(), kvx::errc::busy);
+  // Eviction passes it over too: a put needing its room fails instead.
+  EXPECT_EQ(m.put_start(key("y"), (1 << 20) - 512, reps(2), t0 + 1s).code(), kvx::errc::capacity_exceeded);
+  EXPECT_TRUE(m.exists(key("x")));
+  EXPECT_EQ(m.used_bytes(), used) << "the copy's target stays allocated";
+  ASSERT_TRUE(m.replication_done(key("x"), task.put_id, task.target));
+  EXPECT_TRUE(m.remove(key("x"), t0 + 1s));
+  EXPECT_EQ(m.used_bytes(), 0u);
+}
+
+// A copy that failed (its transfer, or its source died) used to stay "in
+// flight" forever: counted as a replica, so none was planned again, and its
+// target's bytes leaked.
+TEST_F(MasterState, ACopyNotDoneByItsDeadlineIsGivenUpAndPlannedAgain) {
+  auto m = make();  // replication_timeout: the default, 30 s
+  auto t = m.put_start(key("x"), 1000, reps(2), t0);
+  ASSERT_TRUE(m.put_commit(key("x"), t->put_id, t0));
+  const auto one_replica = m.used_bytes() / 2;
+  ASSERT_TRUE(m.remove_node(t->replicas[1].node, t0));
+  EXPECT_EQ(m.used_bytes(), one_replica);
+  auto first = m.tick(t0 + 1s);
+  ASSERT_EQ(first.replications.size(), 1u);
+  EXPECT_EQ(m.used_bytes(), 2 * one_replica);
+  std::vector<kvx::store::replication_task> later;
+  for (auto s = 2s; s <= 40s; s += 2s) {
+    for (const auto& n : m.nodes()) ASSERT_TRUE(m.heartbeat(n, t0 + s));
+    auto r = m.tick(t0 + s);
+    if (s <= 31s) {
+      EXPECT_TRUE(r.replications.empty()) << "planned again before the deadline, at " << s.count();
+    }
+    later.insert(later.end(), r.replications.begin(), r.replications.end());
+  }
+  ASSERT_EQ(later.size(), 1u) << "planned again once, past the deadline";
+  EXPECT_NE(later[0].put_id, first.replications[0].put_id);
+  EXPECT_EQ(m.used_bytes(), 2 * one_replica) << "the first target was freed";
+  EXPECT_EQ(m.replication_done(key("x"), first.replications[0].put_id, first.replications[0].target).code(),
+            kvx::errc::not_found) << "a copy given up cannot be reported done";
 }
 
 TEST_F(MasterState, DeadNodeLosesOrReReplicates) {

@@ -146,6 +146,11 @@ class master_client : public std::enable_shared_from_this<master_client> {
   [[nodiscard]] bool current(const std::shared_ptr<connection>& c) const { return conn_ == c; }
 
   void start_notify(json req) {
+    if (auto bad = protocol::non_utf8_field(req)) {
+      log(log_level::warn, "store client: master ", endpoint_, ": notification dropped: field '", *bad,
+          "' is not valid UTF-8");
+      return;
+    }
     req["id"] = ++next_id_;
     req["reply"] = false;
     outbox_.push_back(protocol::encode_frame(req));
@@ -182,6 +187,13 @@ class master_client : public std::enable_shared_from_this<master_client> {
   }
 
   void start_call(json req, handler_type h, asio::cancellation_slot slot) {
+    // JSON text is UTF-8: a key or name that is not would make the encoding
+    // throw here, in a strand handler, out of io.run(). Refuse the call.
+    if (auto bad = protocol::non_utf8_field(req)) {
+      kvx::detail::post_completion(strand_, std::move(h), make_error_code(errc::invalid_argument),
+                                   json{{"message", "field '" + *bad + "' is not valid UTF-8"}});
+      return;
+    }
     const auto id = ++next_id_;
     req["id"] = id;
     pending_.emplace(id, std::move(h));

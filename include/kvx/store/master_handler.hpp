@@ -42,6 +42,9 @@ class master_handler {
     auto report = state_.tick(now);
     for (const auto& t : report.replications) tasks_[t.source.node].push_back(t);
     for (const auto& n : report.dropped_nodes) tasks_.erase(n);
+    // Tasks for objects gone, or copies given up, must not reach a source:
+    // their target ranges may already hold another object.
+    for (auto& [node, queue] : tasks_) std::erase_if(queue, [&](const replication_task& t) { return !state_.copying(t); });
     return report;
   }
 
@@ -78,7 +81,8 @@ class master_handler {
       KVX_TRY(state_.heartbeat(*node, now));
       json tasks = json::array();
       auto& queue = tasks_[*node];
-      for (const auto& t : queue) tasks.push_back(protocol::to_json(t));
+      for (const auto& t : queue)
+        if (state_.copying(t)) tasks.push_back(protocol::to_json(t));
       queue.clear();
       auto changes = state_.ledger_since(*node, *ack, max_ledger_changes);
       KVX_TRY(changes);
@@ -173,10 +177,13 @@ class master_handler {
       KVX_TRY(g);
       json reps = json::array();
       for (const auto& r : g->replicas) reps.push_back(protocol::to_json(r));
-      return json{{"size", g->size}, {"replicas", std::move(reps)}, {"lease_ms", ms_until(g->lease_until, now)}};
+      return json{{"size", g->size}, {"replicas", std::move(reps)}, {"lease_ms", ms_until(g->lease_until, now)},
+                  {"lease_id", g->lease_id}};
     }
     if (op == "release") {
-      KVX_TRY(state_.release_lease(*key, now));
+      auto lease_id = v.optional<std::uint64_t>("lease_id", 0);
+      KVX_TRY(lease_id);
+      KVX_TRY(state_.release_lease(*key, now, *lease_id));
       return json::object();
     }
     if (op == "remove") {

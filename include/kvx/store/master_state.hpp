@@ -10,17 +10,19 @@
 //! - **Two-phase put**: `put_start` (allocate) -> the writer moves the bytes ->
 //!   `put_commit` (visible). A writer that dies leaves a pending object that
 //!   no reader sees; `tick` reclaims it when its put lease expires.
-//! - **Read leases**: `get` grants a lease; a leased object is neither
-//!   evicted nor removed until the lease ends, so a reader's transfer never
-//!   races a reuse of the bytes.
+//! - **Read leases**: `get` grants a lease, each with its own id; a leased
+//!   object is neither evicted nor removed until the last lease ends (a
+//!   reader's release ends only its own), so a reader's transfer never races
+//!   a reuse of the bytes.
 //! - **Soft pin**: pinned objects (system prompts) are evicted only when
 //!   nothing unpinned is left.
 //! - **Eviction**: above the high watermark (or when a put does not fit), committed,
-//!   unleased objects leave in the order of a `kvx::cache` eviction policy
+//!   unleased objects with no copy in flight leave in the order of a `kvx::cache` eviction policy
 //!   until usage is under the low watermark.
 //! - **Membership**: nodes heartbeat; a node silent past `node_timeout` is
 //!   dropped: its replicas are forgotten, objects left with none are lost
-//!   (reported), objects left with fewer than asked get re-replication tasks.
+//!   (reported), objects left with fewer than asked get re-replication tasks;
+//!   a copy not done within `replication_timeout` is given up and planned again.
 //! - **Quotas** per tenant, in bytes.
 //! - **Recovery** (`recover_objects`): each node is told, with its heartbeat
 //!   answers, which committed objects its segment holds (a ledger; the
@@ -59,6 +61,10 @@ struct master_config {
   clock::duration put_lease = std::chrono::seconds(30);   //!< a writer must commit within this
   clock::duration read_lease = std::chrono::seconds(5);   //!< default lease a get grants
   clock::duration node_timeout = std::chrono::seconds(5); //!< heartbeat silence that drops a node
+  //! A re-replication copy not reported done within this is given up: its
+  //! target is freed and another copy is planned. Keep it above the nodes'
+  //! transfer deadline, so a source never writes a target given up.
+  clock::duration replication_timeout = std::chrono::seconds(30);
   double high_watermark = 0.95;  //!< evict when used/capacity exceeds this
   double low_watermark = 0.85;   //!< ... down to this
   std::uint64_t alignment = 64;  //!< replica offsets are multiples of this
@@ -89,6 +95,7 @@ struct get_grant {
   std::uint64_t size = 0;
   std::vector<replica_location> replicas;  //!< any one serves; the reader's node first
   clock::time_point lease_until;
+  std::uint64_t lease_id = 0;  //!< names this lease to `release_lease`
 };
 
 //! What `master_state::recover` did with a node's report.
@@ -103,6 +110,7 @@ struct tick_report {
   std::vector<object_key> reclaimed_puts;  //!< pending puts whose writer never committed, or whose every node was dropped
   std::vector<object_key> lost_objects;    //!< every replica was on dropped nodes
   std::vector<replication_task> replications;
+  std::vector<object_key> abandoned_copies;  //!< re-replication copies not done by their deadline (planned again)
   std::size_t evicted = 0;
 };
 
@@ -267,6 +275,15 @@ class master_state {
                                                   " bytes: " + std::to_string(used) + " used, put needs " +
                                                   std::to_string(size * opt.replicas)};
     }
+    // No eviction can make room for a put that even an empty pool could not
+    // hold: refuse it before evicting anything.
+    std::set<std::string> could_hold;
+    for (const auto& [name, seg] : segments_)
+      if (!draining_.count(seg.info.node) && seg.info.capacity >= size) could_hold.insert(seg.info.node);
+    if (could_hold.size() < opt.replicas)
+      return error{errc::capacity_exceeded, "put '" + key.full() + "': " + std::to_string(opt.replicas) + " replica(s) of " +
+                                                std::to_string(size) + " bytes need as many distinct nodes with a segment that large; " +
+                                                std::to_string(could_hold.size()) + " (not draining) have one; nothing evicted"};
     auto replicas = place(size, opt.replicas, opt.preferred_node, {});
     // Does not fit: evict one object at a time (unpinned first) and retry.
     while (replicas.size() < opt.replicas && evict_one(now)) {
@@ -277,7 +294,7 @@ class master_state {
       release(replicas);
       return error{errc::capacity_exceeded, "put '" + key.full() + "': no room for " + std::to_string(opt.replicas) +
                                                 " replica(s) of " + std::to_string(size) +
-                                                " bytes on distinct nodes (leased and pinned objects stay)"};
+                                                " bytes on distinct nodes (leased and pinned objects, and those being copied, stay)"};
     }
     object_state obj;
     obj.size = size;
@@ -331,9 +348,12 @@ class master_state {
       return error{errc::not_found, "get '" + key.full() + "'"};
     }
     auto& obj = it->second;
+    std::erase_if(obj.leases, [&](const auto& l) { return l.second <= now; });
+    const auto id = ++next_lease_id_;
+    obj.leases.emplace(id, now + lease.value_or(config_.read_lease));
     obj.lease_until = std::max(obj.lease_until, now + lease.value_or(config_.read_lease));
     eviction_.on_hit(evict_key(obj.eviction_id), cache::access_context{tick_++, cache::never, obj.size});
-    get_grant g{obj.size, {}, obj.lease_until};
+    get_grant g{obj.size, {}, now + lease.value_or(config_.read_lease), id};
     for (const auto& r : obj.replicas) g.replicas.push_back(r.location);
     std::stable_partition(g.replicas.begin(), g.replicas.end(),
                           [&](const replica_location& r) { return r.node == reader_node; });
@@ -341,19 +361,36 @@ class master_state {
     return g;
   }
 
-  //! Ends a read lease early (the reader's transfer finished).
-  result<void> release_lease(const object_key& key, clock::time_point now) {
+  //! Ends the read lease `lease_id` (from its `get_grant`) early: the
+  //! reader's transfer finished. Other readers' leases still hold the
+  //! object; an unknown or expired id changes nothing. Without an id (a
+  //! client that predates them) the lease ends only if it is the object's
+  //! only one: with several, the master cannot tell whose ended.
+  result<void> release_lease(const object_key& key, clock::time_point now, std::uint64_t lease_id = 0) {
     auto it = objects_.find(key);
     if (it == objects_.end()) return error{errc::not_found, "release '" + key.full() + "'"};
-    it->second.lease_until = std::min(it->second.lease_until, now);
+    auto& obj = it->second;
+    std::erase_if(obj.leases, [&](const auto& l) { return l.second <= now; });
+    if (lease_id != 0)
+      obj.leases.erase(lease_id);
+    else if (obj.leases.size() == 1)
+      obj.leases.clear();
+    // The latest lease still held; none: the object is free from `now`.
+    auto until = std::min(obj.lease_until, now);
+    for (const auto& l : obj.leases) until = std::max(until, l.second);
+    obj.lease_until = until;
     return {};
   }
 
-  //! Removes a committed object; `errc::busy` while a read lease holds it.
+  //! Removes a committed object; `errc::busy` while a read lease holds it
+  //! or a re-replication copy of it is in flight (the source node may still
+  //! write the target range, which must not be reused before it is done).
   result<void> remove(const object_key& key, clock::time_point now) {
     auto it = objects_.find(key);
     if (it == objects_.end() || !it->second.committed) return error{errc::not_found, "remove '" + key.full() + "'"};
     if (it->second.lease_until > now) return error{errc::busy, "remove '" + key.full() + "': a read lease holds it"};
+    if (!it->second.pending_replicas.empty())
+      return error{errc::busy, "remove '" + key.full() + "': a re-replication copy of it is in flight"};
     erase_object(it);
     return {};
   }
@@ -392,6 +429,15 @@ class master_state {
     return error{errc::not_found, "replication of '" + key.full() + "': unknown target"};
   }
 
+  //! Whether `task` (planned by `tick`) is still wanted: its copy is still
+  //! in flight. A task for an object gone, or a copy given up, is not.
+  [[nodiscard]] bool copying(const replication_task& task) const {
+    auto it = objects_.find(task.key);
+    if (it == objects_.end()) return false;
+    return std::any_of(it->second.pending_replicas.begin(), it->second.pending_replicas.end(),
+                       [&](const placed& p) { return p.put_id == task.put_id && p.location == task.target; });
+  }
+
   //! Expires put leases, drops silent nodes, plans re-replication, evicts above the watermark.
   tick_report tick(clock::time_point now) {
     tick_report report;
@@ -414,6 +460,18 @@ class master_state {
       // holders' reports are still coming, and a copy made meanwhile would
       // make them refuse their own ("a copy to this node is being made").
       if (obj.recovered && now < recovery_from_ + config_.node_timeout) continue;
+      // A copy not done by its deadline failed (its transfer, or its source
+      // died): free the target and plan another below.
+      for (auto p = obj.pending_replicas.begin(); p != obj.pending_replicas.end();) {
+        if (p->deadline >= now) {
+          ++p;
+          continue;
+        }
+        std::vector<placed> one{*p};
+        release(one);
+        report.abandoned_copies.push_back(key);
+        p = obj.pending_replicas.erase(p);
+      }
       const auto have = kept_replicas(obj);  // a draining node's copies are about to go
       if (have >= obj.replicas_wanted) continue;
       std::set<std::string> nodes;
@@ -422,6 +480,7 @@ class master_state {
       auto more = allocate_excluding(obj.size, static_cast<unsigned>(obj.replicas_wanted - have), nodes);
       for (auto& r : more) {
         r.put_id = ++next_put_id_;
+        r.deadline = now + config_.replication_timeout;
         report.replications.push_back({key, obj.replicas.front().location, r.location, r.put_id});
         obj.pending_replicas.push_back(r);
       }
@@ -518,6 +577,7 @@ class master_state {
     replica_location location;
     memory::allocation alloc;
     std::uint64_t put_id = 0;
+    clock::time_point deadline{};  // a re-replication copy: given up after this
   };
   struct object_state {
     std::uint64_t size = 0;
@@ -527,7 +587,8 @@ class master_state {
     std::uint64_t put_id = 0;
     std::uint64_t eviction_id = 0;
     clock::time_point put_deadline{};
-    clock::time_point lease_until{};
+    clock::time_point lease_until{};             // the latest read lease still held
+    std::map<std::uint64_t, clock::time_point> leases;  // read lease id -> its end (pruned as they end)
     std::vector<placed> replicas;
     std::vector<placed> pending_replicas;
     std::optional<std::uint64_t> checksum;  // from the writer; without one the object is in no ledger
@@ -586,6 +647,7 @@ class master_state {
       if (!it->second.recovered) return "this master holds a put of the key";
       if (it->second.put_id > e.put_id) return "a newer version was taken back";
       if (it->second.lease_until > now) return "an older version taken back is being read";
+      if (!it->second.pending_replicas.empty()) return "an older version taken back is being copied";
     }
     auto alloc = seg->second.allocator.allocate_at(e.offset, e.size);
     if (!alloc)
@@ -593,7 +655,7 @@ class master_state {
              "' is outside it or taken";
     used_ += alloc->size;
     next_put_id_ = std::max(next_put_id_, e.put_id);  // this master's puts stay newer than what it took back
-    placed p{replica_location{node, e.segment, e.offset, e.size}, *alloc, 0};
+    placed p{replica_location{node, e.segment, e.offset, e.size}, *alloc, 0, {}};
     if (another_copy) {
       it->second.replicas.push_back(p);
       announce(it->first, it->second, std::span(it->second.replicas).last(1), true);
@@ -644,7 +706,7 @@ class master_state {
       auto a = seg.allocator.allocate(size, config_.alignment);
       if (!a) continue;
       used_ += a->size;
-      out.push_back({replica_location{seg.info.node, seg.info.name, a->offset, size}, *a, 0});
+      out.push_back({replica_location{seg.info.node, seg.info.name, a->offset, size}, *a, 0, {}});
     }
     m_used_.set(static_cast<double>(used_));
     return out;
@@ -736,7 +798,8 @@ class master_state {
         auto e = eviction_keys_.find(k.lo);
         if (e == eviction_keys_.end()) return false;
         const auto& obj = objects_.at(e->second);
-        return obj.lease_until <= now && (allow_pinned || !obj.pinned);
+        // A copy in flight may still write its target range: not before it ends.
+        return obj.lease_until <= now && obj.pending_replicas.empty() && (allow_pinned || !obj.pinned);
       });
       if (!victim) continue;
       auto e = eviction_keys_.find(victim->lo);
@@ -773,6 +836,7 @@ class master_state {
   std::uint64_t capacity_ = 0;
   std::uint64_t next_put_id_ = 0;
   std::uint64_t next_eviction_id_ = 0;
+  std::uint64_t next_lease_id_ = 0;
   clock::time_point recovery_from_{};
   std::map<std::string, clock::time_point> dropped_at_;  // nodes dropped within a put lease
   std::uint64_t tick_ = 0;

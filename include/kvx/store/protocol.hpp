@@ -22,8 +22,9 @@
 //! | `put_start` | `tenant, key, size, replicas?, preferred_node?, soft_pin?` | `put_id, replicas, deadline_ms, checksum` (true: send one with the commit) |
 //! | `put_commit` / `put_abort` | `tenant, key, put_id`, commit: `checksum?` (XXH3-64 of the bytes) | |
 //! | `recover` | `node, objects: [ledger entry]` (at most 10,000) | `objects, replicas, rejected: [why]` |
-//! | `get` | `tenant, key, reader_node?, lease_ms?` | `size, replicas, lease_ms` |
-//! | `release` / `remove` / `exists` | `tenant, key` | `exists` for exists |
+//! | `get` | `tenant, key, reader_node?, lease_ms?` | `size, replicas, lease_ms, lease_id` |
+//! | `release` | `tenant, key, lease_id?` (from the get; without it the lease ends only if it is the object's only one) | |
+//! | `remove` / `exists` | `tenant, key` | `exists` for exists |
 //! | `longest_prefix` | `tenant, keys` | `count` |
 //! | `replication_done` | `tenant, key, put_id, target` | |
 //! | `stats` | | `used, capacity, objects, nodes` |
@@ -60,7 +61,61 @@ using json = nlohmann::json;
 
 inline constexpr std::uint32_t max_frame_bytes = 16u << 20;
 
-//! Prepends the length header to a JSON body.
+//! Whether `s` is valid UTF-8 (what JSON text must be; `json::dump` throws
+//! on anything else).
+[[nodiscard]] inline bool is_utf8(std::string_view s) noexcept {
+  static constexpr std::uint32_t least[] = {0, 0x80, 0x800, 0x10000};  // shortest form per length
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    std::size_t n = 0;
+    std::uint32_t cp = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    if ((c & 0xE0) == 0xC0) {
+      n = 1;
+      cp = c & 0x1Fu;
+    } else if ((c & 0xF0) == 0xE0) {
+      n = 2;
+      cp = c & 0x0Fu;
+    } else if ((c & 0xF8) == 0xF0) {
+      n = 3;
+      cp = c & 0x07u;
+    } else {
+      return false;
+    }
+    if (s.size() - i <= n) return false;
+    for (std::size_t k = 1; k <= n; ++k) {
+      const auto b = static_cast<unsigned char>(s[i + k]);
+      if ((b & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (b & 0x3Fu);
+    }
+    if (cp < least[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += n + 1;
+  }
+  return true;
+}
+
+//! The first field of `body` (a name or a string value, at any depth) that
+//! is not valid UTF-8, as a path (`key`, `keys[2]`); none: it encodes.
+[[nodiscard]] inline std::optional<std::string> non_utf8_field(const json& body, const std::string& path = {}) {
+  if (body.is_string()) return is_utf8(body.get_ref<const std::string&>()) ? std::nullopt : std::optional(path);
+  if (body.is_object()) {
+    for (const auto& [name, value] : body.items()) {
+      const auto at = path.empty() ? name : path + "." + name;
+      if (!is_utf8(name)) return path.empty() ? std::string("(a field name)") : path + ".(a field name)";
+      if (auto bad = non_utf8_field(value, at)) return bad;
+    }
+  } else if (body.is_array()) {
+    for (std::size_t i = 0; i < body.size(); ++i)
+      if (auto bad = non_utf8_field(body[i], path + "[" + std::to_string(i) + "]")) return bad;
+  }
+  return std::nullopt;
+}
+
+//! Prepends the length header to a JSON body (valid UTF-8: `non_utf8_field`).
 inline std::string encode_frame(const json& body) {
   const std::string text = body.dump();
   std::string out(4, '\0');

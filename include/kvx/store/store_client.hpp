@@ -301,7 +301,9 @@ class store_client {
     // A notification, not a call: the get completes without waiting for the
     // master, and the release rides with this client's next request. Best
     // effort: an unreleased lease only delays eviction until it expires.
-    master_->notify(protocol::make_request("release", "tenant", key.tenant, "key", key.key));
+    const json lease_id = grant.is_object() ? grant.value("lease_id", json(0)) : json(0);
+    master_->notify(protocol::make_request("release", "tenant", key.tenant, "key", key.key, "lease_id",
+                                           lease_id.is_number_unsigned() ? lease_id.template get<std::uint64_t>() : 0));
     co_return std::tuple{result, result ? std::uint64_t{0} : size};
   }
 
