@@ -187,7 +187,10 @@ std::vector<double> numbers(const std::string& s, const std::string& what) {
     if (dash != std::string::npos) {
       const double a = number(item.substr(0, dash), what), b = number(item.substr(dash + 1), what);
       if (b < a || b - a > 1000) die("bad range '" + item + "' for " + what);
-      for (double v = a; v <= b; v += 1) out.push_back(v);
+      // Above 2^53 a double no longer steps by 1, so a range there would be one value repeated.
+      if (b > 9007199254740992.0) die("bad range '" + item + "' for " + what + ": ends must be at most 2^53");
+      const auto steps = static_cast<int>(b - a);
+      for (int k = 0; k <= steps; ++k) out.push_back(a + k);
     } else {
       out.push_back(number(item, what));
     }
@@ -597,8 +600,11 @@ double mean_of(const std::vector<double>& v) {
   return v.empty() ? 0.0 : s / static_cast<double>(v.size());
 }
 
-std::uint32_t whole(double v, const char* what, double lo) {
-  if (v != std::floor(v) || v < lo || v > 1e9) die(std::string(what) + " must be a whole number >= " + std::to_string(static_cast<int>(lo)));
+// A count option: a whole number in [lo, hi] (hi at most 2^32 - 1), checked before any cast.
+std::uint32_t whole(double v, const char* what, double lo, double hi = 1e9) {
+  if (!(v == std::floor(v) && v >= lo && v <= hi))
+    die(std::string(what) + " must be a whole number from " + std::to_string(static_cast<std::uint64_t>(lo)) + " to " +
+        std::to_string(static_cast<std::uint64_t>(hi)));
   return static_cast<std::uint32_t>(v);
 }
 
@@ -837,11 +843,16 @@ int validate_demo(const std::string& report_path, const demo_options& o, const s
           die(report_path + ": mode '" + name + "': a compute sample without a non-negative number '" + k + "'");
         return c[k].get<double>();
       };
-      const auto prompt = static_cast<std::uint32_t>(field("prompt")), out = static_cast<std::uint32_t>(field("output"));
+      auto tokens = [&](const char* k) {
+        const double v = field(k);
+        if (v > 1e9) die(report_path + ": mode '" + name + "': a compute sample's '" + k + "' is above 1000000000 tokens");
+        return static_cast<std::uint32_t>(v);
+      };
+      const auto prompt = tokens("prompt"), out = tokens("output");
       // Decode steps 1..out-1 each read the prompt and the tokens before them.
       const double steps = out > 0 ? out - 1 : 0;
       timed.push_back({.prompt_tokens = prompt,
-                       .cached_tokens = c.contains("cached") ? static_cast<std::uint32_t>(field("cached")) : 0U,
+                       .cached_tokens = c.contains("cached") ? tokens("cached") : 0U,
                        .prefill_cpu_s = field("prefill_cpu_s"),
                        .decode_steps = static_cast<std::uint32_t>(steps),
                        .decode_kv_tokens = steps * prompt + steps * (steps + 1) / 2,
@@ -1169,7 +1180,12 @@ int main(int argc, char** argv) {
   if (validate) return validate_tiny(quiet, json_path);
   if (!demo_report.empty()) {
     if (trace_given) demo.trace = trace_path;
-    return validate_demo(demo_report, demo, link_files, network_transport, json_path);
+    try {
+      return validate_demo(demo_report, demo, link_files, network_transport, json_path);
+    } catch (const json::exception& e) {  // a field of the wrong type, in the report or the --cores-from file
+      die(demo_report + (demo.cores_from.empty() ? "" : " or " + demo.cores_from) + ": a field has the wrong type (" +
+          e.what() + ")");
+    }
   }
   if (trace_path.empty()) die("--trace is required (see --help)");
   if (model_arg.empty()) die("--model is required (see --help)");
@@ -1204,8 +1220,10 @@ int main(int argc, char** argv) {
     if (!h) die(path + ": " + h.error().message());
     hw = *h;
   }
-  if (max_batch > 0) hw.decode.max_batch = static_cast<std::uint32_t>(max_batch);
-  if (block_tokens < 1 || block_tokens != std::floor(block_tokens)) die("--block-tokens must be a whole number >= 1");
+  if (max_batch > 0) hw.decode.max_batch = whole(max_batch, "--max-batch", 1, 1e6);
+  whole(block_tokens, "--block-tokens", 1, 1 << 20);
+  if (!(token_scale > 0)) die("--token-scale must be positive");
+  if (block_tokens * token_scale > 1 << 20) die("--block-tokens times --token-scale must be at most 1048576");
   const auto links = load_links(link_files, network_transport, model, static_cast<std::uint32_t>(std::max(1.0, block_tokens * token_scale)));
   kp::apply_links(hw, links.figures);
   if (auto ok = hw.validate(); !ok) die(ok.error().message());
@@ -1213,7 +1231,6 @@ int main(int argc, char** argv) {
   // Workload.
   auto trace = kvx::cache::read_trace(trace_path);
   if (!trace) die(trace.error().message());
-  if (!(token_scale > 0)) die("--token-scale must be positive");
   if (token_scale != 1) {
     const double scaled_block = block_tokens * token_scale;
     if (scaled_block < 1 || scaled_block != std::floor(scaled_block))
@@ -1230,7 +1247,7 @@ int main(int argc, char** argv) {
   if (!(time_scale > 0)) die("--time-scale must be positive");
   auto w = kp::workload::from_trace(*trace, {.block_tokens = static_cast<std::uint32_t>(block_tokens),
                                              .time_scale = time_scale,
-                                             .max_requests = static_cast<std::size_t>(max_requests)});
+                                             .max_requests = whole(max_requests, "--max-requests", 0)});
   if (!w) die(trace_path + ": " + w.error().message());
 
   // Space.
@@ -1250,8 +1267,7 @@ int main(int argc, char** argv) {
   space.evictions = split(ev_arg);
   space.routings = split(rt_arg);
   if (space.evictions.empty() || space.routings.empty()) die("--evictions and --routings need a value");
-  if (chunk < 1) die("--chunk-tokens must be >= 1");
-  space.base.chunk_tokens = static_cast<std::uint32_t>(chunk);
+  space.base.chunk_tokens = whole(chunk, "--chunk-tokens", 1, 1 << 24);
   space.base.early_rejection = early;
   auto candidates = kp::enumerate(space);
   for (const auto& d : candidates)
@@ -1265,9 +1281,9 @@ int main(int argc, char** argv) {
               << " candidate deployments, model " << model.name << " (" << model.kv_bytes_per_token()
               << " KV bytes/token), hardware " << hw.name << "\n";
   auto evaluate = [&](const kp::deployment& d) { return kp::simulate(*w, model, hw, d, slo); };
-  kp::search_options opt{.runner_ups = static_cast<std::size_t>(runner_ups),
+  kp::search_options opt{.runner_ups = whole(runner_ups, "--runner-ups", 0, 1e6),
                          .exhaustive = exhaustive,
-                         .jobs = std::max(1U, static_cast<unsigned>(jobs))};
+                         .jobs = std::max(1U, whole(jobs, "--jobs", 0, 1024))};
   const auto search0 = std::chrono::steady_clock::now();
   if (!quiet)
     opt.progress = [&](std::size_t done, std::size_t total, const kp::sim_report& r) {

@@ -119,6 +119,10 @@ int fail(const std::string& what) {
   return 1;
 }
 
+// Bounds of numeric options, checked before they become an unsigned or a duration.
+inline constexpr std::uint64_t max_replicas = 1024;
+inline constexpr std::uint64_t max_wait_s = 1'000'000'000;
+
 int usage_error(const std::string& what, const char* usage) {
   std::fprintf(stderr, "kvx-store: %s\n%s", what.c_str(), usage);
   return 2;
@@ -504,6 +508,9 @@ int client_mode(const std::string& mode, const args& a) {
   auto tenant = a.get("--tenant");
   auto key = a.get("--key");
   if (!path || !tenant || !key) return usage_error(mode + " needs --config, --tenant and --key", usage);
+  if (mode == "put")
+    if (auto replicas = number_arg(a, "--replicas", 1); replicas && *replicas > max_replicas)
+      return usage_error("--replicas: at most " + std::to_string(max_replicas), usage);
   auto doc = read_config_file(*path);
   if (!doc) return fail(doc.error().message());
   auto s = parse_client(*doc);
@@ -731,6 +738,8 @@ int admin_mode(const args& a) {
     return usage_error("unexpected argument '" + a.positional.back() + "'", admin_usage);
   auto wait_s = number_arg(a, "--wait", 0);
   if (!wait_s) return usage_error(wait_s.error().message(), admin_usage);
+  // now() + --wait in nanoseconds must not overflow: about 31 years at most.
+  if (*wait_s > max_wait_s) return usage_error("--wait: at most " + std::to_string(max_wait_s) + " seconds", admin_usage);
   const bool as_json = a.has("--json");
 
   asio::io_context io;

@@ -75,12 +75,19 @@ inline result<kvx::log_level> parse_log_level(const kvx::config::view& v) {
                                            "' (expected trace, debug, info, warn, error or off)"};
 }
 
+// The largest duration a config accepts, 2^40 ms (about 34 years): in nanoseconds it stays far below
+// INT64_MAX, so `steady_clock::now() + d` (and a few multiples of d) cannot overflow.
+inline constexpr std::uint64_t max_config_ms = std::uint64_t{1} << 40;
+
 inline result<std::chrono::milliseconds> parse_ms(const kvx::config::view& v, std::string_view key,
                                                   std::chrono::milliseconds fallback, std::uint64_t min_ms = 1) {
   auto ms = v.optional<std::uint64_t>(key, static_cast<std::uint64_t>(fallback.count()));
   KVX_TRY(ms);
   if (*ms < min_ms)
     return error{errc::invalid_argument, "config field '" + v.path_of(key) + "': must be at least " + std::to_string(min_ms)};
+  if (*ms > max_config_ms)
+    return error{errc::invalid_argument,
+                 "config field '" + v.path_of(key) + "': at most " + std::to_string(max_config_ms) + " (ms)"};
   return std::chrono::milliseconds(*ms);
 }
 

@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvx-topo: %s\n", topo.error().message().c_str());
     return 1;
   }
-  std::cout << topo->to_json().dump(2) << '\n';
+  // Names come from the file system and need not be UTF-8: such bytes print as U+FFFD.
+  std::cout << topo->to_json().dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
   return 0;
 }

@@ -1,6 +1,7 @@
 // trace_replay: replays a Mooncake-format JSONL trace through every eviction
 // policy at a sweep of capacities; prints a table and writes JSON.
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -54,8 +55,16 @@ std::vector<std::string> split(const std::string& s) {
 double parse_number(const std::string& s, const char* what) {
   char* end = nullptr;
   const double v = std::strtod(s.c_str(), &end);
-  if (end == s.c_str() || *end != '\0' || v < 0) die(std::string("bad ") + what + " '" + s + "'");
+  if (end == s.c_str() || *end != '\0' || !std::isfinite(v) || v < 0) die(std::string("bad ") + what + " '" + s + "'");
   return v;
+}
+
+// A cache of at most 2^28 blocks; more would not fit in memory (the policies reserve their capacity).
+constexpr double max_blocks = 268435456;
+
+std::size_t block_count(double v, const std::string& text, const char* what) {
+  if (v > max_blocks) die(std::string(what) + " '" + text + "' is more than " + std::to_string(std::size_t{1} << 28) + " blocks");
+  return static_cast<std::size_t>(v);
 }
 
 }  // namespace
@@ -79,7 +88,12 @@ int main(int argc, char** argv) {
     else if (a == "--capacities") caps_arg = next();
     else if (a == "--capacity-gib") gib_arg = next();
     else if (a == "--model") model = next();
-    else if (a == "--block-tokens") block_tokens = static_cast<std::uint64_t>(parse_number(next(), "--block-tokens"));
+    else if (a == "--block-tokens") {
+      const auto text = next();
+      const double v = parse_number(text, "--block-tokens");
+      if (v != std::floor(v) || v > 1048576) die("--block-tokens must be a whole number from 1 to 1048576, not '" + text + "'");
+      block_tokens = static_cast<std::uint64_t>(v);
+    }
     else if (a == "--policies") policies_arg = next();
     else if (a == "--json") json_path = next();
     else if (a == "--quiet") quiet = true;
@@ -101,10 +115,10 @@ int main(int argc, char** argv) {
     for (const auto& s : split(gib_arg)) {
       const double g = parse_number(s, "--capacity-gib");
       gibs.push_back(g);
-      caps.push_back(static_cast<std::size_t>(g * 1024.0 * 1024.0 * 1024.0 / static_cast<double>(block_bytes)));
+      caps.push_back(block_count(g * 1024.0 * 1024.0 * 1024.0 / static_cast<double>(block_bytes), s, "--capacity-gib"));
     }
   } else {
-    for (const auto& s : split(caps_arg)) caps.push_back(static_cast<std::size_t>(parse_number(s, "--capacities")));
+    for (const auto& s : split(caps_arg)) caps.push_back(block_count(parse_number(s, "--capacities"), s, "--capacities"));
   }
   if (caps.empty()) die("no capacities given");
   const auto policies = split(policies_arg);

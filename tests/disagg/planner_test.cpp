@@ -854,6 +854,11 @@ TEST(PlannerLinks, MalformedResultsAreErrorsThatSayWhereAndWhy) {
   };
   EXPECT_NE(msg(bench_line("tcp", "read", 65536, 2) + "\n{oops").find("f.json line 2: not JSON"), std::string::npos);
   EXPECT_NE(msg(bench_line("tcp", "read", 65536, 2, 3)).find("had 3 failed transfers"), std::string::npos);
+  for (const char* errors : {"1e30", "1.5", "-1", "\"3\""})
+    EXPECT_NE(msg(std::string(R"({"transport":"tcp","op":"read","block_size":65536,"gbps":2,"errors":)") + errors + "}")
+                  .find("f.json (transfer_bench): 'errors' is not a whole number >= 0"),
+              std::string::npos)
+        << errors;
   EXPECT_NE(msg(R"({"transport":"tcp","op":"read","block_size":65536})").find("'gbps' is missing or not a positive number"),
             std::string::npos);
   EXPECT_NE(msg(R"({"transport":"rdma","op":"read","block_size":1,"gbps":1})").find("unknown transport 'rdma'"),

@@ -5,6 +5,10 @@
 
 #include <map>
 #include <set>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
 
 namespace {
 
@@ -109,6 +113,23 @@ TEST(Topology, NumaNicMatrixSendsEachSocketsMemoryToItsOwnNics) {
     EXPECT_EQ(m[1][i], local == 1 ? distance::same_numa : distance::cross_numa) << t.nics[i].name;
   }
   EXPECT_EQ(t.to_json()["numa_nic_distance"][1][4], "same_numa");
+}
+
+TEST(Topology, DeviceNumbersOfAnyLengthSortAsNumbers) {
+  // single_socket plus two more RDMA devices whose numbers do not fit 64 bits.
+  const auto root = std::filesystem::temp_directory_path() / ("kvx_topo_test_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(root);
+  const auto opts = std::filesystem::copy_options::recursive | std::filesystem::copy_options::copy_symlinks;
+  std::filesystem::copy(fixture("single_socket"), root, opts);
+  const auto ib = root / "class/infiniband";
+  std::filesystem::copy(ib / "mlx5_0", ib / "mlx5_100000000000000000000", opts);
+  std::filesystem::copy(ib / "mlx5_0", ib / "mlx5_99999999999999999999", opts);
+  auto t = kvx::topology::discover(root);
+  std::filesystem::remove_all(root);
+  ASSERT_TRUE(t) << t.error().message();
+  std::vector<std::string> names;
+  for (const auto& n : t->nics) names.push_back(n.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"mlx5_0", "mlx5_99999999999999999999", "mlx5_100000000000000000000"}));
 }
 
 TEST(Topology, MissingRootIsAClearError) {

@@ -34,6 +34,8 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <tuple>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -126,11 +128,16 @@ inline std::vector<int> parse_cpulist(const std::string& text) {
   }
   return out;
 }
+// The trailing digits compare as a number of any length: without leading zeros, the shorter run is smaller,
+// and runs of one length compare digit by digit (a device name is not bounded to 64 bits).
 inline bool natural_less(const std::string& a, const std::string& b) {
   auto split = [](const std::string& s) {
-    auto i = s.find_last_not_of("0123456789");
-    i = i == std::string::npos ? 0 : i + 1;
-    return std::pair{s.substr(0, i), i < s.size() ? std::stoull(s.substr(i)) : 0ULL};
+    const std::string_view v(s);
+    auto i = v.find_last_not_of("0123456789");
+    i = i == std::string_view::npos ? 0 : i + 1;
+    auto digits = v.substr(i);
+    digits.remove_prefix(std::min(digits.find_first_not_of('0'), digits.size()));
+    return std::tuple{v.substr(0, i), digits.size(), digits};
   };
   return split(a) < split(b);
 }

@@ -94,10 +94,12 @@ inline result<void> add_entry(const nlohmann::json& j, const std::string& where,
     if (!gbps) return gbps.error();
     m.block_bytes = *block;
     m.bytes_per_s = *gbps * 1e9;
-    if (j.contains("errors") && j["errors"].is_number() && j["errors"].get<double>() > 0) {
+    if (j.contains("errors") && !j["errors"].is_number_unsigned())
+      return error{errc::invalid_argument, bench_where + ": 'errors' is not a whole number >= 0"};
+    if (const auto errors = j.value("errors", std::uint64_t{0}); errors > 0) {
       std::string first = j.contains("first_error") && j["first_error"].is_string() ? j["first_error"].get<std::string>() : "";
       return error{errc::invalid_argument, bench_where + ": " + m.transport + " " + m.op + " had " +
-                                               std::to_string(j["errors"].get<std::uint64_t>()) + " failed transfers" +
+                                               std::to_string(errors) + " failed transfers" +
                                                (first.empty() ? "" : " (first: " + first + ")") +
                                                ": not a measurement to plan with"};
     }

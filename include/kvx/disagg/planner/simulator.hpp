@@ -224,6 +224,7 @@ struct core_timeline {
 namespace detail {
 
 inline constexpr std::uint32_t none = UINT32_MAX;
+inline constexpr double max_cache_blocks = 268435456;  // 2^28
 
 template <class Policy>
 class simulation {
@@ -328,14 +329,27 @@ class simulation {
     KVX_TRY(slo_.validate());
     const bool colo = d_.mode == serving_mode::colocated;
     const std::uint32_t n = d_.instances();
-    const auto hbm_blocks = static_cast<std::size_t>(d_.hbm_cache_gb * 1e9 / block_bytes_);
+    // A cache holds at most 2^28 blocks: more would not fit a host's memory, and the count must fit a size_t.
+    auto blocks = [&](double gb, const char* field) -> result<std::size_t> {
+      const double n = gb * 1e9 / block_bytes_;
+      if (!(n >= 0 && n <= max_cache_blocks))
+        return error{errc::invalid_argument, "deployment '" + d_.label() + "': " + field + " holds more than " +
+                                                 std::to_string(static_cast<std::uint64_t>(max_cache_blocks)) + " blocks"};
+      return static_cast<std::size_t>(n);
+    };
+    auto hbm_blocks = blocks(d_.hbm_cache_gb, "hbm_cache_gb");
+    KVX_TRY(hbm_blocks);
+    auto dram_blocks = blocks(d_.dram_gb, "dram_gb");
+    KVX_TRY(dram_blocks);
+    auto ssd_blocks = blocks(d_.ssd_gb, "ssd_gb");
+    KVX_TRY(ssd_blocks);
     kv_capacity_tokens_ = (hw_.kv_capacity_bytes - d_.hbm_cache_gb * 1e9 * (colo ? 1 : 0)) / kvb_;
     for (std::uint32_t i = 0; i < n; ++i) {
       instance in;
       in.prefills = colo || i < d_.prefill_instances;
       in.decodes = colo || i >= d_.prefill_instances;
       if (in.prefills) {
-        auto c = block_cache::make(d_.eviction, hbm_blocks);
+        auto c = block_cache::make(d_.eviction, *hbm_blocks);
         if (!c) return c.error();
         in.hbm = std::move(*c);
       }
@@ -351,10 +365,10 @@ class simulation {
     }
     dram_id_ = n;
     ssd_id_ = n + 1;
-    auto dram = block_cache::make(d_.eviction, static_cast<std::size_t>(d_.dram_gb * 1e9 / block_bytes_));
+    auto dram = block_cache::make(d_.eviction, *dram_blocks);
     if (!dram) return dram.error();
     dram_ = std::move(*dram);
-    auto ssd = block_cache::make(d_.eviction, static_cast<std::size_t>(d_.ssd_gb * 1e9 / block_bytes_));
+    auto ssd = block_cache::make(d_.eviction, *ssd_blocks);
     if (!ssd) return ssd.error();
     ssd_ = std::move(*ssd);
     states_.resize(w_.size());
