@@ -8,5 +8,6 @@
 #include <kvx/core/log.hpp>
 #include <kvx/core/metrics.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/core/utf8.hpp>
 #include <kvx/features.hpp>
 #include <kvx/version.hpp>

@@ -53,6 +53,7 @@
 
 #include <kvx/core/config.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/core/utf8.hpp>
 #include <kvx/store/types.hpp>
 
 namespace kvx::store::protocol {
@@ -61,51 +62,14 @@ using json = nlohmann::json;
 
 inline constexpr std::uint32_t max_frame_bytes = 16u << 20;
 
-//! Whether `s` is valid UTF-8 (what JSON text must be; `json::dump` throws
-//! on anything else).
-[[nodiscard]] inline bool is_utf8(std::string_view s) noexcept {
-  static constexpr std::uint32_t least[] = {0, 0x80, 0x800, 0x10000};  // shortest form per length
-  std::size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    std::size_t n = 0;
-    std::uint32_t cp = 0;
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    if ((c & 0xE0) == 0xC0) {
-      n = 1;
-      cp = c & 0x1Fu;
-    } else if ((c & 0xF0) == 0xE0) {
-      n = 2;
-      cp = c & 0x0Fu;
-    } else if ((c & 0xF8) == 0xF0) {
-      n = 3;
-      cp = c & 0x07u;
-    } else {
-      return false;
-    }
-    if (s.size() - i <= n) return false;
-    for (std::size_t k = 1; k <= n; ++k) {
-      const auto b = static_cast<unsigned char>(s[i + k]);
-      if ((b & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (b & 0x3Fu);
-    }
-    if (cp < least[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-    i += n + 1;
-  }
-  return true;
-}
-
 //! The first field of `body` (a name or a string value, at any depth) that
 //! is not valid UTF-8, as a path (`key`, `keys[2]`); none: it encodes.
 [[nodiscard]] inline std::optional<std::string> non_utf8_field(const json& body, const std::string& path = {}) {
-  if (body.is_string()) return is_utf8(body.get_ref<const std::string&>()) ? std::nullopt : std::optional(path);
+  if (body.is_string()) return kvx::is_utf8(body.get_ref<const std::string&>()) ? std::nullopt : std::optional(path);
   if (body.is_object()) {
     for (const auto& [name, value] : body.items()) {
       const auto at = path.empty() ? name : path + "." + name;
-      if (!is_utf8(name)) return path.empty() ? std::string("(a field name)") : path + ".(a field name)";
+      if (!kvx::is_utf8(name)) return path.empty() ? std::string("(a field name)") : path + ".(a field name)";
       if (auto bad = non_utf8_field(value, at)) return bad;
     }
   } else if (body.is_array()) {

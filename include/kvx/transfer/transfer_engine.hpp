@@ -92,6 +92,7 @@
 
 #include <kvx/core/async.hpp>
 #include <kvx/core/log.hpp>
+#include <kvx/core/utf8.hpp>
 #include <kvx/memory/segment_table.hpp>
 #include <kvx/transfer/batch.hpp>
 #include <kvx/transfer/metadata_backend.hpp>
@@ -127,44 +128,6 @@ namespace detail {
 constexpr int locality_rank(const transport::transport_capabilities& c) noexcept {
   return c.same_process_only ? 0 : c.same_host_only ? 1 : 2;
 }
-
-// Names are published inside JSON, which must be UTF-8 (nlohmann throws
-// when dumping anything else).
-constexpr bool is_utf8(std::string_view s) noexcept {
-  std::size_t i = 0;
-  while (i < s.size()) {
-    const auto lead = static_cast<unsigned char>(s[i]);
-    if (lead < 0x80) {
-      ++i;
-      continue;
-    }
-    // Continuation bytes, and the range of the first (no overlongs, no surrogates, nothing above U+10FFFF).
-    std::size_t n = 0;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (lead >= 0xC2 && lead <= 0xDF) {
-      n = 1;
-    } else if (lead >= 0xE0 && lead <= 0xEF) {
-      n = 2;
-      if (lead == 0xE0) lo = 0xA0;
-      if (lead == 0xED) hi = 0x9F;
-    } else if (lead >= 0xF0 && lead <= 0xF4) {
-      n = 3;
-      if (lead == 0xF0) lo = 0x90;
-      if (lead == 0xF4) hi = 0x8F;
-    } else {
-      return false;
-    }
-    if (s.size() - i <= n) return false;
-    for (std::size_t k = 1; k <= n; ++k) {
-      const auto c = static_cast<unsigned char>(s[i + k]);
-      if (c < (k == 1 ? lo : 0x80) || c > (k == 1 ? hi : 0xBF)) return false;
-    }
-    i += n + 1;
-  }
-  return true;
-}
-static_assert(is_utf8("kv/layer-0") && is_utf8("\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80"));
-static_assert(!is_utf8("bad\xFF") && !is_utf8("\xC3") && !is_utf8("\xC0\xAF") && !is_utf8("\xED\xA0\x80"));
 
 // `s` quoted for an error message, with what is not UTF-8 shown as U+FFFD.
 inline std::string quoted(const std::string& s) {
@@ -376,9 +339,9 @@ class transfer_engine {
 
   // Why `name` cannot be published in a descriptor, if it cannot.
   kvx::error check_publishable(const std::string& name) const {
-    if (!detail::is_utf8(name))
+    if (!kvx::is_utf8(name))
       return {errc::invalid_argument, "segment name " + detail::quoted(name) + " is not UTF-8 (descriptors are JSON)"};
-    if (!detail::is_utf8(opts_.node))
+    if (!kvx::is_utf8(opts_.node))
       return {errc::invalid_argument, "node name " + detail::quoted(opts_.node) + " is not UTF-8 (descriptors are JSON)"};
     return {};
   }
