@@ -1,22 +1,43 @@
 #include <kvx/transport/ucx.hpp>
 
+#include <dlfcn.h>
+
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/io_context.hpp>
 #include <gtest/gtest.h>
 
 #include <kvx/memory/segment_table.hpp>
 
+#include "support/run_until.hpp"
+
 // The initiator remembers the peer and rkey it used last (ucx_worker.hpp),
 // so consecutive operations skip hashing the worker address and building the
 // rkey map key. These tests move between peers and segments, and re-register
 // a segment under the same name and generation, where a stale memo would send
-// bytes to the wrong place.
+// bytes to the wrong place; and they cancel and re-register under reads in
+// flight, where the cache must keep what those reads still use.
+
+namespace {
+// ucp_rkey_destroy calls so far: the transport's calls bind to the definition
+// below (the executable's own), which counts and forwards to UCX's.
+std::atomic<int> rkeys_destroyed{0};
+}  // namespace
+
+extern "C" void ucp_rkey_destroy(ucp_rkey_h rkey) {
+  static const auto real = reinterpret_cast<void (*)(ucp_rkey_h)>(::dlsym(RTLD_NEXT, "ucp_rkey_destroy"));
+  ++rkeys_destroyed;
+  real(rkey);
+}
 
 namespace {
 
@@ -121,6 +142,115 @@ TEST(UcxResolveCache, ReRegisteringUnderTheSameNameAndGenerationUsesTheNewRkey) 
   // The old entry names a registration that is gone (owner in this process).
   EXPECT_EQ(write(io, ini, old_desc, 0, src), kvx::errc::unknown_segment);
   EXPECT_TRUE(a.t.deregister_memory(moved));
+}
+
+TEST(UcxResolveCache, ACancelOnAReplacedEndpointLeavesTheNewerEndpointCached) {
+  // A cancel closes its op's endpoint and the next op to the peer opens a
+  // new one; a second cancel on the old endpoint dropped the new one from the
+  // cache (never closed it), so the op after it opened a third. Both
+  // transports carry reads as active messages here: every read below stays
+  // in flight until the io_context runs the owner.
+  for (const std::string tls : {"posix", "tcp"}) {
+    SCOPED_TRACE(tls);
+    asio::io_context io;
+    constexpr std::size_t n = 4096;
+    std::vector<std::byte> memory(n, std::byte{5});
+    struct read_op {
+      asio::cancellation_signal cancel;
+      std::vector<std::byte> dst = std::vector<std::byte>(n);
+      std::optional<std::error_code> ec;
+    };
+    std::array<read_op, 4> ops;
+    kvx::transport::ucx own(io.get_executor(), {.tls = tls});
+    kvx::memory::segment_table table("ucx-cache-cancel");
+    auto seg = *table.add("cancelled", {memory.data(), n});
+    auto entry = own.register_memory(seg);
+    ASSERT_TRUE(entry) << entry.error().message();
+    auto d = table.describe(seg);
+    d.transports["ucx"] = *entry;
+    kvx::transport::ucx ini(io.get_executor(), {.tls = tls});
+    auto issue = [&](read_op& op) {
+      ini.async_read(d, 0, op.dst,
+                     asio::bind_cancellation_slot(op.cancel.slot(), [&op](std::error_code ec) { op.ec = ec; }));
+    };
+    constexpr auto terminal = asio::cancellation_type::terminal;
+    issue(ops[0]);
+    issue(ops[1]);                 // both on the first endpoint
+    ops[1].cancel.emit(terminal);  // the first endpoint leaves the cache
+    issue(ops[2]);                 // opens the second endpoint
+    ops[0].cancel.emit(terminal);  // on the first endpoint still: the second must stay cached
+    issue(ops[3]);                 // shares the second endpoint with ops[2]
+    ops[3].cancel.emit(terminal);  // closes the second endpoint
+    ASSERT_TRUE(kvx::test::run_until(io, [&] {
+      return std::all_of(ops.begin(), ops.end(), [](const read_op& op) { return op.ec.has_value(); });
+    }, 20s));
+    EXPECT_EQ(*ops[1].ec, kvx::errc::cancelled) << ops[1].ec->message();
+    EXPECT_TRUE(*ops[0].ec) << "a cancelled read succeeded";
+    EXPECT_EQ(*ops[3].ec, kvx::errc::cancelled) << ops[3].ec->message();
+    EXPECT_EQ(*ops[2].ec, kvx::errc::connection_lost)
+        << ops[2].ec->message() << ": ops[3] did not share ops[2]'s endpoint (it was dropped from the cache)";
+
+    // The peer is reached again through a fresh endpoint.
+    read_op again;
+    issue(again);
+    ASSERT_TRUE(kvx::test::run_until(io, [&] { return again.ec.has_value(); }, 20s));
+    EXPECT_FALSE(*again.ec) << again.ec->message();
+    EXPECT_TRUE(all_equal(again.dst, std::byte{5}));
+    EXPECT_TRUE(own.deregister_memory(seg));
+  }
+}
+
+TEST(UcxResolveCache, AReplacedRkeyIsNotDestroyedUnderAReadInFlight) {
+  // An owner that re-registers a segment under the same name and generation
+  // gives it a new rkey; the initiator's first op with it replaces the
+  // cached one, while an op with the old one may be in flight (UCX wants an
+  // rkey kept until its ops are done). The initiator is tcp-only, so its
+  // reads are active messages, in flight until the owner progresses; the
+  // owner's UCX memory gives each registration its own rkey.
+  asio::io_context io;
+  constexpr std::size_t n = 4096;
+  kvx::transport::ucx own(io.get_executor(), {.tls = "posix,tcp"});
+  auto first = own.allocate(n);
+  auto second = own.allocate(n);
+  ASSERT_TRUE(first && second);
+  std::memset(first->data(), 1, n);
+  std::memset(second->data(), 2, n);
+  kvx::memory::segment_table table("ucx-cache-retired-rkey");
+  auto seg = *table.add("retired", first->region());
+  auto entry = own.register_memory(seg);
+  ASSERT_TRUE(entry) << entry.error().message();
+  auto old_desc = table.describe(seg);
+  old_desc.transports["ucx"] = *entry;
+
+  std::vector<std::byte> old_dst(n), new_dst(n);
+  std::optional<std::error_code> old_ec, new_ec;
+  const int before = rkeys_destroyed;
+  int destroyed_when_old_read_ended = -1;
+  std::optional<kvx::transport::ucx> ini(std::in_place, io.get_executor(), kvx::transport::ucx_options{.tls = "tcp"});
+  ini->async_read(old_desc, 0, old_dst, [&](std::error_code ec) {
+    old_ec = ec;
+    destroyed_when_old_read_ended = rkeys_destroyed - before;
+  });
+
+  ASSERT_TRUE(own.deregister_memory(seg));
+  auto moved = seg;
+  moved.region = second->region();
+  entry = own.register_memory(moved);
+  ASSERT_TRUE(entry) << entry.error().message();
+  auto new_desc = table.describe(moved);
+  new_desc.transports["ucx"] = *entry;
+  ASSERT_NE(new_desc.transports["ucx"]["rkey"], old_desc.transports["ucx"]["rkey"]);
+  ini->async_read(new_desc, 0, new_dst, [&](std::error_code ec) { new_ec = ec; });
+  EXPECT_EQ(rkeys_destroyed - before, 0) << "the replaced rkey was destroyed under the read in flight";
+
+  ASSERT_TRUE(kvx::test::run_until(io, [&] { return old_ec && new_ec; }, 20s));
+  EXPECT_EQ(destroyed_when_old_read_ended, 0);  // its outcome is not checked: its registration is gone
+  EXPECT_FALSE(*new_ec) << new_ec->message();
+  EXPECT_TRUE(all_equal(new_dst, std::byte{2})) << "the read did not use the new registration";
+  // Both rkeys go with the endpoint (and the count sees the transport's calls).
+  ini.reset();
+  EXPECT_EQ(rkeys_destroyed - before, 2);
+  EXPECT_TRUE(own.deregister_memory(moved));
 }
 
 }  // namespace

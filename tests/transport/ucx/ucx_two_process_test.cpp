@@ -296,6 +296,38 @@ TEST(UcxEndpoints, AnUnreachablePeerDoesNotTurnOffDeadPeerReportsForLaterEndpoin
   (void)owner.deregister_memory(seg);
 }
 
+TEST(UcxEndpoints, AnUnreachablePeerDoesNotCostALaterPeerItsDeathReport) {
+  // With posix and tcp, error mode PEER leaves posix out (it cannot detect a
+  // dead peer) and reaches a peer over tcp; mode NONE would take posix, where
+  // an operation to a dead peer waits for its deadline. A failed connect to
+  // a sysv-only worker (unreachable in either mode) must leave the transport
+  // in mode PEER for the peers after it.
+  initiator ini("posix,tcp", 65536);
+  kvx::transport::ucx sysv_only(ini.io.get_executor(), {.tls = "sysv"});
+  std::vector<std::byte> sysv_mem(4096);
+  kvx::memory::segment_table table("ucx-sysv-owner");
+  auto seg = *table.add("ucx-sysv-only", {sysv_mem.data(), sysv_mem.size()});
+  auto entry = sysv_only.register_memory(seg);
+  ASSERT_TRUE(entry) << entry.error().message();
+  auto unreachable = table.describe(seg);
+  unreachable.transports["ucx"] = *entry;
+  auto buf = std::span(ini.mem).first(4096);
+  ASSERT_EQ(ini.read(unreachable, 0, buf), kvx::errc::unreachable);
+
+  peer_process peer("posix,tcp", 65536);
+  ASSERT_FALSE(ini.read(peer.desc, 0, buf));  // the endpoint exists before the death
+  peer.child.kill();
+  peer.child.wait();
+  // The deadline is there so that a lost report fails instead of hanging.
+  std::optional<std::error_code> out;
+  ini.t.async_read(peer.desc, 0, buf,
+                   kvx::cancel_after(ini.io.get_executor(), 20s, [&](std::error_code ec) { out = ec; }));
+  ASSERT_TRUE(ini.run_until([&] { return out.has_value(); }, 30s));
+  EXPECT_TRUE(*out) << "a read from a dead peer succeeded";
+  EXPECT_NE(*out, kvx::errc::timed_out) << "the death was not reported: the read ran into its deadline";
+  (void)sysv_only.deregister_memory(seg);
+}
+
 TEST(UcxMemory, HostAlwaysCudaOnlyWhenUcxReportsIt) {
   asio::io_context io;
   kvx::transport::ucx t(io.get_executor(), {.tls = "posix"});
