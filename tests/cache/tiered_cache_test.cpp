@@ -528,6 +528,25 @@ void a_failed_demotion_keeps_the_block() {
   const std::string text = reg.prometheus_text();
   EXPECT_NE(text.find("kvx_cache_demotion_failures_total{cache=\"test\",tier=\"failing\"} 1"), std::string::npos)
       << text;
+  // Write-through: every insert's copy into the failing tier (keys 0, 1 and
+  // the refused 2) is counted and logged too, beside the failed demotion.
+  const bool through = Tiering{}.writes_through();
+  EXPECT_EQ(c.stats(1).write_through_failures, through ? 3U : 0U);
+  std::vector<std::string> written_through;
+  std::erase_if(warnings, [&](const std::string& w) {
+    if (w.find("writing block") == std::string::npos) return false;
+    written_through.push_back(w);
+    return true;
+  });
+  ASSERT_EQ(written_through.size(), through ? 3U : 0U);
+  for (std::size_t i = 0; i < written_through.size(); ++i) {
+    EXPECT_NE(written_through[i].find(key(i).to_string()), std::string::npos) << written_through[i];
+    EXPECT_NE(written_through[i].find("through to tier 1"), std::string::npos) << written_through[i];
+    EXPECT_NE(written_through[i].find("I/O error"), std::string::npos) << written_through[i];
+  }
+  if (through)
+    EXPECT_NE(text.find("kvx_cache_write_through_failures_total{cache=\"test\",tier=\"failing\"} 3"), std::string::npos)
+        << text;
   ASSERT_EQ(warnings.size(), 1U);
   EXPECT_NE(warnings[0].find(key(0).to_string()), std::string::npos) << warnings[0];
   EXPECT_NE(warnings[0].find("I/O error"), std::string::npos) << warnings[0];

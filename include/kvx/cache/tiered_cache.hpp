@@ -39,6 +39,9 @@
 //!   `errc::capacity_exceeded` (naming the failed demotion) unless the room
 //!   is there anyway; it does not evict further blocks towards a tier that
 //!   just failed.
+//! - With write-through, a lower tier whose copy of an inserted block fails
+//!   does not keep it (the insert stands on tier 0's copy); that tier counts
+//!   `kvx_cache_write_through_failures_total` and a warning is logged.
 //! - `read` serves from the fastest tier holding the block and, if the
 //!   tiering policy promotes on hit, copies it into tier 0.
 //!
@@ -137,6 +140,7 @@ struct read_result {
 struct tier_stats {
   std::uint64_t hits = 0, evictions = 0, promotions = 0, demotions = 0, used_bytes = 0, blocks = 0;
   std::uint64_t demotion_failures = 0;  //!< blocks that could not be moved into this tier (kept above)
+  std::uint64_t write_through_failures = 0;  //!< blocks inserted whose copy into this lower tier failed
 };
 
 namespace detail {
@@ -274,6 +278,8 @@ class tiered_cache {
       s.demotions = &reg.counter("kvx_cache_demotions_total", "Blocks moved into this tier on eviction above", l);
       s.demotion_failures = &reg.counter("kvx_cache_demotion_failures_total",
                                          "Blocks whose move into this tier failed; they stay in the tier above", l);
+      s.write_through_failures = &reg.counter("kvx_cache_write_through_failures_total",
+                                              "Blocks inserted whose write-through copy into this tier failed", l);
       s.bytes = &reg.gauge("kvx_cache_bytes", "Bytes held or being written in a tier", l);
       s.bytes->set(0);
       state_.push_back(s);
@@ -414,7 +420,15 @@ class tiered_cache {
       if (!(targets & bit(t))) continue;
       auto r = store_into(t, k, bytes, layout::slot[t] >= 0 ? memory::allocation(where[slot(t)]) : memory::allocation{},
                           demoted);
-      if (r) stored |= bit(t);
+      if (r) {
+        stored |= bit(t);
+      } else if (t != 0) {
+        // Tier 0 holds the block, so the insert stands; but a lower tier
+        // that fails its writes (a full or failing disk) must not go unseen.
+        state_[t].write_through_failures->add();
+        kvx::log(log_level::warn, "tiered_cache '", cfg_.name, "': writing block ", k.to_string(),
+                 " through to tier ", t, " failed (", r.error().message(), "); it is not kept there");
+      }
       if (t == 0) top = std::move(r);
     }
     std::lock_guard lock(mu_);
@@ -658,7 +672,7 @@ class tiered_cache {
     std::lock_guard lock(mu_);
     const tier_state& s = state_.at(t);
     return {s.hits->value(), s.evictions->value(), s.promotions->value(), s.demotions->value(), s.reserved,
-            policies_[t].size(), s.demotion_failures->value()};
+            policies_[t].size(), s.demotion_failures->value(), s.write_through_failures->value()};
   }
   [[nodiscard]] std::uint64_t misses() const { return misses_->value(); }
   [[nodiscard]] std::uint64_t rejections() const { return rejections_->value(); }
@@ -706,6 +720,7 @@ class tiered_cache {
     metrics::counter* promotions = nullptr;
     metrics::counter* demotions = nullptr;
     metrics::counter* demotion_failures = nullptr;
+    metrics::counter* write_through_failures = nullptr;
     metrics::gauge* bytes = nullptr;
   };
 
