@@ -79,6 +79,10 @@ inline result<kvx::log_level> parse_log_level(const kvx::config::view& v) {
 // INT64_MAX, so `steady_clock::now() + d` (and a few multiples of d) cannot overflow.
 inline constexpr std::uint64_t max_config_ms = std::uint64_t{1} << 40;
 
+//! The shortest put lease, read lease or copy deadline a config may set: a
+//! transfer bounded by one ends 250 ms before it, so it has 250 ms at least.
+inline constexpr std::uint64_t min_transfer_lease_ms = 500;
+
 inline result<std::chrono::milliseconds> parse_ms(const kvx::config::view& v, std::string_view key,
                                                   std::chrono::milliseconds fallback, std::uint64_t min_ms = 1) {
   auto ms = v.optional<std::uint64_t>(key, static_cast<std::uint64_t>(fallback.count()));
@@ -164,7 +168,7 @@ struct master_settings {
 inline result<master_settings> parse_master(const json& doc) {
   kvx::config::view v(doc);
   KVX_TRY(v.allow_only({"listen", "metadata_server", "tick_ms", "put_lease_ms", "read_lease_ms", "node_timeout_ms",
-                        "high_watermark", "low_watermark", "max_object_size", "eviction", "placement", "tenant_quota",
+                        "replication_timeout_ms", "high_watermark", "low_watermark", "max_object_size", "eviction", "placement", "tenant_quota",
                         "log_level", "election", "recover_objects"}));
   master_settings s;
   auto listen = v.required<std::string>("listen");
@@ -182,15 +186,21 @@ inline result<master_settings> parse_master(const json& doc) {
   auto tick = parse_ms(v, "tick_ms", s.tick);
   KVX_TRY(tick);
   s.tick = *tick;
-  auto put_lease = parse_ms(v, "put_lease_ms", std::chrono::milliseconds(30000));
+  // Transfers end 250 ms before the lease or deadline that bounds them
+  // (store_client's lease_margin, store_node's copy_margin): shorter ones
+  // would leave no time for any.
+  auto put_lease = parse_ms(v, "put_lease_ms", std::chrono::milliseconds(30000), min_transfer_lease_ms);
   KVX_TRY(put_lease);
   s.state.put_lease = *put_lease;
-  auto read_lease = parse_ms(v, "read_lease_ms", std::chrono::milliseconds(5000));
+  auto read_lease = parse_ms(v, "read_lease_ms", std::chrono::milliseconds(5000), min_transfer_lease_ms);
   KVX_TRY(read_lease);
   s.state.read_lease = *read_lease;
   auto node_timeout = parse_ms(v, "node_timeout_ms", std::chrono::milliseconds(5000));
   KVX_TRY(node_timeout);
   s.state.node_timeout = *node_timeout;
+  auto replication_timeout = parse_ms(v, "replication_timeout_ms", std::chrono::milliseconds(30000), min_transfer_lease_ms);
+  KVX_TRY(replication_timeout);
+  s.state.replication_timeout = *replication_timeout;
   auto high = v.optional<double>("high_watermark", s.state.high_watermark);
   KVX_TRY(high);
   auto low = v.optional<double>("low_watermark", s.state.low_watermark);
@@ -389,7 +399,7 @@ inline result<client_settings> parse_client(const json& doc) {
   auto engine = parse_engine(v, /*name_required=*/false);
   KVX_TRY(engine);
   s.engine = std::move(*engine);
-  auto lease = parse_ms(v, "lease_ms", s.lease);
+  auto lease = parse_ms(v, "lease_ms", s.lease, min_transfer_lease_ms);
   KVX_TRY(lease);
   s.lease = *lease;
   return s;

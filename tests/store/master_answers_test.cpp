@@ -185,13 +185,27 @@ TEST(MasterClientAnswers, AnErrorAnswerOfTheWrongShapeIsProtocolErrorNotAHang) {
 }
 
 TEST(StoreProtocol, AReplicationTaskRoundTripsAndEachMissingOrWrongFieldIsNamed) {
-  const kvx::store::replication_task t{{"tenant", "key"}, {"a", "a/pool", 10, 20}, {"b", "b/pool", 30, 20}, 7};
-  auto back = kvx::store::protocol::replication_task_from_json(kvx::store::protocol::to_json(t), "task");
+  const auto now = kvx::store::clock::now();
+  const kvx::store::replication_task t{{"tenant", "key"}, {"a", "a/pool", 10, 20}, {"b", "b/pool", 30, 20}, 7, now + 3s};
+  const auto asked = now - 1s;  // the node's heartbeat went out before the master answered
+  auto back = kvx::store::protocol::replication_task_from_json(kvx::store::protocol::to_json(t, now), "task", asked);
   ASSERT_TRUE(back) << back.error().message();
   EXPECT_EQ(back->key, t.key);
   EXPECT_EQ(back->source, t.source);
   EXPECT_EQ(back->target, t.target);
   EXPECT_EQ(back->put_id, 7u);
+  // The time left counts from when the node asked: never after the master's deadline.
+  EXPECT_EQ(back->deadline, asked + 3s);
+  auto no_deadline = t;
+  no_deadline.deadline = {};
+  EXPECT_FALSE(kvx::store::protocol::to_json(no_deadline, now).contains("deadline_ms"));
+  back = kvx::store::protocol::replication_task_from_json(kvx::store::protocol::to_json(no_deadline, now), "task", asked);
+  ASSERT_TRUE(back) << back.error().message();
+  EXPECT_EQ(back->deadline, kvx::store::clock::time_point{}) << "a task without deadline_ms (an older master) has none";
+  // A copy already past its deadline has no time left, not a time before it was asked.
+  back = kvx::store::protocol::replication_task_from_json(kvx::store::protocol::to_json(t, now + 10s), "task", asked);
+  ASSERT_TRUE(back) << back.error().message();
+  EXPECT_EQ(back->deadline, asked);
 
   auto named = [](json j, const std::string& field) {
     auto r = kvx::store::protocol::replication_task_from_json(j, "heartbeat.tasks[0]");
@@ -201,7 +215,7 @@ TEST(StoreProtocol, AReplicationTaskRoundTripsAndEachMissingOrWrongFieldIsNamed)
     EXPECT_NE(r.error().context().find(field), std::string::npos) << r.error().context();
   };
   named(json(42), "heartbeat.tasks[0]");
-  auto j = kvx::store::protocol::to_json(t);
+  auto j = kvx::store::protocol::to_json(t, now);
   for (const char* f : {"tenant", "key", "put_id", "source", "target"}) {
     auto missing = j;
     missing.erase(f);
@@ -216,6 +230,12 @@ TEST(StoreProtocol, AReplicationTaskRoundTripsAndEachMissingOrWrongFieldIsNamed)
   bad = j;
   bad["target"] = "b/pool";
   named(bad, "target");
+  bad = j;
+  bad["deadline_ms"] = "soon";
+  named(bad, "deadline_ms");
+  bad = j;
+  bad["deadline_ms"] = std::uint64_t{1} << 62;  // would overflow the node's clock
+  named(bad, "deadline_ms");
 }
 
 }  // namespace

@@ -326,6 +326,41 @@ TEST_F(MasterState, APendingPutWhoseNodesAllDiedCannotCommit) {
   EXPECT_NE(again->replicas[0].node, victim_node);
 }
 
+// A dropped node that comes back (a partition, not a crash) still has
+// writers, readers and copying nodes holding this master's word for its
+// ranges: no new object goes there before their leases and deadlines end.
+TEST_F(MasterState, ANodeBackFromADropTakesNoNewReplicasBeforeItsLeasesEnd) {
+  master m(config, kvx::store::placement::random_with_capacity{}, registry);
+  ASSERT_TRUE(m.add_segment({"seg-a", "a", 1 << 20, "dram"}, t0));
+  auto t = m.put_start(key("read"), 1000, reps(1), t0);
+  ASSERT_TRUE(m.put_commit(key("read"), t->put_id, t0));
+  ASSERT_TRUE(m.get(key("read"), t0, {}, 20s));  // a reader may read the range until t0 + 20 s
+  auto pending = m.put_start(key("writing"), 1000, reps(1), t0 + 1s);  // and a writer until t0 + 11 s
+  ASSERT_TRUE(pending);
+  ASSERT_TRUE(m.remove_node("a", t0 + 2s));
+  ASSERT_TRUE(m.add_segment({"seg-a", "a", 1 << 20, "dram"}, t0 + 3s));  // back, with the same memory
+
+  auto refused = m.put_start(key("new"), 1000, reps(1), t0 + 4s);
+  ASSERT_FALSE(refused) << "placed on a range a reader may still read";
+  EXPECT_EQ(refused.code(), kvx::errc::capacity_exceeded);
+  EXPECT_NE(refused.error().context().find("back from a drop"), std::string::npos) << refused.error().context();
+  ASSERT_TRUE(m.heartbeat("a", t0 + 19s));
+  m.tick(t0 + 19s);
+  EXPECT_FALSE(m.put_start(key("new"), 1000, reps(1), t0 + 19s)) << "the read lease lasts until t0 + 20 s";
+  ASSERT_TRUE(m.heartbeat("a", t0 + 21s));
+  m.tick(t0 + 21s);
+  auto placed = m.put_start(key("new"), 1000, reps(1), t0 + 21s);
+  ASSERT_TRUE(placed) << placed.error().message();
+  EXPECT_EQ(placed->replicas[0].node, "a");
+
+  // Nothing held on the node: it takes new replicas at once.
+  ASSERT_TRUE(m.add_segment({"seg-b", "b", 1 << 20, "dram"}, t0 + 21s));
+  ASSERT_TRUE(m.remove_node("b", t0 + 22s));
+  ASSERT_TRUE(m.add_segment({"seg-b", "b", 1 << 20, "dram"}, t0 + 22s));
+  auto on_b = m.put_start(key("two"), 1000, reps(2), t0 + 22s);
+  ASSERT_TRUE(on_b) << on_b.error().message();
+}
+
 TEST_F(MasterState, TenantQuotaIsEnforced) {
   config.tenant_quota["small"] = 10000;
   auto m = make();

@@ -146,14 +146,14 @@ class master_client : public std::enable_shared_from_this<master_client> {
   [[nodiscard]] bool current(const std::shared_ptr<connection>& c) const { return conn_ == c; }
 
   void start_notify(json req) {
-    if (auto bad = protocol::non_utf8_field(req)) {
-      log(log_level::warn, "store client: master ", endpoint_, ": notification dropped: field '", *bad,
-          "' is not valid UTF-8");
-      return;
-    }
     req["id"] = ++next_id_;
     req["reply"] = false;
-    outbox_.push_back(protocol::encode_frame(req));
+    auto frame = protocol::try_encode_frame(req);
+    if (!frame) {
+      log(log_level::warn, "store client: master ", endpoint_, ": notification dropped: ", frame.error().context());
+      return;
+    }
+    outbox_.push_back(std::move(*frame));
     if (state_ != state::connected) return send_outbox();
     // A write under way takes it along when it completes; else the next
     // call's write, or the flush timer, whichever comes first.
@@ -187,15 +187,16 @@ class master_client : public std::enable_shared_from_this<master_client> {
   }
 
   void start_call(json req, handler_type h, asio::cancellation_slot slot) {
-    // JSON text is UTF-8: a key or name that is not would make the encoding
-    // throw here, in a strand handler, out of io.run(). Refuse the call.
-    if (auto bad = protocol::non_utf8_field(req)) {
-      kvx::detail::post_completion(strand_, std::move(h), make_error_code(errc::invalid_argument),
-                                   json{{"message", "field '" + *bad + "' is not valid UTF-8"}});
-      return;
-    }
     const auto id = ++next_id_;
     req["id"] = id;
+    // JSON text is UTF-8: a key or name that is not would make the encoding
+    // throw here, in a strand handler, out of io.run(). Refuse the call.
+    auto frame = protocol::try_encode_frame(req);
+    if (!frame) {
+      kvx::detail::post_completion(strand_, std::move(h), make_error_code(errc::invalid_argument),
+                                   json{{"message", frame.error().context()}});
+      return;
+    }
     pending_.emplace(id, std::move(h));
     if (slot.is_connected()) {
       slot.assign([weak = weak_from_this(), id](asio::cancellation_type_t) {
@@ -203,7 +204,7 @@ class master_client : public std::enable_shared_from_this<master_client> {
           asio::dispatch(self->strand_, [self, id] { self->complete(id, errc::cancelled, {}); });
       });
     }
-    outbox_.push_back(protocol::encode_frame(req));
+    outbox_.push_back(std::move(*frame));
     send_outbox();
   }
 

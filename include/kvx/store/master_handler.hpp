@@ -82,7 +82,7 @@ class master_handler {
       json tasks = json::array();
       auto& queue = tasks_[*node];
       for (const auto& t : queue)
-        if (state_.copying(t)) tasks.push_back(protocol::to_json(t));
+        if (state_.copying(t)) tasks.push_back(protocol::to_json(t, now));
       queue.clear();
       auto changes = state_.ledger_since(*node, *ack, max_ledger_changes);
       KVX_TRY(changes);

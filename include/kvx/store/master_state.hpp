@@ -279,16 +279,16 @@ class master_state {
     // hold: refuse it before evicting anything.
     std::set<std::string> could_hold;
     for (const auto& [name, seg] : segments_)
-      if (!draining_.count(seg.info.node) && seg.info.capacity >= size) could_hold.insert(seg.info.node);
+      if (takes_new_replicas(seg.info.node, now) && seg.info.capacity >= size) could_hold.insert(seg.info.node);
     if (could_hold.size() < opt.replicas)
       return error{errc::capacity_exceeded, "put '" + key.full() + "': " + std::to_string(opt.replicas) + " replica(s) of " +
                                                 std::to_string(size) + " bytes need as many distinct nodes with a segment that large; " +
-                                                std::to_string(could_hold.size()) + " (not draining) have one; nothing evicted"};
-    auto replicas = place(size, opt.replicas, opt.preferred_node, {});
+                                                std::to_string(could_hold.size()) + " (not draining, not back from a drop within its leases) have one; nothing evicted"};
+    auto replicas = place(size, opt.replicas, opt.preferred_node, {}, now);
     // Does not fit: evict one object at a time (unpinned first) and retry.
     while (replicas.size() < opt.replicas && evict_one(now)) {
       release(replicas);
-      replicas = place(size, opt.replicas, opt.preferred_node, {});
+      replicas = place(size, opt.replicas, opt.preferred_node, {}, now);
     }
     if (replicas.size() < opt.replicas) {
       release(replicas);
@@ -442,6 +442,7 @@ class master_state {
   tick_report tick(clock::time_point now) {
     tick_report report;
     std::erase_if(dropped_at_, [&](const auto& d) { return d.second + config_.put_lease < now; });
+    std::erase_if(fenced_until_, [&](const auto& f) { return f.second <= now; });
     std::vector<std::string> silent;
     for (const auto& [name, n] : nodes_)
       if (now - n.last_heartbeat > config_.node_timeout) silent.push_back(name);
@@ -477,11 +478,11 @@ class master_state {
       std::set<std::string> nodes;
       for (const auto& r : obj.replicas) nodes.insert(r.location.node);
       for (const auto& r : obj.pending_replicas) nodes.insert(r.location.node);
-      auto more = allocate_excluding(obj.size, static_cast<unsigned>(obj.replicas_wanted - have), nodes);
+      auto more = allocate_excluding(obj.size, static_cast<unsigned>(obj.replicas_wanted - have), nodes, now);
       for (auto& r : more) {
         r.put_id = ++next_put_id_;
         r.deadline = now + config_.replication_timeout;
-        report.replications.push_back({key, obj.replicas.front().location, r.location, r.put_id});
+        report.replications.push_back({key, obj.replicas.front().location, r.location, r.put_id, r.deadline});
         obj.pending_replicas.push_back(r);
       }
     }
@@ -687,18 +688,27 @@ class master_state {
                                     std::count_if(obj.pending_replicas.begin(), obj.pending_replicas.end(), kept));
   }
 
-  std::vector<placement_candidate> candidates(const std::set<std::string>& exclude_nodes) const {
+  // Whether new replicas may go to `node` at `now`: it is not being drained,
+  // nor back too soon after a drop (`fenced_until_`).
+  [[nodiscard]] bool takes_new_replicas(const std::string& node, clock::time_point now) const {
+    if (draining_.count(node)) return false;
+    auto f = fenced_until_.find(node);
+    return f == fenced_until_.end() || f->second <= now;
+  }
+
+  std::vector<placement_candidate> candidates(const std::set<std::string>& exclude_nodes, clock::time_point now) const {
     std::vector<placement_candidate> c;
     for (const auto& [name, s] : segments_)
-      if (!exclude_nodes.count(s.info.node) && !draining_.count(s.info.node))
+      if (!exclude_nodes.count(s.info.node) && takes_new_replicas(s.info.node, now))
         c.push_back({s.info.node, name, s.info.tier, s.allocator.free_bytes(), s.allocator.largest_free_block(),
                      s.info.host_or_node()});
     return c;
   }
 
   std::vector<placed> place(std::uint64_t size, unsigned replicas, const std::string& preferred,
-                            const std::set<std::string>& exclude, std::vector<std::string> hosts_in_use = {}) {
-    auto c = candidates(exclude);
+                            const std::set<std::string>& exclude, clock::time_point now,
+                            std::vector<std::string> hosts_in_use = {}) {
+    auto c = candidates(exclude, now);
     std::vector<placed> out;
     for (auto i : placement_.choose(c, placement_request{size, replicas, preferred, std::move(hosts_in_use)})) {
       if (i >= c.size() || out.size() == replicas) break;
@@ -714,13 +724,14 @@ class master_state {
 
   //! Room for `n` more replicas of an object whose replicas are on `exclude`
   //! (nodes): on other hosts than theirs where any fits.
-  std::vector<placed> allocate_excluding(std::uint64_t size, unsigned n, const std::set<std::string>& exclude) {
+  std::vector<placed> allocate_excluding(std::uint64_t size, unsigned n, const std::set<std::string>& exclude,
+                                         clock::time_point now) {
     std::vector<std::string> hosts;
     for (const auto& node : exclude)  // a node's segments all name one host (add_segment)
       if (auto it = nodes_.find(node); it != nodes_.end() && !it->second.segments.empty())
         if (auto seg = segments_.find(*it->second.segments.begin()); seg != segments_.end())
           hosts.push_back(seg->second.info.host_or_node());
-    return place(size, n, {}, exclude, std::move(hosts));
+    return place(size, n, {}, exclude, now, std::move(hosts));
   }
 
   void release(std::vector<placed>& replicas) {
@@ -750,9 +761,18 @@ class master_state {
   void drop_node(const std::string& node, clock::time_point when, tick_report& report) {
     auto n = nodes_.find(node);
     if (n == nodes_.end()) return;
+    // Writers, readers and copying nodes holding this master's word for the
+    // node's ranges may still move bytes there until their leases and
+    // deadlines end: if the node comes back (a partition, not a crash), no
+    // new object is placed on it before then.
+    auto fence = when;
     for (auto it = objects_.begin(); it != objects_.end();) {
       auto& obj = it->second;
       auto on_node = [&](const placed& p) { return p.location.node == node; };
+      if (std::any_of(obj.replicas.begin(), obj.replicas.end(), on_node))
+        fence = std::max(fence, obj.committed ? obj.lease_until : obj.put_deadline);
+      for (const auto& p : obj.pending_replicas)
+        if (on_node(p)) fence = std::max(fence, p.deadline);
       // Those replicas' memory is gone with the node: forget them without freeing.
       std::erase_if(obj.replicas, on_node);
       std::erase_if(obj.pending_replicas, on_node);
@@ -779,6 +799,7 @@ class master_state {
     nodes_.erase(n);
     draining_.erase(node);
     dropped_at_[node] = when;
+    if (fence > when) fenced_until_[node] = fence;
     report.dropped_nodes.push_back(node);
     m_used_.set(static_cast<double>(used_));
     m_capacity_.set(static_cast<double>(capacity_));
@@ -839,6 +860,7 @@ class master_state {
   std::uint64_t next_lease_id_ = 0;
   clock::time_point recovery_from_{};
   std::map<std::string, clock::time_point> dropped_at_;  // nodes dropped within a put lease
+  std::map<std::string, clock::time_point> fenced_until_;  // dropped nodes: no new replicas on them before this
   std::uint64_t tick_ = 0;
   metrics::counter& m_puts_;
   metrics::counter& m_gets_;

@@ -18,7 +18,7 @@
 //! | op | fields | response fields |
 //! | --- | --- | --- |
 //! | `register_segment` | `node, segment, capacity, tier, host` (`host` optional: the failure domain, default the node) | `recover_after_ms` (when the node may report its ledger) |
-//! | `heartbeat` | `node, ledger_ack?` (the last ledger change applied) | `tasks` (replication tasks for this node), `ledger` (changes after `ledger_ack`) |
+//! | `heartbeat` | `node, ledger_ack?` (the last ledger change applied) | `tasks` (replication tasks for this node: `tenant, key, put_id, source, target, deadline_ms`, the copy's time left; past it the master reuses the target), `ledger` (changes after `ledger_ack`) |
 //! | `put_start` | `tenant, key, size, replicas?, preferred_node?, soft_pin?` | `put_id, replicas, deadline_ms, checksum` (true: send one with the commit) |
 //! | `put_commit` / `put_abort` | `tenant, key, put_id`, commit: `checksum?` (XXH3-64 of the bytes) | |
 //! | `recover` | `node, objects: [ledger entry]` (at most 10,000) | `objects, replicas, rejected: [why]` |
@@ -37,6 +37,8 @@
 //! response naming the field (`malformed_message`), never a crash, and a
 //! frame over `max_frame_bytes` closes the connection.
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -61,6 +63,8 @@ namespace kvx::store::protocol {
 using json = nlohmann::json;
 
 inline constexpr std::uint32_t max_frame_bytes = 16u << 20;
+//! The longest time left a message may give (about 35 years): more is malformed.
+inline constexpr std::int64_t max_deadline_ms = std::int64_t{1} << 40;
 
 //! The first field of `body` (a name or a string value, at any depth) that
 //! is not valid UTF-8, as a path (`key`, `keys[2]`); none: it encodes.
@@ -86,6 +90,17 @@ inline std::string encode_frame(const json& body) {
   const auto n = static_cast<std::uint32_t>(text.size());
   for (int i = 0; i < 4; ++i) out[static_cast<std::size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
   return out + text;
+}
+
+//! `encode_frame` for a body that may hold a string that is not UTF-8 (from
+//! a caller): `invalid_argument` naming the field instead of json's
+//! exception. The body is walked for the name only when the encoding failed.
+inline result<std::string> try_encode_frame(const json& body) {
+  try {
+    return encode_frame(body);
+  } catch (const json::type_error&) {
+    return error{errc::invalid_argument, "field '" + non_utf8_field(body).value_or("?") + "' is not valid UTF-8"};
+  }
 }
 
 //! Incremental frame splitter: feed bytes as they arrive, take whole bodies out.
@@ -295,13 +310,37 @@ inline result<ledger_event> ledger_event_from_json(const json& j, const std::str
   return ledger_event{*seq, *op == "add", std::move(*entry)};
 }
 
-//! A re-replication task, as a heartbeat answer carries it to the source's node.
-inline json to_json(const replication_task& t) {
-  return {{"tenant", t.key.tenant}, {"key", t.key.key}, {"put_id", t.put_id},
-          {"source", to_json(t.source)}, {"target", to_json(t.target)}};
+//! The deadline that `field` (milliseconds left, counted by the sender when
+//! it answered) sets on this host's clock. It counts from `asked`, when the
+//! request went out, so it never falls after the sender's own; negative is
+//! no time left; absent is nullopt. Over `max_deadline_ms` is malformed (it
+//! would overflow the clock).
+inline result<std::optional<clock::time_point>> deadline_field(const config::view& v, const char* field,
+                                                               clock::time_point asked) {
+  if (!v.contains(field)) return std::optional<clock::time_point>{};
+  auto ms = v.required<std::int64_t>(field);
+  KVX_TRY(ms);
+  if (*ms > max_deadline_ms)
+    return error{errc::malformed_message,
+                 "field '" + v.path_of(field) + "' is over " + std::to_string(max_deadline_ms) + " ms"};
+  return std::optional{asked + std::chrono::milliseconds(std::max<std::int64_t>(*ms, 0))};
 }
 
-inline result<replication_task> replication_task_from_json(const json& j, const std::string& path) {
+//! A re-replication task, as a heartbeat answer carries it to the source's
+//! node at `now`: `deadline_ms` is what is left of the copy's time.
+inline json to_json(const replication_task& t, clock::time_point now) {
+  json j{{"tenant", t.key.tenant}, {"key", t.key.key}, {"put_id", t.put_id},
+         {"source", to_json(t.source)}, {"target", to_json(t.target)}};
+  if (t.deadline != clock::time_point{})
+    j["deadline_ms"] = std::chrono::duration_cast<std::chrono::milliseconds>(t.deadline - now).count();
+  return j;
+}
+
+//! `asked`: when the node sent the request this task answers. The task's
+//! deadline counts from then, so it never falls after the master's (the
+//! master computed `deadline_ms` later, when it answered).
+inline result<replication_task> replication_task_from_json(const json& j, const std::string& path,
+                                                           clock::time_point asked = clock::now()) {
   if (!j.is_object()) return error{errc::malformed_message, "field '" + path + "' is not an object"};
   config::view v(j, path);
   auto key = object_key_from(v);
@@ -317,6 +356,9 @@ inline result<replication_task> replication_task_from_json(const json& j, const 
     KVX_TRY(r);
     *where = std::move(*r);
   }
+  auto deadline = deadline_field(v, "deadline_ms", asked);
+  KVX_TRY(deadline);
+  t.deadline = deadline->value_or(clock::time_point{});
   return t;
 }
 

@@ -47,6 +47,11 @@ struct client_options {
   std::string node;                //!< this client's node (locality of reads and placement)
   unsigned replicas = 1;           //!< default replicas per put
   std::chrono::milliseconds lease{5000};  //!< read lease asked for each get
+  //! Transfers end this long before the master's deadline for them (a put's
+  //! lease, a get's read lease): past it the master may give the range to
+  //! another object, and bytes the transport sent before cancelling may
+  //! still land at the node this much later.
+  std::chrono::milliseconds lease_margin{250};
 };
 
 template <class Engine>
@@ -228,6 +233,28 @@ class store_client {
     co_return std::tuple{first, std::move(codes)};
   }
 
+  // When the lease in `field` (ms left, as the master answered a request
+  // sent at `asked`) ends on this host's clock; time_point::max() when the
+  // answer has none (an older master).
+  result<clock::time_point> answered_deadline(const json& answer, const char* op, const char* field,
+                                              clock::time_point asked) const {
+    auto d = protocol::deadline_field(config::view(answer, op), field, asked);
+    if (!d) {
+      log(log_level::warn, "store client '", options_.node, "': ", d.error().context());
+      return error{errc::protocol_error, d.error().context()};
+    }
+    return d->value_or(clock::time_point::max());
+  }
+
+  // Sets `b`'s deadline to end its transfer `lease_margin` before `lease_end`
+  // (or the engine's own deadline, if sooner); false when no time is left.
+  bool bounded_by(transfer::batch& b, clock::time_point lease_end) const {
+    const auto left = transfer_time_left(lease_end, options_.lease_margin, engine_.options().deadline);
+    if (left <= clock::duration::zero()) return false;
+    if (left != clock::duration::max()) b.deadline = left;
+    return true;
+  }
+
   // A field of the master's answer (`fallback` when absent); a wrong type is
   // logged and is `protocol_error` (json's value() would throw instead).
   template <class T>
@@ -239,22 +266,33 @@ class store_client {
 
   // Coroutine parameters by value: callers pass temporaries.
   asio::awaitable<std::error_code> put_impl(object_key key, std::span<const std::byte> bytes, put_options opt) {
+    const auto asked = clock::now();
     auto [ec, ticket] = co_await call(protocol::make_request("put_start", "tenant", key.tenant, "key", key.key, "size", bytes.size(), "replicas", opt.replicas, "preferred_node", opt.preferred_node, "soft_pin", opt.soft_pin));
     if (ec) co_return ec;
     auto replicas = protocol::replicas_from_json(ticket.value("replicas", json::array()), "put_start.replicas");
     auto put_id = answered<std::uint64_t>(ticket, "put_start", "put_id", 0);
     auto checksum = answered<bool>(ticket, "put_start", "checksum", false);
-    if (!replicas || !put_id || !checksum) {
+    auto lease_end = answered_deadline(ticket, "put_start", "deadline_ms", asked);
+    if (!replicas || !put_id || !checksum || !lease_end) {
       // Unusable: the master reclaims the allocation when the put lease ends.
       log(log_level::warn, "store client '", options_.node, "': put '", key.full(), "': ",
           !replicas ? replicas.error().context() : "malformed put_start answer");
       co_return errc::protocol_error;
     }
+    // The write must be over before the put lease ends: then the master
+    // reclaims the ranges, and a later write would land in another object.
     transfer::batch b;
     for (const auto& r : *replicas) b.write(bytes, r.segment, r.offset);
-    auto [tec, result] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
+    std::error_code tec;
+    transfer::batch_result result;
+    if (!bounded_by(b, *lease_end)) {
+      tec = errc::timed_out;
+      log(log_level::info, "store client '", options_.node, "': put '", key.full(), "': no time left in its put lease");
+    } else {
+      std::tie(tec, result) = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
+      if (tec) log(log_level::info, "store client '", options_.node, "': put '", key.full(), "': ", result.first_error().message());
+    }
     if (tec) {
-      log(log_level::info, "store client '", options_.node, "': put '", key.full(), "': ", result.first_error().message());
       // Best effort: if the abort is lost, the master reclaims the space when the put lease expires.
       (void)co_await call(protocol::make_request("put_abort", "tenant", key.tenant, "key", key.key, "put_id", *put_id));
       co_return tec;
@@ -268,12 +306,14 @@ class store_client {
   }
 
   asio::awaitable<std::tuple<std::error_code, std::uint64_t>> get_impl(object_key key, std::span<std::byte> dst) {
+    const auto asked = clock::now();
     auto [ec, grant] = co_await call(protocol::make_request("get", "tenant", key.tenant, "key", key.key, "reader_node", options_.node, "lease_ms", options_.lease.count()));
     if (ec) co_return std::tuple{ec, std::uint64_t{0}};
     auto answered_size = answered<std::uint64_t>(grant, "get", "size", 0);
     const auto size = answered_size ? *answered_size : 0;
     auto replicas = protocol::replicas_from_json(grant.value("replicas", json::array()), "get.replicas");
-    std::error_code result = replicas && answered_size ? std::error_code{} : make_error_code(errc::protocol_error);
+    auto lease_end = answered_deadline(grant, "get", "lease_ms", asked);
+    std::error_code result = replicas && answered_size && lease_end ? std::error_code{} : make_error_code(errc::protocol_error);
     if (!replicas) log(log_level::warn, "store client '", options_.node, "': get '", key.full(), "': ", replicas.error().context());
     if (!result && dst.size() < size) {
       log(log_level::info, "store client: get '", key.full(), "': buffer of ", dst.size(), " bytes for a ", size, "-byte object");
@@ -281,10 +321,24 @@ class store_client {
     } else if (!result) {
       result = errc::not_found;
       for (const auto& r : *replicas) {
+        // The read must be over while the lease holds: once it ends the
+        // object may be evicted and its range given to another object.
         transfer::batch b;
         b.read(dst.first(size), r.segment, r.offset);
+        if (!bounded_by(b, *lease_end)) {
+          log(log_level::info, "store client: get '", key.full(), "': no time left in its read lease");
+          result = errc::timed_out;
+          break;
+        }
         auto [tec, res] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
         result = tec;
+        // Done after the lease ended (the engine's deadline fires late on a
+        // busy executor): the node may have read another object's bytes.
+        if (!tec && clock::now() > *lease_end) {
+          log(log_level::info, "store client: get '", key.full(), "': the read finished after its lease ended; its bytes are not trusted");
+          result = errc::timed_out;
+          break;
+        }
         if (!tec) break;
         log(log_level::info, "store client: get '", key.full(), "' from ", r.node, ": ", res.first_error().message(),
             "; trying the next replica");

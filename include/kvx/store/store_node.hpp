@@ -39,6 +39,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <deque>
 #include <iterator>
 #include <memory>
 #include <optional>
@@ -70,6 +71,10 @@ struct node_options {
   //! the node counts as its own machine.
   std::string host{};
   std::chrono::milliseconds heartbeat{500};
+  //! A re-replication copy ends this long before the master's deadline for
+  //! it (after which the master may give the target range to another
+  //! object); bytes sent before cancelling may still land this much later.
+  std::chrono::milliseconds copy_margin{250};
 };
 
 template <class Engine>
@@ -86,6 +91,9 @@ class store_node {
 
   [[nodiscard]] const node_options& options() const noexcept { return options_; }
   [[nodiscard]] std::size_t replications_done() const noexcept { return state_->replications; }
+  //! Re-replication copies not made: no time was left before their deadline,
+  //! or the transfer failed or ran past it.
+  [[nodiscard]] std::size_t replications_failed() const noexcept { return state_->replications_failed; }
   //! Times the node registered again with a master that did not know it.
   [[nodiscard]] std::size_t reregistrations() const noexcept { return state_->registrations; }
   //! Objects (and further copies) a new master took back from this node's reports.
@@ -125,6 +133,12 @@ class store_node {
     asio::steady_timer timer;
     std::atomic<bool> running = false;
     std::atomic<std::size_t> replications = 0;
+    std::atomic<std::size_t> replications_failed = 0;
+    // Re-replication copies to make, in order, by one copier coroutine (on
+    // the strand) beside the heartbeats: a long copy must not silence the
+    // node, or the master drops it as dead.
+    std::deque<replication_task> copies;
+    bool copier_running = false;
     std::atomic<std::size_t> registrations = 0;
     std::atomic<std::size_t> recovered = 0;
     std::atomic<std::size_t> mismatches = 0;
@@ -166,6 +180,7 @@ class store_node {
 
   asio::awaitable<void> heartbeat_loop(std::shared_ptr<shared> st) {
     while (st->running) {
+      const auto asked = clock::now();
       auto [ec, r] = co_await master_->async_call(protocol::make_request("heartbeat", "node", options_.name, "ledger_ack", st->ledger->applied()),
                                                   kvx::cancel_after(options_.heartbeat * 4, asio::as_tuple(asio::use_awaitable)));
       if (!st->running) co_return;
@@ -181,7 +196,7 @@ class store_node {
       } else {
         if (auto why = st->ledger->apply(r.value("ledger", protocol::json::array())); !why.empty())
           log(log_level::warn, "store node '", options_.name, "': ", why);
-        co_await replicate_all(r, st);
+        queue_copies(r, st, asked);
       }
       if (st->running && !st->to_report.empty() && clock::now() >= st->recover_at) co_await report_ledger(st);
       st->timer.expires_after(options_.heartbeat);
@@ -242,18 +257,19 @@ class store_node {
     }
   }
 
-  // The heartbeat answer's re-replication tasks. One that is malformed, or
-  // names bytes this node does not hold, is logged and skipped: a master's
-  // bad answer must neither end the heartbeat loop nor read outside the segment.
-  asio::awaitable<void> replicate_all(const protocol::json& answer, std::shared_ptr<shared> st) {
-    if (!answer.contains("tasks")) co_return;
+  // The heartbeat answer's re-replication tasks (answering a heartbeat sent
+  // at `asked`) join the copier's queue. One that is malformed, or names
+  // bytes this node does not hold, is logged and skipped: a master's bad
+  // answer must neither end the heartbeat loop nor read outside the segment.
+  void queue_copies(const protocol::json& answer, const std::shared_ptr<shared>& st, clock::time_point asked) {
+    if (!answer.contains("tasks")) return;
     const auto& tasks = answer["tasks"];
     if (!tasks.is_array()) {
       log(log_level::warn, "store node '", options_.name, "': the heartbeat answer's 'tasks' is not an array; ignored");
-      co_return;
+      return;
     }
-    for (std::size_t i = 0; i < tasks.size() && st->running; ++i) {
-      auto task = protocol::replication_task_from_json(tasks[i], "heartbeat.tasks[" + std::to_string(i) + "]");
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      auto task = protocol::replication_task_from_json(tasks[i], "heartbeat.tasks[" + std::to_string(i) + "]", asked);
       if (!task) {
         log(log_level::warn, "store node '", options_.name, "': ignoring a malformed replication task: ", task.error().context());
         continue;
@@ -265,19 +281,47 @@ class store_node {
             options_.segment, "' (", capacity_, " bytes)");
         continue;
       }
-      co_await replicate(*task, st);
+      st->copies.push_back(std::move(*task));
     }
+    if (st->copies.empty() || st->copier_running) return;
+    st->copier_running = true;
+    asio::co_spawn(st->strand, copy_queued(st), [st, name = options_.name](std::exception_ptr e) {
+      if (!e) return;
+      st->copier_running = false;  // the next answer's tasks start another copier
+      log(log_level::error, "store node '", name, "': re-replication ended by an exception: ", exception_message(e));
+    });
   }
 
-  // Copies a replica this node holds into the target segment, then tells the master.
+  asio::awaitable<void> copy_queued(std::shared_ptr<shared> st) {
+    while (st->running && !st->copies.empty()) {
+      auto task = std::move(st->copies.front());
+      st->copies.pop_front();
+      co_await replicate(task, st);
+    }
+    st->copier_running = false;
+  }
+
+  // Copies a replica this node holds into the target segment, then tells the
+  // master. The copy must be over before the master's deadline for it: then
+  // the master gives the target range up, maybe to another object.
   asio::awaitable<void> replicate(const replication_task& task, std::shared_ptr<shared> st) {
     const auto& source = task.source;
     const auto& target = task.target;
+    const auto until = task.deadline == clock::time_point{} ? clock::time_point::max() : task.deadline;
+    const auto left = transfer_time_left(until, options_.copy_margin, engine_.options().deadline);
+    if (left <= clock::duration::zero()) {
+      ++st->replications_failed;
+      log(log_level::warn, "store node '", options_.name, "': replication of '", task.key.full(),
+          "': no time left before its deadline; not copied");
+      co_return;
+    }
     transfer::batch b;
     b.write(std::span<const std::byte>(base_ + source.offset, source.size), target.segment, target.offset);
+    if (left != clock::duration::max()) b.deadline = left;
     auto [tec, res] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
     if (!st->running) co_return;  // stopped (maybe destroyed) meanwhile
     if (tec) {
+      ++st->replications_failed;
       log(log_level::warn, "store node '", options_.name, "': replication: ", res.first_error().message());
       co_return;
     }

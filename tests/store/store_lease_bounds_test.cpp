@@ -1,0 +1,264 @@
+// Transfers that outlast the master's deadline for them. Past a put's lease,
+// a read lease or a copy's deadline the master gives the range to another
+// object, so a writer, reader or copying node still moving bytes would
+// corrupt that object or read it as its own. Each party here has a transport
+// that starts every transfer seconds late (a stalled link, an overloaded
+// node) against leases of a fraction of a second.
+#include <kvx/store/master_server.hpp>
+#include <kvx/store/store_client.hpp>
+#include <kvx/store/store_node.hpp>
+
+#include <gtest/gtest.h>
+
+#include <boost/asio/io_context.hpp>
+
+#include <kvx/cache/eviction/lru.hpp>
+#include <kvx/memory/mapped_arena.hpp>
+#include <kvx/testing/random_bytes.hpp>
+#include <kvx/transfer/embedded_metadata.hpp>
+#include <kvx/transfer/transfer_engine.hpp>
+#include <kvx/transport/decorators/faulty.hpp>
+#include <kvx/transport/local.hpp>
+
+#include <algorithm>
+#include <optional>
+
+#include "support/store_parties.hpp"
+
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
+using slow_transport = kvx::transport::faulty<kvx::transport::local>;
+using slow_engine = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, slow_transport>;
+using fast_engine = kvx::test::store_engine;
+using kvx::testing::fill_random;
+
+// Every transfer of this party starts `delay` late.
+struct slow_party {
+  slow_transport transport;
+  slow_engine engine;
+  slow_party(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name,
+             std::chrono::milliseconds delay)
+      : transport(kvx::transport::faulty_config{.seed = 1, .delay = 1.0, .delay_by = delay}, io.get_executor()),
+        engine(meta, {.node = name}, transport) {}
+};
+
+constexpr std::size_t object_bytes = 64 << 10;
+
+struct StoreLeaseBounds : ::testing::Test {
+  asio::io_context io;
+  kvx::metrics::registry registry;
+  kvx::store::master_config config = [] {
+    kvx::store::master_config c;
+    c.put_lease = 600ms;
+    c.node_timeout = 400ms;
+    c.replication_timeout = 1500ms;
+    c.high_watermark = 1.0;  // a full node keeps its one object
+    c.low_watermark = 0.9;
+    return c;
+  }();
+  state_type state{config, {}, registry};
+  kvx::store::master_server<state_type> server{io.get_executor(), state, {.address = "127.0.0.1", .port = 0, .tick_interval = 50ms}};
+  kvx::transfer::embedded_metadata meta{io.get_executor()};
+  std::vector<std::unique_ptr<kvx::test::store_party>> parties;
+  std::vector<std::unique_ptr<slow_party>> slow_parties;
+  std::vector<kvx::memory::mapped_arena> arenas;
+  std::vector<std::unique_ptr<kvx::store::store_node<fast_engine>>> nodes;
+  std::vector<std::unique_ptr<kvx::store::store_node<slow_engine>>> slow_nodes;
+  std::vector<std::vector<std::byte>> buffers;
+
+  void SetUp() override { ASSERT_TRUE(server.start()); }
+  void TearDown() override {
+    for (auto& n : nodes) n->stop();
+    for (auto& n : slow_nodes) n->stop();
+    server.stop();
+    io.restart();
+    io.run_for(100ms);
+  }
+
+  template <class Op>
+  auto wait(Op op) {
+    return kvx::test::run_coroutine(io, std::move(op));
+  }
+  // Runs the io_context until `done()` (false after `limit`).
+  template <class Pred>
+  bool run_until(Pred done, std::chrono::milliseconds limit = 10s) {
+    const auto give_up = std::chrono::steady_clock::now() + limit;
+    io.restart();
+    while (!done()) {
+      if (std::chrono::steady_clock::now() > give_up) return false;
+      io.run_one_for(10ms);
+    }
+    return true;
+  }
+
+  template <class Engine>
+  std::error_code start(kvx::store::store_node<Engine>& node, kvx::memory::memory_region region) {
+    return wait([&]() -> asio::awaitable<std::error_code> {
+      auto [e] = co_await node.async_start(region, asio::as_tuple(asio::use_awaitable));
+      co_return e;
+    });
+  }
+  kvx::memory::memory_region arena(std::size_t bytes) {
+    arenas.push_back(std::move(*kvx::memory::mapped_arena::create(bytes)));
+    return arenas.back().region();
+  }
+  kvx::store::node_options node_options(const std::string& name) const {
+    return {.name = name, .segment = "", .tier = "dram", .heartbeat = 50ms};
+  }
+  kvx::store::store_node<fast_engine>& add_node(const std::string& name, kvx::memory::memory_region region) {
+    auto& p = *parties.emplace_back(std::make_unique<kvx::test::store_party>(io, meta, name));
+    auto& node = *nodes.emplace_back(std::make_unique<kvx::store::store_node<fast_engine>>(
+        p.engine, kvx::store::master_client::create(io.get_executor(), server.endpoint()), node_options(name)));
+    EXPECT_FALSE(start(node, region));
+    return node;
+  }
+  kvx::store::store_node<slow_engine>& add_slow_node(const std::string& name, kvx::memory::memory_region region,
+                                                     std::chrono::milliseconds delay) {
+    auto& p = *slow_parties.emplace_back(std::make_unique<slow_party>(io, meta, name, delay));
+    auto& node = *slow_nodes.emplace_back(std::make_unique<kvx::store::store_node<slow_engine>>(
+        p.engine, kvx::store::master_client::create(io.get_executor(), server.endpoint()), node_options(name)));
+    EXPECT_FALSE(start(node, region));
+    return node;
+  }
+
+  // A client of `engine` with a registered buffer of one object.
+  template <class Engine>
+  struct client_with_buffer {
+    std::unique_ptr<kvx::store::store_client<Engine>> client;
+    std::span<std::byte> buffer;
+  };
+  template <class Engine>
+  client_with_buffer<Engine> client(Engine& engine, const std::string& name, kvx::store::client_options opt) {
+    auto& buf = buffers.emplace_back(object_bytes);
+    auto ec = wait([&]() -> asio::awaitable<std::error_code> {
+      auto [e, d] = co_await engine.async_register_memory(kvx::memory::memory_region{buf.data(), buf.size()},
+                                                          name + "/buf", asio::as_tuple(asio::use_awaitable));
+      co_return e;
+    });
+    EXPECT_FALSE(ec) << ec.message();
+    opt.node = name;
+    return {std::make_unique<kvx::store::store_client<Engine>>(
+                engine, kvx::store::master_client::create(io.get_executor(), server.endpoint()), std::move(opt)),
+            std::span(buf)};
+  }
+  auto fast_client(const std::string& name) {
+    auto& p = *parties.emplace_back(std::make_unique<kvx::test::store_party>(io, meta, name));
+    return client(p.engine, name, {});
+  }
+  auto slow_client(const std::string& name, std::chrono::milliseconds delay, kvx::store::client_options opt = {}) {
+    auto& p = *slow_parties.emplace_back(std::make_unique<slow_party>(io, meta, name, delay));
+    return client(p.engine, name, std::move(opt));
+  }
+
+  template <class Client>
+  std::error_code put(Client& c, const std::string& key, std::span<const std::byte> bytes) {
+    return wait([&]() -> asio::awaitable<std::error_code> {
+      auto [e] = co_await c.async_put(kvx::store::object_key{"t", key}, bytes, asio::as_tuple(asio::use_awaitable));
+      co_return e;
+    });
+  }
+};
+
+// The slow writer's lease ends, the master reclaims its range and gives it
+// to the next put; the slow writer must not write into that object then.
+TEST_F(StoreLeaseBounds, AWriteSlowerThanItsPutLeaseIsCancelledAndNeverLandsInTheNextObject) {
+  add_node("node-a", arena(object_bytes));  // room for one object: the next put reuses the range
+  auto slow = slow_client("slow-writer", 2s);
+  auto fast = fast_client("writer");
+  const auto late_bytes = slow.buffer;
+  const auto next_bytes = fast.buffer;
+  fill_random(late_bytes, 1);
+  fill_random(next_bytes, 2);
+
+  std::optional<std::error_code> late;
+  slow.client->async_put(kvx::store::object_key{"t", "late"}, late_bytes, [&](std::error_code ec) { late = ec; });
+  ASSERT_TRUE(run_until([&] { return state.object_count() == 1; })) << "the slow put never started";
+  ASSERT_TRUE(run_until([&] { return state.object_count() == 0; })) << "the slow put's range was never given back";
+
+  ASSERT_FALSE(put(*fast.client, "next", next_bytes));
+  ASSERT_TRUE(run_until([&] { return late.has_value(); })) << "the slow put never completed";
+  EXPECT_EQ(*late, kvx::errc::timed_out) << late->message();
+
+  // Read the next object back through a fresh buffer.
+  auto reader = fast_client("reader");
+  const auto got = reader.buffer;
+  const auto [ec, n] = wait([&]() -> asio::awaitable<std::pair<std::error_code, std::uint64_t>> {
+    auto [e, size] = co_await reader.client->async_get(kvx::store::object_key{"t", "next"}, got, asio::as_tuple(asio::use_awaitable));
+    co_return std::pair{e, size};
+  });
+  ASSERT_FALSE(ec) << ec.message();
+  ASSERT_EQ(n, object_bytes);
+  EXPECT_TRUE(std::equal(next_bytes.begin(), next_bytes.end(), got.begin()))
+      << "the slow writer's bytes landed in the object put after its lease ended";
+}
+
+// The slow reader's lease ends, the object is removed and its range reused:
+// the read must fail, not return the new object's bytes as the old one's.
+TEST_F(StoreLeaseBounds, AReadSlowerThanItsLeaseFailsInsteadOfReturningAnotherObjectsBytes) {
+  add_node("node-a", arena(object_bytes));
+  auto writer = fast_client("writer");
+  const auto bytes = writer.buffer;
+  fill_random(bytes, 3);
+  ASSERT_FALSE(put(*writer.client, "old", bytes));
+  const std::vector<std::byte> old_bytes(bytes.begin(), bytes.end());
+
+  auto slow = slow_client("slow-reader", 2s, {.lease = 600ms});
+  const auto got = slow.buffer;
+  std::optional<std::pair<std::error_code, std::uint64_t>> read;
+  slow.client->async_get(kvx::store::object_key{"t", "old"}, got,
+                  [&](std::error_code ec, std::uint64_t n) { read.emplace(ec, n); });
+  // Once the slow get holds its lease, remove the object as soon as no lease
+  // holds it any more, then reuse its range.
+  ASSERT_TRUE(run_until([&] {
+    auto listed = state.objects("t", 1, kvx::store::clock::now());
+    return !listed.empty() && listed[0].lease_left > kvx::store::clock::duration::zero();
+  })) << "the slow get never took its lease";
+  ASSERT_TRUE(run_until([&] { return !state.remove({"t", "old"}, kvx::store::clock::now()).code(); }))
+      << "the slow reader's lease never ended";
+  fill_random(bytes, 4);
+  ASSERT_FALSE(put(*writer.client, "new", bytes));
+
+  ASSERT_TRUE(run_until([&] { return read.has_value(); })) << "the slow get never completed";
+  EXPECT_EQ(read->first, kvx::errc::timed_out) << read->first.message();
+  if (!read->first)
+    EXPECT_TRUE(std::equal(old_bytes.begin(), old_bytes.end(), got.begin()))
+        << "the get succeeded with another object's bytes";
+}
+
+// A copy slower than the master's deadline for it: the source keeps
+// heartbeating (it is not dropped, its object not lost) and stops the copy
+// before the master gives the target up, so the target range stays clean.
+TEST_F(StoreLeaseBounds, ACopySlowerThanItsDeadlineNeitherSilencesItsSourceNorLandsLate) {
+  auto& source = add_slow_node("node-a", arena(object_bytes), 3s);
+  auto& doomed = add_node("node-c", arena(object_bytes));
+  auto writer = fast_client("writer");
+  const auto bytes = writer.buffer;
+  fill_random(bytes, 5);
+  ASSERT_FALSE(wait([&]() -> asio::awaitable<std::error_code> {
+    auto [e] = co_await writer.client->async_put(kvx::store::object_key{"t", "obj"}, bytes, kvx::store::put_options{.replicas = 2},
+                                          asio::as_tuple(asio::use_awaitable));
+    co_return e;
+  }));
+  auto target = arena(object_bytes);
+  auto& spare = add_node("node-b", target);
+  doomed.stop();  // dropped after the 400 ms node timeout: node-a must copy the object to node-b
+
+  // Past the first copy's 1.5 s deadline and the slow transport's 3 s.
+  ASSERT_TRUE(run_until([&] { return source.replications_failed() >= 1; })) << "the slow copy was never stopped";
+  const auto settle = std::chrono::steady_clock::now() + 3500ms;
+  run_until([&] { return std::chrono::steady_clock::now() > settle; });
+
+  const auto live = state.nodes();
+  EXPECT_NE(std::find(live.begin(), live.end(), "node-a"), live.end()) << "the copying node went silent and was dropped";
+  EXPECT_TRUE(state.exists({"t", "obj"})) << "the object was lost with its copying node";
+  EXPECT_EQ(source.replications_done(), 0u);
+  EXPECT_EQ(spare.replications_done(), 0u);
+  const auto* t = target.data();
+  EXPECT_TRUE(std::all_of(t, t + target.length, [](std::byte b) { return b == std::byte{0}; }))
+      << "a copy given up by the master still wrote its target";
+}
+
+}  // namespace
