@@ -544,9 +544,10 @@ void a_failed_demotion_keeps_the_block() {
     EXPECT_NE(written_through[i].find("through to tier 1"), std::string::npos) << written_through[i];
     EXPECT_NE(written_through[i].find("I/O error"), std::string::npos) << written_through[i];
   }
-  if (through)
+  if (through) {
     EXPECT_NE(text.find("kvx_cache_write_through_failures_total{cache=\"test\",tier=\"failing\"} 3"), std::string::npos)
         << text;
+  }
   ASSERT_EQ(warnings.size(), 1U);
   EXPECT_NE(warnings[0].find(key(0).to_string()), std::string::npos) << warnings[0];
   EXPECT_NE(warnings[0].find("I/O error"), std::string::npos) << warnings[0];

@@ -205,7 +205,9 @@ TEST_F(StoreLeaseBounds, AReadSlowerThanItsLeaseFailsInsteadOfReturningAnotherOb
   ASSERT_FALSE(put(*writer.client, "old", bytes));
   const std::vector<std::byte> old_bytes(bytes.begin(), bytes.end());
 
-  auto slow = slow_client("slow-reader", 2s, {.lease = 600ms});
+  kvx::store::client_options short_lease;
+  short_lease.lease = 600ms;
+  auto slow = slow_client("slow-reader", 2s, short_lease);
   const auto got = slow.buffer;
   std::optional<std::pair<std::error_code, std::uint64_t>> read;
   slow.client->async_get(kvx::store::object_key{"t", "old"}, got,
@@ -223,9 +225,10 @@ TEST_F(StoreLeaseBounds, AReadSlowerThanItsLeaseFailsInsteadOfReturningAnotherOb
 
   ASSERT_TRUE(run_until([&] { return read.has_value(); })) << "the slow get never completed";
   EXPECT_EQ(read->first, kvx::errc::timed_out) << read->first.message();
-  if (!read->first)
+  if (!read->first) {
     EXPECT_TRUE(std::equal(old_bytes.begin(), old_bytes.end(), got.begin()))
         << "the get succeeded with another object's bytes";
+  }
 }
 
 // A copy slower than the master's deadline for it: the source keeps
@@ -237,9 +240,10 @@ TEST_F(StoreLeaseBounds, ACopySlowerThanItsDeadlineNeitherSilencesItsSourceNorLa
   auto writer = fast_client("writer");
   const auto bytes = writer.buffer;
   fill_random(bytes, 5);
+  kvx::store::put_options two;
+  two.replicas = 2;
   ASSERT_FALSE(wait([&]() -> asio::awaitable<std::error_code> {
-    auto [e] = co_await writer.client->async_put(kvx::store::object_key{"t", "obj"}, bytes, kvx::store::put_options{.replicas = 2},
-                                          asio::as_tuple(asio::use_awaitable));
+    auto [e] = co_await writer.client->async_put(kvx::store::object_key{"t", "obj"}, bytes, two, asio::as_tuple(asio::use_awaitable));
     co_return e;
   }));
   auto target = arena(object_bytes);
