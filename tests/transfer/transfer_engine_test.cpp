@@ -387,6 +387,62 @@ TEST_F(impulse_engines, ADeadPeerTimesOutWithinTheDeadline) {
   }
 }
 
+// The owner registers the segment again while an op is half done: the
+// slices still to come would go to the new registration, the ones done went
+// to the old. The op fails (stale) instead of reporting success with bytes
+// of two incarnations; for a write, the new one would lack the first slice.
+template <bool Write>
+void an_op_split_across_an_owner_restart_fails(impulse_engines& f) {
+  kvx::transfer::transfer_engine<embedded_metadata, kvx::testing::impulse<>> e(
+      f.meta, {.node = "initiator", .slice_size = 4096, .max_in_flight = 1}, f.net);
+  register_on(f.io, e, f.mine, unique("impulse-local"));
+  kvx::testing::fill_random(f.mine, 31);
+  std::optional<std::pair<std::error_code, batch_result>> out;
+  batch b;
+  if (Write)
+    b.write(std::span<const std::byte>(f.mine).first(3 * 4096), f.name, 0);
+  else
+    b.read(std::span(f.mine).first(3 * 4096), f.name, 0);
+  e.async_transfer(std::move(b), [&](std::error_code ec, batch_result r) { out.emplace(ec, std::move(r)); });
+  f.io.restart();
+  f.io.poll();
+  ASSERT_TRUE(f.net.release_one());  // slice 0 moves under the first registration
+  f.io.restart();
+  f.io.poll();
+  std::optional<std::error_code> gone;
+  f.owner.async_deregister_memory(f.name, [&](std::error_code ec) { gone = ec; });
+  f.io.restart();
+  while (!gone && f.io.run_one_for(5s)) {
+  }
+  ASSERT_TRUE(gone && !*gone);
+  local net2(f.io.get_executor());
+  kvx::transfer::transfer_engine<embedded_metadata, local> owner2(f.meta, {.node = "owner"}, net2);
+  std::vector<std::byte> fresh(1u << 20);
+  kvx::testing::fill_random(fresh, 77);
+  const std::vector<std::byte> fresh_before(fresh.begin(), fresh.begin() + 3 * 4096);
+  register_on(f.io, owner2, fresh, f.name);
+  for (int i = 0; !out && i < 100; ++i) {  // slice 1 meets the new registration: re-resolved
+    f.net.release_one();
+    f.io.restart();
+    f.io.poll();
+  }
+  ASSERT_TRUE(out) << "the batch never completed";
+  ASSERT_EQ(out->first, kvx::errc::stale) << out->second.first_error().message();
+  EXPECT_EQ(out->second.re_resolutions, 1u);
+  EXPECT_NE(out->second.ops[0].context.find("registered again"), std::string::npos) << out->second.ops[0].context;
+  if (Write) {
+    EXPECT_TRUE(std::equal(fresh_before.begin(), fresh_before.end(), fresh.begin()))
+        << "the new registration got part of an operation begun on the old one";
+  }
+}
+
+TEST_F(impulse_engines, AReadSplitAcrossAnOwnerRestartFailsInsteadOfMixingTwoIncarnations) {
+  an_op_split_across_an_owner_restart_fails<false>(*this);
+}
+TEST_F(impulse_engines, AWriteSplitAcrossAnOwnerRestartFailsInsteadOfCompletingHalfOfIt) {
+  an_op_split_across_an_owner_restart_fails<true>(*this);
+}
+
 TEST_F(impulse_engines, NoTransportThatReachesTheSegmentIsAnError) {
   kvx::testing::failing_transport failing(io.get_executor());
   kvx::transfer::transfer_engine<embedded_metadata, kvx::testing::failing_transport> e(meta, {.node = "initiator"}, failing);

@@ -723,7 +723,11 @@ class transfer_engine {
       --in_flight;
       auto& st = ops[s.op];
       --st.outstanding;
-      if (!ec) {
+      if (!ec && s.desc != st.desc && !st.failed) {
+        // Moved under a registration the op has since left (the owner
+        // registered the segment again): the op's bytes would mix two.
+        fail(s.op, errc::stale, incarnations_mixed(s.op, *s.desc, *st.desc), s.remote_offset);
+      } else if (!ec) {
         result.ops[s.op].bytes += s.length;
         result.bytes += s.length;
       } else if (!stopping && !st.failed) {
@@ -801,15 +805,32 @@ class transfer_engine {
       }
       seg.current = d;
       for (auto& s : parked) {
-        // Ops on this segment continue with the fresh descriptor and a transport chosen for it.
+        // Ops on this segment continue with the fresh descriptor and a
+        // transport chosen for it; an op that already moved bytes under the
+        // old registration fails instead (its bytes would mix the two).
         const std::size_t i = s.op;
-        if (ops[i].desc != d) bind_op(i, d);
+        if (ops[i].desc != d) rebind_op(i, d, s.remote_offset);
         if (ops[i].failed) continue;
         s.desc = d;
         retries.push_back(std::move(s));
       }
       for (std::size_t i = 0; i < bt.ops.size(); ++i)
-        if (ops[i].desc && ops[i].desc != d && !ops[i].failed && bt.ops[i].remote.segment == d->name) bind_op(i, d);
+        if (ops[i].desc && ops[i].desc != d && !ops[i].failed && bt.ops[i].remote.segment == d->name)
+          rebind_op(i, d, bt.ops[i].remote.offset);
+    }
+
+    // Moves op `i` to the segment's new registration `d`, unless some of its
+    // bytes already moved under the old one: then it fails (`stale`).
+    void rebind_op(std::size_t i, const descriptor_ptr& d, std::uint64_t remote_offset) {
+      if (result.ops[i].bytes > 0) return fail(i, errc::stale, incarnations_mixed(i, *ops[i].desc, *d), remote_offset);
+      bind_op(i, d);
+    }
+
+    std::string incarnations_mixed(std::size_t i, const memory::segment_descriptor& old_desc,
+                                   const memory::segment_descriptor& new_desc) const {
+      return "the segment was registered again (generation " + std::to_string(old_desc.generation) + " -> " +
+             std::to_string(new_desc.generation) + ") after " + std::to_string(result.ops[i].bytes) +
+             " bytes of this operation had moved under the old registration; retry the operation";
     }
 
     void stop(std::error_code ec) {
