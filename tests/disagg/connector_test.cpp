@@ -504,6 +504,38 @@ TEST_F(ConnectorTest, BestEffortPastTheDeadlineCancelsTheLoadsAndRecomputesEvery
   EXPECT_EQ(out->tokens, reference(tokens, 3));
 }
 
+TEST_F(ConnectorTest, BestEffortWhoseGetsDoNotStopWhenCancelledFailsInsteadOfReportingACompleteLoad) {
+  add_pool_node("node-0");
+  auto* p = pull_worker<kd::layouts::layer_first>({.name = "sp", .role = connector_role::producer, .model = model(), .num_blocks = 32});
+  // The decode instance's reads neither complete nor stop when cancelled
+  // (requests already on their way): they may still write into its blocks.
+  auto& deaf = add_impulse("sd");
+  deaf.transport.honour_cancellation(false);
+  pull_mode<impulse_engine> mode{client_for(deaf.engine, "sd"), "t", "tiny"};
+  using slow_worker = tiny::worker<kd::layouts::layer_first, impulse_engine, pull_mode<impulse_engine>, kd::load::best_effort>;
+  // (Its connector waits `control_timeout`, 5 s, for cancelled gets to end.)
+  auto* d = keep(slow_worker::make(deaf.engine, {.name = "sd", .role = connector_role::consumer, .model = model(), .num_blocks = 32},
+                                   mode, kd::load::best_effort{200ms}).value());
+  const auto tokens = prompt(60, 12);
+  const kd::kv_request req{63, tokens};
+  ASSERT_TRUE(p->run_prefill(req));
+  auto t = d->admit(req, 3).value();
+  ASSERT_EQ(t.external_tokens, 48u);
+  auto out = d->run_decode(req, t, 3);
+  // Before: the wait gave up and forgot the gets (a later get's end then
+  // wrapped the layer's count), finish_load reported every block valid while
+  // they could still land, the engine decoded blocks never loaded, and only
+  // request_finished's `busy` 5 s later failed the decode. Now the load is
+  // abandoned: timed_out, naming the gets that did not stop.
+  if (out) {
+    EXPECT_EQ(out->load.valid_tokens, 0u) << "a load with gets still in flight was reported valid";
+    EXPECT_EQ(out->tokens, reference(tokens, 3));
+  } else {
+    EXPECT_EQ(out.code(), kvx::errc::timed_out) << out.error().message();
+  }
+  deaf.transport.fail_all(kvx::errc::cancelled);  // let the stuck gets end
+}
+
 TEST_F(ConnectorTest, PushProducerWhoseBlocksHoldOtherBytesIsRefusedAndTheDecodeEndsPromptly) {
   // TP, block size and layers agree; head_dim does not: every block of every
   // layer is 16384 bytes on the prefill side and 8192 on the decode side.

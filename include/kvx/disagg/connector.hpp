@@ -862,7 +862,7 @@ class kv_connector {
     bool state_failed = false;
     std::vector<std::uint32_t> pending;
     std::vector<std::uint8_t> heard;  // push: the layer's notice came (its writes ended), even after a timeout
-    bool abandoned = false;           // push: a layer was late; every later wait fails
+    bool abandoned = false;           // a layer was late (push) or a get did not stop (pull); every later wait fails
     std::vector<std::uint8_t> converted;
     std::vector<std::uint8_t> src_failed;
     std::uint32_t first_failed_layer = UINT32_MAX;
@@ -937,7 +937,7 @@ class kv_connector {
         st->stats.bytes_loaded += size;
         ++st->stats.objects_got;
       }
-      --r->pending[o.layer];
+      if (r->pending[o.layer] > 0) --r->pending[o.layer];  // zeroed when its wait gave up (cancel_loads)
       --r->inflight;
       --st->inflight;
       st->cv.notify_all();
@@ -1159,7 +1159,19 @@ class kv_connector {
       for (const auto& s : sigs) s->emit(asio::cancellation_type::terminal);
     });
     lock.lock();
-    st_->cv.wait_for(lock, cfg_.control_timeout, [&] { return r->inflight == r->saves_inflight; });
+    const bool stopped = st_->cv.wait_for(lock, cfg_.control_timeout, [&] { return r->inflight == r->saves_inflight; });
+    if (!stopped) {
+      // A get that did not stop may still write into the request's blocks:
+      // none of them is usable now (request_finished stays busy until the
+      // last one ends, so its staging is not reused under it either).
+      r->abandoned = true;
+      if (!r->load_code) {
+        r->load_code = make_error_code(errc::timed_out);
+        r->load_context = std::to_string(r->inflight - r->saves_inflight) + " get(s) did not stop within " +
+                          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(cfg_.control_timeout).count()) +
+                          " ms of being cancelled";
+      }
+    }
     for (auto& p : r->pending) p = 0;
   }
 

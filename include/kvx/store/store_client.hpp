@@ -323,6 +323,13 @@ class store_client {
       for (const auto& r : *replicas) {
         // The read must be over while the lease holds: once it ends the
         // object may be evicted and its range given to another object.
+        // A cancellation emitted between two awaits reaches no operation:
+        // look before starting one.
+        const auto before = co_await asio::this_coro::cancellation_state;
+        if (before.cancelled() != asio::cancellation_type::none) {
+          result = errc::cancelled;
+          break;
+        }
         transfer::batch b;
         b.read(dst.first(size), r.segment, r.offset);
         if (!bounded_by(b, *lease_end)) {

@@ -124,6 +124,11 @@ class impulse : public transport::decorator<Inner> {
         token, std::cref(remote), offset, src);
   }
 
+  //! Whether operations queued from now on complete with `cancelled` when
+  //! their cancellation slot fires (default), or ignore it and wait for the
+  //! test, like a transport whose request already left.
+  void honour_cancellation(bool on) noexcept { honour_cancellation_.store(on, std::memory_order_relaxed); }
+
   //! Operations waiting for the test.
   [[nodiscard]] std::size_t pending() const {
     std::lock_guard lock(mutex_);
@@ -178,7 +183,7 @@ class impulse : public transport::decorator<Inner> {
     auto slot = asio::get_associated_cancellation_slot(o.handler);
     std::lock_guard lock(mutex_);
     o.id = ++next_id_;
-    if (slot.is_connected()) {
+    if (slot.is_connected() && honour_cancellation_.load(std::memory_order_relaxed)) {
       slot.assign([this, id = o.id](asio::cancellation_type_t) { cancel(id); });
     }
     queue_.push_back(std::move(o));
@@ -213,6 +218,7 @@ class impulse : public transport::decorator<Inner> {
   std::deque<op> queue_;
   std::uint64_t next_id_ = 0;
   std::atomic<std::uint64_t> started_{0};
+  std::atomic<bool> honour_cancellation_{true};
 };
 
 static_assert(transport::check_transport<impulse<>>());
