@@ -423,6 +423,36 @@ TEST_F(ConnectorTest, APushThatFailsIsAnErrorOnTheDecodeSide) {
   EXPECT_NE(out.error().message().find("layer 0"), std::string::npos) << out.error().message();
 }
 
+TEST_F(ConnectorTest, APushTargetOfARestartedDecodeInstanceIsRefusedNotWrittenIntoTheNewOne) {
+  // The decode instance restarts under its name (same segment names, new
+  // registrations) and admits another request into the same blocks; a
+  // prefill still holding the old instance's target must not write there.
+  using push_decode = tiny::worker<kd::layouts::layer_first, local_engine, kd::transfer_mode::push, kd::load::wait_until>;
+  const tiny::worker_config cfg{.name = "xd", .role = connector_role::consumer, .model = model(), .num_blocks = 16};
+  auto& e = add_local("xd");
+  auto first = push_decode::make(e, cfg, {link}, kd::load::wait_until{2s}).value();
+  const auto tokens_a = prompt(40, 21);
+  const auto tokens_b = prompt(40, 22);
+  const kd::kv_request a{70, tokens_a};
+  const kd::kv_request b{71, tokens_b};
+  ASSERT_TRUE(first->admit(a, 3));
+  auto stale_target = link->take(a.id).value();
+  first.reset();  // the instance goes away; its segments are withdrawn
+  auto* second = keep(push_decode::make(e, cfg, {link}, kd::load::wait_until{2s}).value());
+  auto tb = second->admit(b, 3).value();
+  auto* p1 = push_worker<kd::layouts::layer_first>({.name = "xp1", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  ASSERT_TRUE(p1->run_prefill(b));
+
+  ASSERT_TRUE(link->publish(stale_target));
+  auto* p0 = push_worker<kd::layouts::layer_first>({.name = "xp0", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  auto late = p0->run_prefill(a);
+  ASSERT_FALSE(late) << "the prefill wrote request 70's KV into the restarted instance's blocks";
+  EXPECT_EQ(late.code(), kvx::errc::stale) << late.error().message();
+  auto out = second->run_decode(b, tb, 3);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->tokens, reference(tokens_b, 3));
+}
+
 // Named function objects: GCC 12 rejects the store client's init-captures when
 // it is instantiated from nested lambdas.
 struct set_code {

@@ -16,6 +16,7 @@ kd::push_target sample_target() {
   t.epoch = 7;
   t.node = "decode-1";
   t.segments = {"decode-1/kv0", "decode-1/kv1"};
+  t.segment_keys = {0xfeedfacecafebeefULL, 17};
   t.source_tp = 2;
   t.source_block_tokens = 16;
   t.source_blocks = 3;
@@ -52,6 +53,7 @@ TEST(PushWire, TargetRoundTripsEveryField) {
   EXPECT_EQ(back->epoch, 7u);
   EXPECT_EQ(back->node, "decode-1");
   EXPECT_EQ(back->segments, t.segments);
+  EXPECT_EQ(back->segment_keys, t.segment_keys);
   EXPECT_EQ(back->source_tp, 2u);
   EXPECT_EQ(back->source_block_tokens, 16u);
   EXPECT_EQ(back->source_blocks, 3u);
@@ -109,6 +111,17 @@ TEST(PushWire, TargetFieldsAreCheckedAndNamed) {
   j = kd::to_json(sample_target());
   j["segments"][1] = 3;
   expect_malformed(j, "target.segments[1]");
+  j = kd::to_json(sample_target());
+  j["segment_keys"] = json::array({1});  // one key for two segments
+  expect_malformed(j, "target.segment_keys");
+  j = kd::to_json(sample_target());
+  j["segment_keys"][1] = -5;
+  expect_malformed(j, "target.segment_keys[1]");
+  j = kd::to_json(sample_target());
+  j.erase("segment_keys");  // an older decode side's target: not pinned
+  auto unpinned = kd::push_target_from_json(wire(j));
+  ASSERT_TRUE(unpinned.has_value()) << unpinned.error().message();
+  EXPECT_TRUE(unpinned->segment_keys.empty());
   j = kd::to_json(sample_target());
   j["layer_count"] = 1;
   expect_malformed(j, "unknown config field 'target.layer_count'");

@@ -150,6 +150,22 @@ TEST_F(two_engines, SubRangesOfARegisteredRegionNeedNoNewRegistration) {
   EXPECT_EQ(decode.segments().find(dname).has_value(), true);
 }
 
+TEST_F(two_engines, AnOpPinnedToARegistrationKeyFailsOnAnyOtherRegistration) {
+  batch pinned;
+  pinned.read(std::span(dbuf).first(4096), pname, 0);
+  auto desc = prefill.segments().find(pname);
+  ASSERT_TRUE(desc.has_value());
+  pinned.ops.back().remote.key = desc->key;
+  auto [ok, r1] = run_batch(io, decode, std::move(pinned));
+  ASSERT_FALSE(ok) << r1.first_error().message();
+  batch wrong;
+  wrong.read(std::span(dbuf).first(4096), pname, 0);
+  wrong.ops.back().remote.key = desc->key + 1;  // planned against another registration
+  auto [ec, r2] = run_batch(io, decode, std::move(wrong));
+  EXPECT_EQ(ec, kvx::errc::stale);
+  EXPECT_NE(r2.ops[0].context.find("registered again"), std::string::npos) << r2.ops[0].context;
+}
+
 TEST_F(two_engines, OwnerRestartUnderTheSameNameIsReResolved) {
   batch b1;
   b1.read(std::span(dbuf).first(4096), pname, 0);

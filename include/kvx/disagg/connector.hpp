@@ -282,16 +282,19 @@ class kv_connector {
       regions.emplace_back(segment_name(r), memory::memory_region{shards_[r].memory.data(), shards_[r].memory.size()});
     if (stage_) regions.emplace_back(cfg_.name + "/stage", memory::memory_region{stage_mem_.data(), stage_mem_.size()});
     for (auto& [name, region] : regions) {
-      auto p = std::make_shared<std::promise<std::error_code>>();
+      auto p = std::make_shared<std::promise<std::pair<std::error_code, std::uint64_t>>>();
       auto f = p->get_future();
       asio::post(engine_.get_executor(), [this, p, name = name, region = region] {
-        engine_.async_register_memory(region, name,
-                                      [p](std::error_code ec, const memory::segment_descriptor&) { p->set_value(ec); });
+        engine_.async_register_memory(region, name, [p](std::error_code ec, const memory::segment_descriptor& d) {
+          p->set_value({ec, d.key});
+        });
       });
       if (f.wait_for(cfg_.control_timeout) != std::future_status::ready)
         return error{errc::timed_out, "kv_connector '" + cfg_.name + "': registering '" + name + "' (is the engine's executor running?)"};
-      if (auto ec = f.get()) return error{ec, "kv_connector '" + cfg_.name + "': registering '" + name + "'"};
+      auto [ec, key] = f.get();
+      if (ec) return error{ec, "kv_connector '" + cfg_.name + "': registering '" + name + "'"};
       registered_.push_back(name);
+      registration_keys_[name] = key;
     }
     return {};
   }
@@ -728,6 +731,7 @@ class kv_connector {
         const auto src = shards_[s].layout.state_layer_ranges(r->snapshot_slot, layer);
         detail::pair_streams(src, d.ranges, [&](std::uint64_t so, std::uint64_t dof, std::uint64_t n) {
           b.write(std::span<const std::byte>(shards_[s].memory.data() + so, n), t.segments[d.segment], dof);
+          b.ops.back().remote.key = target_key(t, d.segment);
           op_block.push_back(0);
         });
       }
@@ -737,6 +741,7 @@ class kv_connector {
           detail::pair_streams(shards_[s].layout.block_layer_ranges(r->blocks[i], layer), d.ranges,
                                [&](std::uint64_t so, std::uint64_t dof, std::uint64_t n) {
                                  b.write(std::span<const std::byte>(shards_[s].memory.data() + so, n), t.segments[d.segment], dof);
+                                 b.ops.back().remote.key = target_key(t, d.segment);
                                  op_block.push_back(i);
                                });
         }
@@ -1175,6 +1180,11 @@ class kv_connector {
     for (auto& p : r->pending) p = 0;
   }
 
+  // The registration key a push target pins segment `i` to (0: none).
+  static std::uint64_t target_key(const push_target& t, std::uint32_t i) {
+    return i < t.segment_keys.size() ? t.segment_keys[i] : 0;
+  }
+
   std::shared_ptr<const push_target> make_target(const request& r) {
     auto t = std::make_shared<push_target>();
     t->request = r.id;
@@ -1188,6 +1198,13 @@ class kv_connector {
       for (std::uint32_t s = 0; s < tp_; ++s) t->segments.push_back(segment_name(s));
     } else {
       t->segments.push_back(cfg_.name + "/stage");
+    }
+    // Pinned to these registrations: if this instance restarts under the
+    // same name, a producer still holding the target must not write into
+    // the new one's blocks.
+    for (const auto& name : t->segments) {
+      auto k = registration_keys_.find(name);
+      t->segment_keys.push_back(k == registration_keys_.end() ? 0 : k->second);
     }
     t->destinations.reserve(std::size_t{src_tp_} * shape_.layers * r.nsrc);
     for (std::uint32_t s = 0; s < src_tp_; ++s)
@@ -1278,6 +1295,7 @@ class kv_connector {
   std::optional<cache::block_hasher> hasher_;
   std::shared_ptr<shared_state> st_;
   std::vector<std::string> registered_;
+  std::map<std::string, std::uint64_t> registration_keys_;  // name -> its registration's key (push targets pin it)
 };
 
 }  // namespace kvx::disagg

@@ -80,6 +80,10 @@ struct push_target {
   std::uint64_t epoch = 0;
   std::string node;                          //!< the decode instance
   std::vector<std::string> segments;         //!< registered segments the ranges refer to
+  //! Their registrations' keys (one per segment; empty: not pinned): writes
+  //! to a segment registered again since (the decode instance restarted
+  //! under the same name) fail instead of landing in the new instance.
+  std::vector<std::uint64_t> segment_keys;
   std::uint32_t source_tp = 1;               //!< the prefill's TP the target was built for
   std::uint32_t source_block_tokens = 16;    //!< ... and its block size
   std::uint32_t source_blocks = 0;           //!< prefill blocks to send (ceil(prompt / block_tokens))

@@ -101,6 +101,7 @@ inline nlohmann::json to_json(const push_target& t) {
           {"epoch", t.epoch},
           {"node", t.node},
           {"segments", t.segments},
+          {"segment_keys", t.segment_keys},
           {"source_tp", t.source_tp},
           {"source_block_tokens", t.source_block_tokens},
           {"source_blocks", t.source_blocks},
@@ -113,8 +114,8 @@ inline nlohmann::json to_json(const push_target& t) {
 inline result<push_target> push_target_from_json(const nlohmann::json& j) {
   auto fail = [](const kvx::error& e) { return detail::wire_error(e); };
   config::view v(j, "target");
-  if (auto ok = v.allow_only({"request", "epoch", "node", "segments", "source_tp", "source_block_tokens", "source_blocks",
-                              "layers", "destinations"});
+  if (auto ok = v.allow_only({"request", "epoch", "node", "segments", "segment_keys", "source_tp", "source_block_tokens",
+                              "source_blocks", "layers", "destinations"});
       !ok)
     return fail(ok.error());
   push_target t;
@@ -144,6 +145,19 @@ inline result<push_target> push_target_from_json(const nlohmann::json& j) {
     if (!s.is_string() || s.get_ref<const std::string&>().empty())
       return error{errc::malformed_message, "push wire: field 'target.segments[" + std::to_string(i) + "]' must be a non-empty string"};
     t.segments.push_back(s.get<std::string>());
+  }
+  // Optional (a target from an older decode side has none): one registration
+  // key per segment, 0 for a segment not pinned.
+  if (const auto keys = j.find("segment_keys"); keys != j.end()) {
+    if (!keys->is_array() || (!keys->empty() && keys->size() != t.segments.size()))
+      return error{errc::malformed_message, "push wire: field 'target.segment_keys' must be an array of one key per segment (" +
+                                                std::to_string(t.segments.size()) + ")"};
+    for (std::size_t i = 0; i < keys->size(); ++i) {
+      const auto& k = (*keys)[i];
+      if (!k.is_number_unsigned())
+        return error{errc::malformed_message, "push wire: field 'target.segment_keys[" + std::to_string(i) + "]' must be an unsigned integer"};
+      t.segment_keys.push_back(k.get<std::uint64_t>());
+    }
   }
 
   const std::uint64_t want = std::uint64_t{t.source_tp} * t.layers * t.source_blocks;

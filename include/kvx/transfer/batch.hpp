@@ -57,6 +57,11 @@ struct remote_blocks {
   std::string segment;
   std::uint64_t offset = 0;
   std::uint64_t stride = 0;  //!< 0: contiguous
+  //! The key of the registration the operation was planned against (its
+  //! descriptor's `key`); the operation fails with `errc::stale` when the name
+  //! holds another registration (the owner restarted and registered it
+  //! again). 0: whichever registration the name has.
+  std::uint64_t key = 0;
 };
 
 //! One operation of a batch.

@@ -625,6 +625,11 @@ class transfer_engine {
       auto& op = bt.ops[i];
       auto& st = ops[i];
       st.desc = d;
+      if (op.remote.key != 0 && d->key != op.remote.key)
+        return fail(i, errc::stale,
+                    "the segment was registered again since the operation was planned (it names registration key " +
+                        std::to_string(op.remote.key) + ", the segment's is " + std::to_string(d->key) + ")",
+                    op.remote.offset);
       const std::uint64_t end = op.remote.offset + (op.count - 1) * op.remote_stride() + op.block_length;
       if (end > d->length)
         return fail(i, errc::out_of_range,
