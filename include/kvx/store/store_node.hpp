@@ -56,6 +56,7 @@
 #include <kvx/core/async.hpp>
 #include <kvx/core/log.hpp>
 #include <kvx/memory/memory_region.hpp>
+#include <kvx/store/detail/transfer_deadline.hpp>
 #include <kvx/store/master_client.hpp>
 #include <kvx/store/node_ledger.hpp>
 #include <kvx/transfer/batch.hpp>
@@ -307,17 +308,15 @@ class store_node {
   asio::awaitable<void> replicate(const replication_task& task, std::shared_ptr<shared> st) {
     const auto& source = task.source;
     const auto& target = task.target;
+    transfer::batch b;
+    b.write(std::span<const std::byte>(base_ + source.offset, source.size), target.segment, target.offset);
     const auto until = task.deadline == clock::time_point{} ? clock::time_point::max() : task.deadline;
-    const auto left = transfer_time_left(until, options_.copy_margin, engine_.options().deadline);
-    if (left <= clock::duration::zero()) {
+    if (!detail::end_before(b, until, options_.copy_margin, engine_.options().deadline)) {
       ++st->replications_failed;
       log(log_level::warn, "store node '", options_.name, "': replication of '", task.key.full(),
           "': no time left before its deadline; not copied");
       co_return;
     }
-    transfer::batch b;
-    b.write(std::span<const std::byte>(base_ + source.offset, source.size), target.segment, target.offset);
-    if (left != clock::duration::max()) b.deadline = left;
     auto [tec, res] = co_await engine_.async_transfer(std::move(b), asio::as_tuple(asio::use_awaitable));
     if (!st->running) co_return;  // stopped (maybe destroyed) meanwhile
     if (tec) {

@@ -3,10 +3,8 @@
 //! Vocabulary of the distributed KV pool: object keys in tenant namespaces,
 //! replica locations, and the records the master keeps about segments.
 
-#include <algorithm>
 #include <chrono>
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,19 +13,6 @@
 namespace kvx::store {
 
 using clock = std::chrono::steady_clock;
-
-//! Time left for a transfer that must be over `margin` before `until` (a
-//! lease, or a copy's deadline, on this host's clock; `margin` covers bytes a
-//! transport sent before a deadline cancelled it, which may land later), and
-//! no longer than `engine_default` (the engine's own batch deadline, if any).
-//! `duration::max()`: unbounded; zero or less: no time left.
-inline clock::duration transfer_time_left(clock::time_point until, clock::duration margin,
-                                          std::optional<clock::duration> engine_default,
-                                          clock::time_point now = clock::now()) {
-  auto left = until == clock::time_point::max() ? clock::duration::max() : until - margin - now;
-  if (engine_default) left = std::min(left, *engine_default);
-  return left;
-}
 
 //! An object's name: a tenant namespace and a key inside it. Tenants never
 //! see each other's objects; quotas are per tenant.
