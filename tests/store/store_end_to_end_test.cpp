@@ -21,7 +21,7 @@
 #include <optional>
 #include <random>
 
-#include "support/store_parties.hpp"
+#include "support/store_cluster.hpp"
 
 namespace {
 
@@ -34,17 +34,14 @@ using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
 // transport, sharing the in-process metadata backend.
 using party = kvx::test::store_party;
 
-struct StoreEndToEnd : ::testing::Test {
-  asio::io_context io;
-  kvx::metrics::registry registry;
-  kvx::store::master_config config = [] {
-    kvx::store::master_config c;
-    c.node_timeout = 400ms;
-    return c;
-  }();
-  state_type state{config, {}, registry};
-  kvx::store::master_server<state_type> server{io.get_executor(), state, {.address = "127.0.0.1", .port = 0, .tick_interval = 50ms}};
-  kvx::transfer::embedded_metadata meta{io.get_executor()};
+kvx::store::master_config end_to_end_config() {
+  kvx::store::master_config c;
+  c.node_timeout = 400ms;
+  return c;
+}
+
+struct StoreEndToEnd : ::testing::Test, kvx::test::store_cluster<state_type> {
+  StoreEndToEnd() : store_cluster(end_to_end_config()) {}
   std::vector<std::unique_ptr<party>> parties;
   std::vector<kvx::memory::mapped_arena> arenas;
   std::vector<std::unique_ptr<kvx::store::store_node<engine_type>>> nodes;
@@ -57,14 +54,7 @@ struct StoreEndToEnd : ::testing::Test {
   }
   void TearDown() override {
     for (auto& n : nodes) n->stop();
-    server.stop();
-    io.restart();
-    io.run_for(100ms);
-  }
-
-  template <class Op>
-  auto wait(Op op) {
-    return kvx::test::run_coroutine(io, std::move(op));
+    stop_master();
   }
 
   party& add_party(const std::string& name) { return *parties.emplace_back(std::make_unique<party>(io, meta, name)); }

@@ -23,7 +23,7 @@
 #include <algorithm>
 #include <optional>
 
-#include "support/store_parties.hpp"
+#include "support/store_cluster.hpp"
 
 namespace {
 
@@ -47,21 +47,18 @@ struct slow_party {
 
 constexpr std::size_t object_bytes = 64 << 10;
 
-struct StoreLeaseBounds : ::testing::Test {
-  asio::io_context io;
-  kvx::metrics::registry registry;
-  kvx::store::master_config config = [] {
-    kvx::store::master_config c;
-    c.put_lease = 600ms;
-    c.node_timeout = 400ms;
-    c.replication_timeout = 1500ms;
-    c.high_watermark = 1.0;  // a full node keeps its one object
-    c.low_watermark = 0.9;
-    return c;
-  }();
-  state_type state{config, {}, registry};
-  kvx::store::master_server<state_type> server{io.get_executor(), state, {.address = "127.0.0.1", .port = 0, .tick_interval = 50ms}};
-  kvx::transfer::embedded_metadata meta{io.get_executor()};
+kvx::store::master_config lease_bounds_config() {
+  kvx::store::master_config c;
+  c.put_lease = 600ms;
+  c.node_timeout = 400ms;
+  c.replication_timeout = 1500ms;
+  c.high_watermark = 1.0;  // a full node keeps its one object
+  c.low_watermark = 0.9;
+  return c;
+}
+
+struct StoreLeaseBounds : ::testing::Test, kvx::test::store_cluster<state_type> {
+  StoreLeaseBounds() : store_cluster(lease_bounds_config()) {}
   std::vector<std::unique_ptr<kvx::test::store_party>> parties;
   std::vector<std::unique_ptr<slow_party>> slow_parties;
   std::vector<kvx::memory::mapped_arena> arenas;
@@ -73,14 +70,7 @@ struct StoreLeaseBounds : ::testing::Test {
   void TearDown() override {
     for (auto& n : nodes) n->stop();
     for (auto& n : slow_nodes) n->stop();
-    server.stop();
-    io.restart();
-    io.run_for(100ms);
-  }
-
-  template <class Op>
-  auto wait(Op op) {
-    return kvx::test::run_coroutine(io, std::move(op));
+    stop_master();
   }
   // Runs the io_context until `done()` (false after `limit`).
   template <class Pred>
