@@ -687,7 +687,8 @@ class flaky_metadata {
 
 using flaky_engine_t = kvx::transfer::transfer_engine<flaky_metadata, local>;
 
-std::optional<std::error_code> register_now(asio::io_context& io, flaky_engine_t& e, std::vector<std::byte>& buf,
+template <class Engine>
+std::optional<std::error_code> register_now(asio::io_context& io, Engine& e, std::vector<std::byte>& buf,
                                             const std::string& name) {
   std::optional<std::error_code> out;
   e.async_register_memory(memory_region{buf.data(), buf.size()}, name,
@@ -698,7 +699,8 @@ std::optional<std::error_code> register_now(asio::io_context& io, flaky_engine_t
   return out;
 }
 
-std::optional<std::error_code> deregister_now(asio::io_context& io, flaky_engine_t& e, const std::string& name) {
+template <class Engine>
+std::optional<std::error_code> deregister_now(asio::io_context& io, Engine& e, const std::string& name) {
   std::optional<std::error_code> out;
   e.async_deregister_memory(name, [&](std::error_code ec) { out = ec; });
   io.restart();
@@ -766,6 +768,60 @@ TEST_F(TransferEngineMetadataFailures, AFailedWithdrawalIsRetriedByTheNextDeregi
   EXPECT_EQ(deregister_now(io, e, name), std::error_code{}) << "the retry withdraws the stale descriptor";
   EXPECT_FALSE(published(io, meta, name));
   EXPECT_EQ(deregister_now(io, e, name), std::error_code{kvx::errc::unknown_segment}) << "and then it is gone";
+}
+
+// ---- a transport still holding a segment -------------------------------------
+
+// What shm and cuda_ipc report when a peer's copy outlives their revoke
+// timeout, on demand: deregistration fails with timed_out while `holding`.
+struct holding_transport : kvx::testing::failing_transport {
+  using failing_transport::failing_transport;
+  kvx::result<void> deregister_memory(const kvx::memory::local_segment& s) {
+    ++deregisters;
+    if (holding) return kvx::error{kvx::errc::timed_out, "segment '" + s.name + "': 1 peer copies still in flight"};
+    return {};
+  }
+  bool holding = false;
+  int deregisters = 0;
+};
+
+struct TransferEngineRevokeTimeout : ::testing::Test {
+  asio::io_context io;
+  flaky_metadata meta{io.get_executor()};
+  local net{io.get_executor()};
+  holding_transport held{io.get_executor()};
+  kvx::transfer::transfer_engine<flaky_metadata, local, holding_transport> e{meta, {.node = "n"}, net, held};
+  std::vector<std::byte> buf = std::vector<std::byte>(4096);
+};
+
+TEST_F(TransferEngineRevokeTimeout, DeregistrationFailsUntilTheTransportLetsGoAndEachRetryAsksItAgain) {
+  const auto name = unique("held");
+  ASSERT_EQ(register_now(io, e, buf, name), std::error_code{});
+  held.holding = true;
+  EXPECT_EQ(deregister_now(io, e, name), std::error_code{kvx::errc::timed_out}) << "the memory was reported free";
+  EXPECT_EQ(held.deregisters, 1);
+  EXPECT_FALSE(published(io, meta, name)) << "peers still find the descriptor";
+  EXPECT_EQ(e.segments().find(name).code(), kvx::errc::unknown_segment) << "the table still serves the segment";
+  EXPECT_EQ(deregister_now(io, e, name), std::error_code{kvx::errc::timed_out});
+  EXPECT_EQ(held.deregisters, 2) << "the retry did not ask the transport again";
+  held.holding = false;
+  EXPECT_EQ(deregister_now(io, e, name), std::error_code{}) << "the transport let go";
+  EXPECT_EQ(held.deregisters, 3);
+  EXPECT_EQ(deregister_now(io, e, name), std::error_code{kvx::errc::unknown_segment}) << "and then it is gone";
+  EXPECT_EQ(held.deregisters, 3);
+}
+
+TEST_F(TransferEngineRevokeTimeout, AFailedPublishWhoseUndoTimesOutReportsTheUndoAndLeavesItToDeregister) {
+  const auto name = unique("held-unpublished");
+  meta.put_error = kvx::errc::internal;
+  held.holding = true;
+  EXPECT_EQ(register_now(io, e, buf, name), std::error_code{kvx::errc::timed_out})
+      << "the backend's error hid that the memory is not free";
+  held.holding = false;
+  meta.put_error = {};
+  EXPECT_EQ(deregister_now(io, e, name), std::error_code{});
+  EXPECT_EQ(held.deregisters, 2);
+  EXPECT_EQ(deregister_now(io, e, name), std::error_code{kvx::errc::unknown_segment});
 }
 
 // ---- descriptors from peers are untrusted ------------------------------------

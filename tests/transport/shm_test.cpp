@@ -314,6 +314,62 @@ TEST(ShmTransport, OwnerHangsUpOnAMalformedRequestAndKeepsServing) {
   EXPECT_EQ(buf[15], std::byte{7});
 }
 
+// A peer stopped in the middle of a copy, modelled by a raw peer that maps the
+// segment and marks a copy in flight as shm's copy does, holds the memory past
+// the revoke timeout: deregistration must not report it free to reuse.
+TEST(ShmTransport, ACopyOutlivingTheRevokeTimeoutFailsDeregistrationAndKeepsTheSegmentRevoked) {
+  namespace d = kvx::transport::detail;
+  asio::io_context io;
+  kvx::memory::segment_table table("revoking-owner");
+  kvx::transport::shm owner(io.get_executor(), kvx::transport::shm_options{.revoke_timeout = 50ms});
+  kvx::transport::shm initiator(io.get_executor());
+  auto mem = kvx::transport::shm_allocate(4096);
+  ASSERT_TRUE(mem) << mem.error().message();
+  auto seg = *table.add("held", mem->region());
+  auto desc = table.describe(seg);
+  desc.transports["shm"] = *owner.register_memory(seg);
+  std::vector<std::byte> buf(64);
+  ASSERT_FALSE(read(io, initiator, desc, 0, buf)) << "the initiator maps the segment";
+
+  auto raw = d::shm_channel::connect(io.get_executor(), desc.transports["shm"]["socket"]);
+  ASSERT_TRUE(raw) << raw.error().message();
+  std::optional<d::control_page> control;
+  (*raw)->start(
+      [&](nlohmann::json&&, std::vector<d::unique_fd>&& fds) {
+        if (fds.empty()) return;
+        if (auto c = d::control_page::adopt(std::move(fds[0]))) control = std::move(*c);
+      },
+      [] {});
+  ASSERT_FALSE((*raw)->send(
+      {{"op", "open"}, {"id", 1u}, {"name", seg.name}, {"key", seg.key}, {"generation", seg.generation}}));
+  ASSERT_TRUE(run_until(io, [&] { return control.has_value(); })) << "the owner sent no control page";
+  control->block().in_flight.fetch_add(1, std::memory_order_seq_cst);
+
+  auto held = owner.deregister_memory(seg);
+  ASSERT_FALSE(held) << "deregistration reported memory free while a peer's copy was in flight";
+  EXPECT_EQ(held.code(), kvx::errc::timed_out);
+  EXPECT_NE(held.error().message().find("'held': 1 peer copies still in flight"), std::string::npos)
+      << held.error().message();
+  EXPECT_EQ(write(io, initiator, desc, 0, buf), kvx::errc::stale) << "a mapped peer started a new copy";
+  kvx::transport::shm fresh(io.get_executor());
+  EXPECT_EQ(read(io, fresh, desc, 0, buf), kvx::errc::unknown_segment) << "the segment was handed out again";
+  EXPECT_EQ(owner.deregister_memory(seg).code(), kvx::errc::timed_out) << "a second call waits for the copy again";
+
+  // The name registered anew while the old registration drains is served,
+  // and the old one's deregistration leaves it alone.
+  ASSERT_TRUE(table.remove("held"));
+  auto again = *table.add("held", mem->region());
+  auto again_desc = table.describe(again);
+  again_desc.transports["shm"] = *owner.register_memory(again);
+  EXPECT_FALSE(read(io, fresh, again_desc, 0, buf));
+
+  control->block().in_flight.fetch_sub(1, std::memory_order_seq_cst);
+  EXPECT_TRUE(owner.deregister_memory(seg)) << "the copy ended: the old registration is released";
+  EXPECT_EQ(owner.deregister_memory(seg).code(), kvx::errc::unknown_segment);
+  EXPECT_FALSE(read(io, fresh, again_desc, 0, buf)) << "releasing the old registration revoked the new one";
+  EXPECT_TRUE(owner.deregister_memory(again));
+}
+
 TEST(ShmTransport, AnOwnerClaimingMoreBytesThanItsFileHoldsIsAProtocolErrorNotASigbus) {
   namespace d = kvx::transport::detail;
   asio::io_context io;

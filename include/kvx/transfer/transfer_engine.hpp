@@ -12,6 +12,9 @@
 //!   the local side of an operation with nothing new to register. A name (or
 //!   node) that is not UTF-8 is `errc::invalid_argument`; when publishing
 //!   fails the registration is undone, so a retry starts afresh.
+//!   `async_deregister_memory(name)` succeeds only once no peer reaches the
+//!   memory; `timed_out` from a transport (a peer's copy outlived its revoke
+//!   timeout) means the memory is not free yet: call it again until it succeeds.
 //! - **Resolution**: remote segment names resolve through the metadata backend
 //!   once and are cached (`async_open` resolves ahead of time). A descriptor
 //!   that is not JSON, nests deeper than `memory::max_descriptor_depth` or
@@ -68,6 +71,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <iterator>
 #include <list>
 #include <map>
 #include <memory>
@@ -181,7 +185,10 @@ class transfer_engine {
       auto seg = table_.find(n);
       if (!seg) continue;
       for_each_transport([&](auto& t, std::size_t i) {
-        if (can_touch(i, seg->region.where)) (void)t.deregister_memory(*seg);
+        if (!can_touch(i, seg->region.where)) return;
+        if (auto d = t.deregister_memory(*seg); !d)
+          log(log_level::warn, "transfer engine '", opts_.node, "': deregistering '", n, "' from ", entry_key(t),
+              " at destruction: ", d.error().message());
       });
       (void)table_.remove(n);
     }
@@ -201,7 +208,11 @@ class transfer_engine {
   //! table) before the completion reports the backend's error, so the memory
   //! may be freed and the call retried; after `timed_out` or
   //! `connection_lost` the put may have landed, so the descriptor is also
-  //! withdrawn (best effort) first.
+  //! withdrawn (best effort) first. If a peer that found a landed put is
+  //! still copying when a transport's revoke timeout passes, the undo fails
+  //! and the completion reports that error instead (`timed_out`): before
+  //! freeing the memory after a `timed_out`, call `async_deregister_memory`
+  //! with the name until it succeeds or reports `unknown_segment`.
   template <asio::completion_token_for<void(std::error_code, memory::segment_descriptor)> CompletionToken>
   auto async_register_memory(const memory::memory_region& region, std::string name, CompletionToken&& token) {
     return asio::async_initiate<CompletionToken, void(std::error_code, memory::segment_descriptor)>(
@@ -227,7 +238,14 @@ class transfer_engine {
                             }
                             log(log_level::warn, "transfer engine '", opts_.node, "': publishing segment '", d.name,
                                 "' failed (", ec.message(), "); its registration is undone");
-                            undo_registration(d);
+                            // A peer that found the landed put may be copying: then the
+                            // memory is not free, which outranks the backend's error.
+                            if (auto undone = undo_registration(d)) {
+                              log(log_level::warn, "transfer engine '", opts_.node, "': ", undone.message(),
+                                  "; the memory is not free to reuse until async_deregister_memory('", d.name,
+                                  "') succeeds");
+                              ec = undone.code();
+                            }
                             if (ec != errc::timed_out && ec != errc::connection_lost)
                               return kvx::detail::post_completion(ex_, std::move(h), ec, memory::segment_descriptor{});
                             // Completing only after the remove keeps it from overtaking a retry's put.
@@ -243,20 +261,36 @@ class transfer_engine {
 
   //! Withdraws segment `name`: deregisters it from the transports (waiting
   //! for remote accesses in flight), the table and the metadata backend.
-  //! When the backend fails the remove, the completion reports its error and
-  //! the descriptor stays published; the local registration is gone already,
-  //! and calling this again with the same name retries the remove.
+  //! Success means no peer reaches the memory any more: it may be reused.
+  //!
+  //! When a transport cannot let go in time (a peer's copy into or out of
+  //! the segment outlived its revoke timeout, as `shm` and `cuda_ipc` report
+  //! with `errc::timed_out`), the completion carries that error and the
+  //! memory is NOT free to reuse: the segment stays revoked in that transport
+  //! (no new op starts on it), the table and the backend drop it anyway, and
+  //! calling this again with the same name asks that transport again. When
+  //! the backend fails the remove, the completion reports its error and the
+  //! descriptor stays published; calling this again retries the remove. So
+  //! after any error, call this again before reusing the memory, until it
+  //! succeeds (or reports `unknown_segment`: nothing is left to withdraw).
   template <asio::completion_token_for<void(std::error_code)> CompletionToken>
   auto async_deregister_memory(std::string name, CompletionToken&& token) {
     return asio::async_initiate<CompletionToken, void(std::error_code)>(
         [this](auto handler, std::string n) {
+          // Earlier registrations still held first, so that one this call
+          // leaves held is not waited for twice.
+          auto held = release_draining(n);
           auto seg = table_.find(n);
           if (seg) {
-            withdraw_locally(*seg);
-          } else if (!is_left_published(n)) {
+            if (auto e = withdraw_locally(*seg); e && !(held && *held)) held = std::move(e);
+          } else if (!held && !is_left_published(n)) {
             return kvx::detail::post_completion(ex_, std::move(handler), seg.code());
           }
-          meta_.async_remove(segment_metadata_key(n), [h = std::move(handler), n, this](std::error_code ec) mutable {
+          const std::error_code local = held ? held->code() : std::error_code{};
+          if (local)
+            log(log_level::warn, "transfer engine '", opts_.node, "': ", held->message(), "; the memory of segment '", n,
+                "' is not free to reuse until async_deregister_memory('", n, "') succeeds");
+          meta_.async_remove(segment_metadata_key(n), [h = std::move(handler), n, local, this](std::error_code ec) mutable {
             if (ec == errc::not_found) ec = {};
             {
               std::lock_guard lock(cache_mutex_);
@@ -268,7 +302,7 @@ class transfer_engine {
             if (ec)
               log(log_level::warn, "transfer engine '", opts_.node, "': withdrawing segment '", n, "' failed (", ec.message(),
                   "); its descriptor stays published until async_deregister_memory('", n, "') succeeds");
-            kvx::detail::post_completion(ex_, std::move(h), ec);
+            kvx::detail::post_completion(ex_, std::move(h), local ? local : ec);
           });
         },
         token, std::move(name));
@@ -351,21 +385,64 @@ class transfer_engine {
     return left_published_.contains(name);
   }
 
-  // Drops `seg` from the transports that took it and from the table.
-  void withdraw_locally(const memory::local_segment& seg) {
-    for_each_transport([&](auto& t, std::size_t i) {
-      if (can_touch(i, seg.region.where)) (void)t.deregister_memory(seg);
-    });
+  // Asks transports `which` to let go of `seg`. Those that cannot (a peer's
+  // copy outlived their revoke timeout) keep it revoked and are remembered
+  // in draining_, for the next deregister to ask again; the first error.
+  kvx::error release(const memory::local_segment& seg, const std::vector<std::size_t>& which) {
+    draining_segment held{seg, {}};
+    kvx::error failure;
+    for (auto i : which)
+      with_transport(i, [&](auto& t) {
+        auto d = t.deregister_memory(seg);
+        if (d || d.code() == errc::unknown_segment) return;  // it holds nothing of `seg` any more
+        held.transports.push_back(i);
+        if (!failure)
+          failure = kvx::error{d.code(), "deregister '" + seg.name + "' from " + entry_key(t) + ": " + d.error().message()};
+      });
+    if (!held.transports.empty()) {
+      std::lock_guard lock(cache_mutex_);
+      draining_.push_back(std::move(held));
+    }
+    return failure;
+  }
+
+  // Drops `seg` from the transports that took it and from the table; the
+  // first transport's error (see release).
+  kvx::error withdraw_locally(const memory::local_segment& seg) {
+    std::vector<std::size_t> which;
+    for (std::size_t i = 0; i < transport_count; ++i)
+      if (can_touch(i, seg.region.where)) which.push_back(i);
+    auto failure = release(seg, which);
     (void)table_.remove(seg.name);
     std::lock_guard lock(cache_mutex_);
     std::erase(registered_, seg.name);
+    return failure;
+  }
+
+  // Asks again the transports still holding earlier registrations of `name`:
+  // nullopt when none does, else the first error (none once all let go).
+  std::optional<kvx::error> release_draining(const std::string& name) {
+    std::vector<draining_segment> mine;
+    {
+      std::lock_guard lock(cache_mutex_);
+      const auto ours = std::stable_partition(draining_.begin(), draining_.end(),
+                                              [&](const draining_segment& d) { return d.segment.name != name; });
+      std::move(ours, draining_.end(), std::back_inserter(mine));
+      draining_.erase(ours, draining_.end());
+    }
+    if (mine.empty()) return std::nullopt;
+    kvx::error failure;
+    for (const auto& d : mine)
+      if (auto e = release(d.segment, d.transports); e && !failure) failure = std::move(e);
+    return failure;
   }
 
   // Undoes the registration `d` describes, unless a deregister (and perhaps
-  // a new registration under the same name) came first.
-  void undo_registration(const memory::segment_descriptor& d) {
+  // a new registration under the same name) came first; the withdrawal's error.
+  kvx::error undo_registration(const memory::segment_descriptor& d) {
     auto seg = table_.find(d.name);
-    if (seg && seg->key == d.key) withdraw_locally(*seg);
+    if (seg && seg->key == d.key) return withdraw_locally(*seg);
+    return {};
   }
 
   result<memory::segment_descriptor> register_locally(const memory::memory_region& r, const std::string& name) {
@@ -885,6 +962,13 @@ class transfer_engine {
   // Deregistered here, but the backend's remove failed: the descriptor may
   // still be published. Guarded by cache_mutex_.
   std::set<std::string, std::less<>> left_published_;
+  // Withdrawn from the table, but some transports still hold them (a peer's
+  // copy outlived the revoke timeout): their memory is not free to reuse.
+  struct draining_segment {
+    memory::local_segment segment;
+    std::vector<std::size_t> transports;
+  };
+  std::vector<draining_segment> draining_;  // guarded by cache_mutex_
 };
 
 }  // namespace kvx::transfer

@@ -29,7 +29,8 @@
 //! op in flight, checks that its slot still holds the descriptor's key
 //! (`errc::stale` otherwise), and unmarks it on completion; `deregister_memory`
 //! clears the key and waits (up to `cuda_ipc_options::revoke_timeout`) for
-//! marked ops to drain, then closes nothing a peer still needs: peers drop
+//! marked ops to drain, or fails with `errc::timed_out` (the memory is not
+//! free to reuse yet), then closes nothing a peer still needs: peers drop
 //! their mapping on the first `stale`. A peer that ignores the protocol cannot
 //! be stopped: cuda_ipc trusts processes of the same user on the host, as
 //! CUDA IPC itself does. An exporter that exits is noticed by its pid
@@ -236,7 +237,11 @@ class cuda_ipc {
   //! Exports a `cuda:N` segment (host segments register with an entry that
   //! only says so: cuda_ipc never reaches remote host memory).
   result<nlohmann::json> register_memory(const memory::local_segment& seg) { return state_->register_memory(seg); }
-  //! Revokes: peers' next ops complete with `errc::stale`; waits for theirs in flight.
+  //! Revokes: peers' next ops complete with `errc::stale`; waits for theirs in
+  //! flight. `errc::timed_out` (naming the segment and the ops left) when one
+  //! is still marked at `cuda_ipc_options::revoke_timeout`: the memory is then
+  //! NOT free to reuse. The segment stays revoked and calling this again with
+  //! `seg` waits again; free the memory once a call succeeds.
   result<void> deregister_memory(const memory::local_segment& seg) { return state_->deregister_memory(seg); }
 
   [[nodiscard]] std::error_code can_transfer(const memory::segment_descriptor& remote) const {
@@ -381,28 +386,42 @@ class cuda_ipc {
 
     result<void> deregister_memory(const memory::local_segment& seg) {
       if (seg.region.where.kind == memory::location_kind::host) return {};
+      const std::pair id{seg.name, seg.key};
       std::size_t slot = 0;
+      bool again = false;
       {
         std::lock_guard lock(mu_);
         auto it = slots_.find(seg.name);
-        if (it == slots_.end()) return kvx::error{errc::unknown_segment, "cuda_ipc: segment '" + seg.name + "' is not registered"};
-        slot = it->second;
-        table_->key(slot).store(0);  // peers checking after this see the revocation
-        slots_.erase(it);
-        std::lock_guard exports_lock(exports_mutex());
-        exports().erase(seg.name);
+        if (it != slots_.end() && table_->key(it->second).load() == seg.key) {
+          slot = it->second;
+          table_->key(slot).store(0);  // peers checking after this see the revocation
+          slots_.erase(it);
+          std::lock_guard exports_lock(exports_mutex());
+          exports().erase(seg.name);
+        } else if (auto d = draining_.find(id); d != draining_.end()) {
+          slot = d->second;  // an earlier call timed out on it: wait for its ops again
+          again = true;
+        } else {
+          return kvx::error{errc::unknown_segment, "cuda_ipc: segment '" + seg.name + "' is not registered"};
+        }
       }
       const auto deadline = std::chrono::steady_clock::now() + opts_.revoke_timeout;
-      while (table_->in_flight(slot).load() != 0) {
-        if (std::chrono::steady_clock::now() > deadline) {
-          log(log_level::warn, "cuda_ipc: segment '", seg.name, "' deregistered with ", table_->in_flight(slot).load(),
-              " peer ops still marked in flight after ", opts_.revoke_timeout.count(),
-              " ms (a peer died mid-op?); its slot stays retired");
-          return {};
-        }
+      std::uint64_t left = 0;
+      while ((left = table_->in_flight(slot).load()) != 0 && std::chrono::steady_clock::now() <= deadline)
         std::this_thread::sleep_for(std::chrono::microseconds(200));
-      }
       std::lock_guard lock(mu_);
+      if (left != 0) {
+        // A peer may still copy into or out of the memory: the slot stays
+        // revoked and retired, and the caller must not reuse the memory yet.
+        draining_[id] = slot;
+        return kvx::error{errc::timed_out, "cuda_ipc: segment '" + seg.name + "': " + std::to_string(left) +
+                                               " peer ops still marked in flight after the revoke timeout (" +
+                                               std::to_string(opts_.revoke_timeout.count()) +
+                                               " ms; a stopped peer, or one that died mid-op); the segment stays "
+                                               "revoked and its memory is not free to reuse until deregister_memory "
+                                               "succeeds"};
+      }
+      if (again && draining_.erase(id) == 0) return {};  // a concurrent call already freed the slot
       free_.push_back(slot);
       return {};
     }
@@ -620,6 +639,8 @@ class cuda_ipc {
     std::shared_ptr<detail::cuda_ipc_slot_table> table_;  // ours, as exporter
     std::vector<std::size_t> free_;
     std::map<std::string, std::size_t> slots_;  // our exports: name -> slot
+    // Revoked exports whose peers' ops outlived revoke_timeout: (name, key) -> slot.
+    std::map<std::pair<std::string, std::uint64_t>, std::size_t> draining_;
     std::map<std::string, route> routes_;
     std::map<std::string, std::chrono::steady_clock::time_point> owner_checked_;
     std::map<std::string, std::shared_ptr<detail::cuda_ipc_slot_table>> peer_tables_;

@@ -21,10 +21,12 @@
 //! generation (`unknown_segment`, `bad_key`, `stale`). Deregistration revokes:
 //! the owner raises a flag in a page it shares with every peer of that
 //! segment and waits (up to `shm_options::revoke_timeout`) for copies in
-//! flight to drain; a peer checks the flag before each copy and completes
-//! with `errc::stale` once it is set, then drops its mapping. A peer that
-//! ignores the protocol cannot be stopped from writing into memory it has
-//! mapped: the shm transport trusts processes of the same user on the host.
+//! flight to drain, or fails with `errc::timed_out` (the memory is not free
+//! to reuse yet; see `shm::deregister_memory`); a peer checks the flag before
+//! each copy and completes with `errc::stale` once it is set, then drops its
+//! mapping. A peer that ignores the protocol cannot be stopped from writing
+//! into memory it has mapped: the shm transport trusts processes of the same
+//! user on the host.
 //! When the owner's socket closes (the owner died or shut down), new ops on
 //! that peer complete with `errc::connection_lost`.
 //!
@@ -248,10 +250,23 @@ class shm_state : public std::enable_shared_from_this<shm_state> {
   }
 
   result<void> deregister_memory(const memory::local_segment& seg) {
+    std::shared_ptr<shm_owned> owned;
+    {
+      std::lock_guard lock(owner_mutex_);
+      const auto live = owned_.find(seg.name);
+      if (live == owned_.end() || live->second->segment.key != seg.key) {
+        auto it = draining_.find(std::pair{seg.name, seg.key});
+        // A later registration under the same name is not this one's to revoke.
+        if (it == draining_.end() && live != owned_.end())
+          return error{errc::unknown_segment, "shm transport: segment '" + seg.name + "' is registered under another key"};
+        if (it != draining_.end()) owned = it->second;
+      }
+    }
+    // Revoked by an earlier call whose wait timed out: wait for its copies again.
+    if (owned) return drain(owned);
     // Refuse new mappings first (waits for answers being sent), then revoke old ones.
     auto removed = table_.remove(seg.name);
     KVX_TRY(removed);
-    std::shared_ptr<shm_owned> owned;
     std::vector<std::weak_ptr<shm_channel>> clients;
     {
       std::lock_guard lock(owner_mutex_);
@@ -262,11 +277,11 @@ class shm_state : public std::enable_shared_from_this<shm_state> {
       clients = clients_;
     }
     if (!owned) return error{errc::internal, "shm transport: segment '" + seg.name + "' has no record"};
-    revoke(*owned);
+    auto drained = drain(owned);
     const nlohmann::json notice{{"op", "revoke"}, {"name", seg.name}, {"generation", owned->segment.generation}};
     for (auto& weak : clients)
       if (auto ch = weak.lock()) (void)ch->send(notice);
-    return {};
+    return drained;
   }
 
   // ---- initiator side -----------------------------------------------------
@@ -399,13 +414,16 @@ class shm_state : public std::enable_shared_from_this<shm_state> {
     {
       std::lock_guard lock(owner_mutex_);
       owned.swap(owned_);
+      draining_.clear();
       clients.swap(clients_);
       listener = std::move(listener_);
     }
     if (listener) listener->close();
     for (auto& [name, o] : owned) {
       (void)table_.remove(name);
-      revoke(*o);
+      if (const auto left = revoke(*o))
+        log(log_level::warn, "shm transport: segment '", name, "': ", left,
+            " peer copies still in flight after the revoke timeout at shutdown (a peer died mid-copy?)");
     }
     for (auto& weak : clients)
       if (auto ch = weak.lock()) ch->close();
@@ -426,21 +444,40 @@ class shm_state : public std::enable_shared_from_this<shm_state> {
   }
 
  private:
-  void revoke(shm_owned& owned) {
+  // Raises the revoked flag and waits up to the revoke timeout for peers'
+  // copies to drain; returns how many are still in flight.
+  std::uint64_t revoke(shm_owned& owned) {
     auto& ctl = owned.control.block();
     ctl.revoked.store(1, std::memory_order_seq_cst);
     const auto deadline = std::chrono::steady_clock::now() + options_.revoke_timeout;
-    for (int spins = 0; ctl.in_flight.load(std::memory_order_seq_cst) != 0; ++spins) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        log(log_level::warn, "shm transport: segment '", owned.segment.name,
-            "': peers still hold copies in flight after the revoke timeout (a peer died mid-copy?)");
-        return;
-      }
+    for (int spins = 0;; ++spins) {
+      const auto left = ctl.in_flight.load(std::memory_order_seq_cst);
+      if (left == 0 || std::chrono::steady_clock::now() > deadline) return left;
       if (spins < 64)
         std::this_thread::yield();
       else
         std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
+  }
+
+  // Revokes `owned` and waits for its copies. Past the timeout a peer may
+  // still be writing into or reading from the memory, so the caller must not
+  // reuse it: the registration stays revoked (never handed out again) in
+  // draining_, where the next deregister_memory of it waits again.
+  result<void> drain(const std::shared_ptr<shm_owned>& owned) {
+    const auto left = revoke(*owned);
+    const auto& seg = owned->segment;
+    std::lock_guard lock(owner_mutex_);
+    if (left == 0) {
+      draining_.erase(std::pair{seg.name, seg.key});
+      return {};
+    }
+    draining_[std::pair{seg.name, seg.key}] = owned;
+    return error{errc::timed_out, "shm transport: segment '" + seg.name + "': " + std::to_string(left) +
+                                      " peer copies still in flight after the revoke timeout (" +
+                                      std::to_string(options_.revoke_timeout.count()) +
+                                      " ms; a stopped peer, or one that died mid-copy); the segment stays revoked and "
+                                      "its memory is not free to reuse until deregister_memory succeeds"};
   }
 
   void on_accept(std::shared_ptr<shm_channel> ch) {
@@ -642,6 +679,8 @@ class shm_state : public std::enable_shared_from_this<shm_state> {
   std::mutex owner_mutex_;
   memory::segment_table table_{"shm", 0};
   std::map<std::string, std::shared_ptr<shm_owned>, std::less<>> owned_;
+  // Revoked registrations whose copies outlived revoke_timeout, by name and key.
+  std::map<std::pair<std::string, std::uint64_t>, std::shared_ptr<shm_owned>> draining_;
   std::shared_ptr<shm_listener> listener_;
   std::vector<std::weak_ptr<shm_channel>> clients_;
 
@@ -686,6 +725,11 @@ class shm {
 
   //! Refuses new mappings of `seg`, revokes the existing ones and waits for
   //! peers' copies in flight (bounded by `shm_options::revoke_timeout`).
+  //! `errc::timed_out` (naming the segment and the copies left) when a copy
+  //! is still running at the timeout: the memory is then NOT free to reuse.
+  //! The segment stays revoked (no new copy starts on it, no peer maps it
+  //! again) and calling this again with `seg` waits for those copies again;
+  //! the memory may be reused once a call succeeds.
   result<void> deregister_memory(const memory::local_segment& seg) { return state_->deregister_memory(seg); }
 
   //! `unreachable` unless `remote` has an `shm` entry and lives on this host

@@ -187,6 +187,42 @@ TEST(CudaIpcGpu, ADestroyedTransportReleasesItsExports) {
   EXPECT_TRUE(again) << again.error().message();
 }
 
+// A peer stopped mid-op (modelled by marking an op in flight in the export's
+// revocation slot, as a peer's prepare does) holds the memory past the revoke
+// timeout: deregistration must not report it free, nor hand the slot out again.
+TEST(CudaIpcGpu, AnOpOutlivingTheRevokeTimeoutFailsDeregistrationAndRetiresTheSlot) {
+  KVX_REQUIRE_GPU();
+  asio::io_context io;
+  cuda_ipc t(io.get_executor(), kvx::transport::cuda_ipc_options{.revoke_timeout = 50ms, .max_segments = 2});
+  auto gpu = kvx::cuda::device_buffer::allocate(3 << 20, 0).value();
+  kvx::memory::segment_table table("self");
+  auto seg = table.add("held", gpu.region().subregion(0, 1 << 20)).value();
+  auto other = table.add("other", gpu.region().subregion(1 << 20, 1 << 20)).value();
+  auto third = table.add("third", gpu.region().subregion(2 << 20, 1 << 20)).value();
+  auto entry = t.register_memory(seg);
+  ASSERT_TRUE(entry) << entry.error().message();
+  auto slots = kvx::transport::detail::cuda_ipc_slot_table::open(entry->at("revocation").get<std::string>());
+  ASSERT_TRUE(slots) << slots.error().message();
+  const auto slot = entry->at("slot").get<std::size_t>();
+  (*slots)->in_flight(slot).fetch_add(1);
+
+  auto held = t.deregister_memory(seg);
+  ASSERT_FALSE(held) << "deregistration reported memory free while a peer's op was in flight";
+  EXPECT_EQ(held.code(), kvx::errc::timed_out);
+  EXPECT_NE(held.error().message().find("'held': 1 peer ops"), std::string::npos) << held.error().message();
+  EXPECT_EQ((*slots)->key(slot).load(), 0u) << "the slot is not revoked";
+  ASSERT_TRUE(t.register_memory(other));
+  EXPECT_EQ(t.register_memory(third).code(), kvx::errc::capacity_exceeded) << "the revoked slot was handed out again";
+  EXPECT_EQ(t.deregister_memory(seg).code(), kvx::errc::timed_out) << "a second call waits for the op again";
+
+  (*slots)->in_flight(slot).fetch_sub(1);
+  EXPECT_TRUE(t.deregister_memory(seg)) << "the op ended: the slot is released";
+  EXPECT_EQ(t.deregister_memory(seg).code(), kvx::errc::unknown_segment);
+  EXPECT_TRUE(t.register_memory(third)) << "the released slot is free again";
+  EXPECT_TRUE(t.deregister_memory(other));
+  EXPECT_TRUE(t.deregister_memory(third));
+}
+
 TEST(CudaIpcGpu, RejectsMemoryThatIsNotFromCudaMalloc) {
   KVX_REQUIRE_GPU();
   asio::io_context io;
