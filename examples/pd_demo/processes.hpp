@@ -179,8 +179,6 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
     return 1;
   }
   auto& w = **made;
-  std::mutex mu;
-  std::map<kd::request_id, std::function<void(const kd::push_notice&)>> notify;  // decode, push: the connector's notice sinks
   worker_thread sched, compute;  // after what their jobs use: joined first
   auto fail = [&](std::uint64_t id, const char* stage, const kvx::error& e) {
     ch->send({{"op", "failed"}, {"id", id}, {"stage", stage}, {"error", e.message()}});
@@ -194,12 +192,9 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
     if (op == "notice") {  // decode, push: a layer arrived (or failed) in our blocks
       auto n = kd::push_notice_from_json(m.at("notice"));
       if (!n) return std::fprintf(stderr, "%s: dropped a notice: %s\n", spec.name.c_str(), n.error().message().c_str()), void();
-      std::function<void(const kd::push_notice&)> f;
-      {
-        std::lock_guard l(mu);
-        if (auto it = notify.find(n->request); it != notify.end()) f = it->second;
-      }
-      if (f) f(*n);  // a notice for a finished request is stale: dropped
+      // Every notice goes to the connector, also those of requests already
+      // finished or aborted: their blocks wait for them (late writes).
+      if constexpr (!pooled) w.connector().hear_notice(*n);
       return;
     }
     const auto id = m.at("id").get<std::uint64_t>();
@@ -240,10 +235,6 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
                 (void)w.abort(*ticket, false);
                 return fail(id, "admit", t.error());
               }
-              {
-                std::lock_guard l(mu);
-                notify[id] = (*t)->notify;
-              }
               reply["target"] = kd::to_json(**t);
             }
             ch->send(reply);
@@ -251,10 +242,6 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
                 [&, id, n, prompt, t = std::move(*ticket)] {
                   const auto start = now_ns();
                   auto out = w.run_decode({id, *prompt}, t, n);
-                  {
-                    std::lock_guard l(mu);
-                    notify.erase(id);
-                  }
                   if (!out) {
                     (void)w.abort(t, !pooled);  // push: a producer that stopped answering may still write these blocks
                     return fail(id, "decode", out.error());

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <future>
@@ -703,6 +704,111 @@ TEST_F(ConnectorTest, StagingBlocksAStuckPrefillMayStillWriteStayQuarantinedAfte
   auto tc = d->admit({232, tokens_c}, 3);
   ASSERT_TRUE(tc) << tc.error().message();
   EXPECT_TRUE(d->abort(*tc, false));
+}
+
+// prefill-0's transport reports its writes cancelled at its save deadline
+// while their bytes are still on the way (tcp: already in the sockets); they
+// land when the test releases them, after the failure notices. The decode
+// side recomputes request A, and must not hand A's blocks (staging, or the
+// engine's) to request B while A's writes may still land.
+template <class Layout>
+void late_writes_case(ConnectorTest& t, const std::string& name, tiny::worker_config decode_cfg) {
+  auto& late = t.add_impulse(name + "-p0");
+  late.transport.land_after_cancel(true);
+  using late_worker = tiny::worker<kd::layouts::layer_first, impulse_engine, kd::transfer_mode::push, kd::load::wait_until>;
+  auto* p0 = t.keep(late_worker::make(late.engine,
+                                      {.name = name + "-p0", .role = connector_role::producer, .model = model(), .num_blocks = 16, .save_timeout = 100ms},
+                                      {t.link}, {}).value());
+  auto* p1 = t.push_worker<kd::layouts::layer_first>({.name = name + "-p1", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  decode_cfg.name = name + "-d";
+  decode_cfg.role = connector_role::consumer;
+  decode_cfg.num_blocks = 16;
+  decode_cfg.drain_margin = 3s;  // the test's steps up to the late landing take far less
+  auto* d = t.push_worker<Layout, kd::load::best_effort>(decode_cfg, kd::load::best_effort{5s});
+  auto& dc = d->connector();
+  const auto tokens_a = prompt(50, 41), tokens_b = prompt(50, 42);
+  const kd::kv_request a{240, tokens_a}, b{241, tokens_b};
+  const auto free_at_start = d->blocks().available();
+
+  auto ta = d->admit(a, 3).value();
+  auto pre = p0->run_prefill(a);  // every layer times out: three failure notices
+  ASSERT_FALSE(pre);
+  const auto held = late.transport.pending();
+  EXPECT_GE(held, 12u) << "3 layers x 4 blocks of writes still on their way";
+  auto out_a = d->run_decode(a, ta, 3);
+  ASSERT_TRUE(out_a) << out_a.error().message();
+  EXPECT_EQ(out_a->load.valid_tokens, 0u);
+  EXPECT_EQ(out_a->tokens, reference(tokens_a, 3)) << "A is recomputed";
+  EXPECT_EQ(dc.stats().requests_draining, 1u) << "A's writes may still land";
+  EXPECT_EQ(dc.stats().staging_quarantined, dc.loads_in_place() ? 0u : 4u);
+  EXPECT_EQ(d->blocks().available(), free_at_start - ta.blocks.size()) << "A's blocks are not free yet";
+
+  auto tb = d->admit(b, 3).value();
+  for (auto blk : tb.blocks) EXPECT_EQ(std::count(ta.blocks.begin(), ta.blocks.end(), blk), 0) << "B got A's block " << blk;
+  ASSERT_TRUE(p1->run_prefill(b));
+  // A's writes land now, after their notices, into what A held.
+  std::promise<std::size_t> landed;
+  asio::post(t.io, [&] { landed.set_value(late.transport.release_all()); });
+  EXPECT_EQ(landed.get_future().get(), held);
+  EXPECT_EQ(dc.stats().requests_draining, 1u) << "the margin passed before the test released the late writes";
+  auto out_b = d->run_decode(b, tb, 3);
+  ASSERT_TRUE(out_b) << out_b.error().message();
+  EXPECT_TRUE(out_b->load.complete());
+  EXPECT_EQ(out_b->tokens, reference(tokens_b, 3)) << "A's late writes landed in B's blocks";
+
+  // Past the margin A's blocks come back (the next allocation asks for them).
+  std::this_thread::sleep_for(3s);
+  EXPECT_EQ(dc.release_quiet(), 1u);
+  EXPECT_EQ(dc.stats().requests_draining, 0u);
+  EXPECT_EQ(dc.stats().staging_quarantined, 0u);
+  EXPECT_EQ(d->blocks().available(), free_at_start) << "A's and B's blocks are all free";
+}
+
+TEST_F(ConnectorTest, StagingAFailedLayerMayStillReceiveIsNotHandedToTheNextRequestBeforeTheDrainMargin) {
+  late_writes_case<kd::layouts::page_first>(*this, "ls", {.model = model(1, 32), .source_block_tokens = 16, .staging_blocks = 8});
+}
+
+TEST_F(ConnectorTest, EngineBlocksAFailedLayerMayStillReceiveGoBackOnlyAfterTheDrainMargin) {
+  late_writes_case<kd::layouts::layer_first>(*this, "ld", {.model = model()});
+}
+
+TEST_F(ConnectorTest, NoticesHeardAfterAnAbortReleaseTheBlocksTheyHeldAndUnknownOnesAreStale) {
+  // The notices come over the caller's own channel (hear_notice), as in the
+  // multi-process demo, after the decode side gave up on the request.
+  auto* d = push_worker<kd::layouts::layer_first>({.name = "hn", .role = connector_role::consumer, .model = model(), .num_blocks = 16},
+                                                  kd::load::wait_until{100ms});
+  auto& dc = d->connector();
+  const auto tokens = prompt(40, 43);
+  const kd::kv_request req{250, tokens};
+  auto t = d->admit(req, 3).value();
+  auto target = link->take(req.id).value();  // a prefill took it, then went quiet
+  auto out = d->run_decode(req, t, 3);
+  ASSERT_FALSE(out);
+  EXPECT_EQ(out.code(), kvx::errc::timed_out);
+  ASSERT_TRUE(d->abort(t, /*quarantine=*/true));
+  EXPECT_EQ(dc.stats().requests_draining, 1u);
+  EXPECT_EQ(d->blocks().available(), 16u - t.blocks.size());
+  const auto stale = dc.stats().stale_notices;
+  dc.hear_notice({.request = 999, .epoch = target->epoch, .layer = 0, .code = {}, .context = {}, .failed_blocks = {}, .bytes = 0});
+  for (std::uint32_t l = 0; l + 1 < target->layers; ++l)
+    dc.hear_notice({.request = req.id, .epoch = target->epoch, .layer = l, .code = {}, .context = {}, .failed_blocks = {}, .bytes = 0});
+  EXPECT_EQ(dc.release_quiet(), 0u) << "one layer has not reported";
+  dc.hear_notice({.request = req.id, .epoch = target->epoch, .layer = target->layers - 1, .code = {}, .context = {}, .failed_blocks = {}, .bytes = 0});
+  EXPECT_EQ(dc.release_quiet(), 1u);
+  EXPECT_EQ(dc.stats().requests_draining, 0u);
+  EXPECT_EQ(dc.stats().stale_notices, stale + 1 + target->layers);
+  EXPECT_EQ(d->blocks().available(), 16u);
+}
+
+TEST_F(ConnectorTest, ANegativeDrainMarginIsRefused) {
+  auto& e = add_local("nm");
+  auto l = kd::layouts::layer_first::make(model().shard_shape(), 8).value();
+  std::vector<std::byte> mem(l.bytes_required());
+  using conn = kd::kv_connector<kd::layouts::layer_first, local_engine, kd::transfer_mode::push>;
+  auto bad = conn::make(e, {.name = "nm", .role = connector_role::consumer, .drain_margin = -1ms}, {{l, mem}}, {link});
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(bad.error().message().find("drain_margin"), std::string::npos) << bad.error().message();
 }
 
 TEST_F(ConnectorTest, WaitFullWithTheLongestTimeoutWaitsAndANegativeWaitIsRefused) {

@@ -97,6 +97,8 @@ struct worker_config {
   std::uint32_t source_block_tokens = 0;
   std::uint32_t staging_blocks = 0;
   std::chrono::steady_clock::duration save_timeout = std::chrono::seconds(30);
+  //! Push consumers: how long a failed layer's writes may still land (`connector_config::drain_margin`).
+  std::chrono::steady_clock::duration drain_margin = std::chrono::seconds(1);
   //! Recurrent-state slots per shard (models with recurrent layers; 0: 16).
   //! A prefill request holds two (its state and the snapshot it sends), a decode request one.
   std::uint32_t state_slots = 0;
@@ -163,7 +165,8 @@ class worker {
                         .source_tp = cfg.source_tp,
                         .source_block_tokens = cfg.source_block_tokens,
                         .staging_blocks = cfg.staging_blocks,
-                        .save_timeout = cfg.save_timeout};
+                        .save_timeout = cfg.save_timeout,
+                        .drain_margin = cfg.drain_margin};
     auto conn = connector_type::make(engine, std::move(cc), std::move(shards), std::move(mode), std::move(load));
     if (!conn) return conn.error();
     w->conn_ = std::move(*conn);
@@ -289,17 +292,20 @@ class worker {
       out.tpot_s = std::chrono::duration<double>(clock::now() - t1).count() / (n - 1);
       out.steps_cpu_s = thread_cpu_seconds{}() - c1;
     }
-    KVX_TRY(conn_->request_finished(req.id));
-    release(t);
+    // A failed layer's writes may still be landing: the blocks go back when the connector says so.
+    KVX_TRY(conn_->request_finished(req.id, [this, t] { release(t); }));
     return out;
   }
 
   //! Gives up on an admitted request. `quarantine` keeps its blocks (and
-  //! state slot) out of the free lists: a push producer that stopped
-  //! answering may still write them.
+  //! state slot) out of the free lists until the connector knows no write
+  //! for it can land any more (push: a producer that stopped answering may
+  //! still write them; forever if it never reports again); otherwise they
+  //! are free at once.
   result<void> abort(const decode_ticket& t, bool quarantine) {
+    if (quarantine) return conn_->request_finished(t.id, [this, t] { release(t); });
     KVX_TRY(conn_->request_finished(t.id));
-    if (!quarantine) release(t);
+    release(t);
     return {};
   }
 
@@ -318,8 +324,11 @@ class worker {
   // Blocks for `tokens` tokens and, for hybrid models, `slots` state slots.
   result<allocation> allocate(std::uint32_t tokens, std::uint32_t slots) {
     auto b = alloc_.allocate(blocks_for(tokens));
+    // Blocks of finished requests may be waiting out a drain margin.
+    if (!b && conn_->release_quiet() > 0) b = alloc_.allocate(blocks_for(tokens));
     if (!b) return b.error();
     auto s = state_alloc_.allocate(cfg_.state_slots == 0 ? 0U : slots);
+    if (!s && conn_->release_quiet() > 0) s = state_alloc_.allocate(cfg_.state_slots == 0 ? 0U : slots);
     if (!s) {
       alloc_.free(*b);
       return s.error();

@@ -73,6 +73,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <cstddef>
 #include <cstdint>
 #include <future>
@@ -126,6 +127,13 @@ struct connector_config {
   std::uint32_t staging_blocks = 0;       //!< producer-shaped staging blocks (needed when shapes differ)
   std::chrono::steady_clock::duration save_timeout = std::chrono::seconds(30);
   std::chrono::steady_clock::duration control_timeout = std::chrono::seconds(5);  //!< registration, pool lookups
+  //! Push consumer: how long after a failure notice that layer's writes may
+  //! still land. A prefill's transport can report a write cancelled or timed
+  //! out whose bytes already left (tcp: they sit in the sockets and the
+  //! decode host applies them later), so the notice that the layer ended
+  //! does not end its writes. Staging blocks, and the engine's blocks handed
+  //! to `request_finished(id, on_quiet)`, are given back only after it.
+  std::chrono::steady_clock::duration drain_margin = std::chrono::seconds(1);
 };
 
 //! What a load delivered (`finish_load`).
@@ -157,6 +165,7 @@ struct connector_stats {
   std::uint64_t stale_notices = 0;    //!< push notices for requests that moved on
   std::uint64_t layers_converted = 0; //!< staged layers converted into the engine's layout
   std::uint64_t staging_quarantined = 0;  //!< push: staging blocks of finished requests a prefill may still write (now)
+  std::uint64_t requests_draining = 0;    //!< push: finished requests whose blocks a prefill may still write (now)
 };
 
 template <kv_layout Layout, class Engine, kv_transfer_mode Mode, load_policy Load = load::wait_full>
@@ -180,6 +189,9 @@ class kv_connector {
                                                     std::vector<kv_shard<Layout>> shards, Mode mode, Load load = {}) {
     auto bad = [&](errc c, std::string why) { return error{c, "kv_connector '" + cfg.name + "': " + std::move(why)}; };
     if (shards.empty()) return bad(errc::invalid_argument, "no shards");
+    if (cfg.drain_margin < clock::duration::zero())
+      return bad(errc::invalid_argument, "drain_margin is negative (" +
+                                             std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(cfg.drain_margin).count()) + " ms)");
     if (load.max_wait() < clock::duration::zero())
       return bad(errc::invalid_argument, "the load policy's max_wait is negative (" +
                                              std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(load.max_wait()).count()) + " ms)");
@@ -441,6 +453,7 @@ class kv_connector {
         if (r->nsrc > r->keys.size()) return error{errc::invalid_argument, who() + ": more external tokens than cached blocks"};
       r->src_failed.assign(r->nsrc, 0);
       if (!direct_) {
+        reap(*st_, clock::now(), nullptr);  // staging whose drain margin has passed
         const std::size_t need = std::size_t{r->nsrc} * src_tp_;
         auto& free_blocks = st_->stage_free;
         auto& free_slots = st_->stage_state_free;
@@ -514,38 +527,85 @@ class kv_connector {
   //! The request left the engine: forgets it and frees its staging blocks.
   //! Loads still in flight (pull) are cancelled and waited for; `errc::busy`
   //! while saves still read its blocks (`wait_for_save` first). Push: staging
-  //! blocks of layers whose notice never came (a prefill that timed out may
-  //! still write them) stay quarantined until those notices arrive
+  //! blocks that a prefill may still write (a layer whose notice never came,
+  //! or one that failed less than `drain_margin` ago) stay quarantined until
+  //! those notices arrive and the margin has passed
   //! (`connector_stats::staging_quarantined`); the engine's own blocks are
-  //! the engine's to quarantine.
-  result<void> request_finished(request_id id) {
-    std::unique_lock lock(st_->mu);
-    auto r = find(id, "request_finished");
-    if (!r) return r.error();
-    if constexpr (Mode::pooled)
-      if ((*r)->inflight > (*r)->saves_inflight) cancel_loads(lock, *r);  // gets still writing into its blocks
-    if ((*r)->inflight > 0)
-      return error{errc::busy, "kv_connector '" + cfg_.name + "': request_finished(request " + std::to_string(id) + "): " +
-                                   std::to_string((*r)->inflight) + " transfers still touch its blocks"};
-    if constexpr (!Mode::pooled) {
-      auto& req = **r;
-      // A target still on the link was never taken: nobody writes for it.
-      const bool taken = req.published && !mode_.link->withdraw(id, req.epoch);
-      if (taken && (!req.stage.empty() || !req.stage_state.empty()) &&
-          std::any_of(req.heard.begin(), req.heard.end(), [](std::uint8_t h) { return h == 0; })) {
-        auto& q = st_->quarantine[req.epoch];
-        q.request = id;
-        q.blocks = std::move(req.stage);
-        q.state_slots = std::move(req.stage_state);
-        for (auto h : req.heard) q.unheard.push_back(h ? 0 : 1);
-        st_->stats.staging_quarantined += q.blocks.size();
-        req.stage.clear();
-        req.stage_state.clear();
+  //! the engine's to hold back (the overload with `on_quiet` tells it when).
+  result<void> request_finished(request_id id) { return request_finished(id, nullptr); }
+
+  //! As above, and `on_quiet` is called once no write for the request can
+  //! land in its blocks any more: before this call returns when that is
+  //! already so (pull mode, a producer, a push load that ended cleanly), else
+  //! from a later `request_finished` or `release_quiet` call, on its thread,
+  //! with no connector lock held. Hand the request's blocks back to the
+  //! engine's free list there. Not called when this returns an error.
+  result<void> request_finished(request_id id, std::function<void()> on_quiet) {
+    std::vector<std::function<void()>> ready;
+    {
+      std::unique_lock lock(st_->mu);
+      auto r = find(id, "request_finished");
+      if (!r) return r.error();
+      if constexpr (Mode::pooled)
+        if ((*r)->inflight > (*r)->saves_inflight) cancel_loads(lock, *r);  // gets still writing into its blocks
+      if ((*r)->inflight > 0)
+        return error{errc::busy, "kv_connector '" + cfg_.name + "': request_finished(request " + std::to_string(id) + "): " +
+                                     std::to_string((*r)->inflight) + " transfers still touch its blocks"};
+      if constexpr (!Mode::pooled) {
+        auto& req = **r;
+        // A target still on the link was never taken: nobody writes for it.
+        const bool taken = req.published && !mode_.link->withdraw(id, req.epoch);
+        const bool holds = !req.stage.empty() || !req.stage_state.empty() || on_quiet;
+        if (taken && holds && !writes_ended(req, clock::now())) {
+          auto& q = st_->draining[req.epoch];
+          q.request = id;
+          q.blocks = std::move(req.stage);
+          q.state_slots = std::move(req.stage_state);
+          for (auto h : req.heard) q.unheard.push_back(h ? 0 : 1);
+          q.quiet_at = req.quiet_at;
+          q.on_quiet = std::move(on_quiet);
+          on_quiet = nullptr;
+          st_->stats.staging_quarantined += q.blocks.size();
+          ++st_->stats.requests_draining;
+          req.stage.clear();
+          req.stage_state.clear();
+        }
       }
+      release_stage(*st_, **r);
+      st_->requests.erase(id);
+      reap(*st_, clock::now(), &ready);
     }
-    release_stage(*st_, **r);
-    st_->requests.erase(id);
+    if (on_quiet) ready.push_back(std::move(on_quiet));
+    for (auto& f : ready) f();
     return {};
+  }
+
+  //! Gives back what finished push requests held once no write for them can
+  //! land any more: frees their staging blocks and runs the `on_quiet`
+  //! callbacks `request_finished` was given (on this thread). Returns how
+  //! many requests it let go. Call it when the engine is short of blocks;
+  //! `request_finished` does the same.
+  std::size_t release_quiet() {
+    std::vector<std::function<void()>> ready;
+    std::size_t released = 0;
+    {
+      std::lock_guard lock(st_->mu);
+      released = reap(*st_, clock::now(), &ready);
+    }
+    for (auto& f : ready) f();
+    return released;
+  }
+
+  //! Push consumer: a producer's notice that reached this instance some way
+  //! other than the target's `notify` (a control channel of the caller's
+  //! own). Does what `notify` does, for any request of this connector: in
+  //! flight, finished (its blocks may be waiting for it) or unknown (counted
+  //! stale), so a caller can hand every notice here without tracking which
+  //! requests are still alive.
+  void hear_notice(const push_notice& n)
+    requires(!Mode::pooled)
+  {
+    deliver(*st_, n);
   }
 
   // ---- worker side --------------------------------------------------------------
@@ -680,7 +740,9 @@ class kv_connector {
     if (shape_.recurrent_layers() > 0 && (r.state_failed || rep.valid_tokens < r.external)) rep.valid_tokens = 0;
     r.load_resolved = true;
     r.valid = rep.valid_tokens;
-    release_stage(*st_, r);
+    // Converted: the staging is not read again, but a failed layer's writes
+    // may still land in it (then request_finished quarantines it).
+    if (writes_ended(r, clock::now())) release_stage(*st_, r);
     if (!rep.complete()) {
       // The engine re-runs the step from `valid_tokens`: every layer may be
       // saved again, from the first block that is not valid.
@@ -866,7 +928,8 @@ class kv_connector {
     std::uint32_t snapshot_at = 0;                // ... taken at this position (0: none to send)
     bool state_failed = false;
     std::vector<std::uint32_t> pending;
-    std::vector<std::uint8_t> heard;  // push: the layer's notice came (its writes ended), even after a timeout
+    std::vector<std::uint8_t> heard;  // push: the layer's notice came, even after a timeout
+    clock::time_point quiet_at{};     // push: a failed layer's writes may land until then (drain_margin after its notice)
     bool abandoned = false;           // a layer was late (push) or a get did not stop (pull); every later wait fails
     std::vector<std::uint8_t> converted;
     std::vector<std::uint8_t> src_failed;
@@ -887,12 +950,15 @@ class kv_connector {
     std::string save_context;
     save_report save;
   };
-  // Staging of a finished push request whose prefill may still write it.
-  struct quarantined_stage {
+  // A finished push request whose prefill may still write its blocks: its
+  // staging, and the engine's callback that hands back the engine's blocks.
+  struct draining_request {
     request_id request = 0;
     std::vector<std::uint32_t> blocks;
     std::vector<std::uint32_t> state_slots;
     std::vector<std::uint8_t> unheard;  // per layer: 1 until its notice comes
+    clock::time_point quiet_at{};
+    std::function<void()> on_quiet;
   };
   struct shared_state {
     std::mutex mu;
@@ -900,7 +966,9 @@ class kv_connector {
     std::map<request_id, std::shared_ptr<request>> requests;
     std::vector<std::uint32_t> stage_free;        // LIFO: a freed block is the next one handed out
     std::vector<std::uint32_t> stage_state_free;
-    std::map<std::uint64_t, quarantined_stage> quarantine;  // by the request's epoch
+    std::map<std::uint64_t, draining_request> draining;  // by the request's epoch
+    clock::duration drain_margin{};
+    std::vector<std::uint8_t> recurrent;  // [layer]: 1 for a recurrent (state) layer
     std::uint64_t epochs = 0;
     std::size_t inflight = 0;
     connector_stats stats;
@@ -1005,6 +1073,8 @@ class kv_connector {
         shape_(shards_[0].layout.shape()), tp_(static_cast<std::uint32_t>(shards_.size())), src_tp_(src_tp),
         src_shape_(std::move(src_shape)), direct_(direct), stage_(std::move(stage)), hasher_(std::move(hasher)),
         st_(std::make_shared<shared_state>()) {
+    st_->drain_margin = cfg_.drain_margin;
+    for (std::uint32_t l = 0; l < shape_.layers; ++l) st_->recurrent.push_back(shape_.is_attention(l) ? 0 : 1);
     if (stage_) {
       stage_mem_.assign(stage_->bytes_required(), std::byte{0});
       for (std::uint32_t b = stage_->num_blocks(); b-- > 0;) st_->stage_free.push_back(b);
@@ -1098,17 +1168,56 @@ class kv_connector {
     st.stage_state_free.insert(st.stage_state_free.end(), r.stage_state.begin(), r.stage_state.end());
     r.stage_state.clear();
   }
-  // A notice for a finished request: its layer's writes ended; the last one frees its staging.
-  static void hear_quarantined(shared_state& st, const push_notice& n) {
-    auto it = st.quarantine.find(n.epoch);
-    if (it == st.quarantine.end() || it->second.request != n.request || n.layer >= it->second.unheard.size()) return;
-    auto& q = it->second;
-    q.unheard[n.layer] = 0;
-    if (std::any_of(q.unheard.begin(), q.unheard.end(), [](std::uint8_t u) { return u != 0; })) return;
-    st.stage_free.insert(st.stage_free.end(), q.blocks.begin(), q.blocks.end());
-    st.stage_state_free.insert(st.stage_state_free.end(), q.state_slots.begin(), q.state_slots.end());
-    st.stats.staging_quarantined -= q.blocks.size();
-    st.quarantine.erase(it);
+  // Push: whether no write for the request can land any more (every layer
+  // reported, the last failure more than drain_margin ago).
+  static bool writes_ended(const request& r, clock::time_point now) {
+    if constexpr (Mode::pooled) {
+      return true;
+    } else {
+      return now >= r.quiet_at && std::none_of(r.heard.begin(), r.heard.end(), [](std::uint8_t h) { return h == 0; });
+    }
+  }
+  // A failure notice: writes of that layer already sent may land for drain_margin yet.
+  static void note_failure(shared_state& st, clock::time_point& quiet_at, const push_notice& n) {
+    if (n.code) quiet_at = std::max(quiet_at, clock::now() + st.drain_margin);
+  }
+  // A notice for a finished request.
+  static void hear_draining(shared_state& st, const push_notice& n) {
+    auto it = st.draining.find(n.epoch);
+    if (it == st.draining.end() || it->second.request != n.request || n.layer >= it->second.unheard.size()) return;
+    it->second.unheard[n.layer] = 0;
+    note_failure(st, it->second.quiet_at, n);
+    reap(st, clock::now(), nullptr);
+  }
+  // Lets go of finished requests no write can reach any more: frees their
+  // staging, and moves their on_quiet callbacks into `ready` (the caller runs
+  // them unlocked; without `ready` a request with a callback stays, its
+  // staging freed). Returns how many requests it let go.
+  static std::size_t reap(shared_state& st, clock::time_point now, std::vector<std::function<void()>>* ready) {
+    std::size_t released = 0;
+    for (auto it = st.draining.begin(); it != st.draining.end();) {
+      auto& q = it->second;
+      if (now < q.quiet_at || std::any_of(q.unheard.begin(), q.unheard.end(), [](std::uint8_t u) { return u != 0; })) {
+        ++it;
+        continue;
+      }
+      st.stage_free.insert(st.stage_free.end(), q.blocks.begin(), q.blocks.end());
+      st.stage_state_free.insert(st.stage_state_free.end(), q.state_slots.begin(), q.state_slots.end());
+      st.stats.staging_quarantined -= q.blocks.size();
+      q.blocks.clear();
+      q.state_slots.clear();
+      if (q.on_quiet) {
+        if (!ready) {
+          ++it;
+          continue;
+        }
+        ready->push_back(std::move(q.on_quiet));
+      }
+      --st.stats.requests_draining;
+      ++released;
+      it = st.draining.erase(it);
+    }
+    return released;
   }
   // `block` is a source block index, or `no_block` for the layer's state.
   static void mark_failed(shared_state& st, request& r, std::uint32_t layer, std::uint32_t block, std::error_code ec,
@@ -1180,6 +1289,39 @@ class kv_connector {
     for (auto& p : r->pending) p = 0;
   }
 
+  // A push notice, for a request in flight, finished (draining) or unknown (stale).
+  static void deliver(shared_state& st, const push_notice& n) {
+    std::lock_guard lock(st.mu);
+    auto it = st.requests.find(n.request);
+    const bool current = it != st.requests.end() && it->second->epoch == n.epoch && n.layer < it->second->pending.size();
+    if (current) {
+      it->second->heard[n.layer] = 1;
+      note_failure(st, it->second->quiet_at, n);
+    }
+    if (!current || it->second->pending[n.layer] == 0) {
+      if (it == st.requests.end() || it->second->epoch != n.epoch) hear_draining(st, n);
+      ++st.stats.stale_notices;
+      return;
+    }
+    auto& r = *it->second;
+    if (n.code && st.recurrent[n.layer]) {
+      mark_failed(st, r, n.layer, no_block, n.code, n.context);
+    } else if (n.code) {
+      // A block the request does not have (a corrupt notice, or no_block on
+      // a KV layer) marks nothing by itself, yet the layer failed: all of it.
+      const bool whole_layer = n.failed_blocks.empty() || std::any_of(n.failed_blocks.begin(), n.failed_blocks.end(),
+                                                                       [&](std::uint32_t i) { return i >= r.nsrc; });
+      if (whole_layer)
+        for (std::uint32_t i = 0; i < r.nsrc; ++i) mark_failed(st, r, n.layer, i, n.code, n.context);
+      else
+        for (auto i : n.failed_blocks) mark_failed(st, r, n.layer, i, n.code, n.context);
+    }
+    r.load_bytes += n.bytes;
+    st.stats.bytes_loaded += n.bytes;
+    r.pending[n.layer] = 0;
+    st.cv.notify_all();
+  }
+
   // The registration key a push target pins segment `i` to (0: none).
   static std::uint64_t target_key(const push_target& t, std::uint32_t i) {
     return i < t.segment_keys.size() ? t.segment_keys[i] : 0;
@@ -1222,37 +1364,8 @@ class kv_connector {
                                                : stage_->block_layer_ranges(r.stage[s * r.nsrc + i], l))
             d.ranges.push_back(x);
         }
-    std::vector<std::uint8_t> recurrent(shape_.layers);
-    for (std::uint32_t l = 0; l < shape_.layers; ++l) recurrent[l] = shape_.is_attention(l) ? 0 : 1;
-    t->notify = [weak = std::weak_ptr<shared_state>(st_), recurrent = std::move(recurrent)](const push_notice& n) {
-      auto st = weak.lock();
-      if (!st) return;
-      std::lock_guard lock(st->mu);
-      auto it = st->requests.find(n.request);
-      const bool current = it != st->requests.end() && it->second->epoch == n.epoch && n.layer < it->second->pending.size();
-      if (current) it->second->heard[n.layer] = 1;
-      if (!current || it->second->pending[n.layer] == 0) {
-        if (it == st->requests.end() || it->second->epoch != n.epoch) hear_quarantined(*st, n);
-        ++st->stats.stale_notices;
-        return;
-      }
-      auto& r = *it->second;
-      if (n.code && recurrent[n.layer]) {
-        mark_failed(*st, r, n.layer, no_block, n.code, n.context);
-      } else if (n.code) {
-        // A block the request does not have (a corrupt notice, or no_block on
-        // a KV layer) marks nothing by itself, yet the layer failed: all of it.
-        const bool whole_layer = n.failed_blocks.empty() || std::any_of(n.failed_blocks.begin(), n.failed_blocks.end(),
-                                                                         [&](std::uint32_t i) { return i >= r.nsrc; });
-        if (whole_layer)
-          for (std::uint32_t i = 0; i < r.nsrc; ++i) mark_failed(*st, r, n.layer, i, n.code, n.context);
-        else
-          for (auto i : n.failed_blocks) mark_failed(*st, r, n.layer, i, n.code, n.context);
-      }
-      r.load_bytes += n.bytes;
-      st->stats.bytes_loaded += n.bytes;
-      r.pending[n.layer] = 0;
-      st->cv.notify_all();
+    t->notify = [weak = std::weak_ptr<shared_state>(st_)](const push_notice& n) {
+      if (auto st = weak.lock()) deliver(*st, n);
     };
     return t;
   }

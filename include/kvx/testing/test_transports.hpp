@@ -11,7 +11,9 @@
 //!   then moves the bytes) or fails them (`fail_one(ec)`). A pending operation
 //!   honours cancellation: it completes with `errc::cancelled` and leaves the
 //!   queue. An operation that is never released never completes on its own,
-//!   which is how deadline tests model a dead peer.
+//!   which is how deadline tests model a dead peer. `land_after_cancel(true)`
+//!   models the bytes that outlive a cancel: the op completes `cancelled` but
+//!   a later release still moves them.
 //!
 //! Both are transports (`check_transport` passes). They are thread-safe; the
 //! queue of `impulse` is guarded by a mutex.
@@ -128,6 +130,12 @@ class impulse : public transport::decorator<Inner> {
   //! their cancellation slot fires (default), or ignore it and wait for the
   //! test, like a transport whose request already left.
   void honour_cancellation(bool on) noexcept { honour_cancellation_.store(on, std::memory_order_relaxed); }
+  //! Whether operations queued from now on, when their cancellation slot
+  //! fires, complete with `cancelled` at once yet stay queued: a later
+  //! release still moves their bytes (and completes nothing). A transport
+  //! whose bytes had left when it reported the op cancelled, as tcp's may
+  //! have. Takes precedence over `honour_cancellation`.
+  void land_after_cancel(bool on) noexcept { land_after_cancel_.store(on, std::memory_order_relaxed); }
 
   //! Operations waiting for the test.
   [[nodiscard]] std::size_t pending() const {
@@ -141,6 +149,13 @@ class impulse : public transport::decorator<Inner> {
   bool release_one() {
     auto o = pop();
     if (!o) return false;
+    if (o->completed) {  // reported cancelled already: the bytes move, nobody hears of it
+      if (o->is_read)
+        this->inner_.async_read(o->remote, o->offset, std::span<std::byte>(o->data, o->length), [](std::error_code) {});
+      else
+        this->inner_.async_write(o->remote, o->offset, std::span<const std::byte>(o->data, o->length), [](std::error_code) {});
+      return true;
+    }
     if (o->is_read)
       this->inner_.async_read(o->remote, o->offset, std::span<std::byte>(o->data, o->length), std::move(o->handler));
     else
@@ -157,7 +172,7 @@ class impulse : public transport::decorator<Inner> {
   bool fail_one(std::error_code ec) {
     auto o = pop();
     if (!o) return false;
-    kvx::detail::post_completion(this->inner_.get_executor(), std::move(o->handler), ec);
+    if (!o->completed) kvx::detail::post_completion(this->inner_.get_executor(), std::move(o->handler), ec);
     return true;
   }
   std::size_t fail_all(std::error_code ec) {
@@ -176,6 +191,8 @@ class impulse : public transport::decorator<Inner> {
     std::byte* data;
     std::size_t length;
     handler_type handler;
+    bool lands_late = false;  // land_after_cancel was on when it was queued
+    bool completed = false;   // its handler ran (cancelled); it still waits to move its bytes
   };
 
   void enqueue(op o) {
@@ -183,7 +200,8 @@ class impulse : public transport::decorator<Inner> {
     auto slot = asio::get_associated_cancellation_slot(o.handler);
     std::lock_guard lock(mutex_);
     o.id = ++next_id_;
-    if (slot.is_connected() && honour_cancellation_.load(std::memory_order_relaxed)) {
+    o.lands_late = land_after_cancel_.load(std::memory_order_relaxed);
+    if (slot.is_connected() && (o.lands_late || honour_cancellation_.load(std::memory_order_relaxed))) {
       slot.assign([this, id = o.id](asio::cancellation_type_t) { cancel(id); });
     }
     queue_.push_back(std::move(o));
@@ -194,11 +212,15 @@ class impulse : public transport::decorator<Inner> {
     {
       std::lock_guard lock(mutex_);
       for (auto it = queue_.begin(); it != queue_.end(); ++it) {
-        if (it->id == id) {
+        if (it->id != id || it->completed) continue;
+        if (it->lands_late) {
+          found.emplace(op{it->id, it->is_read, it->remote, it->offset, it->data, it->length, std::move(it->handler)});
+          it->completed = true;
+        } else {
           found.emplace(std::move(*it));
           queue_.erase(it);
-          break;
         }
+        break;
       }
     }
     if (found) kvx::detail::post_completion(this->inner_.get_executor(), std::move(found->handler), make_error_code(errc::cancelled));
@@ -210,6 +232,7 @@ class impulse : public transport::decorator<Inner> {
     std::optional<op> o(std::move(queue_.front()));
     queue_.pop_front();
     // The slot's handler refers to this op; the op is leaving our queue.
+    if (o->completed) return o;
     if (auto slot = asio::get_associated_cancellation_slot(o->handler); slot.is_connected()) slot.clear();
     return o;
   }
@@ -219,6 +242,7 @@ class impulse : public transport::decorator<Inner> {
   std::uint64_t next_id_ = 0;
   std::atomic<std::uint64_t> started_{0};
   std::atomic<bool> honour_cancellation_{true};
+  std::atomic<bool> land_after_cancel_{false};
 };
 
 static_assert(transport::check_transport<impulse<>>());
