@@ -113,6 +113,21 @@ void post_completion(const Executor& ex, Handler&& handler, Args&&... args) {
                                                   ... a = std::forward<Args>(args)]() mutable { std::move(h)(std::move(a)...); }));
 }
 
+//! As `post_completion`, for an operation that assigned a handler to the
+//! handler's cancellation slot: the slot is cleared on the handler's
+//! associated executor, just before the handler runs. Whoever owns the slot's
+//! signal emits it there (the transfer engine, on a batch's strand); a clear
+//! from the thread that finished the operation races with that emit.
+template <class Executor, class Handler, class... Args>
+void post_completion_clearing_slot(const Executor& ex, Handler&& handler, Args&&... args) {
+  auto handler_ex = asio::get_associated_executor(handler, ex);
+  asio::post(ex, asio::bind_executor(handler_ex, [h = std::forward<Handler>(handler),
+                                                  ... a = std::forward<Args>(args)]() mutable {
+               if (auto slot = asio::get_associated_cancellation_slot(h); slot.is_connected()) slot.clear();
+               std::move(h)(std::move(a)...);
+             }));
+}
+
 struct deadline_state {
   template <class Executor>
   explicit deadline_state(const Executor& ex) : timer(ex) {}

@@ -805,14 +805,13 @@ class shm {
                                 weak_peer = std::weak_ptr<detail::shm_peer>(peer), off, local, len, read,
                                 h = std::move(handler)](std::error_code ec,
                                                         std::shared_ptr<detail::shm_mapping> m) mutable {
-          auto s = asio::get_associated_cancellation_slot(h);
-          if (s.is_connected()) s.clear();
           if (!ec) {
             auto self = weak.lock();
             auto p = weak_peer.lock();
             ec = self && p && m ? self->copy(p, m, off, local, len, read) : std::error_code(errc::cancelled);
           }
-          kvx::detail::post_completion(ex, std::move(h), ec);
+          // The owner's answer arrives on any thread: the slot is cleared where the caller emits.
+          kvx::detail::post_completion_clearing_slot(ex, std::move(h), ec);
         }),
         slot);
   }

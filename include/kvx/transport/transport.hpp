@@ -28,7 +28,10 @@
 //! `kvx::errc` code: `unknown_segment`, `bad_key`, `out_of_range` from the
 //! owner's checks; `connection_lost`, `unreachable`, `timed_out`, `stale`
 //! (descriptor generation no longer matches the owner's) from the link.
-//! Buffers must stay valid until completion.
+//! Buffers must stay valid until completion. A transport assigns the
+//! handler's cancellation slot in the initiating function and clears it only
+//! on the handler's associated executor, where the caller emits (the transfer
+//! engine on a batch's strand), never from the thread that finished the op.
 //!
 //! A minimal conforming transport is `kvx::transport::local` (memcpy within
 //! this process), the reference for the conformance suite in

@@ -47,8 +47,11 @@
 #include <vector>
 
 #include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/dispatch.hpp>
 
 #ifndef XXH_INLINE_ALL
 #define XXH_INLINE_ALL
@@ -152,6 +155,7 @@ class checksummed : public decorator<T> {
     std::size_t chunk = 0;
     asio::cancellation_signal signal;
 
+    auto executor() const { return asio::get_associated_executor(handler, self->inner_.get_executor()); }
     void start(std::size_t c) {
       chunk = c;
       next();
@@ -160,13 +164,16 @@ class checksummed : public decorator<T> {
       if (pos == len) return finish(hash == expected ? std::error_code{} : make_error_code(errc::checksum_mismatch));
       const std::size_t n = std::min(self->cfg_.scratch_chunk, len - pos);
       std::byte* buf = self->scratch_.data() + chunk * self->cfg_.scratch_chunk;
+      // Each read completes on the caller's executor, where `signal` is emitted
+      // (from the caller's slot) and where finish() clears that slot.
+      auto done = [me = this->shared_from_this(), buf, n](std::error_code ec) {
+        if (ec) return me->finish(ec);
+        me->hash = XXH3_64bits_withSeed(buf, n, me->hash);
+        me->pos += n;
+        me->next();
+      };
       self->inner_.async_read(*remote, off + pos, std::span<std::byte>(buf, n),
-                              asio::bind_cancellation_slot(signal.slot(), [me = this->shared_from_this(), buf, n](std::error_code ec) {
-                                if (ec) return me->finish(ec);
-                                me->hash = XXH3_64bits_withSeed(buf, n, me->hash);
-                                me->pos += n;
-                                me->next();
-                              }));
+                              asio::bind_cancellation_slot(signal.slot(), asio::bind_executor(executor(), std::move(done))));
     }
     void finish(std::error_code ec) {
       if (auto slot = asio::get_associated_cancellation_slot(handler); slot.is_connected()) slot.clear();
@@ -185,7 +192,8 @@ class checksummed : public decorator<T> {
       });
     std::unique_lock lock(mutex_);
     if (free_.empty()) {
-      waiters_.push_back([v](std::size_t chunk) { v->start(chunk); });
+      // Released on another verification's executor: start on this one's.
+      waiters_.push_back([v](std::size_t chunk) { asio::dispatch(v->executor(), [v, chunk] { v->start(chunk); }); });
       return;
     }
     const std::size_t c = free_.back();

@@ -38,6 +38,8 @@
 #include <vector>
 
 #include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include <kvx/core/async.hpp>
@@ -224,13 +226,17 @@ class faulty : public decorator<T> {
       slot.assign([weak = std::weak_ptr<asio::steady_timer>(timer)](asio::cancellation_type_t) {
         if (auto t = weak.lock()) t->cancel();
       });
-    timer->async_wait([this, timer, h = std::move(handler), then = std::move(then)](boost::system::error_code ec) mutable {
+    // On the handler's executor, where the caller emits: the slot is cleared
+    // and the next operation assigns it there, never racing an emit.
+    auto handler_ex = asio::get_associated_executor(handler, this->inner_.get_executor());
+    timer->async_wait(asio::bind_executor(handler_ex, [this, timer, h = std::move(handler),
+                                                       then = std::move(then)](boost::system::error_code ec) mutable {
       if (auto slot = asio::get_associated_cancellation_slot(h); slot.is_connected()) slot.clear();
       if (ec)
         kvx::detail::post_completion(this->inner_.get_executor(), std::move(h), make_error_code(errc::cancelled));
       else
         std::move(then)(std::move(h));
-    });
+    }));
   }
 
   faulty_config cfg_;

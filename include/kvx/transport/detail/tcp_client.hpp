@@ -110,13 +110,16 @@ class tcp_transfer_op final : public tcp_transfer {
 
  private:
   void complete(std::error_code ec) override {
-    if (slot_.is_connected()) slot_.clear();
     auto work = std::move(work_);
     auto h = std::move(handler_);
     // The tracked executor as the fallback, not an any_io_executor made from it: a
     // type-erased handler's (any_completion_executor) does not convert to one.
     auto ex = asio::get_associated_executor(h, work);
-    asio::dispatch(ex, [h = std::move(h), ec]() mutable { std::move(h)(ec); });
+    // The slot is cleared there, not on this strand: the caller emits on its own executor.
+    asio::dispatch(ex, [h = std::move(h), slot = slot_, ec]() mutable {
+      if (slot.is_connected()) slot.clear();
+      std::move(h)(ec);
+    });
   }
 
   asio::associated_cancellation_slot_t<Handler> slot_;
