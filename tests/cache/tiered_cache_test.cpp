@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <list>
@@ -21,6 +22,7 @@
 #include <kvx/cache/tiers/file_tier.hpp>
 #include <kvx/cache/eviction/lru.hpp>
 #include <kvx/core/log.hpp>
+#include <kvx/memory/slab_allocator.hpp>
 
 namespace kc = kvx::cache;
 
@@ -451,6 +453,83 @@ TEST(TieredCache, ConcurrentReadersAndWritersAcrossTwoDramTiers) {
   kc::tiered_cache<kc::tier_stack<kc::dram_tier<>, kc::dram_tier<>>, test_lru, kc::tiering::write_back> c(
       cache_cfg(reg), dram(16, 0.9, 0.7), dram(48));
   hammer_with_readers_and_writers(c);
+}
+
+// Thread B's demotion out of tier 1 is held in its copy into tier 2: tier 1's
+// books already count its room as free, its arena does not yet. Thread A's
+// demotion into tier 1, admitted on those books, waits for the range rather
+// than failing (it failed, and A's insert with it, though nothing was pinned).
+TEST(TieredCache, ADemotionIntoRoomAnotherThreadsMoveIsStillFreeingWaitsForItInsteadOfFailing) {
+  kvx::metrics::registry reg;
+  kc::tiered_cache<kc::tier_stack<kc::dram_tier<>, kc::dram_tier<>, gated_tier>, test_lru, kc::tiering::write_back> c(
+      cache_cfg(reg), dram(4), dram(4, 1.0, 0.5), 64 * block);
+  auto& gate = c.tiers().get<2>();
+  for (std::uint64_t i = 0; i < 8; ++i) ASSERT_TRUE(c.insert(key(i), payload(i)));  // tier 0: 4..7, tier 1: 0..3
+  gate.close();
+  // Key 8 evicts key 4 into tier 1, which sends keys 0 and 1 to tier 2: held at the gate.
+  std::thread b([&] { EXPECT_TRUE(c.insert(key(8), payload(8))); });
+  gate.wait_for_stores(1);
+  std::thread opener([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    gate.open();
+  });
+  auto a = c.insert(key(9), payload(9));  // evicts key 5 into tier 1
+  EXPECT_TRUE(a) << a.error().message();
+  opener.join();
+  b.join();
+  EXPECT_EQ(c.stats(1).demotion_failures, 0U);
+  std::vector<std::byte> out(block);
+  for (std::uint64_t i = 0; i < 10; ++i) {
+    ASSERT_TRUE(c.read(key(i), out)) << i;
+    EXPECT_EQ(out, payload(i)) << i;
+  }
+}
+
+// A block no tier allocation can ever hold (above the slab allocator's largest
+// class) is refused before anything is evicted; a cache whose block_bytes a
+// tier can never hold is refused when built.
+TEST(TieredCache, ABlockTheTierCanNeverPlaceIsRefusedWithoutEvictingAnything) {
+  kvx::metrics::registry reg;
+  using slab_tier = kc::dram_tier<kvx::memory::slab_allocator>;
+  kc::dram_tier_config cfg = dram(16);
+  cfg.capacity = 16 << 20;
+  kc::tiered_cache<kc::tier_stack<slab_tier>, test_lru> c(cache_cfg(reg), cfg);
+  for (std::uint64_t i = 0; i < 10; ++i) ASSERT_TRUE(c.insert(key(i), std::vector<std::byte>(1 << 20, std::byte{1})));
+  auto big = c.insert(key(99), std::vector<std::byte>(2 << 20, std::byte{2}));
+  ASSERT_FALSE(big);
+  EXPECT_EQ(big.code(), kvx::errc::capacity_exceeded);
+  EXPECT_NE(big.error().message().find("largest size class"), std::string::npos) << big.error().message();
+  EXPECT_EQ(c.stats(0).evictions, 0U);
+  for (std::uint64_t i = 0; i < 10; ++i) EXPECT_EQ(c.residency(key(i)), 0b1) << i;
+
+  kc::tiered_cache_config too_big = cache_cfg(reg);
+  too_big.name = "too-big";
+  too_big.block_bytes = 2 << 20;
+  try {
+    kc::tiered_cache<kc::tier_stack<slab_tier>, test_lru> never(too_big, cfg);
+    ADD_FAILURE() << "a cache of blocks its only tier can never hold was built";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("block_bytes"), std::string::npos) << e.what();
+  }
+}
+
+// Two tiers of one name: each keeps its own counters (they shared them, so
+// stats() of either reported the sum of both).
+TEST(TieredCache, TwoTiersOfOneNameKeepTheirOwnMetrics) {
+  kvx::metrics::registry reg;
+  kc::tiered_cache<kc::tier_stack<kc::dram_tier<>, kc::dram_tier<>>, test_lru, kc::tiering::write_back> c(cache_cfg(reg), dram(2),
+                                                                                                            dram(8));
+  for (std::uint64_t i = 0; i < 4; ++i) ASSERT_TRUE(c.insert(key(i), payload(i)));  // tier 0: 2, 3; tier 1: 0, 1
+  const std::vector<kc::block_key> hot{key(3)};
+  EXPECT_EQ(c.lookup(hot).blocks, 1U);
+  EXPECT_EQ(c.stats(0).evictions, 2U);
+  EXPECT_EQ(c.stats(1).evictions, 0U);
+  EXPECT_EQ(c.stats(0).demotions, 0U);
+  EXPECT_EQ(c.stats(1).demotions, 2U);
+  EXPECT_EQ(c.stats(0).hits, 1U);
+  EXPECT_EQ(c.stats(1).hits, 0U);
+  EXPECT_EQ(c.stats(0).used_bytes, 2 * block);
+  EXPECT_EQ(c.stats(1).used_bytes, 2 * block);
 }
 
 TEST(TieredCache, LookupsAndReadsDuringASlowDemotionAreNotBlockedByIt) {

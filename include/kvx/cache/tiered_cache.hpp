@@ -75,6 +75,8 @@
 #include <array>
 #include <bit>
 #include <cassert>
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -270,7 +272,16 @@ class tiered_cache {
       const watermarks m = tiers_.visit(t, [](auto& tier) { return tier.marks(); });
       s.high = static_cast<std::uint64_t>(static_cast<double>(s.capacity) * m.high);
       s.low = static_cast<std::uint64_t>(static_cast<double>(s.capacity) * m.low);
-      const std::string tier_name(tiers_.visit(t, [](auto& tier) { return std::string(tier.name()); }));
+      std::string tier_name(tiers_.visit(t, [](auto& tier) { return std::string(tier.name()); }));
+      // Metrics are keyed by labels: two tiers of one name would share every
+      // counter (and stats()). A repeated name is labelled with its index.
+      for (std::size_t u = 0; u < t; ++u)
+        if (tiers_.visit(u, [](auto& tier) { return std::string(tier.name()); }) == tier_name) {
+          kvx::log(log_level::warn, "tiered_cache '", cfg_.name, "': tiers ", u, " and ", t, " are both named '", tier_name,
+                   "'; tier ", t, "'s metrics are labelled '", tier_name, "#", t, "'");
+          tier_name += "#" + std::to_string(t);
+          break;
+        }
       const metrics::labels l{{"cache", cfg_.name}, {"tier", tier_name}};
       s.hits = &reg.counter("kvx_cache_hits_total", "Blocks found by lookup, by the fastest tier holding them", l);
       s.evictions = &reg.counter("kvx_cache_evictions_total", "Blocks evicted from a tier", l);
@@ -283,6 +294,8 @@ class tiered_cache {
       s.bytes = &reg.gauge("kvx_cache_bytes", "Bytes held or being written in a tier", l);
       s.bytes->set(0);
       state_.push_back(s);
+      if (auto why = never_holds(t, cfg_.block_bytes))
+        throw std::invalid_argument("kvx: tiered_cache '" + cfg_.name + "': block_bytes: " + *why);
       const std::size_t blocks = std::max<std::uint64_t>(1, s.capacity / cfg_.block_bytes);
       policies_.push_back(opts.make_eviction ? opts.make_eviction(t, blocks) : make_default_policy(blocks));
     }
@@ -384,7 +397,8 @@ class tiered_cache {
       if constexpr (requires(Eviction& p) { p.prefetch(k); }) policies_[0].prefetch(k);
       tier_state& s0 = state_[0];
       const std::uint64_t fp0 = footprint_in(0, bytes.size());
-      admission_context a{k, 0, bytes.size(), s0.reserved, s0.capacity, s0.reserved + fp0 > s0.high};
+      const bool pressure = fp0 > s0.high || s0.reserved > s0.high - fp0;  // reserved + fp0 > high, without overflow
+      admission_context a{k, 0, bytes.size(), s0.reserved, s0.capacity, pressure};
       if (!tiering_.admit(a)) {
         if (fresh) index_.erase(it);
         rejections_->add();
@@ -715,6 +729,7 @@ class tiered_cache {
   struct tier_state {
     std::uint64_t capacity = 0, high = 0, low = 0;
     std::uint64_t reserved = 0;  // bytes resident or being written
+    std::uint32_t leaving = 0;   // blocks moving out: released from `reserved`, their ranges not yet freed
     metrics::counter* hits = nullptr;
     metrics::counter* evictions = nullptr;
     metrics::counter* promotions = nullptr;
@@ -897,7 +912,10 @@ class tiered_cache {
     if (e.pins != 0) return;
     if (e.leaving != 0 && e.moves == 0) {
       for (std::size_t t = 0; t < state_.size(); ++t)
-        if (e.leaving & bit(t)) free_in(t, it->first, e);
+        if (e.leaving & bit(t)) {
+          free_in(t, it->first, e);
+          left(t);
+        }
       e.resident &= static_cast<std::uint8_t>(~e.leaving);
       e.leaving = 0;
     }
@@ -910,10 +928,8 @@ class tiered_cache {
   result<void> make_room(std::size_t t, std::uint64_t block_bytes, std::vector<move>& moves) {
     tier_state& s = state_[t];
     const std::uint64_t bytes = footprint_in(t, block_bytes);
-    if (bytes > s.capacity)
-      return error{errc::capacity_exceeded, "tiered_cache '" + cfg_.name + "': a block of " + std::to_string(block_bytes) +
-                                                " bytes exceeds tier " + std::to_string(t) + "'s capacity " +
-                                                std::to_string(s.capacity)};
+    // Before evicting anything: no eviction makes room for what can never fit.
+    if (auto why = never_holds(t, block_bytes)) return error{errc::capacity_exceeded, "tiered_cache '" + cfg_.name + "': " + *why};
     if (s.reserved + bytes <= s.high) return {};
     while (s.reserved + bytes > s.low && evict_one(t, moves)) {
     }
@@ -922,6 +938,20 @@ class tiered_cache {
                                                 std::to_string(s.reserved) + " of " + std::to_string(s.capacity) +
                                                 " bytes) and every block in it is pinned or being written"};
     return {};
+  }
+
+  // Why tier t can never hold a block of n bytes, if it cannot: over its
+  // capacity, more than its allocator ever grants in one piece (footprint
+  // UINT64_MAX), or a placement of 4 GiB or more.
+  std::optional<std::string> never_holds(std::size_t t, std::uint64_t n) const {
+    const std::uint64_t bytes = footprint_in(t, n);
+    const std::string what = "a block of " + std::to_string(n) + " bytes ";
+    if (bytes == UINT64_MAX)
+      return what + "is larger than anything tier " + std::to_string(t) + "'s allocator grants (its largest size class)";
+    if (bytes > state_[t].capacity)
+      return what + "exceeds tier " + std::to_string(t) + "'s capacity " + std::to_string(state_[t].capacity);
+    if (layout::slot[t] >= 0 && bytes > max_placed_bytes) return what + "is a placement of 4 GiB or more in tier " + std::to_string(t);
+    return std::nullopt;
   }
 
   // Under mu_: evicts one block from tier t; false if no block is evictable.
@@ -942,6 +972,7 @@ class tiered_cache {
       // make_room may evict below, never this entry (not resident there), and
       // erases only other entries, which leaves `e` valid.
       if (make_room(down, e.bytes, moves)) {
+        ++state_[t].leaving;
         reserve(e, bit(down));
         ++e.moves;
         moves.push_back(move{*victim, e.bytes, where_in(e, t),
@@ -970,11 +1001,15 @@ class tiered_cache {
   // the first failure, for the caller that needed the room.
   result<void> run_moves(std::vector<move>& moves) {
     result<void> outcome;
-    for (const move& m : moves) {
+    for (std::size_t i = 0; i < moves.size(); ++i) {
+      const move& m = moves[i];
       static thread_local detail::scratch_buffer scratch;
       std::span<std::byte> buf = scratch.get(static_cast<std::size_t>(m.bytes));
       memory::allocation to_at{};
-      const result<void> copied = copy_down(m, buf, to_at);
+      // This thread's own later moves out of the target tier free room only after this one.
+      const auto own_later = static_cast<std::uint32_t>(
+          std::count_if(moves.begin() + static_cast<std::ptrdiff_t>(i) + 1, moves.end(), [&](const move& o) { return o.from == m.to; }));
+      const result<void> copied = copy_down(m, buf, to_at, own_later);
       {
         std::lock_guard lock(mu_);
         auto it = index_.find(m.key);
@@ -997,11 +1032,12 @@ class tiered_cache {
 
   // Outside mu_: copies a demoted block from its tier into the one below
   // through `buf`; a placement tier's new range goes to `to_at`.
-  result<void> copy_down(const move& m, std::span<std::byte> buf, memory::allocation& to_at) {
+  // `own_later`: moves out of the target tier this thread runs after this one.
+  result<void> copy_down(const move& m, std::span<std::byte> buf, memory::allocation& to_at, std::uint32_t own_later) {
     if (auto r = load_from(m.from, m.key, m.from_at, buf); !r) return r.error();
     return tiers_.visit(m.to, [&](auto& tier) -> result<void> {
       if constexpr (has_placement_v<std::remove_cvref_t<decltype(tier)>>) {
-        auto a = tier.place(m.bytes);
+        auto a = place_when_freed(tier, m.to, m.bytes, own_later);
         if (!a) return error{errc::capacity_exceeded, "no free range of " + std::to_string(m.bytes) + " bytes"};
         if (a->size > max_placed_bytes) {
           tier.unplace(*a);
@@ -1017,6 +1053,33 @@ class tiered_cache {
         return tier.store(m.key, std::span<const std::byte>(buf));
       }
     });
+  }
+
+  // Outside mu_: a range in placement tier t. The room was accounted for
+  // when this move started, but part of it may be ranges that blocks moving
+  // out of t (moves other threads run, readers' pins) have not freed yet:
+  // wait for those, a bounded time, before calling the tier full.
+  template <class Tier>
+  std::optional<memory::allocation> place_when_freed(Tier& tier, std::size_t t, std::uint64_t bytes, std::uint32_t own_later) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    for (;;) {
+      std::uint64_t seen = 0;
+      {
+        std::lock_guard lock(mu_);
+        seen = ranges_left_;
+      }
+      if (auto a = tier.place(bytes)) return a;
+      std::unique_lock lock(mu_);
+      if (ranges_left_ != seen) continue;  // one was freed while we tried
+      if (state_[t].leaving <= own_later) return std::nullopt;
+      if (!left_cv_.wait_until(lock, until, [&] { return ranges_left_ != seen; })) return std::nullopt;
+    }
+  }
+  // Under mu_: a block that was moving out of tier t is gone from it (or back).
+  void left(std::size_t t) {
+    --state_[t].leaving;
+    ++ranges_left_;
+    left_cv_.notify_all();
   }
 
   // Under mu_, for a move whose copy has ended: makes the lower copy
@@ -1035,6 +1098,7 @@ class tiered_cache {
     // move is in flight, and this move is the only one: a block being
     // written is never a victim), untracked there since victim() returned it.
     e.leaving &= static_cast<std::uint8_t>(~bit(m.from));
+    left(m.from);
     add_bytes(m.from, e.bytes);
     policies_[m.from].on_insert(m.key, context(e));
     state_[m.to].demotion_failures->add();
@@ -1044,6 +1108,8 @@ class tiered_cache {
   Tiering tiering_;
   Tiers tiers_;
   mutable std::mutex mu_;
+  std::condition_variable left_cv_;  // a block moving out of a tier left it (ranges_left_)
+  std::uint64_t ranges_left_ = 0;    // under mu_
   detail::flat_key_map<entry> index_;
   std::vector<tier_state> state_;
   std::vector<Eviction> policies_;

@@ -21,7 +21,8 @@
 //! | `ca.largest_free_block()` | `std::uint64_t` | the largest `n` that `allocate(n, 1)` can currently satisfy |
 //!
 //! Optional: `ca.granted_size(n)` -> `std::uint64_t`, the size an allocation
-//! of `n` bytes occupies, so an owner can account for rounding up front; and
+//! of `n` bytes occupies, so an owner can account for rounding up front
+//! (`UINT64_MAX` when no allocation of `n` bytes is ever granted); and
 //! `a.allocate_at(offset, n)` -> `std::optional<allocation>`, exactly the
 //! range `[offset, offset + granted)` if all of it is free, else
 //! `std::nullopt` (the store master rebuilds its books from what nodes

@@ -121,10 +121,12 @@ class slab_allocator {
     return 0;
   }
   [[nodiscard]] std::uint64_t slab_bytes() const noexcept { return slab_bytes_; }
-  //! The class size `allocate(n, 1)` grants first (`n` itself above the largest class).
+  //! The class size `allocate(n, 1)` grants first; UINT64_MAX above the
+  //! largest class, which is never granted (so a tier's footprint of such a
+  //! block exceeds any capacity).
   [[nodiscard]] std::uint64_t granted_size(std::uint64_t n) const noexcept {
     auto it = std::lower_bound(classes_.begin(), classes_.end(), n);
-    return it == classes_.end() ? n : *it;
+    return it == classes_.end() ? UINT64_MAX : *it;
   }
   [[nodiscard]] const std::vector<std::uint64_t>& classes() const noexcept { return classes_; }
   [[nodiscard]] std::size_t free_slabs() const noexcept { return free_slabs_.size(); }
