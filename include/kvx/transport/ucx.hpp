@@ -56,6 +56,7 @@
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
@@ -153,9 +154,15 @@ struct ucx_op final : ucx_op_base {
   ucx_op(Handler&& h, const asio::any_io_executor& ex) : handler(std::move(h)), io_ex(ex), work(*handler, ex) {}
 
   void deliver(std::error_code ec) override {
-    auto slot = asio::get_associated_cancellation_slot(handler);
-    if (slot.is_connected()) slot.clear();
-    ucx_post_completion(io_ex, std::move(*handler), ec);
+    // The slot is cleared on the handler's executor, where the caller emits,
+    // not here on the thread that progressed the worker.
+    auto h = std::move(*handler);
+    auto ex = asio::get_associated_executor(h, io_ex);
+    ucx_post_completion(io_ex, asio::bind_executor(ex, [h = std::move(h)](std::error_code e) mutable {
+                          if (auto slot = asio::get_associated_cancellation_slot(h); slot.is_connected()) slot.clear();
+                          std::move(h)(e);
+                        }),
+                        ec);
     handler.reset();
     work.reset();
   }
@@ -302,12 +309,13 @@ class ucx {
     }
     auto* op = new detail::ucx_op<std::decay_t<Handler>>(std::forward<Handler>(handler), w_->executor());
     auto slot = asio::get_associated_cancellation_slot(*op->handler);
+    w_->track(op, target, request);
+    // Still under the lock: nothing completed the op since track() named it.
     if (slot.is_connected()) {
-      slot.assign([w = w_.get(), op](asio::cancellation_type_t type) {
-        if (type != asio::cancellation_type::none) w->cancel(op);
+      slot.assign([w = w_.get(), id = op->id](asio::cancellation_type_t type) {
+        if (type != asio::cancellation_type::none) w->cancel(id);
       });
     }
-    w_->track(op, target, request);
   }
 
   std::shared_ptr<detail::ucx_worker> w_;

@@ -72,6 +72,7 @@ struct ucx_peer;
 struct ucx_op_base {
   ucx_worker* worker = nullptr;
   std::shared_ptr<ucx_peer> peer;
+  std::uint64_t id = 0;  // names the op to cancel(), which must not touch a finished one
   bool abandoned = false;  // completed by kvx after its endpoint closed; UCX may still hold the request
   virtual void deliver(std::error_code ec) = 0;  // posts the handler
   void finish(std::error_code ec) {
@@ -353,6 +354,8 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
   void track(ucx_op_base* op, const ucx_target& t, void* request) {
     op->worker = this;
     op->peer = t.peer;
+    op->id = ++next_op_id_;
+    live_.emplace(op->id, op);
     t.peer->ops.insert(op);
     ++in_flight_;
     *static_cast<ucx_op_base**>(request) = op;
@@ -361,9 +364,14 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
 
   //! Asks for the op's endpoint to be force-closed (later, not inside the
   //! cancellation handler): UCX then completes its requests with CANCELED.
-  void cancel(ucx_op_base* op) {
+  //! By id: the caller's cancellation may be emitted after the op finished
+  //! (and was freed) but before its handler ran.
+  void cancel(std::uint64_t id) {
     std::lock_guard lock(mutex_);
-    if (shut_down_ || !op->peer || !op->peer->ops.count(op)) return;
+    const auto live = live_.find(id);
+    if (shut_down_ || live == live_.end()) return;
+    auto* op = live->second;
+    if (!op->peer || !op->peer->ops.count(op)) return;
     auto peer = op->peer;
     if (!peer->cancelled_by) peer->cancelled_by = op;
     // The address may already name a newer endpoint (an earlier cancel closed
@@ -607,6 +615,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     std::error_code ec = ucx_code(s);
     auto& peer = *op->peer;
     peer.ops.erase(op);
+    live_.erase(op->id);
     if (s == UCS_ERR_CANCELED && peer.cancelled_by != op) ec = errc::connection_lost;  // closed for another op
     if (s != UCS_OK && s != UCS_ERR_CANCELED)
       log(log_level::debug, "ucx: op to peer failed: ", ucs_status_string(s));
@@ -681,6 +690,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     for (auto* op : left) {
       --in_flight_;
       peer->ops.erase(op);
+      live_.erase(op->id);
       op->abandoned = true;
       op->deliver(peer->cancelled_by == op ? std::error_code(errc::cancelled) : std::error_code(errc::connection_lost));
       abandoned_.push_back(op);
@@ -773,6 +783,8 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
   std::shared_ptr<ucx_peer> last_peer_;  // the peer get_peer found last; always one in peers_
   std::vector<std::shared_ptr<ucx_peer>> closing_;
   std::size_t in_flight_ = 0;
+  std::unordered_map<std::uint64_t, ucx_op_base*> live_;  // tracked ops not yet completed, by id
+  std::uint64_t next_op_id_ = 0;
   std::vector<ucx_op_base*> abandoned_;
 };
 
