@@ -87,13 +87,14 @@ template <class Handler>
 struct verbs_op final : verbs_op_base {
   verbs_op(Handler&& h, const asio::any_io_executor& ex) : handler(std::move(h)), io_ex(ex), work(handler, ex) {}
 
+  // Runs on the completion thread: the slot is cleared on the handler's own
+  // executor, where the caller emits (a clear here raced that emit); a
+  // cancel arriving before then finds no op (verbs_engine::cancel looks it up).
   void finish(std::error_code ec) override {
-    auto slot = asio::get_associated_cancellation_slot(handler);
-    if (slot.is_connected()) slot.clear();
     auto h = std::move(handler);
     auto ex = io_ex;
     delete this;
-    kvx::detail::post_completion(ex, std::move(h), ec);
+    kvx::detail::post_completion_clearing_slot(ex, std::move(h), ec);
   }
 
   Handler handler;
