@@ -14,7 +14,9 @@
 //! fired before every block was read. Cancellation takes effect between
 //! blocks: a block not yet started is reported with `errc::cancelled` and not
 //! read; a tier's batch already in flight (io_uring, the pread tier's
-//! readers) finishes first. Per-block errors (`not_found`, ...) go to
+//! readers) finishes first. Emit the slot's signal on the handler's
+//! associated executor (as Asio requires): the operation clears the slot
+//! there, just before the handler runs. Per-block errors (`not_found`, ...) go to
 //! `on_block` only. `cache`, `keys`, `outs` and the buffers must outlive the
 //! operation.
 //!
@@ -51,7 +53,7 @@ auto async_read_many(Cache& cache, std::span<const block_key> keys, std::span<co
         auto stop = std::make_shared<std::atomic<bool>>(false);
         auto slot = asio::get_associated_cancellation_slot(handler);
         if (slot.is_connected()) slot.assign([stop](asio::cancellation_type) { stop->store(true); });
-        asio::post(ex, [&cache, keys, outs, ex, stop, slot, on_block = std::move(on_block),
+        asio::post(ex, [&cache, keys, outs, ex, stop, on_block = std::move(on_block),
                         h = std::move(handler)]() mutable {
           bool cancelled = false;
           cache.read_many(
@@ -61,8 +63,10 @@ auto async_read_many(Cache& cache, std::span<const block_key> keys, std::span<co
                 on_block(i, ec);
               },
               [&] { return stop->load(); });
-          if (slot.is_connected()) slot.clear();
-          kvx::detail::post_completion(ex, std::move(h), cancelled ? make_error_code(errc::cancelled) : std::error_code{});
+          // The slot is cleared on the handler's executor, where its signal is
+          // emitted: a clear here, on the pool's thread, races that emit.
+          kvx::detail::post_completion_clearing_slot(ex, std::move(h),
+                                                     cancelled ? make_error_code(errc::cancelled) : std::error_code{});
         });
       },
       token, std::move(on_block));
