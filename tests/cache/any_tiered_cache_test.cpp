@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <limits>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -168,6 +171,62 @@ TEST(AnyTieredCache, TieringAdmissionComesFromConfig) {
   ASSERT_EQ(*(*c)->insert({1, 2}, config_payload(2)), kc::insert_status::inserted);
   EXPECT_EQ(*(*c)->insert({1, 3}, config_payload(3)), kc::insert_status::rejected);
   EXPECT_EQ(*(*c)->insert({1, 3}, config_payload(3)), kc::insert_status::inserted);
+}
+
+namespace {
+std::string with_doorkeeper_bits(const std::string& bits) {
+  return R"({"block_bytes": 4096, "tiering": {"admission": "second_access", "doorkeeper_bits": )" + bits +
+         R"(}, "tiers": [{"kind": "dram", "capacity": "16KiB", "alignment": 4096, "populate": false}]})";
+}
+}  // namespace
+
+// SIZE_MAX wrapped the doorkeeper's word count to 0 (the first insert probed
+// out of bounds) and 2^62 threw std::bad_alloc out of make; zero and values
+// below 64 were taken as 64 without a word.
+TEST(AnyTieredCache, DoorkeeperBitsOutsideTheirRangeAreAConfigError) {
+  for (const char* bits : {"18446744073709551615", "4611686018427387904", "4294967297", "0", "63"}) {
+    SCOPED_TRACE(bits);
+    kvx::metrics::registry reg;
+    kvx::result<std::unique_ptr<kc::any_tiered_cache>> c = kvx::error{kvx::errc::internal, "not made"};
+    EXPECT_NO_THROW(c = kc::any_tiered_cache::make(with_doorkeeper_bits(bits), &reg));
+    if (c) {
+      ADD_FAILURE() << "accepted";
+      continue;
+    }
+    EXPECT_EQ(c.code(), kvx::errc::invalid_argument);
+    const std::string m = c.error().message();
+    EXPECT_NE(m.find("'tiering.doorkeeper_bits'"), std::string::npos) << m;
+    EXPECT_NE(m.find("outside 64 to 4294967296"), std::string::npos) << m;
+    EXPECT_EQ(m.find("not made"), std::string::npos) << m;
+  }
+  for (const char* bits : {"64", "65536"}) {
+    kvx::metrics::registry reg;
+    auto c = kc::any_tiered_cache::make(with_doorkeeper_bits(bits), &reg);
+    ASSERT_TRUE(c) << bits << ": " << c.error().message();
+    EXPECT_TRUE((*c)->insert({1, 1}, config_payload(1))) << bits;
+  }
+}
+
+// The typed policy is guarded too: a doorkeeper too large to exist is refused
+// up front rather than built empty (its first admit wrote out of bounds).
+TEST(AnyTieredCache, ATypedDoorkeeperTooLargeThrowsInvalidArgument) {
+  using admission = kc::tiering::second_access_admission<>;
+  for (const std::size_t bits : {std::numeric_limits<std::size_t>::max(), std::numeric_limits<std::size_t>::max() - 62,
+                                 (std::size_t{1} << 32) + 1}) {
+    SCOPED_TRACE(bits);
+    EXPECT_THROW(admission{bits}, std::invalid_argument);
+    kc::tiering::tiering_settings s;
+    s.second_access = true;
+    s.doorkeeper_bits = bits;
+    EXPECT_THROW(kc::tiering::any_tiering{s}, std::invalid_argument);
+  }
+  admission small(1);  // below 64: 64 bits, and it works
+  kc::admission_context offer;
+  offer.key = {3, 4};
+  offer.under_pressure = true;
+  EXPECT_FALSE(small.admit(offer));
+  EXPECT_TRUE(small.remembers(offer.key));
+  EXPECT_TRUE(small.admit(offer));
 }
 
 #if !KVX_WITH_CUDA

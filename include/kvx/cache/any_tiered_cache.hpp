@@ -130,9 +130,14 @@ class any_tiered_cache {
     if (v.contains("tiering")) {
       auto tv = v.child("tiering");
       if (!tv) return tv.error();
-      auto t = tiering::any_tiering::from_config(*tv);
-      if (!t) return t.error();
-      tiering = std::move(*t);
+      // As the eviction probe above: what the builder throws comes back as a config error.
+      try {
+        auto t = tiering::any_tiering::from_config(*tv);
+        if (!t) return t.error();
+        tiering = std::move(*t);
+      } catch (const std::exception& e) {
+        return error{errc::invalid_argument, "config field '" + tv->path() + "': " + e.what()};
+      }
     }
 
     if (!v.contains("tiers")) return error{errc::invalid_argument, "config field '" + v.path_of("tiers") + "' is required"};

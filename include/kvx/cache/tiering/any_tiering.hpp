@@ -7,6 +7,7 @@
 //! JSON (every field optional):
 //! `{"mode": "write_back" | "write_through", "promote_on_hit": true, "demote_on_evict": true,
 //!   "admission": "always" | "second_access", "doorkeeper_bits": 1048576}`
+//! (`doorkeeper_bits`: 64 to 2^32, `second_access_admission::max_bits`).
 //!
 //! Thread safety: none (called under the cache's lock).
 //!
@@ -67,6 +68,12 @@ class any_tiering {
                                                "\" is not an admission policy (always, second_access)"};
     auto bits = v.optional<std::size_t>("doorkeeper_bits", std::size_t{1} << 20);
     if (!bits) return bits.error();
+    using doorkeeper = second_access_admission<write_back>;
+    if (*bits < 64 || *bits > doorkeeper::max_bits)
+      return error{errc::invalid_argument, "config field '" + v.path_of("doorkeeper_bits") + "': " +
+                                               std::to_string(*bits) + " is outside 64 to " +
+                                               std::to_string(doorkeeper::max_bits) +
+                                               " (2^32 bits, 512 MiB: 16 bits for each block of the largest tier)"};
     s.promote_on_hit = *promote;
     s.demote_on_evict = *demote;
     s.doorkeeper_bits = *bits;

@@ -11,6 +11,8 @@
 //! `bits / 8` insertions so that old history fades (the TinyLFU doorkeeper's
 //! aging). False positives admit a one-hit wonder now and then; they never
 //! reject a reused block that has been offered since the last reset.
+//! `bits` below 64 is taken as 64; above `max_bits` (2^32) the constructor
+//! throws `std::invalid_argument`.
 //!
 //! Thread safety: none (called under the cache's lock).
 //!
@@ -18,11 +20,13 @@
 //! using policy = kvx::cache::tiering::second_access_admission<kvx::cache::tiering::write_back>;
 //! \endcode
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
-#include <algorithm>
 
 #include <kvx/cache/tiering_policy.hpp>
 #include <kvx/cache/tiering/write_back.hpp>
@@ -36,8 +40,14 @@ class second_access_admission {
  public:
   using tiering_policy_concept = tiering_policy_tag;
 
+  //! The largest doorkeeper: 2^32 bits (512 MiB), 16 bits for each of the
+  //! 2^28 blocks the largest tier holds (`any_tiered_cache::max_tier_blocks`).
+  //! More would only cost memory, and a size near SIZE_MAX wrapped the word
+  //! count to 0 (every probe out of bounds).
+  static constexpr std::size_t max_bits = std::size_t{1} << 32;
+
   explicit second_access_admission(std::size_t bits = 1U << 20, Base base = {})
-      : base_(std::move(base)), bits_(bits < 64 ? 64 : bits), words_((bits_ + 63) / 64, 0) {}
+      : base_(std::move(base)), bits_(checked_bits(bits)), words_((bits_ + 63) / 64, 0) {}
 
   [[nodiscard]] bool writes_through() const { return base_.writes_through(); }
   [[nodiscard]] bool promote_on_hit(std::size_t t) { return base_.promote_on_hit(t); }
@@ -54,6 +64,13 @@ class second_access_admission {
   [[nodiscard]] const Base& base() const noexcept { return base_; }
 
  private:
+  static std::size_t checked_bits(std::size_t bits) {
+    if (bits > max_bits)
+      throw std::invalid_argument("kvx: second_access_admission: a doorkeeper of " + std::to_string(bits) +
+                                  " bits; at most " + std::to_string(max_bits) + " (2^32)");
+    return bits < 64 ? 64 : bits;
+  }
+
   std::size_t index(std::uint64_t h) const noexcept { return static_cast<std::size_t>(h % bits_); }
   bool test(std::size_t i) const noexcept { return (words_[i / 64] >> (i % 64)) & 1U; }
   void set(std::size_t i) noexcept { words_[i / 64] |= std::uint64_t{1} << (i % 64); }
