@@ -532,8 +532,8 @@ class tiered_cache {
   //! Records no access and promotes nothing (`lookup` records, `read`
   //! promotes). Returns once every key has been reported. `on_block` should
   //! not throw: if it does, the blocks not yet reported are unpinned and the
-  //! exception propagates, but a tier that reads ahead (io_uring) may still
-  //! have reads in flight into their buffers.
+  //! exception propagates once no read of the call is left in flight (the
+  //! io_uring tier cancels and waits for those it had started).
   template <class OnBlock>
   void read_many(std::span<const block_key> keys, std::span<const std::span<std::byte>> outs, OnBlock&& on_block) {
     read_many(keys, outs, on_block, [] { return false; });
