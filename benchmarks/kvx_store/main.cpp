@@ -73,11 +73,13 @@ const char* const master_usage =
     "Runs the store master until SIGINT/SIGTERM. Prints one JSON line when it listens:\n"
     "  {\"master\": \"HOST:PORT\", \"metadata_url\": \"http://HOST:PORT\"}   (metadata_url with metadata_server)\n"
     "Config keys: listen (required, \"HOST:PORT\", port 0 = any), metadata_server (\"HOST:PORT\": serve the\n"
-    "engines' metadata over HTTP), tick_ms, put_lease_ms, read_lease_ms, node_timeout_ms,\n"
+    "engines' metadata over HTTP), tick_ms, put_lease_ms, read_lease_ms, max_put_lease_ms (the longest\n"
+    "put lease a put may ask), max_read_lease_ms (the longest read lease granted), node_timeout_ms,\n"
     "replication_timeout_ms (a re-replication copy not done by then is given up), high_watermark,\n"
     "low_watermark, max_object_size, eviction (lru|s3fifo|sieve), placement (random|locality),\n"
     "tenant_quota ({\"tenant\": bytes}), log_level, election ({\"address\": ETCD, \"prefix\", \"role\",\n"
-    "\"advertise\", \"ttl_ms\", \"poll_interval_ms\", \"takeover_grace_ms\"}: campaign on etcd, serve while leading),\n"
+    "\"advertise\", \"ttl_ms\", \"poll_interval_ms\", \"takeover_grace_ms\" (at least the longest lease plus ttl_ms / 3)}:\n"
+    "campaign on etcd, serve while leading),\n"
     "recover_objects (default: true with election: nodes keep ledgers so objects survive a failover).\n";
 
 const char* const node_usage =
@@ -96,7 +98,8 @@ const char* const put_usage =
     "usage: kvx-store put --config F.json --tenant T --key K (--file F | --size N [--seed S]) [--replicas N] [--pin]\n"
     "                     [--die-with-parent]\n"
     "Puts one object: the bytes of F, or N bytes of the pattern seeded by S (default 1).\n"
-    "Config keys: name, master, metadata, transport, address, ucx, lease_ms, log_level (as the node's).\n"
+    "Config keys: name, master, metadata, transport, address, ucx, lease_ms, log_level (as the node's),\n"
+    "put_lease_ms (the put lease asked; default: the master's put lease).\n"
     "Test-only: --hold-after-allocate allocates and writes the replicas, prints {\"put_id\": ...}, and waits\n"
     "(never commits) until killed.\n";
 
@@ -567,6 +570,7 @@ int run_client(const std::string& mode, const args& a, const client_settings& se
     po.replicas = static_cast<unsigned>(*replicas);
     po.preferred_node = name;
     po.soft_pin = a.has("--pin");
+    if (s->put_lease) po.lease = *s->put_lease;
     const bool hold = a.has("--hold-after-allocate");
     return run_until_done(io, [&]() -> asio::awaitable<int> {
       auto [rec, desc] = co_await engine.async_register_memory(region, name + "/buf", asio::as_tuple(asio::use_awaitable));

@@ -402,12 +402,14 @@ TEST(StoreProcesses, ClientsAndNodesFollowAStandbyMasterWhenTheLeaderIsKilled) {
   json election = where;
   election["ttl_ms"] = 1000;
   election["poll_interval_ms"] = 50;
-  election["takeover_grace_ms"] = 300;
+  // At least the longest lease below (1000 ms) plus the keep-alive period (333 ms).
+  election["takeover_grace_ms"] = 1500;
   std::vector<std::unique_ptr<kvx::test::child_process>> masters;
   std::vector<std::string> endpoints;
   for (int i = 0; i < 2; ++i) {
     const auto path = c.dir / ("master-" + std::to_string(i) + ".json");
-    write_json(path, {{"listen", "127.0.0.1:0"}, {"tick_ms", 50}, {"node_timeout_ms", 1500}, {"election", election}});
+    write_json(path, {{"listen", "127.0.0.1:0"}, {"tick_ms", 50}, {"node_timeout_ms", 1500}, {"put_lease_ms", 1000},
+                      {"read_lease_ms", 1000}, {"replication_timeout_ms", 1000}, {"election", election}});
     masters.push_back(spawn({"master", "--config", path.string()}));
     auto line = masters.back()->read_line(30s);
     ASSERT_TRUE(line) << "master " << i << " printed nothing";

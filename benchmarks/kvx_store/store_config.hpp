@@ -11,6 +11,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <kvx/core/config.hpp>
@@ -167,9 +168,10 @@ struct master_settings {
 
 inline result<master_settings> parse_master(const json& doc) {
   kvx::config::view v(doc);
-  KVX_TRY(v.allow_only({"listen", "metadata_server", "tick_ms", "put_lease_ms", "read_lease_ms", "node_timeout_ms",
-                        "replication_timeout_ms", "high_watermark", "low_watermark", "max_object_size", "eviction", "placement", "tenant_quota",
-                        "log_level", "election", "recover_objects"}));
+  KVX_TRY(v.allow_only({"listen", "metadata_server", "tick_ms", "put_lease_ms", "read_lease_ms", "max_put_lease_ms",
+                        "max_read_lease_ms", "node_timeout_ms", "replication_timeout_ms", "high_watermark",
+                        "low_watermark", "max_object_size", "eviction", "placement", "tenant_quota", "log_level",
+                        "election", "recover_objects"}));
   master_settings s;
   auto listen = v.required<std::string>("listen");
   KVX_TRY(listen);
@@ -195,6 +197,17 @@ inline result<master_settings> parse_master(const json& doc) {
   auto read_lease = parse_ms(v, "read_lease_ms", std::chrono::milliseconds(5000), min_transfer_lease_ms);
   KVX_TRY(read_lease);
   s.state.read_lease = *read_lease;
+  // The longest leases a put may ask for and a get is granted; absent:
+  // the defaults above, none longer. Never below them.
+  for (auto [key, of, lease, cap] : {std::tuple{"max_put_lease_ms", "put_lease_ms", *put_lease, &s.state.max_put_lease},
+                                     std::tuple{"max_read_lease_ms", "read_lease_ms", *read_lease, &s.state.max_read_lease}}) {
+    auto max = parse_ms(v, key, lease, min_transfer_lease_ms);
+    KVX_TRY(max);
+    if (*max < lease)
+      return error{errc::invalid_argument, "config field '" + v.path_of(key) + "': must be at least " + of + " (" +
+                                               std::to_string(lease.count()) + ")"};
+    *cap = *max;
+  }
   auto node_timeout = parse_ms(v, "node_timeout_ms", std::chrono::milliseconds(5000));
   KVX_TRY(node_timeout);
   s.state.node_timeout = *node_timeout;
@@ -244,6 +257,15 @@ inline result<master_settings> parse_master(const json& doc) {
     KVX_TRY(e);
     auto election = parse_election(*e);
     KVX_TRY(election);
+    // A shorter grace lets a new leader's puts land in ranges the old
+    // leader's writers, readers or copies still use.
+    const auto least = kvx::store::min_takeover_grace(s.state, election->election);
+    if (election->takeover_grace && *election->takeover_grace < least)
+      return error{errc::invalid_argument,
+                   "config field '" + e->path_of("takeover_grace_ms") + "': must be at least " +
+                       std::to_string(least.count()) +
+                       " (the longest of put_lease_ms, max_put_lease_ms, read_lease_ms, max_read_lease_ms and "
+                       "replication_timeout_ms, plus the election's keep-alive period, ttl_ms / 3)"};
     s.election = std::move(*election);
   }
   // Ledgers cost a checksum per put: on by default where a failover can happen.
@@ -389,12 +411,13 @@ inline result<node_settings> parse_node(const json& doc) {
 struct client_settings {
   engine_settings engine;
   std::chrono::milliseconds lease{5000};
+  std::optional<std::chrono::milliseconds> put_lease;  //!< asked for each put; none: the master's put lease
 };
 
 inline result<client_settings> parse_client(const json& doc) {
   kvx::config::view v(doc);
-  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "ucx", "lease_ms", "log_level",
-                        "transfer_timeout_ms"}));
+  KVX_TRY(v.allow_only({"name", "master", "metadata", "transport", "address", "ucx", "lease_ms", "put_lease_ms",
+                        "log_level", "transfer_timeout_ms"}));
   client_settings s;
   auto engine = parse_engine(v, /*name_required=*/false);
   KVX_TRY(engine);
@@ -402,6 +425,11 @@ inline result<client_settings> parse_client(const json& doc) {
   auto lease = parse_ms(v, "lease_ms", s.lease, min_transfer_lease_ms);
   KVX_TRY(lease);
   s.lease = *lease;
+  if (v.contains("put_lease_ms")) {
+    auto put_lease = parse_ms(v, "put_lease_ms", {}, min_transfer_lease_ms);
+    KVX_TRY(put_lease);
+    s.put_lease = *put_lease;
+  }
   return s;
 }
 

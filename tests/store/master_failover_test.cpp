@@ -56,7 +56,11 @@ class MasterFailover : public ::testing::Test {
     if (!server_) GTEST_SKIP() << kvx::test::etcd_server::missing_reason();
     prefix_ = kvx::test::fresh_prefix("failover");
     etcd_.emplace(io.get_executor(), kvx::store::etcd_options{.address = server_->address(), .prefix = prefix_, .timeout = 2s});
-    config_.put_lease = 300ms;  // also the takeover grace
+    // Short leases and copies: the takeover grace (min_takeover_grace) is
+    // the longest, 1 s, plus the keep-alive period of a 1 s TTL.
+    config_.put_lease = 300ms;
+    config_.read_lease = 1000ms;
+    config_.replication_timeout = 1000ms;
     config_.node_timeout = 2s;
   }
   void TearDown() override {
@@ -71,7 +75,7 @@ class MasterFailover : public ::testing::Test {
     auto& m = *masters.emplace_back(std::make_unique<master_type>(
         *etcd_,
         kvx::store::elected_master_config{.server = {.address = "127.0.0.1", .port = 0, .tick_interval = 50ms},
-                                          .election = {.ttl = 1s, .poll_interval = 50ms},
+                                          .election = election_,
                                           .takeover_grace = grace},
         [this] { return std::make_unique<state_type>(config_, kvx::store::placement::random_with_capacity{}, registry); }));
     auto started = m.start();
@@ -190,8 +194,10 @@ class MasterFailover : public ::testing::Test {
   std::optional<kvx::store::etcd_metadata> etcd_;
   kvx::metrics::registry registry;
   kvx::store::master_config config_;
+  kvx::store::etcd_election_options election_{.ttl = 1s, .poll_interval = 50ms};
   kvx::transfer::embedded_metadata meta{io.get_executor()};
   std::vector<std::unique_ptr<party>> parties;
+  std::vector<std::unique_ptr<kvx::test::slow_store_party>> slow_parties;
   std::vector<kvx::memory::mapped_arena> arenas;
   std::vector<std::unique_ptr<master_type>> masters;
   std::vector<std::unique_ptr<kvx::store::store_node<engine_type>>> nodes;
@@ -287,7 +293,7 @@ TEST_F(MasterFailover, WithLedgersTheOldLeadersObjectsComeBackUnlessTheirBytesCh
   ASSERT_TRUE(run_until([&] { return cast.standby.is_leader(); }, 5s));
   ASSERT_TRUE(run_until([&] { return cast.node_a.recovered() + cast.node_b.recovered() >= 1 &&
                                      cast.node_a.recovery_mismatches() + cast.node_b.recovery_mismatches() >= 1; }, 5s))
-      << "after the grace (300 ms) the nodes report what their ledgers name and still match";
+      << "after the grace (1.33 s) the nodes report what their ledgers name and still match";
   EXPECT_EQ(cast.node_a.recovered() + cast.node_b.recovered(), 1u);
   EXPECT_EQ(cast.node_a.recovery_mismatches() + cast.node_b.recovery_mismatches(), 1u);
   ASSERT_TRUE(cast.standby.state());
@@ -311,6 +317,60 @@ TEST_F(MasterFailover, WithLedgersTheOldLeadersObjectsComeBackUnlessTheirBytesCh
   std::tie(ec, n) = get(cast.reader, "kept", cast.reader.buffer);
   ASSERT_FALSE(ec);
   EXPECT_TRUE(std::equal(kept.begin(), kept.end(), cast.reader.buffer.begin()));
+}
+
+// A reader of the old leader asked for an hour's read lease; the leader
+// dies while the read is on its way (its transport starts it 3 s late).
+// The lease granted is cut to max_read_lease (4.5 s), and the new leader
+// places no put before a grace that covers it, so the range the reader
+// reads is not reused under it: its read returns the old object's bytes.
+// Before, the lease was an hour and the grace a put lease: the new
+// leader's put reused the range and the read returned its bytes as the old
+// object's, with success.
+TEST_F(MasterFailover, AReaderOfTheOldLeaderNeverReadsARangeTheNewLeaderReused) {
+  config_.max_read_lease = 4500ms;
+  config_.high_watermark = 1.0;  // a full node keeps its one object
+  config_.low_watermark = 0.9;
+  add_master();
+  ASSERT_TRUE(run_until([&] { return masters.front()->is_leader(); }));
+  auto& standby = add_master();
+  constexpr std::size_t object_bytes = 64 << 10;
+  add_node("node-a", object_bytes);  // room for one object: a new put takes the old one's range
+  auto writer = add_client("writer", object_bytes);
+  kvx::testing::fill_random(writer.buffer, 11);
+  ASSERT_FALSE(put_through_failover(writer, "old", writer.buffer));
+  const std::vector<std::byte> old_bytes = writer.buffer;
+
+  auto& slow = *slow_parties.emplace_back(std::make_unique<kvx::test::slow_store_party>(io, meta, "slow-reader", 3s));
+  std::vector<std::byte> got(object_bytes);
+  ASSERT_FALSE(wait([&]() -> asio::awaitable<std::error_code> {
+    auto [e, d] = co_await slow.engine.async_register_memory(kvx::memory::memory_region{got.data(), got.size()},
+                                                             "slow-reader/buf", asio::as_tuple(asio::use_awaitable));
+    co_return e;
+  }));
+  kvx::store::store_client<kvx::test::slow_store_engine> reader(
+      slow.engine, following_client(), kvx::store::client_options{.node = "slow-reader", .replicas = 1, .lease = std::chrono::hours(1)});
+  std::optional<std::error_code> read;
+  reader.async_get(kvx::store::object_key{"t", "old"}, got, [&](std::error_code ec, std::uint64_t) { read = ec; });
+  kvx::store::clock::duration granted{};
+  ASSERT_TRUE(run_until([&] {
+    const auto listed = masters.front()->state()->objects("t", 1, kvx::store::clock::now());
+    if (!listed.empty()) granted = listed[0].lease_left;
+    return granted > kvx::store::clock::duration::zero();
+  })) << "the slow get never took its lease";
+  EXPECT_LE(granted, 4500ms) << "an hour was asked";
+
+  masters.front().reset();  // dies while the read waits to start
+  ASSERT_TRUE(run_until([&] { return standby.is_leader(); }, 5s));
+  kvx::testing::fill_random(writer.buffer, 12);
+  ASSERT_FALSE(put_through_failover(writer, "new", writer.buffer)) << "after the new leader's grace";
+  ASSERT_TRUE(run_until([&] { return read.has_value(); })) << "the slow get never completed";
+  if (!*read) {
+    EXPECT_TRUE(std::equal(old_bytes.begin(), old_bytes.end(), got.begin()))
+        << "the get succeeded with the bytes of an object the new leader put into its range";
+  } else {
+    EXPECT_EQ(*read, kvx::errc::timed_out) << read->message();
+  }
 }
 
 TEST_F(MasterFailover, ResignHandsOverAtOnceAndNoLeaderIsUnreachable) {
@@ -377,7 +437,7 @@ TEST_F(MasterFailover, LeadershipLostMidPutIsACleanErrorAndNothingHalfWrittenApp
   auto& b = add_master(5s);
   auto follower = following_client();
   ASSERT_FALSE(call(*follower, {{"op", "register_segment"}, {"node", "n"}, {"segment", "s"}, {"capacity", 1 << 20}}).first);
-  run_for(350ms);  // the takeover grace
+  run_for(kvx::store::min_takeover_grace(config_, election_) + 50ms);  // a's takeover grace
   auto [ec, ticket] = call(*follower, {{"op", "put_start"}, {"tenant", "t"}, {"key", "k"}, {"size", 4096}});
   ASSERT_FALSE(ec) << ec.message() << ticket.dump();
 
@@ -465,6 +525,35 @@ TEST_F(MasterFailover, AnAdvertisedEndpointThatIsNotHostAndPortIsRefusedAtStart)
   EXPECT_EQ(started.error().code(), kvx::errc::invalid_argument);
   EXPECT_NE(started.error().message().find("elected_master_config.advertise 'nowhere'"), std::string::npos)
       << started.error().message();
+}
+
+// Without etcd: start() refuses before it listens or campaigns.
+TEST(ElectedMasterConfig, ATakeoverGraceShorterThanTheLongestLeaseIsRefusedAtStart) {
+  asio::io_context io;
+  kvx::store::etcd_metadata etcd(io.get_executor(), {.address = "127.0.0.1:1", .prefix = "unused/", .timeout = 1s});
+  kvx::metrics::registry registry;
+  kvx::store::master_config config;
+  config.max_read_lease = 10s;  // the longest lease: put_lease and replication_timeout are 30 s
+  const kvx::store::etcd_election_options election{.ttl = 3s, .poll_interval = 50ms};
+  EXPECT_EQ(kvx::store::min_takeover_grace(config, election), 31s) << "30 s and a keep-alive period of 1 s";
+  auto factory = [&] { return std::make_unique<state_type>(config, kvx::store::placement::random_with_capacity{}, registry); };
+
+  master_type short_grace(etcd, {.election = election, .takeover_grace = 30s}, factory);
+  auto refused = short_grace.start();
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code(), kvx::errc::invalid_argument);
+  EXPECT_NE(refused.error().message().find("takeover_grace: 30000 ms is shorter than the longest lease the state grants "
+                                           "plus the election's keep-alive period (31000 ms)"),
+            std::string::npos)
+      << refused.error().message();
+
+  config.max_read_lease = 1s;  // below read_lease: the state itself refuses it
+  master_type bad_state(etcd, {.election = election}, factory);
+  refused = bad_state.start();
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code(), kvx::errc::invalid_argument);
+  EXPECT_NE(refused.error().message().find("max_read_lease (1000 ms) is shorter than read_lease"), std::string::npos)
+      << refused.error().message();
 }
 
 // Calls from another thread while the io_context runs on two: the client,

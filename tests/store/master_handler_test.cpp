@@ -137,6 +137,46 @@ TEST_F(MasterHandler, MalformedRequestsGetErrorsNamingTheField) {
   check(R"({"id":1,"op":"heartbeat","node":"ghost"})", "not_found", "ghost");
 }
 
+// put_start's lease_ms (a per-put lease) is optional: a writer that
+// predates it sends none and gets the master's put lease. A get's lease_ms
+// is cut to max_read_lease.
+TEST(MasterHandlerLeases, APutStartMayAskItsOwnLeaseAndWithoutTheFieldGetsTheDefault) {
+  kvx::metrics::registry registry;
+  kvx::store::master_config c;  // put_lease 30 s, read_lease 5 s
+  c.max_put_lease = 120s;
+  c.max_read_lease = 20s;
+  kvx::store::master_state<kvx::cache::eviction::lru> state(c, {}, registry);
+  kvx::store::master_handler<kvx::store::master_state<kvx::cache::eviction::lru>> handler(state);
+  const auto now = kvx::store::clock::now();
+  auto call = [&](const json& request) { return handler.handle(request.dump(), now); };
+  ASSERT_TRUE(call({{"id", 1}, {"op", "register_segment"}, {"node", "n0"}, {"segment", "s0"}, {"capacity", 1 << 20}})["ok"]);
+
+  auto old_format = call({{"id", 2}, {"op", "put_start"}, {"tenant", "t"}, {"key", "old"}, {"size", 4096}});
+  ASSERT_TRUE(old_format["ok"]) << old_format.dump();
+  EXPECT_EQ(old_format["deadline_ms"], 30000);
+  auto zero = call({{"id", 3}, {"op", "put_start"}, {"tenant", "t"}, {"key", "zero"}, {"size", 4096}, {"lease_ms", 0}});
+  EXPECT_EQ(zero["deadline_ms"], 30000) << zero.dump();
+  auto asked = call({{"id", 4}, {"op", "put_start"}, {"tenant", "t"}, {"key", "long"}, {"size", 4096}, {"lease_ms", 90000}});
+  ASSERT_TRUE(asked["ok"]) << asked.dump();
+  EXPECT_EQ(asked["deadline_ms"], 90000);
+
+  auto over = call({{"id", 5}, {"op", "put_start"}, {"tenant", "t"}, {"key", "over"}, {"size", 4096}, {"lease_ms", 120001}});
+  EXPECT_EQ(over["error"], "invalid_argument") << over.dump();
+  EXPECT_NE(over.value("message", "").find("at most 120000 ms (max_put_lease)"), std::string::npos) << over.dump();
+  auto wrong = call({{"id", 6}, {"op", "put_start"}, {"tenant", "t"}, {"key", "w"}, {"size", 4096}, {"lease_ms", "1h"}});
+  EXPECT_EQ(wrong["error"], "invalid_argument") << wrong.dump();
+  EXPECT_NE(wrong.value("message", "").find("put_start.lease_ms"), std::string::npos) << wrong.dump();
+  auto huge = call({{"id", 7}, {"op", "put_start"}, {"tenant", "t"}, {"key", "h"}, {"size", 4096},
+                    {"lease_ms", std::uint64_t{1} << 50}});
+  EXPECT_EQ(huge["error"], "malformed_message") << huge.dump();
+
+  ASSERT_TRUE(call({{"id", 8}, {"op", "put_commit"}, {"tenant", "t"}, {"key", "old"}, {"put_id", old_format["put_id"]}})["ok"]);
+  auto hour = call({{"id", 9}, {"op", "get"}, {"tenant", "t"}, {"key", "old"}, {"lease_ms", 3600000}});
+  ASSERT_TRUE(hour["ok"]) << hour.dump();
+  EXPECT_EQ(hour["lease_ms"], 20000) << "cut to max_read_lease";
+  EXPECT_EQ(call({{"id", 10}, {"op", "get"}, {"tenant", "t"}, {"key", "old"}})["lease_ms"], 5000);
+}
+
 TEST_F(MasterHandler, ReplicationTasksRideOnTheSourceNodesHeartbeat) {
   for (int n = 0; n < 3; ++n)
     ASSERT_TRUE(call({{"id", n}, {"op", "register_segment"}, {"node", "n" + std::to_string(n)},

@@ -3,11 +3,14 @@
 // back from the nodes' reports. Deterministic: time is an argument.
 
 #include <kvx/store/master_handler.hpp>
+#include <kvx/store/master_server.hpp>
 #include <kvx/store/master_state.hpp>
 #include <kvx/store/node_ledger.hpp>
 #include <kvx/cache/eviction/lru.hpp>
 
 #include <gtest/gtest.h>
+
+#include <boost/asio/io_context.hpp>
 
 #include <map>
 
@@ -279,6 +282,17 @@ TEST_F(MasterRecovery, ANodeDroppedAndBackReportsAfterAPutLeaseAndItsLostObjectC
   ASSERT_TRUE(r) << r.error().message();
   EXPECT_EQ(r->objects, 1u);
   EXPECT_TRUE(m->get(key("only"), t0 + 16s));
+}
+
+// A master restarted on its port (no election) holds reports while its
+// predecessor's writers may still write: as long as the longest put lease
+// one may have asked for (max_put_lease, 40 s), not the default (10 s).
+TEST_F(MasterRecovery, ARestartedMastersReportsWaitTheLongestPutLeaseAWriterMayHold) {
+  config.max_put_lease = 40s;
+  master state(config, {}, registry);
+  boost::asio::io_context io;
+  kvx::store::master_server<master> server(io.get_executor(), state);
+  EXPECT_GT(state.recovery_wait("node0", clock::now()), 39s);
 }
 
 TEST_F(MasterRecovery, CopiesOfAnObjectTakenBackWaitForTheOtherHoldersReports) {

@@ -5,6 +5,7 @@
 
 #include <list>
 #include <set>
+#include <stdexcept>
 #include <unordered_map>
 
 namespace {
@@ -330,6 +331,7 @@ TEST_F(MasterState, APendingPutWhoseNodesAllDiedCannotCommit) {
 // writers, readers and copying nodes holding this master's word for its
 // ranges: no new object goes there before their leases and deadlines end.
 TEST_F(MasterState, ANodeBackFromADropTakesNoNewReplicasBeforeItsLeasesEnd) {
+  config.max_read_lease = 20s;  // the reader below asks for all of it
   master m(config, kvx::store::placement::random_with_capacity{}, registry);
   ASSERT_TRUE(m.add_segment({"seg-a", "a", 1 << 20, "dram"}, t0));
   auto t = m.put_start(key("read"), 1000, reps(1), t0);
@@ -394,6 +396,117 @@ TEST_F(MasterState, BadRequestsAreRefusedWithContext) {
   EXPECT_EQ(m.add_segment({"s", "n", 0, "dram"}, t0).code(), kvx::errc::invalid_argument);
   EXPECT_EQ(m.add_segment({"s", "n", 10, "tape"}, t0).code(), kvx::errc::invalid_argument);
   EXPECT_EQ(m.remove(key("absent"), t0).code(), kvx::errc::not_found);
+}
+
+kvx::store::put_options leased(clock::duration lease) {
+  kvx::store::put_options o;
+  o.lease = lease;
+  return o;
+}
+
+// A put that asked for its own lease is reclaimed when that lease ends,
+// sooner or later than the master's put_lease (10 s) would have it.
+TEST_F(MasterState, APutsOwnLeaseIsReclaimedAtItsOwnTime) {
+  config.max_put_lease = 30s;
+  auto m = make();
+  auto brief = m.put_start(key("brief"), 1000, leased(2s), t0);
+  auto usual = m.put_start(key("usual"), 1000, {}, t0);
+  auto lengthy = m.put_start(key("lengthy"), 1000, leased(25s), t0);
+  ASSERT_TRUE(brief && usual && lengthy);
+  EXPECT_EQ(brief->deadline, t0 + 2s);
+  EXPECT_EQ(usual->deadline, t0 + config.put_lease);
+  EXPECT_EQ(lengthy->deadline, t0 + 25s);
+  auto tick = [&](clock::time_point at) {
+    for (int n = 0; n < 3; ++n) EXPECT_TRUE(m.heartbeat("node" + std::to_string(n), at));
+    return m.tick(at).reclaimed_puts;
+  };
+  EXPECT_TRUE(tick(t0 + 2s).empty()) << "a lease ends after its last instant";
+  EXPECT_EQ(tick(t0 + 2s + 1ms), std::vector{key("brief")});
+  EXPECT_EQ(m.put_commit(key("brief"), brief->put_id, t0 + 2s + 2ms).code(), kvx::errc::not_found);
+  EXPECT_EQ(tick(t0 + 10s + 1ms), std::vector{key("usual")});
+  EXPECT_TRUE(tick(t0 + 24s).empty()) << "past the master's put lease, inside its own";
+  ASSERT_TRUE(m.put_commit(key("lengthy"), lengthy->put_id, t0 + 24s));
+  EXPECT_TRUE(m.exists(key("lengthy")));
+}
+
+TEST_F(MasterState, APutLeaseOverTheMaximumOrNotPositiveIsRefusedAndAllocatesNothing) {
+  config.max_put_lease = 20s;
+  auto m = make();
+  auto over = m.put_start(key("k"), 1000, leased(20s + 1ms), t0);
+  ASSERT_EQ(over.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(over.error().message().find("a put lease of 20001 ms asked; this master grants at most 20000 ms (max_put_lease)"),
+            std::string::npos)
+      << over.error().message();
+  EXPECT_EQ(m.put_start(key("k"), 1000, leased(0s), t0).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(m.put_start(key("k"), 1000, leased(-1s), t0).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(m.used_bytes(), 0u);
+  EXPECT_TRUE(m.put_start(key("k"), 1000, leased(20s), t0));
+
+  config.max_put_lease.reset();  // none longer than put_lease
+  kvx::metrics::registry other;
+  master d(config, kvx::store::placement::random_with_capacity{}, other);
+  ASSERT_TRUE(d.add_segment({"s", "n", 1 << 20, "dram"}, t0));
+  EXPECT_EQ(d.put_start(key("k"), 1000, leased(config.put_lease + 1ms), t0).code(), kvx::errc::invalid_argument);
+}
+
+// A get used to be granted whatever it asked for (up to an hour), longer
+// than a new master waits after a failover before reusing ranges.
+TEST_F(MasterState, AReadLeaseAskedLongerThanTheMastersLongestIsCutToIt) {
+  auto m = make();  // no max_read_lease: none longer than read_lease (5 s)
+  auto t = m.put_start(key("k"), 1000, {}, t0);
+  ASSERT_TRUE(m.put_commit(key("k"), t->put_id, t0));
+  auto hour = m.get(key("k"), t0, {}, std::chrono::hours(1));
+  ASSERT_TRUE(hour);
+  EXPECT_EQ(hour->lease_until, t0 + config.read_lease);
+  EXPECT_EQ(m.get(key("k"), t0, {}, 2s)->lease_until, t0 + 2s) << "shorter ones as asked";
+  EXPECT_EQ(m.remove(key("k"), t0 + config.read_lease - 1ms).code(), kvx::errc::busy);
+  EXPECT_TRUE(m.remove(key("k"), t0 + config.read_lease)) << "no lease outlives the longest granted";
+
+  config.max_read_lease = 8s;
+  kvx::metrics::registry other;
+  master longer(config, kvx::store::placement::random_with_capacity{}, other);
+  ASSERT_TRUE(longer.add_segment({"s", "n", 1 << 20, "dram"}, t0));
+  t = longer.put_start(key("k"), 1000, {}, t0);
+  ASSERT_TRUE(longer.put_commit(key("k"), t->put_id, t0));
+  EXPECT_EQ(longer.get(key("k"), t0, {}, std::chrono::hours(1))->lease_until, t0 + 8s);
+  EXPECT_EQ(longer.get(key("k"), t0)->lease_until, t0 + config.read_lease) << "the default stays the default";
+}
+
+// Writers holding tickets for a dropped node's ranges may write until their
+// own lease ends; a put may ask up to max_put_lease (25 s here, against the
+// master's 10 s).
+TEST_F(MasterState, ADroppedNodesReportsWaitTheLongestPutLeaseAWriterMayHold) {
+  config.max_put_lease = 25s;
+  auto m = make();
+  auto t = m.put_start(key("lengthy"), 1000, leased(25s), t0);
+  ASSERT_TRUE(t);
+  const auto victim = t->replicas[0].node;
+  ASSERT_TRUE(m.remove_node(victim, t0 + 1s));
+  EXPECT_EQ(m.recovery_wait(victim, t0 + 1s), 25s);
+}
+
+TEST(MasterConfig, AMaximumLeaseBelowItsDefaultIsRefusedByName) {
+  kvx::store::master_config c;
+  EXPECT_TRUE(c.check());
+  EXPECT_EQ(c.longest_lease(), 30s) << "put_lease and replication_timeout";
+  c.max_read_lease = 1s;  // read_lease: 5 s
+  auto bad = c.check();
+  ASSERT_FALSE(bad);
+  EXPECT_NE(bad.error().message().find("max_read_lease (1000 ms) is shorter than read_lease (5000 ms)"), std::string::npos)
+      << bad.error().message();
+  kvx::metrics::registry registry;
+  EXPECT_THROW((void)master(c, {}, registry), std::invalid_argument);
+  c.max_read_lease = 50s;
+  c.max_put_lease = 10s;  // put_lease: 30 s
+  auto bad_put = c.check();
+  ASSERT_FALSE(bad_put);
+  EXPECT_NE(bad_put.error().message().find("max_put_lease (10000 ms) is shorter than put_lease"), std::string::npos)
+      << bad_put.error().message();
+  c.max_put_lease = 40s;
+  EXPECT_TRUE(c.check());
+  EXPECT_EQ(c.longest_lease(), 50s);
+  c.replication_timeout = 1min;
+  EXPECT_EQ(c.longest_lease(), 1min);
 }
 
 TEST(Placement, LocalityAwarePrefersThePreferredNode) {

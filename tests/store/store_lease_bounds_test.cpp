@@ -3,7 +3,8 @@
 // object, so a writer, reader or copying node still moving bytes would
 // corrupt that object or read it as its own. Each party here has a transport
 // that starts every transfer seconds late (a stalled link, an overloaded
-// node) against leases of a fraction of a second.
+// node) against leases of a fraction of a second; and a writer that knows
+// its write takes that long asks for a longer put lease.
 #include <kvx/store/master_server.hpp>
 #include <kvx/store/store_client.hpp>
 #include <kvx/store/store_node.hpp>
@@ -17,7 +18,6 @@
 #include <kvx/testing/random_bytes.hpp>
 #include <kvx/transfer/embedded_metadata.hpp>
 #include <kvx/transfer/transfer_engine.hpp>
-#include <kvx/transport/decorators/faulty.hpp>
 #include <kvx/transport/local.hpp>
 
 #include <algorithm>
@@ -30,26 +30,17 @@ namespace {
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
 using state_type = kvx::store::master_state<kvx::cache::eviction::lru>;
-using slow_transport = kvx::transport::faulty<kvx::transport::local>;
-using slow_engine = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, slow_transport>;
+using slow_engine = kvx::test::slow_store_engine;
+using slow_party = kvx::test::slow_store_party;
 using fast_engine = kvx::test::store_engine;
 using kvx::testing::fill_random;
-
-// Every transfer of this party starts `delay` late.
-struct slow_party {
-  slow_transport transport;
-  slow_engine engine;
-  slow_party(asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name,
-             std::chrono::milliseconds delay)
-      : transport(kvx::transport::faulty_config{.seed = 1, .delay = 1.0, .delay_by = delay}, io.get_executor()),
-        engine(meta, {.node = name}, transport) {}
-};
 
 constexpr std::size_t object_bytes = 64 << 10;
 
 kvx::store::master_config lease_bounds_config() {
   kvx::store::master_config c;
   c.put_lease = 600ms;
+  c.read_lease = 600ms;  // also the longest a get is granted (no max_read_lease)
   c.node_timeout = 400ms;
   c.replication_timeout = 1500ms;
   c.high_watermark = 1.0;  // a full node keeps its one object
@@ -58,7 +49,7 @@ kvx::store::master_config lease_bounds_config() {
 }
 
 struct StoreLeaseBounds : ::testing::Test, kvx::test::store_cluster<state_type> {
-  StoreLeaseBounds() : store_cluster(lease_bounds_config()) {}
+  explicit StoreLeaseBounds(kvx::store::master_config c = lease_bounds_config()) : store_cluster(std::move(c)) {}
   std::vector<std::unique_ptr<kvx::test::store_party>> parties;
   std::vector<std::unique_ptr<slow_party>> slow_parties;
   std::vector<kvx::memory::mapped_arena> arenas;
@@ -144,10 +135,23 @@ struct StoreLeaseBounds : ::testing::Test, kvx::test::store_cluster<state_type> 
   }
 
   template <class Client>
-  std::error_code put(Client& c, const std::string& key, std::span<const std::byte> bytes) {
+  std::error_code put(Client& c, const std::string& key, std::span<const std::byte> bytes,
+                      std::optional<kvx::store::put_options> opt = std::nullopt) {
     return wait([&]() -> asio::awaitable<std::error_code> {
-      auto [e] = co_await c.async_put(kvx::store::object_key{"t", key}, bytes, asio::as_tuple(asio::use_awaitable));
+      const kvx::store::object_key k{"t", key};
+      if (opt) {
+        auto [e] = co_await c.async_put(k, bytes, *opt, asio::as_tuple(asio::use_awaitable));
+        co_return e;
+      }
+      auto [e] = co_await c.async_put(k, bytes, asio::as_tuple(asio::use_awaitable));
       co_return e;
+    });
+  }
+  template <class Client>
+  std::pair<std::error_code, std::uint64_t> get(Client& c, const std::string& key, std::span<std::byte> dst) {
+    return wait([&]() -> asio::awaitable<std::pair<std::error_code, std::uint64_t>> {
+      auto [e, size] = co_await c.async_get(kvx::store::object_key{"t", key}, dst, asio::as_tuple(asio::use_awaitable));
+      co_return std::pair{e, size};
     });
   }
 };
@@ -175,10 +179,7 @@ TEST_F(StoreLeaseBounds, AWriteSlowerThanItsPutLeaseIsCancelledAndNeverLandsInTh
   // Read the next object back through a fresh buffer.
   auto reader = fast_client("reader");
   const auto got = reader.buffer;
-  const auto [ec, n] = wait([&]() -> asio::awaitable<std::pair<std::error_code, std::uint64_t>> {
-    auto [e, size] = co_await reader.client->async_get(kvx::store::object_key{"t", "next"}, got, asio::as_tuple(asio::use_awaitable));
-    co_return std::pair{e, size};
-  });
+  const auto [ec, n] = get(*reader.client, "next", got);
   ASSERT_FALSE(ec) << ec.message();
   ASSERT_EQ(n, object_bytes);
   EXPECT_TRUE(std::equal(next_bytes.begin(), next_bytes.end(), got.begin()))
@@ -253,6 +254,79 @@ TEST_F(StoreLeaseBounds, ACopySlowerThanItsDeadlineNeitherSilencesItsSourceNorLa
   const auto* t = target.data();
   EXPECT_TRUE(std::all_of(t, t + target.length, [](std::byte b) { return b == std::byte{0}; }))
       << "a copy given up by the master still wrote its target";
+}
+
+// A reader that asks for a lease far longer than the master grants (an
+// hour: a new master after a failover would not wait that long before
+// reusing the range) is granted the master's longest, and its read is
+// bounded by that: slower, it fails instead of reading on past it.
+TEST_F(StoreLeaseBounds, AReadLeaseAskedPastTheMastersLongestIsCutAndBoundsTheRead) {
+  add_node("node-a", arena(object_bytes));
+  auto writer = fast_client("writer");
+  fill_random(writer.buffer, 6);
+  ASSERT_FALSE(put(*writer.client, "obj", writer.buffer));
+
+  kvx::store::client_options hour;
+  hour.lease = std::chrono::hours(1);
+  auto slow = slow_client("slow-reader", 2s, hour);
+  std::optional<std::error_code> read;
+  slow.client->async_get(kvx::store::object_key{"t", "obj"}, slow.buffer, [&](std::error_code ec, std::uint64_t) { read = ec; });
+  kvx::store::clock::duration granted{};
+  ASSERT_TRUE(run_until([&] {
+    auto listed = state.objects("t", 1, kvx::store::clock::now());
+    granted = listed.empty() ? granted : listed[0].lease_left;
+    return granted > kvx::store::clock::duration::zero();
+  })) << "the slow get never took its lease";
+  EXPECT_LE(granted, config.read_lease_cap()) << "an hour was asked; the master grants at most its max_read_lease";
+  ASSERT_TRUE(run_until([&] { return read.has_value(); })) << "the slow get never completed";
+  EXPECT_EQ(*read, kvx::errc::timed_out) << read->message();
+}
+
+// Puts that ask for their own lease: up to 3 s on a master whose default
+// is 600 ms.
+kvx::store::master_config long_put_lease_config() {
+  auto c = lease_bounds_config();
+  c.max_put_lease = 3s;
+  return c;
+}
+struct StorePutLeases : StoreLeaseBounds {
+  StorePutLeases() : StoreLeaseBounds(long_put_lease_config()) {}
+};
+
+// A write that starts 1 s late cannot end inside the default put lease
+// (600 ms) and fails; asking for 2.5 s, the same write succeeds, byte-exact.
+TEST_F(StorePutLeases, AWriteLongerThanTheDefaultPutLeaseSucceedsUnderTheLeaseItAskedFor) {
+  add_node("node-a", arena(object_bytes));
+  auto slow = slow_client("slow-writer", 1s);
+  fill_random(slow.buffer, 7);
+  EXPECT_EQ(put(*slow.client, "default-lease", slow.buffer), kvx::errc::timed_out) << "the write outlasts 600 ms";
+  kvx::store::put_options longer;
+  longer.lease = 2500ms;
+  const auto ec = put(*slow.client, "own-lease", slow.buffer, longer);
+  ASSERT_FALSE(ec) << ec.message();
+
+  auto reader = fast_client("reader");
+  const auto [gec, n] = get(*reader.client, "own-lease", reader.buffer);
+  ASSERT_FALSE(gec) << gec.message();
+  ASSERT_EQ(n, object_bytes);
+  EXPECT_TRUE(std::equal(slow.buffer.begin(), slow.buffer.end(), reader.buffer.begin()));
+}
+
+// More than the master's max_put_lease is refused before anything is
+// allocated; so is a lease that is not positive (by the client).
+TEST_F(StorePutLeases, APutLeaseOverTheMaximumIsRefusedAndAllocatesNothing) {
+  add_node("node-a", arena(object_bytes));
+  auto writer = fast_client("writer");
+  fill_random(writer.buffer, 8);
+  kvx::store::put_options too_long;
+  too_long.lease = 3001ms;
+  EXPECT_EQ(put(*writer.client, "k", writer.buffer, too_long), kvx::errc::invalid_argument);
+  kvx::store::put_options none;
+  none.lease = 0ms;
+  EXPECT_EQ(put(*writer.client, "k", writer.buffer, none), kvx::errc::invalid_argument);
+  EXPECT_EQ(state.object_count(), 0u);
+  EXPECT_EQ(state.used_bytes(), 0u);
+  EXPECT_FALSE(put(*writer.client, "k", writer.buffer)) << "the default lease still serves";
 }
 
 }  // namespace

@@ -1,10 +1,12 @@
 #pragma once
 // In-process store tests: every party (node, client) has its own transfer
-// engine and local transport over one shared embedded metadata backend; and
+// engine and local transport over one shared embedded metadata backend (a
+// `slow_store_party`'s transport starts each transfer late); and
 // `run_coroutine`, which runs one coroutine on the test's io_context until
 // it completes.
 //
 //   kvx::test::store_party p(io, meta, "node-a");
+//   kvx::test::slow_store_party stalled(io, meta, "reader", std::chrono::seconds(2));
 //   auto ec = kvx::test::run_coroutine(io, [&]() -> asio::awaitable<std::error_code> { ... });
 
 #include <chrono>
@@ -20,6 +22,7 @@
 
 #include <kvx/transfer/embedded_metadata.hpp>
 #include <kvx/transfer/transfer_engine.hpp>
+#include <kvx/transport/decorators/faulty.hpp>
 #include <kvx/transport/local.hpp>
 
 namespace kvx::test {
@@ -31,6 +34,20 @@ struct store_party {
   store_engine engine;
   store_party(boost::asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name)
       : transport(io.get_executor()), engine(meta, {.node = name}, transport) {}
+};
+
+using slow_store_transport = kvx::transport::faulty<kvx::transport::local>;
+using slow_store_engine = kvx::transfer::transfer_engine<kvx::transfer::embedded_metadata, slow_store_transport>;
+
+//! A party whose every transfer starts `delay` late (a stalled link, an
+//! overloaded host): it outlasts leases set a fraction of `delay`.
+struct slow_store_party {
+  slow_store_transport transport;
+  slow_store_engine engine;
+  slow_store_party(boost::asio::io_context& io, kvx::transfer::embedded_metadata& meta, const std::string& name,
+                   std::chrono::milliseconds delay)
+      : transport(kvx::transport::faulty_config{.seed = 1, .delay = 1.0, .delay_by = delay}, io.get_executor()),
+        engine(meta, {.node = name}, transport) {}
 };
 
 namespace detail {

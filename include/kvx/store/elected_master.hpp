@@ -21,9 +21,11 @@
 //! ledgers (`master_config::recover_objects`): then each node, once the
 //! grace is over, reports the objects its ledger names whose bytes still
 //! match their writer's checksum, and the new master takes them back. For `takeover_grace`
-//! (default: the state's `put_lease`) it refuses `put_start` with
-//! `errc::busy`: writers and readers holding the old master's allocations
-//! may still be moving bytes into or out of the ranges it would hand out.
+//! (default and minimum: `min_takeover_grace`, the state's longest lease
+//! plus the election's keep-alive period) it refuses `put_start` with
+//! `errc::busy`: writers, readers and copying nodes holding the old
+//! master's word may still be moving bytes into or out of the ranges it
+//! would hand out.
 //!
 //! Thread-safety: `is_leader()`, `leader_revision()`, `endpoint()` from any
 //! thread. `start`, `stop` and `state()` on the strand (`get_executor()`)
@@ -37,6 +39,7 @@
 //! auto client = kvx::store::master_client::create(ex, kvx::store::leader_lookup(etcd));
 //! \endcode
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -44,6 +47,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -74,8 +78,21 @@ struct elected_master_config {
   std::string advertise{};                          //!< "host:port" published as leader; empty: the bound endpoint
   std::string role = default_master_role;           //!< election name (one per cluster prefix)
   etcd_election_options election{};                 //!< lease TTL (the failover time) and polling
-  std::optional<std::chrono::milliseconds> takeover_grace{};  //!< puts refused after taking over; empty: put_lease
+  //! Puts refused after taking over; empty: `min_takeover_grace`. Shorter
+  //! than that: `start` refuses it.
+  std::optional<std::chrono::milliseconds> takeover_grace{};
 };
+
+//! The shortest takeover grace under which no range is reused while a
+//! party may still move bytes on the previous master's word: the longest
+//! lease `state` grants (`master_config::longest_lease`: put leases up to
+//! `max_put_lease`, read leases up to `max_read_lease`, re-replication
+//! copies) plus the election's keep-alive period, for which a stalled
+//! previous leader may still grant leases after the new one took over.
+[[nodiscard]] inline std::chrono::milliseconds min_takeover_grace(const master_config& state,
+                                                                  const etcd_election_options& election) {
+  return std::chrono::ceil<std::chrono::milliseconds>(state.longest_lease()) + election.keepalive_period();
+}
 
 //! A master for a `master_client` to follow: asks etcd who leads `role`
 //! (the leader's "host:port"). One observer per lookup object, shared by
@@ -103,7 +120,9 @@ class elected_master {
   //! Stops without resigning (as a crash would): a standby takes over when the lease expires.
   ~elected_master() { stop(); }
 
-  //! Listens, then campaigns until `stop()` or `async_resign`.
+  //! Listens, then campaigns until `stop()` or `async_resign`. Builds one
+  //! state with `make_state` first, to check `takeover_grace` against its
+  //! leases (`invalid_argument` if shorter than `min_takeover_grace`).
   result<void> start() {
     auto& c = *core_;
     if (c.election) return error{errc::already_exists, "elected master already started"};
@@ -111,6 +130,20 @@ class elected_master {
       if (auto parts = split_master_endpoint(c.config.advertise, "elected_master_config.advertise"); !parts)
         return error{errc::invalid_argument, parts.error().context()};
     }
+    // A state refused now (master_state::check) would be refused on winning too.
+    std::unique_ptr<MasterState> probe;
+    try {
+      probe = c.make_state();
+    } catch (const std::invalid_argument& e) {
+      return error{errc::invalid_argument, e.what()};
+    }
+    if (const auto least = min_takeover_grace(probe->config(), c.config.election);
+        c.config.takeover_grace && *c.config.takeover_grace < least)
+      return error{errc::invalid_argument,
+                   "elected_master_config.takeover_grace: " + std::to_string(c.config.takeover_grace->count()) +
+                       " ms is shorter than the longest lease the state grants plus the election's keep-alive period (" +
+                       std::to_string(least.count()) +
+                       " ms): a new put could land in a range an old writer, reader or copy still uses"};
     KVX_TRY(c.server.start());
     c.advertised = c.config.advertise.empty() ? c.server.endpoint() : c.config.advertise;
     {
@@ -193,10 +226,11 @@ class elected_master {
     [[nodiscard]] bool done() const noexcept { return stopped || resigned; }
 
     // Serves a fresh state; puts wait out the grace (see the file comment).
+    // Never shorter than the state needs, whatever the factory returned now.
     void lead() {
       state = make_state();
-      const auto grace = config.takeover_grace.value_or(
-          std::chrono::duration_cast<std::chrono::milliseconds>(state->config().put_lease));
+      const auto least = min_takeover_grace(state->config(), config.election);
+      const auto grace = std::max(config.takeover_grace.value_or(least), least);
       const auto since = clock::now();
       // Nodes' reports of what they hold (master_config::recover_objects)
       // wait out the grace too: until then old writers may change the bytes.

@@ -40,6 +40,7 @@
 //! co_await election.async_wait_lost(asio::use_awaitable);       // demoted: stop serving as master
 //! \endcode
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -68,6 +69,12 @@ namespace kvx::store {
 struct etcd_election_options {
   std::chrono::milliseconds ttl{5000};            //!< the leader's lease (whole seconds, rounded up)
   std::chrono::milliseconds poll_interval{200};   //!< how often a standby or observer looks at the key
+
+  //! How often the leader refreshes its lease; also how long a stalled
+  //! leader may still believe it leads after its lease expired.
+  [[nodiscard]] std::chrono::milliseconds keepalive_period() const {
+    return std::max(std::chrono::milliseconds(50), std::chrono::milliseconds(detail::etcd_ttl_seconds(ttl)) / 3);
+  }
 };
 
 namespace detail {
@@ -106,9 +113,7 @@ struct election_state {
   std::atomic<std::int64_t> revision_mirror{0};
 
   std::chrono::milliseconds ttl() const { return etcd_ttl_seconds(options.ttl); }
-  std::chrono::milliseconds keepalive_period() const {
-    return std::max(std::chrono::milliseconds(50), ttl() / 3);
-  }
+  std::chrono::milliseconds keepalive_period() const { return options.keepalive_period(); }
 
   void notify() {
     ++generation;

@@ -135,6 +135,13 @@ class master_handler {
       KVX_TRY(pin);
       auto size = v.required<std::uint64_t>("size");
       KVX_TRY(size);
+      // Absent or 0 (a writer that predates per-put leases): the master's put lease.
+      auto lease_ms = v.optional<std::uint64_t>("lease_ms", 0);
+      KVX_TRY(lease_ms);
+      if (*lease_ms > static_cast<std::uint64_t>(protocol::max_deadline_ms))
+        return error{errc::malformed_message, "field 'put_start.lease_ms' is over " +
+                                                  std::to_string(protocol::max_deadline_ms) + " ms"};
+      if (*lease_ms) opt.lease = std::chrono::milliseconds(*lease_ms);
       opt.replicas = *replicas;
       opt.preferred_node = std::move(*preferred);
       opt.soft_pin = *pin;
@@ -171,8 +178,11 @@ class master_handler {
       KVX_TRY(reader);
       auto lease_ms = v.optional<std::uint64_t>("lease_ms", 0);
       KVX_TRY(lease_ms);
+      // The state cuts it to max_read_lease; bounded here first so the
+      // conversion to the clock's ticks cannot overflow.
       std::optional<clock::duration> lease;
-      if (*lease_ms) lease = std::chrono::milliseconds(std::min<std::uint64_t>(*lease_ms, 3600000));
+      if (*lease_ms)
+        lease = std::chrono::milliseconds(std::min(*lease_ms, static_cast<std::uint64_t>(protocol::max_deadline_ms)));
       auto g = state_.get(*key, now, *reader, lease);
       KVX_TRY(g);
       json reps = json::array();

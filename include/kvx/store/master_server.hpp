@@ -64,14 +64,14 @@ class master_server {
   using executor_type = asio::any_io_executor;
 
   //! Serves `state`. If it keeps ledgers (`master_config::recover_objects`),
-  //! nodes' reports wait a put lease: this may be a restarted master whose
-  //! predecessor's writers still hold tickets (`elected_master` holds them
-  //! for its takeover grace instead).
+  //! nodes' reports wait the longest put lease (`put_lease_cap()`): this may
+  //! be a restarted master whose predecessor's writers still hold tickets
+  //! (`elected_master` holds them for its takeover grace instead).
   master_server(executor_type ex, MasterState& state, master_server_config config = {})
       : ex_(ex), strand_(asio::make_strand(ex)), handler_(std::in_place, state), config_(std::move(config)),
         acceptor_(ex), ticker_(strand_) {
     if constexpr (requires { state.hold_recovery_until(clock::now()); })
-      state.hold_recovery_until(clock::now() + state.config().put_lease);
+      state.hold_recovery_until(clock::now() + state.config().put_lease_cap());
   }
 
   //! A standby: refuses every request with `errc::stale` until `serve`.

@@ -9,8 +9,9 @@
 //!   through a `placement_policy`, carved by a `memory::allocator` per segment.
 //! - **Two-phase put**: `put_start` (allocate) -> the writer moves the bytes ->
 //!   `put_commit` (visible). A writer that dies leaves a pending object that
-//!   no reader sees; `tick` reclaims it when its put lease expires.
-//! - **Read leases**: `get` grants a lease, each with its own id; a leased
+//!   no reader sees; `tick` reclaims it when its put lease expires (its
+//!   own, up to `max_put_lease`, if it asked for one).
+//! - **Read leases**: `get` grants a lease (up to `max_read_lease`), each with its own id; a leased
 //!   object is neither evicted nor removed until the last lease ends (a
 //!   reader's release ends only its own), so a reader's transfer never races
 //!   a reuse of the bytes.
@@ -41,6 +42,7 @@
 #include <optional>
 #include <set>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -57,9 +59,22 @@
 
 namespace kvx::store {
 
+namespace detail {
+// A duration in whole milliseconds, for messages.
+inline std::string ms_text(clock::duration d) {
+  return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
+}
+}  // namespace detail
+
 struct master_config {
-  clock::duration put_lease = std::chrono::seconds(30);   //!< a writer must commit within this
+  clock::duration put_lease = std::chrono::seconds(30);   //!< a writer must commit within this (unless it asks another lease)
   clock::duration read_lease = std::chrono::seconds(5);   //!< default lease a get grants
+  //! The longest put lease a writer may ask for (`put_options::lease`);
+  //! asking more is `invalid_argument`. Empty: `put_lease`, none longer.
+  std::optional<clock::duration> max_put_lease{};
+  //! The longest read lease a get grants: a longer one asked is cut to this
+  //! (the answer says what was granted). Empty: `read_lease`, none longer.
+  std::optional<clock::duration> max_read_lease{};
   clock::duration node_timeout = std::chrono::seconds(5); //!< heartbeat silence that drops a node
   //! A re-replication copy not reported done within this is given up: its
   //! target is freed and another copy is planned. Keep it above the nodes'
@@ -77,12 +92,41 @@ struct master_config {
   //! Ledger changes kept per node until it acknowledges them; past this the
   //! oldest are dropped and the node, seeing the gap, forgets its ledger.
   std::size_t ledger_backlog = std::size_t{1} << 17;
+
+  [[nodiscard]] clock::duration put_lease_cap() const { return max_put_lease.value_or(put_lease); }
+  [[nodiscard]] clock::duration read_lease_cap() const { return max_read_lease.value_or(read_lease); }
+  //! The longest any party may move bytes on this master's word: a put
+  //! lease, a read lease, a re-replication copy. A master taking over from
+  //! this one must not reuse a range before it has passed.
+  [[nodiscard]] clock::duration longest_lease() const {
+    return std::max({put_lease_cap(), read_lease_cap(), replication_timeout});  // caps: at least the defaults (check)
+  }
+
+  //! `invalid_argument` naming the field out of place: a default lease not
+  //! positive, or a maximum below its default lease.
+  [[nodiscard]] result<void> check() const {
+    if (put_lease <= clock::duration::zero() || read_lease <= clock::duration::zero())
+      return error{errc::invalid_argument, "master_config: put_lease and read_lease must be positive"};
+    if (put_lease_cap() < put_lease)
+      return error{errc::invalid_argument, "master_config::max_put_lease (" + detail::ms_text(put_lease_cap()) +
+                                               ") is shorter than put_lease (" + detail::ms_text(put_lease) +
+                                               "), which every put may take"};
+    if (read_lease_cap() < read_lease)
+      return error{errc::invalid_argument, "master_config::max_read_lease (" + detail::ms_text(read_lease_cap()) +
+                                               ") is shorter than read_lease (" + detail::ms_text(read_lease) +
+                                               "), which every get may take"};
+    return {};
+  }
 };
 
 struct put_options {
   unsigned replicas = 1;
   std::string preferred_node;  //!< for locality-aware placement
   bool soft_pin = false;
+  //! The put lease asked for: the writes must be over and committed within
+  //! it (an object too large to write within `put_lease` on a slow link).
+  //! Empty: the master's `put_lease`; over its `max_put_lease`: refused.
+  std::optional<clock::duration> lease{};
 };
 
 struct put_ticket {
@@ -151,6 +195,7 @@ class master_state {
   static_assert(memory::check_allocator<Allocator>());
 
  public:
+  //! Throws `std::invalid_argument` for a config that `check()` refuses.
   explicit master_state(master_config config = {}, Placement placement = Placement{},
                         metrics::registry& registry = metrics::default_registry())
       : config_(std::move(config)),
@@ -162,7 +207,9 @@ class master_state {
         m_evictions_(registry.counter("kvx_store_evictions_total", "Objects evicted")),
         m_lost_(registry.counter("kvx_store_lost_objects_total", "Objects lost with their nodes")),
         m_used_(registry.gauge("kvx_store_used_bytes", "Bytes allocated to objects")),
-        m_capacity_(registry.gauge("kvx_store_capacity_bytes", "Bytes contributed by live segments")) {}
+        m_capacity_(registry.gauge("kvx_store_capacity_bytes", "Bytes contributed by live segments")) {
+    if (auto ok = config_.check(); !ok) throw std::invalid_argument("kvx::store::master_state: " + ok.error().context());
+  }
 
   [[nodiscard]] const master_config& config() const noexcept { return config_; }
 
@@ -220,11 +267,12 @@ class master_state {
   //! previous master's allocations may still change the bytes a node checks.
   void hold_recovery_until(clock::time_point t) noexcept { recovery_from_ = t; }
   //! How long `node` must wait before reporting: the hold above, and for a
-  //! node this master dropped, a put lease from the drop (writers holding
-  //! tickets for its ranges may still write them).
+  //! node this master dropped, the longest put lease from the drop (writers
+  //! holding tickets for its ranges may still write them; a put may ask up
+  //! to `max_put_lease`).
   [[nodiscard]] clock::duration recovery_wait(const std::string& node, clock::time_point now) const {
     auto from = recovery_from_;
-    if (auto d = dropped_at_.find(node); d != dropped_at_.end()) from = std::max(from, d->second + config_.put_lease);
+    if (auto d = dropped_at_.find(node); d != dropped_at_.end()) from = std::max(from, d->second + config_.put_lease_cap());
     return from > now ? from - now : clock::duration::zero();
   }
 
@@ -267,6 +315,15 @@ class master_state {
       return error{errc::invalid_argument, "put '" + key.full() + "': " + std::to_string(size) +
                                                " bytes exceeds the maximum object size"};
     if (opt.replicas == 0) return error{errc::invalid_argument, "put '" + key.full() + "': 0 replicas"};
+    if (opt.lease && *opt.lease <= clock::duration::zero())
+      return error{errc::invalid_argument, "put '" + key.full() + "': a put lease must be positive"};
+    // Refused rather than cut: the writer asked because its write takes
+    // that long, and a shorter lease would fail it only after the transfer.
+    if (opt.lease && *opt.lease > config_.put_lease_cap())
+      return error{errc::invalid_argument,
+                   "put '" + key.full() + "': a put lease of " + detail::ms_text(*opt.lease) +
+                       " asked; this master grants at most " + detail::ms_text(config_.put_lease_cap()) +
+                       " (max_put_lease)"};
     if (objects_.count(key)) return error{errc::already_exists, "put '" + key.full() + "'"};
     if (auto q = config_.tenant_quota.find(key.tenant); q != config_.tenant_quota.end()) {
       const auto used = tenant_used_[key.tenant];
@@ -301,7 +358,7 @@ class master_state {
     obj.replicas_wanted = opt.replicas;
     obj.pinned = opt.soft_pin;
     obj.put_id = ++next_put_id_;
-    obj.put_deadline = now + config_.put_lease;
+    obj.put_deadline = now + opt.lease.value_or(config_.put_lease);
     obj.replicas = std::move(replicas);
     put_ticket t{obj.put_id, {}, obj.put_deadline};
     for (const auto& r : obj.replicas) t.replicas.push_back(r.location);
@@ -339,7 +396,10 @@ class master_state {
     return {};
   }
 
-  //! Grants a read lease of `lease` (default: config) on a committed object.
+  //! Grants a read lease of `lease` (default: `read_lease`), at most
+  //! `max_read_lease`, on a committed object. Cut, not refused: a client
+  //! asks one lease for all its gets, and only a read that takes longer
+  //! than the cap fails (`timed_out`), bounded by the lease it was granted.
   result<get_grant> get(const object_key& key, clock::time_point now, const std::string& reader_node = {},
                         std::optional<clock::duration> lease = std::nullopt) {
     auto it = objects_.find(key);
@@ -350,10 +410,11 @@ class master_state {
     auto& obj = it->second;
     std::erase_if(obj.leases, [&](const auto& l) { return l.second <= now; });
     const auto id = ++next_lease_id_;
-    obj.leases.emplace(id, now + lease.value_or(config_.read_lease));
-    obj.lease_until = std::max(obj.lease_until, now + lease.value_or(config_.read_lease));
+    const auto until = now + std::min(lease.value_or(config_.read_lease), config_.read_lease_cap());
+    obj.leases.emplace(id, until);
+    obj.lease_until = std::max(obj.lease_until, until);
     eviction_.on_hit(evict_key(obj.eviction_id), cache::access_context{tick_++, cache::never, obj.size});
-    get_grant g{obj.size, {}, now + lease.value_or(config_.read_lease), id};
+    get_grant g{obj.size, {}, until, id};
     for (const auto& r : obj.replicas) g.replicas.push_back(r.location);
     std::stable_partition(g.replicas.begin(), g.replicas.end(),
                           [&](const replica_location& r) { return r.node == reader_node; });
@@ -441,7 +502,7 @@ class master_state {
   //! Expires put leases, drops silent nodes, plans re-replication, evicts above the watermark.
   tick_report tick(clock::time_point now) {
     tick_report report;
-    std::erase_if(dropped_at_, [&](const auto& d) { return d.second + config_.put_lease < now; });
+    std::erase_if(dropped_at_, [&](const auto& d) { return d.second + config_.put_lease_cap() < now; });
     std::erase_if(fenced_until_, [&](const auto& f) { return f.second <= now; });
     std::vector<std::string> silent;
     for (const auto& [name, n] : nodes_)
@@ -859,7 +920,7 @@ class master_state {
   std::uint64_t next_eviction_id_ = 0;
   std::uint64_t next_lease_id_ = 0;
   clock::time_point recovery_from_{};
-  std::map<std::string, clock::time_point> dropped_at_;  // nodes dropped within a put lease
+  std::map<std::string, clock::time_point> dropped_at_;  // nodes dropped within the longest put lease
   std::map<std::string, clock::time_point> fenced_until_;  // dropped nodes: no new replicas on them before this
   std::uint64_t tick_ = 0;
   metrics::counter& m_puts_;

@@ -19,10 +19,10 @@
 //! | --- | --- | --- |
 //! | `register_segment` | `node, segment, capacity, tier, host` (`host` optional: the failure domain, default the node) | `recover_after_ms` (when the node may report its ledger) |
 //! | `heartbeat` | `node, ledger_ack?` (the last ledger change applied) | `tasks` (replication tasks for this node: `tenant, key, put_id, source, target, deadline_ms`, the copy's time left; past it the master reuses the target), `ledger` (changes after `ledger_ack`) |
-//! | `put_start` | `tenant, key, size, replicas?, preferred_node?, soft_pin?` | `put_id, replicas, deadline_ms, checksum` (true: send one with the commit) |
+//! | `put_start` | `tenant, key, size, replicas?, preferred_node?, soft_pin?, lease_ms?` (the put lease asked; absent or 0: the master's `put_lease`; over its `max_put_lease`: `invalid_argument`) | `put_id, replicas, deadline_ms` (the put lease granted, left), `checksum` (true: send one with the commit) |
 //! | `put_commit` / `put_abort` | `tenant, key, put_id`, commit: `checksum?` (XXH3-64 of the bytes) | |
 //! | `recover` | `node, objects: [ledger entry]` (at most 10,000) | `objects, replicas, rejected: [why]` |
-//! | `get` | `tenant, key, reader_node?, lease_ms?` | `size, replicas, lease_ms, lease_id` |
+//! | `get` | `tenant, key, reader_node?, lease_ms?` (absent or 0: the master's `read_lease`; cut to its `max_read_lease`) | `size, replicas, lease_ms` (the read lease granted, left), `lease_id` |
 //! | `release` | `tenant, key, lease_id?` (from the get; without it the lease ends only if it is the object's only one) | |
 //! | `remove` / `exists` | `tenant, key` | `exists` for exists |
 //! | `longest_prefix` | `tenant, keys` | `count` |

@@ -11,7 +11,7 @@
 //!
 //! | operation | completion | semantics |
 //! | --- | --- | --- |
-//! | `async_put(key, bytes, options, token)` | `void(std::error_code)` | allocate on the master, write every replica, commit; on failure abort (nothing half-written is ever visible) |
+//! | `async_put(key, bytes, options, token)` | `void(std::error_code)` | allocate on the master, write every replica, commit; on failure abort (nothing half-written is ever visible). The writes end inside the put lease granted: `options.lease` asks for a longer (or shorter) one than the master's default, up to its `max_put_lease` (more: `invalid_argument`) |
 //! | `async_get(key, dst, token)` | `void(std::error_code, std::uint64_t size)` | lease, read from the nearest replica (the next one if it fails, or if the engine's batch deadline, `engine_options::deadline`, passes: the only end for a dead node over a transport that cannot see deaths), release the lease (a notification sent without waiting) |
 //! | `async_remove(key, token)` | `void(std::error_code)` | `errc::busy` while a reader holds a lease |
 //! | `async_exists(key, token)` | `void(std::error_code, bool)` | |
@@ -47,7 +47,7 @@ namespace kvx::store {
 struct client_options {
   std::string node;                //!< this client's node (locality of reads and placement)
   unsigned replicas = 1;           //!< default replicas per put
-  std::chrono::milliseconds lease{5000};  //!< read lease asked for each get
+  std::chrono::milliseconds lease{5000};  //!< read lease asked for each get (the master cuts it to its `max_read_lease`)
   //! Transfers end this long before the master's deadline for them (a put's
   //! lease, a get's read lease): past it the master may give the range to
   //! another object, and bytes the transport sent before cancelling may
@@ -264,8 +264,18 @@ class store_client {
 
   // Coroutine parameters by value: callers pass temporaries.
   asio::awaitable<std::error_code> put_impl(object_key key, std::span<const std::byte> bytes, put_options opt) {
+    auto start = protocol::make_request("put_start", "tenant", key.tenant, "key", key.key, "size", bytes.size(), "replicas", opt.replicas, "preferred_node", opt.preferred_node, "soft_pin", opt.soft_pin);
+    if (opt.lease) {
+      // Rounded up: a lease under 1 ms must not become 0, which asks for the default.
+      const auto ms = std::chrono::ceil<std::chrono::milliseconds>(*opt.lease);
+      if (ms <= std::chrono::milliseconds::zero()) {
+        log(log_level::info, "store client '", options_.node, "': put '", key.full(), "': a put lease must be positive");
+        co_return errc::invalid_argument;
+      }
+      start["lease_ms"] = ms.count();
+    }
     const auto asked = clock::now();
-    auto [ec, ticket] = co_await call(protocol::make_request("put_start", "tenant", key.tenant, "key", key.key, "size", bytes.size(), "replicas", opt.replicas, "preferred_node", opt.preferred_node, "soft_pin", opt.soft_pin));
+    auto [ec, ticket] = co_await call(std::move(start));
     if (ec) co_return ec;
     auto replicas = protocol::replicas_from_json(ticket.value("replicas", json::array()), "put_start.replicas");
     auto put_id = answered<std::uint64_t>(ticket, "put_start", "put_id", 0);
