@@ -21,6 +21,7 @@
 #include <kvx/transport/local.hpp>
 
 #include <algorithm>
+#include <memory>
 #include <optional>
 
 #include "support/store_cluster.hpp"
@@ -41,7 +42,7 @@ kvx::store::master_config lease_bounds_config() {
   kvx::store::master_config c;
   c.put_lease = 600ms;
   c.read_lease = 600ms;  // also the longest a get is granted (no max_read_lease)
-  c.node_timeout = 400ms;
+  c.node_timeout = 1000ms;  // 50 ms heartbeats: a loaded 2-core CI host stalls a node past 400 ms at times
   c.replication_timeout = 1500ms;
   c.high_watermark = 1.0;  // a full node keeps its one object
   c.low_watermark = 0.9;
@@ -167,14 +168,15 @@ TEST_F(StoreLeaseBounds, AWriteSlowerThanItsPutLeaseIsCancelledAndNeverLandsInTh
   fill_random(late_bytes, 1);
   fill_random(next_bytes, 2);
 
-  std::optional<std::error_code> late;
-  slow.client->async_put(kvx::store::object_key{"t", "late"}, late_bytes, [&](std::error_code ec) { late = ec; });
+  // Shared with the handler: an ASSERT below returns before the slow put ends.
+  auto late = std::make_shared<std::optional<std::error_code>>();
+  slow.client->async_put(kvx::store::object_key{"t", "late"}, late_bytes, [late](std::error_code ec) { *late = ec; });
   ASSERT_TRUE(run_until([&] { return state.object_count() == 1; })) << "the slow put never started";
   ASSERT_TRUE(run_until([&] { return state.object_count() == 0; })) << "the slow put's range was never given back";
 
   ASSERT_FALSE(put(*fast.client, "next", next_bytes));
-  ASSERT_TRUE(run_until([&] { return late.has_value(); })) << "the slow put never completed";
-  EXPECT_EQ(*late, kvx::errc::timed_out) << late->message();
+  ASSERT_TRUE(run_until([&] { return late->has_value(); })) << "the slow put never completed";
+  EXPECT_EQ(**late, kvx::errc::timed_out) << (*late)->message();
 
   // Read the next object back through a fresh buffer.
   auto reader = fast_client("reader");
@@ -200,9 +202,9 @@ TEST_F(StoreLeaseBounds, AReadSlowerThanItsLeaseFailsInsteadOfReturningAnotherOb
   short_lease.lease = 600ms;
   auto slow = slow_client("slow-reader", 2s, short_lease);
   const auto got = slow.buffer;
-  std::optional<std::pair<std::error_code, std::uint64_t>> read;
+  auto read = std::make_shared<std::optional<std::pair<std::error_code, std::uint64_t>>>();  // outlives an early ASSERT
   slow.client->async_get(kvx::store::object_key{"t", "old"}, got,
-                  [&](std::error_code ec, std::uint64_t n) { read.emplace(ec, n); });
+                  [read](std::error_code ec, std::uint64_t n) { read->emplace(ec, n); });
   // Once the slow get holds its lease, remove the object as soon as no lease
   // holds it any more, then reuse its range.
   ASSERT_TRUE(run_until([&] {
@@ -214,9 +216,9 @@ TEST_F(StoreLeaseBounds, AReadSlowerThanItsLeaseFailsInsteadOfReturningAnotherOb
   fill_random(bytes, 4);
   ASSERT_FALSE(put(*writer.client, "new", bytes));
 
-  ASSERT_TRUE(run_until([&] { return read.has_value(); })) << "the slow get never completed";
-  EXPECT_EQ(read->first, kvx::errc::timed_out) << read->first.message();
-  if (!read->first) {
+  ASSERT_TRUE(run_until([&] { return read->has_value(); })) << "the slow get never completed";
+  EXPECT_EQ((*read)->first, kvx::errc::timed_out) << (*read)->first.message();
+  if (!(*read)->first) {
     EXPECT_TRUE(std::equal(old_bytes.begin(), old_bytes.end(), got.begin()))
         << "the get succeeded with another object's bytes";
   }
@@ -239,7 +241,7 @@ TEST_F(StoreLeaseBounds, ACopySlowerThanItsDeadlineNeitherSilencesItsSourceNorLa
   }));
   auto target = arena(object_bytes);
   auto& spare = add_node("node-b", target);
-  doomed.stop();  // dropped after the 400 ms node timeout: node-a must copy the object to node-b
+  doomed.stop();  // dropped after the 1 s node timeout: node-a must copy the object to node-b
 
   // Past the first copy's 1.5 s deadline and the slow transport's 3 s.
   ASSERT_TRUE(run_until([&] { return source.replications_failed() >= 1; })) << "the slow copy was never stopped";
@@ -269,8 +271,8 @@ TEST_F(StoreLeaseBounds, AReadLeaseAskedPastTheMastersLongestIsCutAndBoundsTheRe
   kvx::store::client_options hour;
   hour.lease = std::chrono::hours(1);
   auto slow = slow_client("slow-reader", 2s, hour);
-  std::optional<std::error_code> read;
-  slow.client->async_get(kvx::store::object_key{"t", "obj"}, slow.buffer, [&](std::error_code ec, std::uint64_t) { read = ec; });
+  auto read = std::make_shared<std::optional<std::error_code>>();  // outlives an early ASSERT
+  slow.client->async_get(kvx::store::object_key{"t", "obj"}, slow.buffer, [read](std::error_code ec, std::uint64_t) { *read = ec; });
   kvx::store::clock::duration granted{};
   ASSERT_TRUE(run_until([&] {
     auto listed = state.objects("t", 1, kvx::store::clock::now());
@@ -278,8 +280,8 @@ TEST_F(StoreLeaseBounds, AReadLeaseAskedPastTheMastersLongestIsCutAndBoundsTheRe
     return granted > kvx::store::clock::duration::zero();
   })) << "the slow get never took its lease";
   EXPECT_LE(granted, config.read_lease_cap()) << "an hour was asked; the master grants at most its max_read_lease";
-  ASSERT_TRUE(run_until([&] { return read.has_value(); })) << "the slow get never completed";
-  EXPECT_EQ(*read, kvx::errc::timed_out) << read->message();
+  ASSERT_TRUE(run_until([&] { return read->has_value(); })) << "the slow get never completed";
+  EXPECT_EQ(**read, kvx::errc::timed_out) << (*read)->message();
 }
 
 // Puts that ask for their own lease: up to 3 s on a master whose default
