@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -84,6 +85,14 @@ TEST(DramTier, RejectsBadConfig) {
   c = dram_cfg(4096);
   c.alignment = 48;
   EXPECT_THROW(kc::dram_tier<> t(c), std::invalid_argument);
+  c = dram_cfg(4096);
+  c.alignment = 8192;  // the tier would hold nothing
+  try {
+    kc::dram_tier<> t(c);
+    ADD_FAILURE() << "a tier smaller than one alignment unit was built";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("below one alignment unit"), std::string::npos) << e.what();
+  }
 }
 
 TEST(DramTier, ConcurrentStoresAndLoadsOfDistinctKeys) {

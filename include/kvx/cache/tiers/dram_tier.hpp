@@ -79,6 +79,11 @@ class dram_tier {
       throw std::invalid_argument("kvx: dram_tier '" + cfg_.name + "': alignment is not a power of two");
     if (auto ok = validate(cfg_.marks, "dram_tier '" + cfg_.name + "' watermarks"); !ok)
       throw std::invalid_argument("kvx: " + ok.error().message());
+    // The offset allocator counts whole alignment units: a capacity below one
+    // would make a tier that refuses every block.
+    if (alloc_.capacity() == 0)
+      throw std::invalid_argument("kvx: dram_tier '" + cfg_.name + "': capacity " + std::to_string(cfg_.capacity) +
+                                  " is below one alignment unit of " + std::to_string(cfg_.alignment) + " bytes");
     void* p = ::mmap(nullptr, cfg_.capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
       throw std::system_error(errno, std::generic_category(),
