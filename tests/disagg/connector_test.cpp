@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstring>
 #include <future>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -809,6 +810,159 @@ TEST_F(ConnectorTest, ANegativeDrainMarginIsRefused) {
   ASSERT_FALSE(bad);
   EXPECT_EQ(bad.code(), kvx::errc::invalid_argument);
   EXPECT_NE(bad.error().message().find("drain_margin"), std::string::npos) << bad.error().message();
+}
+
+// A prefill took the target and went silent for good (it died before any
+// notice): the decode side gives up on the request and holds its blocks,
+// which come back once the target's write_by plus the drain margin has
+// passed. Without a deadline they stayed quarantined for good.
+template <class Layout>
+void silent_prefill_case(ConnectorTest& t, const std::string& name, tiny::worker_config cfg) {
+  cfg.name = name;
+  cfg.role = connector_role::consumer;
+  cfg.num_blocks = 16;
+  cfg.push_lease = 3s;
+  cfg.drain_margin = 200ms;
+  auto* d = t.push_worker<Layout>(cfg, kd::load::wait_until{100ms});
+  auto& dc = d->connector();
+  const auto tokens = prompt(40, 44);
+  const kd::kv_request req{260, tokens};
+  const auto wall_before = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch());
+  const auto published = std::chrono::steady_clock::now();
+  auto tk = d->admit(req, 3).value();
+  const auto wall_after = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch());
+  auto target = t.link->take(req.id).value();  // a prefill took it, then went quiet for good
+  EXPECT_GE(target->write_by_ms, static_cast<std::uint64_t>((wall_before + 3s).count()) - 1);
+  EXPECT_LE(target->write_by_ms, static_cast<std::uint64_t>((wall_after + 3s).count()));
+  auto out = d->run_decode(req, tk, 3);
+  ASSERT_FALSE(out);
+  EXPECT_EQ(out.code(), kvx::errc::timed_out);
+  ASSERT_TRUE(d->abort(tk, /*quarantine=*/true));
+  ASSERT_LT(std::chrono::steady_clock::now(), published + 3s) << "the host is too slow for this test's 3 s lease";
+  EXPECT_EQ(dc.release_quiet(), 0u) << "before write_by the prefill may still write";
+  EXPECT_EQ(dc.stats().requests_draining, 1u);
+  const std::uint64_t staged = dc.loads_in_place() ? 0u : 3u;  // 40 tokens in 16-token source blocks
+  EXPECT_EQ(dc.stats().staging_quarantined, staged);
+  EXPECT_EQ(d->blocks().available(), 16u - tk.blocks.size());
+
+  std::this_thread::sleep_until(published + 3s + 200ms + 50ms);
+  EXPECT_EQ(dc.release_quiet(), 1u);
+  EXPECT_EQ(dc.stats().requests_draining, 0u);
+  EXPECT_EQ(dc.stats().staging_quarantined, 0u);
+  EXPECT_EQ(dc.stats().targets_expired, 1u);
+  EXPECT_EQ(d->blocks().available(), 16u) << "the request's blocks are back";
+  const auto stale = dc.stats().stale_notices;
+  dc.hear_notice({.request = req.id, .epoch = target->epoch, .layer = 0, .code = {}, .context = {}, .failed_blocks = {}, .bytes = 0});
+  EXPECT_EQ(dc.stats().stale_notices, stale + 1) << "a notice after the expiry belongs to no request";
+}
+
+TEST_F(ConnectorTest, EngineBlocksOfASilentPrefillComeBackWhenItsTargetExpires) {
+  silent_prefill_case<kd::layouts::layer_first>(*this, "sd", {.model = model()});
+}
+
+TEST_F(ConnectorTest, StagingOfASilentPrefillComesBackWhenItsTargetExpires) {
+  silent_prefill_case<kd::layouts::page_first>(*this, "ss", {.model = model(1, 32), .source_block_tokens = 16, .staging_blocks = 8});
+}
+
+TEST_F(ConnectorTest, AProducerEndsItsWritesMaxClockSkewBeforeTheTargetsWriteBy) {
+  // prefill-0's transport holds every write; its save deadline (20 s) is far
+  // past the target's write_by, which must cut the writes short: the decode
+  // side gives the blocks away drain_margin after write_by.
+  auto& stuck = add_impulse("wb-p");
+  using stuck_worker = tiny::worker<kd::layouts::layer_first, impulse_engine, kd::transfer_mode::push, kd::load::wait_until>;
+  auto* p = keep(stuck_worker::make(stuck.engine,
+                                    {.name = "wb-p", .role = connector_role::producer, .model = model(), .num_blocks = 16, .save_timeout = 20s,
+                                     .max_clock_skew = 300ms},
+                                    {link}, {}).value());
+  auto* d = push_worker<kd::layouts::layer_first>(
+      {.name = "wb-d", .role = connector_role::consumer, .model = model(), .num_blocks = 16, .push_lease = 1500ms},
+      kd::load::wait_until{10s});
+  const auto tokens = prompt(40, 45);
+  const kd::kv_request req{261, tokens};
+  const auto published = std::chrono::steady_clock::now();
+  auto tk = d->admit(req, 3).value();
+  auto pre = p->run_prefill(req);
+  const auto ended = std::chrono::steady_clock::now();
+  ASSERT_FALSE(pre);
+  EXPECT_EQ(pre.code(), kvx::errc::timed_out);
+  EXPECT_NE(pre.error().message().find("write_by"), std::string::npos) << pre.error().message();
+  EXPECT_LT(ended, published + 1500ms) << "the writes outlived write_by - max_clock_skew";
+  EXPECT_GE(ended, published + 1000ms) << "the writes were cut before the prefill's time was up";
+  EXPECT_EQ(stuck.transport.pending(), 0u) << "every held write was cancelled";
+  // The decode side heard every layer fail: wait_until fails the request
+  // (the router retries it) without waiting out its 10 s.
+  auto out = d->run_decode(req, tk, 3);
+  ASSERT_FALSE(out);
+  EXPECT_EQ(out.code(), kvx::errc::timed_out);
+  EXPECT_NE(out.error().message().find("write_by"), std::string::npos) << out.error().message();
+  EXPECT_LT(std::chrono::steady_clock::now(), published + 5s);
+  EXPECT_TRUE(d->abort(tk, /*quarantine=*/true));
+}
+
+TEST_F(ConnectorTest, APrefillThatTakesATargetPastItsWriteByRefusesItAndTheDecodeSideHearsAtOnce) {
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "late-p", .role = connector_role::producer, .model = model(), .num_blocks = 16,
+                                                   .max_clock_skew = 100ms});
+  auto* d = push_worker<kd::layouts::layer_first, kd::load::best_effort>(
+      {.name = "late-d", .role = connector_role::consumer, .model = model(), .num_blocks = 16, .push_lease = 600ms},
+      kd::load::best_effort{10s});
+  const auto tokens = prompt(40, 46);
+  const kd::kv_request req{262, tokens};
+  auto tk = d->admit(req, 3).value();
+  std::this_thread::sleep_for(550ms);  // past write_by - max_clock_skew
+  const auto started = std::chrono::steady_clock::now();
+  auto pre = p->run_prefill(req);
+  ASSERT_FALSE(pre);
+  EXPECT_EQ(pre.code(), kvx::errc::timed_out);
+  EXPECT_NE(pre.error().message().find("write_by"), std::string::npos) << pre.error().message();
+  EXPECT_EQ(p->blocks().available(), 16u) << "the prefill freed what it allocated";
+  auto out = d->run_decode(req, tk, 3);
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->load.valid_tokens, 0u);
+  EXPECT_EQ(out->tokens, reference(tokens, 3));
+  EXPECT_LT(std::chrono::steady_clock::now(), started + 5s) << "the decode side waited out its deadline";
+  EXPECT_EQ(d->connector().stats().bytes_loaded, 0u);
+}
+
+TEST_F(ConnectorTest, ATargetWhoseWriteByIsFarAheadOrAbsentIsServed) {
+  // A deadline ages away on the wire (2^64 - 1 ms) must not overflow the
+  // producer's clock arithmetic, and an older decode side's target has none.
+  auto* p = push_worker<kd::layouts::layer_first>({.name = "far-p", .role = connector_role::producer, .model = model(), .num_blocks = 16});
+  auto* d = push_worker<kd::layouts::layer_first>({.name = "far-d", .role = connector_role::consumer, .model = model(), .num_blocks = 16});
+  std::uint32_t id = 263;
+  for (const std::uint64_t write_by : {std::numeric_limits<std::uint64_t>::max(), std::uint64_t{0}}) {
+    const auto tokens = prompt(40, id);
+    const kd::kv_request req{id++, tokens};
+    auto tk = d->admit(req, 3).value();
+    auto t = *link->take(req.id).value();
+    t.write_by_ms = write_by;
+    ASSERT_TRUE(link->publish(std::make_shared<const kd::push_target>(std::move(t))));
+    auto pre = p->run_prefill(req);
+    ASSERT_TRUE(pre) << pre.error().message();
+    auto out = d->run_decode(req, tk, 3);
+    ASSERT_TRUE(out) << out.error().message();
+    EXPECT_TRUE(out->load.complete());
+    EXPECT_EQ(out->tokens, reference(tokens, 3));
+  }
+}
+
+TEST_F(ConnectorTest, ANegativeOrTooShortPushLeaseAndANegativeClockSkewAreRefused) {
+  auto& e = add_local("pl");
+  auto l = kd::layouts::layer_first::make(model().shard_shape(), 8).value();
+  std::vector<std::byte> mem(l.bytes_required());
+  using conn = kd::kv_connector<kd::layouts::layer_first, local_engine, kd::transfer_mode::push>;
+  const std::pair<kd::connector_config, const char*> cases[] = {
+      {{.name = "pl", .role = connector_role::consumer, .push_lease = -1ms}, "push_lease is negative"},
+      {{.name = "pl", .role = connector_role::producer, .max_clock_skew = -1ms}, "max_clock_skew is negative"},
+      {{.name = "pl", .role = connector_role::consumer, .push_lease = 500ms, .max_clock_skew = 500ms}, "must exceed max_clock_skew"},
+  };
+  for (const auto& [cfg, why] : cases) {
+    auto bad = conn::make(e, cfg, {{l, mem}}, {link});
+    ASSERT_FALSE(bad) << why;
+    EXPECT_EQ(bad.code(), kvx::errc::invalid_argument);
+    EXPECT_NE(bad.error().message().find(why), std::string::npos) << bad.error().message();
+  }
+  auto none = conn::make(e, {.name = "pl", .role = connector_role::consumer, .push_lease = 0ms}, {{l, mem}}, {link});
+  EXPECT_TRUE(none) << "0: no deadline";
 }
 
 TEST_F(ConnectorTest, WaitFullWithTheLongestTimeoutWaitsAndANegativeWaitIsRefused) {

@@ -17,6 +17,7 @@ kd::push_target sample_target() {
   t.node = "decode-1";
   t.segments = {"decode-1/kv0", "decode-1/kv1"};
   t.segment_keys = {0xfeedfacecafebeefULL, 17};
+  t.write_by_ms = 1'795'000'000'123ULL;
   t.source_tp = 2;
   t.source_block_tokens = 16;
   t.source_blocks = 3;
@@ -54,6 +55,7 @@ TEST(PushWire, TargetRoundTripsEveryField) {
   EXPECT_EQ(back->node, "decode-1");
   EXPECT_EQ(back->segments, t.segments);
   EXPECT_EQ(back->segment_keys, t.segment_keys);
+  EXPECT_EQ(back->write_by_ms, t.write_by_ms);
   EXPECT_EQ(back->source_tp, 2u);
   EXPECT_EQ(back->source_block_tokens, 16u);
   EXPECT_EQ(back->source_blocks, 3u);
@@ -122,6 +124,15 @@ TEST(PushWire, TargetFieldsAreCheckedAndNamed) {
   auto unpinned = kd::push_target_from_json(wire(j));
   ASSERT_TRUE(unpinned.has_value()) << unpinned.error().message();
   EXPECT_TRUE(unpinned->segment_keys.empty());
+  j = kd::to_json(sample_target());
+  j["write_by_ms"] = -1;
+  expect_malformed(j, "target.write_by_ms");
+  j["write_by_ms"] = "soon";
+  expect_malformed(j, "target.write_by_ms");
+  j.erase("write_by_ms");  // an older decode side's target: no deadline
+  auto open_ended = kd::push_target_from_json(wire(j));
+  ASSERT_TRUE(open_ended.has_value()) << open_ended.error().message();
+  EXPECT_EQ(open_ended->write_by_ms, 0u);
   j = kd::to_json(sample_target());
   j["layer_count"] = 1;
   expect_malformed(j, "unknown config field 'target.layer_count'");

@@ -99,6 +99,10 @@ struct worker_config {
   std::chrono::steady_clock::duration save_timeout = std::chrono::seconds(30);
   //! Push consumers: how long a failed layer's writes may still land (`connector_config::drain_margin`).
   std::chrono::steady_clock::duration drain_margin = std::chrono::seconds(1);
+  //! Push consumers: how long a prefill may write a target (`connector_config::push_lease`; 0: no deadline).
+  std::chrono::steady_clock::duration push_lease = std::chrono::minutes(5);
+  //! Push producers: how far the decode hosts' clocks may be off (`connector_config::max_clock_skew`).
+  std::chrono::steady_clock::duration max_clock_skew = std::chrono::milliseconds(500);
   //! Recurrent-state slots per shard (models with recurrent layers; 0: 16).
   //! A prefill request holds two (its state and the snapshot it sends), a decode request one.
   std::uint32_t state_slots = 0;
@@ -166,7 +170,9 @@ class worker {
                         .source_block_tokens = cfg.source_block_tokens,
                         .staging_blocks = cfg.staging_blocks,
                         .save_timeout = cfg.save_timeout,
-                        .drain_margin = cfg.drain_margin};
+                        .drain_margin = cfg.drain_margin,
+                        .push_lease = cfg.push_lease,
+                        .max_clock_skew = cfg.max_clock_skew};
     auto conn = connector_type::make(engine, std::move(cc), std::move(shards), std::move(mode), std::move(load));
     if (!conn) return conn.error();
     w->conn_ = std::move(*conn);
@@ -300,7 +306,8 @@ class worker {
   //! Gives up on an admitted request. `quarantine` keeps its blocks (and
   //! state slot) out of the free lists until the connector knows no write
   //! for it can land any more (push: a producer that stopped answering may
-  //! still write them; forever if it never reports again); otherwise they
+  //! still write them; until its target's write_by and the drain margin
+  //! have passed if it never reports again); otherwise they
   //! are free at once.
   result<void> abort(const decode_ticket& t, bool quarantine) {
     if (quarantine) return conn_->request_finished(t.id, [this, t] { release(t); });

@@ -105,6 +105,7 @@
 #include <kvx/memory/memory_region.hpp>
 #include <kvx/store/types.hpp>
 #include <kvx/transfer/batch.hpp>
+#include <kvx/transfer/batch_deadline.hpp>
 
 namespace kvx::disagg {
 
@@ -134,6 +135,17 @@ struct connector_config {
   //! does not end its writes. Staging blocks, and the engine's blocks handed
   //! to `request_finished(id, on_quiet)`, are given back only after it.
   std::chrono::steady_clock::duration drain_margin = std::chrono::seconds(1);
+  //! Push consumer: how long a prefill may write a target after it was
+  //! published (the target's `write_by`). A finished request whose prefill
+  //! never reported every layer (it died, or was cut off) gets its blocks
+  //! back `drain_margin` after that, instead of holding them for good. A
+  //! prefill that takes the target later is refused and reports every layer
+  //! failed. 0: no deadline.
+  std::chrono::steady_clock::duration push_lease = std::chrono::minutes(5);
+  //! Push producer: how far this host's system clock may be from a decode
+  //! host's. Writes for a target end this long before its `write_by` (the
+  //! decode side counts it on its own clock).
+  std::chrono::steady_clock::duration max_clock_skew = std::chrono::milliseconds(500);
 };
 
 //! What a load delivered (`finish_load`).
@@ -166,6 +178,7 @@ struct connector_stats {
   std::uint64_t layers_converted = 0; //!< staged layers converted into the engine's layout
   std::uint64_t staging_quarantined = 0;  //!< push: staging blocks of finished requests a prefill may still write (now)
   std::uint64_t requests_draining = 0;    //!< push: finished requests whose blocks a prefill may still write (now)
+  std::uint64_t targets_expired = 0;      //!< push: finished requests given back at their target's deadline, some layer never reported
 };
 
 template <kv_layout Layout, class Engine, kv_transfer_mode Mode, load_policy Load = load::wait_full>
@@ -189,12 +202,16 @@ class kv_connector {
                                                     std::vector<kv_shard<Layout>> shards, Mode mode, Load load = {}) {
     auto bad = [&](errc c, std::string why) { return error{c, "kv_connector '" + cfg.name + "': " + std::move(why)}; };
     if (shards.empty()) return bad(errc::invalid_argument, "no shards");
-    if (cfg.drain_margin < clock::duration::zero())
-      return bad(errc::invalid_argument, "drain_margin is negative (" +
-                                             std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(cfg.drain_margin).count()) + " ms)");
+    auto ms = [](clock::duration d) { return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms"; };
+    if (cfg.drain_margin < clock::duration::zero()) return bad(errc::invalid_argument, "drain_margin is negative (" + ms(cfg.drain_margin) + ")");
+    if (cfg.push_lease < clock::duration::zero()) return bad(errc::invalid_argument, "push_lease is negative (" + ms(cfg.push_lease) + ")");
+    if (cfg.max_clock_skew < clock::duration::zero())
+      return bad(errc::invalid_argument, "max_clock_skew is negative (" + ms(cfg.max_clock_skew) + ")");
+    if (cfg.push_lease > clock::duration::zero() && cfg.push_lease <= cfg.max_clock_skew)
+      return bad(errc::invalid_argument, "push_lease (" + ms(cfg.push_lease) + ") leaves a prefill no time to write: it must exceed max_clock_skew (" +
+                                             ms(cfg.max_clock_skew) + ")");
     if (load.max_wait() < clock::duration::zero())
-      return bad(errc::invalid_argument, "the load policy's max_wait is negative (" +
-                                             std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(load.max_wait()).count()) + " ms)");
+      return bad(errc::invalid_argument, "the load policy's max_wait is negative (" + ms(load.max_wait()) + ")");
     const kv_shape shape = shards[0].layout.shape();
     for (std::size_t i = 0; i < shards.size(); ++i) {
       if (!(shards[i].layout.shape() == shape)) return bad(errc::invalid_argument, "shard " + std::to_string(i) + " has another shape");
@@ -475,6 +492,7 @@ class kv_connector {
       for (std::uint32_t l = 0; l < shape_.layers; ++l)
         r->pending[l] = !Mode::pooled ? 1 : shape_.is_attention(l) ? r->nsrc * src_tp_ : src_tp_;
       if constexpr (!Mode::pooled) {
+        if (cfg_.push_lease > clock::duration::zero()) r->write_until = clock::now() + cfg_.push_lease;
         auto t = make_target(*r);
         if (auto ok = mode_.link->publish(t); !ok) {
           release_stage(*st_, *r);
@@ -490,7 +508,7 @@ class kv_connector {
         if (tg.source_tp != tp_ || tg.source_block_tokens != bt || tg.layers != shape_.layers ||
             tg.source_blocks != (n + bt - 1) / bt ||
             tg.destinations.size() != std::uint64_t{tg.source_tp} * tg.layers * tg.source_blocks) {
-          refuse_target(tg, req.id, "prefill '" + cfg_.name + "' has another geometry");
+          refuse_target(tg, req.id, errc::invalid_argument, "prefill '" + cfg_.name + "' has another geometry");
           return error{errc::invalid_argument, who() + ": decode '" + tg.node + "' expects tp " + std::to_string(tg.source_tp) + ", " +
                                                    std::to_string(tg.source_block_tokens) + "-token blocks, " +
                                                    std::to_string(tg.layers) + " layers, " + std::to_string(tg.source_blocks) +
@@ -510,12 +528,26 @@ class kv_connector {
               const std::string where = "shard " + std::to_string(s) + ", layer " + std::to_string(l) + ", block " + std::to_string(i) +
                                         (state ? " (recurrent state)" : "");
               const std::string expects = holds ? std::to_string(*holds) + " bytes" : "more than 2^64 bytes";
-              refuse_target(tg, req.id, "prefill '" + cfg_.name + "' sends " + std::to_string(sends) + " bytes for " + where +
+              refuse_target(tg, req.id, errc::invalid_argument, "prefill '" + cfg_.name + "' sends " + std::to_string(sends) + " bytes for " + where +
                                             " where " + expects + " are expected");
               return error{errc::invalid_argument, who() + ": decode '" + tg.node + "' expects " + expects + " for " + where +
                                                        "; this instance sends " + std::to_string(sends) +
                                                        " (head_dim, dtype, kv_heads, state size or layer kinds differ)"};
             }
+        if (tg.write_by_ms != 0) {
+          // Past write_by (on the decode host's clock) the decode side may
+          // give these blocks to another request.
+          const auto now = clock::now();
+          r->write_until = steady_at_wall_ms(tg.write_by_ms, now) - cfg_.max_clock_skew;
+          if (r->write_until <= now) {
+            const auto late = std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(now - r->write_until).count()) + " ms";
+            refuse_target(tg, req.id, errc::timed_out, "prefill '" + cfg_.name + "' took the target " + late + " past its write_by");
+            return error{errc::timed_out, who() + ": decode '" + tg.node + "' took writes until " + late + " ago (write_by " +
+                                              std::to_string(tg.write_by_ms) + " ms, less max_clock_skew " +
+                                              std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(cfg_.max_clock_skew).count()) +
+                                              " ms): the request waited too long for this prefill"};
+          }
+        }
         r->target = std::move(*t);
       }
     }
@@ -556,13 +588,14 @@ class kv_connector {
         // A target still on the link was never taken: nobody writes for it.
         const bool taken = req.published && !mode_.link->withdraw(id, req.epoch);
         const bool holds = !req.stage.empty() || !req.stage_state.empty() || on_quiet;
-        if (taken && holds && !writes_ended(req, clock::now())) {
+        if (taken && holds && !writes_ended(*st_, req, clock::now())) {
           auto& q = st_->draining[req.epoch];
           q.request = id;
           q.blocks = std::move(req.stage);
           q.state_slots = std::move(req.stage_state);
           for (auto h : req.heard) q.unheard.push_back(h ? 0 : 1);
           q.quiet_at = req.quiet_at;
+          q.expires_at = writes_expire(*st_, req.write_until);
           q.on_quiet = std::move(on_quiet);
           on_quiet = nullptr;
           st_->stats.staging_quarantined += q.blocks.size();
@@ -742,7 +775,7 @@ class kv_connector {
     r.valid = rep.valid_tokens;
     // Converted: the staging is not read again, but a failed layer's writes
     // may still land in it (then request_finished quarantines it).
-    if (writes_ended(r, clock::now())) release_stage(*st_, r);
+    if (writes_ended(*st_, r, clock::now())) release_stage(*st_, r);
     if (!rep.complete()) {
       // The engine re-runs the step from `valid_tokens`: every layer may be
       // saved again, from the first block that is not valid.
@@ -811,17 +844,20 @@ class kv_connector {
       lock.unlock();
       const auto started = clock::now();
       asio::post(engine_.get_executor(), [this, r, b = std::move(b), op_block = std::move(op_block), layer, started]() mutable {
-        engine_.async_transfer(std::move(b), [st = st_, r, op_block = std::move(op_block), layer, started](
+        // The writes end by the target's write_by (less max_clock_skew):
+        // past it the decode side may give these blocks to another request.
+        const auto asked = b.deadline;
+        if (!transfer::end_before(b, r->write_until, clock::duration::zero(), std::nullopt)) {
+          end_push_save(*st_, r, {}, layer, started, make_error_code(errc::timed_out), {},
+                        "the target's write_by passed before the layer's writes started");
+          return;
+        }
+        const bool bounded = b.deadline != asked;
+        engine_.async_transfer(std::move(b), [st = st_, r, op_block = std::move(op_block), layer, started, bounded](
                                                  std::error_code ec, transfer::batch_result res) {
-          push_notice n{r->id, r->target->epoch, layer, ec, ec ? res.first_error().message() : std::string(), {}, res.bytes};
-          for (std::size_t k = 0; k < res.ops.size() && k < op_block.size(); ++k)
-            if (!res.ops[k].ok() && (n.failed_blocks.empty() || n.failed_blocks.back() != op_block[k])) n.failed_blocks.push_back(op_block[k]);
-          {
-            std::lock_guard g(st->mu);
-            end_save(*st, *r, layer, ec, n.context, res.bytes, started);
-          }
-          r->target->notify(n);
-          st->cv.notify_all();
+          std::string context = ec ? res.first_error().message() : std::string();
+          if (ec == errc::timed_out && bounded) context += " (at the target's write_by, less max_clock_skew)";
+          end_push_save(*st, r, op_block, layer, started, ec, res, std::move(context));
         });
       });
     } else {
@@ -930,6 +966,7 @@ class kv_connector {
     std::vector<std::uint32_t> pending;
     std::vector<std::uint8_t> heard;  // push: the layer's notice came, even after a timeout
     clock::time_point quiet_at{};     // push: a failed layer's writes may land until then (drain_margin after its notice)
+    clock::time_point write_until = clock::time_point::max();  // push: the target's write_by on this host's clock (producer: less max_clock_skew)
     bool abandoned = false;           // a layer was late (push) or a get did not stop (pull); every later wait fails
     std::vector<std::uint8_t> converted;
     std::vector<std::uint8_t> src_failed;
@@ -958,6 +995,7 @@ class kv_connector {
     std::vector<std::uint32_t> state_slots;
     std::vector<std::uint8_t> unheard;  // per layer: 1 until its notice comes
     clock::time_point quiet_at{};
+    clock::time_point expires_at = clock::time_point::max();  // the target's write_by + drain_margin: quiet then, reported or not
     std::function<void()> on_quiet;
   };
   struct shared_state {
@@ -1087,9 +1125,9 @@ class kv_connector {
   // A target this producer cannot serve: a failing notice for every layer,
   // so the decode side gives up now rather than wait out its deadline for
   // layers nobody will send.
-  static void refuse_target(const push_target& t, request_id id, const std::string& why) {
+  static void refuse_target(const push_target& t, request_id id, errc code, const std::string& why) {
     if (!t.notify) return;
-    for (std::uint32_t l = 0; l < t.layers; ++l) t.notify({id, t.epoch, l, make_error_code(errc::invalid_argument), why, {}, 0});
+    for (std::uint32_t l = 0; l < t.layers; ++l) t.notify({id, t.epoch, l, make_error_code(code), why, {}, 0});
   }
 
   static std::uint32_t first_attention(const kv_shape& s) {
@@ -1169,12 +1207,14 @@ class kv_connector {
     r.stage_state.clear();
   }
   // Push: whether no write for the request can land any more (every layer
-  // reported, the last failure more than drain_margin ago).
-  static bool writes_ended(const request& r, clock::time_point now) {
+  // reported and the last failure more than drain_margin ago, or its
+  // target's write_by more than drain_margin ago).
+  static bool writes_ended(const shared_state& st, const request& r, clock::time_point now) {
     if constexpr (Mode::pooled) {
       return true;
     } else {
-      return now >= r.quiet_at && std::none_of(r.heard.begin(), r.heard.end(), [](std::uint8_t h) { return h == 0; });
+      return now >= writes_expire(st, r.write_until) ||
+             (now >= r.quiet_at && std::none_of(r.heard.begin(), r.heard.end(), [](std::uint8_t h) { return h == 0; }));
     }
   }
   // A failure notice: writes of that layer already sent may land for drain_margin yet.
@@ -1197,9 +1237,15 @@ class kv_connector {
     std::size_t released = 0;
     for (auto it = st.draining.begin(); it != st.draining.end();) {
       auto& q = it->second;
-      if (now < q.quiet_at || std::any_of(q.unheard.begin(), q.unheard.end(), [](std::uint8_t u) { return u != 0; })) {
+      const bool unheard = std::any_of(q.unheard.begin(), q.unheard.end(), [](std::uint8_t u) { return u != 0; });
+      const bool expired = now >= q.expires_at;
+      if (!expired && (now < q.quiet_at || unheard)) {
         ++it;
         continue;
+      }
+      if (unheard) {
+        ++st.stats.targets_expired;
+        std::fill(q.unheard.begin(), q.unheard.end(), std::uint8_t{0});  // counted once, even if its callback waits for a `ready`
       }
       st.stage_free.insert(st.stage_free.end(), q.blocks.begin(), q.blocks.end());
       st.stage_state_free.insert(st.stage_state_free.end(), q.state_slots.begin(), q.state_slots.end());
@@ -1322,6 +1368,42 @@ class kv_connector {
     st.cv.notify_all();
   }
 
+  // A layer's push ended: its notice to the decode side (the blocks of
+  // failed ops; none listed with an error: all of them).
+  static void end_push_save(shared_state& st, const std::shared_ptr<request>& r, const std::vector<std::uint32_t>& op_block,
+                            std::uint32_t layer, clock::time_point started, std::error_code ec, const transfer::batch_result& res,
+                            std::string context) {
+    push_notice n{r->id, r->target->epoch, layer, ec, std::move(context), {}, res.bytes};
+    for (std::size_t k = 0; k < res.ops.size() && k < op_block.size(); ++k)
+      if (!res.ops[k].ok() && (n.failed_blocks.empty() || n.failed_blocks.back() != op_block[k])) n.failed_blocks.push_back(op_block[k]);
+    {
+      std::lock_guard g(st.mu);
+      end_save(st, *r, layer, ec, n.context, res.bytes, started);
+    }
+    r->target->notify(n);
+    st.cv.notify_all();
+  }
+
+  // A steady-clock instant as milliseconds since the Unix epoch on the
+  // system clock (rounded down: never later than the instant), and back
+  // (never later either; at most a year ahead, whatever the sender wrote).
+  static std::uint64_t wall_ms_at(clock::time_point t, clock::time_point now = clock::now()) {
+    using namespace std::chrono;
+    const auto at = system_clock::now() + duration_cast<system_clock::duration>(t - now);
+    return static_cast<std::uint64_t>(std::max<std::int64_t>(0, duration_cast<milliseconds>(at.time_since_epoch()).count()));
+  }
+  static clock::time_point steady_at_wall_ms(std::uint64_t ms, clock::time_point now = clock::now()) {
+    using namespace std::chrono;
+    constexpr std::int64_t year_ms = std::int64_t{365} * 24 * 3600 * 1000;
+    const auto now_ms = ceil<milliseconds>(system_clock::now().time_since_epoch()).count();
+    const std::int64_t left = ms >= static_cast<std::uint64_t>(now_ms) + year_ms ? year_ms : static_cast<std::int64_t>(ms) - now_ms;
+    return now + milliseconds(left);
+  }
+  // Past this no write for a target whose writes end by `write_until` can land.
+  static clock::time_point writes_expire(const shared_state& st, clock::time_point write_until) {
+    return write_until == clock::time_point::max() ? write_until : write_until + st.drain_margin;
+  }
+
   // The registration key a push target pins segment `i` to (0: none).
   static std::uint64_t target_key(const push_target& t, std::uint32_t i) {
     return i < t.segment_keys.size() ? t.segment_keys[i] : 0;
@@ -1336,6 +1418,7 @@ class kv_connector {
     t->source_block_tokens = src_shape_.block_tokens;
     t->source_blocks = r.nsrc;
     t->layers = shape_.layers;
+    t->write_by_ms = r.write_until == clock::time_point::max() ? 0 : wall_ms_at(r.write_until);
     if (direct_) {
       for (std::uint32_t s = 0; s < tp_; ++s) t->segments.push_back(segment_name(s));
     } else {

@@ -84,6 +84,12 @@ struct push_target {
   //! to a segment registered again since (the decode instance restarted
   //! under the same name) fail instead of landing in the new instance.
   std::vector<std::uint64_t> segment_keys;
+  //! The decode side's deadline for writes to this target, in milliseconds
+  //! since the Unix epoch on its system clock (0: none, an older decode
+  //! side). Past it, plus its drain margin, it gives the blocks of a request
+  //! whose prefill never reported back to other requests; a producer ends
+  //! its writes `connector_config::max_clock_skew` before it.
+  std::uint64_t write_by_ms = 0;
   std::uint32_t source_tp = 1;               //!< the prefill's TP the target was built for
   std::uint32_t source_block_tokens = 16;    //!< ... and its block size
   std::uint32_t source_blocks = 0;           //!< prefill blocks to send (ceil(prompt / block_tokens))

@@ -102,6 +102,7 @@ inline nlohmann::json to_json(const push_target& t) {
           {"node", t.node},
           {"segments", t.segments},
           {"segment_keys", t.segment_keys},
+          {"write_by_ms", t.write_by_ms},
           {"source_tp", t.source_tp},
           {"source_block_tokens", t.source_block_tokens},
           {"source_blocks", t.source_blocks},
@@ -114,8 +115,8 @@ inline nlohmann::json to_json(const push_target& t) {
 inline result<push_target> push_target_from_json(const nlohmann::json& j) {
   auto fail = [](const kvx::error& e) { return detail::wire_error(e); };
   config::view v(j, "target");
-  if (auto ok = v.allow_only({"request", "epoch", "node", "segments", "segment_keys", "source_tp", "source_block_tokens",
-                              "source_blocks", "layers", "destinations"});
+  if (auto ok = v.allow_only({"request", "epoch", "node", "segments", "segment_keys", "write_by_ms", "source_tp",
+                              "source_block_tokens", "source_blocks", "layers", "destinations"});
       !ok)
     return fail(ok.error());
   push_target t;
@@ -132,6 +133,9 @@ inline result<push_target> push_target_from_json(const nlohmann::json& j) {
   KVX_TRY(read("source_block_tokens", t.source_block_tokens));
   KVX_TRY(read("source_blocks", t.source_blocks));
   KVX_TRY(read("layers", t.layers));
+  auto write_by = v.optional<std::uint64_t>("write_by_ms", 0);  // absent from an older decode side: no deadline
+  if (!write_by) return fail(write_by.error());
+  t.write_by_ms = *write_by;
   if (t.node.empty()) return error{errc::malformed_message, "push wire: field 'target.node' is empty"};
   if (t.source_tp == 0 || t.source_block_tokens == 0 || t.layers == 0)
     return error{errc::malformed_message, "push wire: 'target.source_tp', 'source_block_tokens' and 'layers' must be positive"};

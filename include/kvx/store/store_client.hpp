@@ -37,7 +37,7 @@
 
 #include <kvx/core/async.hpp>
 #include <kvx/core/log.hpp>
-#include <kvx/store/detail/transfer_deadline.hpp>
+#include <kvx/transfer/batch_deadline.hpp>
 #include <kvx/store/master_client.hpp>
 #include <kvx/store/master_state.hpp>
 #include <kvx/transfer/batch.hpp>
@@ -250,7 +250,7 @@ class store_client {
   // Sets `b`'s deadline to end its transfer `lease_margin` before `lease_end`
   // (or the engine's own deadline, if sooner); false when no time is left.
   bool bounded_by(transfer::batch& b, clock::time_point lease_end) const {
-    return detail::end_before(b, lease_end, options_.lease_margin, engine_.options().deadline);
+    return transfer::end_before(b, lease_end, options_.lease_margin, engine_.options().deadline);
   }
 
   // A field of the master's answer (`fallback` when absent); a wrong type is

@@ -56,7 +56,7 @@
 #include <kvx/core/async.hpp>
 #include <kvx/core/log.hpp>
 #include <kvx/memory/memory_region.hpp>
-#include <kvx/store/detail/transfer_deadline.hpp>
+#include <kvx/transfer/batch_deadline.hpp>
 #include <kvx/store/master_client.hpp>
 #include <kvx/store/node_ledger.hpp>
 #include <kvx/transfer/batch.hpp>
@@ -311,7 +311,7 @@ class store_node {
     transfer::batch b;
     b.write(std::span<const std::byte>(base_ + source.offset, source.size), target.segment, target.offset);
     const auto until = task.deadline == clock::time_point{} ? clock::time_point::max() : task.deadline;
-    if (!detail::end_before(b, until, options_.copy_margin, engine_.options().deadline)) {
+    if (!transfer::end_before(b, until, options_.copy_margin, engine_.options().deadline)) {
       ++st->replications_failed;
       log(log_level::warn, "store node '", options_.name, "': replication of '", task.key.full(),
           "': no time left before its deadline; not copied");

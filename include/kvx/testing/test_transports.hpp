@@ -27,7 +27,7 @@
 
 #include <atomic>
 #include <cstdint>
-#include <deque>
+#include <list>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -238,7 +238,11 @@ class impulse : public transport::decorator<Inner> {
   }
 
   mutable std::mutex mutex_;
-  std::deque<op> queue_;
+  // A list: erasing a cancelled op from the middle moves no other op. Boost
+  // 1.81's any_completion_handler move-assignment recurses until the stack
+  // overflows (it constructs from the lvalue `other`), and a deque's erase
+  // move-assigns the ops behind the erased one.
+  std::list<op> queue_;
   std::uint64_t next_id_ = 0;
   std::atomic<std::uint64_t> started_{0};
   std::atomic<bool> honour_cancellation_{true};
