@@ -28,7 +28,8 @@ class channel : public std::enable_shared_from_this<channel> {
   explicit channel(tcp_socket s) : socket_(std::move(s)), strand_(asio::make_strand(socket_.get_executor())), in_(max_line) {}
 
   //! Starts reading; `on_message` gets each object, `on_close` once when the
-  //! peer goes away or sends a line that is not a JSON object (the channel closes then).
+  //! peer goes away, sends a line that is not a JSON object, or `on_message`
+  //! throws (a missing or mistyped field): the channel closes then.
   void start(message_handler on_message, close_handler on_close) {
     on_message_ = std::move(on_message);
     on_close_ = std::move(on_close);
@@ -58,7 +59,14 @@ class channel : public std::enable_shared_from_this<channel> {
       auto j = nlohmann::json::parse(line, nullptr, false);
       if (j.is_discarded() || !j.is_object() || !j.contains("op") || !j["op"].is_string())
         return self->shut(make_error_code(kvx::errc::malformed_message), "a line that is not a JSON object with an \"op\"");
-      if (self->on_message_) self->on_message_(j);
+      try {
+        if (self->on_message_) self->on_message_(j);
+      } catch (const std::exception& e) {
+        // A field missing or of the wrong type (nlohmann::json throws), or a
+        // reply from a peer the message is not for: as malformed as a line
+        // that is not JSON. Uncaught, it ended the process.
+        return self->shut(make_error_code(kvx::errc::malformed_message), std::string("a malformed message: ") + e.what());
+      }
       if (!self->closed_) self->read();
     }));
   }

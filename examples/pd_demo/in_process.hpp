@@ -296,7 +296,7 @@ mode_result run_disaggregated(const options& o, const std::vector<request_spec>&
           if constexpr (pooled) {
             {
               std::lock_guard l(mu);
-              router.on_stored(kd::pool_location, keys);
+              (void)router.on_stored(kd::pool_location, keys);  // the pool is always known
             }
             dthreads[q]->post([decode_job, rec] { decode_job(rec, std::nullopt); }, reqs[i].output);
           }

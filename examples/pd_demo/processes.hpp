@@ -18,6 +18,7 @@
 #include "report.hpp"
 
 #include <csignal>
+#include <stdexcept>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -94,7 +95,10 @@ class worker_life {
           if (m["op"] == "exit") return ch->close();
           h(m);
         },
-        [this](std::error_code, const std::string&) { end(); });
+        [this](std::error_code ec, const std::string& why) {
+          if (ec) std::fprintf(stderr, "worker: the control channel closed: %s\n", why.c_str());
+          end();
+        });
   }
 
  private:
@@ -117,11 +121,12 @@ inline int serve_colocated(const worker_spec& spec, const std::shared_ptr<channe
   worker_thread compute;
   life.run(ch, [&](const nlohmann::json& m) {
         if (m["op"] != "serve") return;
+        // Read here, on the channel's strand: a malformed field closes the channel (a throw on the compute thread ended the process).
+        const auto id = m.at("id").get<std::uint64_t>();
+        const auto prompt = tokens_of(m);
+        const auto n = m.at("output").get<std::uint32_t>();
         compute.post(
-            [&, m] {
-              const auto id = m.at("id").get<std::uint64_t>();
-              const auto prompt = tokens_of(m);
-              const auto n = m.at("output").get<std::uint32_t>();
+            [&, id, prompt, n] {
               auto blocks = alloc.allocate(static_cast<std::uint32_t>((prompt.size() + n + cfg.block_tokens - 1) / cfg.block_tokens));
               if (!blocks) return ch->send({{"op", "failed"}, {"id", id}, {"stage", "serve"}, {"error", blocks.error().message()}});
               const kd::kv_sequence seq{*blocks};
@@ -199,11 +204,14 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
     }
     const auto id = m.at("id").get<std::uint64_t>();
     if (op == "prefill") {
+      // Fields are read here, on the channel's strand (see serve_colocated).
+      auto prompt = tokens_of(m);
+      nlohmann::json target_json;
+      if constexpr (!pooled) target_json = m.at("target");
       compute.post(
-          [&, m, id] {
-            const auto prompt = tokens_of(m);
+          [&, id, prompt = std::move(prompt), target_json = std::move(target_json)] {
             if constexpr (!pooled) {
-              auto t = kd::push_target_from_json(m.at("target"));
+              auto t = kd::push_target_from_json(target_json);
               if (!t) return fail(id, "prefill", t.error());
               auto target = std::make_shared<kd::push_target>(std::move(*t));
               target->notify = [ch, to = target->node](const kd::push_notice& n) {
@@ -221,10 +229,10 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
           },
           0);
     } else if (op == "admit") {
+      auto prompt = std::make_shared<std::vector<std::uint32_t>>(tokens_of(m));
+      const auto n = m.at("output").get<std::uint32_t>();
       sched.post(
-          [&, m, id] {
-            auto prompt = std::make_shared<std::vector<std::uint32_t>>(tokens_of(m));
-            const auto n = m.at("output").get<std::uint32_t>();
+          [&, id, prompt, n] {
             auto ticket = w.admit({id, *prompt}, n);
             if (!ticket) return fail(id, "admit", ticket.error());
             nlohmann::json reply = {{"op", "admitted"}, {"id", id}};
@@ -748,10 +756,16 @@ class coordinator {
         if (w.name == to && w.alive) w.ch->send({{"op", "notice"}, {"notice", m.at("notice")}});
       return;
     }
-    const auto wid = m.value("id", std::uint64_t{0});
+    const auto wid = m.at("id").get<std::uint64_t>();
     auto it = flights_.find(wid);
     if (it == flights_.end()) return;  // an answer for an attempt already given up
     auto& f = it->second;
+    // Each attempt has its own id: only its own instances answer for it.
+    const bool from_decode = from == f.q && (op == "admitted" || op == "done");
+    const bool from_prefill = from == f.p && (op == "prefilled" || (colocated_ && op == "done"));
+    if (!from_decode && !from_prefill && !(op == "failed" && (from == f.p || from == f.q)))
+      throw std::invalid_argument("'" + op + "' for request attempt " + std::to_string(wid) + " from " + workers_[from].name +
+                                  ", which does not serve it");
     if (op == "admitted" && !pooled_) {
       auto t = kd::push_target_from_json(m.at("target"));
       if (!t) return retry(wid, workers_[from].name + " sent a bad target: " + t.error().message());
@@ -771,7 +785,7 @@ class coordinator {
       f.rec.prefill_cpu_s = m.value("prefill_cpu_s", 0.0);
       load(workers_[f.p], -static_cast<std::int64_t>(reqs_[f.i].prompt.size()));
       if (pooled_) {
-        router_.on_stored(kd::pool_location, f.keys);
+        (void)router_.on_stored(kd::pool_location, f.keys);  // the pool is always known
         if (!workers_[f.q].alive) return retry(wid, workers_[f.q].name + " is gone");
         f.admitted = true;
         load(workers_[f.q], reqs_[f.i].output);

@@ -5,6 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace kd = kvx::disagg;
@@ -123,7 +126,7 @@ TEST(Router, CacheAwarePrefersTheInstanceHoldingThePrefixUntilItsQueueOutweighsI
   const auto p1 = r.add_instance(prefill("p1")).value();
   r.add_instance(decode("d0")).value();
   const auto k = keys(7, 60);  // 960 tokens of shared prefix
-  r.on_stored(p1, k);
+  ASSERT_TRUE(r.on_stored(p1, k));
   ASSERT_TRUE(r.update_load(p1, {.queued_requests = 1, .queued_tokens = 200}));
   // p0: 0.000 queue + 1000 tokens / 1000 = 1.0 s; p1: 0.2 s queue + 40 tokens = 0.24 s.
   auto d = r.route(request(k, 1000));
@@ -136,7 +139,7 @@ TEST(Router, CacheAwarePrefersTheInstanceHoldingThePrefixUntilItsQueueOutweighsI
   blind.add_instance(prefill("p0")).value();
   blind.add_instance(prefill("p1")).value();
   blind.add_instance(decode("d0")).value();
-  blind.on_stored(1, k);
+  ASSERT_TRUE(blind.on_stored(1, k));
   ASSERT_TRUE(blind.update_load(1, {.queued_requests = 1, .queued_tokens = 200}));
   EXPECT_EQ(blind.route(request(k, 1000)).prefill, 0U);
 
@@ -154,7 +157,7 @@ TEST(Router, FetchesAPrefixFromThePoolOnlyWhenThatBeatsRecomputing) {
   const auto p0 = r.add_instance(fast).value();
   r.add_instance(decode("d0")).value();
   const auto k = keys(3, 60);
-  r.on_stored(kd::pool_location, k);
+  ASSERT_TRUE(r.on_stored(kd::pool_location, k));
   auto d = r.route(request(k, 1000));
   ASSERT_TRUE(d.accepted());
   EXPECT_EQ(d.prefill, p0);
@@ -167,7 +170,7 @@ TEST(Router, FetchesAPrefixFromThePoolOnlyWhenThatBeatsRecomputing) {
   slow.fetch_bytes_per_s = 1e5;  // 9.6 s to fetch: recompute (1 s) instead
   slow_r.add_instance(slow).value();
   slow_r.add_instance(decode("d0")).value();
-  slow_r.on_stored(kd::pool_location, k);
+  ASSERT_TRUE(slow_r.on_stored(kd::pool_location, k));
   d = slow_r.route(request(k, 1000));
   EXPECT_EQ(d.fetch_tokens, 0U);
   EXPECT_NEAR(d.ttft_s, 1.0, 1e-9);
@@ -178,7 +181,7 @@ TEST(Router, AFullyCachedPromptStillComputesItsLastToken) {
   const auto p0 = r.add_instance(prefill("p0")).value();
   r.add_instance(decode("d0")).value();
   const auto k = keys(4, 4);
-  r.on_stored(p0, k);
+  ASSERT_TRUE(r.on_stored(p0, k));
   auto d = r.route(request(k, 64));
   EXPECT_EQ(d.cached_tokens, 63U);
   EXPECT_NEAR(d.ttft_s, 1.0 / 1000, 1e-12);
@@ -195,7 +198,7 @@ TEST(Router, RejectsEarlyWhenTheTtftOrTpotSloCannotBeMet) {
   EXPECT_EQ(r.load(p0).queued_tokens, 0U);  // a rejected request costs nothing
 
   // Once p0 holds the prefix, the same request fits.
-  r.on_stored(p0, k);
+  ASSERT_TRUE(r.on_stored(p0, k));
   d = r.route(request(k, 2000), {.ttft_s = 2.0});
   EXPECT_TRUE(d.accepted());
   EXPECT_NEAR(d.ttft_s, 1.84, 1e-9);
@@ -230,7 +233,7 @@ TEST(Router, ADownInstanceLosesItsCachedPrefixes) {
   const auto p1 = r.add_instance(prefill("p1")).value();
   r.add_instance(decode("d0")).value();
   const auto k = keys(6, 8);
-  r.on_stored(p1, k);
+  ASSERT_TRUE(r.on_stored(p1, k));
   EXPECT_EQ(r.route(request(k, 200)).prefill, p1);
   ASSERT_TRUE(r.set_up(p1, false));
   ASSERT_TRUE(r.set_up(p1, true));  // restarted, cold
@@ -246,9 +249,81 @@ TEST(Router, BadCallsReturnErrors) {
   auto bad = prefill("zero", 0);
   auto a = r.add_instance(bad);
   ASSERT_FALSE(a);
-  EXPECT_NE(a.error().message().find("'zero' needs positive speeds"), std::string::npos);
+  EXPECT_NE(a.error().message().find("'zero': prefill_tokens_per_s is 0.000000; it must be positive and finite"), std::string::npos)
+      << a.error().message();
   EXPECT_EQ(r.update_load(4, {}).code(), kvx::errc::not_found);
   EXPECT_EQ(r.set_up(0, true).code(), kvx::errc::not_found);
+  const auto k = keys(1, 2);
+  EXPECT_EQ(r.on_stored(7, k).code(), kvx::errc::not_found);
+}
+
+TEST(Router, SpeedsAndTimesThatAreNotFiniteAreRefusedNamingTheField) {
+  // A NaN decode time passed `< 0`: the first decode instance with it won
+  // every pick (NaN never compares less) and passed every TPOT SLO.
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  kd::router<kd::routing::cache_aware> r;
+  auto d = decode("nan-step");
+  d.decode_step_s = nan;
+  auto d2 = decode("nan-growth");
+  d2.decode_s_per_token = -inf;
+  auto p = prefill("inf-link");
+  p.fetch_bytes_per_s = inf;  // every fetch free
+  auto p2 = prefill("nan-speed", nan);
+  const std::pair<kd::instance_spec, const char*> cases[] = {
+      {d, "'nan-step': decode_step_s is nan"},
+      {d2, "'nan-growth': decode_s_per_token is -inf"},
+      {p, "'inf-link': fetch_bytes_per_s is inf"},
+      {p2, "'nan-speed': prefill_tokens_per_s is nan"},
+  };
+  for (const auto& [spec, why] : cases) {
+    auto a = r.add_instance(spec);
+    ASSERT_FALSE(a) << why;
+    EXPECT_EQ(a.code(), kvx::errc::invalid_argument);
+    EXPECT_NE(a.error().message().find(why), std::string::npos) << a.error().message();
+  }
+  EXPECT_EQ(r.size(), 0U);
+  EXPECT_THROW(kd::routing::cache_aware{nan}, std::invalid_argument);
+  EXPECT_THROW(kd::routing::cache_aware{-1.0}, std::invalid_argument);
+  EXPECT_NO_THROW(kd::routing::cache_aware{0.0});
+}
+
+TEST(Router, AStoreReportedForADownInstanceDoesNotMakeItAFetchSource) {
+  // A late save callback from an instance already marked down.
+  kd::router<kd::routing::cache_aware> r;
+  auto fast = [](std::string n) {
+    auto s = prefill(std::move(n));
+    s.fetch_bytes_per_s = 1e9;
+    return s;
+  };
+  r.add_instance(fast("p0")).value();
+  const auto p1 = r.add_instance(fast("p1")).value();
+  r.add_instance(decode("d0")).value();
+  ASSERT_TRUE(r.set_up(p1, false));
+  const auto k = keys(8, 60);
+  ASSERT_TRUE(r.on_stored(p1, k));
+  auto d = r.route(request(k, 1000));
+  ASSERT_TRUE(d.accepted());
+  EXPECT_EQ(d.fetch_tokens, 0U) << "fetch from the down instance " << d.fetch_from;
+  EXPECT_NEAR(d.ttft_s, 1.0, 1e-9);
+}
+
+TEST(Router, AFreeFetchIsReportedAsTheFetchTheEstimateCounted) {
+  // kv_bytes_per_token 0: a fetch costs nothing in the estimate. The
+  // decision used to price the fetch (TTFT 0.04 s) and report none (0: "recompute instead"), so the
+  // SLO was checked against work never ordered.
+  kd::router<kd::routing::cache_aware> r;
+  const auto p0 = r.add_instance(prefill("p0")).value();
+  r.add_instance(decode("d0")).value();
+  const auto k = keys(3, 60);
+  ASSERT_TRUE(r.on_stored(kd::pool_location, k));
+  auto req = request(k, 1000);
+  req.kv_bytes_per_token = 0;
+  auto d = r.route(req, {.ttft_s = 0.5});
+  ASSERT_TRUE(d.accepted()) << d.reason;
+  EXPECT_EQ(d.fetch_tokens, 960U);
+  EXPECT_EQ(d.fetch_from, kd::pool_location);
+  EXPECT_NEAR(d.ttft_s, 0.04, 1e-9);
+  EXPECT_EQ(r.load(p0).queued_tokens, 40U) << "the queue holds what is left to compute after the fetch";
 }
 
 TEST(Router, RejectsARequestWhoseKeysDoNotFitItsPrompt) {

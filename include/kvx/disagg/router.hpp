@@ -39,6 +39,7 @@
 #include <limits>
 #include <optional>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -189,7 +190,13 @@ class least_loaded {
 class cache_aware {
  public:
   using router_policy_concept = router_policy_tag;
-  explicit cache_aware(double load_weight = 1.0) : load_weight_(load_weight) {}
+  //! Throws `std::invalid_argument` for a weight that is negative, infinite
+  //! or NaN (NaN scores would make the first candidate win every pick).
+  explicit cache_aware(double load_weight = 1.0) : load_weight_(load_weight) {
+    if (!(load_weight >= 0) || !std::isfinite(load_weight))
+      throw std::invalid_argument("kvx::disagg::routing::cache_aware: load_weight is " + std::to_string(load_weight) +
+                                  "; it must be finite and not negative");
+  }
   std::optional<std::size_t> pick_prefill(const cluster_view& v) {
     return least_loaded::argmin(v.prefill, [w = load_weight_](const candidate& c) {
       return w * c.queue_s + c.fetch_s + c.prefill_s;
@@ -217,11 +224,20 @@ class router {
   explicit router(Policy policy = Policy{}) : policy_(std::move(policy)) {}
 
   //! Adds an instance (up, idle); its id is its index. `errc::invalid_argument`
-  //! for a non-positive speed.
+  //! naming the field for a speed that is not positive and finite, or a
+  //! decode time that is negative, infinite or NaN (a NaN estimate wins every
+  //! comparison it is first in and passes every SLO).
   result<instance_id> add_instance(instance_spec spec) {
-    if (!(spec.prefill_tokens_per_s > 0) || !(spec.fetch_bytes_per_s > 0) || spec.decode_step_s < 0 ||
-        spec.decode_s_per_token < 0)
-      return error{errc::invalid_argument, "router: instance '" + spec.name + "' needs positive speeds"};
+    auto bad = [&](const char* field, double v, const char* must) {
+      return error{errc::invalid_argument,
+                   "router: instance '" + spec.name + "': " + field + " is " + std::to_string(v) + "; it must be " + must};
+    };
+    auto positive = [](double v) { return v > 0 && std::isfinite(v); };
+    auto not_negative = [](double v) { return v >= 0 && std::isfinite(v); };
+    if (!positive(spec.prefill_tokens_per_s)) return bad("prefill_tokens_per_s", spec.prefill_tokens_per_s, "positive and finite");
+    if (!positive(spec.fetch_bytes_per_s)) return bad("fetch_bytes_per_s", spec.fetch_bytes_per_s, "positive and finite");
+    if (!not_negative(spec.decode_step_s)) return bad("decode_step_s", spec.decode_step_s, "finite and not negative");
+    if (!not_negative(spec.decode_s_per_token)) return bad("decode_s_per_token", spec.decode_s_per_token, "finite and not negative");
     instances_.push_back({std::move(spec), {}, true});
     return static_cast<instance_id>(instances_.size() - 1);
   }
@@ -240,8 +256,18 @@ class router {
     return {};
   }
   //! Cache callbacks: `where` (an instance id or `pool_location`) now holds /
-  //! no longer holds `keys`.
-  void on_stored(instance_id where, std::span<const cache::block_key> keys) { index_.on_stored(where, keys); }
+  //! no longer holds `keys`. A store reported for an instance that is down
+  //! is ignored (a late callback: the instance's blocks were forgotten when
+  //! it went down, and it must not be picked as a fetch source);
+  //! `errc::not_found` for an id the router does not know.
+  result<void> on_stored(instance_id where, std::span<const cache::block_key> keys) {
+    if (where != pool_location) {
+      KVX_TRY(check_id(where, "on_stored"));
+      if (!instances_[where].up) return {};
+    }
+    index_.on_stored(where, keys);
+    return {};
+  }
   void on_evicted(instance_id where, std::span<const cache::block_key> keys) { index_.on_evicted(where, keys); }
   void on_dropped(instance_id where) { index_.on_dropped(where); }
 
@@ -277,7 +303,7 @@ class router {
     d.prefill = pc.id;
     d.decode = dc.id;
     d.cached_tokens = pc.cached_tokens;
-    d.fetch_tokens = pc.fetch_s > 0 ? pc.fetchable_tokens - pc.cached_tokens : 0;
+    d.fetch_tokens = pc.fetches ? pc.fetchable_tokens - pc.cached_tokens : 0;
     d.fetch_from = pc.fetch_from;
     d.ttft_s = pc.ttft_s;
     d.tpot_s = dc.tpot_s;
@@ -347,6 +373,7 @@ class router {
                            static_cast<double>(req.kv_bytes_per_token) / in.spec.fetch_bytes_per_s;
       const double rest = static_cast<double>(req.prompt_tokens - c.fetchable_tokens) / speed;
       if (fetch + rest < recompute) {
+        c.fetches = true;
         c.fetch_s = fetch;
         c.prefill_s = rest;
       }

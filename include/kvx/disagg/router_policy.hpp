@@ -80,7 +80,7 @@ struct routing_request {
   std::span<const cache::block_key> keys{};  //!< the prompt's block keys (full blocks, in order)
   std::uint32_t prompt_tokens = 0;
   std::uint32_t block_tokens = 16;            //!< tokens per key
-  std::uint64_t kv_bytes_per_token = 0;       //!< KV bytes per token, all layers (for transfer times)
+  std::uint64_t kv_bytes_per_token = 0;       //!< KV bytes per token, all layers (for transfer times; 0: transfers cost nothing)
 };
 
 //! One up instance with the router's estimates for this request.
@@ -93,7 +93,8 @@ struct candidate {
   instance_id fetch_from = pool_location; //!< where that longer prefix is
   double queue_s = 0;                     //!< wait before this request's prefill starts
   double prefill_s = 0;                   //!< compute for the uncached part (after any fetch)
-  double fetch_s = 0;                     //!< loading the fetchable part beyond `cached_tokens` (0 if not worth it)
+  bool fetches = false;                   //!< the estimate loads the fetchable part beyond `cached_tokens` (it beats recomputing it)
+  double fetch_s = 0;                     //!< ... in this time (0 when it does not; also 0 when `kv_bytes_per_token` is 0)
   double ttft_s = 0;                      //!< queue_s + fetch_s + prefill_s (prefill candidates)
   double tpot_s = 0;                      //!< decode step time once this request joins (decode candidates)
 };

@@ -824,7 +824,7 @@ class simulation {
           auto ins = hbm.insert(keys[j], c);
           if (ins.evicted) router_.on_evicted(i, std::span(&*ins.evicted, 1));
           if (!ins.inserted) break;  // a later block without its prefix is useless
-          router_.on_stored(i, keys.subspan(j, 1));
+          if (auto ok = router_.on_stored(i, keys.subspan(j, 1)); !ok) throw std::logic_error("kvx::planner::simulate: " + ok.error().message());
         }
         hbm.pin(keys[j]);  // a request never evicts its own earlier blocks
         ++held;
@@ -872,7 +872,7 @@ class simulation {
       if (was_pooled) router_.on_evicted(pool_location, std::span(&k, 1));
       return false;
     }
-    if (!was_pooled) router_.on_stored(pool_location, std::span(&k, 1));
+    if (!was_pooled) (void)router_.on_stored(pool_location, std::span(&k, 1));  // the pool is always known
     return true;
   }
 
