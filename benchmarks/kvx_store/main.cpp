@@ -277,6 +277,9 @@ result<kvx::store::any_metadata_backend> make_metadata(asio::any_io_executor ex,
   if (!c) return error{errc::invalid_argument, "config field 'metadata.url': " + c.error().context()};
   auto timeout = parse_ms(v, "timeout_ms", c->timeout, 0);
   KVX_TRY(timeout);
+  if (*timeout > kvx::transfer::detail::http_metadata_max_timeout)  // the client would throw
+    return error{errc::invalid_argument, "config field '" + v.path_of("timeout_ms") + "': at most " +
+                                             std::to_string(kvx::transfer::detail::http_metadata_max_timeout.count()) + " (ms)"};
   c->timeout = *timeout;
   return kvx::store::any_metadata_backend(std::make_shared<kvx::transfer::http_metadata>(ex, std::move(*c)), "http");
 }

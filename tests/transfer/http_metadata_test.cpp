@@ -333,6 +333,18 @@ TEST(HttpMetadata, FromUrlBuildsAClientAndBadConfigsThrow) {
   auto no_pool = client_config(1);
   no_pool.pool_size = 0;
   EXPECT_THROW(http_metadata(io.get_executor(), no_pool), std::invalid_argument);
+  // -1 ms read as "no deadline" (a silent server blocked for good); max()
+  // wrapped to a deadline in the past (every operation timed out at once).
+  for (const auto t : {-1ms, std::chrono::milliseconds::max(), std::chrono::milliseconds(std::chrono::hours(25))}) {
+    try {
+      http_metadata(io.get_executor(), client_config(1, t));
+      ADD_FAILURE() << t.count() << " ms was accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("'timeout' is " + std::to_string(t.count()) + " ms"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_NO_THROW(http_metadata(io.get_executor(), client_config(1, std::chrono::hours(24))));
+  EXPECT_NO_THROW(http_metadata(io.get_executor(), client_config(1, 0ms)));
 }
 
 TEST(HttpMetadataServer, StartErrorsAreClear) {
@@ -370,6 +382,14 @@ TEST(HttpMetadataServer, StartErrorsAreClear) {
   ASSERT_FALSE(refused) << "a negative idle_timeout closes every connection before its first request";
   EXPECT_EQ(refused.code(), kvx::errc::invalid_argument);
   EXPECT_NE(refused.error().message().find("'idle_timeout'"), std::string::npos) << refused.error().message();
+
+  http_metadata_server_config huge;
+  huge.idle_timeout = std::chrono::milliseconds::max();  // wrapped to -1 ms: every connection closed unanswered
+  http_metadata_server<embedded_metadata> fifth(io.get_executor(), meta, huge);
+  auto too_long = fifth.start();
+  ASSERT_FALSE(too_long);
+  EXPECT_EQ(too_long.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(too_long.error().message().find("is longer than 86400000 ms"), std::string::npos) << too_long.error().message();
 
   first.stop();
   auto restarted = first.start();
@@ -620,6 +640,34 @@ TEST(HttpMetadata, ReusesConnectionsAndReconnectsWhenTheServerClosedThem) {
   ASSERT_FALSE(ec) << ec.message();
   EXPECT_EQ(v, "v");
   EXPECT_EQ(s.server.connections_accepted(), 2u);
+}
+
+TEST(HttpMetadata, AfterTheServerClosedSeveralIdleConnectionsTheRetryOpensAFreshOne) {
+  // The retry of an operation whose pooled connection was closed took the
+  // next pooled one, closed as idle at the same time: connection_lost with
+  // the server up.
+  http_metadata_server_config config;
+  config.idle_timeout = 150ms;
+  served<> s(config);
+  asio::io_context io;
+  http_metadata client(io.get_executor(), client_config(s.port()));
+  int done = 0;
+  std::error_code first, second;
+  client.async_put("a", "1", [&](std::error_code ec) { first = ec, ++done; });
+  client.async_put("b", "2", [&](std::error_code ec) { second = ec, ++done; });
+  io.restart();
+  while (done < 2 && io.run_one_for(5s) > 0) {
+  }
+  ASSERT_EQ(done, 2);
+  ASSERT_FALSE(first) << first.message();
+  ASSERT_FALSE(second) << second.message();
+  ASSERT_EQ(s.server.connections_accepted(), 2u) << "two operations at once: two pooled connections";
+  std::this_thread::sleep_for(400ms);  // the server drops both idle connections
+  drive(io, 20ms);
+  auto [ec, v] = get(io, client, "a");
+  ASSERT_FALSE(ec) << ec.message();
+  EXPECT_EQ(v, "1");
+  EXPECT_EQ(s.server.connections_accepted(), 3u);
 }
 
 TEST(HttpMetadata, AZeroIdleTimeoutKeepsConnectionsOpen) {

@@ -92,7 +92,7 @@ namespace kvx::transfer {
 struct http_metadata_config {
   std::string host = "127.0.0.1";                  //!< the server's IP address or name (resolved per connection)
   std::uint16_t port = 0;                          //!< the server's port (required)
-  std::chrono::milliseconds timeout{2000};         //!< deadline of each operation, queueing included; 0 = none
+  std::chrono::milliseconds timeout{2000};         //!< deadline of each operation, queueing included; 0 = none; at most 24 h
   std::size_t pool_size = 4;                       //!< connections open at once; more operations wait for one
   std::uint64_t max_response_bytes = 256ull << 20; //!< largest answer accepted (a big list)
 
@@ -258,6 +258,10 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
     if (config.host.empty()) throw std::invalid_argument("kvx::transfer::http_metadata: config field 'host' is empty");
     if (config.port == 0) throw std::invalid_argument("kvx::transfer::http_metadata: config field 'port' is 0 (required)");
     if (config.pool_size == 0) throw std::invalid_argument("kvx::transfer::http_metadata: config field 'pool_size' is 0");
+    // A negative timeout read as "none" (a silent server then blocked for good).
+    if (config.timeout.count() < 0 || config.timeout > detail::http_metadata_max_timeout)
+      throw std::invalid_argument("kvx::transfer::http_metadata: config field 'timeout' is " + std::to_string(config.timeout.count()) +
+                                  " ms; it must be 0 (none) to " + std::to_string(detail::http_metadata_max_timeout.count()) + " ms");
     const bool v6 = config.host.find(':') != std::string::npos;
     host_field = (v6 ? "[" + config.host + "]" : config.host) + ":" + std::to_string(config.port);
     server = "http://" + host_field;
@@ -302,6 +306,9 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
       }
       if (attempt == 0 && lease.reused() && !outcome.got_reply && outcome.ec == errc::connection_lost) {
         log(log_level::debug, "kvx http_metadata ", server, ": ", what, ": pooled connection was closed; reconnecting");
+        // The server closed it idle, and with it every other connection as
+        // idle: the retry must not take one of those.
+        drop_idle();
         continue;
       }
       log_failure(what, outcome.ec, outcome.detail);
@@ -355,6 +362,17 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
 
  private:
   static constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
+
+  // Closes the pooled idle connections (their slots free for fresh ones).
+  void drop_idle() {
+    std::vector<std::unique_ptr<http_metadata_connection>> stale;
+    {
+      std::lock_guard lock(mutex_);
+      open_ -= idle_.size();
+      stale = std::move(idle_);
+      idle_.clear();
+    }
+  }
 
   asio::awaitable<std::tuple<std::error_code, http_metadata_lease>> acquire(time_point deadline) {
     const asio::any_io_executor strand = co_await asio::this_coro::executor;

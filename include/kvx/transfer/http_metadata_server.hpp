@@ -91,7 +91,7 @@ struct http_metadata_server_config {
   std::string address = "127.0.0.1";                //!< IP address to listen on ("0.0.0.0": every interface)
   std::uint16_t port = 0;                           //!< 0: an ephemeral port, read back with `endpoint()`
   std::size_t max_body = std::size_t{1} << 20;      //!< largest PUT body accepted (413 above)
-  //! A connection idle (or stalled mid-request) this long is closed; 0: never.
+  //! A connection idle (or stalled mid-request) this long is closed; 0: never; at most 24 h.
   std::chrono::milliseconds idle_timeout{30'000};
 };
 
@@ -208,6 +208,10 @@ class http_metadata_service : public std::enable_shared_from_this<http_metadata_
     if (config_.idle_timeout.count() < 0)
       return error{errc::invalid_argument, "http_metadata_server: config field 'idle_timeout': " +
                                                std::to_string(config_.idle_timeout.count()) + " ms is negative (0: never)"};
+    if (config_.idle_timeout > detail::http_metadata_max_timeout)
+      return error{errc::invalid_argument, "http_metadata_server: config field 'idle_timeout': " +
+                                               std::to_string(config_.idle_timeout.count()) + " ms is longer than " +
+                                               std::to_string(detail::http_metadata_max_timeout.count()) + " ms (0: never)"};
     boost::system::error_code ec;
     const auto address = asio::ip::make_address(config_.address, ec);
     if (ec)

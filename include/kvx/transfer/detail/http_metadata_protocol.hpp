@@ -4,6 +4,7 @@
 // header that carries a kvx error code. No Beast here, so it stays testable
 // on its own.
 
+#include <chrono>
 #include <cstddef>
 #include <optional>
 #include <string>
@@ -22,6 +23,10 @@ inline constexpr std::string_view http_metadata_list_path = "/kvx/v1/list";
 //! Response header naming the `kvx::errc` of a refusal ("not_found"): a
 //! client tells "no such key" from "no such route" or a foreign server's 404.
 inline constexpr std::string_view http_metadata_error_field = "kvx-error";
+//! The longest client `timeout` and server `idle_timeout` accepted: far
+//! longer ones overflow the clock's arithmetic (milliseconds::max() became
+//! a deadline in the past).
+inline constexpr std::chrono::milliseconds http_metadata_max_timeout = std::chrono::hours(24);
 
 //! RFC 3986 percent-encoding of every byte but the unreserved ones, so a key
 //! with '/', '?', '%', spaces or any byte is one path segment.
