@@ -10,6 +10,8 @@
 #include <gtest/gtest.h>
 
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/executor_work_guard.hpp>
@@ -22,7 +24,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <list>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -595,6 +599,28 @@ TEST(HttpMetadata, TheCallersDeadlineCancelsARequest) {
   // The pool slot came back: the next operation is not stuck behind it.
   auto [ec2, v2] = run_op<std::string>(io, [&](auto h) { client.async_get("k", std::move(h)); }, 200ms);
   EXPECT_EQ(ec2, kvx::errc::timed_out) << ec2.message();
+}
+
+TEST(HttpMetadata, ACancelThatArrivesWhileTheNameIsResolvedOrBetweenStepsIsNotLost) {
+  // The resolver ignores cancellation slots, and a cancel between two steps
+  // reached no operation: the request then ran on to its 30 s timeout.
+  canned_server silent("");
+  asio::io_context io;
+  auto config = client_config(silent.port(), 30s);
+  config.host = "localhost";  // resolved per connection
+  http_metadata client(io.get_executor(), config);
+  std::list<asio::cancellation_signal> signals;  // each outlives its operation, even when a check fails
+  for (int polls = 0; polls < 12; ++polls) {
+    auto& sig = signals.emplace_back();
+    auto got = std::make_shared<std::optional<std::error_code>>();
+    client.async_get("k", asio::bind_cancellation_slot(sig.slot(), [got](std::error_code ec, std::string) { *got = ec; }));
+    io.restart();
+    for (int i = 0; i < polls; ++i) io.poll_one();
+    sig.emit(asio::cancellation_type::terminal);
+    for (const auto until = std::chrono::steady_clock::now() + 3s; !*got && std::chrono::steady_clock::now() < until;) io.run_one_for(50ms);
+    ASSERT_TRUE(*got) << "a cancel after " << polls << " polls was lost";
+    EXPECT_EQ(**got, kvx::errc::cancelled) << polls << " polls: " << (*got)->message();
+  }
 }
 
 TEST(HttpMetadata, GarbageAnswersAreMalformedAndForeignRefusalsAProtocolError) {

@@ -422,6 +422,14 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
     co_return std::tuple{std::error_code{}, std::move(lease)};
   }
 
+  // A cancellation emitted while no cancellable operation was pending (the
+  // resolver ignores cancellation slots; or just as one step completed,
+  // before the next began) is only recorded in the coroutine's state: the
+  // next step would start without it and run on to the timeout.
+  static asio::awaitable<bool> cancelled_meanwhile() {
+    co_return (co_await asio::this_coro::cancellation_state).cancelled() != asio::cancellation_type::none;
+  }
+
   asio::awaitable<std::error_code> connect(http_metadata_connection& c, time_point deadline) {
     const asio::any_io_executor strand = co_await asio::this_coro::executor;
     boost::system::error_code parse_ec;
@@ -444,10 +452,12 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
       });
       auto [rec, endpoints] = co_await resolver.async_resolve(config.host, service, use_tuple);
       if (rec) co_return guard.expired() ? make_error_code(errc::timed_out) : make_error_code(errc::unreachable);
+      if (co_await cancelled_meanwhile()) co_return make_error_code(errc::cancelled);
       asio::ip::tcp::endpoint chosen;
       std::tie(ec, chosen) = co_await asio::async_connect(c.socket, endpoints, use_tuple);
       if (ec) co_return http_metadata_connect_error(ec, guard.expired());
     }
+    if (co_await cancelled_meanwhile()) co_return make_error_code(errc::cancelled);
     boost::system::error_code ignored;
     c.socket.set_option(asio::ip::tcp::no_delay(true), ignored);
     co_return std::error_code{};
@@ -474,6 +484,11 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
     if (wec) {
       out.ec = http_metadata_io_error(wec, guard.expired());
       out.detail = "sending: " + wec.message();
+      co_return out;
+    }
+    if (co_await cancelled_meanwhile()) {
+      out.ec = make_error_code(errc::cancelled);
+      out.detail = "cancelled after sending";
       co_return out;
     }
     http::response_parser<http::string_body> parser;
