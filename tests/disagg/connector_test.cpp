@@ -954,6 +954,10 @@ TEST_F(ConnectorTest, ANegativeOrTooShortPushLeaseAndANegativeClockSkewAreRefuse
       {{.name = "pl", .role = connector_role::consumer, .push_lease = -1ms}, "push_lease is negative"},
       {{.name = "pl", .role = connector_role::producer, .max_clock_skew = -1ms}, "max_clock_skew is negative"},
       {{.name = "pl", .role = connector_role::consumer, .push_lease = 500ms, .max_clock_skew = 500ms}, "must exceed max_clock_skew"},
+      // now + duration::max() overflowed.
+      {{.name = "pl", .role = connector_role::consumer, .push_lease = std::chrono::steady_clock::duration::max()}, "is over 24 h"},
+      {{.name = "pl", .role = connector_role::producer, .max_clock_skew = std::chrono::hours(2)}, "max_clock_skew (7200000 ms) is over 1 h"},
+      {{.name = "pl", .role = connector_role::consumer, .drain_margin = std::chrono::steady_clock::duration::max()}, "drain_margin ("},
   };
   for (const auto& [cfg, why] : cases) {
     auto bad = conn::make(e, cfg, {{l, mem}}, {link});

@@ -134,17 +134,17 @@ struct connector_config {
   //! decode host applies them later), so the notice that the layer ended
   //! does not end its writes. Staging blocks, and the engine's blocks handed
   //! to `request_finished(id, on_quiet)`, are given back only after it.
-  std::chrono::steady_clock::duration drain_margin = std::chrono::seconds(1);
+  std::chrono::steady_clock::duration drain_margin = std::chrono::seconds(1);  // at most 1 h
   //! Push consumer: how long a prefill may write a target after it was
   //! published (the target's `write_by`). A finished request whose prefill
   //! never reported every layer (it died, or was cut off) gets its blocks
   //! back `drain_margin` after that, instead of holding them for good. A
   //! prefill that takes the target later is refused and reports every layer
-  //! failed. 0: no deadline.
+  //! failed. 0: no deadline; at most 24 h.
   std::chrono::steady_clock::duration push_lease = std::chrono::minutes(5);
   //! Push producer: how far this host's system clock may be from a decode
   //! host's. Writes for a target end this long before its `write_by` (the
-  //! decode side counts it on its own clock).
+  //! decode side counts it on its own clock). At most 1 h.
   std::chrono::steady_clock::duration max_clock_skew = std::chrono::milliseconds(500);
 };
 
@@ -207,6 +207,11 @@ class kv_connector {
     if (cfg.push_lease < clock::duration::zero()) return bad(errc::invalid_argument, "push_lease is negative (" + ms(cfg.push_lease) + ")");
     if (cfg.max_clock_skew < clock::duration::zero())
       return bad(errc::invalid_argument, "max_clock_skew is negative (" + ms(cfg.max_clock_skew) + ")");
+    // Far longer ones overflow the clock arithmetic (now + duration::max()).
+    if (cfg.drain_margin > std::chrono::hours(1)) return bad(errc::invalid_argument, "drain_margin (" + ms(cfg.drain_margin) + ") is over 1 h");
+    if (cfg.max_clock_skew > std::chrono::hours(1))
+      return bad(errc::invalid_argument, "max_clock_skew (" + ms(cfg.max_clock_skew) + ") is over 1 h");
+    if (cfg.push_lease > std::chrono::hours(24)) return bad(errc::invalid_argument, "push_lease (" + ms(cfg.push_lease) + ") is over 24 h");
     if (cfg.push_lease > clock::duration::zero() && cfg.push_lease <= cfg.max_clock_skew)
       return bad(errc::invalid_argument, "push_lease (" + ms(cfg.push_lease) + ") leaves a prefill no time to write: it must exceed max_clock_skew (" +
                                              ms(cfg.max_clock_skew) + ")");
