@@ -64,6 +64,9 @@ struct options {
   bool quiet = false;
   bool in_process = false;           // every instance in this process (the reference for the process boundary's cost)
   std::size_t kill_prefill_after = 0;  // SIGKILL the prefill instance of this request (1-based; 0: never)
+  std::size_t crash_prefill_before_report = 0;  // that request's prefill instance dies after its last layer, before reporting
+  std::size_t stop_prefill_after = 0;  // SIGSTOP it instead: alive, silent (1-based; 0: never)
+  std::uint32_t silence_timeout_s = 10;  // an instance that sends nothing this long is stopped and marked down
   std::string ssd_dir = "/tmp";        // where the pool's SSD tier (a file) lives
 };
 
@@ -95,6 +98,15 @@ void usage() {
       "  --kill-prefill-after N in each disaggregated run, SIGKILL the prefill instance the Nth request was\n"
       "                         just routed to: its requests fail on the decode side and the router\n"
       "                         retries them elsewhere\n"
+      "  --crash-prefill-before-report N\n"
+      "                         push and pull: the prefill instance serving the Nth request dies after\n"
+      "                         its last layer was written and announced, before it reports (a test\n"
+      "                         hook: push must still finish that request from the bytes that landed)\n"
+      "  --stop-prefill-after N the same with SIGSTOP: the instance stays connected and says nothing, until\n"
+      "                         the router finds it silent (see --silence-timeout), kills it and retries\n"
+      "  --silence-timeout S    the router pings every instance twice a second; one that sends nothing\n"
+      "                         for S seconds is killed, marked down and its requests retried (default\n"
+      "                         10, 1 to 3600)\n"
       "  --quiet                no progress lines\n"
       "  --help                 this text\n"
       "\n"
@@ -134,6 +146,15 @@ std::optional<options> parse(int argc, char** argv, bool& synthetic) {
       }
       return n;
     };
+    // A count that must fit its field: a larger value was cut to its low bits before.
+    auto count32 = [&](std::uint64_t most) -> std::uint32_t {
+      const auto n = number();
+      if (n > most) {
+        std::fprintf(stderr, "kvx_pd_demo: %s must be at most %llu\n", a.c_str(), static_cast<unsigned long long>(most));
+        std::exit(2);
+      }
+      return static_cast<std::uint32_t>(n);
+    };
     if (a == "--help" || a == "-h") {
       usage();
       return std::nullopt;
@@ -142,19 +163,22 @@ std::optional<options> parse(int argc, char** argv, bool& synthetic) {
     else if (a == "--synthetic") synthetic = true;
     else if (a == "--skip") o.skip = number();
     else if (a == "--requests") o.requests = number();
-    else if (a == "--prefill") o.prefill = static_cast<std::uint32_t>(number());
-    else if (a == "--decode") o.decode = static_cast<std::uint32_t>(number());
-    else if (a == "--prefill-tp") o.prefill_tp = static_cast<std::uint32_t>(number());
-    else if (a == "--tokens-per-hash") o.tokens_per_hash = static_cast<std::uint32_t>(number());
-    else if (a == "--max-prompt") o.max_prompt = static_cast<std::uint32_t>(number());
-    else if (a == "--max-output") o.max_output = static_cast<std::uint32_t>(number());
-    else if (a == "--concurrency") o.concurrency = static_cast<std::uint32_t>(number());
+    else if (a == "--prefill") o.prefill = count32(64);
+    else if (a == "--decode") o.decode = count32(64);
+    else if (a == "--prefill-tp") o.prefill_tp = count32(4);
+    else if (a == "--tokens-per-hash") o.tokens_per_hash = count32(512);
+    else if (a == "--max-prompt") o.max_prompt = count32(1u << 20);
+    else if (a == "--max-output") o.max_output = count32(1u << 20);
+    else if (a == "--concurrency") o.concurrency = count32(1024);
     else if (a == "--modes") o.modes = split(value());
     else if (a == "--json") o.json = value();
     else if (a == "--quiet") o.quiet = true;
     else if (a == "--in-process") o.in_process = true;
     else if (a == "--ssd-dir") o.ssd_dir = value();
     else if (a == "--kill-prefill-after") o.kill_prefill_after = number();
+    else if (a == "--stop-prefill-after") o.stop_prefill_after = number();
+    else if (a == "--crash-prefill-before-report") o.crash_prefill_before_report = number();
+    else if (a == "--silence-timeout") o.silence_timeout_s = count32(3600);
     else {
       std::fprintf(stderr, "kvx_pd_demo: unknown option '%s' (see --help)\n", a.c_str());
       std::exit(2);
@@ -172,17 +196,21 @@ std::optional<options> parse(int argc, char** argv, bool& synthetic) {
   positive(o.tokens_per_hash, "--tokens-per-hash");
   positive(o.max_output, "--max-output");
   positive(o.concurrency, "--concurrency");
+  positive(o.silence_timeout_s, "--silence-timeout");
   if (o.max_prompt < 2) {
     std::fprintf(stderr, "kvx_pd_demo: --max-prompt must be at least 2\n");
     std::exit(2);
   }
-  if (o.kill_prefill_after && o.prefill < 2) {
-    std::fprintf(stderr, "kvx_pd_demo: --kill-prefill-after needs --prefill 2 or more (someone must take over)\n");
-    std::exit(2);
-  }
-  if (o.kill_prefill_after && o.in_process) {
-    std::fprintf(stderr, "kvx_pd_demo: --kill-prefill-after needs worker processes (not --in-process)\n");
-    std::exit(2);
+  for (auto [n, what] : {std::pair{o.kill_prefill_after, "--kill-prefill-after"}, std::pair{o.stop_prefill_after, "--stop-prefill-after"},
+                          std::pair{o.crash_prefill_before_report, "--crash-prefill-before-report"}}) {
+    if (n && o.prefill < 2) {
+      std::fprintf(stderr, "kvx_pd_demo: %s needs --prefill 2 or more (someone must take over)\n", what);
+      std::exit(2);
+    }
+    if (n && o.in_process) {
+      std::fprintf(stderr, "kvx_pd_demo: %s needs worker processes (not --in-process)\n", what);
+      std::exit(2);
+    }
   }
   if (o.prefill_tp != 1 && o.prefill_tp != 2 && o.prefill_tp != 4) {
     std::fprintf(stderr, "kvx_pd_demo: --prefill-tp must be 1, 2 or 4 (the model has 4 KV heads)\n");

@@ -46,6 +46,15 @@ class channel : public std::enable_shared_from_this<channel> {
     });
   }
 
+  //! Runs `then` on the strand once every line sent before this call has
+  //! been written to the socket (at once when none is waiting).
+  void drain(std::function<void()> then) {
+    asio::post(strand_, [self = shared_from_this(), then = std::move(then)]() mutable {
+      if (self->out_.empty()) return then();
+      self->drained_.push_back(std::move(then));
+    });
+  }
+
   void close() {
     asio::post(strand_, [self = shared_from_this()] { self->shut(std::error_code{}, "closed by this side"); });
   }
@@ -79,7 +88,8 @@ class channel : public std::enable_shared_from_this<channel> {
       if (self->closed_) return self->out_.clear();
       if (ec) return self->shut(ec, ec.message());
       self->out_.pop_front();
-      if (!self->out_.empty()) self->write();
+      if (!self->out_.empty()) return self->write();
+      for (auto& then : std::exchange(self->drained_, {})) then();
     }));
   }
 
@@ -97,6 +107,7 @@ class channel : public std::enable_shared_from_this<channel> {
   asio::strand<asio::any_io_executor> strand_;
   asio::streambuf in_;
   std::deque<std::string> out_;
+  std::vector<std::function<void()>> drained_;  // drain() callbacks waiting for out_ to empty
   bool closed_ = false;
   message_handler on_message_;
   close_handler on_close_;

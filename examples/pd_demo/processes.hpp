@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <kvx/disagg/push_wire.hpp>
 #include <kvx/memory/mapped_file.hpp>
 #include <kvx/transfer/http_metadata.hpp>
@@ -88,11 +89,14 @@ class worker_life {
     std::call_once(once_, [this] { ended_.set_value(); });
   }
   void wait() { done_.wait(); }
-  //! Starts `ch` with `on_message`; "exit" and a closed connection end the worker.
+  //! Starts `ch` with `on_message`; "exit" and a closed connection end the
+  //! worker. "ping" is answered here, on the channel's strand, whatever the
+  //! compute threads are doing: the router's silence check.
   void run(const std::shared_ptr<channel>& ch, channel::message_handler on_message) {
     ch->start(
         [ch, h = std::move(on_message)](const nlohmann::json& m) {
           if (m["op"] == "exit") return ch->close();
+          if (m["op"] == "ping") return ch->send({{"op", "pong"}});
           h(m);
         },
         [this](std::error_code ec, const std::string& why) {
@@ -208,8 +212,9 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
       auto prompt = tokens_of(m);
       nlohmann::json target_json;
       if constexpr (!pooled) target_json = m.at("target");
+      const bool crash_before_report = m.value("crash_before_report", false);  // the router's test hook
       compute.post(
-          [&, id, prompt = std::move(prompt), target_json = std::move(target_json)] {
+          [&, id, prompt = std::move(prompt), target_json = std::move(target_json), crash_before_report] {
             if constexpr (!pooled) {
               auto t = kd::push_target_from_json(target_json);
               if (!t) return fail(id, "prefill", t.error());
@@ -224,6 +229,8 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
               if constexpr (!pooled) (void)link->take(id);  // not taken when the run failed before allocating
               return fail(id, "prefill", pre.error());
             }
+            // Every layer's notice is queued on the channel by now: die once they are written.
+            if (crash_before_report) return ch->drain([] { ::kill(::getpid(), SIGKILL); });
             ch->send({{"op", "prefilled"}, {"id", id}, {"cached", pre->cached_tokens}, {"save_busy_s", pre->saved.busy_s},
                       {"save_tail_s", pre->save_tail_s}, {"bytes", pre->saved.bytes}, {"prefill_cpu_s", pre->compute_cpu_s}});
           },
@@ -345,6 +352,7 @@ struct remote_worker {
   std::shared_ptr<channel> ch;
   kd::instance_id id = 0;
   bool alive = false;
+  std::chrono::steady_clock::time_point last_heard;  // its last message of any kind (pongs included)
   std::uint32_t queued = 0;        // requests sent and not answered
   std::uint64_t queued_tokens = 0;
   std::uint64_t bytes_saved = 0, bytes_loaded = 0;
@@ -469,6 +477,7 @@ class coordinator {
     if (auto ok = meta_server_.start(); !ok) throw std::runtime_error("metadata server: " + ok.error().message());
     if (pooled_) pool_ = std::make_unique<pool_service>(io_, meta_, o_.ssd_dir);
     start_workers();
+    asio::post(io_, [this] { watch(); });
     set_up_router();
     replay();
     shut_down();
@@ -548,13 +557,17 @@ class coordinator {
       ch->start(
           [this, ch, who](const nlohmann::json& m) {
             std::lock_guard l(mu_);
-            if (*who) return on_message(m, **who);
+            if (*who) {
+              workers_[**who].last_heard = clock_type::now();
+              return on_message(m, **who);
+            }
             if (m["op"] != "hello") return;
             for (std::size_t k = 0; k < workers_.size(); ++k)
               if (workers_[k].name == m.value("name", std::string{}) && !workers_[k].ch) {
                 *who = k;
                 workers_[k].ch = ch;
                 workers_[k].alive = true;
+                workers_[k].last_heard = clock_type::now();
                 ++hellos_;
               }
             cv_.notify_all();
@@ -597,7 +610,8 @@ class coordinator {
       if (!cv_.wait_for(l, 120s, [&] { return flights_.size() < o_.concurrency; })) abandon("no answer within 120 s");
       arrivals_[i] = now_ns();
       dispatch(i, 0, record{});
-      if (o_.kill_prefill_after && i + 1 == o_.kill_prefill_after && !colocated_) kill_prefill_of(i);
+      if (o_.kill_prefill_after && i + 1 == o_.kill_prefill_after && !colocated_) signal_prefill_of(i, SIGKILL);
+      if (o_.stop_prefill_after && i + 1 == o_.stop_prefill_after && !colocated_) signal_prefill_of(i, SIGSTOP);
       if (!o_.quiet && (i + 1) % 10 == 0) std::printf("  %s: %zu/%zu requests dispatched\n", mode_.c_str(), i + 1, reqs_.size());
     }
     std::unique_lock l(mu_);
@@ -606,31 +620,64 @@ class coordinator {
     res_.retries = retries_;
   }
 
-  // A prefill instance dies mid-run (SIGKILL, no goodbye): the one request
-  // `i` was just routed to, so at least that request is in flight on it and
-  // must be retried elsewhere. mu_ held.
-  void kill_prefill_of(std::size_t i) {
+  // A prefill instance dies (SIGKILL, no goodbye) or hangs (SIGSTOP: still
+  // connected, silent) mid-run: the one request `i` was just routed to, so
+  // at least that request is in flight on it and must be retried elsewhere. mu_ held.
+  void signal_prefill_of(std::size_t i, int signal) {
     auto it = flights_.find(i * 16);
     if (it == flights_.end()) return;  // refused by the router: nothing in flight to lose
     auto& victim = workers_[it->second.p];
     if (victim.pid <= 0) return;
     if (!o_.quiet)
-      std::printf("  %s: killing %s (pid %d) with request %zu in flight\n", mode_.c_str(), victim.name.c_str(), victim.pid, i);
-    ::kill(victim.pid, SIGKILL);
+      std::printf("  %s: %s %s (pid %d) with request %zu in flight\n", mode_.c_str(), signal == SIGKILL ? "killing" : "stopping",
+                  victim.name.c_str(), victim.pid, i);
+    ::kill(victim.pid, signal);
   }
 
-  // Gives up on every attempt in flight (an instance stopped answering). mu_ held.
+  // Every 500 ms: pings each instance, and takes one that sent nothing for
+  // the silence timeout for dead. A hung instance keeps its connection open,
+  // so without this it was never marked down and the router kept sending it
+  // requests, each lost until the 120 s replay window gave up on all of them.
+  // It is killed first: woken later, it must not write into blocks that were
+  // handed to another attempt. Runs on the io thread.
+  void watch() {
+    {
+      std::lock_guard l(mu_);
+      if (closing_) return;
+      const auto now = clock_type::now();
+      const auto limit = std::chrono::seconds(o_.silence_timeout_s);
+      for (std::size_t k = 0; k < workers_.size(); ++k) {
+        auto& w = workers_[k];
+        if (!w.alive || !w.ch) continue;
+        if (now - w.last_heard > limit) {
+          if (w.pid > 0) ::kill(w.pid, SIGKILL);
+          on_lost(k, "silent for " + std::to_string(o_.silence_timeout_s) + " s; killed");
+          continue;
+        }
+        w.ch->send({{"op", "ping"}});
+      }
+    }
+    watch_timer_.expires_after(500ms);
+    watch_timer_.async_wait([this](boost::system::error_code ec) {
+      if (!ec) watch();
+    });
+  }
+
+  // Gives up on every attempt in flight (an instance stopped answering);
+  // their instances' load goes down as for any ended attempt. mu_ held.
   void abandon(const std::string& why) {
-    for (auto& [wid, f] : flights_) {
+    while (!flights_.empty()) {
+      auto f = take(flights_.begin());
       res_.records[f.i] = std::move(f.rec);
       res_.records[f.i].done = true;
       res_.records[f.i].error = why;
     }
-    flights_.clear();
   }
 
   nlohmann::json request_json(const char* op, const flight& f, std::uint64_t wid) const {
-    return {{"op", op}, {"id", wid}, {"prompt", reqs_[f.i].prompt}, {"output", reqs_[f.i].output}};
+    nlohmann::json j{{"op", op}, {"id", wid}, {"prompt", reqs_[f.i].prompt}, {"output", reqs_[f.i].output}};
+    if (std::string_view(op) == "prefill" && f.attempt == 0 && f.i + 1 == o_.crash_prefill_before_report) j["crash_before_report"] = true;
+    return j;
   }
 
   static void load(remote_worker& w, std::int64_t tokens) {
@@ -743,6 +790,7 @@ class coordinator {
 
   void on_message(const nlohmann::json& m, std::size_t from) {
     const auto op = m["op"].get<std::string>();
+    if (op == "pong") return;  // its time was taken as it came in
     if (op == "stats") {
       workers_[from].bytes_saved = m.value("bytes_saved", std::uint64_t{0});
       workers_[from].bytes_loaded = m.value("bytes_loaded", std::uint64_t{0});
@@ -802,7 +850,12 @@ class coordinator {
       f.rec.decode_cpu_s = m.value("decode_cpu_s", 0.0);
       f.rec.recomputed += m.value("recomputed", 0u);
       f.rec.bytes += m.value("bytes", std::uint64_t{0});
-      if (colocated_ || pooled_ || f.prefilled) complete(it);  // push: also wait for the prefill side's report
+      // Push: also wait for the prefill side's report, unless its instance is
+      // gone (it died after its last layer landed, before reporting: the
+      // failure notices sent then came too late to fail this decode).
+      if (!colocated_ && !pooled_ && !f.prefilled && !workers_[f.p].alive && !o_.quiet)
+        std::printf("  %s: request %zu: decoded; %s died before it reported\n", mode_.c_str(), f.i, workers_[f.p].name.c_str());
+      if (colocated_ || pooled_ || f.prefilled || !workers_[f.p].alive) complete(it);
     } else if (op == "failed") {
       const auto stage = m.value("stage", std::string{});
       const auto why = workers_[from].name + " " + stage + ": " + m.value("error", std::string{});
@@ -857,10 +910,14 @@ class coordinator {
     asio::post(io_, [&] {
       boost::system::error_code ec;
       acceptor_.close(ec);
+      watch_timer_.cancel();
       for (auto& w : workers_)
         if (w.ch) w.ch->close();
       meta_server_.stop();
-      closed.set_value();
+      // After the channels' close handlers (queued first on this one io
+      // thread): a channel that never shut, that of an instance still hung
+      // here, kept itself alive through its message handler (a leak at exit).
+      asio::post(io_, [&] { closed.set_value(); });
     });
     closed.get_future().wait();
     if (pool_) {
@@ -887,6 +944,7 @@ class coordinator {
   kvx::transfer::http_metadata_server<kvx::transfer::embedded_metadata> meta_server_{io_.get_executor(), meta_};
   std::unique_ptr<pool_service> pool_;
   asio::ip::tcp::acceptor acceptor_{io_, {asio::ip::make_address("127.0.0.1"), 0}};
+  asio::steady_timer watch_timer_{io_};
 
   std::mutex mu_;
   std::condition_variable cv_;
