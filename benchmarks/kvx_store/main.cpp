@@ -4,7 +4,7 @@
 //   kvx-store node   --config node.json       a node contributing DRAM (and an SSD file)
 //   kvx-store put    --config client.json ... put an object from a file or seeded bytes
 //   kvx-store get    --config client.json ... get an object into a file, or verify it
-//   kvx-store admin  --master HOST:PORT segments|objects|usage|drain NODE
+//   kvx-store admin  --master HOST:PORT segments|objects|usage|drain NODE|undrain NODE
 //
 // Configs and commands are documented in docs/store.md ("Running the store").
 #include <sys/prctl.h>
@@ -65,7 +65,7 @@ const char* const top_usage =
     "  node   --config F.json   run a node that contributes DRAM (and an SSD file) to the pool\n"
     "  put    --config F.json --tenant T --key K (--file F | --size N [--seed S]) [--replicas N] [--pin]\n"
     "  get    --config F.json --tenant T --key K [--out F | --expect-file F | --expect-seed S]\n"
-    "  admin  (--master HOST:PORT | --etcd HOST:PORT) [--json] segments | objects [--tenant T] [--limit N] | usage | drain NODE [--wait S]\n"
+    "  admin  (--master HOST:PORT | --etcd HOST:PORT) [--json] segments | objects [--tenant T] [--limit N] | usage | drain NODE [--wait S] | undrain NODE\n"
     "Configs: docs/store.md, \"Running the store\".\n";
 
 const char* const master_usage =
@@ -115,7 +115,9 @@ const char* const admin_usage =
     "  objects [--tenant T] [--limit N] objects: tenant, key, size, replicas, leases, pinned, state\n"
     "  usage                           bytes used per tier and per tenant (with quotas)\n"
     "  drain NODE [--wait SECONDS]     stop placing on NODE and copy its objects elsewhere; with --wait,\n"
-    "                                  poll until NODE holds nothing that is not elsewhere\n"
+    "                                  poll until NODE holds nothing that is not elsewhere; the master then\n"
+    "                                  gives back NODE's copies of objects whole elsewhere once unread\n"
+    "  undrain NODE                    place new objects on NODE again\n"
     "--json prints the master's answer as JSON.\n";
 
 int fail(const std::string& what) {
@@ -701,9 +703,19 @@ void print_usage(const json& r) {
 }
 
 void print_drain(const json& r) {
-  std::printf("node '%s': %zu objects, %zu only there, %zu copies in flight: %s\n", r["node"].get<std::string>().c_str(),
+  const bool empty = r.value("empty", false);
+  std::printf("node '%s': %zu objects, %zu only there, %zu copies in flight, %s held: %s\n", r["node"].get<std::string>().c_str(),
               r["objects"].get<std::size_t>(), r["only_here"].get<std::size_t>(), r["copying"].get<std::size_t>(),
-              r["drained"].get<bool>() ? "drained (it holds nothing that is not elsewhere)" : "draining");
+              size_text(r.value("used", std::uint64_t{0})).c_str(),
+              empty                     ? "drained and empty (every copy it had is given back)"
+              : r["drained"].get<bool>() ? "drained (it holds nothing that is not elsewhere)"
+                                         : "draining");
+}
+
+void print_undrain(const json& r) {
+  std::printf("node '%s': %s\n", r["node"].get<std::string>().c_str(),
+              r["was_draining"].get<bool>() ? "no longer draining; new objects may be placed on it"
+                                            : "was not draining; nothing changed");
 }
 
 int admin_mode(const args& a) {
@@ -736,13 +748,13 @@ int admin_mode(const args& a) {
     request["limit"] = *limit;
   } else if (command == "usage") {
     request = kvx::store::protocol::make_request("usage");
-  } else if (command == "drain") {
-    if (a.positional.size() < 2) return usage_error("drain needs a NODE", admin_usage);
-    request = kvx::store::protocol::make_request("drain_node", "node", a.positional[1]);
+  } else if (command == "drain" || command == "undrain") {
+    if (a.positional.size() < 2) return usage_error(command + " needs a NODE", admin_usage);
+    request = kvx::store::protocol::make_request(command == "drain" ? "drain_node" : "undrain_node", "node", a.positional[1]);
   } else {
     return usage_error("unknown admin command '" + command + "'", admin_usage);
   }
-  if (a.positional.size() > (command == "drain" ? 2u : 1u))
+  if (a.positional.size() > (command == "drain" || command == "undrain" ? 2u : 1u))
     return usage_error("unexpected argument '" + a.positional.back() + "'", admin_usage);
   auto wait_s = number_arg(a, "--wait", 0);
   if (!wait_s) return usage_error(wait_s.error().message(), admin_usage);
@@ -773,6 +785,8 @@ int admin_mode(const args& a) {
         print_objects(r);
       } else if (command == "usage") {
         print_usage(r);
+      } else if (command == "undrain") {
+        print_undrain(r);
       } else {
         print_drain(r);
       }

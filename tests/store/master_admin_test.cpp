@@ -1,5 +1,6 @@
-// The admin requests (list_segments, list_objects, usage, drain_node) over
-// the protocol, and draining a node through the master's re-replication.
+// The admin requests (list_segments, list_objects, usage, drain_node,
+// undrain_node) over the protocol, and draining a node through the master's
+// re-replication, then giving back its copies.
 #include <kvx/store/master_handler.hpp>
 #include <kvx/cache/eviction/lru.hpp>
 
@@ -169,7 +170,21 @@ TEST_F(MasterAdmin, DrainingANodeStopsPlacementAndReReplicatesItsObjects) {
   auto done = call({{"op", "drain_node"}, {"node", "n0"}});
   EXPECT_TRUE(done["drained"]) << done.dump();
   EXPECT_EQ(done["only_here"], 0);
-  EXPECT_EQ(done["objects"], 5) << "the node keeps its copies until it leaves";
+  EXPECT_EQ(done["objects"], 5) << "the node keeps its copies until the next tick";
+  EXPECT_FALSE(done["empty"]);
+  EXPECT_EQ(done["used"], 5 * 4096);
+
+  // The next tick gives back n0's copies: every object is whole elsewhere.
+  now += 100ms;
+  EXPECT_EQ(handler.tick(now).freed_drained_copies, 5u);
+  auto empty = call({{"op", "drain_node"}, {"node", "n0"}});
+  EXPECT_TRUE(empty["drained"]) << empty.dump();
+  EXPECT_TRUE(empty["empty"]) << empty.dump();
+  EXPECT_EQ(empty["objects"], 0);
+  EXPECT_EQ(empty["used"], 0);
+  const auto after = call({{"op", "list_segments"}});
+  for (const auto& s : after["segments"])
+    if (s["node"] == "n0") EXPECT_EQ(s["used"], 0) << s.dump();
 
   // n0 stops; nothing is lost and nothing needs copying again.
   now += state.config().node_timeout + 1s;
@@ -185,6 +200,85 @@ TEST_F(MasterAdmin, DrainingANodeStopsPlacementAndReReplicatesItsObjects) {
     auto g = call({{"op", "get"}, {"tenant", "t"}, {"key", o["key"]}});
     EXPECT_TRUE(g["ok"]) << g.dump();
   }
+}
+
+TEST_F(MasterAdmin, AReadLeaseOrACopyInFlightKeepsADrainingNodesCopyUntilItEnds) {
+  add("n0", 1 << 20);
+  put("t", "k", 4096);
+  add("n1", 1 << 20);
+  ASSERT_TRUE(call({{"op", "drain_node"}, {"node", "n0"}})["ok"]);
+  // A reader on n0 before the copy exists: n0 is all there is.
+  auto early = call({{"op", "get"}, {"tenant", "t"}, {"key", "k"}, {"reader_node", "n0"}, {"lease_ms", 1000}});
+  ASSERT_TRUE(early["ok"]) << early.dump();
+  now += 100ms;
+  handler.tick(now);  // plans the copy from n0 to n1
+  EXPECT_EQ(handler.tick(now).freed_drained_copies, 0u) << "n0 is the copy's source";
+  ASSERT_EQ(replicate_from("n0"), 1u);
+  EXPECT_EQ(handler.tick(now).freed_drained_copies, 0u) << "the early reader may be reading n0's copy";
+
+  // Readers are sent to the copy that stays, even readers on the draining node.
+  auto later = call({{"op", "get"}, {"tenant", "t"}, {"key", "k"}, {"reader_node", "n0"}, {"lease_ms", 1000}});
+  ASSERT_TRUE(later["ok"]) << later.dump();
+  ASSERT_EQ(later["replicas"].size(), 2u);
+  EXPECT_EQ(later["replicas"][0]["node"], "n1") << later.dump();
+  EXPECT_EQ(later["replicas"][1]["node"], "n0") << later.dump();
+
+  // Both leases released (or run out): n0's copy is given back, the object stays readable.
+  ASSERT_TRUE(call({{"op", "release"}, {"tenant", "t"}, {"key", "k"}, {"lease_id", early["lease_id"]}})["ok"]);
+  EXPECT_EQ(handler.tick(now).freed_drained_copies, 0u) << "one reader is left";
+  now += 1001ms;
+  (void)call({{"op", "heartbeat"}, {"node", "n0"}});
+  (void)call({{"op", "heartbeat"}, {"node", "n1"}});
+  EXPECT_EQ(handler.tick(now).freed_drained_copies, 1u);
+  auto g = call({{"op", "get"}, {"tenant", "t"}, {"key", "k"}});
+  ASSERT_TRUE(g["ok"]) << g.dump();
+  ASSERT_EQ(g["replicas"].size(), 1u);
+  EXPECT_EQ(g["replicas"][0]["node"], "n1");
+  EXPECT_TRUE(call({{"op", "drain_node"}, {"node", "n0"}})["empty"]);
+}
+
+TEST_F(MasterAdmin, ACopyThePoolHasNoRoomForElsewhereStaysOnTheDrainingNode) {
+  add("n0", 1 << 20);
+  add("n1", 1 << 20);
+  ASSERT_TRUE(put("t", "two", 4096, 2)["ok"]);
+  auto r = call({{"op", "drain_node"}, {"node", "n0"}});
+  now += 100ms;
+  auto report = handler.tick(now);
+  EXPECT_TRUE(report.replications.empty()) << "no third node";
+  EXPECT_EQ(report.freed_drained_copies, 0u) << "two replicas are wanted, n1 holds one";
+  r = call({{"op", "drain_node"}, {"node", "n0"}});
+  EXPECT_TRUE(r["drained"]) << "n1 holds a copy: stopping n0 loses nothing";
+  EXPECT_FALSE(r["empty"]) << r.dump();
+  EXPECT_EQ(r["objects"], 1);
+  auto g = call({{"op", "get"}, {"tenant", "t"}, {"key", "two"}});
+  EXPECT_EQ(g["replicas"].size(), 2u) << "the copy still serves";
+
+  // A third node: the second copy moves there, then n0's is given back.
+  add("n2", 1 << 20);
+  ASSERT_TRUE(call({{"op", "release"}, {"tenant", "t"}, {"key", "two"}, {"lease_id", g["lease_id"]}})["ok"]);
+  now += 100ms;
+  ASSERT_EQ(handler.tick(now).replications.size(), 1u);
+  EXPECT_EQ(replicate_from("n0") + replicate_from("n1"), 1u);
+  EXPECT_EQ(handler.tick(now).freed_drained_copies, 1u);
+  const auto objects = call({{"op", "list_objects"}});
+  for (const auto& rep : objects["objects"][0]["replicas"]) EXPECT_NE(rep["node"], "n0");
+}
+
+TEST_F(MasterAdmin, UndrainingANodeLetsObjectsBePlacedOnItAgain) {
+  add("n0", 1 << 20);
+  ASSERT_TRUE(call({{"op", "drain_node"}, {"node", "n0"}})["ok"]);
+  EXPECT_EQ(put("t", "refused", 4096)["error"], "capacity_exceeded");
+  auto r = call({{"op", "undrain_node"}, {"node", "n0"}});
+  ASSERT_TRUE(r["ok"]) << r.dump();
+  EXPECT_EQ(r["node"], "n0");
+  EXPECT_TRUE(r["was_draining"]);
+  EXPECT_FALSE(state.draining("n0"));
+  EXPECT_TRUE(put("t", "placed", 4096)["ok"]);
+  const auto segments = call({{"op", "list_segments"}});
+  for (const auto& s : segments["segments"]) EXPECT_FALSE(s["draining"]);
+  r = call({{"op", "undrain_node"}, {"node", "n0"}});
+  EXPECT_TRUE(r["ok"]) << "idempotent";
+  EXPECT_FALSE(r["was_draining"]);
 }
 
 TEST_F(MasterAdmin, APendingPutOnADrainingNodeKeepsItUndrained) {
@@ -224,6 +318,9 @@ TEST_F(MasterAdmin, MalformedAdminRequestsGetErrorsNamingTheField) {
         "register_segment.host");
   check({{"op", "drain_node"}, {"node", 7}}, "invalid_argument", "drain_node.node");
   check({{"op", "drain_node"}, {"node", "ghost"}}, "not_found", "ghost");
+  check({{"op", "undrain_node"}}, "invalid_argument", "undrain_node.node");
+  check({{"op", "undrain_node"}, {"node", false}}, "invalid_argument", "undrain_node.node");
+  check({{"op", "undrain_node"}, {"node", "ghost"}}, "not_found", "ghost");
   check({{"op", "list_objects"}, {"tenant", 3}}, "invalid_argument", "list_objects.tenant");
   check({{"op", "list_objects"}, {"limit", "all"}}, "invalid_argument", "list_objects.limit");
   check({{"op", "list_objects"}, {"limit", 0}}, "invalid_argument", "list_objects.limit");

@@ -108,6 +108,23 @@ TEST_F(MasterRecovery, CommitsAndRemovalsReachTheHoldingNodesLedgersInOrder) {
   EXPECT_EQ(m->ledger_since("nobody", 0, 1).code(), kvx::errc::not_found);
 }
 
+TEST_F(MasterRecovery, ACopyGivenBackByADrainLeavesItsNodesLedger) {
+  auto m = make();
+  const auto where = put(*m, "a", 1000, 1, 0x1234, t0);
+  ASSERT_EQ(where.size(), 1u);
+  const auto drained = where[0].node;
+  ASSERT_TRUE(m->drain_node(drained));
+  auto report = m->tick(t0 + 100ms);
+  ASSERT_EQ(report.replications.size(), 1u);
+  const auto task = report.replications[0];
+  ASSERT_TRUE(m->replication_done(key("a"), task.put_id, task.target));
+  EXPECT_EQ(m->tick(t0 + 200ms).freed_drained_copies, 1u);
+  auto l = ledgers(*m);
+  EXPECT_TRUE(l[drained].empty()) << "a node reporting a copy given back would bring back a range reused since";
+  ASSERT_EQ(l[task.target.node].size(), 1u);
+  EXPECT_EQ(l[task.target.node].begin()->second.key, key("a"));
+}
+
 TEST_F(MasterRecovery, WithoutRecoveryOrWithoutAChecksumNothingIsAnnounced) {
   auto off = config;
   off.recover_objects = false;

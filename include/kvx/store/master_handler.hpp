@@ -204,7 +204,7 @@ class master_handler {
     return error{errc::malformed_message, "unknown op '" + op + "'"};
   }
 
-  // The admin command's requests (read-only listings, and draining a node);
+  // The admin command's requests (read-only listings, draining a node and ending it);
   // nothing for the other ops.
   std::optional<result<json>> admin(const config::view& v, const std::string& op, clock::time_point now) {
     if (op == "list_segments") {
@@ -251,8 +251,15 @@ class master_handler {
       if (!node) return result<json>(node.error());
       auto st = state_.drain_node(*node);
       if (!st) return result<json>(st.error());
-      return json{{"node", st->node}, {"objects", st->objects}, {"only_here", st->only_here}, {"copying", st->copying},
-                  {"drained", st->drained()}};
+      return json{{"node", st->node},       {"objects", st->objects},    {"only_here", st->only_here}, {"copying", st->copying},
+                  {"used", st->used},       {"drained", st->drained()}, {"empty", st->empty()}};
+    }
+    if (op == "undrain_node") {
+      auto node = v.required<std::string>("node");
+      if (!node) return result<json>(node.error());
+      auto was = state_.undrain_node(*node);
+      if (!was) return result<json>(was.error());
+      return json{{"node", *node}, {"was_draining", *was}};
     }
     return std::nullopt;
   }

@@ -207,6 +207,8 @@ class master_server {
       auto report = handler_->tick(clock::now());
       for (const auto& n : report.dropped_nodes) log(log_level::warn, "store master: node '", n, "' stopped heartbeating; dropped");
       for (const auto& k : report.lost_objects) log(log_level::warn, "store master: object '", k.full(), "' lost with its nodes");
+      if (report.freed_drained_copies > 0)
+        log(log_level::info, "store master: gave back ", report.freed_drained_copies, " copies on draining nodes (whole elsewhere)");
     }
   }
 

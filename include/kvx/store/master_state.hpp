@@ -34,6 +34,7 @@
 //! Not thread-safe: one owner serializes calls.
 
 #include <algorithm>
+#include <iterator>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -155,6 +156,7 @@ struct tick_report {
   std::vector<object_key> lost_objects;    //!< every replica was on dropped nodes
   std::vector<replication_task> replications;
   std::vector<object_key> abandoned_copies;  //!< re-replication copies not done by their deadline (planned again)
+  std::size_t freed_drained_copies = 0;      //!< copies on draining nodes given back (their objects are whole elsewhere)
   std::size_t evicted = 0;
 };
 
@@ -183,8 +185,11 @@ struct drain_status {
   std::size_t objects = 0;    //!< objects with a replica (or a pending put) on the node
   std::size_t only_here = 0;  //!< ... of which no readable copy is on a node not being drained
   std::size_t copying = 0;    //!< re-replication copies in flight for the node's objects
+  std::uint64_t used = 0;     //!< bytes still allocated on the node's segments
   //! The node holds nothing that is not elsewhere: it can be stopped without losing an object.
   [[nodiscard]] bool drained() const noexcept { return only_here == 0; }
+  //! The node holds nothing at all: `tick` gave back every copy it had.
+  [[nodiscard]] bool empty() const noexcept { return objects == 0; }
 };
 
 template <cache::eviction_policy Eviction, placement_policy Placement = placement::random_with_capacity,
@@ -416,8 +421,11 @@ class master_state {
     eviction_.on_hit(evict_key(obj.eviction_id), cache::access_context{tick_++, cache::never, obj.size});
     get_grant g{obj.size, {}, until, id};
     for (const auto& r : obj.replicas) g.replicas.push_back(r.location);
-    std::stable_partition(g.replicas.begin(), g.replicas.end(),
-                          [&](const replica_location& r) { return r.node == reader_node; });
+    // The reader's own node first; a draining node's copy last, so that it
+    // is read only when nothing else is left and can be given back sooner.
+    auto rank = [&](const replica_location& r) { return (draining_.count(r.node) ? 2 : 0) + (r.node == reader_node ? 0 : 1); };
+    std::stable_sort(g.replicas.begin(), g.replicas.end(),
+                     [&](const replica_location& a, const replica_location& b) { return rank(a) < rank(b); });
     m_gets_.add();
     return g;
   }
@@ -547,6 +555,7 @@ class master_state {
         obj.pending_replicas.push_back(r);
       }
     }
+    report.freed_drained_copies = free_drained_copies(now);
     report.evicted = evict_until(target_after_watermark(), now);
     return report;
   }
@@ -613,11 +622,18 @@ class master_state {
   //! Starts draining `node` (idempotent) and reports where it stands: nothing
   //! new is placed on it, and `tick` copies each of its objects that has no
   //! replica on another live node to one (the usual re-replication tasks),
-  //! so the node can then be stopped without losing anything.
+  //! so the node can then be stopped without losing anything. Then `tick`
+  //! gives back the node's copy of each object whose wanted replicas are all
+  //! on other nodes, once no read lease holds it and no copy of it is in
+  //! flight; copies the rest of the pool has no room for stay and serve.
   result<drain_status> drain_node(const std::string& node) {
-    if (!nodes_.count(node)) return error{errc::not_found, "drain: no node '" + node + "'"};
+    auto n = nodes_.find(node);
+    if (n == nodes_.end()) return error{errc::not_found, "drain: no node '" + node + "'"};
     draining_.insert(node);
-    drain_status st{node, 0, 0, 0};
+    drain_status st{node, 0, 0, 0, 0};
+    for (const auto& s : n->second.segments)
+      if (auto seg = segments_.find(s); seg != segments_.end())
+        st.used += seg->second.allocator.capacity() - seg->second.allocator.free_bytes();
     auto on_node = [&](const placed& p) { return p.location.node == node; };
     auto kept = [&](const placed& p) { return !draining_.count(p.location.node); };
     for (const auto& [key, obj] : objects_) {
@@ -629,6 +645,13 @@ class master_state {
     return st;
   }
   [[nodiscard]] bool draining(const std::string& node) const { return draining_.count(node) > 0; }
+
+  //! Ends draining `node`: new replicas may be placed on it again (its
+  //! copies given back are not brought back). Whether it was draining.
+  result<bool> undrain_node(const std::string& node) {
+    if (!nodes_.count(node)) return error{errc::not_found, "undrain: no node '" + node + "'"};
+    return draining_.erase(node) > 0;
+  }
 
  private:
   struct segment_state {
@@ -740,6 +763,30 @@ class master_state {
     announce(ins->first, ins->second, ins->second.replicas, true);
     ++report.objects;
     return {};
+  }
+
+  // Gives back the copies on draining nodes of objects whose wanted replicas
+  // are all readable elsewhere. Not while a read lease holds the object (a
+  // reader may have been sent to that copy) or a copy of it is in flight
+  // (its source may be that copy); objects taken back wait as in `tick`.
+  std::size_t free_drained_copies(clock::time_point now) {
+    if (draining_.empty()) return 0;
+    auto on_draining = [&](const placed& p) { return draining_.count(p.location.node) > 0; };
+    std::size_t freed = 0;
+    for (auto& [key, obj] : objects_) {
+      if (!obj.committed || !obj.pending_replicas.empty() || obj.lease_until > now) continue;
+      if (obj.recovered && now < recovery_from_ + config_.node_timeout) continue;
+      const auto going = static_cast<std::size_t>(std::count_if(obj.replicas.begin(), obj.replicas.end(), on_draining));
+      if (going == 0 || obj.replicas.size() - going < obj.replicas_wanted) continue;
+      std::vector<placed> freed_copies;
+      auto split = std::stable_partition(obj.replicas.begin(), obj.replicas.end(), [&](const placed& p) { return !on_draining(p); });
+      std::move(split, obj.replicas.end(), std::back_inserter(freed_copies));
+      obj.replicas.erase(split, obj.replicas.end());
+      announce(key, obj, freed_copies, false);
+      freed += freed_copies.size();
+      release(freed_copies);
+    }
+    return freed;
   }
 
   // Replicas (readable or being copied) on nodes that are not being drained.

@@ -31,7 +31,8 @@
 //! | `list_segments` (admin) | | `segments: [{name, node, host, tier, capacity, used, draining}]` |
 //! | `list_objects` (admin) | `tenant?, limit?` | `objects: [{tenant, key, size, committed, pinned, replicas_wanted, replicas, copying, lease_ms}], truncated` |
 //! | `usage` (admin) | | `used, capacity, objects, nodes, tiers: {tier: {used, capacity}}, tenants: {tenant: {used, quota?}}` |
-//! | `drain_node` (admin) | `node` | `node, objects, only_here, copying, drained` |
+//! | `drain_node` (admin) | `node` | `node, objects, only_here, copying, used, drained` (nothing only there), `empty` (no copy left there) |
+//! | `undrain_node` (admin) | `node` | `node, was_draining` |
 //!
 //! Every field is validated; a malformed frame or request gets an error
 //! response naming the field (`malformed_message`), never a crash, and a
@@ -146,7 +147,7 @@ inline const std::vector<std::string>& known_ops() {
   static const std::vector<std::string> ops{"register_segment", "heartbeat", "put_start", "put_commit", "put_abort",
                                             "get", "release", "remove", "exists", "longest_prefix",
                                             "replication_done", "stats", "list_segments", "list_objects", "usage",
-                                            "drain_node", "recover"};
+                                            "drain_node", "undrain_node", "recover"};
   return ops;
 }
 
