@@ -249,7 +249,8 @@ INSTANTIATE_TEST_SUITE_P(Transports, StoreAcrossProcesses, tool_transports, [](c
 
 TEST(StoreProcesses, AnSsdFileOfANodeTakesWhatItsDramCannotHold) {
   cluster c("tcp");
-  ASSERT_NO_FATAL_FAILURE(c.start_master());
+  // A node timeout no test waits for: the clean stop below must leave by itself.
+  ASSERT_NO_FATAL_FAILURE(c.start_master(/*node_timeout_ms=*/600000));
   const auto pool = c.dir / "n0.pool";
   ASSERT_NO_FATAL_FAILURE(c.start_node("n0", "1MiB", {{"ssd", {{"path", pool.string()}, {"bytes", "8MiB"}}}}));
   EXPECT_EQ(fs::file_size(pool), 8u << 20);
@@ -264,10 +265,14 @@ TEST(StoreProcesses, AnSsdFileOfANodeTakesWhatItsDramCannotHold) {
   auto usage = c.admin({"usage"});
   EXPECT_EQ(usage["tiers"]["ssd"]["used"], 3u << 20) << usage.dump();
   EXPECT_EQ(usage["tiers"]["dram"]["capacity"], 1u << 20);
-  // A clean stop removes the file.
+  // A clean stop removes the file, and the node (DRAM and SSD) leaves the
+  // master before its process ends, not a node timeout later.
   c.nodes.at("n0")->kill(SIGTERM);
   EXPECT_EQ(c.nodes.at("n0")->wait(), 0);
   EXPECT_FALSE(fs::exists(pool));
+  const auto after = c.admin({"segments"});
+  EXPECT_TRUE(after["segments"].empty()) << after.dump();
+  EXPECT_EQ(c.admin({"usage"})["objects"], 0) << "its only copy left with it";
 }
 
 TEST(StoreProcesses, NodesKilledWithAGetAndAPutInFlightLeaveThePoolConsistent) {

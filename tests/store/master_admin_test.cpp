@@ -281,6 +281,32 @@ TEST_F(MasterAdmin, UndrainingANodeLetsObjectsBePlacedOnItAgain) {
   EXPECT_FALSE(r["was_draining"]);
 }
 
+TEST_F(MasterAdmin, ANodeThatLeavesIsDroppedWithWhatOnlyItHeld) {
+  add("n0", 1 << 20);
+  put("t", "only", 4096);
+  ASSERT_TRUE(put("t", "half", 4096, 1, /*commit=*/false)["ok"]);
+  add("n1", 1 << 20);
+  put("t", "two", 4096, 2);
+  auto r = call({{"op", "leave"}, {"node", "n0"}});
+  ASSERT_TRUE(r["ok"]) << r.dump();
+  EXPECT_EQ(r["node"], "n0");
+  EXPECT_EQ(r["lost"], 1);
+  EXPECT_EQ(r["reclaimed_puts"], 1);
+  const auto segments = call({{"op", "list_segments"}});
+  ASSERT_EQ(segments["segments"].size(), 1u);
+  EXPECT_EQ(segments["segments"][0]["node"], "n1");
+  EXPECT_EQ(call({{"op", "get"}, {"tenant", "t"}, {"key", "only"}})["error"], "not_found");
+  auto g = call({{"op", "get"}, {"tenant", "t"}, {"key", "two"}});
+  ASSERT_EQ(g["replicas"].size(), 1u);
+  EXPECT_EQ(g["replicas"][0]["node"], "n1");
+  EXPECT_EQ(call({{"op", "heartbeat"}, {"node", "n0"}})["error"], "not_found") << "it registers again to come back";
+  auto again = call({{"op", "leave"}, {"node", "n0"}});
+  EXPECT_EQ(again["error"], "not_found");
+  auto bad = call({{"op", "leave"}});
+  EXPECT_EQ(bad["error"], "invalid_argument");
+  EXPECT_NE(bad["message"].get<std::string>().find("leave.node"), std::string::npos) << bad.dump();
+}
+
 TEST_F(MasterAdmin, APendingPutOnADrainingNodeKeepsItUndrained) {
   add("n0", 1 << 20);
   ASSERT_TRUE(put("t", "half", 4096, 1, /*commit=*/false)["ok"]);

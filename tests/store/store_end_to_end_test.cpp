@@ -77,7 +77,7 @@ struct StoreEndToEnd : ::testing::Test, kvx::test::store_cluster<state_type> {
   }
 
   struct client_party {
-    party* p;
+    party* p = nullptr;
     std::vector<std::byte> buffer;
     std::unique_ptr<kvx::store::store_client<engine_type>> client;
   };
@@ -103,6 +103,36 @@ struct StoreEndToEnd : ::testing::Test, kvx::test::store_cluster<state_type> {
       auto [e] = co_await c.client->async_put(k, bytes, asio::as_tuple(asio::use_awaitable));
       co_return e;
     });
+  }
+  // Three nodes and "obj" (100,000 random bytes of `seed`) put by `writer`
+  // with two replicas; the bytes, and the node holding its first copy.
+  struct placed_object {
+    std::span<std::byte> bytes;
+    kvx::store::store_node<engine_type>* holder = nullptr;
+  };
+  placed_object three_nodes_and_an_object(client_party& writer, int seed) {
+    for (auto name : {"node-a", "node-b", "node-c"}) add_node(name, 2 << 20);
+    writer = add_client("writer", 1 << 20, 2);
+    auto src = std::span(writer.buffer).first(100000);
+    kvx::testing::fill_random(src, static_cast<std::uint64_t>(seed));
+    EXPECT_FALSE(put(writer, "obj", src));
+    auto before = state.get({"t", "obj"}, kvx::store::clock::now(), {}, 1ms);
+    EXPECT_TRUE(before);
+    if (!before) return {src, nullptr};
+    for (auto& n : nodes)
+      if (n->options().name == before->replicas[0].node) return {src, n.get()};
+    return {src, nullptr};
+  }
+  // Runs the io_context until some node made a re-replication copy (5 s at most); how many were made.
+  std::size_t wait_for_a_copy() {
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    std::size_t copies = 0;
+    while (std::chrono::steady_clock::now() < until && copies == 0) {
+      io.restart();
+      io.run_for(50ms);
+      for (auto& n : nodes) copies += n->replications_done();
+    }
+    return copies;
   }
   std::pair<std::error_code, std::uint64_t> get(client_party& c, const std::string& key, std::span<std::byte> dst) {
     const kvx::store::object_key k{"t", key};
@@ -147,29 +177,13 @@ TEST_F(StoreEndToEnd, PutLargerThanThePoolIsRefusedAndLeavesNothing) {
 }
 
 TEST_F(StoreEndToEnd, DeadNodesReplicaIsServedByTheOtherAndReCopied) {
-  add_node("node-a", 2 << 20);
-  add_node("node-b", 2 << 20);
-  add_node("node-c", 2 << 20);
-  auto writer = add_client("writer", 1 << 20, 2);
-  auto src = std::span(writer.buffer).first(100000);
-  fill_random(src, 2);
-  ASSERT_FALSE(put(writer, "obj", src));
-  auto before = state.get({"t", "obj"}, kvx::store::clock::now(), {}, 1ms);
-  ASSERT_TRUE(before);
-  const auto dead = before->replicas[0].node;
-  for (auto& n : nodes)
-    if (n->options().name == dead) n->stop();
+  client_party writer;
+  auto [src, holder] = three_nodes_and_an_object(writer, 2);
+  ASSERT_NE(holder, nullptr);
+  const auto dead = holder->options().name;
+  holder->stop();
   // Let the master notice (400 ms timeout) and the survivor copy the object to the third node.
-  const auto until = std::chrono::steady_clock::now() + 5s;
-  std::size_t copies = 0;
-  while (std::chrono::steady_clock::now() < until) {
-    io.restart();
-    io.run_for(50ms);
-    copies = 0;
-    for (auto& n : nodes) copies += n->replications_done();
-    if (copies > 0) break;
-  }
-  EXPECT_EQ(copies, 1u);
+  EXPECT_EQ(wait_for_a_copy(), 1u);
   auto reader = add_client("reader", 1 << 20);
   auto [ec, got] = get(reader, "obj", reader.buffer);
   ASSERT_FALSE(ec) << ec.message();
@@ -177,6 +191,35 @@ TEST_F(StoreEndToEnd, DeadNodesReplicaIsServedByTheOtherAndReCopied) {
   auto after = state.get({"t", "obj"}, kvx::store::clock::now(), {}, 1ms);
   ASSERT_EQ(after->replicas.size(), 2u);
   for (const auto& r : after->replicas) EXPECT_NE(r.node, dead);
+}
+
+TEST_F(StoreEndToEnd, ANodeThatLeavesIsDroppedAtOnceAndItsObjectsCopiedAgain) {
+  client_party writer;
+  auto [src, node] = three_nodes_and_an_object(writer, 3);
+  ASSERT_NE(node, nullptr);
+  const auto leaving = node->options().name;
+  auto leave = [&, node = node] {
+    return wait([&]() -> asio::awaitable<std::error_code> {
+      auto [e] = co_await node->async_leave(asio::as_tuple(asio::use_awaitable));
+      co_return e;
+    });
+  };
+  auto ec = leave();
+  ASSERT_FALSE(ec) << ec.message();
+  // Gone when the answer came back, not a node timeout (400 ms) later.
+  const auto members = state.nodes();
+  EXPECT_EQ(std::count(members.begin(), members.end(), leaving), 0) << "the master still lists " << leaving;
+  auto left = state.get({"t", "obj"}, kvx::store::clock::now(), {}, 1ms);
+  ASSERT_TRUE(left);
+  ASSERT_EQ(left->replicas.size(), 1u);
+  EXPECT_NE(left->replicas[0].node, leaving);
+  // The next ticks copy the object to the third node; it reads byte-exact.
+  EXPECT_EQ(wait_for_a_copy(), 1u);
+  auto reader = add_client("reader", 1 << 20);
+  auto [gec, got] = get(reader, "obj", reader.buffer);
+  ASSERT_FALSE(gec) << gec.message();
+  EXPECT_TRUE(std::equal(src.begin(), src.end(), reader.buffer.begin()));
+  EXPECT_EQ(leave(), kvx::errc::not_found) << "leaving twice: the master no longer knows it";
 }
 
 TEST_F(StoreEndToEnd, BatchFormsAndPrefixLookup) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <utility>
 
+#include <kvx/core/log.hpp>
 #include <kvx/store/master_state.hpp>
 #include <kvx/store/protocol.hpp>
 
@@ -89,6 +90,16 @@ class master_handler {
       json ledger = json::array();
       for (const auto& c : *changes) ledger.push_back(protocol::to_json(c));
       return json{{"tasks", std::move(tasks)}, {"ledger", std::move(ledger)}};
+    }
+    if (op == "leave") {
+      auto node = v.required<std::string>("node");
+      KVX_TRY(node);
+      auto report = state_.leave(*node, now);
+      KVX_TRY(report);
+      tasks_.erase(*node);
+      log(log_level::info, "store master: node '", *node, "' left; ", report->lost_objects.size(), " objects lost with it");
+      for (const auto& k : report->lost_objects) log(log_level::warn, "store master: object '", k.full(), "' lost with its node");
+      return json{{"node", *node}, {"lost", report->lost_objects.size()}, {"reclaimed_puts", report->reclaimed_puts.size()}};
     }
     if (op == "recover") {
       auto node = v.required<std::string>("node");

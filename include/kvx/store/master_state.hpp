@@ -646,6 +646,18 @@ class master_state {
   }
   [[nodiscard]] bool draining(const std::string& node) const { return draining_.count(node) > 0; }
 
+  //! `node` leaves on its own word (a clean stop): it is dropped now, as
+  //! `tick` drops a node silent past `node_timeout`, with the same fence
+  //! against placing on it again while leases it was part of may run. The
+  //! report lists the objects lost with it and the puts reclaimed; copies
+  //! of the rest are planned by the next `tick`.
+  result<tick_report> leave(const std::string& node, clock::time_point now) {
+    if (!nodes_.count(node)) return error{errc::not_found, "leave: no node '" + node + "'"};
+    tick_report report;
+    drop_node(node, now, report);
+    return report;
+  }
+
   //! Ends draining `node`: new replicas may be placed on it again (its
   //! copies given back are not brought back). Whether it was draining.
   result<bool> undrain_node(const std::string& node) {

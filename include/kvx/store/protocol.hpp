@@ -18,6 +18,7 @@
 //! | op | fields | response fields |
 //! | --- | --- | --- |
 //! | `register_segment` | `node, segment, capacity, tier, host` (`host` optional: the failure domain, default the node) | `recover_after_ms` (when the node may report its ledger) |
+//! | `leave` | `node` (a clean stop: dropped now, not after `node_timeout`) | `node, lost` (objects whose only copies it held), `reclaimed_puts` |
 //! | `heartbeat` | `node, ledger_ack?` (the last ledger change applied) | `tasks` (replication tasks for this node: `tenant, key, put_id, source, target, deadline_ms`, the copy's time left; past it the master reuses the target), `ledger` (changes after `ledger_ack`) |
 //! | `put_start` | `tenant, key, size, replicas?, preferred_node?, soft_pin?, lease_ms?` (the put lease asked; absent or 0: the master's `put_lease`; over its `max_put_lease`: `invalid_argument`) | `put_id, replicas, deadline_ms` (the put lease granted, left), `checksum` (true: send one with the commit) |
 //! | `put_commit` / `put_abort` | `tenant, key, put_id`, commit: `checksum?` (XXH3-64 of the bytes) | |
@@ -147,7 +148,7 @@ inline const std::vector<std::string>& known_ops() {
   static const std::vector<std::string> ops{"register_segment", "heartbeat", "put_start", "put_commit", "put_abort",
                                             "get", "release", "remove", "exists", "longest_prefix",
                                             "replication_done", "stats", "list_segments", "list_objects", "usage",
-                                            "drain_node", "undrain_node", "recover"};
+                                            "drain_node", "undrain_node", "recover", "leave"};
   return ops;
 }
 

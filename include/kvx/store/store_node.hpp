@@ -11,7 +11,8 @@
 //!
 //! A node that stops heartbeating (crashed, partitioned, `stop()`ped) is
 //! dropped by the master after `node_timeout`: its replicas are forgotten and
-//! objects with other replicas are copied again.
+//! objects with other replicas are copied again. `async_leave()` is the clean
+//! stop: the master drops the node at once.
 //!
 //! A master that answers a heartbeat with `not_found` does not know the node:
 //! a new master after a failover (`elected_master`), or one that dropped the
@@ -47,6 +48,7 @@
 #include <vector>
 
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -114,6 +116,26 @@ class store_node {
           });
         },
         token, region);
+  }
+
+  //! A clean stop: stops heartbeating and tells the master, which drops the
+  //! node at once instead of after `node_timeout` (its objects' other copies
+  //! are copied again on the master's next tick, readers stop being sent
+  //! here). Completion: `void(std::error_code)`, the master's answer; on
+  //! any error the master still drops the node after its timeout. Bound it
+  //! with `kvx::cancel_after` when the master may be unreachable.
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_leave(CompletionToken&& token) {
+    stop();
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        [master = master_, name = options_.name, ex = engine_.get_executor()](auto handler) {
+          auto slot = asio::get_associated_cancellation_slot(handler);
+          master->async_call(protocol::make_request("leave", "node", name),
+                             asio::bind_cancellation_slot(slot, [h = std::move(handler), ex](std::error_code ec, const protocol::json&) mutable {
+                               kvx::detail::post_completion(ex, std::move(h), ec);
+                             }));
+        },
+        token);
   }
 
   //! Stops heartbeating; the master drops the node after its timeout.
