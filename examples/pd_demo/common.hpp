@@ -67,6 +67,8 @@ struct options {
   std::size_t crash_prefill_before_report = 0;  // that request's prefill instance dies after its last layer, before reporting
   std::size_t stop_prefill_after = 0;  // SIGSTOP it instead: alive, silent (1-based; 0: never)
   std::uint32_t silence_timeout_s = 10;  // an instance that sends nothing this long is stopped and marked down
+  std::size_t wedge_prefill_after = 0;   // that request's prefill instance computes nothing more, still answering pings
+  std::uint32_t attempt_timeout_s = 30;  // an instance a stage waited on this long, finishing nothing meanwhile, is wedged
   std::string ssd_dir = "/tmp";        // where the pool's SSD tier (a file) lives
 };
 
@@ -107,6 +109,13 @@ void usage() {
       "  --silence-timeout S    the router pings every instance twice a second; one that sends nothing\n"
       "                         for S seconds is killed, marked down and its requests retried (default\n"
       "                         10, 1 to 3600)\n"
+      "  --wedge-prefill-after N\n"
+      "                         the prefill instance serving the Nth request stops computing (its compute\n"
+      "                         thread blocks) but keeps answering pings: a test hook for --attempt-timeout\n"
+      "  --attempt-timeout S    an instance that a request's stage (admit, prefill, decode) waited on for S\n"
+      "                         seconds, and that finished no stage of any request meanwhile, is wedged:\n"
+      "                         killed, marked down, its requests retried (default 30, 1 to 3600; it must\n"
+      "                         exceed the longest single stage an instance runs)\n"
       "  --quiet                no progress lines\n"
       "  --help                 this text\n"
       "\n"
@@ -179,6 +188,8 @@ std::optional<options> parse(int argc, char** argv, bool& synthetic) {
     else if (a == "--stop-prefill-after") o.stop_prefill_after = number();
     else if (a == "--crash-prefill-before-report") o.crash_prefill_before_report = number();
     else if (a == "--silence-timeout") o.silence_timeout_s = count32(3600);
+    else if (a == "--wedge-prefill-after") o.wedge_prefill_after = number();
+    else if (a == "--attempt-timeout") o.attempt_timeout_s = count32(3600);
     else {
       std::fprintf(stderr, "kvx_pd_demo: unknown option '%s' (see --help)\n", a.c_str());
       std::exit(2);
@@ -197,12 +208,14 @@ std::optional<options> parse(int argc, char** argv, bool& synthetic) {
   positive(o.max_output, "--max-output");
   positive(o.concurrency, "--concurrency");
   positive(o.silence_timeout_s, "--silence-timeout");
+  positive(o.attempt_timeout_s, "--attempt-timeout");
   if (o.max_prompt < 2) {
     std::fprintf(stderr, "kvx_pd_demo: --max-prompt must be at least 2\n");
     std::exit(2);
   }
   for (auto [n, what] : {std::pair{o.kill_prefill_after, "--kill-prefill-after"}, std::pair{o.stop_prefill_after, "--stop-prefill-after"},
-                          std::pair{o.crash_prefill_before_report, "--crash-prefill-before-report"}}) {
+                          std::pair{o.crash_prefill_before_report, "--crash-prefill-before-report"},
+                          std::pair{o.wedge_prefill_after, "--wedge-prefill-after"}}) {
     if (n && o.prefill < 2) {
       std::fprintf(stderr, "kvx_pd_demo: %s needs --prefill 2 or more (someone must take over)\n", what);
       std::exit(2);

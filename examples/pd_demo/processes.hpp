@@ -212,9 +212,12 @@ int serve_disaggregated(const worker_spec& spec, worker_engine_t& engine, Mode m
       auto prompt = tokens_of(m);
       nlohmann::json target_json;
       if constexpr (!pooled) target_json = m.at("target");
-      const bool crash_before_report = m.value("crash_before_report", false);  // the router's test hook
+      const bool crash_before_report = m.value("crash_before_report", false);  // the router's test hooks
+      const bool wedge = m.value("wedge", false);
       compute.post(
-          [&, id, prompt = std::move(prompt), target_json = std::move(target_json), crash_before_report] {
+          [&, id, prompt = std::move(prompt), target_json = std::move(target_json), crash_before_report, wedge] {
+            // Wedged: nothing more is computed, the io thread still answers pings (the router kills us).
+            if (wedge) std::this_thread::sleep_for(std::chrono::hours(1));
             if constexpr (!pooled) {
               auto t = kd::push_target_from_json(target_json);
               if (!t) return fail(id, "prefill", t.error());
@@ -353,6 +356,7 @@ struct remote_worker {
   kd::instance_id id = 0;
   bool alive = false;
   std::chrono::steady_clock::time_point last_heard;  // its last message of any kind (pongs included)
+  std::chrono::steady_clock::time_point last_progress;  // the last stage of a request it finished (or failed)
   std::uint32_t queued = 0;        // requests sent and not answered
   std::uint64_t queued_tokens = 0;
   std::uint64_t bytes_saved = 0, bytes_loaded = 0;
@@ -493,6 +497,8 @@ class coordinator {
     record rec;
     std::vector<kvx::cache::block_key> keys;
     bool admitted = false, prefilled = false, decoded = false;
+    bool targeted = false;  // push: the decode side answered where to write
+    clock_type::time_point progress_at{};  // dispatch, or the last stage an instance finished
     std::uint64_t epoch = 0;  // push: the decode side's target epoch
     std::uint32_t layers = 0;
   };
@@ -656,6 +662,28 @@ class coordinator {
         }
         w.ch->send({{"op", "ping"}});
       }
+      // An instance that answers pings but finishes nothing is as good as
+      // hung: its compute is wedged. Only the 120 s window ended its requests.
+      // Wedged, not busy: a request waited on it for the attempt timeout and
+      // it finished no stage of any request meanwhile (a busy instance's
+      // queue moves; judging each attempt alone killed loaded instances).
+      // One per pass, the one waited on longest: instances held up by it (a
+      // decode side whose blocks wait for a wedged prefill's layers) move
+      // again once it is gone, and must not be taken for wedged too.
+      const auto stalled = std::chrono::seconds(o_.attempt_timeout_s);
+      const flight* longest = nullptr;
+      for (const auto& [wid, f] : flights_) {
+        const auto& w = workers_[awaited_instance(f)];
+        if (w.alive && now - f.progress_at > stalled && now - w.last_progress > stalled &&
+            (!longest || f.progress_at < longest->progress_at))
+          longest = &f;
+      }
+      if (longest) {
+        const auto k = awaited_instance(*longest);
+        const auto i = longest->i;
+        if (workers_[k].pid > 0) ::kill(workers_[k].pid, SIGKILL);
+        on_lost(k, "no progress on request " + std::to_string(i) + " for " + std::to_string(o_.attempt_timeout_s) + " s; killed");
+      }
     }
     watch_timer_.expires_after(500ms);
     watch_timer_.async_wait([this](boost::system::error_code ec) {
@@ -677,6 +705,7 @@ class coordinator {
   nlohmann::json request_json(const char* op, const flight& f, std::uint64_t wid) const {
     nlohmann::json j{{"op", op}, {"id", wid}, {"prompt", reqs_[f.i].prompt}, {"output", reqs_[f.i].output}};
     if (std::string_view(op) == "prefill" && f.attempt == 0 && f.i + 1 == o_.crash_prefill_before_report) j["crash_before_report"] = true;
+    if (std::string_view(op) == "prefill" && f.attempt == 0 && f.i + 1 == o_.wedge_prefill_after) j["wedge"] = true;
     return j;
   }
 
@@ -732,7 +761,15 @@ class coordinator {
         workers_[f.q].ch->send(request_json("admit", f, wid));
       }
     }
+    f.progress_at = clock_type::now();
     flights_.emplace(wid, std::move(f));
+  }
+
+  // The instance an attempt waits on: the one whose stage is not done.
+  std::size_t awaited_instance(const flight& f) const {
+    if (colocated_) return f.p;
+    if (pooled_) return f.prefilled ? f.q : f.p;
+    return !f.targeted ? f.q : !f.prefilled ? f.p : f.q;  // push: admit, then the layers, then decoding
   }
 
   // Ends an attempt: its instances' load goes down. mu_ held.
@@ -814,11 +851,13 @@ class coordinator {
     if (!from_decode && !from_prefill && !(op == "failed" && (from == f.p || from == f.q)))
       throw std::invalid_argument("'" + op + "' for request attempt " + std::to_string(wid) + " from " + workers_[from].name +
                                   ", which does not serve it");
+    f.progress_at = workers_[from].last_progress = clock_type::now();
     if (op == "admitted" && !pooled_) {
       auto t = kd::push_target_from_json(m.at("target"));
       if (!t) return retry(wid, workers_[from].name + " sent a bad target: " + t.error().message());
       f.epoch = t->epoch;
       f.layers = t->layers;
+      f.targeted = true;
       if (!workers_[f.p].alive) return fail_push(f, wid, workers_[f.p].name + " is gone");
       auto msg = request_json("prefill", f, wid);
       msg["target"] = m.at("target");
