@@ -183,8 +183,11 @@ TEST_F(MasterAdmin, DrainingANodeStopsPlacementAndReReplicatesItsObjects) {
   EXPECT_EQ(empty["objects"], 0);
   EXPECT_EQ(empty["used"], 0);
   const auto after = call({{"op", "list_segments"}});
-  for (const auto& s : after["segments"])
-    if (s["node"] == "n0") EXPECT_EQ(s["used"], 0) << s.dump();
+  for (const auto& s : after["segments"]) {
+    if (s["node"] == "n0") {
+      EXPECT_EQ(s["used"], 0) << s.dump();
+    }
+  }
 
   // n0 stops; nothing is lost and nothing needs copying again.
   now += state.config().node_timeout + 1s;
