@@ -34,10 +34,10 @@
 //! Not thread-safe: one owner serializes calls.
 
 #include <algorithm>
-#include <iterator>
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <optional>

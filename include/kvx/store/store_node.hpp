@@ -126,9 +126,9 @@ class store_node {
   //! with `kvx::cancel_after` when the master may be unreachable.
   template <asio::completion_token_for<void(std::error_code)> CompletionToken>
   auto async_leave(CompletionToken&& token) {
-    stop();
     return asio::async_initiate<CompletionToken, void(std::error_code)>(
-        [master = master_, name = options_.name, ex = engine_.get_executor()](auto handler) {
+        [this, master = master_, name = options_.name, ex = engine_.get_executor()](auto handler) {
+          stop();  // when the operation starts (a deferred token may start it later, or never)
           auto slot = asio::get_associated_cancellation_slot(handler);
           master->async_call(protocol::make_request("leave", "node", name),
                              asio::bind_cancellation_slot(slot, [h = std::move(handler), ex](std::error_code ec, const protocol::json&) mutable {
