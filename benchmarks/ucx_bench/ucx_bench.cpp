@@ -22,7 +22,10 @@
 // one write (initiation to handler, put + flush), one read, and a kvx
 // ping-pong run the way ucp_put_lat runs (--progress sets the initiator's
 // policy). Where puts raise events (not posix/sysv) ucp_put_lat also runs
-// with -E sleep, event-driven like kvx's default progress.
+// with -E sleep, event-driven like kvx's default progress. Then the same with
+// a transfer prepared once (ucx::prepare_write / prepare_read): posted and
+// polled with post + check (no completion handler, as NIXL's postXferReq +
+// checkXferState), through async_post, and a ping-pong whose both sides post.
 #include <kvx/transport/ucx.hpp>
 
 #include <fcntl.h>
@@ -167,14 +170,19 @@ std::uint8_t ping_number(int round) { return static_cast<std::uint8_t>(round % 2
 // Spins as ucp_put_lat does, but yields the core now and then: on a shared
 // 2-core VM two spinning processes can land on one core and then each round
 // waits for a scheduler time slice (milliseconds), which is not latency.
-void wait_for_byte(asio::io_context& io, std::byte* p, std::uint8_t v) {
+// With `t`, progresses UCX directly (as ucp_put_lat does) instead of polling
+// the io_context, whose every poll is an epoll_wait.
+void wait_for_byte(asio::io_context& io, std::byte* p, std::uint8_t v, kvx::transport::ucx* t = nullptr) {
   std::atomic_ref<std::byte> flag(*p);  // written by the peer through UCX
   for (unsigned spins = 1; flag.load(std::memory_order_acquire) != std::byte{v}; ++spins) {
-    io.poll();
+    if (t) t->progress();
+    else io.poll();
     if (spins % 64 == 0) ::sched_yield();
   }
 }
 
+// Writes each round's 4 KiB with async_write, or (after use_post) with a
+// prepared transfer posted and polled, NIXL-style.
 struct ping_writer {
   asio::io_context& io;
   kvx::transport::ucx& t;
@@ -182,7 +190,25 @@ struct ping_writer {
   std::span<std::byte> src;  // ping_bytes, from this side's memory
   int pending = 0;
   std::error_code failure;
+  std::optional<kvx::transport::ucx_prepared_transfer> prepared{};
+  bool posted = false;  // a post of `prepared` not yet reported done
+
+  void use_post() {
+    drain();
+    const kvx::transport::ucx_piece piece{0, src};
+    auto p = t.prepare_write(peer, std::span(&piece, 1));
+    if (!p) throw std::runtime_error("kvx ping-pong prepare failed: " + p.error().message());
+    prepared = std::move(*p);
+  }
   void send(int round) {
+    if (prepared) {
+      settle();
+      src.back() = std::byte{ping_number(round)};
+      auto r = t.post(*prepared);
+      if (!r) throw std::runtime_error("kvx ping-pong post failed: " + r.error().message());
+      posted = *r == kvx::transport::ucx_post_status::in_progress;
+      return;
+    }
     src.back() = std::byte{ping_number(round)};
     ++pending;
     t.async_write(peer, 0, std::span<const std::byte>(src), [this](std::error_code ec) {
@@ -190,7 +216,15 @@ struct ping_writer {
       if (ec) failure = ec;
     });
   }
+  void settle() {
+    while (posted) {
+      auto r = t.check(*prepared);
+      if (!r) throw std::runtime_error("kvx ping-pong post failed: " + r.error().message());
+      posted = *r == kvx::transport::ucx_post_status::in_progress;
+    }
+  }
   void drain() {
+    settle();
     while (pending > 0) io.run_one();
     if (failure) throw std::runtime_error("kvx ping-pong write failed: " + failure.message());
   }
@@ -240,8 +274,10 @@ int serve(const args_t& a) {
     if (!peer) return 1;
     auto* bytes = static_cast<std::byte*>(region.address);
     ping_writer w{io, t, *peer, {bytes + ping_bytes, ping_bytes}, 0, {}};
-    for (int round = 0; round < a.pingpong; ++round) {
-      wait_for_byte(io, bytes + ping_bytes - 1, ping_number(round));
+    // The initiator's rounds: with async_write first, then with posts.
+    for (int round = 0; round < 2 * a.pingpong; ++round) {
+      if (round == a.pingpong) w.use_post();
+      wait_for_byte(io, bytes + ping_bytes - 1, ping_number(round), round >= a.pingpong ? &t : nullptr);
       w.send(round);
     }
     w.drain();
@@ -252,16 +288,20 @@ int serve(const args_t& a) {
 }
 
 // The initiator's side of the ping-pong: p50 of half the round trip, in µs.
+// Rounds [first, first + rounds + warmup): the target switches to posts when
+// `post` does, at the same round.
 double kvx_pingpong(asio::io_context& io, kvx::transport::ucx& t, const kvx::memory::segment_descriptor& peer,
-                    std::span<std::byte> local, int rounds, int warmup) {
+                    std::span<std::byte> local, int rounds, int warmup, int first, bool post) {
   ping_writer w{io, t, peer, local.subspan(ping_bytes, ping_bytes), 0, {}};
+  if (post) w.use_post();
   std::vector<double> us;
   us.reserve(static_cast<std::size_t>(rounds));
-  for (int round = 0; round < rounds + warmup; ++round) {
+  for (int i = 0; i < rounds + warmup; ++i) {
+    const int round = first + i;
     const auto s = clock_type::now();
     w.send(round);
-    wait_for_byte(io, local.data() + ping_bytes - 1, ping_number(round));
-    if (round >= warmup) us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - s).count() / 2);
+    wait_for_byte(io, local.data() + ping_bytes - 1, ping_number(round), post ? &t : nullptr);
+    if (i >= warmup) us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - s).count() / 2);
   }
   w.drain();
   std::sort(us.begin(), us.end());
@@ -349,6 +389,37 @@ latency_us kvx_latency(asio::io_context& io, kvx::transport::ucx& t, const kvx::
   return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
 }
 
+// The same with a transfer prepared once: `post` and `check` until done (no
+// completion handler), or `async_post` (the handler through the io_context).
+latency_us prepared_latency(asio::io_context& io, kvx::transport::ucx& t, const kvx::memory::segment_descriptor& d,
+                            std::span<std::byte> local, std::uint64_t size, int n, bool write, bool polled) {
+  const kvx::transport::ucx_piece piece{0, local.first(size)};
+  auto p = write ? t.prepare_write(d, std::span(&piece, 1)) : t.prepare_read(d, std::span(&piece, 1));
+  if (!p) throw std::runtime_error("kvx prepare failed: " + p.error().message());
+  std::vector<double> us;
+  us.reserve(static_cast<std::size_t>(n));
+  for (int i = 0; i < n + 100; ++i) {
+    const auto s = clock_type::now();
+    if (polled) {
+      auto r = t.post(*p);
+      while (r && *r == kvx::transport::ucx_post_status::in_progress) {
+        io.poll();
+        r = t.check(*p);
+      }
+      if (!r) throw std::runtime_error("kvx post failed: " + r.error().message());
+    } else {
+      bool done = false;
+      std::error_code err;
+      t.async_post(*p, [&](std::error_code ec) { done = true; err = ec; });
+      while (!done) io.run_one();
+      if (err) throw std::runtime_error("kvx async_post failed: " + err.message());
+    }
+    if (i >= 100) us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - s).count());
+  }
+  std::sort(us.begin(), us.end());
+  return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
+}
+
 // The floor under any kvx operation on this io_context: a 4 KiB memcpy plus
 // one completion posted to it and run by run_one (what a kvx write that UCX
 // finishes at once adds to its copy), timed the same way.
@@ -407,7 +478,7 @@ std::vector<std::uint64_t> parse_sizes(const std::string& s) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   args_t a;
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
@@ -462,7 +533,7 @@ int main(int argc, char** argv) {
   for (auto size : a.sizes) max_size = std::max(max_size, size);
   const int ping_warmup = 100;
   child target({"/proc/self/exe", "--serve", std::to_string(max_size), "--tls", a.tls, "--memory", a.memory,
-                "--pingpong", std::to_string(a.lat_iters + ping_warmup)},
+                "--pingpong", std::to_string(a.lat_iters + ping_warmup)},  // twice: async_write, then posts
                {}, true);
   auto line = target.line(20000);
   if (!line) {
@@ -490,7 +561,9 @@ int main(int argc, char** argv) {
   std::memset(local.data(), 0, ping_bytes);
   target.send_line(ldesc->to_json().dump());
   // First, while the target answers ping-pong rounds (it serves only after them).
-  const double ping_half_rtt = kvx_pingpong(io, t, desc, local, a.lat_iters, ping_warmup);
+  const double ping_half_rtt = kvx_pingpong(io, t, desc, local, a.lat_iters, ping_warmup, 0, false);
+  const double post_ping_half_rtt =
+      kvx_pingpong(io, t, desc, local, a.lat_iters, ping_warmup, a.lat_iters + ping_warmup, true);
 
   std::ofstream json;
   if (!a.json.empty()) json.open(a.json, std::ios::app);
@@ -525,6 +598,9 @@ int main(int argc, char** argv) {
   // local), a full round trip on tcp. Both ratios are printed.
   const auto lw = kvx_latency(io, t, desc, local, 4096, a.lat_iters, true);
   const auto lr = kvx_latency(io, t, desc, local, 4096, a.lat_iters, false);
+  const auto pw = prepared_latency(io, t, desc, local, 4096, a.lat_iters, true, true);
+  const auto pr = prepared_latency(io, t, desc, local, 4096, a.lat_iters, false, true);
+  const auto aw = prepared_latency(io, t, desc, local, 4096, a.lat_iters, true, false);
   const double floor_us = asio_floor(io, local, a.lat_iters);
   auto pl = perftest(a, "ucp_put_lat", 4096, static_cast<std::uint64_t>(a.lat_iters));
   const double half_rtt = pl[1];
@@ -539,6 +615,12 @@ int main(int argc, char** argv) {
               lr.p50 / (2 * half_rtt));
   std::printf("  kvx ping-pong (ucp_put_lat's method with kvx writes) p50 %.2f us half round trip; /put_lat %.2f\n",
               ping_half_rtt, ping_half_rtt / half_rtt);
+  std::printf("  prepared, post + check: write p50 %.2f us (p99 %.2f), /put_lat %.2f, /round trip %.2f; "
+              "read p50 %.2f us (p99 %.2f), /round trip %.2f\n",
+              pw.p50, pw.p99, pw.p50 / half_rtt, pw.p50 / (2 * half_rtt), pr.p50, pr.p99, pr.p50 / (2 * half_rtt));
+  std::printf("  prepared, async_post: write p50 %.2f us; /put_lat %.2f\n", aw.p50, aw.p50 / half_rtt);
+  std::printf("  kvx ping-pong with posts, both sides, p50 %.2f us half round trip; /put_lat %.2f\n", post_ping_half_rtt,
+              post_ping_half_rtt / half_rtt);
   std::printf("  Asio floor (4 KiB memcpy + one posted completion) p50 %.2f us; /put_lat %.2f\n", floor_us,
               floor_us / half_rtt);
   if (!shm_rma)
@@ -550,9 +632,24 @@ int main(int argc, char** argv) {
                      {"kvx_read_us", lr.p50}, {"kvx_read_p99_us", lr.p99}, {"perftest_put_lat_us", half_rtt},
                      {"ratio", lw.p50 / half_rtt}, {"ratio_round_trip", lw.p50 / (2 * half_rtt)},
                      {"kvx_pingpong_half_rtt_us", ping_half_rtt}, {"ratio_pingpong", ping_half_rtt / half_rtt},
-                     {"asio_floor_us", floor_us}};
+                     {"asio_floor_us", floor_us}, {"kvx_post_write_us", pw.p50}, {"kvx_post_write_p99_us", pw.p99},
+                     {"kvx_post_read_us", pr.p50}, {"kvx_post_read_p99_us", pr.p99}, {"ratio_post", pw.p50 / half_rtt},
+                     {"kvx_async_post_write_us", aw.p50}, {"kvx_post_pingpong_half_rtt_us", post_ping_half_rtt},
+                     {"ratio_post_pingpong", post_ping_half_rtt / half_rtt}};
     if (!shm_rma) j["perftest_put_lat_sleep_us"] = sleep_half_rtt;
     json << j.dump() << "\n";
   }
   return 0;
+}
+
+// An error (ucx_perftest giving no result, a failed kvx op) ends the run
+// here, where the target process is still killed by its destructor: uncaught,
+// it was orphaned and kept serving (and kept a caller's pipe open).
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "ucx_bench: " << e.what() << "\n";
+    return 1;
+  }
 }

@@ -134,6 +134,69 @@ class ucx_buffer {
   memory::location where_ = memory::location::host();
 };
 
+//! One piece of a prepared transfer: `local.size()` bytes between `local` and
+//! the remote segment at `remote_offset` (the source of a write, the
+//! destination of a read).
+struct ucx_piece {
+  std::uint64_t remote_offset = 0;
+  std::span<std::byte> local{};
+};
+
+//! What `ucx::post` and `ucx::check` report of a prepared transfer.
+enum class ucx_post_status {
+  done,         //!< every piece has landed (a write: visible at the target)
+  in_progress,  //!< still moving: `check` again (or cancel it)
+};
+
+namespace detail {
+//! A prepared transfer's polling state, shared with its op while one is in
+//! flight (the transfer may be moved or destroyed meanwhile). Guarded by the
+//! worker's mutex.
+struct ucx_poll_state {
+  enum class phase { idle, in_flight, finished } at = phase::idle;
+  std::error_code ec{};
+  std::uint64_t op_id = 0;
+};
+
+struct ucx_poll_op final : ucx_op_base {
+  explicit ucx_poll_op(std::shared_ptr<ucx_poll_state> s) : state(std::move(s)) {}
+  void deliver(std::error_code ec) override {
+    state->at = ucx_poll_state::phase::finished;
+    state->ec = ec;
+  }
+  std::shared_ptr<ucx_poll_state> state;
+};
+}  // namespace detail
+
+//! A transfer checked and resolved once and posted many times: one direction,
+//! one remote segment, any number of pieces, finished by one endpoint flush
+//! (NIXL's prepared transfer request; `ucx::prepare_read` / `prepare_write`).
+//! Posting it skips reading the descriptor, which is most of what a small
+//! operation costs kvx. The local buffers and the remote registration must
+//! stay as they were when it was prepared: prepare again after the remote
+//! segment is re-registered. An endpoint that failed or was closed since is
+//! replaced when it is next posted (the descriptor is kept for that).
+//! Movable; one `post` of it in flight at a time.
+class ucx_prepared_transfer {
+ public:
+  ucx_prepared_transfer() = default;
+  [[nodiscard]] bool is_write() const noexcept { return write_; }
+  [[nodiscard]] std::size_t pieces() const noexcept { return pieces_.size(); }
+  [[nodiscard]] std::uint64_t bytes() const noexcept { return bytes_; }
+  [[nodiscard]] const memory::segment_descriptor& remote() const noexcept { return remote_; }
+
+ private:
+  friend class ucx;
+  std::uint64_t worker_serial_ = 0;  // the worker it was prepared on (0: none)
+  bool write_ = false;
+  std::uint64_t bytes_ = 0;
+  memory::segment_descriptor remote_;
+  std::vector<ucx_piece> given_;  // as prepared, to resolve again
+  detail::ucx_target target_;
+  std::vector<detail::ucx_piece_target> pieces_;
+  std::shared_ptr<detail::ucx_poll_state> state_;
+};
+
 namespace detail {
 //! Posts `handler(ec)` to `ex` with the semantics of kvx::detail::post_completion
 //! (never inline; run on the handler's associated executor), in fewer steps:
@@ -278,12 +341,162 @@ class ucx {
         token, std::cref(remote), offset, src);
   }
 
+  // ---- prepared transfers: check once, post many times ----------------------
+
+  //! Checks every piece against `remote` (bounds, key, generation, blobs) and
+  //! resolves its endpoint and rkey, as `async_read` would for each; errors
+  //! name the piece. Nothing moves yet.
+  result<ucx_prepared_transfer> prepare_read(const memory::segment_descriptor& remote,
+                                             std::span<const ucx_piece> pieces) {
+    return prepare(remote, pieces, false);
+  }
+  //! As `prepare_read`, for writes from the pieces' local bytes.
+  result<ucx_prepared_transfer> prepare_write(const memory::segment_descriptor& remote,
+                                              std::span<const ucx_piece> pieces) {
+    return prepare(remote, pieces, true);
+  }
+
+  //! Starts a prepared transfer with no completion handler (the polling form,
+  //! as NIXL's postXferReq): `done` when UCX finished inside the call (small
+  //! transfers on shared memory usually do), `in_progress` otherwise, then
+  //! `check` it until it is not. `busy` while an earlier post of it is in
+  //! flight; the io_context keeps progressing UCX as for any operation.
+  result<ucx_post_status> post(ucx_prepared_transfer& p) {
+    std::lock_guard lock(w_->mutex());
+    KVX_TRY(ready(p, "post"));
+    if (p.state_->at == detail::ucx_poll_state::phase::in_flight)
+      return error{errc::busy, "ucx post: this prepared transfer is still in flight (check it until it is done)"};
+    ucs_status_t failure = UCS_OK;
+    const ucs_status_ptr_t request = w_->post_batch(p.target_, p.pieces_, p.write_, failure);
+    if (!UCS_PTR_IS_PTR(request)) {
+      const ucs_status_t s = UCS_PTR_STATUS(request) != UCS_OK ? UCS_PTR_STATUS(request) : failure;
+      if (s != UCS_OK) return error{detail::ucx_worker::code_of(s), "ucx post: " + std::string(ucs_status_string(s))};
+      p.state_->at = detail::ucx_poll_state::phase::idle;
+      return ucx_post_status::done;
+    }
+    auto* op = new detail::ucx_poll_op(p.state_);
+    op->issue_failure = failure;
+    p.state_->at = detail::ucx_poll_state::phase::in_flight;
+    w_->track(op, p.target_, request);
+    p.state_->op_id = op->id;
+    return ucx_post_status::in_progress;
+  }
+
+  //! Progresses UCX once and reports a posted transfer (NIXL's
+  //! checkXferState): `in_progress`, `done`, or the error it ended with. A
+  //! transfer reported once is idle again; checking one never posted is
+  //! `invalid_argument`.
+  result<ucx_post_status> check(ucx_prepared_transfer& p) {
+    std::lock_guard lock(w_->mutex());
+    if (!p.state_ || p.worker_serial_ != w_->serial())
+      return error{errc::invalid_argument, "ucx check: the transfer was not prepared on this transport"};
+    auto& st = *p.state_;
+    if (st.at == detail::ucx_poll_state::phase::idle)
+      return error{errc::invalid_argument, "ucx check: the transfer is not posted"};
+    if (st.at == detail::ucx_poll_state::phase::in_flight) {
+      w_->progress_once();
+      if (st.at == detail::ucx_poll_state::phase::in_flight) return ucx_post_status::in_progress;
+    }
+    st.at = detail::ucx_poll_state::phase::idle;
+    if (st.ec) return error{st.ec, "ucx check: the posted transfer failed"};
+    return ucx_post_status::done;
+  }
+
+  //! Progresses UCX once on the calling thread and returns how many events
+  //! it handled (`ucp_worker_progress`): for an engine that spins, waiting on
+  //! a peer's write into its memory or on posted transfers, without going
+  //! through its io_context (whose poll is a system call).
+  std::size_t progress() {
+    std::lock_guard lock(w_->mutex());
+    return w_->progress_once();
+  }
+
+  //! Ends a posted transfer that is still in flight, as cancelling an
+  //! operation does (its endpoint is force-closed; others in flight to that
+  //! peer end with `connection_lost`): `check` then reports `cancelled`.
+  void cancel(ucx_prepared_transfer& p) {
+    std::uint64_t id = 0;
+    {
+      std::lock_guard lock(w_->mutex());
+      if (!p.state_ || p.worker_serial_ != w_->serial() || p.state_->at != detail::ucx_poll_state::phase::in_flight)
+        return;
+      id = p.state_->op_id;
+    }
+    w_->cancel(id);
+  }
+
+  //! Starts a prepared transfer with its completion delivered to `token`, as
+  //! `async_write` / `async_read` do, without reading the descriptor again.
+  //! Any number may be in flight at once; `p` must live until the operation
+  //! is initiated (with a deferred token, until it is started), its buffers
+  //! until it completes.
+  template <asio::completion_token_for<void(std::error_code)> CompletionToken>
+  auto async_post(ucx_prepared_transfer& p, CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::error_code)>(
+        [this](auto handler, ucx_prepared_transfer* prepared) {
+          std::unique_lock lock(w_->mutex());
+          if (auto ok = ready(*prepared, "async_post"); !ok) {
+            lock.unlock();
+            detail::ucx_post_completion(w_->executor(), std::move(handler), ok.code());
+            return;
+          }
+          this->issue(lock, std::move(handler), prepared->target_, prepared->pieces_, prepared->write_);
+        },
+        token, &p);
+  }
+
  private:
   explicit ucx(std::shared_ptr<detail::ucx_worker> w) : w_(std::move(w)) {}
 
   void reset() {
     if (w_) w_->shutdown();
     w_.reset();
+  }
+
+  result<ucx_prepared_transfer> prepare(const memory::segment_descriptor& remote, std::span<const ucx_piece> pieces,
+                                        bool is_write) {
+    const char* what = is_write ? "ucx prepare_write" : "ucx prepare_read";
+    if (pieces.empty()) return error{errc::invalid_argument, std::string(what) + ": no pieces"};
+    ucx_prepared_transfer p;
+    p.write_ = is_write;
+    p.remote_ = remote;
+    p.given_.assign(pieces.begin(), pieces.end());
+    p.state_ = std::make_shared<detail::ucx_poll_state>();
+    std::lock_guard lock(w_->mutex());
+    if (auto ok = resolve_pieces(p, what); !ok) return ok.error();
+    p.worker_serial_ = w_->serial();
+    for (const auto& piece : pieces) p.bytes_ += piece.local.size();
+    return p;
+  }
+
+  // Resolves every piece of `p` again (a fresh endpoint when its old one
+  // failed or was closed). Lock held.
+  result<void> resolve_pieces(ucx_prepared_transfer& p, const char* what) {
+    p.pieces_.clear();
+    p.pieces_.reserve(p.given_.size());
+    detail::ucx_target target;
+    for (std::size_t i = 0; i < p.given_.size(); ++i) {
+      const auto& piece = p.given_[i];
+      if (piece.local.empty() || piece.local.data() == nullptr)
+        return error{errc::invalid_argument, std::string(what) + ": piece " + std::to_string(i) + " is empty"};
+      if (auto ec = w_->resolve(p.remote_, piece.remote_offset, piece.local.size(), target))
+        return error{ec, std::string(what) + ": piece " + std::to_string(i) + " (" + std::to_string(piece.local.size()) +
+                             " bytes at " + std::to_string(piece.remote_offset) + " of segment '" + p.remote_.name +
+                             "'): " + ec.message()};
+      p.pieces_.push_back({target.remote_address, piece.local.data(), piece.local.size()});
+    }
+    p.target_ = std::move(target);  // every piece resolves to the same peer and rkey
+    return {};
+  }
+
+  // Whether `p` may be posted on this transport now, resolving it again if
+  // its endpoint is gone. Lock held.
+  result<void> ready(ucx_prepared_transfer& p, const char* what) {
+    if (!p.state_ || p.worker_serial_ != w_->serial())
+      return error{errc::invalid_argument, std::string("ucx ") + what + ": the transfer was not prepared on this transport"};
+    if (w_->is_shut_down()) return error{errc::cancelled, std::string("ucx ") + what + ": the transport is shut down"};
+    if (!detail::ucx_worker::usable(p.target_)) return resolve_pieces(p, what);
+    return {};
   }
 
   template <class Handler>
@@ -297,17 +510,27 @@ class ucx {
       detail::ucx_post_completion(w_->executor(), std::forward<Handler>(handler), ec);
       return;
     }
+    const detail::ucx_piece_target piece{target.remote_address, local, length};
+    issue(lock, std::forward<Handler>(handler), target, std::span(&piece, 1), is_write);
+  }
+
+  // Issues resolved pieces with their completion delivered to `handler`.
+  template <class Handler>
+  void issue(std::unique_lock<std::mutex>& lock, Handler&& handler, const detail::ucx_target& target,
+             std::span<const detail::ucx_piece_target> pieces, bool is_write) {
     // Small operations on shared memory usually finish inside the UCX call:
     // then only the completion is posted, with no op object, work guard or
     // cancellation hook (there is nothing left to cancel).
-    const ucs_status_ptr_t request = w_->post(target, local, length, is_write);
+    ucs_status_t failure = UCS_OK;
+    const ucs_status_ptr_t request = w_->post_batch(target, pieces, is_write, failure);
     if (!UCS_PTR_IS_PTR(request)) {
       lock.unlock();
-      detail::ucx_post_completion(w_->executor(), std::forward<Handler>(handler),
-                                   detail::ucx_worker::code_of(UCS_PTR_STATUS(request)));
+      const ucs_status_t s = UCS_PTR_STATUS(request) != UCS_OK ? UCS_PTR_STATUS(request) : failure;
+      detail::ucx_post_completion(w_->executor(), std::forward<Handler>(handler), detail::ucx_worker::code_of(s));
       return;
     }
     auto* op = new detail::ucx_op<std::decay_t<Handler>>(std::forward<Handler>(handler), w_->executor());
+    op->issue_failure = failure;
     auto slot = asio::get_associated_cancellation_slot(*op->handler);
     w_->track(op, target, request);
     // Still under the lock: nothing completed the op since track() named it.

@@ -229,6 +229,187 @@ TEST_P(UcxTwoProcess, ATruncatedRkeyOrWorkerAddressIsRefusedBeforeUcxReadsIt) {
   EXPECT_FALSE(ini.read(peer.desc, 100, buf));
 }
 
+// Polls a posted prepared transfer until it is no longer in progress or
+// `limit` passes: progressing the io_context too, as an engine thread would,
+// or (spinning) only through check and ucx::progress, never the io_context.
+kvx::result<kvx::transport::ucx_post_status> settle(initiator& ini, kvx::transport::ucx_prepared_transfer& p,
+                                                    kvx::result<kvx::transport::ucx_post_status> r,
+                                                    std::chrono::seconds limit = 10s, bool spin = false) {
+  const auto until = std::chrono::steady_clock::now() + limit;
+  while (r && *r == kvx::transport::ucx_post_status::in_progress && std::chrono::steady_clock::now() < until) {
+    if (spin) ini.t.progress();
+    else ini.io.poll();
+    r = ini.t.check(p);
+  }
+  return r;
+}
+
+TEST_P(UcxTwoProcess, PreparedBatchesArePostedPolledAndRepostedByteExact) {
+  peer_process peer(GetParam(), peer_bytes);
+  initiator ini(GetParam(), peer_bytes);
+  std::vector<std::byte> shadow(peer_bytes);
+  kvx::testing::fill_random(shadow, peer_seed);
+  kvx::testing::test_rng rng(11);
+  // Pieces in disjoint slots of the first half; writes come from the local
+  // buffer at the same offset, reads land in its second half.
+  constexpr int pieces = 12;
+  const std::uint64_t half = peer_bytes / 2, slot = half / pieces;
+  std::vector<kvx::transport::ucx_piece> out, in;
+  for (int i = 0; i < pieces; ++i) {
+    const std::uint64_t len = rng.log_uniform(1, slot);
+    const std::uint64_t off = i * slot + rng.uniform(0, slot - len);
+    out.push_back({off, std::span(ini.mem).subspan(off, len)});
+    in.push_back({off, std::span(ini.mem).subspan(half + off, len)});
+  }
+  auto w = ini.t.prepare_write(peer.desc, out);
+  ASSERT_TRUE(w) << w.error().message();
+  auto r = ini.t.prepare_read(peer.desc, in);
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(w->pieces(), std::size_t{pieces});
+  EXPECT_TRUE(w->is_write());
+  EXPECT_FALSE(r->is_write());
+  for (int round = 0; round < 4; ++round) {
+    for (const auto& piece : out) {
+      kvx::testing::fill_random(piece.local, rng.next());
+      std::memcpy(shadow.data() + piece.remote_offset, piece.local.data(), piece.local.size());
+    }
+    if (round == 3) {  // the same transfer, completed through a token
+      std::optional<std::error_code> ec;
+      ini.t.async_post(*w, [&](std::error_code e) { ec = e; });
+      ASSERT_TRUE(ini.run_until([&] { return ec.has_value(); }));
+      ASSERT_FALSE(*ec) << ec->message();
+    } else {
+      auto posted = settle(ini, *w, ini.t.post(*w));
+      ASSERT_TRUE(posted) << "round " << round << ": " << posted.error().message();
+      ASSERT_EQ(*posted, kvx::transport::ucx_post_status::done) << "round " << round << " did not finish";
+    }
+    std::fill(ini.mem.begin() + static_cast<std::ptrdiff_t>(half), ini.mem.end(), std::byte{0});
+    auto got = settle(ini, *r, ini.t.post(*r), 10s, /*spin=*/round % 2 == 1);
+    ASSERT_TRUE(got) << got.error().message();
+    ASSERT_EQ(*got, kvx::transport::ucx_post_status::done);
+    for (const auto& piece : in)
+      ASSERT_EQ(kvx::testing::first_difference(piece.local, std::span(shadow).subspan(piece.remote_offset, piece.local.size())),
+                "")
+          << "round " << round << ", " << piece.local.size() << " bytes at " << piece.remote_offset;
+  }
+  // A single read needs no flush: it takes the plain get path.
+  std::fill(ini.mem.begin(), ini.mem.end(), std::byte{0});
+  std::vector<kvx::transport::ucx_piece> whole{{0, std::span(ini.mem)}};
+  auto all = ini.t.prepare_read(peer.desc, whole);
+  ASSERT_TRUE(all);
+  auto got = settle(ini, *all, ini.t.post(*all));
+  ASSERT_TRUE(got && *got == kvx::transport::ucx_post_status::done);
+  EXPECT_EQ(kvx::testing::first_difference(ini.mem, shadow), "");
+}
+
+TEST_P(UcxTwoProcess, APreparedTransferRefusesBadPiecesAndASecondPostInFlight) {
+  peer_process peer(GetParam(), peer_bytes);
+  initiator ini(GetParam(), peer_bytes);
+  auto buf = std::span(ini.mem);
+  using pieces = std::vector<kvx::transport::ucx_piece>;
+
+  auto none = ini.t.prepare_write(peer.desc, pieces{});
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.code(), kvx::errc::invalid_argument);
+  auto empty = ini.t.prepare_write(peer.desc, pieces{{0, buf.first(16)}, {64, buf.subspan(64, 0)}});
+  ASSERT_FALSE(empty);
+  EXPECT_EQ(empty.code(), kvx::errc::invalid_argument);
+  EXPECT_NE(empty.error().context().find("piece 1"), std::string::npos) << empty.error().context();
+  auto past = ini.t.prepare_read(peer.desc, pieces{{0, buf.first(16)}, {peer_bytes - 8, buf.subspan(64, 16)}});
+  ASSERT_FALSE(past);
+  EXPECT_EQ(past.code(), kvx::errc::out_of_range);
+  EXPECT_NE(past.error().context().find("piece 1"), std::string::npos) << past.error().context();
+  auto stale = peer.desc;
+  stale.generation += 1;
+  EXPECT_EQ(ini.t.prepare_read(stale, pieces{{0, buf.first(16)}}).code(), kvx::errc::stale);
+  auto wrong_key = peer.desc;
+  wrong_key.key ^= 1;
+  EXPECT_EQ(ini.t.prepare_read(wrong_key, pieces{{0, buf.first(16)}}).code(), kvx::errc::bad_key);
+
+  kvx::transport::ucx_prepared_transfer unprepared;
+  EXPECT_EQ(ini.t.post(unprepared).code(), kvx::errc::invalid_argument);
+  EXPECT_EQ(ini.t.check(unprepared).code(), kvx::errc::invalid_argument);
+  auto small = ini.t.prepare_write(peer.desc, pieces{{0, buf.first(4096)}});
+  ASSERT_TRUE(small);
+  EXPECT_EQ(ini.t.check(*small).code(), kvx::errc::invalid_argument) << "nothing was posted yet";
+  {
+    asio::io_context other_io;
+    kvx::transport::ucx other(other_io.get_executor(), {.tls = GetParam()});
+    auto foreign = other.post(*small);
+    ASSERT_FALSE(foreign);
+    EXPECT_EQ(foreign.code(), kvx::errc::invalid_argument) << "a transfer prepared on another transport";
+  }
+
+  // Over tcp a write waits for the owner's answers, so a 4 MiB one is in
+  // flight when post returns; posting it again then is refused, not doubled.
+  auto big = ini.t.prepare_write(peer.desc, pieces{{0, buf}});
+  ASSERT_TRUE(big);
+  auto first = ini.t.post(*big);
+  ASSERT_TRUE(first) << first.error().message();
+  if (GetParam().find("tcp") != std::string::npos) {
+    ASSERT_EQ(*first, kvx::transport::ucx_post_status::in_progress);
+  }
+  if (*first == kvx::transport::ucx_post_status::in_progress) {
+    auto again = ini.t.post(*big);
+    ASSERT_FALSE(again);
+    EXPECT_EQ(again.code(), kvx::errc::busy);
+    auto end = settle(ini, *big, ini.t.check(*big));
+    ASSERT_TRUE(end) << end.error().message();
+    EXPECT_EQ(*end, kvx::transport::ucx_post_status::done);
+  }
+  // Reported once, it is idle again and can be posted anew.
+  auto next = settle(ini, *big, ini.t.post(*big));
+  ASSERT_TRUE(next && *next == kvx::transport::ucx_post_status::done);
+}
+
+TEST_P(UcxTwoProcess, ACancelledPreparedTransferReportsItAndTheNextPostReconnects) {
+  if (GetParam().find("tcp") == std::string::npos)
+    GTEST_SKIP() << "on " << GetParam() << " a write finishes inside post (a copy into the peer's memory): nothing to cancel";
+  peer_process peer(GetParam(), peer_bytes);
+  initiator ini(GetParam(), peer_bytes);
+  std::vector<kvx::transport::ucx_piece> whole{{0, std::span(ini.mem)}};
+  auto big = ini.t.prepare_write(peer.desc, whole);
+  ASSERT_TRUE(big);
+  auto first = ini.t.post(*big);
+  ASSERT_TRUE(first && *first == kvx::transport::ucx_post_status::in_progress);
+  ini.t.cancel(*big);
+  auto end = settle(ini, *big, ini.t.check(*big));
+  ASSERT_FALSE(end) << "a cancelled transfer reported success";
+  EXPECT_EQ(end.code(), kvx::errc::cancelled) << end.error().message();
+  // Its endpoint was closed by the cancel: the next post opens another.
+  kvx::testing::fill_random(ini.mem, 99);
+  auto again = settle(ini, *big, ini.t.post(*big));
+  ASSERT_TRUE(again) << again.error().message();
+  ASSERT_EQ(*again, kvx::transport::ucx_post_status::done);
+  std::vector<std::byte> back(peer_bytes);
+  ASSERT_FALSE(ini.read(peer.desc, 0, back));
+  EXPECT_EQ(kvx::testing::first_difference(back, ini.mem), "");
+}
+
+TEST_P(UcxTwoProcess, APreparedTransferToAKilledPeerFailsWithinTheDeadline) {
+  if (GetParam().find("tcp") == std::string::npos)
+    GTEST_SKIP() << "UCX 1.13's " << GetParam() << " cannot report a dead peer (error mode PEER refused); "
+                 << "a write there lands in the shared memory the dead peer left";
+  peer_process peer(GetParam(), peer_bytes);
+  initiator ini(GetParam(), peer_bytes);
+  std::vector<kvx::transport::ucx_piece> piece{{0, std::span(ini.mem).first(65536)}};
+  auto w = ini.t.prepare_write(peer.desc, piece);
+  ASSERT_TRUE(w);
+  auto ok = settle(ini, *w, ini.t.post(*w));
+  ASSERT_TRUE(ok && *ok == kvx::transport::ucx_post_status::done);
+  peer.child.kill();
+  peer.child.wait();
+  const auto start = std::chrono::steady_clock::now();
+  auto end = settle(ini, *w, ini.t.post(*w));
+  if (end && *end == kvx::transport::ucx_post_status::done) end = settle(ini, *w, ini.t.post(*w));  // raced the report
+  ASSERT_FALSE(end && *end == kvx::transport::ucx_post_status::in_progress) << "no answer within 10 s";
+  ASSERT_FALSE(end) << "a write to a dead peer succeeded";
+  const bool expected = end.code() == kvx::errc::connection_lost || end.code() == kvx::errc::unreachable ||
+                        end.code() == kvx::errc::io_error || end.code() == kvx::errc::timed_out;
+  EXPECT_TRUE(expected) << end.error().message();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, UcxTwoProcess, ::testing::Values("posix", "sysv", "cma,tcp", "tcp"),
                          [](const auto& info) {
                            std::string n = info.param;

@@ -13,12 +13,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -74,6 +76,7 @@ struct ucx_op_base {
   std::shared_ptr<ucx_peer> peer;
   std::uint64_t id = 0;  // names the op to cancel(), which must not touch a finished one
   bool abandoned = false;  // completed by kvx after its endpoint closed; UCX may still hold the request
+  ucs_status_t issue_failure = UCS_OK;  // a piece of a batch UCX refused: the batch fails even if its flush succeeds
   virtual void deliver(std::error_code ec) = 0;  // posts the handler
   void finish(std::error_code ec) {
     deliver(ec);
@@ -158,6 +161,13 @@ struct ucx_target {
   std::uint64_t remote_address = 0;
 };
 
+//! One piece of a prepared batch, resolved: where it goes and where from.
+struct ucx_piece_target {
+  std::uint64_t remote_address = 0;
+  void* local = nullptr;
+  std::size_t length = 0;
+};
+
 class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
  public:
   struct registration {
@@ -179,6 +189,8 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
   ~ucx_worker() { shutdown(); }
 
   [[nodiscard]] const asio::any_io_executor& executor() const noexcept { return ex_; }
+  //! Unique in this process for the process's life (an address may be reused).
+  [[nodiscard]] std::uint64_t serial() const noexcept { return serial_; }
   [[nodiscard]] const std::string& address() const noexcept { return address_hex_; }
   [[nodiscard]] const std::shared_ptr<ucx_context_holder>& context() const noexcept { return ctx_; }
   [[nodiscard]] bool supports_cuda() const noexcept { return (memory_types_ & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0; }
@@ -338,6 +350,44 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     if (UCS_PTR_IS_ERR(pr)) return pr;
     if (pr != nullptr) ucp_request_free(pr);
     return ucp_ep_flush_nbx(t.peer->ep, &p);
+  }
+
+  //! Issues every piece (all to `t`'s endpoint and rkey), then one endpoint
+  //! flush that completes when all of them have (UCX's flush covers gets as
+  //! well as puts); a single read needs no flush. Returns as `post` does. A
+  //! piece UCX refuses stops the issue; the pieces before it are still
+  //! waited for, and `failure` says the batch failed. Lock held.
+  ucs_status_ptr_t post_batch(const ucx_target& t, std::span<const ucx_piece_target> pieces, bool is_write,
+                              ucs_status_t& failure) {
+    failure = UCS_OK;
+    if (pieces.size() == 1 && !is_write) return post({t.peer, t.rkey, pieces[0].remote_address}, pieces[0].local,
+                                                     pieces[0].length, false);
+    ucp_request_param_t none{};
+    for (const auto& piece : pieces) {
+      ucs_status_ptr_t r = is_write
+                               ? ucp_put_nbx(t.peer->ep, piece.local, piece.length, piece.remote_address, t.rkey, &none)
+                               : ucp_get_nbx(t.peer->ep, piece.local, piece.length, piece.remote_address, t.rkey, &none);
+      if (UCS_PTR_IS_ERR(r)) {
+        failure = UCS_PTR_STATUS(r);
+        break;
+      }
+      if (r != nullptr) ucp_request_free(r);  // UCX frees it when done; the flush says when
+    }
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK;
+    p.cb.send = &ucx_worker::on_request_done;
+    return ucp_ep_flush_nbx(t.peer->ep, &p);
+  }
+
+  //! Whether a target resolved earlier may still be posted to: its endpoint
+  //! is open, has not failed and is not being closed by a cancel. Lock held.
+  [[nodiscard]] static bool usable(const ucx_target& t) noexcept {
+    return t.peer && t.peer->ep != nullptr && !t.peer->failed && t.peer->cancelled_by == nullptr;
+  }
+
+  //! Progresses the worker once (a caller polling a posted batch). Lock held.
+  std::size_t progress_once() {
+    return worker_ && !shut_down_ ? ucp_worker_progress(worker_) : 0;
   }
 
   //! The error an operation that `post` finished at once ends with.
@@ -620,6 +670,7 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     if (s != UCS_OK && s != UCS_ERR_CANCELED)
       log(log_level::debug, "ucx: op to peer failed: ", ucs_status_string(s));
     if (s != UCS_OK && peer.failed && s == UCS_ERR_CANCELED) ec = errc::connection_lost;
+    if (!ec && op->issue_failure != UCS_OK) ec = code_of(op->issue_failure);
     op->finish(ec);
   }
 
@@ -765,7 +816,13 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     });
   }
 
+  static std::uint64_t next_serial() noexcept {
+    static std::atomic<std::uint64_t> n{0};
+    return ++n;
+  }
+
   asio::any_io_executor ex_;
+  std::uint64_t serial_ = next_serial();
   bool busy_poll_ = false;
   bool poll_scheduled_ = false;
   bool drain_posted_ = false;
