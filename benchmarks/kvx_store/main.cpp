@@ -65,7 +65,7 @@ const char* const top_usage =
     "  node   --config F.json   run a node that contributes DRAM (and an SSD file) to the pool\n"
     "  put    --config F.json --tenant T --key K (--file F | --size N [--seed S]) [--replicas N] [--pin]\n"
     "  get    --config F.json --tenant T --key K [--out F | --expect-file F | --expect-seed S]\n"
-    "  admin  (--master HOST:PORT | --etcd HOST:PORT) [--json] segments | objects [--tenant T] [--limit N] | usage | drain NODE [--wait S] | undrain NODE\n"
+    "  admin  (--master HOST:PORT | --etcd HOST:PORT) [--json] segments | objects [--tenant T] [--limit N] | usage | drain NODE [--wait S [--until empty]] | undrain NODE | remove NODE [--force]\n"
     "Configs: docs/store.md, \"Running the store\".\n";
 
 const char* const master_usage =
@@ -118,7 +118,13 @@ const char* const admin_usage =
     "  drain NODE [--wait SECONDS]     stop placing on NODE and copy its objects elsewhere; with --wait,\n"
     "                                  poll until NODE holds nothing that is not elsewhere; the master then\n"
     "                                  gives back NODE's copies of objects whole elsewhere once unread\n"
+    "        [--until empty]           with --wait, poll until NODE holds no copy at all (a copy the pool\n"
+    "                                  has no room for elsewhere stays: then the wait runs out, status 1)\n"
     "  undrain NODE                    place new objects on NODE again\n"
+    "  remove NODE [--force]           drop NODE now, as if its heartbeats had timed out: objects it alone\n"
+    "                                  held are lost, the others copied again (for a node known dead, when\n"
+    "                                  node_timeout is long); refused while NODE still heartbeats, unless\n"
+    "                                  --force (it would register again, empty)\n"
     "--json prints the master's answer as JSON.\n";
 
 int fail(const std::string& what) {
@@ -758,13 +764,20 @@ int admin_mode(const args& a) {
     request["limit"] = *limit;
   } else if (command == "usage") {
     request = kvx::store::protocol::make_request("usage");
-  } else if (command == "drain" || command == "undrain") {
+  } else if (command == "drain" || command == "undrain" || command == "remove") {
     if (a.positional.size() < 2) return usage_error(command + " needs a NODE", admin_usage);
-    request = kvx::store::protocol::make_request(command == "drain" ? "drain_node" : "undrain_node", "node", a.positional[1]);
+    request = kvx::store::protocol::make_request(
+        command == "drain" ? "drain_node" : command == "undrain" ? "undrain_node" : "remove_node", "node", a.positional[1]);
+    if (command == "remove" && a.has("--force")) request["force"] = true;
   } else {
     return usage_error("unknown admin command '" + command + "'", admin_usage);
   }
-  if (a.positional.size() > (command == "drain" || command == "undrain" ? 2u : 1u))
+  if (a.has("--force") && command != "remove") return usage_error("--force is for remove", admin_usage);
+  const auto until = a.get("--until");
+  if (until && (*until != "empty" || command != "drain" || !a.get("--wait")))
+    return usage_error("--until: only 'empty', with drain --wait", admin_usage);
+  const char* const wanted = until ? "empty" : "drained";
+  if (a.positional.size() > (command == "drain" || command == "undrain" || command == "remove" ? 2u : 1u))
     return usage_error("unexpected argument '" + a.positional.back() + "'", admin_usage);
   auto wait_s = number_arg(a, "--wait", 0);
   if (!wait_s) return usage_error(wait_s.error().message(), admin_usage);
@@ -781,7 +794,7 @@ int admin_mode(const args& a) {
       if (ec) co_return fail("admin " + command + " (master " + master_name + "): " + kvx::store::protocol::describe(ec, r));
       r.erase("id");
       r.erase("ok");
-      const bool waiting = command == "drain" && !r["drained"].get<bool>() && std::chrono::steady_clock::now() < deadline;
+      const bool waiting = command == "drain" && !r.value(wanted, false) && std::chrono::steady_clock::now() < deadline;
       if (waiting) {
         asio::steady_timer t(io, std::chrono::milliseconds(200));
         co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
@@ -797,12 +810,15 @@ int admin_mode(const args& a) {
         print_usage(r);
       } else if (command == "undrain") {
         print_undrain(r);
+      } else if (command == "remove") {
+        std::printf("node '%s' removed: %zu objects lost with it, %zu puts in flight reclaimed; the others are copied again\n",
+                    r["node"].get<std::string>().c_str(), r["lost"].get<std::size_t>(), r["reclaimed_puts"].get<std::size_t>());
       } else {
         print_drain(r);
       }
       std::fflush(stdout);
-      // drain --wait that ran out of time: not drained is a failure.
-      co_return command == "drain" && *wait_s > 0 && !r["drained"].get<bool>() ? 1 : 0;
+      // drain --wait that ran out of time: not drained (or not empty) is a failure.
+      co_return command == "drain" && *wait_s > 0 && !r.value(wanted, false) ? 1 : 0;
     }
   }());
 }
@@ -838,7 +854,8 @@ int main(int argc, char** argv) {
     a = parse_args(argc, argv, 2, {"--config", "--tenant", "--key", "--out", "--expect-file", "--expect-seed", "--seed"},
                    {"--die-with-parent"});
   else
-    a = parse_args(argc, argv, 2, {"--master", "--etcd", "--prefix", "--role", "--tenant", "--limit", "--wait"}, {"--json"});
+    a = parse_args(argc, argv, 2, {"--master", "--etcd", "--prefix", "--role", "--tenant", "--limit", "--wait", "--until"},
+                   {"--json", "--force"});
   if (!a) return usage_error(a.error().message(), usage);
   if (mode != "admin" && !a->positional.empty()) return usage_error("unexpected argument '" + a->positional[0] + "'", usage);
   if (mode == "master") return master_mode(*a);

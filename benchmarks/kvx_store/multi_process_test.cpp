@@ -400,7 +400,8 @@ TEST(StoreProcesses, DrainingANodeCopiesItsObjectsElsewhereAndGivesBackItsOwn) {
       if (s["node"] == "n0" && s["used"] != 0) return false;
     return true;
   })) << c.admin({"segments"}).dump();
-  auto empty = run({"admin", "--master", c.master_endpoint, "drain", "n0"});
+  auto empty = run({"admin", "--master", c.master_endpoint, "drain", "n0", "--wait", "20", "--until", "empty"});
+  EXPECT_TRUE(empty.ok()) << empty.output;
   EXPECT_NE(empty.output.find("node 'n0': 0 objects, 0 only there, 0 copies in flight, 0 B held: drained and empty"),
             std::string::npos)
       << empty.output;
@@ -416,6 +417,46 @@ TEST(StoreProcesses, DrainingANodeCopiesItsObjectsElsewhereAndGivesBackItsOwn) {
     EXPECT_TRUE(get.ok()) << get.output;
   }
   EXPECT_EQ(c.admin({"usage"})["objects"], 3);
+}
+
+TEST(StoreProcesses, AnOperatorRemovesAKilledNodeLongBeforeItsTimeout) {
+  cluster c("tcp");
+  ASSERT_NO_FATAL_FAILURE(c.start_master(/*node_timeout_ms=*/600000));
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n0"));
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n1"));
+  ASSERT_TRUE(c.put("t", "two", 256 << 10, 31, 2).ok());
+  ASSERT_NO_FATAL_FAILURE(c.start_node("n2"));
+  auto live = run({"admin", "--master", c.master_endpoint, "remove", "n0"});
+  EXPECT_FALSE(live.ok()) << live.output;
+  EXPECT_NE(live.output.find("still heartbeating"), std::string::npos) << live.output;
+  c.kill_node("n0");
+  // n0 heartbeated every 100 ms: the master waits three intervals, each
+  // counted as at least a second.
+  std::this_thread::sleep_for(3500ms);
+  auto removed = run({"admin", "--master", c.master_endpoint, "remove", "n0"});
+  ASSERT_TRUE(removed.ok()) << removed.output;
+  EXPECT_NE(removed.output.find("node 'n0' removed: 0 objects lost with it"), std::string::npos) << removed.output;
+  // Copied again from n1 to n2 now, not after the 10-minute node timeout.
+  ASSERT_TRUE(c.wait_for({"objects", "--tenant", "t"}, [](const json& r) {
+    const auto& reps = r["objects"][0]["replicas"];
+    return reps.size() == 2u && reps[0]["node"] != "n0" && reps[1]["node"] != "n0";
+  })) << c.admin({"objects"}).dump();
+  c.kill_node("n1");
+  auto get = c.get("t", "two", 31);
+  EXPECT_TRUE(get.ok()) << "n2's copy serves it: " << get.output;
+  auto forced = run({"admin", "--master", c.master_endpoint, "remove", "n2", "--force"});
+  ASSERT_TRUE(forced.ok()) << forced.output;
+  EXPECT_NE(forced.output.find("node 'n2' removed"), std::string::npos) << forced.output;
+  // A live node so removed registers again, empty.
+  ASSERT_TRUE(c.wait_for({"segments"}, [](const json& r) {
+    for (const auto& seg : r["segments"])
+      if (seg["node"] == "n2") return true;
+    return false;
+  })) << c.admin({"segments"}).dump();
+  auto misuse = run({"admin", "--master", c.master_endpoint, "drain", "n2", "--force"});
+  EXPECT_EQ(WEXITSTATUS(misuse.status), 2) << misuse.output;
+  auto until = run({"admin", "--master", c.master_endpoint, "drain", "n2", "--until", "empty"});
+  EXPECT_EQ(WEXITSTATUS(until.status), 2) << "--until needs --wait: " << until.output;
 }
 
 TEST(StoreProcesses, ClientsAndNodesFollowAStandbyMasterWhenTheLeaderIsKilled) {

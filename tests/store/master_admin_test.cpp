@@ -1,5 +1,5 @@
 // The admin requests (list_segments, list_objects, usage, drain_node,
-// undrain_node) over the protocol, and draining a node through the master's
+// undrain_node, remove_node) over the protocol, and draining a node through the master's
 // re-replication, then giving back its copies.
 #include <kvx/store/master_handler.hpp>
 #include <kvx/cache/eviction/lru.hpp>
@@ -308,6 +308,50 @@ TEST_F(MasterAdmin, ANodeThatLeavesIsDroppedWithWhatOnlyItHeld) {
   auto bad = call({{"op", "leave"}});
   EXPECT_EQ(bad["error"], "invalid_argument");
   EXPECT_NE(bad["message"].get<std::string>().find("leave.node"), std::string::npos) << bad.dump();
+}
+
+TEST_F(MasterAdmin, AnOperatorRemovesASilentNodeBeforeItsTimeoutButNotAHeartbeatingOneUnlessForced) {
+  add("n0", 1 << 20);
+  add("n1", 1 << 20);
+  put("t", "two", 4096, 2);
+  add("n2", 1 << 20);
+  // Every node heartbeats once a second.
+  for (int i = 0; i < 3; ++i) {
+    now += 1s;
+    for (auto n : {"n0", "n1", "n2"}) ASSERT_TRUE(call({{"op", "heartbeat"}, {"node", n}})["ok"]);
+  }
+  auto live = call({{"op", "remove_node"}, {"node", "n0"}});
+  EXPECT_EQ(live["error"], "busy") << live.dump();
+  EXPECT_NE(live["message"].get<std::string>().find("still heartbeating"), std::string::npos) << live.dump();
+  EXPECT_EQ(call({{"op", "list_segments"}})["segments"].size(), 3u) << "a refused removal changes nothing";
+  // n0 falls silent (killed): three of its intervals later it may be removed,
+  // long before node_timeout, and its object is copied again from n1.
+  now += 3s;
+  for (auto n : {"n1", "n2"}) ASSERT_TRUE(call({{"op", "heartbeat"}, {"node", n}})["ok"]);
+  ASSERT_LT(3s, state.config().node_timeout) << "the test must remove it before the master would drop it";
+  auto removed = call({{"op", "remove_node"}, {"node", "n0"}});
+  ASSERT_TRUE(removed["ok"]) << removed.dump();
+  EXPECT_EQ(removed["node"], "n0");
+  EXPECT_EQ(removed["lost"], 0);
+  handler.tick(now);
+  EXPECT_EQ(replicate_from("n1"), 1u);
+  auto g = call({{"op", "get"}, {"tenant", "t"}, {"key", "two"}});
+  ASSERT_EQ(g["replicas"].size(), 2u) << g.dump();
+  for (const auto& r : g["replicas"]) {
+    EXPECT_NE(r["node"], "n0");
+  }
+  // Forced, a heartbeating node goes too; it registers again to come back.
+  auto forced = call({{"op", "remove_node"}, {"node", "n2"}, {"force", true}});
+  ASSERT_TRUE(forced["ok"]) << forced.dump();
+  EXPECT_EQ(forced["lost"], 0);
+  EXPECT_EQ(call({{"op", "heartbeat"}, {"node", "n2"}})["error"], "not_found");
+  EXPECT_EQ(call({{"op", "remove_node"}, {"node", "n2"}})["error"], "not_found");
+  auto bad_force = call({{"op", "remove_node"}, {"node", "n1"}, {"force", "yes"}});
+  EXPECT_EQ(bad_force["error"], "invalid_argument");
+  EXPECT_NE(bad_force["message"].get<std::string>().find("remove_node.force"), std::string::npos) << bad_force.dump();
+  auto no_node = call({{"op", "remove_node"}});
+  EXPECT_EQ(no_node["error"], "invalid_argument");
+  EXPECT_NE(no_node["message"].get<std::string>().find("remove_node.node"), std::string::npos) << no_node.dump();
 }
 
 TEST_F(MasterAdmin, APendingPutOnADrainingNodeKeepsItUndrained) {

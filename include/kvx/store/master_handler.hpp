@@ -91,16 +91,7 @@ class master_handler {
       for (const auto& c : *changes) ledger.push_back(protocol::to_json(c));
       return json{{"tasks", std::move(tasks)}, {"ledger", std::move(ledger)}};
     }
-    if (op == "leave") {
-      auto node = v.required<std::string>("node");
-      KVX_TRY(node);
-      auto report = state_.leave(*node, now);
-      KVX_TRY(report);
-      tasks_.erase(*node);
-      log(log_level::info, "store master: node '", *node, "' left; ", report->lost_objects.size(), " objects lost with it");
-      for (const auto& k : report->lost_objects) log(log_level::warn, "store master: object '", k.full(), "' lost with its node");
-      return json{{"node", *node}, {"lost", report->lost_objects.size()}, {"reclaimed_puts", report->reclaimed_puts.size()}};
-    }
+    if (op == "leave") return drop(v, now, "left");
     if (op == "recover") {
       auto node = v.required<std::string>("node");
       KVX_TRY(node);
@@ -265,6 +256,22 @@ class master_handler {
       return json{{"node", st->node},       {"objects", st->objects},    {"only_here", st->only_here}, {"copying", st->copying},
                   {"used", st->used},       {"drained", st->drained()}, {"empty", st->empty()}};
     }
+    if (op == "remove_node") {
+      // An operator's word that a node is gone, so that its objects need
+      // not wait node_timeout to be copied again. A node that still
+      // heartbeats is refused without "force": removed, it would register
+      // again, empty, and every copy it held would be made again elsewhere.
+      auto node = v.required<std::string>("node");
+      KVX_TRY(node);
+      auto force = v.optional<bool>("force", false);
+      KVX_TRY(force);
+      auto live = state_.heartbeating(*node, now);
+      KVX_TRY(live);
+      if (*live && !*force)
+        return error{errc::busy, "remove_node: node '" + *node +
+                                     "' is still heartbeating; drain it, or stop it (it leaves by itself), or force the removal"};
+      return drop(v, now, *live ? "was removed by its operator while heartbeating" : "was removed by its operator");
+    }
     if (op == "undrain_node") {
       auto node = v.required<std::string>("node");
       if (!node) return result<json>(node.error());
@@ -273,6 +280,19 @@ class master_handler {
       return json{{"node", *node}, {"was_draining", *was}};
     }
     return std::nullopt;
+  }
+
+  // Drops the request's node now (leave, remove_node): its objects' copies
+  // are planned by the next tick.
+  result<json> drop(const config::view& v, clock::time_point now, const char* how) {
+    auto node = v.required<std::string>("node");
+    KVX_TRY(node);
+    auto report = state_.remove_node(*node, now);
+    KVX_TRY(report);
+    tasks_.erase(*node);
+    log(log_level::info, "store master: node '", *node, "' ", how, "; ", report->lost_objects.size(), " objects lost with it");
+    for (const auto& k : report->lost_objects) log(log_level::warn, "store master: object '", k.full(), "' lost with its node");
+    return json{{"node", *node}, {"lost", report->lost_objects.size()}, {"reclaimed_puts", report->reclaimed_puts.size()}};
   }
 
   // Bound the frames: a heartbeat answer carries this many ledger changes at

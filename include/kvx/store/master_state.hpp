@@ -242,13 +242,29 @@ class master_state {
   result<void> heartbeat(const std::string& node, clock::time_point now) {
     auto it = nodes_.find(node);
     if (it == nodes_.end()) return error{errc::not_found, "heartbeat from unknown node '" + node + "'"};
+    it->second.heartbeat_gap = now - it->second.last_heartbeat;
     it->second.last_heartbeat = now;
     return {};
   }
 
-  //! A node leaves at `now` (cleanly, or declared dead by its operator):
-  //! its replicas are forgotten, objects it alone held are reported lost,
-  //! and its reports wait a put lease from `now` (recovery_wait).
+  //! Whether `node` still heartbeats as it did: silent for less than three
+  //! of its last heartbeat intervals (each counted as at least a second: a
+  //! busy host may delay a fast heartbeat by hundreds of ms; the
+  //! first counts from its registration). `not_found` for no such node.
+  [[nodiscard]] result<bool> heartbeating(const std::string& node, clock::time_point now) const {
+    auto it = nodes_.find(node);
+    if (it == nodes_.end()) return error{errc::not_found, "no node '" + node + "'"};
+    const auto gap = std::max<clock::duration>(it->second.heartbeat_gap, std::chrono::seconds(1));
+    return now - it->second.last_heartbeat < 3 * gap;
+  }
+
+  //! A node leaves at `now` (cleanly, on its own word, or declared dead by
+  //! its operator): it is dropped as `tick` drops a node silent past
+  //! `node_timeout`, with the same fence against placing on it again while
+  //! leases it was part of may run. Its replicas are forgotten, objects it
+  //! alone held are reported lost (with the puts reclaimed), copies of the
+  //! rest are planned by the next `tick`, and its reports wait a put lease
+  //! from `now` (recovery_wait).
   result<tick_report> remove_node(const std::string& node, clock::time_point now) {
     if (!nodes_.count(node)) return error{errc::not_found, "node '" + node + "'"};
     tick_report report;
@@ -646,18 +662,6 @@ class master_state {
   }
   [[nodiscard]] bool draining(const std::string& node) const { return draining_.count(node) > 0; }
 
-  //! `node` leaves on its own word (a clean stop): it is dropped now, as
-  //! `tick` drops a node silent past `node_timeout`, with the same fence
-  //! against placing on it again while leases it was part of may run. The
-  //! report lists the objects lost with it and the puts reclaimed; copies
-  //! of the rest are planned by the next `tick`.
-  result<tick_report> leave(const std::string& node, clock::time_point now) {
-    if (!nodes_.count(node)) return error{errc::not_found, "leave: no node '" + node + "'"};
-    tick_report report;
-    drop_node(node, now, report);
-    return report;
-  }
-
   //! Ends draining `node`: new replicas may be placed on it again (its
   //! copies given back are not brought back). Whether it was draining.
   result<bool> undrain_node(const std::string& node) {
@@ -693,6 +697,7 @@ class master_state {
   };
   struct node_state {
     clock::time_point last_heartbeat{};
+    clock::duration heartbeat_gap{};  // between its last two heartbeats (or registration)
     std::set<std::string> segments;
     std::deque<ledger_event> ledger;  // changes the node has not acknowledged
     std::uint64_t ledger_seq = 0;

@@ -34,6 +34,7 @@
 //! | `usage` (admin) | | `used, capacity, objects, nodes, tiers: {tier: {used, capacity}}, tenants: {tenant: {used, quota?}}` |
 //! | `drain_node` (admin) | `node` | `node, objects, only_here, copying, used, drained` (nothing only there), `empty` (no copy left there) |
 //! | `undrain_node` (admin) | `node` | `node, was_draining` |
+//! | `remove_node` (admin) | `node, force?` | `node, lost, reclaimed_puts`; `busy` for a node still heartbeating without `force` |
 //!
 //! Every field is validated; a malformed frame or request gets an error
 //! response naming the field (`malformed_message`), never a crash, and a
@@ -148,7 +149,7 @@ inline const std::vector<std::string>& known_ops() {
   static const std::vector<std::string> ops{"register_segment", "heartbeat", "put_start", "put_commit", "put_abort",
                                             "get", "release", "remove", "exists", "longest_prefix",
                                             "replication_done", "stats", "list_segments", "list_objects", "usage",
-                                            "drain_node", "undrain_node", "recover", "leave"};
+                                            "drain_node", "undrain_node", "remove_node", "recover", "leave"};
   return ops;
 }
 
