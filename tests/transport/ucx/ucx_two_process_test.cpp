@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
 #include <chrono>
@@ -9,6 +10,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include <kvx/core/log.hpp>
@@ -384,6 +386,55 @@ TEST_P(UcxTwoProcess, ACancelledPreparedTransferReportsItAndTheNextPostReconnect
   std::vector<std::byte> back(peer_bytes);
   ASSERT_FALSE(ini.read(peer.desc, 0, back));
   EXPECT_EQ(kvx::testing::first_difference(back, ini.mem), "");
+}
+
+TEST_P(UcxTwoProcess, ThreadsPostAndCheckTheirOwnTransfersWhileTheIoContextProgresses) {
+  // Each thread posts and checks its own prepared write and read (progressing
+  // UCX from its check calls) while another thread runs the io_context,
+  // which progresses the same worker: every round trip byte-exact.
+  peer_process peer(GetParam(), peer_bytes);
+  initiator ini(GetParam(), peer_bytes);
+  constexpr int threads = 3, rounds = 60;
+  const std::uint64_t slot = peer_bytes / 2 / threads;
+  auto guard = asio::make_work_guard(ini.io);
+  std::thread runner([&] { ini.io.run(); });
+  std::vector<std::string> failures(threads);
+  std::vector<std::thread> workers;
+  for (int w = 0; w < threads; ++w) {
+    workers.emplace_back([&, w] {
+      const std::uint64_t off = w * slot, len = slot / 2;
+      auto src = std::span(ini.mem).subspan(off, len);
+      auto dst = std::span(ini.mem).subspan(peer_bytes / 2 + off, len);
+      const std::vector<kvx::transport::ucx_piece> out{{off, src}}, in{{off, dst}};
+      auto pw = ini.t.prepare_write(peer.desc, out);
+      auto pr = ini.t.prepare_read(peer.desc, in);
+      if (!pw || !pr) {
+        failures[w] = "prepare failed";
+        return;
+      }
+      auto finish = [&](kvx::transport::ucx_prepared_transfer& p) {
+        auto r = ini.t.post(p);
+        const auto until = std::chrono::steady_clock::now() + 10s;
+        while (r && *r == kvx::transport::ucx_post_status::in_progress && std::chrono::steady_clock::now() < until)
+          r = ini.t.check(p);
+        if (!r) return r.error().message();
+        return *r == kvx::transport::ucx_post_status::done ? std::string() : std::string("no answer within 10 s");
+      };
+      for (int round = 0; round < rounds && failures[w].empty(); ++round) {
+        kvx::testing::fill_random(src, static_cast<std::uint64_t>(w * 1000 + round));
+        std::fill(dst.begin(), dst.end(), std::byte{0});
+        if (auto e = finish(*pw); !e.empty()) failures[w] = "write, round " + std::to_string(round) + ": " + e;
+        else if (auto e2 = finish(*pr); !e2.empty()) failures[w] = "read, round " + std::to_string(round) + ": " + e2;
+        else if (auto d = kvx::testing::first_difference(dst, src); !d.empty()) failures[w] = "round " + std::to_string(round) + ": " + d;
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+  guard.reset();
+  ini.io.stop();
+  runner.join();
+  ini.io.restart();
+  for (int w = 0; w < threads; ++w) EXPECT_EQ(failures[w], "") << "thread " << w;
 }
 
 TEST_P(UcxTwoProcess, APreparedTransferToAKilledPeerFailsWithinTheDeadline) {
