@@ -446,6 +446,95 @@ TEST(HttpMetadataServer, RefusesBadRequestsWithoutTouchingTheBackend) {
   EXPECT_EQ(s.backend.calls.load(), 1);
 }
 
+// A stand-in server that refuses every request on its headers, as a kvx
+// server does a body above its max_body, and counts the body bytes the
+// client sent anyway within 300 ms.
+struct refusing_listener {
+  asio::io_context io;
+  tcp::acceptor acceptor{io, {asio::ip::make_address("127.0.0.1"), 0}};
+  std::atomic<std::size_t> body_bytes{0};
+  std::thread runner;
+  refusing_listener() {
+    asio::co_spawn(
+        io,
+        [this]() -> asio::awaitable<void> {
+          auto accepted = co_await acceptor.async_accept(use_tuple);
+          if (std::get<0>(accepted)) co_return;
+          tcp::socket& socket = std::get<1>(accepted);
+          std::string got;
+          char buf[65536];
+          while (got.find("\r\n\r\n") == std::string::npos) {
+            auto [rec, n] = co_await socket.async_read_some(asio::buffer(buf), use_tuple);
+            if (rec) co_return;
+            got.append(buf, n);
+          }
+          body_bytes += got.size() - (got.find("\r\n\r\n") + 4);
+          asio::steady_timer quiet(io, 300ms);
+          quiet.async_wait([&socket](boost::system::error_code) { socket.cancel(); });
+          for (;;) {
+            auto [rec, n] = co_await socket.async_read_some(asio::buffer(buf), use_tuple);
+            if (rec) break;
+            body_bytes += n;
+          }
+          const std::string refusal =
+              "HTTP/1.1 413 Payload Too Large\r\nkvx-error: capacity_exceeded\r\nContent-Length: 0\r\n"
+              "Connection: close\r\n\r\n";
+          auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(refusal), use_tuple);
+          (void)wec, (void)wn;
+        },
+        asio::detached);
+    runner = std::thread([this] { io.run_for(10s); });
+  }
+  ~refusing_listener() {
+    io.stop();
+    runner.join();
+  }
+  std::uint16_t port() const { return acceptor.local_endpoint().port(); }
+};
+
+TEST(HttpMetadataServer, AnOversizedPutIsRefusedOnItsHeadersWithoutItsBodyBeingSent) {
+  // A client that sends its body at once loses the refusal when the body
+  // takes longer than the server's drain (min(idle_timeout, 2 s)) to send:
+  // the server closes with bytes unread and the client sees a reset. Above
+  // expect_continue_above (64 KiB) the client asks first (Expect:
+  // 100-continue) and a refused body is never sent.
+  {
+    refusing_listener stand_in;
+    asio::io_context io;
+    http_metadata client(io.get_executor(), client_config(stand_in.port()));
+    EXPECT_EQ(put(io, client, "huge", std::string(8 << 20, 'x')), kvx::errc::capacity_exceeded);
+    EXPECT_EQ(stand_in.body_bytes.load(), 0u) << "the client sent its body before the server asked for it";
+  }
+  {
+    // The check fails without it: the same client told never to ask sends the body.
+    refusing_listener stand_in;
+    asio::io_context io;
+    auto eager = client_config(stand_in.port());
+    eager.expect_continue_above = 0;
+    http_metadata client(io.get_executor(), eager);
+    (void)put(io, client, "huge", std::string(8 << 20, 'x'));
+    EXPECT_GT(stand_in.body_bytes.load(), 0u);
+  }
+  // The kvx server refuses on the headers, without 100 Continue...
+  http_metadata_server_config config;
+  config.max_body = 1 << 20;
+  served<counting_backend> s(config);
+  const auto answer = raw_exchange(s.port(), "PUT /kvx/v1/keys/k HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n"
+                                             "Expect: 100-continue\r\n\r\n");
+  EXPECT_EQ(status_line(answer), "HTTP/1.1 413 Payload Too Large") << answer;
+  EXPECT_EQ(answer.find("100 Continue"), std::string::npos) << answer;
+  asio::io_context io;
+  http_metadata client(io.get_executor(), client_config(s.port()));
+  EXPECT_EQ(put(io, client, "huge", std::string(64 << 20, 'x')), kvx::errc::capacity_exceeded);
+  EXPECT_EQ(s.backend.calls.load(), 0);
+  // ... and a body under its limit but above the threshold goes through the
+  // 100 Continue exchange and is stored; the connection serves on.
+  EXPECT_FALSE(put(io, client, "big", std::string(512 << 10, 'y')));
+  auto [ec, v] = get(io, client, "big");
+  ASSERT_FALSE(ec) << ec.message();
+  EXPECT_EQ(v, std::string(512 << 10, 'y'));
+}
+
 TEST(HttpMetadataServer, OversizedPutIsRefusedWith413AndNothingIsStored) {
   http_metadata_server_config config;
   config.max_body = 1000;

@@ -95,6 +95,12 @@ struct http_metadata_config {
   std::chrono::milliseconds timeout{2000};         //!< deadline of each operation, queueing included; 0 = none; at most 24 h
   std::size_t pool_size = 4;                       //!< connections open at once; more operations wait for one
   std::uint64_t max_response_bytes = 256ull << 20; //!< largest answer accepted (a big list)
+  //! A PUT body above this many bytes is sent only after the server answers
+  //! `100 Continue` to its headers (`Expect: 100-continue`), so one the
+  //! server refuses (above its `max_body`) is never sent: the refusal comes
+  //! back as `capacity_exceeded` however slow the link. 0 = always send at
+  //! once (a server that ignores Expect then costs the whole deadline).
+  std::uint64_t expect_continue_above = 64 * 1024;
 
   //! Host and port of "http://HOST:PORT" ("http://[::1]:PORT", an optional
   //! trailing '/'); the other fields keep their defaults. The error says what
@@ -279,6 +285,8 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
     req.keep_alive(true);
     if (verb == http::verb::put) {
       req.set(http::field::content_type, "application/octet-stream");
+      if (config.expect_continue_above > 0 && body.size() > config.expect_continue_above)
+        req.set(http::field::expect, "100-continue");
       req.body() = std::move(body);
     }
     req.prepare_payload();
@@ -478,12 +486,51 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
       boost::system::error_code ignored;
       c.socket.close(ignored);
     });
-    auto [wec, written] = co_await http::async_write(c.socket, req, use_tuple);
-    (void)written;
     exchange_outcome out;
+    auto failed = [&](boost::system::error_code ec, std::string_view doing) {
+      out.ec = http_metadata_io_error(ec, guard.expired());
+      out.detail = std::string(doing) + ": " + ec.message();
+    };
+    http::request_serializer<http::string_body> serializer(req);
+    auto limit = [this](http::response_parser<http::string_body>& p) {
+      p.body_limit(config.max_response_bytes);
+      p.header_limit(64 * 1024);
+    };
+    if (boost::beast::iequals(req[http::field::expect], "100-continue")) {
+      // Headers first; the body only once the server says it wants it.
+      auto [hec, hn] = co_await http::async_write_header(c.socket, serializer, use_tuple);
+      (void)hn;
+      if (hec) {
+        failed(hec, "sending the headers");
+        co_return out;
+      }
+      http::response_parser<http::string_body> interim;
+      limit(interim);
+      auto [iec, in] = co_await http::async_read_header(c.socket, c.buffer, interim, use_tuple);
+      (void)in;
+      out.got_reply = interim.got_some();
+      if (iec) {
+        failed(iec, "waiting for 100 Continue");
+        co_return out;
+      }
+      if (interim.get().result() != http::status::continue_) {
+        // The final answer (a refusal) before the body: it was never sent,
+        // so this connection is out of step and is not reused.
+        auto [fec, fn] = co_await http::async_read(c.socket, c.buffer, interim, use_tuple);
+        (void)fn;
+        if (fec) {
+          failed(fec, "reading the answer");
+          co_return out;
+        }
+        out.response = interim.release();
+        out.response.keep_alive(false);
+        co_return out;
+      }
+    }
+    auto [wec, written] = co_await http::async_write(c.socket, serializer, use_tuple);
+    (void)written;
     if (wec) {
-      out.ec = http_metadata_io_error(wec, guard.expired());
-      out.detail = "sending: " + wec.message();
+      failed(wec, "sending");
       co_return out;
     }
     if (co_await cancelled_meanwhile()) {
@@ -492,14 +539,12 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
       co_return out;
     }
     http::response_parser<http::string_body> parser;
-    parser.body_limit(config.max_response_bytes);
-    parser.header_limit(64 * 1024);
+    limit(parser);
     auto [rec, read] = co_await http::async_read(c.socket, c.buffer, parser, use_tuple);
     (void)read;
-    out.got_reply = parser.got_some();
+    out.got_reply = out.got_reply || parser.got_some();
     if (rec) {
-      out.ec = http_metadata_io_error(rec, guard.expired());
-      out.detail = "reading the answer: " + rec.message();
+      failed(rec, "reading the answer");
       co_return out;
     }
     out.response = parser.release();

@@ -320,7 +320,11 @@ class http_metadata_service : public std::enable_shared_from_this<http_metadata_
       parser.header_limit(http_metadata_header_limit);
       self->arm_idle_timeout(*c);
       auto [ec, n] = co_await http::async_read_header(c->stream, c->buffer, parser, use_tuple);
-      if (!ec && !parser.is_done()) {
+      if (!ec && parser.content_length() && *parser.content_length() > self->config_.max_body) {
+        // Refused on its headers: a client that asked (Expect: 100-continue)
+        // then never sends the body, however large.
+        ec = http::error::body_limit;
+      } else if (!ec && !parser.is_done()) {
         // curl asks before sending a body above 1 KiB and would otherwise wait a second.
         if (boost::beast::iequals(parser.get()[http::field::expect], "100-continue")) {
           http::response<http::empty_body> go_on{http::status::continue_, 11};
