@@ -83,6 +83,7 @@
 #include <kvx/core/async.hpp>
 #include <kvx/core/log.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/transfer/detail/bounded_resolve.hpp>
 #include <kvx/transfer/detail/http_metadata_protocol.hpp>
 #include <kvx/transfer/metadata_backend.hpp>
 
@@ -451,16 +452,17 @@ class http_metadata_client : public std::enable_shared_from_this<http_metadata_c
       std::tie(ec) = co_await c.socket.async_connect(asio::ip::tcp::endpoint(address, config.port), use_tuple);
       if (ec) co_return http_metadata_connect_error(ec, guard.expired());
     } else {
-      asio::ip::tcp::resolver resolver(strand);
-      const std::string service = std::to_string(config.port);
-      http_metadata_deadline guard(strand, deadline, [&c, &resolver] {
+      if (co_await cancelled_meanwhile()) co_return make_error_code(errc::cancelled);
+      // Ends at the deadline or a cancellation even while getaddrinfo is
+      // stuck on a silent DNS server (the lookup finishes in the background).
+      auto [rec, endpoints] = co_await bounded_resolve(config.host, std::to_string(config.port), deadline);
+      if (rec == asio::error::timed_out) co_return make_error_code(errc::timed_out);
+      if (rec == asio::error::operation_aborted || co_await cancelled_meanwhile()) co_return make_error_code(errc::cancelled);
+      if (rec) co_return make_error_code(errc::unreachable);
+      http_metadata_deadline guard(strand, deadline, [&c] {
         boost::system::error_code ignored;
-        resolver.cancel();
         c.socket.close(ignored);
       });
-      auto [rec, endpoints] = co_await resolver.async_resolve(config.host, service, use_tuple);
-      if (rec) co_return guard.expired() ? make_error_code(errc::timed_out) : make_error_code(errc::unreachable);
-      if (co_await cancelled_meanwhile()) co_return make_error_code(errc::cancelled);
       asio::ip::tcp::endpoint chosen;
       std::tie(ec, chosen) = co_await asio::async_connect(c.socket, endpoints, use_tuple);
       if (ec) co_return http_metadata_connect_error(ec, guard.expired());

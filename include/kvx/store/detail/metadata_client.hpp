@@ -34,6 +34,7 @@
 #include <kvx/core/async.hpp>
 #include <kvx/core/config.hpp>
 #include <kvx/core/result.hpp>
+#include <kvx/transfer/detail/bounded_resolve.hpp>
 
 namespace kvx::store::detail {
 
@@ -191,9 +192,12 @@ inline asio::awaitable<std::error_code> connect_tcp(asio::ip::tcp::socket& socke
   if (!parse_ec) {
     std::tie(ec) = co_await socket.async_connect(asio::ip::tcp::endpoint(address, where.port), use_tuple);
   } else {
-    asio::ip::tcp::resolver resolver(socket.get_executor());
     const std::string service = std::to_string(where.port);  // named: see etcd_state::call
-    auto [rec, results] = co_await resolver.async_resolve(where.host, service, use_tuple);
+    // The caller's cancellation (its deadline) ends the lookup's wait even
+    // while getaddrinfo is stuck on a silent DNS server.
+    auto [rec, results] = co_await transfer::detail::bounded_resolve(where.host, service,
+                                                                     std::chrono::steady_clock::time_point::max());
+    if (rec == asio::error::operation_aborted) co_return make_error_code(errc::cancelled);
     if (rec) co_return make_error_code(errc::unreachable);
     asio::ip::tcp::endpoint chosen;
     std::tie(ec, chosen) = co_await asio::async_connect(socket, results, use_tuple);
