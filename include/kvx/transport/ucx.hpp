@@ -176,7 +176,7 @@ struct ucx_poll_op final : ucx_op_base {
 //! stay as they were when it was prepared: prepare again after the remote
 //! segment is re-registered. An endpoint that failed or was closed since is
 //! replaced when it is next posted (the descriptor is kept for that).
-//! Movable; one `post` of it in flight at a time.
+//! Movable; posted again only once its last post is checked (`post`).
 class ucx_prepared_transfer {
  public:
   ucx_prepared_transfer() = default;
@@ -359,19 +359,21 @@ class ucx {
   //! Starts a prepared transfer with no completion handler (the polling form,
   //! as NIXL's postXferReq): `done` when UCX finished inside the call (small
   //! transfers on shared memory usually do), `in_progress` otherwise, then
-  //! `check` it until it is not. `busy` while an earlier post of it is in
-  //! flight; the io_context keeps progressing UCX as for any operation.
+  //! `check` it until it is not. `busy` until an earlier `in_progress` post
+  //! of it has been checked to its end (even if the io_context, which keeps
+  //! progressing UCX as for any operation, finished it meanwhile).
   result<ucx_post_status> post(ucx_prepared_transfer& p) {
     std::lock_guard lock(w_->mutex());
+    KVX_TRY(owned(p, "post"));
+    // Its last post's outcome must be checked first, or an error would be lost.
+    if (p.state_->at != detail::ucx_poll_state::phase::idle)
+      return error{errc::busy, "ucx post: this prepared transfer's last post is not checked yet (check it until it is done)"};
     KVX_TRY(ready(p, "post"));
-    if (p.state_->at == detail::ucx_poll_state::phase::in_flight)
-      return error{errc::busy, "ucx post: this prepared transfer is still in flight (check it until it is done)"};
     ucs_status_t failure = UCS_OK;
     const ucs_status_ptr_t request = w_->post_batch(p.target_, p.pieces_, p.write_, failure);
     if (!UCS_PTR_IS_PTR(request)) {
-      const ucs_status_t s = UCS_PTR_STATUS(request) != UCS_OK ? UCS_PTR_STATUS(request) : failure;
+      const ucs_status_t s = UCS_PTR_STATUS(request);
       if (s != UCS_OK) return error{detail::ucx_worker::code_of(s), "ucx post: " + std::string(ucs_status_string(s))};
-      p.state_->at = detail::ucx_poll_state::phase::idle;
       return ucx_post_status::done;
     }
     auto* op = new detail::ucx_poll_op(p.state_);
@@ -388,8 +390,7 @@ class ucx {
   //! `invalid_argument`.
   result<ucx_post_status> check(ucx_prepared_transfer& p) {
     std::lock_guard lock(w_->mutex());
-    if (!p.state_ || p.worker_serial_ != w_->serial())
-      return error{errc::invalid_argument, "ucx check: the transfer was not prepared on this transport"};
+    KVX_TRY(owned(p, "check"));
     auto& st = *p.state_;
     if (st.at == detail::ucx_poll_state::phase::idle)
       return error{errc::invalid_argument, "ucx check: the transfer is not posted"};
@@ -489,11 +490,17 @@ class ucx {
     return {};
   }
 
+  // Whether `p` was prepared on this transport. Lock held.
+  result<void> owned(const ucx_prepared_transfer& p, const char* what) const {
+    if (!p.state_ || p.worker_serial_ != w_->serial())
+      return error{errc::invalid_argument, std::string("ucx ") + what + ": the transfer was not prepared on this transport"};
+    return {};
+  }
+
   // Whether `p` may be posted on this transport now, resolving it again if
   // its endpoint is gone. Lock held.
   result<void> ready(ucx_prepared_transfer& p, const char* what) {
-    if (!p.state_ || p.worker_serial_ != w_->serial())
-      return error{errc::invalid_argument, std::string("ucx ") + what + ": the transfer was not prepared on this transport"};
+    KVX_TRY(owned(p, what));
     if (w_->is_shut_down()) return error{errc::cancelled, std::string("ucx ") + what + ": the transport is shut down"};
     if (!detail::ucx_worker::usable(p.target_)) return resolve_pieces(p, what);
     return {};
@@ -525,8 +532,8 @@ class ucx {
     const ucs_status_ptr_t request = w_->post_batch(target, pieces, is_write, failure);
     if (!UCS_PTR_IS_PTR(request)) {
       lock.unlock();
-      const ucs_status_t s = UCS_PTR_STATUS(request) != UCS_OK ? UCS_PTR_STATUS(request) : failure;
-      detail::ucx_post_completion(w_->executor(), std::forward<Handler>(handler), detail::ucx_worker::code_of(s));
+      detail::ucx_post_completion(w_->executor(), std::forward<Handler>(handler),
+                                   detail::ucx_worker::code_of(UCS_PTR_STATUS(request)));
       return;
     }
     auto* op = new detail::ucx_op<std::decay_t<Handler>>(std::forward<Handler>(handler), w_->executor());

@@ -356,7 +356,9 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
   //! flush that completes when all of them have (UCX's flush covers gets as
   //! well as puts); a single read needs no flush. Returns as `post` does. A
   //! piece UCX refuses stops the issue; the pieces before it are still
-  //! waited for, and `failure` says the batch failed. Lock held.
+  //! waited for: finished at once, the refusal is the status returned; in
+  //! flight, `failure` holds it for the op (`ucx_op_base::issue_failure`).
+  //! Lock held.
   ucs_status_ptr_t post_batch(const ucx_target& t, std::span<const ucx_piece_target> pieces, bool is_write,
                               ucs_status_t& failure) {
     failure = UCS_OK;
@@ -376,7 +378,9 @@ class ucx_worker : public std::enable_shared_from_this<ucx_worker> {
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK;
     p.cb.send = &ucx_worker::on_request_done;
-    return ucp_ep_flush_nbx(t.peer->ep, &p);
+    const ucs_status_ptr_t flushed = ucp_ep_flush_nbx(t.peer->ep, &p);
+    if (failure != UCS_OK && flushed == nullptr) return UCS_STATUS_PTR(failure);
+    return flushed;
   }
 
   //! Whether a target resolved earlier may still be posted to: its endpoint
