@@ -389,6 +389,16 @@ latency_us kvx_latency(asio::io_context& io, kvx::transport::ucx& t, const kvx::
   return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
 }
 
+// Posts `p` and checks it (polling the io_context between checks) until done.
+void post_and_wait(asio::io_context& io, kvx::transport::ucx& t, kvx::transport::ucx_prepared_transfer& p) {
+  auto r = t.post(p);
+  while (r && *r == kvx::transport::ucx_post_status::in_progress) {
+    io.poll();
+    r = t.check(p);
+  }
+  if (!r) throw std::runtime_error("kvx post failed: " + r.error().message());
+}
+
 // The same with a transfer prepared once: `post` and `check` until done (no
 // completion handler), or `async_post` (the handler through the io_context).
 latency_us prepared_latency(asio::io_context& io, kvx::transport::ucx& t, const kvx::memory::segment_descriptor& d,
@@ -401,12 +411,7 @@ latency_us prepared_latency(asio::io_context& io, kvx::transport::ucx& t, const 
   for (int i = 0; i < n + 100; ++i) {
     const auto s = clock_type::now();
     if (polled) {
-      auto r = t.post(*p);
-      while (r && *r == kvx::transport::ucx_post_status::in_progress) {
-        io.poll();
-        r = t.check(*p);
-      }
-      if (!r) throw std::runtime_error("kvx post failed: " + r.error().message());
+      post_and_wait(io, t, *p);
     } else {
       bool done = false;
       std::error_code err;
@@ -434,12 +439,7 @@ std::pair<double, double> batch_latency(asio::io_context& io, kvx::transport::uc
   std::vector<double> posted, each;
   for (int i = 0; i < n + 100; ++i) {
     auto s = clock_type::now();
-    auto r = t.post(*p);
-    while (r && *r == kvx::transport::ucx_post_status::in_progress) {
-      io.poll();
-      r = t.check(*p);
-    }
-    if (!r) throw std::runtime_error("kvx post failed: " + r.error().message());
+    post_and_wait(io, t, *p);
     if (i >= 100) posted.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - s).count());
     s = clock_type::now();
     int left = batch_pieces;

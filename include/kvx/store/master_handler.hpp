@@ -91,7 +91,11 @@ class master_handler {
       for (const auto& c : *changes) ledger.push_back(protocol::to_json(c));
       return json{{"tasks", std::move(tasks)}, {"ledger", std::move(ledger)}};
     }
-    if (op == "leave") return drop(v, now, "left");
+    if (op == "leave") {
+      auto node = v.required<std::string>("node");
+      KVX_TRY(node);
+      return drop(*node, now, "left");
+    }
     if (op == "recover") {
       auto node = v.required<std::string>("node");
       KVX_TRY(node);
@@ -270,7 +274,7 @@ class master_handler {
       if (*live && !*force)
         return error{errc::busy, "remove_node: node '" + *node +
                                      "' is still heartbeating; drain it, or stop it (it leaves by itself), or force the removal"};
-      return drop(v, now, *live ? "was removed by its operator while heartbeating" : "was removed by its operator");
+      return drop(*node, now, *live ? "was removed by its operator while heartbeating" : "was removed by its operator");
     }
     if (op == "undrain_node") {
       auto node = v.required<std::string>("node");
@@ -282,17 +286,15 @@ class master_handler {
     return std::nullopt;
   }
 
-  // Drops the request's node now (leave, remove_node): its objects' copies
-  // are planned by the next tick.
-  result<json> drop(const config::view& v, clock::time_point now, const char* how) {
-    auto node = v.required<std::string>("node");
-    KVX_TRY(node);
-    auto report = state_.remove_node(*node, now);
+  // Drops `node` now (leave, remove_node): its objects' copies are planned
+  // by the next tick.
+  result<json> drop(const std::string& node, clock::time_point now, const char* how) {
+    auto report = state_.remove_node(node, now);
     KVX_TRY(report);
-    tasks_.erase(*node);
-    log(log_level::info, "store master: node '", *node, "' ", how, "; ", report->lost_objects.size(), " objects lost with it");
+    tasks_.erase(node);
+    log(log_level::info, "store master: node '", node, "' ", how, "; ", report->lost_objects.size(), " objects lost with it");
     for (const auto& k : report->lost_objects) log(log_level::warn, "store master: object '", k.full(), "' lost with its node");
-    return json{{"node", *node}, {"lost", report->lost_objects.size()}, {"reclaimed_puts", report->reclaimed_puts.size()}};
+    return json{{"node", node}, {"lost", report->lost_objects.size()}, {"reclaimed_puts", report->reclaimed_puts.size()}};
   }
 
   // Bound the frames: a heartbeat answer carries this many ledger changes at
